@@ -1,0 +1,97 @@
+//! Session-affinity routing: which replica should serve this turn of this conversation.
+//!
+//! Agent and chat clients resend a growing conversation on every turn. The replica that served
+//! the previous turn still holds its KV cache, so sending the next turn there skips most of the
+//! prefill. Clients opt in by sending an opaque token per conversation in a header
+//! (`x-session-affinity` by default); this crate turns that token into a routing decision. It
+//! knows nothing of HTTP or Pingora, so every rule here is unit- and property-tested.
+//!
+//! # The contract
+//!
+//! - **Token** ([`TokenRules`]): 1..=`max_len` bytes of visible ASCII; anything else is refused
+//!   (the proxy answers 400). Repeats of the header must agree. The token never leaves this
+//!   crate: only its tenant-scoped digest, the [`RoutingKey`], does.
+//! - **Key** ([`TenantScope::key`]): `xxh3(token, seed = xxh3(tenant))`, so two tenants sending
+//!   the same token never share routing state.
+//! - **Decision** ([`Selector::decide`]), in order:
+//!   1. *override*: the [`OverrideTable`] entry (the replica that last served the key) wins if
+//!      that replica is active, healthy, not already tried and below its hard `max_inflight`;
+//!   2. *ring*: otherwise walk the home region's weighted consistent-hash [`Ring`] from the key,
+//!      skipping replicas that are draining/disabled/unhealthy or over the bounded-load limit
+//!      `ceil(c × (in-flight + 1) × weight / Σ weight)` (consistent hashing with bounded loads,
+//!      Mirrokni–Thorup–Zadimoghaddam 2016);
+//!   3. *other regions*: the same walk in the local region, then the rest in configured order;
+//!   4. *no token*: the least-loaded eligible replica of the local region.
+//!
+//!   Each decision records its branch as an [`Outcome`] (`sticky`, `ring`, `rebalanced`,
+//!   `failover`, `cross_region`, `none`) for logs and metrics.
+//! - **Recording**: after a successful response the proxy records `key → replica` in the
+//!   override table. Adding a replica therefore moves no session that has an entry; removing or
+//!   draining one moves only its own sessions. Entries idle out after a TTL and the table is
+//!   capacity-bounded.
+//!
+//! # Cost
+//!
+//! A sticky decision is one sharded hash-map read and a few atomic loads; a ring decision adds a
+//! binary search over `2048 × Σ weight` points and a walk that is O(1) expected. Nothing on the
+//! decision path allocates for regions of up to 128 replicas. (Measured in
+//! `docs/performance.md`.)
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tether_affinity::*;
+//!
+//! let regions = vec![RegionSpec {
+//!     name: "eu".into(),
+//!     replicas: ["eu-1", "eu-2", "eu-3"]
+//!         .iter()
+//!         .map(|id| ReplicaSpec {
+//!             id: id.to_string(),
+//!             weight: 1,
+//!             admission: Admission::Active,
+//!             max_inflight: None,
+//!         })
+//!         .collect(),
+//! }];
+//! let tags = TagRegistry::new();
+//! let selector = Selector::new(&regions, SelectorOptions::default(), &tags);
+//! let overrides = OverrideTable::new(Duration::from_secs(3600), 1_000_000);
+//!
+//! let token = TokenRules::default().validate(b"3f2b8c1e-9a4d-4e7b-8c2a-1d5e6f7a8b9c").unwrap();
+//! let key = TenantScope::new("acme").key(token);
+//! let inflight = vec![0u32; 3];
+//!
+//! // First turn: the ring decides; the proxy records who served it.
+//! let first = selector
+//!     .decide(&RouteRequest { key: Some(key), sticky: overrides.get(key), tried: None }, &inflight)
+//!     .unwrap();
+//! assert_eq!(first.outcome, Outcome::Ring);
+//! overrides.record(key, selector.replicas()[first.replica as usize].tag);
+//!
+//! // Next turn: the override wins.
+//! let next = selector
+//!     .decide(&RouteRequest { key: Some(key), sticky: overrides.get(key), tried: None }, &inflight)
+//!     .unwrap();
+//! assert_eq!((next.replica, next.outcome), (first.replica, Outcome::Sticky));
+//! ```
+
+mod clock;
+mod key;
+mod overrides;
+mod ring;
+mod selector;
+mod token;
+
+pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use key::{RoutingKey, TenantScope};
+pub use overrides::{OverrideTable, ReplicaTag, SharedOverrides};
+pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
+pub use selector::{
+    Admission, Decision, LoadView, Outcome, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest,
+    Selector, SelectorOptions, TagRegistry,
+};
+pub use token::{
+    ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_HEADER, DEFAULT_MAX_TOKEN_LEN,
+};

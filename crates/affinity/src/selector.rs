@@ -1,0 +1,803 @@
+//! The routing decision: override → ring with bounded loads → other regions.
+//!
+//! A [`Selector`] is an immutable snapshot of the fleet built from the topology; the proxy swaps
+//! in a new one on reload. Live state (in-flight counts, health) is read through [`LoadView`], and
+//! the override table is consulted by the caller, so [`Selector::decide`] is a pure function of
+//! its inputs and is tested without a network.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::ring::{ReplicaIdx, Ring};
+use crate::{ReplicaSet, ReplicaTag, RoutingKey};
+
+/// Whether a replica takes new work (from the topology's `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Admission {
+    /// Takes new sessions and keeps its own.
+    #[default]
+    Active,
+    /// Finishes what it has; new sessions and next turns of its sessions go elsewhere.
+    Draining,
+    /// Out of service.
+    Disabled,
+}
+
+/// Which branch produced a decision; also the `outcome` label in logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The override entry's replica was eligible.
+    Sticky,
+    /// The key's ring owner in its home region took it.
+    Ring,
+    /// The ring owner was over the load bound; a later replica on the walk took it.
+    Rebalanced,
+    /// The session's replica (override or ring owner) was drained, unhealthy or gone.
+    Failover,
+    /// No replica of the home region could take it; another region did.
+    CrossRegion,
+    /// The request carried no token.
+    NoToken,
+}
+
+impl Outcome {
+    /// Label for logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sticky => "sticky",
+            Outcome::Ring => "ring",
+            Outcome::Rebalanced => "rebalanced",
+            Outcome::Failover => "failover",
+            Outcome::CrossRegion => "cross_region",
+            Outcome::NoToken => "none",
+        }
+    }
+}
+
+/// Live per-replica state the selector reads (the proxy backs it with atomics).
+pub trait LoadView {
+    /// Requests currently in flight to the replica.
+    fn inflight(&self, replica: ReplicaIdx) -> u32;
+    /// Whether health checks consider the replica usable.
+    fn is_healthy(&self, _replica: ReplicaIdx) -> bool {
+        true
+    }
+}
+
+impl LoadView for [u32] {
+    fn inflight(&self, replica: ReplicaIdx) -> u32 {
+        self.get(replica as usize).copied().unwrap_or(0)
+    }
+}
+
+impl LoadView for Vec<u32> {
+    fn inflight(&self, replica: ReplicaIdx) -> u32 {
+        self.as_slice().inflight(replica)
+    }
+}
+
+/// One replica as the topology describes it.
+#[derive(Debug, Clone)]
+pub struct ReplicaSpec {
+    /// Unique id (also its position on the ring).
+    pub id: String,
+    /// Relative share of sessions (≥ 1).
+    pub weight: u32,
+    /// Whether it takes new work.
+    pub admission: Admission,
+    /// Hard cap on concurrent requests; at the cap the replica is skipped even for its own
+    /// sessions. `None` = no cap.
+    pub max_inflight: Option<u32>,
+}
+
+/// One region as the topology describes it.
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    /// Region name.
+    pub name: String,
+    /// Its replicas (at least one).
+    pub replicas: Vec<ReplicaSpec>,
+}
+
+/// Tunables of a [`Selector`].
+#[derive(Debug, Clone, Copy)]
+pub struct SelectorOptions {
+    /// `c` in the bounded-load rule (≥ 1).
+    pub balance_factor: f64,
+    /// Ring points per unit of weight.
+    pub points_per_weight: u32,
+    /// Index (into the regions given to [`Selector::new`]) of the region this edge runs in:
+    /// tokenless requests go there, and it is the first fallback for every other home region.
+    pub local_region: usize,
+}
+
+impl Default for SelectorOptions {
+    fn default() -> Self {
+        SelectorOptions {
+            balance_factor: 1.25,
+            points_per_weight: crate::ring::DEFAULT_POINTS_PER_WEIGHT,
+            local_region: 0,
+        }
+    }
+}
+
+/// A replica in a [`Selector`] snapshot.
+#[derive(Debug, Clone)]
+pub struct ReplicaInfo {
+    /// Its id.
+    pub id: Arc<str>,
+    /// Stable tag (what the override table stores).
+    pub tag: ReplicaTag,
+    /// Index of its region.
+    pub region: u16,
+    /// Weight.
+    pub weight: u32,
+    /// Admission state.
+    pub admission: Admission,
+    /// Hard in-flight cap (`u32::MAX` when none).
+    pub max_inflight: u32,
+}
+
+#[derive(Debug)]
+struct RegionInfo {
+    name: Arc<str>,
+    members: Vec<ReplicaIdx>,
+    /// Regions to try, in order, after this one when it is the home region.
+    fallback: Vec<u16>,
+}
+
+/// Where a request goes and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// The chosen replica.
+    pub replica: ReplicaIdx,
+    /// The branch that chose it.
+    pub outcome: Outcome,
+}
+
+/// What the caller knows about one request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteRequest<'a> {
+    /// Routing key, when the request carried a valid token.
+    pub key: Option<RoutingKey>,
+    /// The override table's entry for the key, if any.
+    pub sticky: Option<ReplicaTag>,
+    /// Replicas already tried for this request (retries skip them).
+    pub tried: Option<&'a ReplicaSet>,
+}
+
+/// Assigns replica tags that stay the same across topology reloads, so override entries keep
+/// pointing at the right replica however the YAML is reordered. Tags are dense small integers
+/// (one per replica id ever seen by this process).
+#[derive(Debug, Default)]
+pub struct TagRegistry {
+    tags: Mutex<HashMap<String, ReplicaTag>>,
+}
+
+impl TagRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The tag of replica `id`, assigning the next one on first sight.
+    pub fn tag(&self, id: &str) -> ReplicaTag {
+        // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+        let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tag) = tags.get(id) {
+            return *tag;
+        }
+        let tag = ReplicaTag(u32::try_from(tags.len()).unwrap_or(u32::MAX));
+        tags.insert(id.to_owned(), tag);
+        tag
+    }
+}
+
+/// An immutable routing snapshot of the fleet.
+#[derive(Debug)]
+pub struct Selector {
+    replicas: Vec<ReplicaInfo>,
+    regions: Vec<RegionInfo>,
+    ring: Ring,
+    by_tag: Vec<Option<ReplicaIdx>>,
+    local_region: u16,
+    balance_factor: f64,
+    tokenless_cursor: AtomicUsize,
+}
+
+impl Selector {
+    /// Builds a snapshot. Regions without replicas are kept (they take no traffic); the
+    /// topology crate refuses them earlier with a message naming the region.
+    pub fn new(regions: &[RegionSpec], options: SelectorOptions, tags: &TagRegistry) -> Selector {
+        let mut replicas = Vec::new();
+        let mut infos = Vec::with_capacity(regions.len());
+        for (r, region) in regions.iter().enumerate() {
+            let mut members = Vec::with_capacity(region.replicas.len());
+            for spec in &region.replicas {
+                members.push(replicas.len() as ReplicaIdx);
+                replicas.push(ReplicaInfo {
+                    id: Arc::from(spec.id.as_str()),
+                    tag: tags.tag(&spec.id),
+                    region: r as u16,
+                    weight: spec.weight.max(1),
+                    admission: spec.admission,
+                    max_inflight: spec.max_inflight.unwrap_or(u32::MAX),
+                });
+            }
+            infos.push(RegionInfo {
+                name: Arc::from(region.name.as_str()),
+                members,
+                fallback: Vec::new(),
+            });
+        }
+        let local = options.local_region.min(regions.len().saturating_sub(1)) as u16;
+        for (home, info) in infos.iter_mut().enumerate() {
+            let home = home as u16;
+            let mut order = Vec::with_capacity(regions.len());
+            if local != home {
+                order.push(local);
+            }
+            order.extend((0..regions.len() as u16).filter(|r| *r != home && *r != local));
+            info.fallback = order;
+        }
+        let ring = Ring::new(
+            replicas
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i as ReplicaIdx, &*r.id, r.weight)),
+            options.points_per_weight,
+        );
+        let max_tag = replicas.iter().map(|r| r.tag.0 as usize).max().unwrap_or(0);
+        let mut by_tag = vec![None; if replicas.is_empty() { 0 } else { max_tag + 1 }];
+        for (i, r) in replicas.iter().enumerate() {
+            by_tag[r.tag.0 as usize] = Some(i as ReplicaIdx);
+        }
+        Selector {
+            replicas,
+            regions: infos,
+            ring,
+            by_tag,
+            local_region: local,
+            balance_factor: options.balance_factor.max(1.0),
+            tokenless_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// All replicas, indexed by [`ReplicaIdx`].
+    pub fn replicas(&self) -> &[ReplicaInfo] {
+        &self.replicas
+    }
+
+    /// One replica.
+    pub fn replica(&self, idx: ReplicaIdx) -> Option<&ReplicaInfo> {
+        self.replicas.get(idx as usize)
+    }
+
+    /// The index of the replica with `tag` in this snapshot.
+    pub fn by_tag(&self, tag: ReplicaTag) -> Option<ReplicaIdx> {
+        self.by_tag.get(tag.0 as usize).copied().flatten()
+    }
+
+    /// Name of region `region`.
+    pub fn region_name(&self, region: u16) -> &str {
+        self.regions.get(region as usize).map_or("", |r| &r.name)
+    }
+
+    /// The region a key calls home: the region of the key's owner on the ring of *all*
+    /// replicas. Every edge instance computes the same answer without coordination, regions get
+    /// sessions in proportion to their weight, and adding a replica anywhere moves only the
+    /// keys that replica takes (a separate region hash would move more).
+    pub fn home_region(&self, key: RoutingKey) -> Option<u16> {
+        let owner = self.ring.owner(key.ring_position())?;
+        Some(self.replicas[owner as usize].region)
+    }
+
+    /// Chooses the replica for a request, or `None` when no replica anywhere can take it.
+    ///
+    /// Rules, in order:
+    /// 1. An override entry wins if its replica is [sticky-eligible](Self::sticky_eligible).
+    /// 2. Otherwise walk the home region's ring from the key, skipping replicas that are not
+    ///    active, unhealthy, tried, at their hard cap, or over the load bound
+    ///    `ceil(c × (total in-flight + 1) × weight / total weight)` (Mirrokni et al. 2016).
+    /// 3. Then the same walk in each fallback region (local region first, then YAML order).
+    /// 4. Without a key: the least-loaded (in-flight per weight) eligible replica of the local
+    ///    region, then of the fallback regions.
+    pub fn decide<V: LoadView + ?Sized>(
+        &self,
+        req: &RouteRequest<'_>,
+        view: &V,
+    ) -> Option<Decision> {
+        let Some(key) = req.key else {
+            return self.tokenless(req.tried, view);
+        };
+        let mut lost_home = false;
+        if let Some(tag) = req.sticky {
+            match self.by_tag(tag) {
+                Some(idx) if self.sticky_eligible(idx, req.tried, view) => {
+                    return Some(Decision {
+                        replica: idx,
+                        outcome: Outcome::Sticky,
+                    });
+                }
+                _ => lost_home = true,
+            }
+        }
+        let home = self.home_region(key)?;
+        let position = key.ring_position();
+        let regions =
+            std::iter::once(home).chain(self.regions[home as usize].fallback.iter().copied());
+        for (n, region) in regions.enumerate() {
+            if let Some((replica, walk)) = self.walk_region(region, position, req.tried, view) {
+                let outcome = if n > 0 {
+                    Outcome::CrossRegion
+                } else if lost_home || walk.skipped_unavailable {
+                    Outcome::Failover
+                } else if walk.skipped_for_load {
+                    Outcome::Rebalanced
+                } else {
+                    Outcome::Ring
+                };
+                return Some(Decision { replica, outcome });
+            }
+        }
+        None
+    }
+
+    /// Whether a session's recorded replica may keep it: active, healthy, not tried, below its
+    /// hard cap. The soft balance bound does *not* apply here: moving a warm session costs a
+    /// full prefill, while a transient imbalance of a few requests costs little, and the bound
+    /// still steers every new placement.
+    pub fn sticky_eligible<V: LoadView + ?Sized>(
+        &self,
+        idx: ReplicaIdx,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> bool {
+        self.available(idx, tried, view)
+            && view.inflight(idx) < self.replicas[idx as usize].max_inflight
+    }
+
+    fn available<V: LoadView + ?Sized>(
+        &self,
+        idx: ReplicaIdx,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> bool {
+        let Some(info) = self.replicas.get(idx as usize) else {
+            return false;
+        };
+        info.admission == Admission::Active
+            && view.is_healthy(idx)
+            && !tried.is_some_and(|t| t.contains(idx))
+    }
+
+    fn walk_region<V: LoadView + ?Sized>(
+        &self,
+        region: u16,
+        position: u32,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> Option<(ReplicaIdx, WalkNotes)> {
+        let info = &self.regions[region as usize];
+        let (mut total_inflight, mut total_weight) = (0u64, 0u64);
+        for &idx in &info.members {
+            if self.available(idx, tried, view) {
+                total_inflight += u64::from(view.inflight(idx));
+                total_weight += u64::from(self.replicas[idx as usize].weight);
+            }
+        }
+        if total_weight == 0 {
+            return None;
+        }
+        // The incoming request counts towards the mean, so some replica is always under the
+        // bound: Σ bound ≥ c·(total+1) > total.
+        let scale = self.balance_factor * (total_inflight + 1) as f64 / total_weight as f64;
+        let mut notes = WalkNotes::default();
+        let mut unvisited = info.members.len();
+        // One ring holds every region; a region's own order is the global walk filtered to it,
+        // so the home region's first candidate is exactly the key's global owner.
+        for idx in self.ring.walk(position, self.replicas.len()) {
+            if unvisited == 0 {
+                break;
+            }
+            if self.replicas[idx as usize].region != region {
+                continue;
+            }
+            unvisited -= 1;
+            if !self.available(idx, tried, view) {
+                notes.skipped_unavailable = true;
+                continue;
+            }
+            let replica = &self.replicas[idx as usize];
+            let inflight = view.inflight(idx);
+            let bound = (scale * f64::from(replica.weight)).ceil() as u64;
+            if inflight >= replica.max_inflight || u64::from(inflight) >= bound {
+                notes.skipped_for_load = true;
+                continue;
+            }
+            return Some((idx, notes));
+        }
+        None
+    }
+
+    fn tokenless<V: LoadView + ?Sized>(
+        &self,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> Option<Decision> {
+        let local = self.local_region;
+        let regions = std::iter::once(local).chain(
+            self.regions
+                .get(local as usize)
+                .map(|r| r.fallback.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .copied(),
+        );
+        for region in regions {
+            let members = &self.regions[region as usize].members;
+            if members.is_empty() {
+                continue;
+            }
+            // Rotate the starting point so ties (an idle fleet) spread instead of piling onto
+            // the first replica.
+            let start = self.tokenless_cursor.fetch_add(1, Ordering::Relaxed) % members.len();
+            let mut best: Option<(ReplicaIdx, u64, u64)> = None;
+            for k in 0..members.len() {
+                let idx = members[(start + k) % members.len()];
+                let replica = &self.replicas[idx as usize];
+                let inflight = view.inflight(idx);
+                if !self.available(idx, tried, view) || inflight >= replica.max_inflight {
+                    continue;
+                }
+                // Compare (inflight + 1) / weight without division.
+                let (load, weight) = (u64::from(inflight) + 1, u64::from(replica.weight));
+                if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
+                    best = Some((idx, load, weight));
+                }
+            }
+            if let Some((replica, _, _)) = best {
+                return Some(Decision {
+                    replica,
+                    outcome: Outcome::NoToken,
+                });
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct WalkNotes {
+    skipped_unavailable: bool,
+    skipped_for_load: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> ReplicaSpec {
+        ReplicaSpec {
+            id: id.into(),
+            weight: 1,
+            admission: Admission::Active,
+            max_inflight: None,
+        }
+    }
+
+    fn fleet(regions: &[(&str, &[&str])]) -> Vec<RegionSpec> {
+        regions
+            .iter()
+            .map(|(name, ids)| RegionSpec {
+                name: name.to_string(),
+                replicas: ids.iter().map(|id| spec(id)).collect(),
+            })
+            .collect()
+    }
+
+    fn selector(regions: &[RegionSpec]) -> Selector {
+        Selector::new(regions, SelectorOptions::default(), &TagRegistry::new())
+    }
+
+    fn keyed(key: u64) -> RouteRequest<'static> {
+        RouteRequest {
+            key: Some(RoutingKey(key)),
+            ..RouteRequest::default()
+        }
+    }
+
+    fn keys() -> impl Iterator<Item = u64> {
+        (0..2000u64).map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    #[test]
+    fn idle_fleet_routes_a_key_to_its_ring_owner() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        let load = vec![0; 3];
+        for k in keys() {
+            let d = s.decide(&keyed(k), &load).unwrap();
+            assert_eq!(d.outcome, Outcome::Ring);
+            assert_eq!(Some(d.replica), s.ring.owner(RoutingKey(k).ring_position()));
+        }
+    }
+
+    #[test]
+    fn eligible_override_wins_over_the_ring() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        let load = vec![0; 3];
+        for k in keys().take(100) {
+            let ring = s.decide(&keyed(k), &load).unwrap().replica;
+            let other = (ring + 1) % 3;
+            let req = RouteRequest {
+                sticky: Some(s.replicas()[other as usize].tag),
+                ..keyed(k)
+            };
+            assert_eq!(
+                s.decide(&req, &load),
+                Some(Decision {
+                    replica: other,
+                    outcome: Outcome::Sticky
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn override_ignores_the_soft_bound_but_not_the_hard_cap() {
+        let mut regions = fleet(&[("eu", &["a", "b"])]);
+        regions[0].replicas[0].max_inflight = Some(10);
+        let s = selector(&regions);
+        let sticky = RouteRequest {
+            sticky: Some(s.replicas()[0].tag),
+            ..keyed(1)
+        };
+        // Far over the balance bound (9 vs 0) but under the cap: stays.
+        assert_eq!(
+            s.decide(&sticky, &vec![9, 0]).unwrap().outcome,
+            Outcome::Sticky
+        );
+        // At the cap: moves.
+        let d = s.decide(&sticky, &vec![10, 0]).unwrap();
+        assert_eq!((d.replica, d.outcome), (1, Outcome::Failover));
+    }
+
+    #[test]
+    fn override_to_a_draining_replica_fails_over_to_the_ring() {
+        let mut regions = fleet(&[("eu", &["a", "b", "c"])]);
+        regions[0].replicas[1].admission = Admission::Draining;
+        let s = selector(&regions);
+        let req = RouteRequest {
+            sticky: Some(s.replicas()[1].tag),
+            ..keyed(42)
+        };
+        let d = s.decide(&req, &vec![0; 3]).unwrap();
+        assert_ne!(d.replica, 1);
+        assert_eq!(d.outcome, Outcome::Failover);
+    }
+
+    #[test]
+    fn override_to_a_removed_replica_fails_over() {
+        let tags = TagRegistry::new();
+        let gone = tags.tag("gone");
+        let s = Selector::new(
+            &fleet(&[("eu", &["a", "b"])]),
+            SelectorOptions::default(),
+            &tags,
+        );
+        let req = RouteRequest {
+            sticky: Some(gone),
+            ..keyed(42)
+        };
+        assert_eq!(
+            s.decide(&req, &vec![0; 2]).unwrap().outcome,
+            Outcome::Failover
+        );
+    }
+
+    #[test]
+    fn draining_and_disabled_replicas_take_no_new_keys() {
+        let mut regions = fleet(&[("eu", &["a", "b", "c", "d"])]);
+        regions[0].replicas[1].admission = Admission::Draining;
+        regions[0].replicas[2].admission = Admission::Disabled;
+        let s = selector(&regions);
+        for k in keys() {
+            let d = s.decide(&keyed(k), &vec![0; 4]).unwrap();
+            assert!(
+                d.replica == 0 || d.replica == 3,
+                "key {k} went to {}",
+                d.replica
+            );
+        }
+    }
+
+    #[test]
+    fn unhealthy_ring_owner_fails_over_within_the_region() {
+        struct Down(ReplicaIdx);
+        impl LoadView for Down {
+            fn inflight(&self, _: ReplicaIdx) -> u32 {
+                0
+            }
+            fn is_healthy(&self, r: ReplicaIdx) -> bool {
+                r != self.0
+            }
+        }
+        let s = selector(&fleet(&[
+            ("eu", &["a", "b", "c"]),
+            ("us", &["x", "y", "z"]),
+        ]));
+        for k in keys() {
+            let owner = s.decide(&keyed(k), &vec![0; 6]).unwrap().replica;
+            let d = s.decide(&keyed(k), &Down(owner)).unwrap();
+            assert_ne!(d.replica, owner);
+            assert_eq!(d.outcome, Outcome::Failover);
+            assert_eq!(
+                s.replicas()[d.replica as usize].region,
+                s.replicas()[owner as usize].region,
+                "failover stays in the home region while it has capacity"
+            );
+        }
+    }
+
+    #[test]
+    fn over_bound_owner_spills_to_the_next_replica_on_the_walk() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        let k = 7u64;
+        let owner = s.decide(&keyed(k), &vec![0; 3]).unwrap().replica;
+        let mut load = vec![0; 3];
+        // total 4 → bound = ceil(1.25 × 5 / 3) = 3; the owner at 4 is over it.
+        load[owner as usize] = 4;
+        let d = s.decide(&keyed(k), &load).unwrap();
+        assert_ne!(d.replica, owner);
+        assert_eq!(d.outcome, Outcome::Rebalanced);
+        let second = s
+            .ring
+            .walk(RoutingKey(k).ring_position(), 3)
+            .nth(1)
+            .unwrap();
+        assert_eq!(d.replica, second);
+    }
+
+    #[test]
+    fn whole_home_region_down_goes_cross_region() {
+        let mut regions = fleet(&[("eu", &["a", "b"]), ("us", &["x", "y"])]);
+        for r in &mut regions[0].replicas {
+            r.admission = Admission::Disabled;
+        }
+        let s = selector(&regions);
+        let mut cross = 0;
+        for k in keys() {
+            let d = s.decide(&keyed(k), &vec![0; 4]).unwrap();
+            assert!(d.replica >= 2);
+            if s.home_region(RoutingKey(k)) == Some(0) {
+                assert_eq!(d.outcome, Outcome::CrossRegion);
+                cross += 1;
+            }
+        }
+        assert!(cross > 0);
+    }
+
+    #[test]
+    fn nothing_eligible_anywhere_is_none() {
+        let mut regions = fleet(&[("eu", &["a"]), ("us", &["x"])]);
+        regions[0].replicas[0].admission = Admission::Draining;
+        regions[1].replicas[0].max_inflight = Some(1);
+        let s = selector(&regions);
+        assert_eq!(s.decide(&keyed(1), &vec![0, 1]), None);
+        assert_eq!(s.decide(&RouteRequest::default(), &vec![0, 1]), None);
+    }
+
+    #[test]
+    fn tried_replicas_are_skipped_on_retry() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        let first = s.decide(&keyed(9), &vec![0; 3]).unwrap().replica;
+        let mut tried = ReplicaSet::default();
+        tried.insert(first);
+        let req = RouteRequest {
+            tried: Some(&tried),
+            sticky: Some(s.replicas()[first as usize].tag),
+            ..keyed(9)
+        };
+        let d = s.decide(&req, &vec![0; 3]).unwrap();
+        assert_ne!(d.replica, first);
+        assert_eq!(d.outcome, Outcome::Failover);
+    }
+
+    #[test]
+    fn tokenless_requests_go_to_the_least_loaded_local_replica() {
+        let regions = fleet(&[("eu", &["a", "b", "c"]), ("us", &["x", "y", "z"])]);
+        let s = Selector::new(
+            &regions,
+            SelectorOptions {
+                local_region: 1,
+                ..SelectorOptions::default()
+            },
+            &TagRegistry::new(),
+        );
+        let load = vec![0, 0, 0, 5, 1, 3];
+        let d = s.decide(&RouteRequest::default(), &load).unwrap();
+        assert_eq!((d.replica, d.outcome), (4, Outcome::NoToken));
+    }
+
+    #[test]
+    fn tokenless_ties_rotate_across_replicas() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        let mut hits = [0; 3];
+        for _ in 0..30 {
+            hits[s
+                .decide(&RouteRequest::default(), &vec![0; 3])
+                .unwrap()
+                .replica as usize] += 1;
+        }
+        assert_eq!(hits, [10, 10, 10]);
+    }
+
+    #[test]
+    fn tokenless_spills_to_another_region_when_local_is_out() {
+        let mut regions = fleet(&[("eu", &["a"]), ("us", &["x"])]);
+        regions[0].replicas[0].admission = Admission::Disabled;
+        let s = selector(&regions);
+        let d = s.decide(&RouteRequest::default(), &vec![0, 0]).unwrap();
+        assert_eq!((d.replica, d.outcome), (1, Outcome::NoToken));
+    }
+
+    #[test]
+    fn fallback_order_is_local_region_then_yaml_order() {
+        let regions = fleet(&[("a", &["a1"]), ("b", &["b1"]), ("c", &["c1"])]);
+        let s = Selector::new(
+            &regions,
+            SelectorOptions {
+                local_region: 2,
+                ..SelectorOptions::default()
+            },
+            &TagRegistry::new(),
+        );
+        assert_eq!(s.regions[0].fallback, vec![2, 1]);
+        assert_eq!(s.regions[1].fallback, vec![2, 0]);
+        assert_eq!(s.regions[2].fallback, vec![0, 1]);
+    }
+
+    #[test]
+    fn tags_survive_a_rebuild_with_reordered_replicas() {
+        let tags = TagRegistry::new();
+        let s1 = Selector::new(
+            &fleet(&[("eu", &["a", "b"])]),
+            SelectorOptions::default(),
+            &tags,
+        );
+        let s2 = Selector::new(
+            &fleet(&[("eu", &["b", "c", "a"])]),
+            SelectorOptions::default(),
+            &tags,
+        );
+        let a = s1.replicas()[0].tag;
+        assert_eq!(s2.replica(s2.by_tag(a).unwrap()).unwrap().id.as_ref(), "a");
+    }
+
+    #[test]
+    fn outcome_labels_are_stable() {
+        let labels: Vec<_> = [
+            Outcome::Sticky,
+            Outcome::Ring,
+            Outcome::Rebalanced,
+            Outcome::Failover,
+            Outcome::CrossRegion,
+            Outcome::NoToken,
+        ]
+        .iter()
+        .map(|o| o.as_str())
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "sticky",
+                "ring",
+                "rebalanced",
+                "failover",
+                "cross_region",
+                "none"
+            ]
+        );
+    }
+}
