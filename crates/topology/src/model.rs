@@ -1,0 +1,169 @@
+//! The validated topology: the only configuration the proxy ever sees.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A validated topology. Build one with [`Topology::from_yaml`](crate::Topology::from_yaml) or
+/// [`Topology::load`](crate::Topology::load); every field has passed the checks in
+/// `docs/configuration.md`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    /// Address of the proxy listener.
+    pub listen: SocketAddr,
+    /// Address of the admin/metrics listener, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Index into [`regions`](Self::regions) of the region this edge instance runs in.
+    pub local_region: usize,
+    /// Session-affinity settings.
+    pub affinity: AffinitySettings,
+    /// Regions in preference order (after the home and local regions).
+    pub regions: Vec<Region>,
+    /// API tenants. Empty = every request is tenant `default`.
+    pub tenants: Vec<Tenant>,
+    /// Token prices.
+    pub pricing: Pricing,
+    /// Where to write the per-request usage log, if anywhere.
+    pub usage_log: Option<UsageLog>,
+    /// Upstream connection settings.
+    pub upstream: UpstreamSettings,
+    /// Process settings.
+    pub server: ServerSettings,
+}
+
+/// The `affinity` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffinitySettings {
+    /// Lower-cased name of the header carrying the token.
+    pub header: String,
+    /// Maximum token length in bytes.
+    pub max_token_len: usize,
+    /// `c` in the bounded-load rule (≥ 1).
+    pub balance_factor: f64,
+    /// Idle time after which an override entry is forgotten.
+    pub override_ttl: Duration,
+    /// Maximum number of override entries.
+    pub override_capacity: usize,
+    /// Policy for requests without a token.
+    pub tokenless: TokenlessPolicy,
+    /// Ring points per unit of replica weight.
+    pub ring_points_per_weight: u32,
+}
+
+/// How requests without a token are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenlessPolicy {
+    /// The local region's replica with the fewest requests in flight per unit of weight.
+    #[default]
+    LeastInflight,
+}
+
+/// A region and its replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    /// Unique name.
+    pub name: String,
+    /// At least one replica.
+    pub replicas: Vec<Replica>,
+}
+
+/// One inference replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    /// Unique id across all regions.
+    pub id: String,
+    /// Where it listens (HTTP/1.1, plain text).
+    pub address: SocketAddr,
+    /// Relative share of sessions, 1..=100.
+    pub weight: u32,
+    /// Whether it takes work.
+    pub state: ReplicaState,
+    /// Hard cap on requests in flight (`None` = no cap).
+    pub max_inflight: Option<u32>,
+}
+
+/// A replica's administrative state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Takes new sessions and keeps its own.
+    #[default]
+    Active,
+    /// Takes nothing new; its sessions move on their next turn.
+    Draining,
+    /// Out of service.
+    Disabled,
+}
+
+/// An API tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// Tenant id (appears in logs and metrics).
+    pub id: String,
+    /// SHA-256 of the tenant's API key. The key itself is never stored.
+    pub api_key_sha256: [u8; 32],
+}
+
+/// Prices in micro-dollars per million tokens (integers: no float drift when summing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Price {
+    /// Uncached input tokens.
+    pub input_micro_usd_per_mtok: u64,
+    /// Input tokens served from the prefix cache.
+    pub cached_input_micro_usd_per_mtok: u64,
+    /// Output tokens.
+    pub output_micro_usd_per_mtok: u64,
+}
+
+/// The `pricing` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pricing {
+    /// Price for models without their own entry.
+    pub default: Price,
+    /// Per-model prices.
+    pub models: BTreeMap<String, Price>,
+}
+
+impl Pricing {
+    /// The price of `model`.
+    pub fn for_model(&self, model: &str) -> &Price {
+        self.models.get(model).unwrap_or(&self.default)
+    }
+}
+
+/// The `usage_log` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLog {
+    /// JSONL file path.
+    pub path: PathBuf,
+}
+
+/// The `upstream` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest gap between two reads from a replica (time to first token, inter-token gap).
+    pub read_timeout: Option<Duration>,
+    /// How long a pooled idle connection is kept.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The `server` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Proxy worker threads.
+    pub threads: usize,
+    /// Time between SIGTERM and the final shutdown during which in-flight requests finish.
+    pub grace_period: Duration,
+    /// Hard limit on the final shutdown.
+    pub graceful_shutdown_timeout: Duration,
+    /// PID file (Pingora's, for upgrades).
+    pub pid_file: Option<PathBuf>,
+    /// Socket for zero-downtime upgrades.
+    pub upgrade_sock: Option<PathBuf>,
+}

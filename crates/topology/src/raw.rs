@@ -1,0 +1,160 @@
+//! The file as written: serde types that mirror `tether.yaml` one to one.
+//!
+//! Everything here is `deny_unknown_fields`, so a misspelt key is an error with its line rather
+//! than a silently ignored setting. Defaults live here too; cross-field checks live in
+//! [`crate::validate`].
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTopology {
+    pub listen: String,
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    pub local_region: String,
+    #[serde(default)]
+    pub affinity: RawAffinity,
+    pub regions: Vec<RawRegion>,
+    #[serde(default)]
+    pub tenants: Vec<RawTenant>,
+    #[serde(default)]
+    pub pricing: Option<RawPricing>,
+    #[serde(default)]
+    pub usage_log: Option<RawUsageLog>,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub server: RawServer,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawAffinity {
+    pub header: String,
+    pub max_token_len: usize,
+    pub balance_factor: f64,
+    #[serde(with = "humantime_serde")]
+    pub override_ttl: Duration,
+    pub override_capacity: usize,
+    pub tokenless: crate::TokenlessPolicy,
+    pub ring_points_per_weight: u32,
+}
+
+impl Default for RawAffinity {
+    fn default() -> Self {
+        RawAffinity {
+            header: "x-session-affinity".into(),
+            max_token_len: 128,
+            balance_factor: 1.25,
+            override_ttl: Duration::from_secs(3600),
+            override_capacity: 1_000_000,
+            tokenless: crate::TokenlessPolicy::LeastInflight,
+            ring_points_per_weight: 2048,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRegion {
+    pub name: String,
+    #[serde(default)]
+    pub replicas: Vec<RawReplica>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReplica {
+    pub id: String,
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: NonZeroU32,
+    #[serde(default)]
+    pub state: crate::ReplicaState,
+    #[serde(default)]
+    pub max_inflight: Option<u32>,
+}
+
+fn one() -> NonZeroU32 {
+    NonZeroU32::MIN
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTenant {
+    pub id: String,
+    pub api_key_sha256: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPricing {
+    pub default: RawPrice,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawPrice>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPrice {
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUsageLog {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawUpstream {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Some(Duration::from_secs(300)),
+            idle_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawServer {
+    pub threads: usize,
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub graceful_shutdown_timeout: Duration,
+    pub pid_file: Option<PathBuf>,
+    pub upgrade_sock: Option<PathBuf>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            threads: 2,
+            grace_period: Duration::from_secs(5),
+            graceful_shutdown_timeout: Duration::from_secs(5),
+            pid_file: None,
+            upgrade_sock: None,
+        }
+    }
+}

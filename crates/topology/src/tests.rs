@@ -1,0 +1,440 @@
+use std::time::Duration;
+
+use super::*;
+
+const VALID: &str = r#"
+listen: 127.0.0.1:8080
+admin_listen: 127.0.0.1:9090
+local_region: eu
+affinity:
+  header: X-Session-Affinity
+  max_token_len: 128
+  balance_factor: 1.25
+  override_ttl: 1h
+  override_capacity: 1000000
+  tokenless: least_inflight
+regions:
+  - name: eu
+    replicas:
+      - { id: eu-1, address: "127.0.0.1:9101", weight: 1, max_inflight: 64 }
+      - { id: eu-2, address: "127.0.0.1:9102", state: draining }
+  - name: us
+    replicas:
+      - { id: us-1, address: "127.0.0.1:9201", weight: 3, state: disabled }
+tenants:
+  - { id: acme, api_key_sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae" }
+pricing:
+  default: { input_per_mtok: 0.50, cached_input_per_mtok: 0.05, output_per_mtok: 1.50 }
+  models:
+    big-model: { input_per_mtok: 3, cached_input_per_mtok: 0.3, output_per_mtok: 15 }
+usage_log: { path: logs/usage.jsonl }
+upstream: { connect_timeout: 500ms, read_timeout: 2m }
+server: { threads: 4, grace_period: 10s }
+"#;
+
+fn load(yaml: &str) -> Result<Topology, TopologyError> {
+    Topology::from_yaml(yaml, "test.yaml")
+}
+
+/// The single problem reported for `yaml`, as `key: message`.
+fn problem(yaml: &str) -> Problem {
+    match load(yaml) {
+        Err(TopologyError::Invalid { problems, .. }) => {
+            assert_eq!(problems.len(), 1, "expected one problem, got {problems:#?}");
+            problems.into_iter().next().unwrap()
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+fn parse_error(yaml: &str) -> (Option<usize>, String) {
+    match load(yaml) {
+        Err(TopologyError::Parse { line, message, .. }) => (line, message),
+        other => panic!("expected Parse, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_full_example_loads_with_every_field() {
+    let t = load(VALID).unwrap();
+    assert_eq!(t.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(t.admin_listen.unwrap().to_string(), "127.0.0.1:9090");
+    assert_eq!(t.local().name, "eu");
+    assert_eq!(
+        t.affinity.header, "x-session-affinity",
+        "header names are lower-cased"
+    );
+    assert_eq!(t.affinity.override_ttl, Duration::from_secs(3600));
+    assert_eq!(t.regions[0].replicas[0].max_inflight, Some(64));
+    assert_eq!(t.regions[0].replicas[1].state, ReplicaState::Draining);
+    assert_eq!(t.regions[0].replicas[1].weight, 1, "weight defaults to 1");
+    assert_eq!(t.regions[1].replicas[0].state, ReplicaState::Disabled);
+    assert_eq!(t.tenants[0].api_key_sha256[0], 0x2c);
+    assert_eq!(t.pricing.default.input_micro_usd_per_mtok, 500_000);
+    assert_eq!(t.pricing.default.cached_input_micro_usd_per_mtok, 50_000);
+    assert_eq!(
+        t.pricing.for_model("big-model").output_micro_usd_per_mtok,
+        15_000_000
+    );
+    assert_eq!(
+        t.pricing.for_model("other").output_micro_usd_per_mtok,
+        1_500_000
+    );
+    assert_eq!(t.upstream.connect_timeout, Duration::from_millis(500));
+    assert_eq!(t.upstream.read_timeout, Some(Duration::from_secs(120)));
+    assert_eq!(t.server.threads, 4);
+    assert_eq!(t.replicas().count(), 3);
+}
+
+#[test]
+fn a_minimal_file_gets_the_documented_defaults() {
+    let t = load(
+        "listen: 127.0.0.1:8080\nlocal_region: eu\nregions:\n  - name: eu\n    replicas:\n      - { id: a, address: \"127.0.0.1:1\" }\n",
+    )
+    .unwrap();
+    assert_eq!(t.affinity.header, "x-session-affinity");
+    assert_eq!(t.affinity.max_token_len, 128);
+    assert_eq!(t.affinity.balance_factor, 1.25);
+    assert_eq!(t.affinity.override_capacity, 1_000_000);
+    assert_eq!(t.affinity.ring_points_per_weight, 2048);
+    assert_eq!(t.affinity.tokenless, TokenlessPolicy::LeastInflight);
+    assert!(t.tenants.is_empty());
+    assert!(t.admin_listen.is_none());
+    assert!(t.usage_log.is_none());
+    assert_eq!(t.server.threads, 2);
+}
+
+#[test]
+fn unknown_key_is_a_parse_error_with_path_and_line() {
+    let (line, message) = parse_error(&VALID.replace("weight: 3", "wieght: 3"));
+    assert_eq!(line, Some(19), "the line of the us-1 replica");
+    assert!(message.contains("regions[1].replicas[0]"), "{message}");
+    assert!(message.contains("unknown field `wieght`"), "{message}");
+}
+
+#[test]
+fn unknown_top_level_key_is_refused() {
+    let (line, message) = parse_error(&format!("{VALID}lisen: 1.2.3.4:5\n"));
+    assert!(line.is_some());
+    assert!(message.contains("unknown field `lisen`"), "{message}");
+}
+
+#[test]
+fn unknown_state_is_refused_not_defaulted() {
+    let (_, message) = parse_error(&VALID.replace("state: draining", "state: drained"));
+    assert!(message.contains("unknown variant `drained`"), "{message}");
+    assert!(
+        message.contains("regions[0].replicas[1].state"),
+        "{message}"
+    );
+}
+
+#[test]
+fn zero_weight_is_refused_with_its_path() {
+    let (_, message) = parse_error(&VALID.replace("weight: 3", "weight: 0"));
+    assert!(
+        message.contains("regions[1].replicas[0].weight"),
+        "{message}"
+    );
+}
+
+#[test]
+fn malformed_yaml_reports_the_line() {
+    let (line, _) = parse_error("listen: 127.0.0.1:8080\nregions: [\n  - x: {\n");
+    assert!(line.is_some());
+}
+
+#[test]
+fn empty_file_is_a_parse_error() {
+    parse_error("");
+}
+
+#[test]
+fn missing_required_key_is_named() {
+    let (_, message) = parse_error("listen: 127.0.0.1:8080\nregions: []\n");
+    assert!(message.contains("local_region"), "{message}");
+}
+
+#[test]
+fn duplicate_replica_ids_name_both_places() {
+    let p = problem(&VALID.replace("id: us-1", "id: eu-1"));
+    assert_eq!(p.key, "regions[1].replicas[0].id");
+    assert_eq!(
+        p.message,
+        "duplicate replica id \"eu-1\" (first at regions[0].replicas[0].id)"
+    );
+}
+
+#[test]
+fn invalid_replica_id_is_refused() {
+    let p = problem(&VALID.replace("id: us-1", "id: \"us 1\""));
+    assert_eq!(p.key, "regions[1].replicas[0].id");
+}
+
+#[test]
+fn unparsable_address_is_named() {
+    let p = problem(&VALID.replace("\"127.0.0.1:9102\"", "\"localhost:9102\""));
+    assert_eq!(p.key, "regions[0].replicas[1].address");
+    assert!(
+        p.message
+            .starts_with("\"localhost:9102\" is not a socket address"),
+        "{}",
+        p.message
+    );
+}
+
+#[test]
+fn address_without_port_is_refused() {
+    let p = problem(&VALID.replace("\"127.0.0.1:9102\"", "\"127.0.0.1\""));
+    assert_eq!(p.key, "regions[0].replicas[1].address");
+}
+
+#[test]
+fn ipv6_addresses_are_accepted() {
+    let t = load(&VALID.replace("\"127.0.0.1:9102\"", "\"[::1]:9102\"")).unwrap();
+    assert!(t.regions[0].replicas[1].address.is_ipv6());
+}
+
+#[test]
+fn two_replicas_on_one_address_are_refused() {
+    let p = problem(&VALID.replace("127.0.0.1:9201", "127.0.0.1:9101"));
+    assert_eq!(p.key, "regions[1].replicas[0].address");
+    assert!(
+        p.message.contains("regions[0].replicas[0].address"),
+        "{}",
+        p.message
+    );
+}
+
+#[test]
+fn bad_listen_addresses_are_named() {
+    assert_eq!(
+        problem(&VALID.replace("listen: 127.0.0.1:8080", "listen: nope")).key,
+        "listen"
+    );
+    assert_eq!(
+        problem(&VALID.replace("admin_listen: 127.0.0.1:9090", "admin_listen: nope")).key,
+        "admin_listen"
+    );
+    assert_eq!(
+        problem(&VALID.replace(
+            "admin_listen: 127.0.0.1:9090",
+            "admin_listen: 127.0.0.1:8080"
+        ))
+        .key,
+        "admin_listen"
+    );
+}
+
+#[test]
+fn empty_region_is_refused() {
+    let p = problem(
+        &VALID
+            .replace(
+                "      - { id: us-1, address: \"127.0.0.1:9201\", weight: 3, state: disabled }\n",
+                "",
+            )
+            .replace("    replicas:\ntenants", "    replicas: []\ntenants"),
+    );
+    assert_eq!(p.key, "regions[1].replicas");
+    assert!(
+        p.message.contains("region \"us\" has no replicas"),
+        "{}",
+        p.message
+    );
+}
+
+#[test]
+fn no_regions_at_all_is_refused() {
+    match load("listen: 127.0.0.1:8080\nlocal_region: eu\nregions: []\n") {
+        Err(TopologyError::Invalid { problems, .. }) => {
+            assert_eq!(problems[0].key, "regions");
+            assert_eq!(problems[1].key, "local_region");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn duplicate_region_names_are_refused() {
+    let p = problem(&VALID.replace("name: us", "name: eu"));
+    assert_eq!(p.key, "regions[1].name");
+}
+
+#[test]
+fn balance_factor_below_one_is_refused() {
+    let p = problem(&VALID.replace("balance_factor: 1.25", "balance_factor: 0.9"));
+    assert_eq!(p.key, "affinity.balance_factor");
+    assert!(p.message.starts_with("0.9 is below 1"), "{}", p.message);
+    assert_eq!(
+        problem(&VALID.replace("balance_factor: 1.25", "balance_factor: .nan")).key,
+        "affinity.balance_factor"
+    );
+    assert!(load(&VALID.replace("balance_factor: 1.25", "balance_factor: 1")).is_ok());
+}
+
+#[test]
+fn unknown_local_region_lists_the_known_ones() {
+    let p = problem(&VALID.replace("local_region: eu", "local_region: ap"));
+    assert_eq!(p.key, "local_region");
+    assert_eq!(p.message, "\"ap\" is not a region (regions: eu, us)");
+}
+
+#[test]
+fn token_length_limits_are_checked() {
+    assert_eq!(
+        problem(&VALID.replace("max_token_len: 128", "max_token_len: 0")).key,
+        "affinity.max_token_len"
+    );
+    assert_eq!(
+        problem(&VALID.replace("max_token_len: 128", "max_token_len: 100000")).key,
+        "affinity.max_token_len"
+    );
+}
+
+#[test]
+fn invalid_header_name_is_refused() {
+    let p = problem(&VALID.replace("header: X-Session-Affinity", "header: \"x session\""));
+    assert_eq!(p.key, "affinity.header");
+}
+
+#[test]
+fn zero_ttl_and_capacity_are_refused() {
+    assert_eq!(
+        problem(&VALID.replace("override_ttl: 1h", "override_ttl: 0s")).key,
+        "affinity.override_ttl"
+    );
+    assert_eq!(
+        problem(&VALID.replace("override_capacity: 1000000", "override_capacity: 0")).key,
+        "affinity.override_capacity"
+    );
+}
+
+#[test]
+fn unparsable_duration_is_a_parse_error() {
+    let (_, message) = parse_error(&VALID.replace("override_ttl: 1h", "override_ttl: soon"));
+    assert!(message.contains("affinity.override_ttl"), "{message}");
+}
+
+#[test]
+fn unknown_tokenless_policy_is_refused() {
+    let (_, message) =
+        parse_error(&VALID.replace("tokenless: least_inflight", "tokenless: random"));
+    assert!(message.contains("unknown variant `random`"), "{message}");
+}
+
+#[test]
+fn weights_and_ring_size_are_bounded() {
+    assert_eq!(
+        problem(&VALID.replace("weight: 3", "weight: 101")).key,
+        "regions[1].replicas[0].weight"
+    );
+    let p = problem(&VALID.replace("weight: 3", "weight: 100").replace(
+        "tokenless: least_inflight",
+        "tokenless: least_inflight\n  ring_points_per_weight: 65536",
+    ));
+    assert_eq!(p.key, "affinity.ring_points_per_weight");
+    assert!(p.message.contains("points"), "{}", p.message);
+    assert_eq!(
+        problem(&VALID.replace(
+            "tokenless: least_inflight",
+            "tokenless: least_inflight\n  ring_points_per_weight: 0"
+        ))
+        .key,
+        "affinity.ring_points_per_weight"
+    );
+}
+
+#[test]
+fn zero_max_inflight_is_refused() {
+    assert_eq!(
+        problem(&VALID.replace("max_inflight: 64", "max_inflight: 0")).key,
+        "regions[0].replicas[0].max_inflight"
+    );
+}
+
+#[test]
+fn api_key_hash_must_be_sha256_hex() {
+    let p = problem(&VALID.replace(
+        "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        "secret-in-plain-text",
+    ));
+    assert_eq!(p.key, "tenants[0].api_key_sha256");
+    assert!(p.message.contains("64 hex characters"), "{}", p.message);
+    assert!(!p.message.contains("secret"), "the value is never echoed");
+    let p = problem(&VALID.replace(
+        "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        "zz26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+    ));
+    assert_eq!(p.key, "tenants[0].api_key_sha256");
+}
+
+#[test]
+fn duplicate_tenants_and_shared_keys_are_refused() {
+    let two = VALID.replace(
+        "tenants:\n",
+        "tenants:\n  - { id: acme, api_key_sha256: \"2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\" }\n",
+    );
+    match load(&two) {
+        Err(TopologyError::Invalid { problems, .. }) => {
+            let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, ["tenants[1].id", "tenants[1].api_key_sha256"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn negative_prices_are_refused() {
+    let p = problem(&VALID.replace("output_per_mtok: 1.50", "output_per_mtok: -1"));
+    assert_eq!(p.key, "pricing.default.output_per_mtok");
+    let p = problem(&VALID.replace("cached_input_per_mtok: 0.3", "cached_input_per_mtok: .inf"));
+    assert_eq!(p.key, "pricing.models.big-model.cached_input_per_mtok");
+}
+
+#[test]
+fn zero_timeouts_and_threads_are_refused() {
+    assert_eq!(
+        problem(&VALID.replace("connect_timeout: 500ms", "connect_timeout: 0s")).key,
+        "upstream.connect_timeout"
+    );
+    assert_eq!(
+        problem(&VALID.replace("threads: 4", "threads: 0")).key,
+        "server.threads"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let yaml = VALID
+        .replace("local_region: eu", "local_region: ap")
+        .replace("balance_factor: 1.25", "balance_factor: 0.5")
+        .replace("\"127.0.0.1:9102\"", "\"bad\"")
+        .replace("id: us-1", "id: eu-1");
+    let err = load(&yaml).unwrap_err();
+    let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "affinity.balance_factor",
+            "regions[0].replicas[1].address",
+            "regions[1].replicas[0].id",
+            "local_region"
+        ]
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with("test.yaml: 4 problems:\n  - affinity.balance_factor"),
+        "{text}"
+    );
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let err = Topology::load(std::path::Path::new("/nonexistent/tether.yaml")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot read /nonexistent/tether.yaml"),
+        "{err}"
+    );
+}

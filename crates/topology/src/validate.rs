@@ -1,0 +1,374 @@
+//! Raw → validated, collecting every problem (not just the first) with its YAML path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::raw::{RawPrice, RawTopology};
+use crate::{
+    AffinitySettings, Price, Pricing, Problem, Region, Replica, ServerSettings, Tenant, Topology,
+    UpstreamSettings, UsageLog,
+};
+
+/// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
+pub const MAX_WEIGHT: u32 = 100;
+/// Largest ring (points over all replicas): 4 Mi points = 32 MiB.
+pub const MAX_RING_POINTS: u64 = 1 << 22;
+/// Largest allowed `max_token_len`.
+pub const MAX_TOKEN_LEN_LIMIT: usize = 4096;
+/// Largest allowed `ring_points_per_weight`.
+pub const MAX_POINTS_PER_WEIGHT: u32 = 65_536;
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn socket_addr(problems: &mut Problems, key: &str, value: &str) -> Option<SocketAddr> {
+    match value.trim().parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.add(
+                key,
+                format!(
+                    "{value:?} is not a socket address; write an IP and a port, e.g. 127.0.0.1:9101 \
+                     (host names are not resolved, so a DNS outage cannot stall routing)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn id_is_valid(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+const ID_RULE: &str = "must be 1-64 characters of A-Z a-z 0-9 - _ . :";
+
+fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
+    let mut one = |field: &str, dollars: f64| -> u64 {
+        if !dollars.is_finite() || dollars < 0.0 || dollars > 1_000_000.0 {
+            problems.add(
+                format!("{key}.{field}"),
+                format!("{dollars} is not a price; use dollars per million tokens, 0 to 1000000"),
+            );
+            return 0;
+        }
+        // Micro-dollars per million tokens: exact for any price given to 6 decimals.
+        (dollars * 1_000_000.0).round() as u64
+    };
+    Price {
+        input_micro_usd_per_mtok: one("input_per_mtok", raw.input_per_mtok),
+        cached_input_micro_usd_per_mtok: one("cached_input_per_mtok", raw.cached_input_per_mtok),
+        output_micro_usd_per_mtok: one("output_per_mtok", raw.output_per_mtok),
+    }
+}
+
+fn positive(problems: &mut Problems, key: &str, value: Duration) {
+    if value.is_zero() {
+        problems.add(key, "must be longer than zero");
+    }
+}
+
+pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
+    let mut p = Problems::default();
+
+    let listen = socket_addr(&mut p, "listen", &raw.listen);
+    let admin_listen = raw
+        .admin_listen
+        .as_deref()
+        .and_then(|a| socket_addr(&mut p, "admin_listen", a));
+    if let (Some(l), Some(a)) = (listen, admin_listen) {
+        if l == a {
+            p.add(
+                "admin_listen",
+                format!("{a} is also `listen`; use another port"),
+            );
+        }
+    }
+
+    // affinity
+    let a = &raw.affinity;
+    let header = a.header.trim().to_ascii_lowercase();
+    if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+        p.add(
+            "affinity.header",
+            format!("{:?} is not a valid HTTP header name", a.header),
+        );
+    }
+    if a.max_token_len == 0 || a.max_token_len > MAX_TOKEN_LEN_LIMIT {
+        p.add(
+            "affinity.max_token_len",
+            format!(
+                "{} is out of range 1..={MAX_TOKEN_LEN_LIMIT}",
+                a.max_token_len
+            ),
+        );
+    }
+    if !(a.balance_factor.is_finite() && a.balance_factor >= 1.0) {
+        p.add(
+            "affinity.balance_factor",
+            format!(
+                "{} is below 1; the bound is balance_factor × mean load, so it must be at least 1 \
+                 (1.25 is a good start)",
+                a.balance_factor
+            ),
+        );
+    }
+    positive(&mut p, "affinity.override_ttl", a.override_ttl);
+    if a.override_capacity == 0 {
+        p.add("affinity.override_capacity", "must be at least 1");
+    }
+    if a.ring_points_per_weight == 0 || a.ring_points_per_weight > MAX_POINTS_PER_WEIGHT {
+        p.add(
+            "affinity.ring_points_per_weight",
+            format!(
+                "{} is out of range 1..={MAX_POINTS_PER_WEIGHT}",
+                a.ring_points_per_weight
+            ),
+        );
+    }
+
+    // regions and replicas
+    if raw.regions.is_empty() {
+        p.add("regions", "at least one region is required");
+    }
+    let mut region_names: HashMap<&str, usize> = HashMap::new();
+    let mut replica_ids: HashMap<&str, String> = HashMap::new();
+    let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
+    let mut regions = Vec::with_capacity(raw.regions.len());
+    let mut total_weight: u64 = 0;
+    for (r, region) in raw.regions.iter().enumerate() {
+        let key = format!("regions[{r}]");
+        if !id_is_valid(&region.name) {
+            p.add(
+                format!("{key}.name"),
+                format!("{:?} {ID_RULE}", region.name),
+            );
+        } else if let Some(first) = region_names.insert(&region.name, r) {
+            p.add(
+                format!("{key}.name"),
+                format!(
+                    "duplicate region name {:?} (first at regions[{first}].name)",
+                    region.name
+                ),
+            );
+        }
+        if region.replicas.is_empty() {
+            p.add(
+                format!("{key}.replicas"),
+                format!(
+                    "region {:?} has no replicas; add one or remove the region",
+                    region.name
+                ),
+            );
+        }
+        let mut replicas = Vec::with_capacity(region.replicas.len());
+        for (i, replica) in region.replicas.iter().enumerate() {
+            let key = format!("{key}.replicas[{i}]");
+            if !id_is_valid(&replica.id) {
+                p.add(format!("{key}.id"), format!("{:?} {ID_RULE}", replica.id));
+            } else if let Some(first) = replica_ids.get(replica.id.as_str()) {
+                p.add(
+                    format!("{key}.id"),
+                    format!("duplicate replica id {:?} (first at {first})", replica.id),
+                );
+            } else {
+                replica_ids.insert(&replica.id, format!("{key}.id"));
+            }
+            let address = socket_addr(&mut p, &format!("{key}.address"), &replica.address);
+            if let Some(addr) = address {
+                if let Some(first) = addresses.get(&addr) {
+                    p.add(
+                        format!("{key}.address"),
+                        format!("{addr} is also {first}; each replica needs its own address"),
+                    );
+                } else {
+                    addresses.insert(addr, format!("{key}.address"));
+                }
+            }
+            let weight = replica.weight.get();
+            if weight > MAX_WEIGHT {
+                p.add(
+                    format!("{key}.weight"),
+                    format!("{weight} is above the maximum of {MAX_WEIGHT}"),
+                );
+            }
+            total_weight += u64::from(weight);
+            if replica.max_inflight == Some(0) {
+                p.add(
+                    format!("{key}.max_inflight"),
+                    "must be at least 1 (omit it for no cap; use `state: disabled` to stop traffic)",
+                );
+            }
+            replicas.push(Replica {
+                id: replica.id.clone(),
+                address: address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                weight,
+                state: replica.state,
+                max_inflight: replica.max_inflight,
+            });
+        }
+        regions.push(Region {
+            name: region.name.clone(),
+            replicas,
+        });
+    }
+    let points = total_weight * u64::from(a.ring_points_per_weight);
+    if points > MAX_RING_POINTS {
+        p.add(
+            "affinity.ring_points_per_weight",
+            format!(
+                "the ring would have {points} points (total weight {total_weight} × \
+                 {}); the maximum is {MAX_RING_POINTS}: lower ring_points_per_weight or weights",
+                a.ring_points_per_weight
+            ),
+        );
+    }
+
+    let local_region = match region_names.get(raw.local_region.as_str()) {
+        Some(i) => *i,
+        None => {
+            let known: Vec<&str> = raw.regions.iter().map(|r| r.name.as_str()).collect();
+            p.add(
+                "local_region",
+                format!(
+                    "{:?} is not a region (regions: {})",
+                    raw.local_region,
+                    known.join(", ")
+                ),
+            );
+            0
+        }
+    };
+
+    // tenants
+    let mut tenant_ids: HashMap<&str, usize> = HashMap::new();
+    let mut key_hashes: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut tenants = Vec::with_capacity(raw.tenants.len());
+    for (t, tenant) in raw.tenants.iter().enumerate() {
+        let key = format!("tenants[{t}]");
+        if !id_is_valid(&tenant.id) {
+            p.add(format!("{key}.id"), format!("{:?} {ID_RULE}", tenant.id));
+        } else if let Some(first) = tenant_ids.insert(&tenant.id, t) {
+            p.add(
+                format!("{key}.id"),
+                format!(
+                    "duplicate tenant id {:?} (first at tenants[{first}].id)",
+                    tenant.id
+                ),
+            );
+        }
+        let digest = tenant.api_key_sha256.trim();
+        let mut hash = [0u8; 32];
+        let parsed = hex::decode_to_slice(digest, &mut hash).is_ok();
+        if !parsed {
+            p.add(
+                format!("{key}.api_key_sha256"),
+                format!(
+                    "expected 64 hex characters (the SHA-256 of the API key, e.g. from \
+                     `printf %s \"$KEY\" | sha256sum`), got {} characters",
+                    digest.len()
+                ),
+            );
+        } else if let Some(first) = key_hashes.insert(hash, t) {
+            p.add(
+                format!("{key}.api_key_sha256"),
+                format!("the same API key hash as tenants[{first}]; each tenant needs its own key"),
+            );
+        }
+        tenants.push(Tenant {
+            id: tenant.id.clone(),
+            api_key_sha256: hash,
+        });
+    }
+
+    // pricing
+    let pricing = match &raw.pricing {
+        None => Pricing::default(),
+        Some(pr) => Pricing {
+            default: price(&mut p, "pricing.default", &pr.default),
+            models: pr
+                .models
+                .iter()
+                .map(|(model, raw)| {
+                    (
+                        model.clone(),
+                        price(&mut p, &format!("pricing.models.{model}"), raw),
+                    )
+                })
+                .collect(),
+        },
+    };
+
+    // upstream and server
+    positive(
+        &mut p,
+        "upstream.connect_timeout",
+        raw.upstream.connect_timeout,
+    );
+    if let Some(t) = raw.upstream.read_timeout {
+        positive(&mut p, "upstream.read_timeout", t);
+    }
+    if let Some(t) = raw.upstream.idle_timeout {
+        positive(&mut p, "upstream.idle_timeout", t);
+    }
+    if raw.server.threads == 0 || raw.server.threads > 1024 {
+        p.add(
+            "server.threads",
+            format!("{} is out of range 1..=1024", raw.server.threads),
+        );
+    }
+    if let Some(log) = &raw.usage_log {
+        if log.path.as_os_str().is_empty() {
+            p.add("usage_log.path", "must not be empty");
+        }
+    }
+
+    if !p.0.is_empty() {
+        return Err(p.0);
+    }
+    Ok(Topology {
+        // Both are Some when no problem was recorded.
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        admin_listen,
+        local_region,
+        affinity: AffinitySettings {
+            header,
+            max_token_len: a.max_token_len,
+            balance_factor: a.balance_factor,
+            override_ttl: a.override_ttl,
+            override_capacity: a.override_capacity,
+            tokenless: a.tokenless,
+            ring_points_per_weight: a.ring_points_per_weight,
+        },
+        regions,
+        tenants,
+        pricing,
+        usage_log: raw.usage_log.map(|l| UsageLog { path: l.path }),
+        upstream: UpstreamSettings {
+            connect_timeout: raw.upstream.connect_timeout,
+            read_timeout: raw.upstream.read_timeout,
+            idle_timeout: raw.upstream.idle_timeout,
+        },
+        server: ServerSettings {
+            threads: raw.server.threads,
+            grace_period: raw.server.grace_period,
+            graceful_shutdown_timeout: raw.server.graceful_shutdown_timeout,
+            pid_file: raw.server.pid_file,
+            upgrade_sock: raw.server.upgrade_sock,
+        },
+    })
+}
