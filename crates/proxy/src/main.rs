@@ -1,1 +1,199 @@
-fn main() {}
+//! `tether`: an edge proxy for LLM inference that routes `x-session-affinity` tokens to the
+//! replica that holds the conversation's KV cache.
+//!
+//! ```text
+//! tether run   -c conf/tether.yaml     serve
+//! tether check -c conf/tether.yaml     validate and exit (non-zero with every problem listed)
+//! ```
+
+mod admin;
+mod api_error;
+mod proxy;
+mod router;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use clap::{Parser, Subcommand};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use tether_topology::Topology;
+
+use crate::router::Router;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Session-affinity edge proxy for LLM inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the topology in FILE.
+    Run {
+        /// Topology file (YAML).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: PathBuf,
+        /// Take over the listeners of a running instance (zero-downtime upgrade).
+        #[arg(short = 'u', long)]
+        upgrade: bool,
+    },
+    /// Validate topology files and exit; non-zero if any is invalid.
+    Check {
+        /// Topology files (YAML).
+        #[arg(short = 'c', long = "config", value_name = "FILE", required = true, num_args = 1..)]
+        configs: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { configs } => check(&configs),
+        Command::Run { config, upgrade } => match run(&config, upgrade) {
+            Ok(never) => match never {},
+            Err(e) => {
+                eprintln!("tether: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn check(configs: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for path in configs {
+        match Topology::load(path) {
+            Ok(t) => println!(
+                "{}: ok ({} regions, {} replicas, {} tenants)",
+                path.display(),
+                t.regions.len(),
+                t.replicas().count(),
+                t.tenants.len()
+            ),
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Fails early, with the address in the message, when a listener's port is taken: Pingora
+/// would otherwise retry for 30 s and then keep running without the listener.
+fn ensure_bindable(what: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .with_context(|| format!("{what} {addr}: cannot listen"))
+}
+
+fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::Infallible> {
+    let topology = Topology::load(config)?;
+    if !upgrade {
+        ensure_bindable("listen", topology.listen)?;
+        if let Some(admin) = topology.admin_listen {
+            ensure_bindable("admin_listen", admin)?;
+        }
+    }
+    let listen = topology.listen;
+    let admin_listen = topology.admin_listen;
+    let settings = topology.server.clone();
+
+    let mut conf = ServerConf {
+        threads: settings.threads,
+        grace_period_seconds: Some(settings.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(settings.graceful_shutdown_timeout.as_secs()),
+        ..ServerConf::default()
+    };
+    // Unique per listener, so several instances (tests, regions on one host) never share them.
+    conf.pid_file = settings.pid_file.map_or_else(
+        || format!("/tmp/tether-{}.pid", listen.port()),
+        |p| p.display().to_string(),
+    );
+    conf.upgrade_sock = settings.upgrade_sock.map_or_else(
+        || format!("/tmp/tether-{}-upgrade.sock", listen.port()),
+        |p| p.display().to_string(),
+    );
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+
+    let router = Arc::new(Router::new(topology)?);
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service(
+        &server.configuration,
+        proxy::TetherProxy::new(Arc::clone(&router)),
+    );
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+
+    if let Some(addr) = admin_listen {
+        let mut admin = Service::new(
+            "tether admin".into(),
+            admin::AdminApp::new(Arc::clone(&router)),
+        );
+        admin.add_tcp(&addr.to_string());
+        admin.threads = Some(1);
+        server.add_service(admin);
+    }
+    server.add_service(background_service(
+        "override purge",
+        OverridePurge {
+            router: Arc::clone(&router),
+            every: Duration::from_secs(30),
+        },
+    ));
+
+    log::info!(
+        "tether listening on {listen} (admin: {admin_listen:?}), config {}",
+        config.display()
+    );
+    server.run_forever()
+}
+
+/// Sweeps idle override entries so the table's memory follows the live sessions, not the
+/// peak.
+#[derive(Debug)]
+struct OverridePurge {
+    router: Arc<Router>,
+    every: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for OverridePurge {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.every);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    let removed = self.router.overrides().purge_expired();
+                    if removed > 0 {
+                        log::debug!("purged {removed} idle override entries");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The Pingora glue: [`TetherProxy`] implements `ProxyHttp` by calling the pure crates.
+//!
+//! Per request: `request_filter` resolves the tenant and the routing key (401/400 otherwise),
+//! `upstream_peer` asks the selector for a replica and takes an in-flight slot,
+//! `fail_to_connect` retries the next candidate, `fail_to_proxy` answers OpenAI-style JSON, and
+//! `logging` releases the slot and records the override entry after a successful response.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use log::debug;
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use tether_affinity::{Decision, ReplicaIdx, ReplicaSet, RouteRequest, RoutingKey};
+
+use crate::api_error::ApiError;
+use crate::router::{InflightGuard, Router, Snapshot};
+
+/// Upstream attempts per request (the first try plus retries after connect failures).
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// The proxy.
+#[derive(Debug, Clone)]
+pub struct TetherProxy {
+    router: Arc<Router>,
+}
+
+impl TetherProxy {
+    /// A proxy routing with `router`.
+    pub fn new(router: Arc<Router>) -> Self {
+        TetherProxy { router }
+    }
+}
+
+/// Per-request state.
+#[derive(Debug, Default)]
+pub struct RequestCtx {
+    snapshot: Option<Arc<Snapshot>>,
+    tenant: Option<Arc<str>>,
+    key: Option<RoutingKey>,
+    decision: Option<Decision>,
+    tried: ReplicaSet,
+    attempts: u32,
+    inflight: Option<InflightGuard>,
+    unavailable: bool,
+}
+
+/// What `request_filter` concluded about the caller.
+enum Admission {
+    Admit {
+        tenant_id: Arc<str>,
+        key: Option<RoutingKey>,
+    },
+    Reject(ApiError),
+}
+
+/// The API key of an `Authorization: Bearer <key>` header.
+fn bearer_token(req: &RequestHeader) -> Option<&[u8]> {
+    let value = req.headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let key = rest.trim_ascii();
+    (!key.is_empty()).then_some(key)
+}
+
+fn admit(snapshot: &Snapshot, req: &RequestHeader) -> Admission {
+    let tenant = if snapshot.requires_api_key() {
+        let Some(api_key) = bearer_token(req) else {
+            return Admission::Reject(ApiError::invalid_api_key(
+                "missing API key: send `Authorization: Bearer <key>`",
+            ));
+        };
+        match snapshot.tenant_for_key(api_key) {
+            Some(tenant) => tenant,
+            None => return Admission::Reject(ApiError::invalid_api_key("invalid API key")),
+        }
+    } else {
+        &snapshot.default_tenant
+    };
+    let values = req
+        .headers
+        .get_all(&snapshot.header)
+        .into_iter()
+        .map(|v| v.as_bytes());
+    match snapshot.token_rules.validate_all(values) {
+        Ok(token) => Admission::Admit {
+            tenant_id: Arc::clone(&tenant.id),
+            key: token.map(|t| tenant.scope.key(t)),
+        },
+        Err(e) => Admission::Reject(ApiError::invalid_session_affinity(e.to_string())),
+    }
+}
+
+impl RequestCtx {
+    fn served(&self) -> Option<ReplicaIdx> {
+        self.decision.map(|d| d.replica)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for TetherProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.router.snapshot();
+        match admit(&snapshot, session.req_header()) {
+            Admission::Admit { tenant_id, key } => {
+                ctx.tenant = Some(tenant_id);
+                ctx.key = key;
+                ctx.snapshot = Some(snapshot);
+                Ok(false)
+            }
+            Admission::Reject(err) => {
+                err.send(session, true).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let snapshot = match &ctx.snapshot {
+            Some(s) => Arc::clone(s),
+            None => self.router.snapshot(),
+        };
+        // A retry releases the failed attempt's slot before taking the next.
+        ctx.inflight = None;
+        let request = RouteRequest {
+            key: ctx.key,
+            sticky: ctx.key.and_then(|k| self.router.overrides().get(k)),
+            tried: Some(&ctx.tried),
+        };
+        let Some(decision) = snapshot.selector.decide(&request, snapshot.as_ref()) else {
+            ctx.unavailable = true;
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no replica available in any region",
+            ));
+        };
+        let Some(peer) = snapshot.peers.get(decision.replica as usize) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "selector chose a replica without a peer",
+            ));
+        };
+        ctx.tried.insert(decision.replica);
+        ctx.attempts += 1;
+        ctx.inflight = snapshot.acquire(decision.replica);
+        ctx.decision = Some(decision);
+        Ok(Box::new(peer.clone()))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.inflight = None;
+        if ctx.attempts < MAX_ATTEMPTS {
+            debug!("connect to {peer} failed ({e}); trying the next replica");
+            // Nothing reached the replica, so any request is safe to send elsewhere.
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The tenant's API key is a credential for Tether, not for the fleet.
+        if ctx.snapshot.as_ref().is_some_and(|s| s.requires_api_key()) {
+            upstream_request.remove_header(&http::header::AUTHORIZATION);
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let error = if ctx.unavailable {
+            Some(ApiError::no_replica_available())
+        } else {
+            match (e.etype(), e.esource()) {
+                (ErrorType::HTTPStatus(code), _) => Some(ApiError::upstream(
+                    *code,
+                    format!("request failed: {}", e.etype().as_str()),
+                )),
+                (
+                    ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+                    ErrorSource::Upstream,
+                ) => Some(ApiError::upstream(
+                    504,
+                    "the inference replica timed out".into(),
+                )),
+                (_, ErrorSource::Upstream) => Some(ApiError::upstream(
+                    502,
+                    format!("the inference replica failed: {}", e.etype().as_str()),
+                )),
+                (
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                    ErrorSource::Downstream,
+                ) => None,
+                (_, ErrorSource::Downstream) => Some(ApiError {
+                    status: 400,
+                    kind: "invalid_request_error",
+                    code: "bad_request",
+                    message: format!("could not read the request: {}", e.etype().as_str()),
+                    retry_after: None,
+                }),
+                _ => Some(ApiError {
+                    status: 500,
+                    kind: "server_error",
+                    code: "internal_error",
+                    message: "internal proxy error".into(),
+                    retry_after: None,
+                }),
+            }
+        };
+        let Some(error) = error else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let body = error.body();
+        match error.header(body.len()) {
+            Ok(header) => {
+                // Writes nothing if the response had already started (mid-stream failure).
+                if let Err(write) = session
+                    .as_downstream_mut()
+                    .write_error_response(header, body)
+                    .await
+                {
+                    debug!("could not send the error response: {write}");
+                }
+            }
+            Err(build) => debug!("could not build the error response: {build}"),
+        }
+        FailToProxy {
+            error_code: error.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        drop(ctx.inflight.take());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let snapshot = ctx.snapshot.as_deref();
+        let replica = ctx
+            .served()
+            .and_then(|idx| snapshot.and_then(|s| s.selector.replica(idx)));
+        if let (Some(key), Some(replica), None) = (ctx.key, replica, e) {
+            if (200..300).contains(&status) {
+                self.router.overrides().record(key, replica.tag);
+            }
+        }
+        debug!(
+            "tenant={} outcome={} replica={} status={status} attempts={}{}",
+            ctx.tenant.as_deref().unwrap_or("-"),
+            ctx.decision.map_or("-", |d| d.outcome.as_str()),
+            replica.map_or("-", |r| &r.id),
+            ctx.attempts,
+            e.map(|e| format!(" error={e}")).unwrap_or_default(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &[u8])]) -> RequestHeader {
+        let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (name, value) in headers {
+            req.append_header(
+                name.to_string(),
+                http::HeaderValue::from_bytes(value).unwrap(),
+            )
+            .unwrap();
+        }
+        req
+    }
+
+    #[test]
+    fn bearer_token_accepts_any_scheme_case_and_trims() {
+        let req = request(&[("authorization", b"bEaReR   sk-123  ")]);
+        assert_eq!(bearer_token(&req), Some(&b"sk-123"[..]));
+    }
+
+    #[test]
+    fn bearer_token_refuses_other_schemes_and_empty_keys() {
+        assert_eq!(
+            bearer_token(&request(&[("authorization", b"Basic abc")])),
+            None
+        );
+        assert_eq!(
+            bearer_token(&request(&[("authorization", b"Bearer ")])),
+            None
+        );
+        assert_eq!(
+            bearer_token(&request(&[("authorization", b"sk-123")])),
+            None
+        );
+        assert_eq!(bearer_token(&request(&[])), None);
+    }
+}
