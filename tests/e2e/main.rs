@@ -1,1 +1,10 @@
-fn main() {}
+//! End-to-end tests: the real `tether` binary in front of real `replica-sim` processes on
+//! loopback. One test binary with modules keeps link time down.
+
+// Test code: a panic with a message is how a test fails.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod admission;
+mod cli;
+mod client;
+mod routing;

@@ -1,1 +1,287 @@
-//! placeholder
+//! Harness for the end-to-end tests: starts the real `tether` and `replica-sim` binaries on
+//! loopback, waits for readiness (never a fixed sleep) and stops them by PID when dropped,
+//! even if the test fails.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to the test executable.
+
+// Test support: a panic with a message is how a broken environment fails a test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// How long a process may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of a workspace binary built by cargo (`target/<profile>/<name>`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (or `make test`, which does)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port. The tiny window between this and the child binding it is the only
+/// race left; the sim avoids even that by binding port 0 itself.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("loopback has free ports")
+}
+
+/// A child process killed (and reaped) on drop.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Child,
+    name: String,
+}
+
+impl ChildGuard {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill() {
+            if !self.has_exited() {
+                eprintln!(
+                    "could not kill {} (pid {}): {e}",
+                    self.name,
+                    self.child.id()
+                );
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `replica-sim` process.
+#[derive(Debug)]
+pub struct SimFleet {
+    /// Replica id → bound address.
+    pub replicas: BTreeMap<String, SocketAddr>,
+    /// The process.
+    pub process: ChildGuard,
+}
+
+impl SimFleet {
+    /// Starts one process serving `ids`, each on a port it picks, and waits until all listen.
+    pub fn start(ids: &[&str]) -> anyhow::Result<SimFleet> {
+        let mut cmd = Command::new(binary("replica-sim"));
+        for id in ids {
+            cmd.arg("--replica").arg(format!("{id}=127.0.0.1:0"));
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning replica-sim")?;
+        let stdout = child.stdout.take().context("replica-sim stdout")?;
+        let process = ChildGuard {
+            child,
+            name: "replica-sim".into(),
+        };
+        let mut replicas = BTreeMap::new();
+        // Blocks until the sim prints its ready lines (or exits, which ends the stream).
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("ready"), Some(id), Some(addr)) => {
+                    replicas.insert(id.to_owned(), addr.parse()?);
+                }
+                (Some("ready"), None, None) => {
+                    return Ok(SimFleet { replicas, process });
+                }
+                _ => bail!("unexpected replica-sim output: {line:?}"),
+            }
+        }
+        bail!("replica-sim exited before it was ready")
+    }
+
+    /// The address of replica `id`.
+    pub fn addr(&self, id: &str) -> SocketAddr {
+        self.replicas[id]
+    }
+}
+
+/// A running `tether` process.
+#[derive(Debug)]
+pub struct Tether {
+    /// Proxy address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Where its config lives.
+    pub config: PathBuf,
+    /// The process.
+    pub process: ChildGuard,
+    _dir: TempDir,
+}
+
+/// The parts of a config a test varies; `Tether::start` adds listeners and server settings.
+#[derive(Debug, Clone, Default)]
+pub struct TetherConfig {
+    /// The YAML of `local_region`, `regions`, `tenants`, `affinity`… (without listeners).
+    pub body: String,
+}
+
+impl Tether {
+    /// Writes the config (with fresh loopback listeners) and starts tether, waiting until both
+    /// listeners answer.
+    pub fn start(config: &TetherConfig) -> anyhow::Result<Tether> {
+        let dir = TempDir::new("tether-e2e")?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let yaml = format!(
+            "listen: {addr}\nadmin_listen: {admin}\n{}\nserver:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+            config.body,
+            dir.path().join("tether.pid").display(),
+            dir.path().join("upgrade.sock").display(),
+        );
+        let path = dir.path().join("tether.yaml");
+        std::fs::write(&path, yaml)?;
+        let child = Command::new(binary("tether"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning tether")?;
+        let mut process = ChildGuard {
+            child,
+            name: "tether".into(),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if process.has_exited() {
+                bail!("tether exited during start-up (config {})", path.display());
+            }
+            if http_get_ok(admin, "/health") && TcpStream::connect(addr).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("tether not ready after {READY_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Tether {
+            addr,
+            admin,
+            config: path,
+            process,
+            _dir: dir,
+        })
+    }
+
+    /// `http://<proxy addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://<admin addr><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+/// A minimal blocking readiness probe: `GET path` answered with 200.
+fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
+}
+
+/// A directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(prefix: &str) -> std::io::Result<TempDir> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The SHA-256 hex of an API key, as the config stores it.
+pub fn api_key_sha256(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A replica line of a test config: id, address, extra YAML fields (`state: draining`).
+pub type ReplicaLine<'a> = (String, SocketAddr, &'a str);
+
+/// YAML for regions of sim replicas: `[(region, [replica lines])]`.
+pub fn regions_yaml(regions: &[(&str, Vec<ReplicaLine<'_>>)]) -> String {
+    let mut out = String::from("regions:\n");
+    for (name, replicas) in regions {
+        out.push_str(&format!("  - name: {name}\n    replicas:\n"));
+        for (id, addr, extra) in replicas {
+            let extra = if extra.is_empty() {
+                String::new()
+            } else {
+                format!(", {extra}")
+            };
+            out.push_str(&format!(
+                "      - {{ id: {id}, address: \"{addr}\"{extra} }}\n"
+            ));
+        }
+    }
+    out
+}

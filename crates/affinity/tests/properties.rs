@@ -3,6 +3,9 @@
 //! The seed is fixed so CI is deterministic; set `TETHER_PROPTEST_SEED=<u64>` to search
 //! elsewhere.
 
+// Test code: a panic with a message is how a test fails.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::collections::HashMap;
 
 use proptest::prelude::*;

@@ -2,19 +2,22 @@
 //!
 //! Per request: `request_filter` resolves the tenant and the routing key (401/400 otherwise),
 //! `upstream_peer` asks the selector for a replica and takes an in-flight slot,
-//! `fail_to_connect` retries the next candidate, `fail_to_proxy` answers OpenAI-style JSON, and
-//! `logging` releases the slot and records the override entry after a successful response.
+//! `fail_to_connect` retries the next candidate, `response_filter` records the override entry
+//! when the replica answers 2xx, `fail_to_proxy` answers OpenAI-style JSON, and `logging`
+//! releases the in-flight slot.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use log::debug;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use tether_affinity::{Decision, ReplicaIdx, ReplicaSet, RouteRequest, RoutingKey};
+use tether_affinity::{Decision, ReplicaInfo, ReplicaSet, RouteRequest, RoutingKey};
 
 use crate::api_error::ApiError;
 use crate::router::{InflightGuard, Router, Snapshot};
@@ -97,8 +100,9 @@ fn admit(snapshot: &Snapshot, req: &RequestHeader) -> Admission {
 }
 
 impl RequestCtx {
-    fn served(&self) -> Option<ReplicaIdx> {
-        self.decision.map(|d| d.replica)
+    fn served_replica(&self) -> Option<&ReplicaInfo> {
+        let idx = self.decision?.replica;
+        self.snapshot.as_deref()?.selector.replica(idx)
     }
 }
 
@@ -191,6 +195,41 @@ impl ProxyHttp for TetherProxy {
         Ok(())
     }
 
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Record the override as soon as the replica accepts the turn (2xx header), not in
+        // `logging`: Pingora runs `logging` after the client already has the whole response,
+        // so a fast client's next turn could otherwise be routed before the entry exists.
+        // A 2xx means the replica has prefilled the prompt, so its cache is warm even if the
+        // body later fails mid-stream.
+        if upstream_response.status.is_success() {
+            if let (Some(key), Some(replica)) = (ctx.key, ctx.served_replica()) {
+                self.router.overrides().record(key, replica.tag);
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        // The replica is done with this request once its body ends; release the slot before
+        // the last bytes reach the client (`logging` runs later, and also releases it on
+        // every path that never gets here).
+        if end_of_stream {
+            ctx.inflight = None;
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -265,15 +304,7 @@ impl ProxyHttp for TetherProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         drop(ctx.inflight.take());
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let snapshot = ctx.snapshot.as_deref();
-        let replica = ctx
-            .served()
-            .and_then(|idx| snapshot.and_then(|s| s.selector.replica(idx)));
-        if let (Some(key), Some(replica), None) = (ctx.key, replica, e) {
-            if (200..300).contains(&status) {
-                self.router.overrides().record(key, replica.tag);
-            }
-        }
+        let replica = ctx.served_replica();
         debug!(
             "tenant={} outcome={} replica={} status={status} attempts={}{}",
             ctx.tenant.as_deref().unwrap_or("-"),

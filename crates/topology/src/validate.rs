@@ -59,7 +59,7 @@ const ID_RULE: &str = "must be 1-64 characters of A-Z a-z 0-9 - _ . :";
 
 fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
     let mut one = |field: &str, dollars: f64| -> u64 {
-        if !dollars.is_finite() || dollars < 0.0 || dollars > 1_000_000.0 {
+        if !(0.0..=1_000_000.0).contains(&dollars) {
             problems.add(
                 format!("{key}.{field}"),
                 format!("{dollars} is not a price; use dollars per million tokens, 0 to 1000000"),

@@ -1,0 +1,48 @@
+# Tether — `make help` lists the targets.
+#
+# A newcomer needs two commands: `make run` (Tether in front of a simulated fleet) and
+# `make test` (the whole suite). Both install what a fresh machine lacks first.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CONFIG ?= conf/tether.yaml
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help deps build run test lint fmt check-conf bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+deps: ## Install build prerequisites that are missing (cmake for Pingora's zlib-ng)
+	@command -v cmake >/dev/null || { echo "installing cmake"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake >/dev/null; }
+	@command -v cc >/dev/null || { echo "installing a C compiler"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential >/dev/null; }
+
+build: deps ## Build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+run: build ## Start a simulated 2-region fleet and Tether on 127.0.0.1:8080 (Ctrl-C stops both)
+	@./target/debug/replica-sim --topology $(CONFIG) > /dev/null & sim=$$!; \
+	trap 'kill $$sim 2>/dev/null; wait $$sim 2>/dev/null' EXIT; \
+	trap 'exit 0' INT TERM; \
+	echo "replica-sim (pid $$sim) serving the fleet of $(CONFIG)"; \
+	./target/debug/tether run -c $(CONFIG)
+
+test: deps lint ## Lints, every test, and `tether check` on every shipped config
+	$(CARGO) test --workspace
+	$(MAKE) --no-print-directory check-conf
+
+lint: ## rustfmt and clippy (warnings are errors)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+check-conf: ## Validate every config in conf/
+	$(CARGO) run -q -p tether -- check $(addprefix -c ,$(wildcard conf/*.yaml))
+
+bench: deps ## Benchmarks (release): routing decision time and override-table memory
+	$(CARGO) bench -p tether-benches
+
+clean: ## Remove build output
+	$(CARGO) clean

@@ -1,0 +1,223 @@
+//! Session affinity through the real proxy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tether_e2e::{api_key_sha256, free_port, regions_yaml, SimFleet, Tether, TetherConfig};
+
+use crate::client::{chat, conversation, inflight};
+
+const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
+
+fn two_region_config(fleet: &SimFleet, tenants: &[(&str, &str)]) -> TetherConfig {
+    let region = |prefix: &str| {
+        SIX.iter()
+            .filter(|id| id.starts_with(prefix))
+            .map(|id| (id.to_string(), fleet.addr(id), ""))
+            .collect::<Vec<_>>()
+    };
+    let mut body = format!(
+        "local_region: eu\n{}",
+        regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
+    );
+    if !tenants.is_empty() {
+        body.push_str("tenants:\n");
+        for (id, key) in tenants {
+            body.push_str(&format!(
+                "  - {{ id: {id}, api_key_sha256: \"{}\" }}\n",
+                api_key_sha256(key)
+            ));
+        }
+    }
+    TetherConfig { body }
+}
+
+/// Runs `sessions` sessions of `turns` turns each, `concurrency` sessions at a time, and
+/// returns, per session, the replica of every turn.
+async fn run_sessions(
+    tether: &Tether,
+    api_key: &'static str,
+    sessions: Vec<String>,
+    turns: usize,
+    concurrency: usize,
+) -> BTreeMap<String, Vec<String>> {
+    let client = reqwest::Client::new();
+    let url = Arc::new(tether.url("/v1/chat/completions"));
+    let chunks: Vec<Vec<String>> = sessions
+        .chunks(sessions.len().div_ceil(concurrency))
+        .map(<[String]>::to_vec)
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in chunks {
+        let (client, url) = (client.clone(), Arc::clone(&url));
+        tasks.spawn(async move {
+            let mut placed = Vec::new();
+            for session in chunk {
+                let mut replicas = Vec::with_capacity(turns);
+                for turn in 1..=turns {
+                    let reply = chat(
+                        &client,
+                        &url,
+                        Some(api_key),
+                        &[session.as_bytes()],
+                        &conversation(&session, turn),
+                    )
+                    .await;
+                    assert_eq!(
+                        reply.status, 200,
+                        "turn {turn} of {session}: {}",
+                        reply.body
+                    );
+                    replicas.push(reply.replica.expect("the sim names itself"));
+                }
+                placed.push((session, replicas));
+            }
+            placed
+        });
+    }
+    let mut all = BTreeMap::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done.expect("session task"));
+    }
+    all
+}
+
+async fn assert_no_inflight_leak(tether: &Tether) {
+    let client = reqwest::Client::new();
+    for (id, n) in inflight(&client, &tether.admin_url("/admin/replicas")).await {
+        assert_eq!(n, 0, "replica {id} still counts {n} requests in flight");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_turn_of_a_session_lands_where_its_first_turn_did_and_sessions_spread_evenly() {
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let tether = Tether::start(&two_region_config(&fleet, &[("acme", "sk-acme")])).unwrap();
+
+    let sessions: Vec<String> = (0..1000)
+        .map(|i| format!("3f2b8c1e-9a4d-4e7b-8c2a-{i:012x}"))
+        .collect();
+    let placed = run_sessions(&tether, "sk-acme", sessions, 5, 16).await;
+    assert_eq!(placed.len(), 1000);
+
+    let mut per_replica: HashMap<&str, usize> = HashMap::new();
+    for (session, replicas) in &placed {
+        assert!(
+            replicas.iter().all(|r| r == &replicas[0]),
+            "session {session} moved: {replicas:?}"
+        );
+        *per_replica.entry(replicas[0].as_str()).or_default() += 1;
+    }
+    assert_eq!(
+        per_replica.len(),
+        6,
+        "every replica takes sessions: {per_replica:?}"
+    );
+    let max = *per_replica.values().max().unwrap_or(&0) as f64;
+    let mean = 1000.0 / 6.0;
+    assert!(
+        max / mean <= 1.3,
+        "max/mean sessions per replica {:.3}: {per_replica:?}",
+        max / mean
+    );
+    assert_no_inflight_leak(&tether).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_token_from_two_tenants_is_routed_independently() {
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let tether = Tether::start(&two_region_config(
+        &fleet,
+        &[("acme", "sk-acme"), ("globex", "sk-globex")],
+    ))
+    .unwrap();
+    let sessions: Vec<String> = (0..300).map(|i| format!("shared-token-{i}")).collect();
+    let acme = run_sessions(&tether, "sk-acme", sessions.clone(), 2, 8).await;
+    let globex = run_sessions(&tether, "sk-globex", sessions, 2, 8).await;
+
+    let same = acme
+        .iter()
+        .filter(|(session, replicas)| globex[*session][0] == replicas[0])
+        .count();
+    // Independent keys put a shared token on the same replica about 1 time in 6; shared
+    // routing state would do it every time.
+    assert!(
+        same < 300 * 2 / 5,
+        "{same} of 300 shared tokens landed together for both tenants"
+    );
+    for placed in [&acme, &globex] {
+        for (session, replicas) in placed {
+            assert_eq!(
+                replicas[0], replicas[1],
+                "{session} moved within its tenant"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokenless_requests_stay_in_the_local_region() {
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let tether = Tether::start(&two_region_config(&fleet, &[])).unwrap();
+    let client = reqwest::Client::new();
+    let mut seen = HashMap::new();
+    for i in 0..60 {
+        let reply = chat(
+            &client,
+            &tether.url("/v1/chat/completions"),
+            None,
+            &[],
+            &conversation(&format!("anon-{i}"), 1),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        *seen.entry(reply.replica.expect("named")).or_insert(0) += 1;
+    }
+    assert!(
+        seen.keys().all(|r| r.starts_with("eu-")),
+        "tokenless traffic left the local region: {seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        3,
+        "idle ties rotate over the local replicas: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_and_draining_replicas_get_no_traffic_and_nothing_leaks() {
+    let fleet = SimFleet::start(&["a-1", "a-2", "a-3", "a-drained"]).unwrap();
+    // Nothing listens on this port: connects are refused and retried elsewhere.
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let replicas = vec![
+        ("a-1".to_string(), fleet.addr("a-1"), ""),
+        ("a-2".to_string(), fleet.addr("a-2"), ""),
+        ("a-3".to_string(), fleet.addr("a-3"), ""),
+        ("a-dead".to_string(), dead, ""),
+        (
+            "a-drained".to_string(),
+            fleet.addr("a-drained"),
+            "state: draining",
+        ),
+    ];
+    let body = format!(
+        "local_region: a\n{}tenants:\n  - {{ id: acme, api_key_sha256: \"{}\" }}\n",
+        regions_yaml(&[("a", replicas)]),
+        api_key_sha256("sk-acme")
+    );
+    let tether = Tether::start(&TetherConfig { body }).unwrap();
+
+    let sessions: Vec<String> = (0..200).map(|i| format!("session-{i}")).collect();
+    let placed = run_sessions(&tether, "sk-acme", sessions, 3, 8).await;
+    for (session, replicas) in &placed {
+        assert!(
+            replicas.iter().all(|r| r == &replicas[0]),
+            "{session} moved: {replicas:?}"
+        );
+        assert_ne!(
+            replicas[0], "a-drained",
+            "a draining replica took a new session"
+        );
+    }
+    assert_no_inflight_leak(&tether).await;
+}
