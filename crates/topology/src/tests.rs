@@ -438,3 +438,14 @@ fn missing_file_names_the_path() {
         "{err}"
     );
 }
+
+#[test]
+fn null_timeouts_mean_none() {
+    let t = load(&VALID.replace(
+        "upstream: { connect_timeout: 500ms, read_timeout: 2m }",
+        "upstream: { connect_timeout: 500ms, read_timeout: null, idle_timeout: null }",
+    ))
+    .unwrap();
+    assert_eq!(t.upstream.read_timeout, None);
+    assert_eq!(t.upstream.idle_timeout, None);
+}
