@@ -449,3 +449,21 @@ fn null_timeouts_mean_none() {
     assert_eq!(t.upstream.read_timeout, None);
     assert_eq!(t.upstream.idle_timeout, None);
 }
+
+#[test]
+fn invalid_region_name_is_refused() {
+    let p = problem(&VALID.replace("name: us", "name: \"us west\""));
+    assert_eq!(p.key, "regions[1].name");
+}
+
+#[test]
+fn empty_usage_log_path_is_refused() {
+    assert_eq!(
+        problem(&VALID.replace(
+            "usage_log: { path: logs/usage.jsonl }",
+            "usage_log: { path: \"\" }"
+        ))
+        .key,
+        "usage_log.path"
+    );
+}
