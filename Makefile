@@ -28,6 +28,9 @@ run: build ## Start a simulated 2-region fleet and Tether on 127.0.0.1:8080 (Ctr
 	./target/debug/tether run -c $(CONFIG)
 
 test: deps lint ## Lints, every test, and `tether check` on every shipped config
+	@# The e2e tests run the tether and replica-sim binaries: build them first (cargo test
+	@# only builds the binaries of the package under test).
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory check-conf
 
