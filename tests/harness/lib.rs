@@ -84,17 +84,26 @@ impl Drop for ChildGuard {
 pub struct SimFleet {
     /// Replica id → bound address.
     pub replicas: BTreeMap<String, SocketAddr>,
+    /// The fleet's admin API.
+    pub admin: SocketAddr,
     /// The process.
     pub process: ChildGuard,
 }
 
 impl SimFleet {
-    /// Starts one process serving `ids`, each on a port it picks, and waits until all listen.
+    /// Starts one process serving `ids` with no simulated delays (`--time-scale 0`).
     pub fn start(ids: &[&str]) -> anyhow::Result<SimFleet> {
+        Self::start_with(ids, &["--time-scale", "0"])
+    }
+
+    /// Starts one process serving `ids`, each on a port it picks, with extra `replica-sim`
+    /// arguments, and waits until every listener is bound.
+    pub fn start_with(ids: &[&str], args: &[&str]) -> anyhow::Result<SimFleet> {
         let mut cmd = Command::new(binary("replica-sim"));
         for id in ids {
             cmd.arg("--replica").arg(format!("{id}=127.0.0.1:0"));
         }
+        cmd.args(["--admin", "127.0.0.1:0"]).args(args);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -106,16 +115,23 @@ impl SimFleet {
             name: "replica-sim".into(),
         };
         let mut replicas = BTreeMap::new();
+        let mut admin = None;
         // Blocks until the sim prints its ready lines (or exits, which ends the stream).
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             let mut words = line.split_whitespace();
             match (words.next(), words.next(), words.next()) {
+                (Some("ready"), Some("admin"), Some(addr)) => admin = Some(addr.parse()?),
                 (Some("ready"), Some(id), Some(addr)) => {
                     replicas.insert(id.to_owned(), addr.parse()?);
                 }
                 (Some("ready"), None, None) => {
-                    return Ok(SimFleet { replicas, process });
+                    let admin = admin.context("replica-sim printed no admin address")?;
+                    return Ok(SimFleet {
+                        replicas,
+                        admin,
+                        process,
+                    });
                 }
                 _ => bail!("unexpected replica-sim output: {line:?}"),
             }
@@ -126,6 +142,11 @@ impl SimFleet {
     /// The address of replica `id`.
     pub fn addr(&self, id: &str) -> SocketAddr {
         self.replicas[id]
+    }
+
+    /// `http://<admin addr><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 }
 

@@ -1,175 +1,327 @@
-//! The OpenAI-compatible endpoints.
+//! The OpenAI-compatible endpoints: chat completions (JSON and SSE), models, health.
 
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use xxhash_rust::xxh3::xxh3_64;
 
-use crate::ReplicaState;
-
-/// The tokenizer stand-in: one token per 4 bytes of the rendered prompt (rounded up), close to
-/// what BPE tokenizers average on English and code, and exactly reproducible.
-pub const BYTES_PER_TOKEN: usize = 4;
+use crate::engine::{Dialect, Fault, Job, Prefilled, Replica};
+use crate::template::{parse_messages, render_prompt, reply_text};
 
 const REPLICA_HEADER: HeaderName = HeaderName::from_static("x-replica-id");
-const DEFAULT_COMPLETION_TOKENS: u64 = 16;
-const MAX_COMPLETION_TOKENS: u64 = 4096;
+/// Completion length when the request does not say.
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 16;
+/// Longest completion the simulator generates.
+pub const MAX_COMPLETION_TOKENS: u64 = 4096;
 
 static COMPLETION_IDS: AtomicU64 = AtomicU64::new(1);
 
-fn with_replica(state: &ReplicaState, mut response: Response) -> Response {
-    if let Ok(value) = HeaderValue::from_str(&state.id) {
+/// Adds `x-replica-id`.
+pub(crate) fn named(replica: &Replica, mut response: Response) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&replica.id) {
         response.headers_mut().insert(REPLICA_HEADER, value);
     }
     response
 }
 
-fn error(status: StatusCode, message: impl Into<String>, code: &str) -> Response {
-    let body = json!({"error": {"message": message.into(), "type": "invalid_request_error", "code": code}});
+pub(crate) fn openai_error(status: StatusCode, message: impl Into<String>, code: &str) -> Response {
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let body = json!({"error": {"message": message.into(), "type": kind, "code": code}});
     (status, Json(body)).into_response()
 }
 
-/// Renders `messages` the way a chat template would and counts its tokens.
-///
-/// Returns `None` when `messages` is not an array of objects with a string `role`.
-pub fn count_prompt_tokens(messages: &Value) -> Option<u64> {
-    let messages = messages.as_array()?;
-    let mut bytes = 0usize;
-    for message in messages {
-        let role = message.get("role")?.as_str()?;
-        bytes += role.len() + "<|im_start|>\n<|im_end|>\n".len();
-        match message.get("content") {
-            Some(Value::String(text)) => bytes += text.len(),
-            // Content parts: count the text parts.
-            Some(Value::Array(parts)) => {
-                for part in parts {
-                    if let Some(text) = part.get("text").and_then(Value::as_str) {
-                        bytes += text.len();
-                    }
-                }
+/// What a fault does to a request before any work: `Some(response)` to answer now. A hanging
+/// replica never returns.
+pub(crate) async fn fault_gate(replica: &Replica, error: fn(u32) -> Response) -> Option<Response> {
+    match replica.fault() {
+        Fault::Unavailable { retry_after } => {
+            let mut response = error(retry_after.unwrap_or(0));
+            if let Some(secs) = retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            _ => {}
+            Some(response)
         }
+        Fault::Hang => std::future::pending().await,
+        Fault::None | Fault::Refuse | Fault::Slow { .. } => None,
     }
-    Some(bytes.div_ceil(BYTES_PER_TOKEN) as u64)
 }
 
-pub(crate) async fn completions(State(state): State<Arc<ReplicaState>>, body: Bytes) -> Response {
-    let request: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return with_replica(
-                &state,
-                error(
-                    StatusCode::BAD_REQUEST,
-                    format!("request body is not valid JSON: {e}"),
-                    "invalid_json",
+/// Response identity: fixed in deterministic mode so identical requests get identical bytes.
+pub(crate) struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Meta {
+    pub fn new(replica: &Replica, prefix: &str, body: &[u8], model: &str) -> Meta {
+        if replica.config().deterministic {
+            Meta {
+                id: format!("{prefix}{:016x}", xxh3_64(body)),
+                created: 0,
+                model: model.to_owned(),
+            }
+        } else {
+            Meta {
+                id: format!(
+                    "{prefix}sim-{}",
+                    COMPLETION_IDS.fetch_add(1, Ordering::Relaxed)
                 ),
-            )
+                created: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                model: model.to_owned(),
+            }
         }
-    };
-    let Some(messages) = request.get("messages") else {
-        return with_replica(
-            &state,
-            error(
-                StatusCode::BAD_REQUEST,
-                "missing required field `messages`",
-                "missing_messages",
-            ),
-        );
-    };
-    let Some(prompt_tokens) = count_prompt_tokens(messages) else {
-        return with_replica(
-            &state,
-            error(
-                StatusCode::BAD_REQUEST,
-                "`messages` must be an array of objects with a string `role`",
-                "invalid_messages",
-            ),
-        );
-    };
-    if request.get("stream").and_then(Value::as_bool) == Some(true) {
-        return with_replica(
-            &state,
-            error(
-                StatusCode::BAD_REQUEST,
-                "streaming is not supported by this simulator version",
-                "unsupported_stream",
-            ),
-        );
     }
-    let completion_tokens = request
+}
+
+/// Tokens to generate, from `max_tokens` / `max_completion_tokens`.
+pub(crate) fn completion_tokens(request: &Value) -> u64 {
+    request
         .get("max_tokens")
         .or_else(|| request.get("max_completion_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(DEFAULT_COMPLETION_TOKENS)
-        .clamp(1, MAX_COMPLETION_TOKENS);
+        .clamp(1, MAX_COMPLETION_TOKENS)
+}
+
+fn usage(dialect: Dialect, job: &Job, p: &Prefilled) -> Value {
+    match dialect {
+        Dialect::Openai => json!({
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": p.cached_tokens},
+        }),
+        Dialect::Llamacpp => json!({
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens,
+        }),
+    }
+}
+
+fn llamacpp_timings(job: &Job, p: &Prefilled) -> Value {
+    json!({
+        "prompt_n": job.prompt_tokens - p.cached_tokens,
+        "cache_n": p.cached_tokens,
+        "predicted_n": job.completion_tokens,
+        "prompt_ms": p.prefill.as_secs_f64() * 1000.0,
+        "predicted_ms": p.per_token.saturating_mul(job.completion_tokens as u32).as_secs_f64() * 1000.0,
+    })
+}
+
+pub(crate) fn sse_frame(event: Option<&str>, data: &str) -> Bytes {
+    match event {
+        Some(e) => Bytes::from(format!("event: {e}\ndata: {data}\n\n")),
+        None => Bytes::from(format!("data: {data}\n\n")),
+    }
+}
+
+/// A streaming response whose frames come from `rx`.
+pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|frame| (Ok::<_, Infallible>(frame), rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+pub(crate) async fn completions(State(replica): State<Arc<Replica>>, body: Bytes) -> Response {
+    let unavailable = |_: u32| {
+        openai_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica unavailable",
+            "unavailable",
+        )
+    };
+    if let Some(response) = fault_gate(&replica, unavailable).await {
+        return named(&replica, response);
+    }
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = format!("request body is not valid JSON: {e}");
+            return named(
+                &replica,
+                openai_error(StatusCode::BAD_REQUEST, msg, "invalid_json"),
+            );
+        }
+    };
+    let Some(messages) = request.get("messages") else {
+        let msg = "missing required field `messages`";
+        return named(
+            &replica,
+            openai_error(StatusCode::BAD_REQUEST, msg, "missing_messages"),
+        );
+    };
+    let messages = match parse_messages(messages) {
+        Ok(m) => m,
+        Err(e) => {
+            return named(
+                &replica,
+                openai_error(StatusCode::BAD_REQUEST, e.to_string(), "invalid_messages"),
+            )
+        }
+    };
+    let job = Job::new(render_prompt(&messages), completion_tokens(&request));
     let model = request
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("tether-sim");
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let id = COMPLETION_IDS.fetch_add(1, Ordering::Relaxed);
-    let body = json!({
-        "id": format!("chatcmpl-sim-{id}"),
+    let meta = Meta::new(&replica, "chatcmpl-", &body, model);
+    let streaming = request.get("stream").and_then(Value::as_bool) == Some(true);
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        == Some(true);
+
+    if streaming {
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(stream_completion(
+            Arc::clone(&replica),
+            job,
+            meta,
+            include_usage,
+            tx,
+        ));
+        return named(&replica, sse_response(rx));
+    }
+
+    let prefilled = replica.prefill(&job).await;
+    tokio::time::sleep(
+        prefilled
+            .per_token
+            .saturating_mul(job.completion_tokens as u32),
+    )
+    .await;
+    let reply = reply_text(job.completion_tokens);
+    replica.finish(&job, &reply, &prefilled);
+    let dialect = replica.config().dialect;
+    let mut body = json!({
+        "id": meta.id,
         "object": "chat.completion",
-        "created": created,
-        "model": model,
+        "created": meta.created,
+        "model": meta.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": format!("Simulated reply from {}.", state.id)},
+            "message": {"role": "assistant", "content": reply},
             "finish_reason": "length",
         }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-        },
+        "usage": usage(dialect, &job, &prefilled),
     });
-    with_replica(&state, Json(body).into_response())
+    if dialect == Dialect::Llamacpp {
+        body["timings"] = llamacpp_timings(&job, &prefilled);
+        body["tokens_cached"] = json!(prefilled.cached_tokens);
+    }
+    named(&replica, Json(body).into_response())
 }
 
-pub(crate) async fn models(State(state): State<Arc<ReplicaState>>) -> Response {
+/// Produces the SSE frames of one completion; stops quietly if the client goes away.
+async fn stream_completion(
+    replica: Arc<Replica>,
+    job: Job,
+    meta: Meta,
+    include_usage: bool,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    let prefilled = replica.prefill(&job).await;
+    let first = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+    if tx.send(sse_frame(None, &first.to_string())).await.is_err() {
+        return;
+    }
+    let reply = reply_text(job.completion_tokens);
+    for token in reply.as_bytes().chunks(crate::template::BYTES_PER_TOKEN) {
+        tokio::time::sleep(prefilled.per_token).await;
+        let text = String::from_utf8_lossy(token);
+        if tx
+            .send(sse_frame(
+                None,
+                &chunk(json!({"content": text}), Value::Null).to_string(),
+            ))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    replica.finish(&job, &reply, &prefilled);
+    let dialect = replica.config().dialect;
+    let mut last = chunk(json!({}), json!("length"));
+    if dialect == Dialect::Llamacpp {
+        last["timings"] = llamacpp_timings(&job, &prefilled);
+    }
+    let mut frames = vec![sse_frame(None, &last.to_string())];
+    if include_usage {
+        let usage_chunk = json!({
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [],
+            "usage": usage(dialect, &job, &prefilled),
+        });
+        frames.push(sse_frame(None, &usage_chunk.to_string()));
+    }
+    frames.push(sse_frame(None, "[DONE]"));
+    for frame in frames {
+        if tx.send(frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+pub(crate) async fn models(State(replica): State<Arc<Replica>>) -> Response {
     let body = json!({"object": "list", "data": [{"id": "tether-sim", "object": "model", "owned_by": "tether"}]});
-    with_replica(&state, Json(body).into_response())
+    named(&replica, Json(body).into_response())
 }
 
-pub(crate) async fn health(State(state): State<Arc<ReplicaState>>) -> Response {
-    with_replica(
-        &state,
-        Json(json!({"status": "ok", "replica": state.id})).into_response(),
+pub(crate) async fn health(State(replica): State<Arc<Replica>>) -> Response {
+    let unavailable = |_: u32| {
+        openai_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica unavailable",
+            "unavailable",
+        )
+    };
+    if let Some(response) = fault_gate(&replica, unavailable).await {
+        return named(&replica, response);
+    }
+    named(
+        &replica,
+        Json(json!({"status": "ok", "replica": replica.id})).into_response(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompt_tokens_count_the_rendered_template() {
-        let messages = json!([{"role": "user", "content": "hello world!"}]);
-        // "user" (4) + template (24) + content (12) = 40 bytes = 10 tokens.
-        assert_eq!(count_prompt_tokens(&messages), Some(10));
-    }
-
-    #[test]
-    fn content_parts_are_counted() {
-        let messages = json!([{"role": "user", "content": [{"type": "text", "text": "abcd"}, {"type": "image_url"}]}]);
-        assert_eq!(count_prompt_tokens(&messages), Some(8));
-    }
-
-    #[test]
-    fn malformed_messages_are_refused() {
-        assert_eq!(count_prompt_tokens(&json!("hi")), None);
-        assert_eq!(count_prompt_tokens(&json!([{"content": "no role"}])), None);
-    }
 }

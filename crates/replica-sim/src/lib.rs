@@ -1,23 +1,47 @@
-//! A simulated OpenAI-compatible inference replica fleet.
+//! A simulated inference fleet that behaves like vLLM/SGLang where Tether cares.
 //!
-//! Tether is measured in cache hits and exercised against failures; neither needs GPUs. This
-//! crate serves what a vLLM/SGLang replica serves where Tether cares — `POST
-//! /v1/chat/completions` with a filled-in `usage` block, `GET /v1/models`, `GET /health` — and
-//! names itself in an `x-replica-id` response header so tests can see where a request landed.
-//! Many replicas run in one process, one listener each ([`Fleet::start`]).
+//! Tether is measured in cache hits and exercised against failures; neither needs GPUs. Each
+//! simulated replica serves an OpenAI-compatible API and models what makes affinity matter:
 //!
-//! It is a black box to Tether: it never depends on the proxy crate.
+//! - **Tokens** ([`template`]): a deterministic tokenizer stand-in (4 bytes a token) over a
+//!   ChatML rendering, so prompt sizes are stable and a turn plus its reply is a prefix of the
+//!   next turn.
+//! - **Prefix cache** ([`PrefixCache`]): vLLM-style automatic prefix caching — 16-token blocks
+//!   whose hashes chain, cached tokens = the longest run of leading blocks held, block-level
+//!   LRU within a token capacity. `usage` reports the cached count.
+//! - **Latency** ([`SimConfig`]): time to first token = queueing for one of `max_num_seqs`
+//!   slots + uncached tokens / prefill rate; then a fixed time per generated token. A
+//!   `time_scale` shrinks everything for tests.
+//! - **Faults** ([`Fault`]): 503, refuse connections, hang, slow down, flush the cache — over
+//!   the fleet's admin API.
+//!
+//! Endpoints per replica: `POST /v1/chat/completions` (JSON or SSE; usage in the OpenAI or
+//! llama.cpp shape, see [`Dialect`]), `POST /v1/messages` (Anthropic Messages shape),
+//! `GET /v1/models`, `GET /health`. Every response names the replica in `x-replica-id`.
+//! Many replicas run in one process, one listener each ([`Fleet::start`]). The simulator is a
+//! black box to Tether: it never depends on the proxy crate.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! use tether_replica_sim::{Fleet, ReplicaConfig};
+//! use tether_replica_sim::{Fleet, ReplicaConfig, SimConfig};
 //!
-//! let fleet = Fleet::start(vec![ReplicaConfig::new("eu-1", "127.0.0.1:0".parse()?)]).await?;
+//! let fleet = Fleet::start(
+//!     vec![ReplicaConfig::new("eu-1", "127.0.0.1:0".parse()?)],
+//!     SimConfig::default(),
+//!     Some("127.0.0.1:0".parse()?),
+//! )
+//! .await?;
 //! println!("eu-1 listens on {}", fleet.replicas()[0].1);
 //! # Ok(()) }
 //! ```
 
+mod admin;
+mod anthropic;
+pub mod cache;
 mod chat;
+pub mod engine;
+mod server;
+pub mod template;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,12 +52,13 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use chat::{count_prompt_tokens, BYTES_PER_TOKEN};
+pub use cache::PrefixCache;
+pub use engine::{Dialect, Fault, Replica, SimConfig, StatsSnapshot, DEFAULT_CACHE_TOKENS};
 
 /// Largest request body accepted (a 1M-token prompt is about 4 MiB).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 
-/// Settings of one simulated replica.
+/// One replica to start.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
     /// Replica id (sent back in `x-replica-id`).
@@ -43,7 +68,7 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    /// A replica with default behaviour.
+    /// A replica on `listen`.
     pub fn new(id: impl Into<String>, listen: SocketAddr) -> Self {
         ReplicaConfig {
             id: id.into(),
@@ -56,10 +81,10 @@ impl ReplicaConfig {
 #[derive(Debug, Error)]
 pub enum SimError {
     /// A listener could not be bound.
-    #[error("replica {id}: cannot listen on {addr}: {source}")]
+    #[error("{what}: cannot listen on {addr}: {source}")]
     Bind {
-        /// Replica id.
-        id: String,
+        /// `replica <id>` or `admin`.
+        what: String,
         /// Requested address.
         addr: SocketAddr,
         /// The I/O error.
@@ -67,65 +92,91 @@ pub enum SimError {
     },
 }
 
-pub(crate) struct ReplicaState {
-    pub id: String,
+async fn bind(what: String, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), SimError> {
+    let listener = TcpListener::bind(addr).await;
+    let bound = listener.and_then(|l| l.local_addr().map(|a| (l, a)));
+    bound.map_err(|source| SimError::Bind { what, addr, source })
 }
 
-/// A running fleet: every replica's listener is bound when [`Fleet::start`] returns.
+/// A running fleet: every listener is bound when [`Fleet::start`] returns.
 #[derive(Debug)]
 pub struct Fleet {
-    replicas: Vec<(String, SocketAddr)>,
-    tasks: Vec<JoinHandle<()>>,
+    replicas: admin::Replicas,
+    admin: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 impl Fleet {
-    /// Binds every replica, then serves them on the current tokio runtime.
-    pub async fn start(configs: Vec<ReplicaConfig>) -> Result<Fleet, SimError> {
+    /// Binds every replica (and the admin API, if asked), then serves them on the current
+    /// tokio runtime.
+    pub async fn start(
+        configs: Vec<ReplicaConfig>,
+        sim: SimConfig,
+        admin_addr: Option<SocketAddr>,
+    ) -> Result<Fleet, SimError> {
+        let sim = Arc::new(sim);
         let mut bound = Vec::with_capacity(configs.len());
         for config in configs {
-            let listener =
-                TcpListener::bind(config.listen)
-                    .await
-                    .map_err(|source| SimError::Bind {
-                        id: config.id.clone(),
-                        addr: config.listen,
-                        source,
-                    })?;
-            let addr = listener.local_addr().map_err(|source| SimError::Bind {
-                id: config.id.clone(),
-                addr: config.listen,
-                source,
-            })?;
+            let (listener, addr) = bind(format!("replica {}", config.id), config.listen).await?;
             bound.push((config, listener, addr));
         }
-        let mut replicas = Vec::with_capacity(bound.len());
-        let mut tasks = Vec::with_capacity(bound.len());
-        for (config, listener, addr) in bound {
-            replicas.push((config.id.clone(), addr));
-            let state = Arc::new(ReplicaState { id: config.id });
-            let app = axum::Router::new()
-                .route("/v1/chat/completions", post(chat::completions))
-                .route("/v1/models", get(chat::models))
-                .route("/health", get(chat::health))
-                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-                .with_state(state);
-            tasks.push(tokio::spawn(async move {
+        let admin_listener = match admin_addr {
+            Some(addr) => Some(bind("admin".into(), addr).await?),
+            None => None,
+        };
+        let replicas: Vec<server::Listening> = bound
+            .into_iter()
+            .map(|(config, listener, addr)| {
+                let replica = Arc::new(Replica::new(config.id, Arc::clone(&sim)));
+                let app = axum::Router::new()
+                    .route("/v1/chat/completions", post(chat::completions))
+                    .route("/v1/messages", post(anthropic::messages))
+                    .route("/v1/models", get(chat::models))
+                    .route("/health", get(chat::health))
+                    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+                    .with_state(Arc::clone(&replica));
+                server::Listening::new(replica, listener, addr, app)
+            })
+            .collect();
+        let replicas = Arc::new(replicas);
+        let admin = admin_listener.map(|(listener, addr)| {
+            let app = admin::router(Arc::clone(&replicas));
+            let task = tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
-                    log::error!("replica on {addr} stopped: {e}");
+                    log::error!("admin listener stopped: {e}");
                 }
-            }));
-        }
-        Ok(Fleet { replicas, tasks })
+            });
+            (addr, task)
+        });
+        Ok(Fleet { replicas, admin })
     }
 
     /// `(id, bound address)` of every replica, in start order.
-    pub fn replicas(&self) -> &[(String, SocketAddr)] {
-        &self.replicas
+    pub fn replicas(&self) -> Vec<(String, SocketAddr)> {
+        self.replicas
+            .iter()
+            .map(|l| (l.replica.id.clone(), l.addr))
+            .collect()
     }
 
-    /// Stops every replica.
+    /// The admin API's address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
+    }
+
+    /// A replica's engine, for in-process use.
+    pub fn replica(&self, id: &str) -> Option<Arc<Replica>> {
+        self.replicas
+            .iter()
+            .find(|l| l.replica.id == id)
+            .map(|l| Arc::clone(&l.replica))
+    }
+
+    /// Stops every listener and connection.
     pub fn stop(self) {
-        for task in self.tasks {
+        for l in self.replicas.iter() {
+            l.stop();
+        }
+        if let Some((_, task)) = self.admin {
             task.abort();
         }
     }

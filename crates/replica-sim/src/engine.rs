@@ -1,0 +1,407 @@
+//! One simulated replica's engine: prefix cache, concurrency slots, latency model, faults and
+//! ground-truth counters.
+//!
+//! Latency model (vLLM-like, scaled by `time_scale`): a request waits for one of
+//! `max_num_seqs` slots (queueing), then prefills its *uncached* tokens at
+//! `prefill_tokens_per_sec` — so time to first token = queueing + uncached / prefill rate — and
+//! then decodes one token every `1 / decode_tokens_per_sec`. Prompt blocks enter the cache when
+//! prefill ends; the reply's blocks when decoding ends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::cache::PrefixCache;
+use crate::template::{block_hashes, render_reply, token_count, DEFAULT_BLOCK_TOKENS};
+
+/// Which usage shape `/v1/chat/completions` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    /// OpenAI / vLLM / SGLang: `usage.prompt_tokens_details.cached_tokens`.
+    #[default]
+    Openai,
+    /// llama.cpp server: `timings.prompt_n` / `timings.cache_n` and `tokens_cached`.
+    Llamacpp,
+}
+
+/// Behaviour shared by every replica of a fleet.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Tokens per KV block.
+    pub block_tokens: usize,
+    /// Prefix-cache capacity per replica, in tokens.
+    pub cache_tokens: usize,
+    /// Prefill speed (uncached prompt tokens per second).
+    pub prefill_tokens_per_sec: f64,
+    /// Decode speed per sequence (tokens per second).
+    pub decode_tokens_per_sec: f64,
+    /// Concurrent sequences; further requests queue.
+    pub max_num_seqs: usize,
+    /// Multiplies every simulated delay (0 = no delays; tests use small values).
+    pub time_scale: f64,
+    /// Usage shape of chat completions.
+    pub dialect: Dialect,
+    /// Fixed ids and timestamps, so identical requests get byte-identical responses.
+    pub deterministic: bool,
+}
+
+/// Default prefix-cache capacity per replica: 24,576 tokens (1,536 blocks). Under loadgen's
+/// default workload (32 concurrent agent sessions, ~5k tokens of context each by their last
+/// turn, over 6 replicas) a fleet holds roughly half of the active context, so eviction is real.
+pub const DEFAULT_CACHE_TOKENS: usize = 24_576;
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            block_tokens: DEFAULT_BLOCK_TOKENS,
+            cache_tokens: DEFAULT_CACHE_TOKENS,
+            prefill_tokens_per_sec: 8_000.0,
+            decode_tokens_per_sec: 50.0,
+            max_num_seqs: 16,
+            time_scale: 1.0,
+            dialect: Dialect::Openai,
+            deterministic: false,
+        }
+    }
+}
+
+/// An injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Fault {
+    /// Normal service.
+    #[default]
+    None,
+    /// Answer every request `503` (with `Retry-After` when set).
+    Unavailable {
+        /// Seconds for `Retry-After`.
+        #[serde(default)]
+        retry_after: Option<u32>,
+    },
+    /// Stop listening and drop every open connection (a crashed process).
+    Refuse,
+    /// Accept requests and never answer.
+    Hang,
+    /// Multiply every delay.
+    Slow {
+        /// The factor (≥ 1 slows down).
+        factor: f64,
+    },
+}
+
+/// Ground truth a replica keeps about what it served (for the metering tests).
+#[derive(Debug, Default)]
+pub struct Stats {
+    requests: AtomicU64,
+    prompt_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    /// Completed requests.
+    pub requests: u64,
+    /// Prompt tokens of those requests.
+    pub prompt_tokens: u64,
+    /// Of which served from the prefix cache.
+    pub cached_tokens: u64,
+    /// Generated tokens.
+    pub completion_tokens: u64,
+}
+
+impl Stats {
+    /// Current values.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+            cached_tokens: self.cached_tokens.load(Ordering::Relaxed),
+            completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A request, tokenized.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Rendered prompt (messages + generation prompt).
+    pub prompt: Vec<u8>,
+    /// Its token count.
+    pub prompt_tokens: u64,
+    /// Tokens to generate.
+    pub completion_tokens: u64,
+}
+
+impl Job {
+    /// A job for a rendered prompt.
+    pub fn new(prompt: Vec<u8>, completion_tokens: u64) -> Job {
+        Job {
+            prompt_tokens: token_count(prompt.len()),
+            prompt,
+            completion_tokens,
+        }
+    }
+}
+
+/// A job that has its slot and has been prefilled.
+#[derive(Debug)]
+pub struct Prefilled {
+    /// Prompt tokens served from the cache.
+    pub cached_tokens: u64,
+    /// Prompt tokens newly written to the cache by this request.
+    pub cache_creation_tokens: u64,
+    /// Time spent waiting for a slot.
+    pub queued: Duration,
+    /// Time spent prefilling.
+    pub prefill: Duration,
+    /// Delay between generated tokens.
+    pub per_token: Duration,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// One simulated replica.
+#[derive(Debug)]
+pub struct Replica {
+    /// Its id.
+    pub id: String,
+    config: Arc<SimConfig>,
+    cache: Mutex<PrefixCache>,
+    slots: Arc<Semaphore>,
+    fault: Mutex<Fault>,
+    stats: Stats,
+}
+
+impl Replica {
+    /// A replica with an empty cache.
+    pub fn new(id: impl Into<String>, config: Arc<SimConfig>) -> Replica {
+        Replica {
+            id: id.into(),
+            cache: Mutex::new(PrefixCache::new(config.cache_tokens, config.block_tokens)),
+            slots: Arc::new(Semaphore::new(config.max_num_seqs.max(1))),
+            fault: Mutex::new(Fault::None),
+            stats: Stats::default(),
+            config,
+        }
+    }
+
+    /// The fleet's configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    fn cache(&self) -> MutexGuard<'_, PrefixCache> {
+        // A panic while holding the lock cannot leave the LRU half-updated in a way that
+        // matters to a simulator; keep serving.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current fault.
+    pub fn fault(&self) -> Fault {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the fault (listener-level faults are applied by the fleet).
+    pub fn set_fault(&self, fault: Fault) {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+
+    /// Empties the prefix cache.
+    pub fn flush(&self) {
+        self.cache().clear();
+    }
+
+    /// `(blocks held, capacity in blocks)`.
+    pub fn cache_occupancy(&self) -> (usize, usize) {
+        let cache = self.cache();
+        (cache.len(), cache.capacity_blocks())
+    }
+
+    /// Ground-truth counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    fn scaled(&self, seconds: f64) -> Duration {
+        let slow = match self.fault() {
+            Fault::Slow { factor } if factor.is_finite() && factor > 0.0 => factor,
+            _ => 1.0,
+        };
+        let secs = seconds * self.config.time_scale.max(0.0) * slow;
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO)
+    }
+
+    /// Waits for a slot, looks the prompt up in the cache, sleeps for the prefill of the
+    /// uncached part and admits the prompt's blocks.
+    pub async fn prefill(&self, job: &Job) -> Prefilled {
+        let started = Instant::now();
+        // The semaphore is never closed, so this is always `Some`.
+        let slot = Arc::clone(&self.slots).acquire_owned().await.ok();
+        let queued = started.elapsed();
+        let hashes = block_hashes(&job.prompt, self.config.block_tokens);
+        let cached_tokens = self.cache().cached_tokens(&hashes, job.prompt_tokens);
+        let uncached = job.prompt_tokens - cached_tokens;
+        let prefill = self.scaled(uncached as f64 / self.config.prefill_tokens_per_sec.max(1.0));
+        tokio::time::sleep(prefill).await;
+        let inserted = self.cache().admit(&hashes);
+        Prefilled {
+            cached_tokens,
+            cache_creation_tokens: (inserted * self.config.block_tokens) as u64,
+            queued,
+            prefill,
+            per_token: self.scaled(1.0 / self.config.decode_tokens_per_sec.max(0.001)),
+            _slot: slot,
+        }
+    }
+
+    /// Records a finished request: the reply's blocks enter the cache (the next turn's prompt
+    /// starts with prompt + reply) and the counters move.
+    pub fn finish(&self, job: &Job, reply: &str, prefilled: &Prefilled) {
+        let mut full = job.prompt.clone();
+        full.extend(render_reply(reply));
+        let hashes = block_hashes(&full, self.config.block_tokens);
+        self.cache().admit(&hashes);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .prompt_tokens
+            .fetch_add(job.prompt_tokens, Ordering::Relaxed);
+        self.stats
+            .cached_tokens
+            .fetch_add(prefilled.cached_tokens, Ordering::Relaxed);
+        self.stats
+            .completion_tokens
+            .fetch_add(job.completion_tokens, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::{render_prompt, reply_text, ChatMessage};
+
+    fn config() -> Arc<SimConfig> {
+        Arc::new(SimConfig {
+            time_scale: 0.0,
+            ..SimConfig::default()
+        })
+    }
+
+    fn conversation(turns: usize) -> Vec<ChatMessage> {
+        let mut m = vec![ChatMessage {
+            role: "system".into(),
+            content: "s".repeat(400),
+        }];
+        for t in 0..turns {
+            if t > 0 {
+                m.push(ChatMessage {
+                    role: "assistant".into(),
+                    content: reply_text(20),
+                });
+            }
+            m.push(ChatMessage {
+                role: "user".into(),
+                content: format!("question {t} ").repeat(20),
+            });
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn the_second_turn_hits_the_first_turn_and_its_reply() {
+        let r = Replica::new("r", config());
+        let turn1 = Job::new(render_prompt(&conversation(1)), 20);
+        let p = r.prefill(&turn1).await;
+        assert_eq!(p.cached_tokens, 0);
+        r.finish(&turn1, &reply_text(20), &p);
+
+        let turn2 = Job::new(render_prompt(&conversation(2)), 20);
+        let p2 = r.prefill(&turn2).await;
+        let reusable = token_count(turn1.prompt.len() + render_reply(&reply_text(20)).len());
+        // Every full block of turn 1 + reply hits.
+        assert_eq!(p2.cached_tokens, reusable / 16 * 16);
+        assert!(p2.cached_tokens as f64 / turn2.prompt_tokens as f64 > 0.6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cold_prefill_takes_longer_than_a_warm_one() {
+        let r = Replica::new(
+            "r",
+            Arc::new(SimConfig {
+                prefill_tokens_per_sec: 1000.0,
+                ..SimConfig::default()
+            }),
+        );
+        let job = Job::new(render_prompt(&conversation(3)), 1);
+        let cold = r.prefill(&job).await;
+        let cold_prefill = cold.prefill;
+        r.finish(&job, "", &cold);
+        drop(cold);
+        let warm = r.prefill(&job).await;
+        assert!(
+            cold_prefill > warm.prefill * 10,
+            "{cold_prefill:?} vs {:?}",
+            warm.prefill
+        );
+        assert_eq!(
+            cold_prefill,
+            Duration::from_secs_f64(job.prompt_tokens as f64 / 1000.0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_beyond_max_num_seqs_queue() {
+        let r = Arc::new(Replica::new(
+            "r",
+            Arc::new(SimConfig {
+                max_num_seqs: 1,
+                ..SimConfig::default()
+            }),
+        ));
+        let job = Job::new(render_prompt(&conversation(1)), 1);
+        let first = r.prefill(&job).await;
+        let (r2, job2) = (Arc::clone(&r), job.clone());
+        let second = tokio::spawn(async move { r2.prefill(&job2).await.queued });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(first);
+        let queued = second.await.unwrap();
+        assert!(queued >= Duration::from_secs(3), "{queued:?}");
+    }
+
+    #[tokio::test]
+    async fn flush_empties_the_cache_and_stats_count_the_ground_truth() {
+        let r = Replica::new("r", config());
+        let job = Job::new(render_prompt(&conversation(2)), 5);
+        for _ in 0..2 {
+            let p = r.prefill(&job).await;
+            r.finish(&job, &reply_text(5), &p);
+        }
+        let s = r.stats();
+        assert_eq!(s.requests, 2);
+        assert_eq!(s.prompt_tokens, 2 * job.prompt_tokens);
+        assert_eq!(s.completion_tokens, 10);
+        assert!(s.cached_tokens > 0);
+        r.flush();
+        assert_eq!(r.cache_occupancy().0, 0);
+    }
+
+    #[test]
+    fn faults_parse_from_json() {
+        let f: Fault = serde_json::from_str(r#"{"kind":"unavailable","retry_after":2}"#).unwrap();
+        assert_eq!(
+            f,
+            Fault::Unavailable {
+                retry_after: Some(2)
+            }
+        );
+        let f: Fault = serde_json::from_str(r#"{"kind":"slow","factor":3.5}"#).unwrap();
+        assert_eq!(f, Fault::Slow { factor: 3.5 });
+        assert!(serde_json::from_str::<Fault>(r#"{"kind":"explode"}"#).is_err());
+    }
+}
