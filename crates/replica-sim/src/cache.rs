@@ -32,6 +32,14 @@ impl PrefixCache {
         }
     }
 
+    /// A cache that never evicts: the oracle of a workload (what an infinite cache would hit).
+    pub fn unbounded(block_tokens: usize) -> Self {
+        PrefixCache {
+            blocks: LruCache::unbounded(),
+            block_tokens: block_tokens.max(1),
+        }
+    }
+
     /// Tokens per block.
     pub fn block_tokens(&self) -> usize {
         self.block_tokens
@@ -189,6 +197,15 @@ mod tests {
             assert!(c.len() <= 10);
         }
         assert_eq!(c.capacity_blocks(), 10);
+    }
+
+    #[test]
+    fn an_unbounded_cache_never_evicts() {
+        let mut c = PrefixCache::unbounded(BLOCK);
+        for seed in 0..200u8 {
+            c.admit(&block_hashes(&text(seed, 3, 0), BLOCK));
+        }
+        assert_eq!(c.len(), 600);
     }
 
     #[test]

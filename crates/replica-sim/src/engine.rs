@@ -51,10 +51,12 @@ pub struct SimConfig {
     pub deterministic: bool,
 }
 
-/// Default prefix-cache capacity per replica: 24,576 tokens (1,536 blocks). Under loadgen's
-/// default workload (32 concurrent agent sessions, ~5k tokens of context each by their last
-/// turn, over 6 replicas) a fleet holds roughly half of the active context, so eviction is real.
-pub const DEFAULT_CACHE_TOKENS: usize = 24_576;
+/// Default prefix-cache capacity per replica: 2,560 tokens (160 blocks). Under loadgen's
+/// default workload (16 concurrent agent sessions averaging ~1.9k prompt tokens a turn, over
+/// 6 replicas) the fleet holds about half of the active sessions' context, so eviction is
+/// real: measured on 2026-11-24, Tether's hit ratio is 85.9 % here against 90.5 % with a
+/// cache ten times larger.
+pub const DEFAULT_CACHE_TOKENS: usize = 2_560;
 
 impl Default for SimConfig {
     fn default() -> Self {

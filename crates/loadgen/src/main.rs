@@ -1,0 +1,183 @@
+//! `loadgen`: run an agent-like multi-turn workload and report cache hits against the oracle.
+//!
+//! ```text
+//! loadgen --target http://127.0.0.1:8080 --api-key sk-tether-demo --api-key sk-tether-other
+//! loadgen --replicas 127.0.0.1:9101,127.0.0.1:9102 --policy round-robin
+//! ```
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use tether_loadgen::{ClientPolicy, RunConfig, Target, Workload};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Agent-like multi-turn load generator for Tether"
+)]
+struct Cli {
+    /// Send through the proxy at this base URL.
+    #[arg(long, value_name = "URL", conflicts_with = "replicas")]
+    target: Option<String>,
+    /// Send straight to these replicas (ip:port, comma-separated) with --policy.
+    #[arg(long, value_name = "ADDR,…", value_delimiter = ',')]
+    replicas: Vec<String>,
+    /// Client-side policy with --replicas.
+    #[arg(long, value_enum, default_value_t = ClientPolicy::RoundRobin)]
+    policy: ClientPolicy,
+    /// API key (repeat: tenant i uses key i; with keys, --tenants defaults to their number).
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_keys: Vec<String>,
+    /// Tenants (each with its own shared system prompt).
+    #[arg(long)]
+    tenants: Option<usize>,
+    /// Sessions to run.
+    #[arg(long, default_value_t = 48)]
+    sessions: usize,
+    /// Turns per session.
+    #[arg(long, default_value_t = 8)]
+    turns: usize,
+    /// Sessions in progress at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// New sessions per second at most (0 = no pacing).
+    #[arg(long, default_value_t = 8.0)]
+    arrival_rate: f64,
+    /// Longest think time between turns, ms (uniform from 0).
+    #[arg(long, default_value_t = 200)]
+    think_ms: u64,
+    /// Tokens in each tenant's system prompt.
+    #[arg(long, default_value_t = 1024)]
+    system_tokens: usize,
+    /// Tokens in each new user message.
+    #[arg(long, default_value_t = 128)]
+    user_tokens: usize,
+    /// Reply length (max_tokens).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u64,
+    /// Share of sessions sending no x-session-affinity header (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    tokenless_fraction: f64,
+    /// Seed of the workload.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Tokens per KV block of the fleet (for the oracle).
+    #[arg(long, default_value_t = 16)]
+    block_tokens: usize,
+    /// Ask for whole responses instead of streams (TTFT is then the whole latency).
+    #[arg(long)]
+    no_stream: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Cli {
+    fn config(&self) -> anyhow::Result<RunConfig> {
+        let target = match (&self.target, self.replicas.is_empty()) {
+            (Some(url), _) => Target::Proxy(url.clone()),
+            (None, false) => Target::Direct(
+                self.replicas
+                    .iter()
+                    .map(|r| {
+                        if r.starts_with("http://") {
+                            r.clone()
+                        } else {
+                            format!("http://{r}")
+                        }
+                    })
+                    .collect(),
+                self.policy,
+            ),
+            (None, true) => bail!("say where to send: --target URL or --replicas ADDR,…"),
+        };
+        if !(0.0..=1.0).contains(&self.tokenless_fraction) {
+            bail!("--tokenless-fraction must be between 0 and 1");
+        }
+        if self.turns == 0 || self.sessions == 0 || self.concurrency == 0 || self.block_tokens == 0
+        {
+            bail!("--sessions, --turns, --concurrency and --block-tokens must be at least 1");
+        }
+        if !(self.arrival_rate.is_finite() && self.arrival_rate >= 0.0) {
+            bail!("--arrival-rate must be 0 or more");
+        }
+        let tenants = self
+            .tenants
+            .unwrap_or(if self.api_keys.is_empty() {
+                2
+            } else {
+                self.api_keys.len()
+            })
+            .max(1);
+        Ok(RunConfig {
+            workload: Workload {
+                sessions: self.sessions,
+                turns: self.turns,
+                concurrency: self.concurrency,
+                arrival_rate: self.arrival_rate,
+                think_ms: self.think_ms,
+                tenants,
+                system_tokens: self.system_tokens,
+                user_tokens: self.user_tokens,
+                max_tokens: self.max_tokens.max(1),
+                tokenless_fraction: self.tokenless_fraction,
+                seed: self.seed,
+                ..Workload::default()
+            },
+            target,
+            api_keys: self.api_keys.clone(),
+            stream: !self.no_stream,
+            block_tokens: self.block_tokens,
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let progress = (!cli.quiet && !cli.json).then(|| {
+        let bar = ProgressBar::new((config.workload.sessions * config.workload.turns) as u64);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} requests  {elapsed_precise} eta {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let report = match tether_loadgen::run(config, progress).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    if report.overall.errors > 0 {
+        eprintln!("loadgen: {} requests failed", report.overall.errors);
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

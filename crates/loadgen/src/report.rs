@@ -1,0 +1,272 @@
+//! What a run measured, and how it prints.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+/// The result of one request.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Tenant index.
+    pub tenant: usize,
+    /// Turn index (0-based).
+    pub turn: usize,
+    /// Prompt tokens the replica reported.
+    pub prompt_tokens: u64,
+    /// Cached prompt tokens the replica reported.
+    pub cached_tokens: u64,
+    /// What an infinite shared cache would have hit.
+    pub oracle_cached_tokens: u64,
+    /// Time to first token, milliseconds.
+    pub ttft_ms: f64,
+    /// The replica that answered (`x-replica-id`), if named.
+    pub replica: Option<String>,
+}
+
+/// Totals over a set of requests.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    /// Requests answered with usage.
+    pub requests: u64,
+    /// Requests that failed (status, transport, missing usage).
+    pub errors: u64,
+    /// Σ prompt tokens.
+    pub prompt_tokens: u64,
+    /// Σ cached prompt tokens.
+    pub cached_tokens: u64,
+    /// Σ oracle cached tokens.
+    pub oracle_cached_tokens: u64,
+    /// Token-weighted input cache-hit ratio.
+    pub hit_ratio: f64,
+    /// The oracle's ratio for the same requests.
+    pub oracle_ratio: f64,
+    /// `hit_ratio / oracle_ratio`.
+    pub of_oracle: f64,
+    /// TTFT median, ms.
+    pub ttft_p50_ms: f64,
+    /// TTFT 99th percentile, ms.
+    pub ttft_p99_ms: f64,
+    #[serde(skip)]
+    ttfts: Vec<f64>,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Outcome) {
+        self.requests += 1;
+        self.prompt_tokens += o.prompt_tokens;
+        self.cached_tokens += o.cached_tokens;
+        self.oracle_cached_tokens += o.oracle_cached_tokens;
+        self.ttfts.push(o.ttft_ms);
+    }
+
+    fn finish(&mut self) {
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        self.hit_ratio = ratio(self.cached_tokens, self.prompt_tokens);
+        self.oracle_ratio = ratio(self.oracle_cached_tokens, self.prompt_tokens);
+        self.of_oracle = if self.oracle_ratio == 0.0 {
+            0.0
+        } else {
+            self.hit_ratio / self.oracle_ratio
+        };
+        self.ttfts.sort_by(f64::total_cmp);
+        self.ttft_p50_ms = percentile(&self.ttfts, 0.50);
+        self.ttft_p99_ms = percentile(&self.ttfts, 0.99);
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Everything.
+    pub overall: Totals,
+    /// Per tenant (`tenant-0`, …).
+    pub tenants: BTreeMap<String, Totals>,
+    /// Per turn index.
+    pub by_turn: Vec<Totals>,
+    /// Requests per replica that answered.
+    pub by_replica: BTreeMap<String, u64>,
+    /// Max / mean of `by_replica`.
+    pub replica_max_over_mean: f64,
+    /// Wall time, seconds.
+    pub elapsed_secs: f64,
+    /// The first few errors, for diagnosis.
+    pub error_samples: Vec<String>,
+}
+
+impl Report {
+    /// Aggregates outcomes and error counts (`errors[tenant]`).
+    pub fn build(
+        outcomes: &[Outcome],
+        errors: &BTreeMap<(usize, usize), u64>,
+        elapsed_secs: f64,
+    ) -> Report {
+        let mut r = Report {
+            elapsed_secs,
+            ..Report::default()
+        };
+        for o in outcomes {
+            r.overall.add(o);
+            r.tenants
+                .entry(format!("tenant-{}", o.tenant))
+                .or_default()
+                .add(o);
+            if r.by_turn.len() <= o.turn {
+                r.by_turn.resize(o.turn + 1, Totals::default());
+            }
+            r.by_turn[o.turn].add(o);
+            if let Some(replica) = &o.replica {
+                *r.by_replica.entry(replica.clone()).or_default() += 1;
+            }
+        }
+        for ((tenant, turn), n) in errors {
+            r.overall.errors += n;
+            r.tenants
+                .entry(format!("tenant-{tenant}"))
+                .or_default()
+                .errors += n;
+            if r.by_turn.len() <= *turn {
+                r.by_turn.resize(turn + 1, Totals::default());
+            }
+            r.by_turn[*turn].errors += n;
+        }
+        r.overall.finish();
+        r.tenants.values_mut().for_each(Totals::finish);
+        r.by_turn.iter_mut().for_each(Totals::finish);
+        if !r.by_replica.is_empty() {
+            let max = r.by_replica.values().copied().max().unwrap_or(0) as f64;
+            let mean = r.by_replica.values().sum::<u64>() as f64 / r.by_replica.len() as f64;
+            r.replica_max_over_mean = max / mean;
+        }
+        r
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let row = |out: &mut String, name: &str, t: &Totals| {
+            let _ = writeln!(
+                out,
+                "{name:<10} {:>8} {:>6} {:>11} {:>11} {:>7.1}% {:>7.1}% {:>8.1}% {:>9.0} {:>9.0}",
+                t.requests,
+                t.errors,
+                t.prompt_tokens,
+                t.cached_tokens,
+                t.hit_ratio * 100.0,
+                t.oracle_ratio * 100.0,
+                t.of_oracle * 100.0,
+                t.ttft_p50_ms,
+                t.ttft_p99_ms,
+            );
+        };
+        let _ = writeln!(
+            out,
+            "{:<10} {:>8} {:>6} {:>11} {:>11} {:>8} {:>8} {:>9} {:>9} {:>9}",
+            "",
+            "requests",
+            "errors",
+            "prompt_tok",
+            "cached_tok",
+            "hit",
+            "oracle",
+            "of_oracle",
+            "ttft_p50",
+            "ttft_p99"
+        );
+        for (name, t) in &self.tenants {
+            row(&mut out, name, t);
+        }
+        row(&mut out, "overall", &self.overall);
+        let _ = writeln!(out, "\nby turn (hit / oracle):");
+        for (i, t) in self.by_turn.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  turn {:>2}: {:>5.1}% / {:>5.1}%  ttft p50 {:>6.0} ms",
+                i + 1,
+                t.hit_ratio * 100.0,
+                t.oracle_ratio * 100.0,
+                t.ttft_p50_ms
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nrequests per replica (max/mean {:.2}): {}",
+            self.replica_max_over_mean,
+            self.by_replica
+                .iter()
+                .map(|(r, n)| format!("{r}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let _ = writeln!(out, "elapsed {:.1} s", self.elapsed_secs);
+        for e in &self.error_samples {
+            let _ = writeln!(out, "error: {e}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(
+        tenant: usize,
+        turn: usize,
+        prompt: u64,
+        cached: u64,
+        oracle: u64,
+        ttft: f64,
+    ) -> Outcome {
+        Outcome {
+            tenant,
+            turn,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            oracle_cached_tokens: oracle,
+            ttft_ms: ttft,
+            replica: Some(format!("r{}", tenant)),
+        }
+    }
+
+    #[test]
+    fn ratios_are_token_weighted_not_request_averaged() {
+        let r = Report::build(
+            &[
+                outcome(0, 0, 100, 0, 0, 10.0),
+                outcome(0, 1, 900, 900, 900, 20.0),
+            ],
+            &BTreeMap::new(),
+            1.0,
+        );
+        assert_eq!(r.overall.hit_ratio, 0.9);
+        assert_eq!(r.overall.of_oracle, 1.0);
+        assert_eq!(r.by_turn[0].hit_ratio, 0.0);
+        assert_eq!(r.by_turn[1].hit_ratio, 1.0);
+    }
+
+    #[test]
+    fn percentiles_and_errors_are_reported_per_tenant() {
+        let outcomes: Vec<_> = (1..=100)
+            .map(|i| outcome(i % 2, 0, 10, 5, 10, i as f64))
+            .collect();
+        let mut errors = BTreeMap::new();
+        errors.insert((1, 3), 2);
+        let r = Report::build(&outcomes, &errors, 1.0);
+        assert_eq!(r.overall.ttft_p50_ms, 50.0);
+        assert_eq!(r.overall.ttft_p99_ms, 99.0);
+        assert_eq!(r.overall.errors, 2);
+        assert_eq!(r.tenants["tenant-1"].errors, 2);
+        assert_eq!(r.by_turn[3].errors, 2);
+        assert_eq!(r.replica_max_over_mean, 1.0);
+        assert!(r.table().contains("overall"));
+    }
+}

@@ -1,0 +1,198 @@
+//! The workload: what sessions say, decided by a seed.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+/// The shape of the traffic.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Sessions to run.
+    pub sessions: usize,
+    /// Turns per session.
+    pub turns: usize,
+    /// Sessions in progress at once.
+    pub concurrency: usize,
+    /// New sessions per second (at most; `0` = all at once up to `concurrency`).
+    pub arrival_rate: f64,
+    /// Upper bound of the uniform think time between turns, milliseconds.
+    pub think_ms: u64,
+    /// Tenants; session `i` belongs to tenant `i % tenants`.
+    pub tenants: usize,
+    /// Tokens of each tenant's shared system prompt.
+    pub system_tokens: usize,
+    /// Tokens of each new user message.
+    pub user_tokens: usize,
+    /// `max_tokens` of each request (the reply length).
+    pub max_tokens: u64,
+    /// Share of sessions that send no affinity header, 0..=1.
+    pub tokenless_fraction: f64,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Model name sent.
+    pub model: String,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            sessions: 48,
+            turns: 8,
+            concurrency: 16,
+            arrival_rate: 8.0,
+            think_ms: 200,
+            tenants: 2,
+            system_tokens: 1024,
+            user_tokens: 128,
+            max_tokens: 64,
+            tokenless_fraction: 0.0,
+            seed: 42,
+            model: "tether-sim".into(),
+        }
+    }
+}
+
+/// `tokens` tokens of pseudo-text (4-byte words, matching the simulator's tokenizer).
+pub fn text(rng: &mut StdRng, tokens: usize) -> String {
+    let mut out = String::with_capacity(tokens * 4);
+    for _ in 0..tokens {
+        for _ in 0..3 {
+            out.push(char::from(b'a' + rng.gen_range(0..26u8)));
+        }
+        out.push(' ');
+    }
+    out
+}
+
+/// One session's script.
+#[derive(Debug, Clone)]
+pub struct SessionPlan {
+    /// Index of the session.
+    pub index: usize,
+    /// Its tenant.
+    pub tenant: usize,
+    /// Its affinity token (a UUIDv4), if it sends one.
+    pub token: Option<String>,
+    /// The user message of each turn.
+    pub user_messages: Vec<String>,
+    /// Think time before each turn after the first, milliseconds.
+    pub think_ms: Vec<u64>,
+}
+
+impl Workload {
+    /// The system prompt of `tenant` (shared by all its sessions).
+    pub fn system_prompt(&self, tenant: usize) -> String {
+        let mut rng = StdRng::seed_from_u64(self.seed ^ 0x5157_0000 ^ tenant as u64);
+        format!(
+            "You are agent #{tenant}. {}",
+            text(&mut rng, self.system_tokens)
+        )
+    }
+
+    /// Session `index`'s script.
+    pub fn plan(&self, index: usize) -> SessionPlan {
+        let mut rng =
+            StdRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64);
+        // Draw the token whether or not it is sent, so a session says the same thing with and
+        // without the header (policy comparisons then see identical conversations).
+        let sends_token = rng.gen::<f64>() >= self.tokenless_fraction;
+        let uuid = uuid::Builder::from_random_bytes(rng.gen())
+            .into_uuid()
+            .to_string();
+        let token = sends_token.then_some(uuid);
+        SessionPlan {
+            index,
+            tenant: index % self.tenants.max(1),
+            token,
+            user_messages: (0..self.turns)
+                .map(|t| format!("Step {t}: {}", text(&mut rng, self.user_tokens)))
+                .collect(),
+            think_ms: (0..self.turns)
+                .map(|_| {
+                    if self.think_ms == 0 {
+                        0
+                    } else {
+                        rng.gen_range(0..=self.think_ms)
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The request body of a turn, given the conversation so far.
+    pub fn request(&self, messages: &[Value], stream: bool) -> Value {
+        let mut body =
+            json!({"model": self.model, "messages": messages, "max_tokens": self.max_tokens});
+        if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_reproducible_from_the_seed() {
+        let w = Workload::default();
+        let (a, b) = (w.plan(3), w.plan(3));
+        assert_eq!(a.token, b.token);
+        assert_eq!(a.user_messages, b.user_messages);
+        assert_ne!(w.plan(4).token, a.token);
+    }
+
+    #[test]
+    fn a_session_says_the_same_with_or_without_a_token() {
+        let with = Workload::default().plan(5);
+        let without = Workload {
+            tokenless_fraction: 1.0,
+            ..Workload::default()
+        }
+        .plan(5);
+        assert!(with.token.is_some() && without.token.is_none());
+        assert_eq!(with.user_messages, without.user_messages);
+        assert_eq!(with.think_ms, without.think_ms);
+    }
+
+    #[test]
+    fn tokens_are_uuid_v4() {
+        let token = Workload::default().plan(0).token.unwrap();
+        let uuid = uuid::Uuid::parse_str(&token).unwrap();
+        assert_eq!(uuid.get_version_num(), 4);
+    }
+
+    #[test]
+    fn tokenless_fraction_is_honoured() {
+        let w = Workload {
+            tokenless_fraction: 0.25,
+            turns: 1,
+            user_tokens: 1,
+            ..Workload::default()
+        };
+        let tokenless = (0..4000).filter(|i| w.plan(*i).token.is_none()).count();
+        assert!((800..1200).contains(&tokenless), "{tokenless}");
+        let all = Workload {
+            tokenless_fraction: 1.0,
+            ..Workload::default()
+        };
+        assert!((0..100).all(|i| all.plan(i).token.is_none()));
+    }
+
+    #[test]
+    fn text_has_the_requested_token_count() {
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(text(&mut rng, 100).len(), 400);
+    }
+
+    #[test]
+    fn tenants_share_a_system_prompt_and_differ_from_each_other() {
+        let w = Workload::default();
+        assert_eq!(w.system_prompt(0), w.system_prompt(0));
+        assert_ne!(w.system_prompt(0), w.system_prompt(1));
+        assert_eq!(w.plan(2).tenant, 0);
+        assert_eq!(w.plan(3).tenant, 1);
+    }
+}
