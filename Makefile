@@ -21,10 +21,10 @@ build: deps ## Build every binary (debug)
 	$(CARGO) build --workspace --bins
 
 run: build ## Start a simulated 2-region fleet and Tether on 127.0.0.1:8080 (Ctrl-C stops both)
-	@./target/debug/replica-sim --topology $(CONFIG) > /dev/null & sim=$$!; \
+	@./target/debug/replica-sim --topology $(CONFIG) --admin 127.0.0.1:9300 > /dev/null & sim=$$!; \
 	trap 'kill $$sim 2>/dev/null; wait $$sim 2>/dev/null' EXIT; \
 	trap 'exit 0' INT TERM; \
-	echo "replica-sim (pid $$sim) serving the fleet of $(CONFIG)"; \
+	echo "replica-sim (pid $$sim) serving the fleet of $(CONFIG); its admin API is on 127.0.0.1:9300"; \
 	./target/debug/tether run -c $(CONFIG)
 
 test: deps lint ## Lints, every test, and `tether check` on every shipped config

@@ -113,3 +113,51 @@ fn run_refuses_an_invalid_config_and_a_taken_port_with_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn loadgen_reports_json_through_tether() {
+    use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig};
+    let fleet = SimFleet::start(&["a-1", "a-2"]).unwrap();
+    let replicas = fleet
+        .replicas
+        .iter()
+        .map(|(id, addr)| (id.clone(), *addr, ""))
+        .collect();
+    let tether = Tether::start(&TetherConfig {
+        body: format!("local_region: a\n{}", regions_yaml(&[("a", replicas)])),
+    })
+    .unwrap();
+    let out = Command::new(binary("loadgen"))
+        .args(["--target", &format!("http://{}", tether.addr)])
+        .args([
+            "--sessions",
+            "4",
+            "--turns",
+            "3",
+            "--think-ms",
+            "0",
+            "--arrival-rate",
+            "0",
+        ])
+        .args([
+            "--system-tokens",
+            "64",
+            "--user-tokens",
+            "16",
+            "--max-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["overall"]["requests"], 12);
+    assert_eq!(report["overall"]["errors"], 0);
+    assert!(report["overall"]["hit_ratio"].as_f64().unwrap() > 0.3);
+    assert_eq!(report["by_turn"].as_array().unwrap().len(), 3);
+}

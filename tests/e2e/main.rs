@@ -5,6 +5,9 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod admission;
+mod cache_hits;
 mod cli;
 mod client;
 mod routing;
+mod sim;
+mod streaming;

@@ -1,0 +1,107 @@
+//! Streams pass through Tether untouched and without buffering.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig};
+
+struct Received {
+    bytes: Vec<u8>,
+    first_at: Instant,
+    last_at: Instant,
+}
+
+async fn receive(req: reqwest::RequestBuilder) -> Received {
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut stream = res.bytes_stream();
+    let (mut bytes, mut first_at, mut last_at) = (Vec::new(), None, Instant::now());
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        first_at.get_or_insert_with(Instant::now);
+        last_at = Instant::now();
+        bytes.extend_from_slice(&chunk);
+    }
+    Received {
+        bytes,
+        first_at: first_at.unwrap(),
+        last_at,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_completion_arrives_byte_for_byte_and_promptly_through_tether() {
+    // 20 tokens at 50 tokens/s: the stream takes at least 400 ms from first chunk to last.
+    let fleet = SimFleet::start_with(
+        &["s-1"],
+        &[
+            "--deterministic",
+            "--time-scale",
+            "1",
+            "--decode-rate",
+            "50",
+        ],
+    )
+    .unwrap();
+    let tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: r\n{}",
+            regions_yaml(&[("r", vec![("s-1".into(), fleet.addr("s-1"), "")])])
+        ),
+    })
+    .unwrap();
+    let body = json!({
+        "model": "tether-sim",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": 20,
+        "messages": [{"role": "system", "content": "s".repeat(200)}, {"role": "user", "content": "stream please"}],
+    });
+    let client = reqwest::Client::new();
+    let flush = || async {
+        let res = client
+            .post(fleet.admin_url("/replicas/s-1/flush"))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success());
+    };
+
+    flush().await;
+    let direct = receive(
+        client
+            .post(format!("http://{}/v1/chat/completions", fleet.addr("s-1")))
+            .json(&body),
+    )
+    .await;
+    // The same cache state for the second request, so usage (cached_tokens) is identical.
+    flush().await;
+    let proxied = receive(
+        client
+            .post(tether.url("/v1/chat/completions"))
+            .header("x-session-affinity", "stream-session")
+            .json(&body),
+    )
+    .await;
+
+    assert_eq!(
+        String::from_utf8_lossy(&proxied.bytes),
+        String::from_utf8_lossy(&direct.bytes),
+        "the stream changed on its way through tether"
+    );
+    let text = String::from_utf8_lossy(&proxied.bytes);
+    assert_eq!(
+        text.matches("\"content\":\"0").count(),
+        20,
+        "20 token chunks"
+    );
+    assert!(text.contains("\"usage\""));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let spread = proxied.last_at - proxied.first_at;
+    assert!(
+        spread >= Duration::from_millis(300),
+        "chunks arrived within {spread:?}: the stream was buffered, not relayed"
+    );
+}
