@@ -31,6 +31,17 @@ fn workload(tokenless_fraction: f64) -> Workload {
     }
 }
 
+async fn run_workload(workload: Workload, target: Target) -> Report {
+    let config = RunConfig {
+        workload,
+        target,
+        api_keys: vec![],
+        stream: true,
+        block_tokens: 16,
+    };
+    tether_loadgen::run(config, None).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_turn_sessions_hit_85_percent_through_tether_and_far_less_round_robin() {
     // 12 sessions end at ~1.4k tokens each (~17k in all). 8k tokens per replica hold a
@@ -52,18 +63,11 @@ async fn ten_turn_sessions_hit_85_percent_through_tether_and_far_less_round_robi
     })
     .unwrap();
 
-    let through_tether = tether_loadgen::run(
-        RunConfig {
-            workload: workload(0.0),
-            target: Target::Proxy(format!("http://{}", tether.addr)),
-            api_keys: vec![],
-            stream: true,
-            block_tokens: 16,
-        },
-        None,
+    let through_tether = run_workload(
+        workload(0.0),
+        Target::Proxy(format!("http://{}", tether.addr)),
     )
-    .await
-    .unwrap();
+    .await;
 
     // Fresh caches for the comparison, so it does not inherit Tether's warm ones.
     let client = reqwest::Client::new();
@@ -75,23 +79,15 @@ async fn ten_turn_sessions_hit_85_percent_through_tether_and_far_less_round_robi
             .unwrap();
         assert!(res.status().is_success());
     }
-    let round_robin = tether_loadgen::run(
-        RunConfig {
-            workload: workload(1.0),
-            target: Target::Direct(
-                SIX.iter()
-                    .map(|id| format!("http://{}", fleet.addr(id)))
-                    .collect(),
-                ClientPolicy::RoundRobin,
-            ),
-            api_keys: vec![],
-            stream: true,
-            block_tokens: 16,
-        },
-        None,
+    let replicas = SIX
+        .iter()
+        .map(|id| format!("http://{}", fleet.addr(id)))
+        .collect();
+    let round_robin = run_workload(
+        workload(1.0),
+        Target::Direct(replicas, ClientPolicy::RoundRobin),
     )
-    .await
-    .unwrap();
+    .await;
 
     for (name, r) in [("tether", &through_tether), ("round-robin", &round_robin)] {
         assert_eq!(r.overall.errors, 0, "{name}: {:?}", r.error_samples);

@@ -33,22 +33,28 @@ fn every_shipped_config_passes_check() {
     }
 }
 
-#[test]
-fn check_of_an_invalid_config_exits_non_zero_naming_every_problem() {
+/// Runs `tether check` on `yaml`; returns whether it passed and its stderr.
+fn check(yaml: &str) -> (bool, String) {
     let dir = TempDir::new("tether-cli").unwrap();
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(
-        &path,
-        "listen: 127.0.0.1:8080\nlocal_region: nowhere\naffinity:\n  balance_factor: 0.5\nregions:\n  - name: eu\n    replicas:\n      - { id: a, address: \"127.0.0.1:1\" }\n      - { id: a, address: \"not-an-address\" }\n",
-    )
-    .unwrap();
+    let path = dir.path().join("tether.yaml");
+    std::fs::write(&path, yaml).unwrap();
     let out = Command::new(binary("tether"))
         .args(["check", "-c"])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_of_an_invalid_config_exits_non_zero_naming_every_problem() {
+    let (ok, stderr) = check(
+        "listen: 127.0.0.1:8080\nlocal_region: nowhere\naffinity:\n  balance_factor: 0.5\nregions:\n  - name: eu\n    replicas:\n      - { id: a, address: \"127.0.0.1:1\" }\n      - { id: a, address: \"not-an-address\" }\n",
+    );
+    assert!(!ok);
     for needle in [
         "4 problems",
         "affinity.balance_factor",
@@ -62,20 +68,10 @@ fn check_of_an_invalid_config_exits_non_zero_naming_every_problem() {
 
 #[test]
 fn check_reports_the_line_of_a_schema_error() {
-    let dir = TempDir::new("tether-cli").unwrap();
-    let path = dir.path().join("typo.yaml");
-    std::fs::write(
-        &path,
+    let (ok, stderr) = check(
         "listen: 127.0.0.1:8080\nlocal_region: eu\nregions:\n  - name: eu\n    replicas:\n      - { id: a, adress: \"127.0.0.1:1\" }\n",
-    )
-    .unwrap();
-    let out = Command::new(binary("tether"))
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    );
+    assert!(!ok);
     assert!(stderr.contains("unknown field `adress`"), "{stderr}");
     assert!(stderr.contains("line 6"), "{stderr}");
 }

@@ -94,15 +94,7 @@ pub(crate) async fn messages(State(replica): State<Arc<Replica>>, body: Bytes) -
         return named(&replica, sse_response(rx));
     }
 
-    let prefilled = replica.prefill(&job).await;
-    tokio::time::sleep(
-        prefilled
-            .per_token
-            .saturating_mul(job.completion_tokens as u32),
-    )
-    .await;
-    let reply = reply_text(job.completion_tokens);
-    replica.finish(&job, &reply, &prefilled);
+    let (prefilled, reply) = replica.complete(&job).await;
     let body = json!({
         "id": meta.id,
         "type": "message",

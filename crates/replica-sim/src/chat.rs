@@ -43,6 +43,14 @@ pub(crate) fn openai_error(status: StatusCode, message: impl Into<String>, code:
     (status, Json(body)).into_response()
 }
 
+fn unavailable(_retry_after: u32) -> Response {
+    openai_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "replica unavailable",
+        "unavailable",
+    )
+}
+
 /// What a fault does to a request before any work: `Some(response)` to answer now. A hanging
 /// replica never returns.
 pub(crate) async fn fault_gate(replica: &Replica, error: fn(u32) -> Response) -> Option<Response> {
@@ -152,13 +160,6 @@ pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
 }
 
 pub(crate) async fn completions(State(replica): State<Arc<Replica>>, body: Bytes) -> Response {
-    let unavailable = |_: u32| {
-        openai_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "replica unavailable",
-            "unavailable",
-        )
-    };
     if let Some(response) = fault_gate(&replica, unavailable).await {
         return named(&replica, response);
     }
@@ -212,15 +213,7 @@ pub(crate) async fn completions(State(replica): State<Arc<Replica>>, body: Bytes
         return named(&replica, sse_response(rx));
     }
 
-    let prefilled = replica.prefill(&job).await;
-    tokio::time::sleep(
-        prefilled
-            .per_token
-            .saturating_mul(job.completion_tokens as u32),
-    )
-    .await;
-    let reply = reply_text(job.completion_tokens);
-    replica.finish(&job, &reply, &prefilled);
+    let (prefilled, reply) = replica.complete(&job).await;
     let dialect = replica.config().dialect;
     let mut body = json!({
         "id": meta.id,
@@ -310,13 +303,6 @@ pub(crate) async fn models(State(replica): State<Arc<Replica>>) -> Response {
 }
 
 pub(crate) async fn health(State(replica): State<Arc<Replica>>) -> Response {
-    let unavailable = |_: u32| {
-        openai_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "replica unavailable",
-            "unavailable",
-        )
-    };
     if let Some(response) = fault_gate(&replica, unavailable).await {
         return named(&replica, response);
     }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::PrefixCache;
-use crate::template::{block_hashes, render_reply, token_count, DEFAULT_BLOCK_TOKENS};
+use crate::template::{block_hashes, render_reply, reply_text, token_count, DEFAULT_BLOCK_TOKENS};
 
 /// Which usage shape `/v1/chat/completions` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -263,6 +263,19 @@ impl Replica {
         }
     }
 
+    /// Serves a whole non-streaming request: prefill, decode every token, record. Returns the
+    /// prefill facts (for usage) and the reply text.
+    pub async fn complete(&self, job: &Job) -> (Prefilled, String) {
+        let prefilled = self.prefill(job).await;
+        let decode = prefilled
+            .per_token
+            .saturating_mul(u32::try_from(job.completion_tokens).unwrap_or(u32::MAX));
+        tokio::time::sleep(decode).await;
+        let reply = reply_text(job.completion_tokens);
+        self.finish(job, &reply, &prefilled);
+        (prefilled, reply)
+    }
+
     /// Records a finished request: the reply's blocks enter the cache (the next turn's prompt
     /// starts with prompt + reply) and the counters move.
     pub fn finish(&self, job: &Job, reply: &str, prefilled: &Prefilled) {
@@ -286,7 +299,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::template::{render_prompt, reply_text, ChatMessage};
+    use crate::template::{render_prompt, ChatMessage};
 
     fn config() -> Arc<SimConfig> {
         Arc::new(SimConfig {
