@@ -1,0 +1,517 @@
+//! Incremental usage extraction: feed response body chunks as they pass, never buffer a body.
+//!
+//! - **JSON** bodies go through a byte-at-a-time structural scanner that tracks strings,
+//!   escapes and nesting, and captures only the values of the *top-level* members `usage`,
+//!   `timings` and `tokens_cached`, each up to a bounded size. Memory is O(captured usage),
+//!   whatever the body's size or where in it the usage sits, and the words `"usage":` inside
+//!   generated text cannot fool it (they are inside a string).
+//! - **SSE** streams are split into lines across arbitrary chunk boundaries (each line
+//!   bounded); only `data:` lines that mention `usage`, `timings` or `tokens_cached` are parsed
+//!   as JSON — the thousands of content deltas are skipped with a substring check.
+//!
+//! Either way the result is the same however the body is split into chunks (tested at every
+//! byte offset), and nothing here can panic on hostile input.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::usage::{Dialect, Usage, UsageBuilder};
+
+/// How the response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One JSON document.
+    Json,
+    /// Server-sent events.
+    Sse,
+}
+
+impl Framing {
+    /// The framing a `content-type` implies.
+    pub fn from_content_type(content_type: &str) -> Framing {
+        if content_type
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("text/event-stream")
+        {
+            Framing::Sse
+        } else {
+            Framing::Json
+        }
+    }
+}
+
+/// Memory bounds of an extractor.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest captured usage value (JSON) or SSE line, in bytes.
+    pub window: usize,
+}
+
+/// Default bound: 256 KiB.
+pub const DEFAULT_WINDOW: usize = 256 << 10;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            window: DEFAULT_WINDOW,
+        }
+    }
+}
+
+/// What became of the usage of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageOutcome {
+    /// At least one count was found.
+    Found,
+    /// The response parsed but carried no usage.
+    Missing,
+    /// The body was not valid JSON / SSE where usage should have been.
+    Malformed,
+    /// A usage value or SSE line exceeded the window and was dropped.
+    TooLarge,
+}
+
+/// The result of [`UsageExtractor::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extraction {
+    /// The counts (each `None` when unknown).
+    pub usage: Usage,
+    /// Why usage is unknown, when it is.
+    pub outcome: UsageOutcome,
+}
+
+const KEYS: [&[u8]; 3] = [b"usage", b"timings", b"tokens_cached"];
+const LONGEST_KEY: usize = 13;
+
+/// Captures top-level members of a JSON object incrementally.
+#[derive(Debug, Default)]
+struct JsonScanner {
+    depth: u32,
+    started: bool,
+    top_is_object: bool,
+    in_string: bool,
+    escaped: bool,
+    /// At depth 1 of the top object, the next string is a key.
+    expect_key: bool,
+    /// Recording a key at depth 1 (`None` once longer than any key we want).
+    key: Option<Vec<u8>>,
+    /// The last completed key at depth 1, waiting for its `:`.
+    last_key: Option<usize>,
+    /// Index into `KEYS` of the member whose value is being captured.
+    capture_key: Option<usize>,
+    capture: Vec<u8>,
+    capture_open: bool,
+    /// The captured value is a container (ends with its bracket) rather than a scalar.
+    capture_container: bool,
+    malformed: bool,
+    too_large: bool,
+    completed: Vec<(usize, Vec<u8>)>,
+}
+
+impl JsonScanner {
+    fn push(&mut self, b: u8, window: usize) {
+        if self.capture_open {
+            if self.capture.len() >= window {
+                self.capture_open = false;
+                self.capture.clear();
+                self.too_large = true;
+            } else {
+                self.capture.push(b);
+            }
+        }
+    }
+
+    fn end_capture(&mut self) {
+        if self.capture_open {
+            if let Some(k) = self.capture_key.take() {
+                self.completed.push((k, std::mem::take(&mut self.capture)));
+            }
+        }
+        self.capture_open = false;
+        self.capture_key = None;
+        self.capture.clear();
+    }
+
+    fn feed(&mut self, chunk: &[u8], window: usize) {
+        for &b in chunk {
+            if self.malformed {
+                return;
+            }
+            if self.in_string {
+                self.push(b, window);
+                if self.escaped {
+                    self.escaped = false;
+                    if let Some(k) = &mut self.key {
+                        k.push(b);
+                    }
+                } else if b == b'\\' {
+                    self.escaped = true;
+                    if let Some(k) = &mut self.key {
+                        k.push(b);
+                    }
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if let Some(k) = self.key.take() {
+                        self.last_key = KEYS.iter().position(|want| *want == k.as_slice());
+                        self.expect_key = false;
+                    } else if self.capture_open && !self.capture_container && self.depth == 1 {
+                        // A string value of a captured member ends here.
+                        self.end_capture();
+                    }
+                } else if let Some(k) = &mut self.key {
+                    if k.len() >= LONGEST_KEY {
+                        self.key = None;
+                        self.last_key = None;
+                        self.expect_key = false;
+                    } else {
+                        k.push(b);
+                    }
+                }
+                continue;
+            }
+            match b {
+                b' ' | b'\t' | b'\r' | b'\n' => {
+                    if self.capture_open && !self.capture.is_empty() {
+                        self.push(b, window);
+                    }
+                }
+                b'"' => {
+                    self.in_string = true;
+                    if self.depth == 1 && self.top_is_object && self.expect_key {
+                        self.key = Some(Vec::with_capacity(LONGEST_KEY));
+                        // A key we do not want still ends as a key (not a value).
+                        self.last_key = None;
+                    } else {
+                        self.push(b, window);
+                    }
+                }
+                b'{' | b'[' => {
+                    if !self.started {
+                        self.started = true;
+                        self.top_is_object = b == b'{';
+                        self.expect_key = self.top_is_object;
+                    } else if self.capture_open && self.capture.is_empty() {
+                        self.capture_container = true;
+                        self.push(b, window);
+                    } else {
+                        self.push(b, window);
+                    }
+                    self.depth += 1;
+                }
+                b'}' | b']' => {
+                    if self.depth == 0 {
+                        self.malformed = true;
+                        return;
+                    }
+                    if self.depth == 1 && self.capture_open && !self.capture_container {
+                        // A scalar member value ends with its object.
+                        self.end_capture();
+                    }
+                    self.depth -= 1;
+                    if self.capture_open && self.depth >= 1 {
+                        self.push(b, window);
+                        if self.depth == 1 && self.capture_container {
+                            self.end_capture();
+                        }
+                    }
+                }
+                b':' => {
+                    if self.depth == 1 && self.top_is_object {
+                        if let Some(k) = self.last_key.take() {
+                            self.capture_key = Some(k);
+                            self.capture_open = true;
+                            self.capture_container = false;
+                            self.capture.clear();
+                        }
+                    } else {
+                        self.push(b, window);
+                    }
+                }
+                b',' => {
+                    if self.depth == 1 && self.top_is_object {
+                        if self.capture_open && !self.capture_container {
+                            self.end_capture();
+                        }
+                        self.expect_key = true;
+                    } else {
+                        self.push(b, window);
+                    }
+                }
+                _ => {
+                    if !self.started {
+                        // Not a JSON object or array (garbage, HTML error page, …).
+                        self.malformed = true;
+                        return;
+                    }
+                    self.push(b, window);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) -> bool {
+        // Well-formed = one complete top-level value.
+        self.started && self.depth == 0 && !self.in_string && !self.malformed
+    }
+}
+
+/// Splits SSE bytes into lines, each bounded.
+#[derive(Debug, Default)]
+struct SseReader {
+    line: Vec<u8>,
+    discarding: bool,
+    too_large: bool,
+    malformed_events: u32,
+}
+
+fn mentions_usage(data: &[u8]) -> bool {
+    KEYS.iter().any(|k| data.windows(k.len()).any(|w| w == *k))
+}
+
+impl SseReader {
+    fn line_done(&mut self, dialect: Dialect, builder: &mut UsageBuilder) {
+        if self.discarding {
+            self.discarding = false;
+            self.line.clear();
+            return;
+        }
+        let mut line = self.line.as_slice();
+        if let Some(stripped) = line.strip_suffix(b"\r") {
+            line = stripped;
+        }
+        if let Some(data) = line.strip_prefix(b"data:") {
+            let data = data.strip_prefix(b" ").unwrap_or(data);
+            if data != b"[DONE]" && mentions_usage(data) {
+                match serde_json::from_slice::<Value>(data) {
+                    Ok(v) => builder.observe(dialect, &v),
+                    Err(_) => self.malformed_events += 1,
+                }
+            }
+        }
+        self.line.clear();
+    }
+
+    fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        window: usize,
+        dialect: Dialect,
+        builder: &mut UsageBuilder,
+    ) {
+        while !chunk.is_empty() {
+            let newline = chunk.iter().position(|b| *b == b'\n');
+            let (part, rest) = match newline {
+                Some(i) => (&chunk[..i], Some(&chunk[i + 1..])),
+                None => (chunk, None),
+            };
+            if !self.discarding {
+                if self.line.len() + part.len() > window {
+                    // A line longer than any usage event: drop it, keep reading.
+                    self.discarding = true;
+                    self.too_large = true;
+                    self.line.clear();
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            match rest {
+                Some(rest) => {
+                    self.line_done(dialect, builder);
+                    chunk = rest;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Extracts token usage from one response body, incrementally and in bounded memory.
+#[derive(Debug)]
+pub struct UsageExtractor {
+    dialect: Dialect,
+    framing: Framing,
+    limits: Limits,
+    builder: UsageBuilder,
+    json: JsonScanner,
+    sse: SseReader,
+    bytes: u64,
+}
+
+impl UsageExtractor {
+    /// An extractor with the default limits.
+    pub fn new(dialect: Dialect, framing: Framing) -> Self {
+        Self::with_limits(dialect, framing, Limits::default())
+    }
+
+    /// An extractor with explicit limits.
+    pub fn with_limits(dialect: Dialect, framing: Framing, limits: Limits) -> Self {
+        UsageExtractor {
+            dialect,
+            framing,
+            limits,
+            builder: UsageBuilder::default(),
+            json: JsonScanner::default(),
+            sse: SseReader::default(),
+            bytes: 0,
+        }
+    }
+
+    /// Body bytes seen so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Feeds the next body chunk.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.bytes += chunk.len() as u64;
+        match self.framing {
+            Framing::Json => {
+                self.json.feed(chunk, self.limits.window);
+                for (key, value) in std::mem::take(&mut self.json.completed) {
+                    let Ok(value) = serde_json::from_slice::<Value>(&value) else {
+                        self.json.malformed = true;
+                        continue;
+                    };
+                    let mut member = serde_json::Map::new();
+                    member.insert(String::from_utf8_lossy(KEYS[key]).into_owned(), value);
+                    self.builder.observe(self.dialect, &Value::Object(member));
+                }
+            }
+            Framing::Sse => {
+                self.sse
+                    .feed(chunk, self.limits.window, self.dialect, &mut self.builder)
+            }
+        }
+    }
+
+    /// Ends the body and returns what was found.
+    pub fn finish(&mut self) -> Extraction {
+        let well_formed = match self.framing {
+            Framing::Json => self.json.finish(),
+            Framing::Sse => {
+                // A last line without its newline still counts.
+                if !self.sse.line.is_empty() {
+                    self.sse.line_done(self.dialect, &mut self.builder);
+                }
+                self.sse.malformed_events == 0
+            }
+        };
+        let usage = self.builder.build();
+        let too_large = self.json.too_large || self.sse.too_large;
+        let outcome = if !usage.is_unknown() {
+            UsageOutcome::Found
+        } else if too_large {
+            UsageOutcome::TooLarge
+        } else if !well_formed {
+            UsageOutcome::Malformed
+        } else {
+            UsageOutcome::Missing
+        };
+        Extraction { usage, outcome }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(body: &str) -> Extraction {
+        let mut x = UsageExtractor::new(Dialect::Openai, Framing::Json);
+        x.feed(body.as_bytes());
+        x.finish()
+    }
+
+    #[test]
+    fn usage_anywhere_in_the_top_object_is_found() {
+        let first = json(r#"{"usage":{"prompt_tokens":3,"completion_tokens":1},"choices":[]}"#);
+        let last = json(
+            r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+        );
+        assert_eq!(first, last);
+        assert_eq!(first.outcome, UsageOutcome::Found);
+        assert_eq!(first.usage.prompt_tokens, Some(3));
+    }
+
+    #[test]
+    fn usage_words_inside_strings_and_nested_objects_are_ignored() {
+        let e = json(
+            r#"{"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":999}","usage":{"prompt_tokens":888}}}]}"#,
+        );
+        assert_eq!(e.outcome, UsageOutcome::Missing);
+        assert!(e.usage.is_unknown());
+    }
+
+    #[test]
+    fn scalar_members_are_captured() {
+        let e = json(
+            r#"{"tokens_cached": 42, "usage": {"prompt_tokens": 50, "completion_tokens": 2}}"#,
+        );
+        assert_eq!(e.usage.cached_tokens, Some(42));
+        let e = json(r#"{"usage": {"prompt_tokens": 50}, "tokens_cached": 7}"#);
+        assert_eq!(e.usage.cached_tokens, Some(7), "a scalar ending the object");
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_malformed_not_zero() {
+        for body in [
+            "<html>502</html>",
+            "\u{0}\u{1}garbage",
+            "{\"choices\":[",
+            "",
+            "}",
+        ] {
+            let e = json(body);
+            assert_eq!(e.outcome, UsageOutcome::Malformed, "{body:?}");
+            assert!(e.usage.is_unknown());
+        }
+        assert_eq!(json(r#"{"choices":[]}"#).outcome, UsageOutcome::Missing);
+        assert_eq!(json(r#"[1,2,3]"#).outcome, UsageOutcome::Missing);
+    }
+
+    #[test]
+    fn an_oversized_usage_value_is_dropped_and_reported() {
+        let mut x =
+            UsageExtractor::with_limits(Dialect::Openai, Framing::Json, Limits { window: 64 });
+        x.feed(
+            format!(
+                r#"{{"usage":{{"prompt_tokens":1,"pad":"{}"}}}}"#,
+                "x".repeat(200)
+            )
+            .as_bytes(),
+        );
+        assert_eq!(x.finish().outcome, UsageOutcome::TooLarge);
+    }
+
+    #[test]
+    fn sse_usage_chunk_and_done() {
+        let mut x = UsageExtractor::new(Dialect::Openai, Framing::Sse);
+        x.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":8}}}\r\n\r\ndata: [DONE]\n\n");
+        let e = x.finish();
+        assert_eq!(e.outcome, UsageOutcome::Found);
+        assert_eq!(e.usage.cached_tokens, Some(8));
+    }
+
+    #[test]
+    fn sse_lines_longer_than_the_window_are_dropped_but_reading_goes_on() {
+        let mut x =
+            UsageExtractor::with_limits(Dialect::Openai, Framing::Sse, Limits { window: 100 });
+        x.feed(format!("data: {{\"usage\":\"{}\"}}\n\n", "x".repeat(500)).as_bytes());
+        x.feed(b"data: {\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\n");
+        let e = x.finish();
+        assert_eq!(e.usage.prompt_tokens, Some(4));
+    }
+
+    #[test]
+    fn framing_from_content_type() {
+        assert_eq!(
+            Framing::from_content_type("text/event-stream; charset=utf-8"),
+            Framing::Sse
+        );
+        assert_eq!(
+            Framing::from_content_type("application/json"),
+            Framing::Json
+        );
+    }
+}

@@ -1,0 +1,39 @@
+//! Token-usage metering: how many input tokens of a response were served from the prefix
+//! cache, and what the request cost.
+//!
+//! Tether sees every response body pass through its `response_body_filter`; this crate turns
+//! those chunks into a [`Usage`] without buffering the body ([`UsageExtractor`]): a structural
+//! JSON scanner for whole responses and a line reader for server-sent events, both in bounded
+//! memory, both giving the same answer however the body is split. Three dialects are
+//! understood ([`Dialect`]): OpenAI / vLLM / SGLang (`prompt_tokens_details.cached_tokens`),
+//! Anthropic Messages (`cache_read_input_tokens`, split across `message_start` and
+//! `message_delta` when streaming) and llama.cpp (`timings.cache_n`, `tokens_cached`).
+//! Unknown counts stay `None` — never guessed as 0 — and [`UsageOutcome`] says why.
+//!
+//! [`Price::cost`] prices a usage in integer micro-dollars, cached tokens at their discount,
+//! alongside what it would have cost without the cache.
+//!
+//! The crate is pure: no Pingora, no I/O.
+//!
+//! ```
+//! use tether_metering::{Dialect, Framing, Price, UsageExtractor, UsageOutcome};
+//!
+//! let mut x = UsageExtractor::new(Dialect::Openai, Framing::Sse);
+//! x.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usa");
+//! x.feed(b"ge\":{\"prompt_tokens\":1000,\"completion_tokens\":10,\"prompt_tokens_details\":{\"cached_tokens\":900}}}\n\ndata: [DONE]\n\n");
+//! let found = x.finish();
+//! assert_eq!(found.outcome, UsageOutcome::Found);
+//! assert_eq!(found.usage.cached_tokens, Some(900));
+//!
+//! let price = Price { input: 500_000, cached_input: 50_000, output: 1_500_000 };
+//! let cost = price.cost(&found.usage).unwrap();
+//! assert_eq!((cost.cost_micro_usd, cost.saved_micro_usd()), (110, 405));
+//! ```
+
+mod extract;
+mod pricing;
+mod usage;
+
+pub use extract::{Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_WINDOW};
+pub use pricing::{Cost, Price};
+pub use usage::{Dialect, Usage};
