@@ -74,15 +74,17 @@ pub enum UsageOutcome {
 }
 
 /// The result of [`UsageExtractor::finish`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extraction {
     /// The counts (each `None` when unknown).
     pub usage: Usage,
     /// Why usage is unknown, when it is.
     pub outcome: UsageOutcome,
+    /// The model named by the response, if any.
+    pub model: Option<String>,
 }
 
-const KEYS: [&[u8]; 3] = [b"usage", b"timings", b"tokens_cached"];
+const KEYS: [&[u8]; 4] = [b"usage", b"timings", b"tokens_cached", b"model"];
 const LONGEST_KEY: usize = 13;
 
 /// Captures top-level members of a JSON object incrementally.
@@ -266,8 +268,11 @@ struct SseReader {
     malformed_events: u32,
 }
 
+/// Whether an SSE event can carry usage (the model name rides along in those events).
 fn mentions_usage(data: &[u8]) -> bool {
-    KEYS.iter().any(|k| data.windows(k.len()).any(|w| w == *k))
+    KEYS[..3]
+        .iter()
+        .any(|k| data.windows(k.len()).any(|w| w == *k))
 }
 
 impl SseReader {
@@ -409,7 +414,11 @@ impl UsageExtractor {
         } else {
             UsageOutcome::Missing
         };
-        Extraction { usage, outcome }
+        Extraction {
+            usage,
+            outcome,
+            model: self.builder.model.clone(),
+        }
     }
 }
 

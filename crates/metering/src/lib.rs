@@ -13,7 +13,10 @@
 //! [`Price::cost`] prices a usage in integer micro-dollars, cached tokens at their discount,
 //! alongside what it would have cost without the cache.
 //!
-//! The crate is pure: no Pingora, no I/O.
+//! Each request becomes one [`UsageRecord`] JSON line in the [`UsageLog`], written by its own
+//! thread from a bounded queue (a full queue drops and counts, never stalls the proxy).
+//!
+//! Everything but the log writer is pure: no Pingora, no I/O.
 //!
 //! ```
 //! use tether_metering::{Dialect, Framing, Price, UsageExtractor, UsageOutcome};
@@ -32,8 +35,12 @@
 
 mod extract;
 mod pricing;
+mod record;
+mod sink;
 mod usage;
 
 pub use extract::{Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_WINDOW};
 pub use pricing::{Cost, Price};
+pub use record::{timestamp, UsageRecord};
+pub use sink::{SinkError, UsageLog, DEFAULT_QUEUE};
 pub use usage::{Dialect, Usage};

@@ -56,6 +56,9 @@ impl Usage {
     }
 }
 
+/// Longest model name kept (a hostile upstream could send megabytes).
+const MAX_MODEL_LEN: usize = 200;
+
 fn count(v: &Value, pointer: &str) -> Option<u64> {
     v.pointer(pointer).and_then(Value::as_u64)
 }
@@ -73,6 +76,8 @@ pub(crate) struct UsageBuilder {
     anthropic_read: Option<u64>,
     // llama.cpp's uncached prompt count.
     llama_prompt_n: Option<u64>,
+    /// The model that answered, when the response names it.
+    pub model: Option<String>,
 }
 
 impl UsageBuilder {
@@ -106,6 +111,15 @@ impl UsageBuilder {
 
     /// One JSON value that may carry usage in `dialect` (a whole body or one SSE event).
     pub fn observe(&mut self, dialect: Dialect, v: &Value) {
+        let model = v
+            .get("model")
+            .or_else(|| v.pointer("/message/model"))
+            .and_then(Value::as_str);
+        if let Some(model) = model {
+            if self.model.as_deref() != Some(model) {
+                self.model = Some(model.chars().take(MAX_MODEL_LEN).collect());
+            }
+        }
         match dialect {
             Dialect::Anthropic => {
                 if let Some(u) = v.pointer("/message/usage") {

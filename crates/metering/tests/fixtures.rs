@@ -13,6 +13,7 @@ struct Case {
     dialect: Dialect,
     framing: Framing,
     expected: (u64, u64, u64),
+    model: &'static str,
 }
 
 const CASES: &[Case] = &[
@@ -21,54 +22,63 @@ const CASES: &[Case] = &[
         dialect: Dialect::Openai,
         framing: Framing::Json,
         expected: (123, 112, 6),
+        model: "tether-sim",
     },
     Case {
         file: "sim-openai.sse",
         dialect: Dialect::Openai,
         framing: Framing::Sse,
         expected: (123, 112, 6),
+        model: "tether-sim",
     },
     Case {
         file: "sim-anthropic.json",
         dialect: Dialect::Anthropic,
         framing: Framing::Json,
         expected: (121, 112, 6),
+        model: "tether-sim",
     },
     Case {
         file: "sim-anthropic.sse",
         dialect: Dialect::Anthropic,
         framing: Framing::Sse,
         expected: (121, 112, 6),
+        model: "tether-sim",
     },
     Case {
         file: "sim-llamacpp.json",
         dialect: Dialect::Llamacpp,
         framing: Framing::Json,
         expected: (123, 112, 6),
+        model: "tether-sim",
     },
     Case {
         file: "sim-llamacpp.sse",
         dialect: Dialect::Llamacpp,
         framing: Framing::Sse,
         expected: (123, 112, 6),
+        model: "tether-sim",
     },
     Case {
         file: "openai-official.json",
         dialect: Dialect::Openai,
         framing: Framing::Json,
         expected: (1117, 1024, 46),
+        model: "gpt-4o-2024-08-06",
     },
     Case {
         file: "vllm-continuous-usage.sse",
         dialect: Dialect::Openai,
         framing: Framing::Sse,
         expected: (2048, 1984, 2),
+        model: "meta-llama/Llama-3.1-8B",
     },
     Case {
         file: "anthropic-official.sse",
         dialect: Dialect::Anthropic,
         framing: Framing::Sse,
         expected: (2025, 2000, 15),
+        model: "claude-sonnet-4-5",
     },
 ];
 
@@ -94,6 +104,7 @@ fn expected(case: &Case) -> Extraction {
             completion_tokens: Some(o),
         },
         outcome: UsageOutcome::Found,
+        model: Some(case.model.to_owned()),
     }
 }
 
