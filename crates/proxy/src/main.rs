@@ -8,6 +8,7 @@
 
 mod admin;
 mod api_error;
+mod meter;
 mod proxy;
 mod router;
 
@@ -21,7 +22,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use clap::{Parser, Subcommand};
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use tether_topology::Topology;
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { configs } => check(&configs),
         Command::Run { config, upgrade } => match run(&config, upgrade) {
-            Ok(never) => match never {},
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tether: {e:#}");
                 ExitCode::FAILURE
@@ -105,7 +106,7 @@ fn ensure_bindable(what: &str, addr: SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("{what} {addr}: cannot listen"))
 }
 
-fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::Infallible> {
+fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     let topology = Topology::load(config)?;
     if !upgrade {
         ensure_bindable("listen", topology.listen)?;
@@ -137,13 +138,14 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::
         ..Opt::default()
     };
 
+    let meter = Arc::new(meter::Meter::new(&topology)?);
     let router = Arc::new(Router::new(topology)?);
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let mut proxy = pingora_proxy::http_proxy_service(
         &server.configuration,
-        proxy::TetherProxy::new(Arc::clone(&router)),
+        proxy::TetherProxy::new(Arc::clone(&router), Arc::clone(&meter)),
     );
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
@@ -151,7 +153,7 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::
     if let Some(addr) = admin_listen {
         let mut admin = Service::new(
             "tether admin".into(),
-            admin::AdminApp::new(Arc::clone(&router)),
+            admin::AdminApp::new(Arc::clone(&router), Arc::clone(&meter)),
         );
         admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
@@ -165,11 +167,53 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::
         },
     ));
 
+    server.add_service(background_service(
+        "usage log reopen",
+        ReopenOnHangup {
+            meter: Arc::clone(&meter),
+        },
+    ));
+
     log::info!(
-        "tether listening on {listen} (admin: {admin_listen:?}), config {}",
+        "tether listening on {listen}, admin on {}, config {}",
+        admin_listen.map_or_else(|| "none".to_owned(), |a| a.to_string()),
         config.display()
     );
-    server.run_forever()
+    // `run` (unlike `run_forever`) returns after a graceful shutdown, when every in-flight
+    // request has logged, so the usage log can be flushed before the process exits.
+    server.run(RunArgs::default());
+    let (written, dropped) = meter.close();
+    log::info!("usage log closed: {written} records written, {dropped} dropped");
+    Ok(())
+}
+
+/// Reopens the usage log on SIGHUP, for logrotate.
+#[derive(Debug)]
+struct ReopenOnHangup {
+    meter: Arc<meter::Meter>,
+}
+
+#[async_trait]
+impl BackgroundService for ReopenOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP: {e}; the usage log will not reopen");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = hangup.recv() => {
+                    log::info!("SIGHUP: reopening the usage log");
+                    self.meter.reopen();
+                }
+            }
+        }
+    }
 }
 
 /// Sweeps idle override entries so the table's memory follows the live sessions, not the

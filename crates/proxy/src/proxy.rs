@@ -7,7 +7,7 @@
 //! releases the in-flight slot.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,7 +19,10 @@ use pingora::{ErrorSource, ErrorType};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{Decision, ReplicaInfo, ReplicaSet, RouteRequest, RoutingKey};
 
+use tether_metering::{timestamp, Dialect, Framing, UsageExtractor, UsageOutcome, UsageRecord};
+
 use crate::api_error::ApiError;
+use crate::meter::Meter;
 use crate::router::{InflightGuard, Router, Snapshot};
 
 /// Upstream attempts per request (the first try plus retries after connect failures).
@@ -29,18 +32,22 @@ pub const MAX_ATTEMPTS: u32 = 3;
 #[derive(Debug, Clone)]
 pub struct TetherProxy {
     router: Arc<Router>,
+    meter: Arc<Meter>,
 }
 
 impl TetherProxy {
-    /// A proxy routing with `router`.
-    pub fn new(router: Arc<Router>) -> Self {
-        TetherProxy { router }
+    /// A proxy routing with `router` and metering with `meter`.
+    pub fn new(router: Arc<Router>, meter: Arc<Meter>) -> Self {
+        TetherProxy { router, meter }
     }
 }
 
 /// Per-request state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestCtx {
+    started: Instant,
+    first_byte: Option<Instant>,
+    extractor: Option<UsageExtractor>,
     snapshot: Option<Arc<Snapshot>>,
     tenant: Option<Arc<str>>,
     key: Option<RoutingKey>,
@@ -111,7 +118,19 @@ impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            started: Instant::now(),
+            first_byte: None,
+            extractor: None,
+            snapshot: None,
+            tenant: None,
+            key: None,
+            decision: None,
+            tried: ReplicaSet::default(),
+            attempts: 0,
+            inflight: None,
+            unavailable: false,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -192,15 +211,33 @@ impl ProxyHttp for TetherProxy {
         if ctx.snapshot.as_ref().is_some_and(|s| s.requires_api_key()) {
             upstream_request.remove_header(&http::header::AUTHORIZATION);
         }
+        // Metering reads usage out of response bodies, so ask for them uncompressed: token
+        // streams compress poorly and replicas sit on a fast network, so identity costs little
+        // and saves decoding every response.
+        upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
         Ok(())
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if upstream_response.status.is_success() {
+            let configured = ctx
+                .decision
+                .zip(ctx.snapshot.as_deref())
+                .and_then(|(d, s)| s.dialects.get(d.replica as usize).copied().flatten());
+            let dialect =
+                configured.unwrap_or_else(|| Dialect::from_path(session.req_header().uri.path()));
+            let framing = upstream_response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map_or(Framing::Json, Framing::from_content_type);
+            ctx.extractor = Some(UsageExtractor::new(dialect, framing));
+        }
         // Record the override as soon as the replica accepts the turn (2xx header), not in
         // `logging`: Pingora runs `logging` after the client already has the whole response,
         // so a fast client's next turn could otherwise be routed before the entry exists.
@@ -217,10 +254,16 @@ impl ProxyHttp for TetherProxy {
     fn response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
+            ctx.first_byte.get_or_insert_with(Instant::now);
+            if let Some(x) = &mut ctx.extractor {
+                x.feed(chunk);
+            }
+        }
         // The replica is done with this request once its body ends; release the slot before
         // the last bytes reach the client (`logging` runs later, and also releases it on
         // every path that never gets here).
@@ -303,16 +346,60 @@ impl ProxyHttp for TetherProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         drop(ctx.inflight.take());
+        let latency = ctx.started.elapsed();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let extraction = ctx.extractor.as_mut().map(UsageExtractor::finish);
         let replica = ctx.served_replica();
+        let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
+        let model = extraction.as_ref().and_then(|x| x.model.clone());
+        let cost = ctx
+            .snapshot
+            .as_deref()
+            .and_then(|s| s.price(model.as_deref()).cost(&usage));
+        let usage_status = match (&extraction, e) {
+            (Some(x), _) if x.outcome == UsageOutcome::Found => "found",
+            // The response broke off (client gone, upstream failed mid-body).
+            (Some(_), Some(_)) => "incomplete",
+            (Some(x), None) => match x.outcome {
+                UsageOutcome::Missing => "missing",
+                UsageOutcome::Malformed => "malformed",
+                UsageOutcome::TooLarge => "too_large",
+                UsageOutcome::Found => "found",
+            },
+            (None, _) => "not_metered",
+        };
+        let record = UsageRecord {
+            ts: timestamp(SystemTime::now()),
+            tenant: ctx.tenant.as_deref().unwrap_or("-").to_owned(),
+            session: ctx.key.map(|k| self.meter.session_hash(k)),
+            model,
+            region: replica
+                .zip(ctx.snapshot.as_deref())
+                .map(|(r, s)| s.selector.region_name(r.region).to_owned()),
+            replica: replica.map(|r| r.id.to_string()),
+            outcome: ctx.decision.map(|d| d.outcome.as_str().to_owned()),
+            status,
+            prompt_tokens: usage.prompt_tokens,
+            cached_tokens: usage.cached_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost_micro_usd: cost.map(|c| c.cost_micro_usd),
+            uncached_cost_micro_usd: cost.map(|c| c.uncached_cost_micro_usd),
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            ttft_ms: ctx
+                .first_byte
+                .map(|t| u64::try_from((t - ctx.started).as_millis()).unwrap_or(u64::MAX)),
+            attempts: ctx.attempts,
+            usage_status: usage_status.to_owned(),
+        };
         debug!(
-            "tenant={} outcome={} replica={} status={status} attempts={}{}",
-            ctx.tenant.as_deref().unwrap_or("-"),
-            ctx.decision.map_or("-", |d| d.outcome.as_str()),
-            replica.map_or("-", |r| &r.id),
+            "tenant={} outcome={} replica={} status={status} attempts={} usage={usage_status}{}",
+            record.tenant,
+            record.outcome.as_deref().unwrap_or("-"),
+            record.replica.as_deref().unwrap_or("-"),
             ctx.attempts,
             e.map(|e| format!(" error={e}")).unwrap_or_default(),
         );
+        self.meter.finish(record, latency);
     }
 }
 

@@ -12,7 +12,8 @@ use tether_affinity::{
     Admission, LoadView, OverrideTable, RegionSpec, ReplicaIdx, ReplicaSpec, ReplicaTag, Selector,
     SelectorOptions, TagRegistry, TenantScope, TokenRules,
 };
-use tether_topology::{ReplicaState, Topology};
+use tether_metering::{Dialect, Price};
+use tether_topology::{ReplicaState, Topology, UsageDialect};
 
 /// Live counters of one replica. Keyed by tag, so they survive topology reloads.
 #[derive(Debug, Default)]
@@ -71,6 +72,10 @@ pub struct Snapshot {
     pub token_rules: TokenRules,
     /// Lower-cased name of the token header.
     pub header: http::HeaderName,
+    /// Token prices.
+    pub pricing: tether_topology::Pricing,
+    /// Per replica (indexed like the selector's), a configured usage dialect.
+    pub dialects: Vec<Option<Dialect>>,
 }
 
 impl Snapshot {
@@ -83,6 +88,16 @@ impl Snapshot {
     pub fn tenant_for_key(&self, api_key: &[u8]) -> Option<&TenantEntry> {
         let digest: [u8; 32] = Sha256::digest(api_key).into();
         self.tenants.get(&digest)
+    }
+
+    /// The price of `model` (the default price when unknown or unnamed).
+    pub fn price(&self, model: Option<&str>) -> Price {
+        let p = model.map_or(&self.pricing.default, |m| self.pricing.for_model(m));
+        Price {
+            input: p.input_micro_usd_per_mtok,
+            cached_input: p.cached_input_micro_usd_per_mtok,
+            output: p.output_micro_usd_per_mtok,
+        }
     }
 
     /// Takes an in-flight slot on replica `idx`.
@@ -217,7 +232,20 @@ fn build_snapshot(
     let header = http::HeaderName::from_bytes(topology.affinity.header.as_bytes())
         .map_err(|e| anyhow::anyhow!("affinity.header {:?}: {e}", topology.affinity.header))?;
 
+    let dialects = topology
+        .replicas()
+        .map(|(_, r)| {
+            r.dialect.map(|d| match d {
+                UsageDialect::Openai => Dialect::Openai,
+                UsageDialect::Anthropic => Dialect::Anthropic,
+                UsageDialect::Llamacpp => Dialect::Llamacpp,
+            })
+        })
+        .collect();
+
     Ok(Snapshot {
+        pricing: topology.pricing.clone(),
+        dialects,
         token_rules: TokenRules {
             max_len: topology.affinity.max_token_len,
         },

@@ -38,8 +38,8 @@ use std::path::Path;
 
 pub use error::{Problem, TopologyError};
 pub use model::{
-    AffinitySettings, Price, Pricing, Region, Replica, ReplicaState, ServerSettings, Tenant,
-    TokenlessPolicy, Topology, UpstreamSettings, UsageLog,
+    AffinitySettings, MeteringSettings, Price, Pricing, Region, Replica, ReplicaState,
+    ServerSettings, Tenant, TokenlessPolicy, Topology, UpstreamSettings, UsageDialect, UsageLog,
 };
 pub use validate::{MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT};
 

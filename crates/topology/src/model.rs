@@ -28,6 +28,8 @@ pub struct Topology {
     pub pricing: Pricing,
     /// Where to write the per-request usage log, if anywhere.
     pub usage_log: Option<UsageLog>,
+    /// Metering settings.
+    pub metering: MeteringSettings,
     /// Upstream connection settings.
     pub upstream: UpstreamSettings,
     /// Process settings.
@@ -84,6 +86,20 @@ pub struct Replica {
     pub state: ReplicaState,
     /// Hard cap on requests in flight (`None` = no cap).
     pub max_inflight: Option<u32>,
+    /// How to read its usage; `None` = from the request path.
+    pub dialect: Option<UsageDialect>,
+}
+
+/// A replica's response dialect, for metering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageDialect {
+    /// OpenAI, vLLM, SGLang.
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+    /// llama.cpp server.
+    Llamacpp,
 }
 
 /// A replica's administrative state.
@@ -140,6 +156,15 @@ impl Pricing {
 pub struct UsageLog {
     /// JSONL file path.
     pub path: PathBuf,
+    /// Records queued for the writer before new ones are dropped (and counted).
+    pub queue: usize,
+}
+
+/// The `metering` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeteringSettings {
+    /// Secret for the keyed session hash in usage records (`TETHER_SESSION_KEY` overrides).
+    pub session_key: Option<String>,
 }
 
 /// The `upstream` section.

@@ -28,6 +28,8 @@ pub(crate) struct RawTopology {
     #[serde(default)]
     pub usage_log: Option<RawUsageLog>,
     #[serde(default)]
+    pub metering: RawMetering,
+    #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
     pub server: RawServer,
@@ -79,6 +81,8 @@ pub(crate) struct RawReplica {
     pub state: crate::ReplicaState,
     #[serde(default)]
     pub max_inflight: Option<u32>,
+    #[serde(default)]
+    pub dialect: Option<crate::UsageDialect>,
 }
 
 fn one() -> NonZeroU32 {
@@ -112,6 +116,18 @@ pub(crate) struct RawPrice {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUsageLog {
     pub path: PathBuf,
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_queue() -> usize {
+    65_536
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawMetering {
+    pub session_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

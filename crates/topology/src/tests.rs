@@ -20,7 +20,7 @@ regions:
       - { id: eu-2, address: "127.0.0.1:9102", state: draining }
   - name: us
     replicas:
-      - { id: us-1, address: "127.0.0.1:9201", weight: 3, state: disabled }
+      - { id: us-1, address: "127.0.0.1:9201", weight: 3, state: disabled, dialect: llamacpp }
 tenants:
   - { id: acme, api_key_sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae" }
 pricing:
@@ -28,6 +28,7 @@ pricing:
   models:
     big-model: { input_per_mtok: 3, cached_input_per_mtok: 0.3, output_per_mtok: 15 }
 usage_log: { path: logs/usage.jsonl }
+metering: { session_key: "0123456789abcdef" }
 upstream: { connect_timeout: 500ms, read_timeout: 2m }
 server: { threads: 4, grace_period: 10s }
 "#;
@@ -231,7 +232,7 @@ fn empty_region_is_refused() {
     let p = problem(
         &VALID
             .replace(
-                "      - { id: us-1, address: \"127.0.0.1:9201\", weight: 3, state: disabled }\n",
+                "      - { id: us-1, address: \"127.0.0.1:9201\", weight: 3, state: disabled, dialect: llamacpp }\n",
                 "",
             )
             .replace("    replicas:\ntenants", "    replicas: []\ntenants"),
@@ -466,4 +467,38 @@ fn empty_usage_log_path_is_refused() {
         .key,
         "usage_log.path"
     );
+}
+
+#[test]
+fn metering_settings_and_replica_dialects_load() {
+    let t = load(VALID).unwrap();
+    assert_eq!(t.metering.session_key.as_deref(), Some("0123456789abcdef"));
+    assert_eq!(
+        t.usage_log.as_ref().unwrap().queue,
+        65_536,
+        "queue defaults"
+    );
+    assert_eq!(
+        t.regions[1].replicas[0].dialect,
+        Some(UsageDialect::Llamacpp)
+    );
+    assert_eq!(t.regions[0].replicas[0].dialect, None);
+}
+
+#[test]
+fn a_short_session_key_and_a_zero_queue_are_refused() {
+    assert_eq!(
+        problem(&VALID.replace("session_key: \"0123456789abcdef\"", "session_key: short")).key,
+        "metering.session_key"
+    );
+    assert_eq!(
+        problem(&VALID.replace(
+            "usage_log: { path: logs/usage.jsonl }",
+            "usage_log: { path: u.jsonl, queue: 0 }"
+        ))
+        .key,
+        "usage_log.queue"
+    );
+    let (_, message) = parse_error(&VALID.replace("dialect: llamacpp", "dialect: cohere"));
+    assert!(message.contains("unknown variant `cohere`"), "{message}");
 }

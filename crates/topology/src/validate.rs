@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::raw::{RawPrice, RawTopology};
 use crate::{
-    AffinitySettings, Price, Pricing, Problem, Region, Replica, ServerSettings, Tenant, Topology,
-    UpstreamSettings, UsageLog,
+    AffinitySettings, MeteringSettings, Price, Pricing, Problem, Region, Replica, ServerSettings,
+    Tenant, Topology, UpstreamSettings, UsageLog,
 };
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
@@ -219,6 +219,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 weight,
                 state: replica.state,
                 max_inflight: replica.max_inflight,
+                dialect: replica.dialect,
             });
         }
         regions.push(Region {
@@ -335,6 +336,20 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         if log.path.as_os_str().is_empty() {
             p.add("usage_log.path", "must not be empty");
         }
+        if log.queue == 0 || log.queue > 10_000_000 {
+            p.add(
+                "usage_log.queue",
+                format!("{} is out of range 1..=10000000", log.queue),
+            );
+        }
+    }
+    if let Some(key) = &raw.metering.session_key {
+        if key.len() < 16 {
+            p.add(
+                "metering.session_key",
+                "must be at least 16 characters: it keys the session hash in usage records",
+            );
+        }
     }
 
     if !p.0.is_empty() {
@@ -357,7 +372,13 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         regions,
         tenants,
         pricing,
-        usage_log: raw.usage_log.map(|l| UsageLog { path: l.path }),
+        usage_log: raw.usage_log.map(|l| UsageLog {
+            path: l.path,
+            queue: l.queue,
+        }),
+        metering: MeteringSettings {
+            session_key: raw.metering.session_key,
+        },
         upstream: UpstreamSettings {
             connect_timeout: raw.upstream.connect_timeout,
             read_timeout: raw.upstream.read_timeout,

@@ -1,0 +1,252 @@
+//! Metering glue: per-request usage records, the usage log, and the Prometheus metrics.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use sha2::Sha256;
+use tether_affinity::RoutingKey;
+use tether_metering::{UsageLog, UsageRecord};
+use tether_topology::Topology;
+
+use crate::router::Router;
+
+/// Environment variable that overrides `metering.session_key`.
+pub const SESSION_KEY_ENV: &str = "TETHER_SESSION_KEY";
+
+/// The metrics of the design doc, on one registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    input_tokens: IntCounterVec,
+    output_tokens: IntCounterVec,
+    cost: IntCounterVec,
+    saved: IntCounterVec,
+    usage_unknown: IntCounterVec,
+    duration: Histogram,
+    inflight: IntGaugeVec,
+    override_entries: IntGauge,
+    log_dropped: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let requests = counter_vec(
+            "tether_requests_total",
+            "Requests by tenant, routing outcome and status.",
+            &["tenant", "outcome", "status"],
+        )?;
+        let input_tokens = counter_vec(
+            "tether_input_tokens_total",
+            "Input tokens by tenant, cached (served from the prefix cache) or not.",
+            &["tenant", "cached"],
+        )?;
+        let output_tokens = counter_vec(
+            "tether_output_tokens_total",
+            "Generated tokens by tenant.",
+            &["tenant"],
+        )?;
+        let cost = counter_vec(
+            "tether_cost_micro_usd_total",
+            "Cost in micro-dollars by tenant, cached tokens at their discount.",
+            &["tenant"],
+        )?;
+        let saved = counter_vec(
+            "tether_saved_micro_usd_total",
+            "What the prefix cache saved, in micro-dollars, by tenant.",
+            &["tenant"],
+        )?;
+        let usage_unknown = counter_vec(
+            "tether_usage_unknown_total",
+            "Responses whose usage could not be read, by reason.",
+            &["reason"],
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tether_request_duration_seconds",
+                "Request start to end of response.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ]),
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let inflight = IntGaugeVec::new(
+            Opts::new("tether_replica_inflight", "Requests in flight per replica."),
+            &["replica"],
+        )?;
+        registry.register(Box::new(inflight.clone()))?;
+        let override_entries =
+            IntGauge::new("tether_override_entries", "Sessions in the override table.")?;
+        registry.register(Box::new(override_entries.clone()))?;
+        let log_dropped = IntCounter::new(
+            "tether_usage_log_dropped_total",
+            "Usage records dropped because the log writer could not keep up.",
+        )?;
+        registry.register(Box::new(log_dropped.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            input_tokens,
+            output_tokens,
+            cost,
+            saved,
+            usage_unknown,
+            duration,
+            inflight,
+            override_entries,
+            log_dropped,
+        })
+    }
+
+    fn observe(&self, r: &UsageRecord, latency: Duration) {
+        let status = r.status.to_string();
+        self.requests
+            .with_label_values(&[
+                r.tenant.as_str(),
+                r.outcome.as_deref().unwrap_or("-"),
+                status.as_str(),
+            ])
+            .inc();
+        self.duration.observe(latency.as_secs_f64());
+        if let (Some(prompt), Some(cached)) = (r.prompt_tokens, r.cached_tokens) {
+            let uncached = prompt.saturating_sub(cached);
+            self.input_tokens
+                .with_label_values(&[r.tenant.as_str(), "true"])
+                .inc_by(cached);
+            self.input_tokens
+                .with_label_values(&[r.tenant.as_str(), "false"])
+                .inc_by(uncached);
+        }
+        if let Some(out) = r.completion_tokens {
+            self.output_tokens
+                .with_label_values(&[r.tenant.as_str()])
+                .inc_by(out);
+        }
+        if let (Some(cost), Some(uncached)) = (r.cost_micro_usd, r.uncached_cost_micro_usd) {
+            self.cost
+                .with_label_values(&[r.tenant.as_str()])
+                .inc_by(cost);
+            self.saved
+                .with_label_values(&[r.tenant.as_str()])
+                .inc_by(uncached.saturating_sub(cost));
+        }
+        if r.usage_status != "found" {
+            self.usage_unknown
+                .with_label_values(&[r.usage_status.as_str()])
+                .inc();
+        }
+    }
+}
+
+/// Usage records, the usage log and the metrics of one process.
+#[derive(Debug)]
+pub struct Meter {
+    log: Option<UsageLog>,
+    session_key: Vec<u8>,
+    metrics: Metrics,
+}
+
+impl Meter {
+    /// Opens the usage log (if configured) and builds the metrics.
+    pub fn new(topology: &Topology) -> anyhow::Result<Meter> {
+        let log = match &topology.usage_log {
+            Some(l) => Some(UsageLog::open(&l.path, l.queue)?),
+            None => None,
+        };
+        let session_key = match std::env::var(SESSION_KEY_ENV)
+            .ok()
+            .or_else(|| topology.metering.session_key.clone())
+        {
+            Some(key) if key.len() >= 16 => key.into_bytes(),
+            Some(_) => anyhow::bail!("{SESSION_KEY_ENV} must be at least 16 characters"),
+            None => {
+                if log.is_some() {
+                    log::warn!(
+                        "no metering.session_key or {SESSION_KEY_ENV}: session hashes in the usage log \
+                         use a random key and will not match across restarts"
+                    );
+                }
+                rand::random::<[u8; 32]>().to_vec()
+            }
+        };
+        Ok(Meter {
+            log,
+            session_key,
+            metrics: Metrics::new()?,
+        })
+    }
+
+    /// The keyed hash that stands for a session in records: HMAC-SHA256 of its routing key,
+    /// 128 bits in hex. Without the key it reveals nothing about the token.
+    pub fn session_hash(&self, key: RoutingKey) -> String {
+        match Hmac::<Sha256>::new_from_slice(&self.session_key) {
+            Ok(mut mac) => {
+                mac.update(&key.0.to_be_bytes());
+                hex::encode(&mac.finalize().into_bytes()[..16])
+            }
+            // HMAC accepts keys of any length; this cannot happen.
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Counts a finished request and queues its record.
+    pub fn finish(&self, record: UsageRecord, latency: Duration) {
+        self.metrics.observe(&record, latency);
+        if let Some(log) = &self.log {
+            log.record(record);
+        }
+    }
+
+    /// Reopens the usage log (after rotation).
+    pub fn reopen(&self) {
+        if let Some(log) = &self.log {
+            log.reopen();
+        }
+    }
+
+    /// Flushes and closes the usage log; returns `(written, dropped)`.
+    pub fn close(&self) -> (u64, u64) {
+        match &self.log {
+            Some(log) => {
+                log.close();
+                (log.written(), log.dropped())
+            }
+            None => (0, 0),
+        }
+    }
+
+    /// The Prometheus text exposition, with gauges read now.
+    pub fn render(&self, router: &Router) -> String {
+        let m = &self.metrics;
+        let snapshot = router.snapshot();
+        for (replica, live) in snapshot.selector.replicas().iter().zip(&snapshot.live) {
+            m.inflight
+                .with_label_values(&[&*replica.id])
+                .set(i64::from(live.inflight()));
+        }
+        m.override_entries
+            .set(i64::try_from(router.overrides().len()).unwrap_or(i64::MAX));
+        if let Some(log) = &self.log {
+            let dropped = log.dropped();
+            m.log_dropped
+                .inc_by(dropped.saturating_sub(m.log_dropped.get()));
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut out) {
+            log::error!("encoding metrics: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
