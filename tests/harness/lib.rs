@@ -223,6 +223,26 @@ impl Tether {
         })
     }
 
+    /// Stops tether gracefully (SIGTERM) and waits until it exits; returns whether it exited
+    /// successfully.
+    pub fn terminate(&mut self) -> anyhow::Result<bool> {
+        let pid = self.process.pid().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
+        if !sent.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.process.child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                bail!("tether did not exit within {READY_TIMEOUT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `http://<proxy addr><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

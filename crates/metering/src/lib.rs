@@ -36,11 +36,13 @@
 mod extract;
 mod pricing;
 mod record;
+mod report;
 mod sink;
 mod usage;
 
 pub use extract::{Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_WINDOW};
 pub use pricing::{Cost, Price};
 pub use record::{timestamp, UsageRecord};
+pub use report::{aggregate, GroupBy, Report, ReportRow};
 pub use sink::{SinkError, UsageLog, DEFAULT_QUEUE};
 pub use usage::{Dialect, Usage};

@@ -10,6 +10,7 @@ mod admin;
 mod api_error;
 mod meter;
 mod proxy;
+mod report_cmd;
 mod router;
 
 use std::net::{SocketAddr, TcpListener};
@@ -51,6 +52,18 @@ enum Command {
         #[arg(short = 'u', long)]
         upgrade: bool,
     },
+    /// Summarize usage logs per tenant (or region, replica, model).
+    Report {
+        /// Usage log files (JSONL; `.gz` for rotated ones).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Group by.
+        #[arg(long, value_enum, default_value = "tenant")]
+        by: report_cmd::By,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: report_cmd::Format,
+    },
     /// Validate topology files and exit; non-zero if any is invalid.
     Check {
         /// Topology files (YAML).
@@ -64,6 +77,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { configs } => check(&configs),
+        Command::Report { files, by, format } => match report_cmd::run(&files, by, format) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tether report: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config, upgrade } => match run(&config, upgrade) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,0 +1,163 @@
+//! Aggregating usage records: what `tether report` prints.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::UsageRecord;
+
+/// What to group records by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Tenant id.
+    Tenant,
+    /// Region of the serving replica.
+    Region,
+    /// Serving replica.
+    Replica,
+    /// Model.
+    Model,
+}
+
+/// Totals of one group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReportRow {
+    /// The group's key (`-` when the record has none).
+    pub key: String,
+    /// Records.
+    pub requests: u64,
+    /// Records whose usage was unknown.
+    pub unknown_usage: u64,
+    /// Σ prompt tokens (known values only).
+    pub prompt_tokens: u64,
+    /// Σ cached tokens (records that know both prompt and cached).
+    pub cached_tokens: u64,
+    /// `cached / prompt` over records that know both, in percent.
+    pub cache_hit_pct: f64,
+    /// Σ output tokens.
+    pub output_tokens: u64,
+    /// Σ cost, micro-dollars.
+    pub cost_micro_usd: u64,
+    /// Σ what the cache saved, micro-dollars.
+    pub saved_micro_usd: u64,
+    #[serde(skip)]
+    prompt_with_cached: u64,
+}
+
+impl ReportRow {
+    fn add(&mut self, r: &UsageRecord) {
+        self.requests += 1;
+        if r.prompt_tokens.is_none() {
+            self.unknown_usage += 1;
+        }
+        self.prompt_tokens += r.prompt_tokens.unwrap_or(0);
+        if let (Some(p), Some(c)) = (r.prompt_tokens, r.cached_tokens) {
+            self.prompt_with_cached += p;
+            self.cached_tokens += c;
+        }
+        self.output_tokens += r.completion_tokens.unwrap_or(0);
+        if let (Some(cost), Some(uncached)) = (r.cost_micro_usd, r.uncached_cost_micro_usd) {
+            self.cost_micro_usd += cost;
+            self.saved_micro_usd += uncached.saturating_sub(cost);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.cache_hit_pct = if self.prompt_with_cached == 0 {
+            0.0
+        } else {
+            100.0 * self.cached_tokens as f64 / self.prompt_with_cached as f64
+        };
+    }
+}
+
+/// Per-group rows (sorted by key) and the total.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// One row per group.
+    pub rows: Vec<ReportRow>,
+    /// Everything.
+    pub total: ReportRow,
+}
+
+/// Aggregates records.
+pub fn aggregate<'a>(records: impl IntoIterator<Item = &'a UsageRecord>, by: GroupBy) -> Report {
+    let mut groups: BTreeMap<String, ReportRow> = BTreeMap::new();
+    let mut total = ReportRow {
+        key: "total".into(),
+        ..ReportRow::default()
+    };
+    for r in records {
+        let key = match by {
+            GroupBy::Tenant => Some(r.tenant.as_str()),
+            GroupBy::Region => r.region.as_deref(),
+            GroupBy::Replica => r.replica.as_deref(),
+            GroupBy::Model => r.model.as_deref(),
+        }
+        .unwrap_or("-");
+        let row = groups.entry(key.to_owned()).or_insert_with(|| ReportRow {
+            key: key.to_owned(),
+            ..ReportRow::default()
+        });
+        row.add(r);
+        total.add(r);
+    }
+    let mut rows: Vec<ReportRow> = groups.into_values().collect();
+    rows.iter_mut().for_each(ReportRow::finish);
+    total.finish();
+    Report { rows, total }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(
+        tenant: &str,
+        prompt: Option<u64>,
+        cached: Option<u64>,
+        cost: Option<(u64, u64)>,
+    ) -> UsageRecord {
+        UsageRecord {
+            ts: String::new(),
+            tenant: tenant.into(),
+            session: None,
+            model: Some("m".into()),
+            region: Some("eu".into()),
+            replica: None,
+            outcome: None,
+            status: 200,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            completion_tokens: Some(1),
+            cost_micro_usd: cost.map(|c| c.0),
+            uncached_cost_micro_usd: cost.map(|c| c.1),
+            latency_ms: 1,
+            ttft_ms: None,
+            attempts: 1,
+            usage_status: "found".into(),
+        }
+    }
+
+    #[test]
+    fn groups_sum_and_the_hit_ratio_ignores_unknown_cached_counts() {
+        let records = [
+            record("a", Some(100), Some(80), Some((10, 30))),
+            record("a", Some(100), None, None),
+            record("b", None, None, None),
+        ];
+        let r = aggregate(&records, GroupBy::Tenant);
+        assert_eq!(r.rows.len(), 2);
+        let a = &r.rows[0];
+        assert_eq!((a.requests, a.prompt_tokens, a.cached_tokens), (2, 200, 80));
+        assert_eq!(
+            a.cache_hit_pct, 80.0,
+            "only the record that knows its cached count"
+        );
+        assert_eq!((a.cost_micro_usd, a.saved_micro_usd), (10, 20));
+        assert_eq!(r.rows[1].unknown_usage, 1);
+        assert_eq!(r.total.requests, 3);
+        let by_replica = aggregate(&records, GroupBy::Replica);
+        assert_eq!(by_replica.rows[0].key, "-");
+    }
+}

@@ -1,0 +1,152 @@
+//! `tether report FILE...`: per-tenant (or region, replica, model) usage from usage logs.
+//!
+//! Reads plain and gzipped (`.gz`, e.g. rotated) files, and files still being written: a last
+//! line without its newline is an unfinished record and is skipped, not an error.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tether_metering::{aggregate, GroupBy, Report, ReportRow, UsageRecord};
+
+/// `--by`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum By {
+    /// Tenant id.
+    Tenant,
+    /// Region of the serving replica.
+    Region,
+    /// Serving replica.
+    Replica,
+    /// Model.
+    Model,
+}
+
+/// `--format`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// One JSON document.
+    Json,
+    /// Comma-separated values with a header.
+    Csv,
+}
+
+/// Records of one file, and how many complete lines were not records.
+fn read(path: &Path) -> anyhow::Result<(Vec<UsageRecord>, usize)> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut reader = BufReader::new(reader);
+    let (mut records, mut bad) = (Vec::new(), 0);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') {
+            // The writer is mid-record: not an error.
+            break;
+        }
+        match serde_json::from_slice::<UsageRecord>(&line) {
+            Ok(r) => records.push(r),
+            Err(_) => bad += 1,
+        }
+    }
+    Ok((records, bad))
+}
+
+fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
+    let mut rows: Vec<&ReportRow> = report.rows.iter().collect();
+    rows.push(&report.total);
+    let name = format!("{by:?}").to_lowercase();
+    let mut out = String::new();
+    match format {
+        Format::Json => out = serde_json::to_string_pretty(report)? + "\n",
+        Format::Csv => {
+            writeln!(out, "{name},requests,unknown_usage,prompt_tokens,cached_tokens,cache_hit_pct,output_tokens,cost_usd,saved_usd")?;
+            for r in rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{:.2},{},{:.6},{:.6}",
+                    r.key,
+                    r.requests,
+                    r.unknown_usage,
+                    r.prompt_tokens,
+                    r.cached_tokens,
+                    r.cache_hit_pct,
+                    r.output_tokens,
+                    r.cost_micro_usd as f64 / 1e6,
+                    r.saved_micro_usd as f64 / 1e6
+                )?;
+            }
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{name:<16} {:>9} {:>13} {:>13} {:>7} {:>12} {:>12} {:>12}",
+                "requests",
+                "prompt_tok",
+                "cached_tok",
+                "hit",
+                "output_tok",
+                "cost_usd",
+                "saved_usd"
+            )?;
+            for r in rows {
+                writeln!(
+                    out,
+                    "{:<16} {:>9} {:>13} {:>13} {:>6.1}% {:>12} {:>12.4} {:>12.4}",
+                    r.key,
+                    r.requests,
+                    r.prompt_tokens,
+                    r.cached_tokens,
+                    r.cache_hit_pct,
+                    r.output_tokens,
+                    r.cost_micro_usd as f64 / 1e6,
+                    r.saved_micro_usd as f64 / 1e6
+                )?;
+            }
+            if report.total.unknown_usage > 0 {
+                writeln!(
+                    out,
+                    "({} requests with unknown usage)",
+                    report.total.unknown_usage
+                )?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `tether report`.
+pub fn run(files: &[PathBuf], by: By, format: Format) -> anyhow::Result<String> {
+    let mut records = Vec::new();
+    for path in files {
+        let (mut more, bad) = read(path)?;
+        if bad > 0 {
+            eprintln!(
+                "{}: skipped {bad} lines that are not usage records",
+                path.display()
+            );
+        }
+        records.append(&mut more);
+    }
+    let group = match by {
+        By::Tenant => GroupBy::Tenant,
+        By::Region => GroupBy::Region,
+        By::Replica => GroupBy::Replica,
+        By::Model => GroupBy::Model,
+    };
+    render(&aggregate(&records, group), by, format)
+}

@@ -1,0 +1,180 @@
+//! Metering end to end: the usage log agrees exactly with the replicas' own ground truth.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use tether_e2e::{api_key_sha256, binary, regions_yaml, SimFleet, TempDir, Tether, TetherConfig};
+use tether_loadgen::{RunConfig, Target, Workload};
+
+const FLEET: [&str; 4] = ["eu-1", "eu-2", "us-1", "us-2"];
+
+fn workload(seed: u64) -> Workload {
+    Workload {
+        sessions: 8,
+        turns: 4,
+        concurrency: 4,
+        arrival_rate: 0.0,
+        think_ms: 0,
+        tenants: 2,
+        system_tokens: 128,
+        user_tokens: 32,
+        max_tokens: 8,
+        seed,
+        ..Workload::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdown() {
+    let fleet = SimFleet::start(&FLEET).unwrap();
+    let logs = TempDir::new("tether-usage").unwrap();
+    let log_path = logs.path().join("usage.jsonl");
+    let region = |prefix: &str| {
+        FLEET
+            .iter()
+            .filter(|id| id.starts_with(prefix))
+            .map(|id| (id.to_string(), fleet.addr(id), ""))
+            .collect::<Vec<_>>()
+    };
+    let mut tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: eu\n{}tenants:\n  - {{ id: acme, api_key_sha256: \"{}\" }}\n  - {{ id: globex, api_key_sha256: \"{}\" }}\n\
+             pricing:\n  default: {{ input_per_mtok: 0.5, cached_input_per_mtok: 0.05, output_per_mtok: 1.5 }}\n\
+             usage_log: {{ path: \"{}\" }}\nmetering: {{ session_key: \"e2e-session-key-0123456789\" }}\n",
+            regions_yaml(&[("eu", region("eu")), ("us", region("us"))]),
+            api_key_sha256("sk-acme"),
+            api_key_sha256("sk-globex"),
+            log_path.display(),
+        ),
+    })
+    .unwrap();
+    let keys = vec!["sk-acme".to_string(), "sk-globex".to_string()];
+
+    // Streaming and non-streaming agent sessions for both tenants…
+    let mut sent = 0;
+    for (seed, stream) in [(1, true), (2, false)] {
+        let config = RunConfig {
+            workload: workload(seed),
+            target: Target::Proxy(format!("http://{}", tether.addr)),
+            api_keys: keys.clone(),
+            stream,
+            block_tokens: 16,
+        };
+        let report = tether_loadgen::run(config, None).await.unwrap();
+        assert_eq!(report.overall.errors, 0, "{:?}", report.error_samples);
+        sent += report.overall.requests;
+    }
+    // …and Anthropic Messages, JSON and SSE (dialect chosen from the path).
+    let client = reqwest::Client::new();
+    for stream in [false, true] {
+        let res = client
+            .post(tether.url("/v1/messages"))
+            .bearer_auth("sk-acme")
+            .header("x-session-affinity", "anthropic-session")
+            .json(&json!({"model": "claude-sim", "max_tokens": 5, "stream": stream, "system": "s".repeat(300), "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.bytes().await.unwrap();
+        sent += 1;
+    }
+
+    let metrics = client
+        .get(tether.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tether_usage_log_dropped_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_input_tokens_total{cached=\"true\",tenant=\"acme\"}"),
+        "{metrics}"
+    );
+
+    assert!(
+        tether.terminate().unwrap(),
+        "tether exits cleanly on SIGTERM"
+    );
+
+    let records: Vec<Value> = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len() as u64, sent, "every request has its line");
+    for r in &records {
+        assert_eq!(r["usage_status"], "found", "{r}");
+        assert!(r["session"].as_str().is_some_and(|s| s.len() == 32), "{r}");
+        assert!(
+            !r.to_string().contains("anthropic-session"),
+            "the raw token leaked: {r}"
+        );
+    }
+    let sum = |field: &str| {
+        records
+            .iter()
+            .map(|r| r[field].as_u64().unwrap())
+            .sum::<u64>()
+    };
+
+    let truth: Value = client
+        .get(fleet.admin_url("/replicas"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let truth_sum = |field: &str| {
+        truth["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["stats"][field].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(sent, truth_sum("requests"));
+    assert_eq!(sum("prompt_tokens"), truth_sum("prompt_tokens"));
+    assert_eq!(sum("cached_tokens"), truth_sum("cached_tokens"));
+    assert_eq!(sum("completion_tokens"), truth_sum("completion_tokens"));
+    assert!(sum("cached_tokens") > 0);
+    assert!(
+        sum("uncached_cost_micro_usd") > sum("cost_micro_usd"),
+        "the cache saved money"
+    );
+
+    // `tether report` prints each tenant's cache-hit % as computed from the records.
+    let mut per_tenant: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for r in &records {
+        let e = per_tenant
+            .entry(r["tenant"].as_str().unwrap().to_owned())
+            .or_default();
+        e.0 += r["cached_tokens"].as_u64().unwrap();
+        e.1 += r["prompt_tokens"].as_u64().unwrap();
+    }
+    let out = Command::new(binary("tether"))
+        .arg("report")
+        .arg(&log_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    for (tenant, (cached, prompt)) in per_tenant {
+        let pct = format!("{:.1}%", 100.0 * cached as f64 / prompt as f64);
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&tenant))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&pct),
+            "{tenant}: expected {pct} in {line:?}\n{table}"
+        );
+    }
+}
