@@ -65,8 +65,69 @@ pub(crate) async fn fault_gate(replica: &Replica, error: fn(u32) -> Response) ->
             Some(response)
         }
         Fault::Hang => std::future::pending().await,
+        Fault::Garbage => {
+            // Deterministic noise, with bytes JSON and SSE parsers must survive.
+            let noise: Vec<u8> = (0..65_536u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            let mut response = Response::new(Body::from(noise));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Some(response)
+        }
+        Fault::Huge { bytes } => Some(huge_body(bytes)),
+        Fault::Endless => Some(endless_stream()),
         Fault::None | Fault::Refuse | Fault::Slow { .. } => None,
     }
+}
+
+/// `{"usage":{"pad":"xxxx…"}}` of about `bytes` bytes, streamed in 64 KiB chunks.
+fn huge_body(bytes: u64) -> Response {
+    const CHUNK: usize = 64 << 10;
+    let pad = Bytes::from(vec![b'x'; CHUNK]);
+    // State: bytes sent so far, or None once the closing frame is out.
+    let stream = futures_util::stream::unfold(Some(0u64), move |sent| {
+        let pad = pad.clone();
+        async move {
+            let sent = sent?;
+            let (frame, next) = if sent == 0 {
+                let open = Bytes::from_static(b"{\"usage\":{\"prompt_tokens\":1,\"pad\":\"");
+                let len = open.len() as u64;
+                (open, Some(len))
+            } else if sent < bytes {
+                (pad, Some(sent + CHUNK as u64))
+            } else {
+                (Bytes::from_static(b"\"}}"), None)
+            };
+            Some((Ok::<_, Infallible>(frame), next))
+        }
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An SSE stream of content deltas every 10 ms, forever.
+fn endless_stream() -> Response {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let frame = sse_frame(
+            None,
+            r#"{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"more "}}]}"#,
+        );
+        loop {
+            if tx.send(frame.clone()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    sse_response(rx)
 }
 
 /// Response identity: fixed in deterministic mode so identical requests get identical bytes.

@@ -95,6 +95,15 @@ pub enum Fault {
         /// The factor (≥ 1 slows down).
         factor: f64,
     },
+    /// Answer 200 with a body that is not JSON.
+    Garbage,
+    /// Answer 200 with a JSON body of this many bytes whose `usage` never ends sensibly.
+    Huge {
+        /// Body size in bytes.
+        bytes: u64,
+    },
+    /// Answer 200 with an SSE stream that never ends and never reports usage.
+    Endless,
 }
 
 /// Ground truth a replica keeps about what it served (for the metering tests).
