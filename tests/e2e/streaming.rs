@@ -105,3 +105,57 @@ async fn a_streamed_completion_arrives_byte_for_byte_and_promptly_through_tether
         "chunks arrived within {spread:?}: the stream was buffered, not relayed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_did_not_ask_for_usage_is_metered_and_reaches_the_client_unchanged() {
+    let fleet = SimFleet::start_with(&["s-1"], &["--deterministic", "--time-scale", "0"]).unwrap();
+    let logs = tether_e2e::TempDir::new("tether-inject").unwrap();
+    let log_path = logs.path().join("usage.jsonl");
+    let mut tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: r\n{}usage_log: {{ path: \"{}\" }}\n",
+            regions_yaml(&[("r", vec![("s-1".into(), fleet.addr("s-1"), "")])]),
+            log_path.display()
+        ),
+    })
+    .unwrap();
+    // No stream_options: an OpenAI server would send no usage on this stream.
+    let body = json!({
+        "model": "tether-sim",
+        "stream": true,
+        "max_tokens": 5,
+        "messages": [{"role": "system", "content": "s".repeat(200)}, {"role": "user", "content": "no usage please"}],
+    });
+    let client = reqwest::Client::new();
+    let flush = || async {
+        let res = client
+            .post(fleet.admin_url("/replicas/s-1/flush"))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success());
+    };
+    flush().await;
+    let direct = receive(
+        client
+            .post(format!("http://{}/v1/chat/completions", fleet.addr("s-1")))
+            .json(&body),
+    )
+    .await;
+    flush().await;
+    let proxied = receive(client.post(tether.url("/v1/chat/completions")).json(&body)).await;
+
+    let text = String::from_utf8_lossy(&proxied.bytes);
+    assert!(
+        !text.contains("\"usage\""),
+        "the client sees no usage it did not ask for:\n{text}"
+    );
+    assert_eq!(text, String::from_utf8_lossy(&direct.bytes));
+
+    assert!(tether.terminate().unwrap());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let record: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(record["usage_status"], "found", "{record}");
+    assert_eq!(record["completion_tokens"], 5);
+    assert!(record["prompt_tokens"].as_u64().unwrap() > 50);
+}

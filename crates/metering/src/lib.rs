@@ -38,6 +38,7 @@ mod pricing;
 mod record;
 mod report;
 mod sink;
+mod stream_usage;
 mod usage;
 
 pub use extract::{Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_WINDOW};
@@ -45,4 +46,5 @@ pub use pricing::{Cost, Price};
 pub use record::{timestamp, UsageRecord};
 pub use report::{aggregate, GroupBy, Report, ReportRow};
 pub use sink::{SinkError, UsageLog, DEFAULT_QUEUE};
+pub use stream_usage::{ensure_stream_usage, UsageChunkFilter};
 pub use usage::{Dialect, Usage};

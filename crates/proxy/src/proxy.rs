@@ -19,7 +19,10 @@ use pingora::{ErrorSource, ErrorType};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{Decision, ReplicaInfo, ReplicaSet, RouteRequest, RoutingKey};
 
-use tether_metering::{timestamp, Dialect, Framing, UsageExtractor, UsageOutcome, UsageRecord};
+use tether_metering::{
+    ensure_stream_usage, timestamp, Dialect, Framing, UsageChunkFilter, UsageExtractor,
+    UsageOutcome, UsageRecord, DEFAULT_WINDOW,
+};
 
 use crate::api_error::ApiError;
 use crate::meter::Meter;
@@ -27,6 +30,18 @@ use crate::router::{InflightGuard, Router, Snapshot};
 
 /// Upstream attempts per request (the first try plus retries after connect failures).
 pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Largest chat request body Tether buffers to add `stream_options.include_usage`; a larger
+/// one is forwarded untouched (its stream may then report no usage).
+pub const MAX_REWRITE_BODY: usize = 16 << 20;
+
+/// A chat request body being collected for [`ensure_stream_usage`].
+#[derive(Debug, Default)]
+struct BodyRewrite {
+    buffer: Vec<u8>,
+    /// Gave up (too large): the rest passes through.
+    passthrough: bool,
+}
 
 /// The proxy.
 #[derive(Debug, Clone)]
@@ -48,6 +63,10 @@ pub struct RequestCtx {
     started: Instant,
     first_byte: Option<Instant>,
     extractor: Option<UsageExtractor>,
+    rewrite: Option<BodyRewrite>,
+    /// Usage was injected into the request: hide the usage-only event from the client.
+    strip_usage: Option<UsageChunkFilter>,
+    injected: bool,
     snapshot: Option<Arc<Snapshot>>,
     tenant: Option<Arc<str>>,
     key: Option<RoutingKey>,
@@ -122,6 +141,9 @@ impl ProxyHttp for TetherProxy {
             started: Instant::now(),
             first_byte: None,
             extractor: None,
+            rewrite: None,
+            strip_usage: None,
+            injected: false,
             snapshot: None,
             tenant: None,
             key: None,
@@ -139,6 +161,13 @@ impl ProxyHttp for TetherProxy {
             Admission::Admit { tenant_id, key } => {
                 ctx.tenant = Some(tenant_id);
                 ctx.key = key;
+                let req = session.req_header();
+                if snapshot.inject_stream_usage
+                    && req.method == http::Method::POST
+                    && req.uri.path().ends_with("/chat/completions")
+                {
+                    ctx.rewrite = Some(BodyRewrite::default());
+                }
                 ctx.snapshot = Some(snapshot);
                 Ok(false)
             }
@@ -158,8 +187,13 @@ impl ProxyHttp for TetherProxy {
             Some(s) => Arc::clone(s),
             None => self.router.snapshot(),
         };
-        // A retry releases the failed attempt's slot before taking the next.
+        // A retry releases the failed attempt's slot before taking the next, and replays the
+        // raw request body through `request_body_filter`.
         ctx.inflight = None;
+        if let Some(rewrite) = &mut ctx.rewrite {
+            *rewrite = BodyRewrite::default();
+        }
+        ctx.injected = false;
         let request = RouteRequest {
             key: ctx.key,
             sticky: ctx.key.and_then(|k| self.router.overrides().get(k)),
@@ -215,6 +249,45 @@ impl ProxyHttp for TetherProxy {
         // streams compress poorly and replicas sit on a fast network, so identity costs little
         // and saves decoding every response.
         upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+        if ctx.rewrite.is_some() {
+            // The body may grow; Pingora then frames it chunked.
+            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(rewrite) = ctx.rewrite.as_mut().filter(|r| !r.passthrough) else {
+            return Ok(());
+        };
+        if let Some(chunk) = body.take() {
+            rewrite.buffer.extend_from_slice(&chunk);
+        }
+        if rewrite.buffer.len() > MAX_REWRITE_BODY {
+            rewrite.passthrough = true;
+            *body = Some(Bytes::from(std::mem::take(&mut rewrite.buffer)));
+            return Ok(());
+        }
+        if !end_of_stream {
+            // Held back until the whole body is here. `Some(empty)`, not `None`: `None` would
+            // end the upstream body.
+            *body = Some(Bytes::new());
+            return Ok(());
+        }
+        let raw = std::mem::take(&mut rewrite.buffer);
+        *body = Some(match ensure_stream_usage(&raw) {
+            Some(rewritten) => {
+                ctx.injected = true;
+                Bytes::from(rewritten)
+            }
+            None => Bytes::from(raw),
+        });
         Ok(())
     }
 
@@ -237,6 +310,12 @@ impl ProxyHttp for TetherProxy {
                 .and_then(|v| v.to_str().ok())
                 .map_or(Framing::Json, Framing::from_content_type);
             ctx.extractor = Some(UsageExtractor::new(dialect, framing));
+            if ctx.injected && framing == Framing::Sse {
+                ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
+                // The body shrinks: it cannot keep a fixed length.
+                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+                upstream_response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            }
         }
         // Record the override as soon as the replica accepts the turn (2xx header), not in
         // `logging`: Pingora runs `logging` after the client already has the whole response,
@@ -262,6 +341,14 @@ impl ProxyHttp for TetherProxy {
             ctx.first_byte.get_or_insert_with(Instant::now);
             if let Some(x) = &mut ctx.extractor {
                 x.feed(chunk);
+            }
+        }
+        // Meter first, then hide the usage event the client did not ask for.
+        if let Some(filter) = &mut ctx.strip_usage {
+            let chunk = body.as_deref().unwrap_or_default();
+            let kept = filter.filter(chunk, end_of_stream);
+            if body.is_some() || !kept.is_empty() {
+                *body = Some(Bytes::from(kept));
             }
         }
         // The replica is done with this request once its body ends; release the slot before

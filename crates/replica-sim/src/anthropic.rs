@@ -86,7 +86,7 @@ pub(crate) async fn messages(State(replica): State<Arc<Replica>>, body: Bytes) -
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("tether-sim");
-    let meta = Meta::new(&replica, "msg_", &body, model);
+    let meta = Meta::new(&replica, "msg_", &job, model);
 
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let (tx, rx) = mpsc::channel(32);

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::engine::{Dialect, Fault, Job, Prefilled, Replica};
 use crate::template::{parse_messages, render_prompt, reply_text};
@@ -138,10 +138,14 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    pub fn new(replica: &Replica, prefix: &str, body: &[u8], model: &str) -> Meta {
+    /// In deterministic mode the id is a hash of what the request asks — rendered prompt,
+    /// length, model — so options that do not change the answer (`stream_options`) do not
+    /// change it either.
+    pub fn new(replica: &Replica, prefix: &str, job: &Job, model: &str) -> Meta {
         if replica.config().deterministic {
+            let seed = xxh3_64(model.as_bytes()) ^ job.completion_tokens;
             Meta {
-                id: format!("{prefix}{:016x}", xxh3_64(body)),
+                id: format!("{prefix}{:016x}", xxh3_64_with_seed(&job.prompt, seed)),
                 created: 0,
                 model: model.to_owned(),
             }
@@ -255,7 +259,7 @@ pub(crate) async fn completions(State(replica): State<Arc<Replica>>, body: Bytes
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("tether-sim");
-    let meta = Meta::new(&replica, "chatcmpl-", &body, model);
+    let meta = Meta::new(&replica, "chatcmpl-", &job, model);
     let streaming = request.get("stream").and_then(Value::as_bool) == Some(true);
     let include_usage = request
         .pointer("/stream_options/include_usage")

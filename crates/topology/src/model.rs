@@ -161,10 +161,13 @@ pub struct UsageLog {
 }
 
 /// The `metering` section.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeteringSettings {
     /// Secret for the keyed session hash in usage records (`TETHER_SESSION_KEY` overrides).
     pub session_key: Option<String>,
+    /// Add `stream_options.include_usage` to streaming chat requests that lack it (and hide
+    /// the extra usage event from the client), so streamed usage is always known.
+    pub inject_stream_usage: bool,
 }
 
 /// The `upstream` section.

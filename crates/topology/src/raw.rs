@@ -124,10 +124,20 @@ fn default_queue() -> usize {
     65_536
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RawMetering {
     pub session_key: Option<String>,
+    pub inject_stream_usage: bool,
+}
+
+impl Default for RawMetering {
+    fn default() -> Self {
+        RawMetering {
+            session_key: None,
+            inject_stream_usage: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

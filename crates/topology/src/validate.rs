@@ -378,6 +378,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         }),
         metering: MeteringSettings {
             session_key: raw.metering.session_key,
+            inject_stream_usage: raw.metering.inject_stream_usage,
         },
         upstream: UpstreamSettings {
             connect_timeout: raw.upstream.connect_timeout,

@@ -1,0 +1,162 @@
+//! Making sure streamed responses report usage, without showing clients what they did not ask
+//! for.
+//!
+//! OpenAI-compatible servers only send usage on a stream when the request says
+//! `stream_options.include_usage: true`. [`ensure_stream_usage`] adds it to a streaming request
+//! that lacks it; [`UsageChunkFilter`] then removes the extra usage-only event (`"choices":[]`)
+//! from what goes back to the client, after the metering has read it — clients that never
+//! asked for it may index `choices[0]` and crash on an empty list.
+
+use serde_json::Value;
+
+/// The rewritten body of a streaming chat request that did not ask for usage, or `None` when
+/// the body needs no change (not JSON, not streaming, or already asking).
+pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let mut request: Value = serde_json::from_slice(body).ok()?;
+    let object = request.as_object_mut()?;
+    if object.get("stream").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    if object
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true)
+    {
+        return None;
+    }
+    match object.get_mut("stream_options") {
+        Some(Value::Object(options)) => {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+        _ => {
+            object.insert(
+                "stream_options".into(),
+                serde_json::json!({"include_usage": true}),
+            );
+        }
+    }
+    serde_json::to_vec(&request).ok()
+}
+
+/// Removes usage-only SSE events from a stream, across arbitrary chunk boundaries.
+///
+/// Holds back at most one unfinished event (bounded by `window`; a longer one is passed
+/// through untouched), so the stream is delayed by nothing more than the bytes of an event
+/// that has not finished arriving.
+#[derive(Debug)]
+pub struct UsageChunkFilter {
+    pending: Vec<u8>,
+    window: usize,
+}
+
+fn event_end(bytes: &[u8]) -> Option<usize> {
+    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn is_usage_only(event: &[u8]) -> bool {
+    let has = |needle: &[u8]| event.windows(needle.len()).any(|w| w == needle);
+    has(b"\"usage\"") && (has(b"\"choices\":[]") || has(b"\"choices\": []"))
+}
+
+impl UsageChunkFilter {
+    /// A filter holding back at most `window` bytes.
+    pub fn new(window: usize) -> Self {
+        UsageChunkFilter {
+            pending: Vec::new(),
+            window,
+        }
+    }
+
+    /// Filters one chunk; `end` flushes whatever is held back.
+    pub fn filter(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        while let Some(len) = event_end(&self.pending) {
+            let event: Vec<u8> = self.pending.drain(..len).collect();
+            if !is_usage_only(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        if end || self.pending.len() > self.window {
+            out.append(&mut self.pending);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streaming_request_without_usage_gets_it() {
+        let out = ensure_stream_usage(br#"{"model":"m","stream":true,"messages":[]}"#).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        let out = ensure_stream_usage(
+            br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+    }
+
+    #[test]
+    fn other_requests_are_left_alone() {
+        for body in [
+            &br#"{"stream":false}"#[..],
+            br#"{"messages":[]}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            b"not json",
+            b"[1,2]",
+        ] {
+            assert_eq!(
+                ensure_stream_usage(body),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    const STREAM: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n";
+    const WITHOUT: &[u8] =
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n";
+
+    #[test]
+    fn the_usage_only_event_is_removed_however_the_stream_is_split() {
+        for at in 0..=STREAM.len() {
+            let mut f = UsageChunkFilter::new(1 << 16);
+            let mut out = f.filter(&STREAM[..at], false);
+            out.extend(f.filter(&STREAM[at..], false));
+            out.extend(f.filter(b"", true));
+            assert_eq!(out, WITHOUT, "split at {at}");
+        }
+    }
+
+    #[test]
+    fn content_that_mentions_usage_is_kept() {
+        let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\"\"}}]}\n\n";
+        let mut f = UsageChunkFilter::new(1 << 16);
+        assert_eq!(f.filter(event, true), event);
+    }
+
+    #[test]
+    fn an_oversized_unfinished_event_is_passed_through() {
+        let mut f = UsageChunkFilter::new(8);
+        assert_eq!(f.filter(b"data: 0123456789", false), b"data: 0123456789");
+    }
+}
