@@ -81,6 +81,16 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
         sent += 1;
     }
 
+    // A rejected request is a request too: it gets its line, unmetered.
+    let res = client
+        .post(tether.url("/v1/chat/completions"))
+        .bearer_auth("sk-wrong")
+        .json(&json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
     let metrics = client
         .get(tether.admin_url("/metrics"))
         .send()
@@ -108,7 +118,12 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records.len() as u64, sent, "every request has its line");
+    assert_eq!(records.len() as u64, sent + 1, "every request has its line");
+    let (rejected, records): (Vec<Value>, Vec<Value>) =
+        records.into_iter().partition(|r| r["status"] == 401);
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0]["usage_status"], "not_metered");
+    assert!(rejected[0]["prompt_tokens"].is_null());
     for r in &records {
         assert_eq!(r["usage_status"], "found", "{r}");
         assert!(r["session"].as_str().is_some_and(|s| s.len() == 32), "{r}");

@@ -157,6 +157,8 @@ impl ProxyHttp for TetherProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.router.snapshot();
+        // Kept for rejected requests too: they get a usage record like every other.
+        ctx.snapshot = Some(Arc::clone(&snapshot));
         match admit(&snapshot, session.req_header()) {
             Admission::Admit { tenant_id, key } => {
                 ctx.tenant = Some(tenant_id);
@@ -168,7 +170,6 @@ impl ProxyHttp for TetherProxy {
                 {
                     ctx.rewrite = Some(BodyRewrite::default());
                 }
-                ctx.snapshot = Some(snapshot);
                 Ok(false)
             }
             Admission::Reject(err) => {
@@ -248,7 +249,9 @@ impl ProxyHttp for TetherProxy {
         // Metering reads usage out of response bodies, so ask for them uncompressed: token
         // streams compress poorly and replicas sit on a fast network, so identity costs little
         // and saves decoding every response.
-        upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+        if ctx.snapshot.as_ref().is_some_and(|s| s.metering) {
+            upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+        }
         if ctx.rewrite.is_some() {
             // The body may grow; Pingora then frames it chunked.
             upstream_request.remove_header(&http::header::CONTENT_LENGTH);
@@ -297,7 +300,8 @@ impl ProxyHttp for TetherProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if upstream_response.status.is_success() {
+        let metering = ctx.snapshot.as_deref().is_some_and(|s| s.metering);
+        if metering && upstream_response.status.is_success() {
             let configured = ctx
                 .decision
                 .zip(ctx.snapshot.as_deref())
@@ -433,6 +437,9 @@ impl ProxyHttp for TetherProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         drop(ctx.inflight.take());
+        if !ctx.snapshot.as_deref().is_some_and(|s| s.metering) {
+            return;
+        }
         let latency = ctx.started.elapsed();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let extraction = ctx.extractor.as_mut().map(UsageExtractor::finish);

@@ -76,6 +76,8 @@ pub struct Snapshot {
     pub pricing: tether_topology::Pricing,
     /// Per replica (indexed like the selector's), a configured usage dialect.
     pub dialects: Vec<Option<Dialect>>,
+    /// Whether responses are metered at all.
+    pub metering: bool,
     /// Whether to add `stream_options.include_usage` to streaming chat requests.
     pub inject_stream_usage: bool,
 }
@@ -246,7 +248,8 @@ fn build_snapshot(
         .collect();
 
     Ok(Snapshot {
-        inject_stream_usage: topology.metering.inject_stream_usage,
+        metering: topology.metering.enabled,
+        inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,
         pricing: topology.pricing.clone(),
         dialects,
         token_rules: TokenRules {

@@ -163,6 +163,8 @@ pub struct UsageLog {
 /// The `metering` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeteringSettings {
+    /// Meter responses at all (off: no usage parsing, records or token metrics).
+    pub enabled: bool,
     /// Secret for the keyed session hash in usage records (`TETHER_SESSION_KEY` overrides).
     pub session_key: Option<String>,
     /// Add `stream_options.include_usage` to streaming chat requests that lack it (and hide

@@ -127,6 +127,7 @@ fn default_queue() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RawMetering {
+    pub enabled: bool,
     pub session_key: Option<String>,
     pub inject_stream_usage: bool,
 }
@@ -134,6 +135,7 @@ pub(crate) struct RawMetering {
 impl Default for RawMetering {
     fn default() -> Self {
         RawMetering {
+            enabled: true,
             session_key: None,
             inject_stream_usage: true,
         }

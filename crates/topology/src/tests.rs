@@ -474,6 +474,7 @@ fn metering_settings_and_replica_dialects_load() {
     let t = load(VALID).unwrap();
     assert_eq!(t.metering.session_key.as_deref(), Some("0123456789abcdef"));
     assert!(t.metering.inject_stream_usage, "on by default");
+    assert!(t.metering.enabled, "on by default");
     assert_eq!(
         t.usage_log.as_ref().unwrap().queue,
         65_536,

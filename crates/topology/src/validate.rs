@@ -377,6 +377,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             queue: l.queue,
         }),
         metering: MeteringSettings {
+            enabled: raw.metering.enabled,
             session_key: raw.metering.session_key,
             inject_stream_usage: raw.metering.inject_stream_usage,
         },
