@@ -44,7 +44,8 @@ fmt: ## Format the code
 check-conf: ## Validate every config in conf/
 	$(CARGO) run -q -p tether -- check $(addprefix -c ,$(wildcard conf/*.yaml))
 
-bench: deps ## Benchmarks (release): routing decision time and override-table memory
+bench: deps ## Benchmarks (release): routing decision time, override-table memory, metering overhead
+	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p tether-benches
 
 clean: ## Remove build output

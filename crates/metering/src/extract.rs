@@ -12,6 +12,9 @@
 //! Either way the result is the same however the body is split into chunks (tested at every
 //! byte offset), and nothing here can panic on hostile input.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -268,24 +271,24 @@ struct SseReader {
     malformed_events: u32,
 }
 
+/// Searchers for the keys that carry usage, built once: this runs on every streamed token,
+/// and building a SIMD searcher per call costs more than the search.
+static USAGE_KEYS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+    [
+        Finder::new(KEYS[0]),
+        Finder::new(KEYS[1]),
+        Finder::new(KEYS[2]),
+    ]
+});
+
 /// Whether an SSE event can carry usage (the model name rides along in those events).
 fn mentions_usage(data: &[u8]) -> bool {
-    KEYS[..3]
-        .iter()
-        .any(|k| data.windows(k.len()).any(|w| w == *k))
+    USAGE_KEYS.iter().any(|k| k.find(data).is_some())
 }
 
 impl SseReader {
-    fn line_done(&mut self, dialect: Dialect, builder: &mut UsageBuilder) {
-        if self.discarding {
-            self.discarding = false;
-            self.line.clear();
-            return;
-        }
-        let mut line = self.line.as_slice();
-        if let Some(stripped) = line.strip_suffix(b"\r") {
-            line = stripped;
-        }
+    fn line(&mut self, line: &[u8], dialect: Dialect, builder: &mut UsageBuilder) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(data) = line.strip_prefix(b"data:") {
             let data = data.strip_prefix(b" ").unwrap_or(data);
             if data != b"[DONE]" && mentions_usage(data) {
@@ -294,6 +297,16 @@ impl SseReader {
                     Err(_) => self.malformed_events += 1,
                 }
             }
+        }
+    }
+
+    fn line_done(&mut self, dialect: Dialect, builder: &mut UsageBuilder) {
+        if self.discarding {
+            self.discarding = false;
+        } else {
+            let line = std::mem::take(&mut self.line);
+            self.line(&line, dialect, builder);
+            self.line = line;
         }
         self.line.clear();
     }
@@ -305,29 +318,36 @@ impl SseReader {
         dialect: Dialect,
         builder: &mut UsageBuilder,
     ) {
-        while !chunk.is_empty() {
-            let newline = chunk.iter().position(|b| *b == b'\n');
-            let (part, rest) = match newline {
-                Some(i) => (&chunk[..i], Some(&chunk[i + 1..])),
-                None => (chunk, None),
-            };
-            if !self.discarding {
-                if self.line.len() + part.len() > window {
-                    // A line longer than any usage event: drop it, keep reading.
-                    self.discarding = true;
-                    self.too_large = true;
-                    self.line.clear();
+        while let Some(i) = memchr::memchr(b'\n', chunk) {
+            let (part, rest) = (&chunk[..i], &chunk[i + 1..]);
+            if self.line.is_empty() && !self.discarding {
+                // A whole line inside this chunk: read it in place, no copy.
+                if part.len() <= window {
+                    self.line(part, dialect, builder);
                 } else {
-                    self.line.extend_from_slice(part);
+                    self.too_large = true;
                 }
+            } else {
+                self.append(part, window);
+                self.line_done(dialect, builder);
             }
-            match rest {
-                Some(rest) => {
-                    self.line_done(dialect, builder);
-                    chunk = rest;
-                }
-                None => break,
-            }
+            chunk = rest;
+        }
+        self.append(chunk, window);
+    }
+
+    /// Adds to the unfinished line, or starts discarding it once it exceeds the window.
+    fn append(&mut self, part: &[u8], window: usize) {
+        if self.discarding {
+            return;
+        }
+        if self.line.len() + part.len() > window {
+            // A line longer than any usage event: drop it, keep reading.
+            self.discarding = true;
+            self.too_large = true;
+            self.line.clear();
+        } else {
+            self.line.extend_from_slice(part);
         }
     }
 }

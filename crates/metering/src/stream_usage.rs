@@ -7,11 +7,34 @@
 //! from what goes back to the client, after the metering has read it — clients that never
 //! asked for it may index `choices[0]` and crash on an empty list.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+use serde::Deserialize;
 use serde_json::Value;
+
+/// The two fields that decide; serde skips everything else without allocating it.
+#[derive(Deserialize)]
+struct Probe {
+    stream: Option<bool>,
+    stream_options: Option<ProbeOptions>,
+}
+
+#[derive(Deserialize)]
+struct ProbeOptions {
+    include_usage: Option<bool>,
+}
 
 /// The rewritten body of a streaming chat request that did not ask for usage, or `None` when
 /// the body needs no change (not JSON, not streaming, or already asking).
 pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    // Most requests need no change; find that out without building a tree of the prompt.
+    let probe: Probe = serde_json::from_slice(body).ok()?;
+    if probe.stream != Some(true)
+        || probe.stream_options.and_then(|o| o.include_usage) == Some(true)
+    {
+        return None;
+    }
     let mut request: Value = serde_json::from_slice(body).ok()?;
     let object = request.as_object_mut()?;
     if object.get("stream").and_then(Value::as_bool) != Some(true) {
@@ -50,12 +73,19 @@ pub struct UsageChunkFilter {
     window: usize,
 }
 
+static LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static NO_CHOICES: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"choices\":[]"),
+        Finder::new(b"\"choices\": []"),
+    ]
+});
+
 fn event_end(bytes: &[u8]) -> Option<usize> {
-    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
+    let lf = LF.find(bytes).map(|i| i + 2);
+    let crlf = CRLF.find(bytes).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -63,8 +93,7 @@ fn event_end(bytes: &[u8]) -> Option<usize> {
 }
 
 fn is_usage_only(event: &[u8]) -> bool {
-    let has = |needle: &[u8]| event.windows(needle.len()).any(|w| w == needle);
-    has(b"\"usage\"") && (has(b"\"choices\":[]") || has(b"\"choices\": []"))
+    USAGE.find(event).is_some() && NO_CHOICES.iter().any(|f| f.find(event).is_some())
 }
 
 impl UsageChunkFilter {

@@ -260,7 +260,9 @@ impl Replica {
         let cached_tokens = self.cache().cached_tokens(&hashes, job.prompt_tokens);
         let uncached = job.prompt_tokens - cached_tokens;
         let prefill = self.scaled(uncached as f64 / self.config.prefill_tokens_per_sec.max(1.0));
-        tokio::time::sleep(prefill).await;
+        if !prefill.is_zero() {
+            tokio::time::sleep(prefill).await;
+        }
         let inserted = self.cache().admit(&hashes);
         Prefilled {
             cached_tokens,
@@ -279,7 +281,9 @@ impl Replica {
         let decode = prefilled
             .per_token
             .saturating_mul(u32::try_from(job.completion_tokens).unwrap_or(u32::MAX));
-        tokio::time::sleep(decode).await;
+        if !decode.is_zero() {
+            tokio::time::sleep(decode).await;
+        }
         let reply = reply_text(job.completion_tokens);
         self.finish(job, &reply, &prefilled);
         (prefilled, reply)

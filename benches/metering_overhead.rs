@@ -1,0 +1,150 @@
+//! Streaming throughput through Tether with metering on and off, in one run. Target: metering
+//! costs ≤ 5 % CPU per request.
+//!
+//! One simulated fleet (no delays, 100-token SSE replies = 100 events), two Tether instances
+//! that differ only in `metering.enabled` (on: usage extraction, a usage log, metrics; the
+//! client asks for usage, so no rewriting), and a client keeping 16 streams in flight. Rounds
+//! alternate on/off (and which goes first) so the shared machine's noise hits both; the figure is each Tether
+//! process's own CPU time (user + system, from /proc) per request, and the ratio of medians.
+//!
+//! Needs release binaries: `make bench` builds them first.
+
+// Benchmark code: a panic with a message is how it reports a broken environment.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tether_e2e::{regions_yaml, SimFleet, TempDir, Tether, TetherConfig};
+
+const REQUESTS: usize = 4_000;
+const CONCURRENCY: usize = 16;
+const ROUNDS: usize = 6;
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ
+}
+
+async fn drive(url: Arc<String>) -> f64 {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build()
+        .unwrap();
+    let body = Arc::new(json!({
+        "model": "tether-sim",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": 100,
+        "messages": [{"role": "system", "content": "s".repeat(2000)}, {"role": "user", "content": "go"}],
+    }));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..CONCURRENCY {
+        let (client, url, body) = (client.clone(), Arc::clone(&url), Arc::clone(&body));
+        tasks.spawn(async move {
+            for i in (worker..REQUESTS).step_by(CONCURRENCY) {
+                let res = client
+                    .post(url.as_str())
+                    .header("x-session-affinity", format!("bench-{}", i % 64))
+                    .json(&*body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+                let mut stream = res.bytes_stream();
+                while let Some(chunk) = stream.next().await {
+                    chunk.unwrap();
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    REQUESTS as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let fleet = SimFleet::start(&["b-1", "b-2", "b-3"]).unwrap();
+    let replicas = fleet
+        .replicas
+        .iter()
+        .map(|(id, addr)| (id.clone(), *addr, ""))
+        .collect();
+    let regions = regions_yaml(&[("r", replicas)]);
+    let logs = TempDir::new("tether-bench").unwrap();
+    let start = |metering: bool| {
+        let extra = if metering {
+            // BENCH_NO_LOG / BENCH_NO_INJECT take those parts out, to see what each costs.
+            let log = std::env::var_os("BENCH_NO_LOG").map_or_else(
+                || {
+                    format!(
+                        "usage_log: {{ path: \"{}\" }}\n",
+                        logs.path().join("usage.jsonl").display()
+                    )
+                },
+                |_| String::new(),
+            );
+            let inject = std::env::var_os("BENCH_NO_INJECT").is_none();
+            format!("{log}metering: {{ inject_stream_usage: {inject} }}\n")
+        } else {
+            "metering: { enabled: false }\n".to_owned()
+        };
+        Tether::start(&TetherConfig {
+            body: format!("local_region: r\n{regions}{extra}"),
+        })
+        .unwrap()
+    };
+    let on = start(true);
+    let off = start(false);
+
+    let (mut on_us, mut off_us, mut on_rps, mut off_rps) = (vec![], vec![], vec![], vec![]);
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so neither always runs on a warmer or colder machine.
+        let order = if round % 2 == 0 {
+            [("on", &on), ("off", &off)]
+        } else {
+            [("off", &off), ("on", &on)]
+        };
+        for (name, tether) in order {
+            let pid = tether.process.pid();
+            let before = cpu_seconds(pid);
+            let rps = drive(Arc::new(tether.url("/v1/chat/completions"))).await;
+            let us = (cpu_seconds(pid) - before) * 1e6 / REQUESTS as f64;
+            eprintln!("round {round} metering {name:<3}: {us:7.1} µs CPU/request, {rps:7.0} req/s");
+            if name == "on" {
+                on_us.push(us);
+                on_rps.push(rps);
+            } else {
+                off_us.push(us);
+                off_rps.push(rps);
+            }
+        }
+    }
+    let (on_us, off_us) = (median(on_us), median(off_us));
+    println!("metering_overhead/cpu_us_per_request_on   {on_us:.1}");
+    println!("metering_overhead/cpu_us_per_request_off  {off_us:.1}");
+    println!(
+        "metering_overhead/ratio_on_over_off       {:.3} (target <= 1.05)",
+        on_us / off_us
+    );
+    println!(
+        "metering_overhead/req_per_s_on_off        {:.0} / {:.0}",
+        median(on_rps),
+        median(off_rps)
+    );
+}
