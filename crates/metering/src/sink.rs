@@ -88,11 +88,10 @@ fn write_loop(
             log::error!("usage log {}: {e}", path.display());
         }
     };
-    loop {
-        // Block until something arrives; then give the queue a moment to fill and drain it
-        // whole before flushing. Under load that is one wake-up and one write per batch
-        // instead of per request; when idle, a record reaches the file within BATCH_WINDOW.
-        let Ok(first) = rx.recv() else { break };
+    // Block until something arrives; then give the queue a moment to fill and drain it whole
+    // before flushing. Under load that is one wake-up and one write per batch instead of per
+    // request; when idle, a record reaches the file within BATCH_WINDOW.
+    while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         let mut waited = false;
         let mut closing = false;
