@@ -79,26 +79,14 @@ async fn usage_reports_cache_hits_and_admin_reports_ground_truth() {
     assert!(cached > 0 && cached < prompt, "cached {cached} of {prompt}");
     assert_eq!(second["usage"]["total_tokens"], prompt + 4);
 
-    let admin: Value = client
-        .get(fleet.admin_url("/replicas"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = fleet.state().await;
     let stats = &admin["replicas"][0]["stats"];
     assert_eq!(stats["requests"], 2);
     assert_eq!(stats["prompt_tokens"], 2 * prompt);
     assert_eq!(stats["cached_tokens"], cached);
     assert_eq!(stats["completion_tokens"], 8);
 
-    let res = client
-        .post(fleet.admin_url("/replicas/a/flush"))
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success());
+    fleet.flush("a").await;
     let (_, _, third) = post(&client, url, &chat(4)).await;
     assert_eq!(
         third["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
