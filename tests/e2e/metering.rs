@@ -193,3 +193,101 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_usage_log_after_rotation_and_report_reads_rotated_files() {
+    let fleet = SimFleet::start(&["r-1"]).unwrap();
+    let logs = TempDir::new("tether-rotate").unwrap();
+    let log_path = logs.path().join("usage.jsonl");
+    let mut tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: r\n{}usage_log: {{ path: \"{}\" }}\n",
+            regions_yaml(&[("r", vec![("r-1".into(), fleet.addr("r-1"), "")])]),
+            log_path.display()
+        ),
+    })
+    .unwrap();
+    let client = reqwest::Client::new();
+    let chat = || async {
+        let res = client
+            .post(tether.url("/v1/chat/completions"))
+            .json(&json!({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.bytes().await.unwrap();
+    };
+    let lines = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+
+    chat().await;
+    // The writer batches for a few ms; wait for the line rather than sleep blindly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lines(&log_path) < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first record never reached the file"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let rotated = logs.path().join("usage.jsonl.1");
+    std::fs::rename(&log_path, &rotated).unwrap();
+    let pid = tether.process.pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // SIGHUP is handled asynchronously: keep sending until a record lands in the new file.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut sent = 1;
+    while !log_path.exists() || lines(&log_path) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new usage.jsonl after SIGHUP"
+        );
+        chat().await;
+        sent += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(tether.terminate().unwrap());
+    assert_eq!(
+        lines(&rotated) + lines(&log_path),
+        sent,
+        "no record lost across the rotation"
+    );
+
+    // Rotated files are usually compressed, and the live one may end mid-record.
+    assert!(Command::new("gzip")
+        .arg(&rotated)
+        .status()
+        .unwrap()
+        .success());
+    let mut live = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    std::io::Write::write_all(&mut live, b"{\"ts\":\"2026-").unwrap();
+    let out = Command::new(binary("tether"))
+        .args(["report", "--format", "json"])
+        .arg(logs.path().join("usage.jsonl.1.gz"))
+        .arg(&log_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["total"]["requests"], sent, "{report}");
+    assert!(
+        out.stderr.is_empty(),
+        "a half-written last line is not an error"
+    );
+}
