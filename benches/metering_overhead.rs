@@ -19,9 +19,9 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tether_e2e::{regions_yaml, SimFleet, TempDir, Tether, TetherConfig};
 
-const REQUESTS: usize = 4_000;
+const REQUESTS: usize = 8_000;
 const CONCURRENCY: usize = 16;
-const ROUNDS: usize = 6;
+const ROUNDS: usize = 8;
 
 /// CPU seconds (user + system) the process has used.
 fn cpu_seconds(pid: u32) -> f64 {

@@ -108,6 +108,14 @@ async fn a_streamed_completion_arrives_byte_for_byte_and_promptly_through_tether
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_did_not_ask_for_usage_is_metered_and_reaches_the_client_unchanged() {
+    // A small body is read ahead (exact Content-Length upstream); one over 64 KiB is collected
+    // on the way (chunked upstream). Both must be invisible to the client.
+    for system_prompt_bytes in [200, 100_000] {
+        unrequested_usage_is_metered_and_hidden(system_prompt_bytes).await;
+    }
+}
+
+async fn unrequested_usage_is_metered_and_hidden(system_prompt_bytes: usize) {
     let fleet = SimFleet::start_with(&["s-1"], &["--deterministic", "--time-scale", "0"]).unwrap();
     let logs = tether_e2e::TempDir::new("tether-inject").unwrap();
     let log_path = logs.path().join("usage.jsonl");
@@ -124,7 +132,7 @@ async fn a_stream_that_did_not_ask_for_usage_is_metered_and_reaches_the_client_u
         "model": "tether-sim",
         "stream": true,
         "max_tokens": 5,
-        "messages": [{"role": "system", "content": "s".repeat(200)}, {"role": "user", "content": "no usage please"}],
+        "messages": [{"role": "system", "content": "s".repeat(system_prompt_bytes)}, {"role": "user", "content": "no usage please"}],
     });
     let client = reqwest::Client::new();
     let flush = || async {

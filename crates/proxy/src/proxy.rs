@@ -35,12 +35,18 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// one is forwarded untouched (its stream may then report no usage).
 pub const MAX_REWRITE_BODY: usize = 16 << 20;
 
+/// Largest body read ahead in `request_filter` (Pingora's retry buffer, which replays it).
+const READ_AHEAD_LIMIT: usize = 64 << 10;
+
 /// A chat request body being collected for [`ensure_stream_usage`].
 #[derive(Debug, Default)]
 struct BodyRewrite {
     buffer: Vec<u8>,
     /// Gave up (too large): the rest passes through.
     passthrough: bool,
+    /// The final body, when it was read ahead in `request_filter`: its length is known before
+    /// the upstream request header goes out, so the framing stays `Content-Length`.
+    ready: Option<Bytes>,
 }
 
 /// The proxy.
@@ -125,6 +131,21 @@ fn admit(snapshot: &Snapshot, req: &RequestHeader) -> Admission {
     }
 }
 
+/// Reads a (small) request body whole, before any upstream work, and returns it as it should
+/// go upstream, and whether usage was injected. Pingora's retry buffer keeps the bytes and
+/// replays them through `request_body_filter`, where the final body is substituted.
+async fn read_ahead(session: &mut Session) -> Result<(Bytes, bool)> {
+    session.enable_retry_buffering();
+    let mut raw = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        raw.extend_from_slice(&chunk);
+    }
+    Ok(match ensure_stream_usage(&raw) {
+        Some(rewritten) => (Bytes::from(rewritten), true),
+        None => (Bytes::from(raw), false),
+    })
+}
+
 impl RequestCtx {
     fn served_replica(&self) -> Option<&ReplicaInfo> {
         let idx = self.decision?.replica;
@@ -168,7 +189,18 @@ impl ProxyHttp for TetherProxy {
                     && req.method == http::Method::POST
                     && req.uri.path().ends_with("/chat/completions")
                 {
-                    ctx.rewrite = Some(BodyRewrite::default());
+                    let length = req
+                        .headers
+                        .get(http::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<usize>().ok());
+                    let mut rewrite = BodyRewrite::default();
+                    if length.is_some_and(|n| n > 0 && n <= READ_AHEAD_LIMIT) {
+                        let (ready, injected) = read_ahead(session).await?;
+                        rewrite.ready = Some(ready);
+                        ctx.injected = injected;
+                    }
+                    ctx.rewrite = Some(rewrite);
                 }
                 Ok(false)
             }
@@ -192,9 +224,12 @@ impl ProxyHttp for TetherProxy {
         // raw request body through `request_body_filter`.
         ctx.inflight = None;
         if let Some(rewrite) = &mut ctx.rewrite {
-            *rewrite = BodyRewrite::default();
+            rewrite.buffer.clear();
+            rewrite.passthrough = false;
         }
-        ctx.injected = false;
+        if ctx.rewrite.as_ref().is_none_or(|r| r.ready.is_none()) {
+            ctx.injected = false;
+        }
         let request = RouteRequest {
             key: ctx.key,
             sticky: ctx.key.and_then(|k| self.router.overrides().get(k)),
@@ -252,9 +287,17 @@ impl ProxyHttp for TetherProxy {
         if ctx.snapshot.as_ref().is_some_and(|s| s.metering) {
             upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
         }
-        if ctx.rewrite.is_some() {
-            // The body may grow; Pingora then frames it chunked.
-            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+        match ctx.rewrite.as_ref().map(|r| r.ready.as_ref()) {
+            // Read ahead: the final body and its length are known.
+            Some(Some(ready)) => {
+                upstream_request
+                    .insert_header(http::header::CONTENT_LENGTH, ready.len().to_string())?;
+            }
+            // Collected on the way: the body may grow, so Pingora frames it chunked.
+            Some(None) => {
+                upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+            }
+            None => {}
         }
         Ok(())
     }
@@ -269,6 +312,16 @@ impl ProxyHttp for TetherProxy {
         let Some(rewrite) = ctx.rewrite.as_mut().filter(|r| !r.passthrough) else {
             return Ok(());
         };
+        if let Some(ready) = &rewrite.ready {
+            // Pingora replays the read-ahead body (its retry buffer) here, whole, on every
+            // attempt; send the final body instead.
+            *body = Some(if end_of_stream {
+                ready.clone()
+            } else {
+                Bytes::new()
+            });
+            return Ok(());
+        }
         if let Some(chunk) = body.take() {
             rewrite.buffer.extend_from_slice(&chunk);
         }
