@@ -70,14 +70,8 @@ async fn ten_turn_sessions_hit_85_percent_through_tether_and_far_less_round_robi
     .await;
 
     // Fresh caches for the comparison, so it does not inherit Tether's warm ones.
-    let client = reqwest::Client::new();
     for id in SIX {
-        let res = client
-            .post(fleet.admin_url(&format!("/replicas/{id}/flush")))
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success());
+        fleet.flush(id).await;
     }
     let replicas = SIX
         .iter()

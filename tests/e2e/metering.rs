@@ -139,14 +139,7 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
             .sum::<u64>()
     };
 
-    let truth: Value = client
-        .get(fleet.admin_url("/replicas"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let truth = fleet.state().await;
     let truth_sum = |field: &str| {
         truth["replicas"]
             .as_array()

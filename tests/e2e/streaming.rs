@@ -12,6 +12,30 @@ struct Received {
     last_at: Instant,
 }
 
+/// The same request straight to replica `s-1` and through Tether, each from an empty cache (so
+/// usage, and with it the bytes, can match).
+async fn direct_then_proxied(
+    fleet: &SimFleet,
+    tether: &Tether,
+    body: &serde_json::Value,
+    token: Option<&str>,
+) -> (Received, Received) {
+    let client = reqwest::Client::new();
+    fleet.flush("s-1").await;
+    let direct = receive(
+        client
+            .post(format!("http://{}/v1/chat/completions", fleet.addr("s-1")))
+            .json(body),
+    )
+    .await;
+    fleet.flush("s-1").await;
+    let mut proxied = client.post(tether.url("/v1/chat/completions")).json(body);
+    if let Some(token) = token {
+        proxied = proxied.header("x-session-affinity", token);
+    }
+    (direct, receive(proxied).await)
+}
+
 async fn receive(req: reqwest::RequestBuilder) -> Received {
     let res = req.send().await.unwrap();
     assert_eq!(res.status(), 200);
@@ -59,32 +83,8 @@ async fn a_streamed_completion_arrives_byte_for_byte_and_promptly_through_tether
         "max_tokens": 20,
         "messages": [{"role": "system", "content": "s".repeat(200)}, {"role": "user", "content": "stream please"}],
     });
-    let client = reqwest::Client::new();
-    let flush = || async {
-        let res = client
-            .post(fleet.admin_url("/replicas/s-1/flush"))
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success());
-    };
-
-    flush().await;
-    let direct = receive(
-        client
-            .post(format!("http://{}/v1/chat/completions", fleet.addr("s-1")))
-            .json(&body),
-    )
-    .await;
-    // The same cache state for the second request, so usage (cached_tokens) is identical.
-    flush().await;
-    let proxied = receive(
-        client
-            .post(tether.url("/v1/chat/completions"))
-            .header("x-session-affinity", "stream-session")
-            .json(&body),
-    )
-    .await;
+    let (direct, proxied) =
+        direct_then_proxied(&fleet, &tether, &body, Some("stream-session")).await;
 
     assert_eq!(
         String::from_utf8_lossy(&proxied.bytes),
@@ -134,24 +134,7 @@ async fn unrequested_usage_is_metered_and_hidden(system_prompt_bytes: usize) {
         "max_tokens": 5,
         "messages": [{"role": "system", "content": "s".repeat(system_prompt_bytes)}, {"role": "user", "content": "no usage please"}],
     });
-    let client = reqwest::Client::new();
-    let flush = || async {
-        let res = client
-            .post(fleet.admin_url("/replicas/s-1/flush"))
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success());
-    };
-    flush().await;
-    let direct = receive(
-        client
-            .post(format!("http://{}/v1/chat/completions", fleet.addr("s-1")))
-            .json(&body),
-    )
-    .await;
-    flush().await;
-    let proxied = receive(client.post(tether.url("/v1/chat/completions")).json(&body)).await;
+    let (direct, proxied) = direct_then_proxied(&fleet, &tether, &body, None).await;
 
     let text = String::from_utf8_lossy(&proxied.bytes);
     assert!(

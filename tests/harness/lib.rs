@@ -274,28 +274,6 @@ impl Tether {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
-
-    /// Empties replica `id`'s prefix cache.
-    pub async fn flush(&self, id: &str) {
-        let res = reqwest::Client::new()
-            .post(self.admin_url(&format!("/replicas/{id}/flush")))
-            .send()
-            .await
-            .expect("the sim admin API answers");
-        assert!(res.status().is_success(), "flushing {id}: {}", res.status());
-    }
-
-    /// The admin API's `GET /replicas`: faults, caches and ground-truth counters.
-    pub async fn state(&self) -> serde_json::Value {
-        reqwest::Client::new()
-            .get(self.admin_url("/replicas"))
-            .send()
-            .await
-            .expect("the sim admin API answers")
-            .json()
-            .await
-            .expect("the sim admin API answers JSON")
-    }
 }
 
 /// A minimal blocking readiness probe: `GET path` answered with 200.
