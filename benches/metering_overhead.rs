@@ -7,6 +7,14 @@
 //! alternate on/off (and which goes first) so the shared machine's noise hits both; the figure is each Tether
 //! process's own CPU time (user + system, from /proc) per request, and the ratio of medians.
 //!
+//! CPU time on a shared 2-core VM swings by ±10 % between identical rounds, more than the
+//! effect measured. So a second measurement counts instructions instead: both Tethers run under
+//! `valgrind --tool=callgrind`, the counters are zeroed after a warm-up and dumped after
+//! `CALLGRIND_REQUESTS` requests, and the ratio of user-space instructions per request is exact
+//! and repeatable whatever else the machine does. (It leaves out kernel time, which metering
+//! does not change: no extra syscalls on the request path, the log writer batches its writes.)
+//! Skipped with `BENCH_NO_CALLGRIND=1` or when valgrind is missing; `BENCH_ROUNDS=0` runs only it.
+//!
 //! Needs release binaries: `make bench` builds them first.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
@@ -33,7 +41,14 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ
 }
 
+const CALLGRIND_WARMUP: usize = 200;
+const CALLGRIND_REQUESTS: usize = 1_000;
+
 async fn drive(url: Arc<String>) -> f64 {
+    drive_n(url, REQUESTS).await
+}
+
+async fn drive_n(url: Arc<String>, requests: usize) -> f64 {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
         .build()
@@ -50,7 +65,7 @@ async fn drive(url: Arc<String>) -> f64 {
     for worker in 0..CONCURRENCY {
         let (client, url, body) = (client.clone(), Arc::clone(&url), Arc::clone(&body));
         tasks.spawn(async move {
-            for i in (worker..REQUESTS).step_by(CONCURRENCY) {
+            for i in (worker..requests).step_by(CONCURRENCY) {
                 let res = client
                     .post(url.as_str())
                     .header("x-session-affinity", format!("bench-{}", i % 64))
@@ -69,7 +84,39 @@ async fn drive(url: Arc<String>) -> f64 {
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
-    REQUESTS as f64 / started.elapsed().as_secs_f64()
+    requests as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Runs `callgrind_control` on a process (`-z` zeroes the counters, `-d` dumps them).
+fn callgrind_control(flag: &str, pid: u32) {
+    let status = std::process::Command::new("callgrind_control")
+        .arg(flag)
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("callgrind_control runs");
+    assert!(status.success(), "callgrind_control {flag} {pid} failed");
+}
+
+/// The instruction total of a callgrind dump file.
+fn callgrind_total(path: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no instruction total in {}", path.display()))
+}
+
+fn valgrind_present() -> bool {
+    std::process::Command::new("valgrind")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -87,7 +134,7 @@ async fn main() {
         .collect();
     let regions = regions_yaml(&[("r", replicas)]);
     let logs = TempDir::new("tether-bench").unwrap();
-    let start = |metering: bool| {
+    let start = |metering: bool, wrapper: &[String]| {
         let extra = if metering {
             // BENCH_NO_LOG / BENCH_NO_INJECT take those parts out, to see what each costs.
             let log = std::env::var_os("BENCH_NO_LOG").map_or_else(
@@ -104,47 +151,104 @@ async fn main() {
         } else {
             "metering: { enabled: false }\n".to_owned()
         };
-        Tether::start(&TetherConfig {
-            body: format!("local_region: r\n{regions}{extra}"),
-        })
+        Tether::start_wrapped(
+            &TetherConfig {
+                body: format!("local_region: r\n{regions}{extra}"),
+            },
+            wrapper,
+        )
         .unwrap()
     };
-    let on = start(true);
-    let off = start(false);
+    // BENCH_ROUNDS=0 skips the CPU-time rounds (to run only the instruction counts).
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
+    if rounds > 0 {
+        let on = start(true, &[]);
+        let off = start(false, &[]);
 
-    let (mut on_us, mut off_us, mut on_rps, mut off_rps) = (vec![], vec![], vec![], vec![]);
-    for round in 0..ROUNDS {
-        // Alternate which goes first, so neither always runs on a warmer or colder machine.
-        let order = if round % 2 == 0 {
-            [("on", &on), ("off", &off)]
-        } else {
-            [("off", &off), ("on", &on)]
-        };
-        for (name, tether) in order {
-            let pid = tether.process.pid();
-            let before = cpu_seconds(pid);
-            let rps = drive(Arc::new(tether.url("/v1/chat/completions"))).await;
-            let us = (cpu_seconds(pid) - before) * 1e6 / REQUESTS as f64;
-            eprintln!("round {round} metering {name:<3}: {us:7.1} µs CPU/request, {rps:7.0} req/s");
-            if name == "on" {
-                on_us.push(us);
-                on_rps.push(rps);
+        let (mut on_us, mut off_us, mut on_rps, mut off_rps) = (vec![], vec![], vec![], vec![]);
+        for round in 0..rounds {
+            // Alternate which goes first, so neither always runs on a warmer or colder machine.
+            let order = if round % 2 == 0 {
+                [("on", &on), ("off", &off)]
             } else {
-                off_us.push(us);
-                off_rps.push(rps);
+                [("off", &off), ("on", &on)]
+            };
+            for (name, tether) in order {
+                let pid = tether.process.pid();
+                let before = cpu_seconds(pid);
+                let rps = drive(Arc::new(tether.url("/v1/chat/completions"))).await;
+                let us = (cpu_seconds(pid) - before) * 1e6 / REQUESTS as f64;
+                eprintln!(
+                    "round {round} metering {name:<3}: {us:7.1} µs CPU/request, {rps:7.0} req/s"
+                );
+                if name == "on" {
+                    on_us.push(us);
+                    on_rps.push(rps);
+                } else {
+                    off_us.push(us);
+                    off_rps.push(rps);
+                }
             }
         }
+        let (on_us, off_us) = (median(on_us), median(off_us));
+        println!("metering_overhead/cpu_us_per_request_on   {on_us:.1}");
+        println!("metering_overhead/cpu_us_per_request_off  {off_us:.1}");
+        println!(
+            "metering_overhead/ratio_on_over_off       {:.3} (target <= 1.05)",
+            on_us / off_us
+        );
+        println!(
+            "metering_overhead/req_per_s_on_off        {:.0} / {:.0}",
+            median(on_rps),
+            median(off_rps)
+        );
     }
-    let (on_us, off_us) = (median(on_us), median(off_us));
-    println!("metering_overhead/cpu_us_per_request_on   {on_us:.1}");
-    println!("metering_overhead/cpu_us_per_request_off  {off_us:.1}");
+
+    if std::env::var_os("BENCH_NO_CALLGRIND").is_some() || !valgrind_present() {
+        eprintln!("instruction counts skipped (BENCH_NO_CALLGRIND set, or no valgrind)");
+        return;
+    }
+    // BENCH_CALLGRIND_DIR keeps the dumps, for callgrind_annotate.
+    let dumps = std::env::var_os("BENCH_CALLGRIND_DIR")
+        .map_or_else(|| logs.path().to_path_buf(), std::path::PathBuf::from);
+    let mut per_request = Vec::new();
+    for metering in [true, false] {
+        let out = dumps.join(format!("callgrind-{metering}.%p"));
+        let wrapper = [
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            "--quiet".to_owned(),
+            format!("--callgrind-out-file={}", out.display()),
+        ];
+        let tether = start(metering, &wrapper);
+        let pid = tether.process.pid();
+        let url = Arc::new(tether.url("/v1/chat/completions"));
+        drive_n(Arc::clone(&url), CALLGRIND_WARMUP).await;
+        callgrind_control("-z", pid);
+        drive_n(url, CALLGRIND_REQUESTS).await;
+        callgrind_control("-d", pid);
+        let dump = dumps.join(format!("callgrind-{metering}.{pid}.1"));
+        let total = callgrind_total(&dump);
+        let per = total as f64 / CALLGRIND_REQUESTS as f64;
+        eprintln!(
+            "callgrind metering {}: {per:.0} instructions/request",
+            if metering { "on " } else { "off" }
+        );
+        per_request.push(per);
+    }
     println!(
-        "metering_overhead/ratio_on_over_off       {:.3} (target <= 1.05)",
-        on_us / off_us
+        "metering_overhead/instructions_per_request_on   {:.0}",
+        per_request[0]
     );
     println!(
-        "metering_overhead/req_per_s_on_off        {:.0} / {:.0}",
-        median(on_rps),
-        median(off_rps)
+        "metering_overhead/instructions_per_request_off  {:.0}",
+        per_request[1]
+    );
+    println!(
+        "metering_overhead/instructions_ratio_on_over_off {:.3} (target <= 1.05)",
+        per_request[0] / per_request[1]
     );
 }

@@ -197,6 +197,12 @@ impl Tether {
     /// Writes the config (with fresh loopback listeners) and starts tether, waiting until both
     /// listeners answer.
     pub fn start(config: &TetherConfig) -> anyhow::Result<Tether> {
+        Self::start_wrapped(config, &[])
+    }
+
+    /// [`Tether::start`] under a wrapper command (`valgrind --tool=callgrind …`, say); the
+    /// wrapper must keep tether's PID (valgrind does) so signals and `/proc` still reach it.
+    pub fn start_wrapped(config: &TetherConfig, wrapper: &[String]) -> anyhow::Result<Tether> {
         let dir = TempDir::new("tether-e2e")?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -208,7 +214,16 @@ impl Tether {
         );
         let path = dir.path().join("tether.yaml");
         std::fs::write(&path, yaml)?;
-        let child = Command::new(binary("tether"))
+        let tether = binary("tether");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&tether);
+                c
+            }
+            None => Command::new(&tether),
+        };
+        let child = command
             .args(["run", "-c"])
             .arg(&path)
             .env(

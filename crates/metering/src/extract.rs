@@ -14,11 +14,13 @@
 
 use std::sync::LazyLock;
 
+use aho_corasick::packed;
 use memchr::memmem::Finder;
+use serde::de::IgnoredAny;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::usage::{Dialect, Usage, UsageBuilder};
+use crate::usage::{Dialect, Usage, UsageBuilder, UsageEvent};
 
 /// How the response body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,19 +273,31 @@ struct SseReader {
     malformed_events: u32,
 }
 
-/// Searchers for the keys that carry usage, built once: this runs on every streamed token,
-/// and building a SIMD searcher per call costs more than the search.
-static USAGE_KEYS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
-    [
-        Finder::new(KEYS[0]),
-        Finder::new(KEYS[1]),
-        Finder::new(KEYS[2]),
-    ]
-});
+/// One SIMD multi-pattern searcher (Teddy) for the keys that can carry usage, built once:
+/// this runs on every streamed token, and one pass over the bytes for all the keys costs a third
+/// of one `memmem` pass per key.
+static LLAMACPP_KEYS: LazyLock<Option<packed::Searcher>> =
+    LazyLock::new(|| packed::Searcher::new([KEYS[0], KEYS[1], KEYS[2]]));
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEYS[0]));
 
-/// Whether an SSE event can carry usage (the model name rides along in those events).
-fn mentions_usage(data: &[u8]) -> bool {
-    USAGE_KEYS.iter().any(|k| k.find(data).is_some())
+/// Whether SSE bytes can carry usage (the model name rides along in those events).
+///
+/// OpenAI, vLLM, SGLang and Anthropic streams put every count under `usage`; so does
+/// llama.cpp's OpenAI endpoint, whose final event adds `timings` beside it (both are read
+/// once the event is parsed). Only the llama.cpp dialect (its native `/completion` stream has
+/// `timings` and `tokens_cached` but no `usage`) pays for the three-key search.
+#[inline]
+fn mentions_usage(dialect: Dialect, data: &[u8]) -> bool {
+    match dialect {
+        Dialect::Openai | Dialect::Anthropic => USAGE_KEY.find(data).is_some(),
+        Dialect::Llamacpp => match &*LLAMACPP_KEYS {
+            Some(searcher) => searcher.find(data).is_some(),
+            // No SIMD searcher on this CPU: one substring search per key.
+            None => KEYS[..3]
+                .iter()
+                .any(|k| memchr::memmem::find(data, k).is_some()),
+        },
+    }
 }
 
 impl SseReader {
@@ -291,10 +305,16 @@ impl SseReader {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(data) = line.strip_prefix(b"data:") {
             let data = data.strip_prefix(b" ").unwrap_or(data);
-            if data != b"[DONE]" && mentions_usage(data) {
-                match serde_json::from_slice::<Value>(data) {
-                    Ok(v) => builder.observe(dialect, &v),
-                    Err(_) => self.malformed_events += 1,
+            if data != b"[DONE]" && mentions_usage(dialect, data) {
+                let parsed = if data.trim_ascii_start().starts_with(b"{") {
+                    serde_json::from_slice::<UsageEvent>(data)
+                        .map(|event| builder.observe_event(dialect, &event))
+                } else {
+                    // Valid JSON that is not an object carries no usage, but is not malformed.
+                    serde_json::from_slice::<IgnoredAny>(data).map(|_| ())
+                };
+                if parsed.is_err() {
+                    self.malformed_events += 1;
                 }
             }
         }
@@ -318,22 +338,34 @@ impl SseReader {
         dialect: Dialect,
         builder: &mut UsageBuilder,
     ) {
-        while let Some(i) = memchr::memchr(b'\n', chunk) {
-            let (part, rest) = (&chunk[..i], &chunk[i + 1..]);
-            if self.line.is_empty() && !self.discarding {
-                // A whole line inside this chunk: read it in place, no copy.
-                if part.len() <= window {
-                    self.line(part, dialect, builder);
+        // First finish the line carried over from earlier chunks.
+        if !self.line.is_empty() || self.discarding {
+            let Some(i) = memchr::memchr(b'\n', chunk) else {
+                self.append(chunk, window);
+                return;
+            };
+            self.append(&chunk[..i], window);
+            self.line_done(dialect, builder);
+            chunk = &chunk[i + 1..];
+        }
+        let (whole, tail) = match memchr::memrchr(b'\n', chunk) {
+            Some(i) => chunk.split_at(i + 1),
+            None => (&[][..], chunk),
+        };
+        // Nearly every event of a stream is a content delta. One search over all the whole
+        // lines of the chunk rules them out together; only a chunk that mentions a usage key
+        // (or is longer than the window, so a line in it may be too) is split into lines.
+        let lines = whole.strip_suffix(b"\n").unwrap_or(whole);
+        if !whole.is_empty() && (lines.len() > window || mentions_usage(dialect, lines)) {
+            for line in lines.split(|&b| b == b'\n') {
+                if line.len() <= window {
+                    self.line(line, dialect, builder);
                 } else {
                     self.too_large = true;
                 }
-            } else {
-                self.append(part, window);
-                self.line_done(dialect, builder);
             }
-            chunk = rest;
         }
-        self.append(chunk, window);
+        self.append(tail, window);
     }
 
     /// Adds to the unfinished line, or starts discarding it once it exceeds the window.
@@ -405,8 +437,18 @@ impl UsageExtractor {
                 }
             }
             Framing::Sse => {
-                self.sse
-                    .feed(chunk, self.limits.window, self.dialect, &mut self.builder)
+                // Nearly every chunk of a stream is one or more whole content-delta events:
+                // no line carried over, ends with a newline, no usage key. One search settles
+                // it, before any line splitting.
+                let whole_events_without_usage = self.sse.line.is_empty()
+                    && !self.sse.discarding
+                    && chunk.len() <= self.limits.window
+                    && chunk.last() == Some(&b'\n')
+                    && !mentions_usage(self.dialect, chunk);
+                if !whole_events_without_usage {
+                    self.sse
+                        .feed(chunk, self.limits.window, self.dialect, &mut self.builder);
+                }
             }
         }
     }
@@ -530,6 +572,59 @@ mod tests {
         x.feed(b"data: {\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\n");
         let e = x.finish();
         assert_eq!(e.usage.prompt_tokens, Some(4));
+    }
+
+    fn sse(dialect: Dialect, body: &str) -> Extraction {
+        let mut x = UsageExtractor::new(dialect, Framing::Sse);
+        x.feed(body.as_bytes());
+        x.finish()
+    }
+
+    #[test]
+    fn sse_events_that_mention_usage_without_carrying_it() {
+        // A JSON string, and an OpenAI-style `"usage": null` on every delta.
+        let e = sse(
+            Dialect::Openai,
+            "data: \"usage\"\n\ndata: {\"usage\":null}\n\n",
+        );
+        assert_eq!(
+            e.outcome,
+            UsageOutcome::Missing,
+            "valid JSON is not malformed"
+        );
+        let e = sse(
+            Dialect::Openai,
+            "data: {\"usage\":null}\n\ndata: {\"usage\":{\"prompt_tokens\":5}}\n\n",
+        );
+        assert_eq!(e.usage.prompt_tokens, Some(5));
+        let e = sse(
+            Dialect::Openai,
+            "data: {\"usage\":{\"prompt_tokens\":5}\n\n",
+        );
+        assert_eq!(e.outcome, UsageOutcome::Malformed, "a truncated event");
+    }
+
+    #[test]
+    fn sse_llamacpp_native_stream_without_usage_key() {
+        let body = "data: {\"content\":\"hi\"}\n\ndata: {\"tokens_cached\":40,\"timings\":{\"prompt_n\":2,\"cache_n\":40,\"predicted_n\":1}}\n\n";
+        let e = sse(Dialect::Llamacpp, body);
+        assert_eq!(
+            (e.usage.prompt_tokens, e.usage.cached_tokens),
+            (Some(42), Some(40))
+        );
+    }
+
+    #[test]
+    fn sse_anthropic_message_start_nests_model_and_usage() {
+        let e = sse(
+            Dialect::Anthropic,
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":3,\"cache_read_input_tokens\":7,\"output_tokens\":1}}}\n\n",
+        );
+        assert_eq!(e.model.as_deref(), Some("claude"));
+        assert_eq!(
+            (e.usage.prompt_tokens, e.usage.cached_tokens),
+            (Some(10), Some(7))
+        );
     }
 
     #[test]

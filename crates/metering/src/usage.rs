@@ -1,6 +1,6 @@
 //! Token usage, normalized across dialects.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Which API shape a response has.
@@ -20,11 +20,15 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    /// The dialect a request path implies (`/v1/messages` is Anthropic's; everything else is
-    /// read as OpenAI-compatible, and llama.cpp's `timings` are recognised in that mode too).
+    /// The dialect a request path implies: `/v1/messages` is Anthropic's; llama.cpp's native
+    /// `/completion` (also served as `/completions` without `/v1`) and `/infill` are
+    /// llama.cpp's; everything else is read as OpenAI-compatible (which still reads `timings`
+    /// found beside `usage`).
     pub fn from_path(path: &str) -> Dialect {
         if path.ends_with("/messages") {
             Dialect::Anthropic
+        } else if path.ends_with("/completion") || path == "/completions" || path == "/infill" {
+            Dialect::Llamacpp
         } else {
             Dialect::Openai
         }
@@ -59,8 +63,36 @@ impl Usage {
 /// Longest model name kept (a hostile upstream could send megabytes).
 const MAX_MODEL_LEN: usize = 200;
 
-fn count(v: &Value, pointer: &str) -> Option<u64> {
-    v.pointer(pointer).and_then(Value::as_u64)
+/// The value at `path` (object keys). `Value::pointer` would do, but it allocates a string per
+/// segment, on every usage event.
+fn at<'v>(v: &'v Value, path: &[&str]) -> Option<&'v Value> {
+    path.iter().try_fold(v, |v, key| v.get(key))
+}
+
+fn count(v: &Value, path: &[&str]) -> Option<u64> {
+    at(v, path).and_then(Value::as_u64)
+}
+
+/// The top-level members of a response object that can carry usage or the model.
+#[derive(Clone, Copy)]
+struct Members<'v> {
+    model: Option<&'v Value>,
+    usage: Option<&'v Value>,
+    timings: Option<&'v Value>,
+    tokens_cached: Option<&'v Value>,
+    /// Anthropic's `message_start` nests the model and usage here.
+    message: Option<&'v Value>,
+}
+
+/// An SSE event object read for usage: serde skips every other member (the choices, the
+/// content) without building it, which is most of the cost of reading the event as a `Value`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct UsageEvent {
+    model: Option<Value>,
+    usage: Option<Value>,
+    timings: Option<Value>,
+    tokens_cached: Option<Value>,
+    message: Option<Value>,
 }
 
 /// Accumulates usage facts as they are found; later facts win, and a fact never erases a
@@ -83,25 +115,25 @@ pub(crate) struct UsageBuilder {
 impl UsageBuilder {
     /// An OpenAI-style `usage` object (also llama.cpp's, which lacks details).
     pub fn openai_usage(&mut self, usage: &Value) {
-        self.prompt = count(usage, "/prompt_tokens").or(self.prompt);
-        self.cached = count(usage, "/prompt_tokens_details/cached_tokens").or(self.cached);
-        self.completion = count(usage, "/completion_tokens").or(self.completion);
+        self.prompt = count(usage, &["prompt_tokens"]).or(self.prompt);
+        self.cached = count(usage, &["prompt_tokens_details", "cached_tokens"]).or(self.cached);
+        self.completion = count(usage, &["completion_tokens"]).or(self.completion);
     }
 
     /// An Anthropic `usage` object (from the body, `message_start.message` or `message_delta`).
     pub fn anthropic_usage(&mut self, usage: &Value) {
-        self.anthropic_input = count(usage, "/input_tokens").or(self.anthropic_input);
+        self.anthropic_input = count(usage, &["input_tokens"]).or(self.anthropic_input);
         self.anthropic_creation =
-            count(usage, "/cache_creation_input_tokens").or(self.anthropic_creation);
-        self.anthropic_read = count(usage, "/cache_read_input_tokens").or(self.anthropic_read);
-        self.completion = count(usage, "/output_tokens").or(self.completion);
+            count(usage, &["cache_creation_input_tokens"]).or(self.anthropic_creation);
+        self.anthropic_read = count(usage, &["cache_read_input_tokens"]).or(self.anthropic_read);
+        self.completion = count(usage, &["output_tokens"]).or(self.completion);
     }
 
     /// llama.cpp `timings`.
     pub fn llamacpp_timings(&mut self, timings: &Value) {
-        self.llama_prompt_n = count(timings, "/prompt_n").or(self.llama_prompt_n);
-        self.cached = count(timings, "/cache_n").or(self.cached);
-        self.completion = count(timings, "/predicted_n").or(self.completion);
+        self.llama_prompt_n = count(timings, &["prompt_n"]).or(self.llama_prompt_n);
+        self.cached = count(timings, &["cache_n"]).or(self.cached);
+        self.completion = count(timings, &["predicted_n"]).or(self.completion);
     }
 
     /// llama.cpp `tokens_cached`.
@@ -111,9 +143,36 @@ impl UsageBuilder {
 
     /// One JSON value that may carry usage in `dialect` (a whole body or one SSE event).
     pub fn observe(&mut self, dialect: Dialect, v: &Value) {
-        let model = v
-            .get("model")
-            .or_else(|| v.pointer("/message/model"))
+        self.observe_members(
+            dialect,
+            Members {
+                model: v.get("model"),
+                usage: v.get("usage"),
+                timings: v.get("timings"),
+                tokens_cached: v.get("tokens_cached"),
+                message: v.get("message"),
+            },
+        );
+    }
+
+    /// One SSE event, read into just the members that matter.
+    pub fn observe_event(&mut self, dialect: Dialect, e: &UsageEvent) {
+        self.observe_members(
+            dialect,
+            Members {
+                model: e.model.as_ref(),
+                usage: e.usage.as_ref(),
+                timings: e.timings.as_ref(),
+                tokens_cached: e.tokens_cached.as_ref(),
+                message: e.message.as_ref(),
+            },
+        );
+    }
+
+    fn observe_members(&mut self, dialect: Dialect, m: Members<'_>) {
+        let model = m
+            .model
+            .or_else(|| m.message.and_then(|msg| msg.get("model")))
             .and_then(Value::as_str);
         if let Some(model) = model {
             if self.model.as_deref() != Some(model) {
@@ -122,21 +181,21 @@ impl UsageBuilder {
         }
         match dialect {
             Dialect::Anthropic => {
-                if let Some(u) = v.pointer("/message/usage") {
+                if let Some(u) = m.message.and_then(|msg| msg.get("usage")) {
                     self.anthropic_usage(u);
                 }
-                if let Some(u) = v.get("usage") {
+                if let Some(u) = m.usage {
                     self.anthropic_usage(u);
                 }
             }
             Dialect::Openai | Dialect::Llamacpp => {
-                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                if let Some(u) = m.usage.filter(|u| u.is_object()) {
                     self.openai_usage(u);
                 }
-                if let Some(t) = v.get("timings").filter(|t| t.is_object()) {
+                if let Some(t) = m.timings.filter(|t| t.is_object()) {
                     self.llamacpp_timings(t);
                 }
-                if let Some(n) = v.get("tokens_cached") {
+                if let Some(n) = m.tokens_cached {
                     self.llamacpp_tokens_cached(n);
                 }
             }
@@ -262,5 +321,8 @@ mod tests {
     fn dialect_from_path() {
         assert_eq!(Dialect::from_path("/v1/messages"), Dialect::Anthropic);
         assert_eq!(Dialect::from_path("/v1/chat/completions"), Dialect::Openai);
+        assert_eq!(Dialect::from_path("/v1/completions"), Dialect::Openai);
+        assert_eq!(Dialect::from_path("/completion"), Dialect::Llamacpp);
+        assert_eq!(Dialect::from_path("/completions"), Dialect::Llamacpp);
     }
 }

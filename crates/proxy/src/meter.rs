@@ -154,7 +154,9 @@ impl Metrics {
 #[derive(Debug)]
 pub struct Meter {
     log: Option<UsageLog>,
-    session_key: Vec<u8>,
+    /// HMAC-SHA256 with the session key already absorbed: cloning it skips the two key-pad
+    /// compressions on every record (half the cost of the hash).
+    session_mac: Hmac<Sha256>,
     metrics: Metrics,
 }
 
@@ -181,9 +183,11 @@ impl Meter {
                 rand::random::<[u8; 32]>().to_vec()
             }
         };
+        let session_mac = Hmac::<Sha256>::new_from_slice(&session_key)
+            .map_err(|e| anyhow::anyhow!("session key: {e}"))?;
         Ok(Meter {
             log,
-            session_key,
+            session_mac,
             metrics: Metrics::new()?,
         })
     }
@@ -191,14 +195,9 @@ impl Meter {
     /// The keyed hash that stands for a session in records: HMAC-SHA256 of its routing key,
     /// 128 bits in hex. Without the key it reveals nothing about the token.
     pub fn session_hash(&self, key: RoutingKey) -> String {
-        match Hmac::<Sha256>::new_from_slice(&self.session_key) {
-            Ok(mut mac) => {
-                mac.update(&key.0.to_be_bytes());
-                hex::encode(&mac.finalize().into_bytes()[..16])
-            }
-            // HMAC accepts keys of any length; this cannot happen.
-            Err(_) => String::new(),
-        }
+        let mut mac = self.session_mac.clone();
+        mac.update(&key.0.to_be_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
     /// Counts a finished request and queues its record.

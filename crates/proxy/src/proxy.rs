@@ -131,19 +131,16 @@ fn admit(snapshot: &Snapshot, req: &RequestHeader) -> Admission {
     }
 }
 
-/// Reads a (small) request body whole, before any upstream work, and returns it as it should
-/// go upstream, and whether usage was injected. Pingora's retry buffer keeps the bytes and
-/// replays them through `request_body_filter`, where the final body is substituted.
-async fn read_ahead(session: &mut Session) -> Result<(Bytes, bool)> {
+/// Reads a (small) request body whole, before any upstream work, and returns the body that
+/// should go upstream instead when usage has to be injected. Pingora's retry buffer keeps the
+/// bytes and replays them through `request_body_filter`, where the new body is substituted.
+async fn read_ahead(session: &mut Session) -> Result<Option<Bytes>> {
     session.enable_retry_buffering();
     let mut raw = Vec::new();
     while let Some(chunk) = session.read_request_body().await? {
         raw.extend_from_slice(&chunk);
     }
-    Ok(match ensure_stream_usage(&raw) {
-        Some(rewritten) => (Bytes::from(rewritten), true),
-        None => (Bytes::from(raw), false),
-    })
+    Ok(ensure_stream_usage(&raw).map(Bytes::from))
 }
 
 impl RequestCtx {
@@ -194,13 +191,19 @@ impl ProxyHttp for TetherProxy {
                         .get(http::header::CONTENT_LENGTH)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<usize>().ok());
-                    let mut rewrite = BodyRewrite::default();
                     if length.is_some_and(|n| n > 0 && n <= READ_AHEAD_LIMIT) {
-                        let (ready, injected) = read_ahead(session).await?;
-                        rewrite.ready = Some(ready);
-                        ctx.injected = injected;
+                        // Unchanged bodies (the client asked for usage, or is not streaming)
+                        // need no rewrite: the retry buffer replays them as they came.
+                        if let Some(ready) = read_ahead(session).await? {
+                            ctx.injected = true;
+                            ctx.rewrite = Some(BodyRewrite {
+                                ready: Some(ready),
+                                ..BodyRewrite::default()
+                            });
+                        }
+                    } else {
+                        ctx.rewrite = Some(BodyRewrite::default());
                     }
-                    ctx.rewrite = Some(rewrite);
                 }
                 Ok(false)
             }
@@ -284,7 +287,13 @@ impl ProxyHttp for TetherProxy {
         // Metering reads usage out of response bodies, so ask for them uncompressed: token
         // streams compress poorly and replicas sit on a fast network, so identity costs little
         // and saves decoding every response.
-        if ctx.snapshot.as_ref().is_some_and(|s| s.metering) {
+        // Without the header a server may not compress (and the replicas we know do not).
+        if ctx.snapshot.as_ref().is_some_and(|s| s.metering)
+            && upstream_request
+                .headers
+                .get(http::header::ACCEPT_ENCODING)
+                .is_some_and(|v| v.as_bytes() != b"identity")
+        {
             upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
         }
         match ctx.rewrite.as_ref().map(|r| r.ready.as_ref()) {
