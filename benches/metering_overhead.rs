@@ -31,14 +31,14 @@ const REQUESTS: usize = 8_000;
 const CONCURRENCY: usize = 16;
 const ROUNDS: usize = 8;
 
-/// CPU seconds (user + system) the process has used.
-fn cpu_seconds(pid: u32) -> f64 {
+/// CPU seconds (user, system) the process has used.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ
+    let ticks = |i: usize| fields[i].parse::<f64>().unwrap() / 100.0; // USER_HZ
+    (ticks(11), ticks(12))
 }
 
 const CALLGRIND_WARMUP: usize = 200;
@@ -178,11 +178,15 @@ async fn main() {
             };
             for (name, tether) in order {
                 let pid = tether.process.pid();
-                let before = cpu_seconds(pid);
+                let before = cpu_split(pid);
                 let rps = drive(Arc::new(tether.url("/v1/chat/completions"))).await;
-                let us = (cpu_seconds(pid) - before) * 1e6 / REQUESTS as f64;
+                let after = cpu_split(pid);
+                let per = |s: f64| s * 1e6 / REQUESTS as f64;
+                let (user, system) = (per(after.0 - before.0), per(after.1 - before.1));
+                let us = user + system;
                 eprintln!(
-                    "round {round} metering {name:<3}: {us:7.1} µs CPU/request, {rps:7.0} req/s"
+                    "round {round} metering {name:<3}: {us:7.1} µs CPU/request \
+                     (user {user:5.1}, system {system:5.1}), {rps:7.0} req/s"
                 );
                 if name == "on" {
                     on_us.push(us);
