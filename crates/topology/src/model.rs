@@ -34,6 +34,12 @@ pub struct Topology {
     pub upstream: UpstreamSettings,
     /// Process settings.
     pub server: ServerSettings,
+    /// Health checking (`health`).
+    pub health: HealthSettings,
+    /// Retries and failover (`failover`).
+    pub failover: FailoverSettings,
+    /// The admin API (`admin`).
+    pub admin: AdminSettings,
 }
 
 /// The `affinity` section.
@@ -196,4 +202,64 @@ pub struct ServerSettings {
     pub pid_file: Option<PathBuf>,
     /// Socket for zero-downtime upgrades.
     pub upgrade_sock: Option<PathBuf>,
+}
+
+/// Paths whose requests are resent to another replica when the first accepted them but failed
+/// before answering: text generation has no side effects, so a second replica may redo it.
+pub const DEFAULT_RETRY_UNANSWERED: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/embeddings",
+];
+
+/// The `health` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Active probes; `None` when `probe.enabled: false`.
+    pub probe: Option<ProbeSettings>,
+    /// Consecutive failed requests (connect error, timeout, 5xx) that eject a replica.
+    pub eject_after: u32,
+    /// First ejection; doubles while failures continue.
+    pub eject_cooldown: Duration,
+    /// Longest ejection.
+    pub eject_max_cooldown: Duration,
+    /// How long a 429/503 without `Retry-After` marks a replica overloaded.
+    pub overload_default: Duration,
+    /// Longest `Retry-After` honoured.
+    pub overload_max: Duration,
+}
+
+/// The `health.probe` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// `GET` path a healthy replica answers `200`.
+    pub path: String,
+    /// Time between probe rounds.
+    pub interval: Duration,
+    /// Limit on one probe.
+    pub timeout: Duration,
+    /// Good probes in a row that bring a replica back.
+    pub rise: u32,
+    /// Bad probes in a row that take it out.
+    pub fall: u32,
+}
+
+/// The `failover` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverSettings {
+    /// Replicas tried per request, the first included.
+    pub max_attempts: u32,
+    /// No new attempt starts later than this after the request arrived.
+    pub deadline: Duration,
+    /// Paths safe to resend after a replica accepted the request and failed before answering.
+    pub retry_unanswered: Vec<String>,
+}
+
+/// The `admin` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AdminSettings {
+    /// Bearer token for the admin API's changes (`TETHER_ADMIN_TOKEN` overrides); without
+    /// one, only the read-only endpoints answer.
+    pub token: Option<String>,
 }

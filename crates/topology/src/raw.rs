@@ -33,6 +33,12 @@ pub(crate) struct RawTopology {
     pub upstream: RawUpstream,
     #[serde(default)]
     pub server: RawServer,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub failover: RawFailover,
+    #[serde(default)]
+    pub admin: RawAdmin,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,4 +191,86 @@ impl Default for RawServer {
             upgrade_sock: None,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawHealth {
+    pub probe: RawProbe,
+    pub eject_after: u32,
+    #[serde(with = "humantime_serde")]
+    pub eject_cooldown: Duration,
+    #[serde(with = "humantime_serde")]
+    pub eject_max_cooldown: Duration,
+    #[serde(with = "humantime_serde")]
+    pub overload_default: Duration,
+    #[serde(with = "humantime_serde")]
+    pub overload_max: Duration,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            probe: RawProbe::default(),
+            eject_after: 3,
+            eject_cooldown: Duration::from_secs(5),
+            eject_max_cooldown: Duration::from_secs(60),
+            overload_default: Duration::from_secs(1),
+            overload_max: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawProbe {
+    pub enabled: bool,
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for RawProbe {
+    fn default() -> Self {
+        RawProbe {
+            enabled: true,
+            path: "/health".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawFailover {
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    pub retry_unanswered: Vec<String>,
+}
+
+impl Default for RawFailover {
+    fn default() -> Self {
+        RawFailover {
+            max_attempts: 3,
+            deadline: Duration::from_secs(30),
+            retry_unanswered: crate::DEFAULT_RETRY_UNANSWERED
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawAdmin {
+    pub token: Option<String>,
 }

@@ -103,6 +103,60 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert!(t.admin_listen.is_none());
     assert!(t.usage_log.is_none());
     assert_eq!(t.server.threads, 2);
+    let probe = t.health.probe.as_ref().unwrap();
+    assert_eq!(
+        (probe.path.as_str(), probe.interval, probe.rise, probe.fall),
+        ("/health", Duration::from_secs(2), 2, 2)
+    );
+    assert_eq!(t.health.eject_after, 3);
+    assert_eq!(t.failover.max_attempts, 3);
+    assert_eq!(t.failover.retry_unanswered, DEFAULT_RETRY_UNANSWERED);
+    assert_eq!(t.admin.token, None);
+}
+
+#[test]
+fn health_failover_and_admin_sections_load_and_are_checked() {
+    let with = |extra: &str| format!("{VALID}{extra}");
+    let t = load(&with(
+        "health:\n  probe: { path: /ready, interval: 5s, timeout: 2s, rise: 1, fall: 4 }\n  eject_after: 5\n  eject_cooldown: 1s\n  eject_max_cooldown: 10s\nfailover: { max_attempts: 2, deadline: 3s, retry_unanswered: [] }\nadmin: { token: \"0123456789abcdef\" }\n",
+    ))
+    .unwrap();
+    let probe = t.health.probe.unwrap();
+    assert_eq!((probe.path.as_str(), probe.fall), ("/ready", 4));
+    assert_eq!(t.health.eject_max_cooldown, Duration::from_secs(10));
+    assert_eq!(t.failover.deadline, Duration::from_secs(3));
+    assert!(t.failover.retry_unanswered.is_empty());
+    assert_eq!(t.admin.token.as_deref(), Some("0123456789abcdef"));
+    assert!(load(&with("health: { probe: { enabled: false } }\n"))
+        .unwrap()
+        .health
+        .probe
+        .is_none());
+
+    for (extra, key) in [
+        ("health: { probe: { path: health } }\n", "health.probe.path"),
+        (
+            "health: { probe: { interval: 1s, timeout: 2s } }\n",
+            "health.probe.timeout",
+        ),
+        ("health: { probe: { rise: 0 } }\n", "health.probe.rise"),
+        ("health: { eject_after: 0 }\n", "health.eject_after"),
+        (
+            "health: { eject_cooldown: 10s, eject_max_cooldown: 5s }\n",
+            "health.eject_max_cooldown",
+        ),
+        ("failover: { max_attempts: 0 }\n", "failover.max_attempts"),
+        ("failover: { deadline: 0s }\n", "failover.deadline"),
+        (
+            "failover: { retry_unanswered: [v1/chat] }\n",
+            "failover.retry_unanswered[0]",
+        ),
+        ("admin: { token: short }\n", "admin.token"),
+    ] {
+        assert_eq!(problem(&with(extra)).key, key, "{extra}");
+    }
+    let (_, message) = parse_error(&with("health: { probes: {} }\n"));
+    assert!(message.contains("probes"), "{message}");
 }
 
 #[test]

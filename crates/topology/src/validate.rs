@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use crate::raw::{RawPrice, RawTopology};
 use crate::{
-    AffinitySettings, MeteringSettings, Price, Pricing, Problem, Region, Replica, ServerSettings,
-    Tenant, Topology, UpstreamSettings, UsageLog,
+    AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Price,
+    Pricing, Problem, ProbeSettings, Region, Replica, ServerSettings, Tenant, Topology,
+    UpstreamSettings, UsageLog,
 };
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
@@ -352,6 +353,74 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         }
     }
 
+    let h = &raw.health;
+    let probe = &h.probe;
+    if !probe.path.starts_with('/') {
+        p.add(
+            "health.probe.path",
+            format!("{:?} must start with '/'", probe.path),
+        );
+    }
+    positive(&mut p, "health.probe.interval", probe.interval);
+    positive(&mut p, "health.probe.timeout", probe.timeout);
+    if probe.timeout > probe.interval {
+        p.add(
+            "health.probe.timeout",
+            format!(
+                "{} is longer than health.probe.interval ({}): probes would overlap",
+                humantime::format_duration(probe.timeout),
+                humantime::format_duration(probe.interval)
+            ),
+        );
+    }
+    for (key, n) in [
+        ("health.probe.rise", probe.rise),
+        ("health.probe.fall", probe.fall),
+        ("health.eject_after", h.eject_after),
+    ] {
+        if !(1..=100).contains(&n) {
+            p.add(key, format!("{n} is out of range 1..=100"));
+        }
+    }
+    positive(&mut p, "health.eject_cooldown", h.eject_cooldown);
+    if h.eject_max_cooldown < h.eject_cooldown {
+        p.add(
+            "health.eject_max_cooldown",
+            "must not be shorter than health.eject_cooldown",
+        );
+    }
+    positive(&mut p, "health.overload_default", h.overload_default);
+    if h.overload_max < h.overload_default {
+        p.add(
+            "health.overload_max",
+            "must not be shorter than health.overload_default",
+        );
+    }
+    let f = &raw.failover;
+    if !(1..=10).contains(&f.max_attempts) {
+        p.add(
+            "failover.max_attempts",
+            format!("{} is out of range 1..=10", f.max_attempts),
+        );
+    }
+    positive(&mut p, "failover.deadline", f.deadline);
+    for (i, path) in f.retry_unanswered.iter().enumerate() {
+        if !path.starts_with('/') {
+            p.add(
+                &format!("failover.retry_unanswered[{i}]"),
+                format!("{path:?} must start with '/'"),
+            );
+        }
+    }
+    if let Some(token) = &raw.admin.token {
+        if token.len() < 16 {
+            p.add(
+                "admin.token",
+                "must be at least 16 characters: it guards drain and reload",
+            );
+        }
+    }
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -392,6 +461,28 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             graceful_shutdown_timeout: raw.server.graceful_shutdown_timeout,
             pid_file: raw.server.pid_file,
             upgrade_sock: raw.server.upgrade_sock,
+        },
+        health: HealthSettings {
+            probe: raw.health.probe.enabled.then(|| ProbeSettings {
+                path: raw.health.probe.path.clone(),
+                interval: raw.health.probe.interval,
+                timeout: raw.health.probe.timeout,
+                rise: raw.health.probe.rise,
+                fall: raw.health.probe.fall,
+            }),
+            eject_after: raw.health.eject_after,
+            eject_cooldown: raw.health.eject_cooldown,
+            eject_max_cooldown: raw.health.eject_max_cooldown,
+            overload_default: raw.health.overload_default,
+            overload_max: raw.health.overload_max,
+        },
+        failover: FailoverSettings {
+            max_attempts: raw.failover.max_attempts,
+            deadline: raw.failover.deadline,
+            retry_unanswered: raw.failover.retry_unanswered,
+        },
+        admin: AdminSettings {
+            token: raw.admin.token,
         },
     })
 }

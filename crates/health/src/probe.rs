@@ -1,0 +1,194 @@
+//! Active health probes: every `interval`, an HTTP `GET` of each replica's probe path, all
+//! replicas at once, each bounded by `timeout`; the results feed [`ReplicaStatus::record_probe`].
+//!
+//! The HTTP exchange is pingora-load-balancing's `HttpHealthCheck` (Pingora's own connector and
+//! HTTP/1 client, the stack the proxy itself uses); its `LoadBalancer` / `Backends` machinery is
+//! not used, because routing is our ring and the rise / fall / ejection logic must also take
+//! passive signals (failed requests, Retry-After), which that machinery has no place for.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
+use pingora_load_balancing::Backend;
+
+use crate::status::{now_ms, HealthPolicy, ReplicaStatus, Transition};
+
+/// How probes are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// Request path (`GET`), answered `200` by a healthy replica.
+    pub path: String,
+    /// Time between the starts of two probe rounds.
+    pub interval: Duration,
+    /// Limit on one probe, connect to end of body.
+    pub timeout: Duration,
+}
+
+/// One replica to probe.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    /// Replica id, for logs.
+    pub id: Arc<str>,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Its live status, which the result updates.
+    pub status: Arc<ReplicaStatus>,
+}
+
+/// What one probe round needs, read fresh every round so a reloaded topology applies at once.
+#[derive(Debug, Clone)]
+pub struct ProbeRound {
+    /// Probe settings; `None` = probes are off (the loop idles and checks again later).
+    pub settings: Option<ProbeSettings>,
+    /// How results change health.
+    pub policy: HealthPolicy,
+    /// The replicas.
+    pub targets: Vec<ProbeTarget>,
+}
+
+/// The source of probe rounds (the proxy's router).
+pub trait ProbeSource: Send + Sync + 'static {
+    /// The current round.
+    fn round(&self) -> ProbeRound;
+    /// Called for every state change a probe causes (for logs and metrics).
+    fn on_transition(&self, _target: &ProbeTarget, _transition: Transition) {}
+}
+
+/// The probe loop, as a Pingora background service.
+#[derive(Debug)]
+pub struct Prober<S> {
+    source: S,
+}
+
+impl<S: ProbeSource> Prober<S> {
+    /// A prober over `source`.
+    pub fn new(source: S) -> Self {
+        Prober { source }
+    }
+
+    /// Probes every target once, concurrently, and applies the results.
+    pub async fn probe_once(&self, round: &ProbeRound, checkers: &mut Checkers) {
+        let Some(settings) = &round.settings else {
+            return;
+        };
+        checkers.configure(settings);
+        let probes = round.targets.iter().map(|target| {
+            let checker = checkers.get(target.address);
+            async move {
+                let result = match checker {
+                    Some(check) => {
+                        tokio::time::timeout(settings.timeout, check.check(&check_backend(target)))
+                            .await
+                            .map_err(|_| "timed out".to_owned())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                    }
+                    None => Err("no checker".to_owned()),
+                };
+                (target, result)
+            }
+        });
+        for (target, result) in join_all(probes).await {
+            let ok = result.is_ok();
+            if let Err(why) = &result {
+                log::debug!("probe of {} ({}) failed: {why}", target.id, target.address);
+            }
+            if let Some(t) = target.status.record_probe(ok, now_ms(), &round.policy) {
+                self.source.on_transition(target, t);
+            }
+        }
+    }
+}
+
+fn check_backend(target: &ProbeTarget) -> Backend {
+    Backend {
+        addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(target.address),
+        weight: 1,
+        ext: Default::default(),
+    }
+}
+
+/// One `HttpHealthCheck` per replica address (each sends its own `Host`), rebuilt when the
+/// probe settings change.
+#[derive(Default)]
+pub struct Checkers {
+    settings: Option<ProbeSettings>,
+    by_address: HashMap<SocketAddr, Arc<HttpHealthCheck>>,
+}
+
+impl std::fmt::Debug for Checkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkers")
+            .field("settings", &self.settings)
+            .field("replicas", &self.by_address.len())
+            .finish()
+    }
+}
+
+impl Checkers {
+    fn configure(&mut self, settings: &ProbeSettings) {
+        if self.settings.as_ref() != Some(settings) {
+            self.by_address.clear();
+            self.settings = Some(settings.clone());
+        }
+    }
+
+    fn get(&mut self, address: SocketAddr) -> Option<Arc<HttpHealthCheck>> {
+        let settings = self.settings.as_ref()?;
+        if let Some(c) = self.by_address.get(&address) {
+            return Some(Arc::clone(c));
+        }
+        let mut check = HttpHealthCheck::new(&address.to_string(), false);
+        // Rise and fall are ours (they also weigh passive signals): one result per probe.
+        check.consecutive_success = 1;
+        check.consecutive_failure = 1;
+        check.peer_template.options.connection_timeout = Some(settings.timeout);
+        check.peer_template.options.read_timeout = Some(settings.timeout);
+        check.peer_template.options.write_timeout = Some(settings.timeout);
+        match pingora_http::RequestHeader::build("GET", settings.path.as_bytes(), None).and_then(
+            |mut req| {
+                req.append_header("Host", address.to_string())?;
+                req.append_header("User-Agent", "tether-health-probe")?;
+                Ok(req)
+            },
+        ) {
+            Ok(req) => check.req = req,
+            Err(e) => {
+                log::error!("health probe request for {address}: {e}");
+                return None;
+            }
+        }
+        let check = Arc::new(check);
+        self.by_address.insert(address, Arc::clone(&check));
+        Some(check)
+    }
+}
+
+#[async_trait]
+impl<S: ProbeSource> BackgroundService for Prober<S> {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut checkers = Checkers::default();
+        loop {
+            let round = self.source.round();
+            let interval = round
+                .settings
+                .as_ref()
+                .map_or(Duration::from_secs(1), |s| s.interval);
+            let started = tokio::time::Instant::now();
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = self.probe_once(&round, &mut checkers) => {}
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep_until(started + interval) => {}
+            }
+        }
+    }
+}
