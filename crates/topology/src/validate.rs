@@ -407,7 +407,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     for (i, path) in f.retry_unanswered.iter().enumerate() {
         if !path.starts_with('/') {
             p.add(
-                &format!("failover.retry_unanswered[{i}]"),
+                format!("failover.retry_unanswered[{i}]"),
                 format!("{path:?} must start with '/'"),
             );
         }
