@@ -174,6 +174,18 @@ impl<C: Clock> OverrideTable<C> {
             .count()
     }
 
+    /// Number of live entries per replica tag, in one O(n) scan (for the admin API).
+    pub fn counts_by_tag(&self) -> std::collections::HashMap<ReplicaTag, usize> {
+        let now = self.clock.now_secs();
+        let mut counts = std::collections::HashMap::new();
+        for e in self.map.iter() {
+            if !self.expired(e.value(), now) {
+                *counts.entry(e.value().tag).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     fn retain(&self, mut keep: impl FnMut(u64, &Entry) -> bool) -> usize {
         let removed = AtomicUsize::new(0);
         self.map.retain(|k, e| {
@@ -359,6 +371,10 @@ mod tests {
         assert_eq!(t.count_for(ReplicaTag(1)), 2);
         assert_eq!(t.remove(RoutingKey(1)), Some(ReplicaTag(1)));
         assert_eq!(t.count_for(ReplicaTag(1)), 1);
+        let counts = t.counts_by_tag();
+        assert_eq!(counts.get(&ReplicaTag(1)), Some(&1));
+        assert_eq!(counts.get(&ReplicaTag(2)), Some(&1));
+        assert_eq!(counts.get(&ReplicaTag(3)), None);
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! The admin listener: readiness now; metrics and the replica API arrive with their issues.
+//! The admin listener: readiness, Prometheus metrics, and the replica API.
+//!
+//! Reads are open (bind the listener to a private address); changes (`drain`, `undrain`)
+//! need `Authorization: Bearer <admin.token>`, and are refused outright when no token is set.
 
 use std::sync::Arc;
 
@@ -6,12 +9,15 @@ use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use tether_health::now_ms;
 
 use crate::meter::Meter;
 use crate::router::Router;
 
-/// Serves `GET /health` (readiness), `GET /metrics` (Prometheus) and `GET /admin/replicas`
-/// (read-only state).
+/// Serves `GET /health` (readiness), `GET /metrics` (Prometheus), `GET /admin/replicas`
+/// (state, health, in-flight and override entries per replica) and
+/// `POST /admin/replicas/{id}/drain|undrain`.
 #[derive(Debug)]
 pub struct AdminApp {
     router: Arc<Router>,
@@ -26,23 +32,100 @@ impl AdminApp {
 
     fn replicas(&self) -> serde_json::Value {
         let snapshot = self.router.snapshot();
+        let held = self.router.overrides().counts_by_tag();
+        let now = now_ms();
         let replicas: Vec<_> = snapshot
             .selector
             .replicas()
             .iter()
             .zip(&snapshot.live)
-            .map(|(r, live)| {
+            .zip(&snapshot.addresses)
+            .map(|((r, live), address)| {
+                let health = live.state(now);
+                let until = match health {
+                    tether_health::HealthState::Ejected { until_ms }
+                    | tether_health::HealthState::Overloaded { until_ms } => {
+                        Some(until_ms.saturating_sub(now))
+                    }
+                    _ => None,
+                };
                 json!({
                     "id": &*r.id,
+                    "address": address.to_string(),
                     "region": snapshot.selector.region_name(r.region),
                     "weight": r.weight,
                     "state": format!("{:?}", r.admission).to_lowercase(),
+                    "health": health.as_str(),
+                    "health_for_ms": until,
+                    "drained": live.is_drained(),
                     "inflight": live.inflight(),
+                    "ejections": live.ejections_total(),
+                    "override_entries": held.get(&r.tag).copied().unwrap_or(0),
                 })
             })
             .collect();
         json!({ "replicas": replicas, "override_entries": self.router.overrides().len() })
     }
+
+    /// `POST /admin/replicas/{id}/drain|undrain`.
+    fn set_drained(&self, id: &str, drained: bool) -> http::Response<Vec<u8>> {
+        let snapshot = self.router.snapshot();
+        let found = snapshot
+            .selector
+            .replicas()
+            .iter()
+            .zip(&snapshot.live)
+            .find(|(r, _)| &*r.id == id);
+        let Some((_, live)) = found else {
+            return error(404, "not_found", &format!("no replica {id:?}"));
+        };
+        let changed = live.set_drained(drained);
+        log::info!(
+            "admin: replica {id} {}{}",
+            if drained { "drained" } else { "undrained" },
+            if changed { "" } else { " (no change)" }
+        );
+        response(
+            200,
+            json!({"id": id, "drained": drained, "changed": changed}).to_string(),
+        )
+    }
+
+    /// Checks the bearer token of a changing request; `Some(response)` refuses it.
+    fn refuse_unauthorized(&self, session: &ServerSession) -> Option<http::Response<Vec<u8>>> {
+        let Some(expected) = self.router.snapshot().admin_token_sha256 else {
+            return Some(error(
+                403,
+                "admin_disabled",
+                "admin changes are disabled: set admin.token or TETHER_ADMIN_TOKEN",
+            ));
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+        // Comparing digests: equal-length values, and no timing hint about the token itself.
+        if presented == Some(expected) {
+            None
+        } else {
+            Some(error(
+                401,
+                "unauthorized",
+                "send `Authorization: Bearer <admin token>`",
+            ))
+        }
+    }
+}
+
+fn error(status: u16, code: &str, message: &str) -> http::Response<Vec<u8>> {
+    response(
+        status,
+        json!({"error": {"message": message, "type": "invalid_request_error", "code": code}})
+            .to_string(),
+    )
 }
 
 fn response(status: u16, body: String) -> http::Response<Vec<u8>> {
@@ -71,7 +154,22 @@ fn with_type(status: u16, body: String, content_type: &'static str) -> http::Res
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let req = session.req_header();
-        match (req.method.as_str(), req.uri.path()) {
+        let path = req.uri.path().to_owned();
+        if req.method == http::Method::POST {
+            let action = path
+                .strip_prefix("/admin/replicas/")
+                .and_then(|rest| rest.rsplit_once('/'));
+            return match action {
+                Some((id, verb @ ("drain" | "undrain"))) if !id.is_empty() => {
+                    if let Some(refusal) = self.refuse_unauthorized(session) {
+                        return refusal;
+                    }
+                    self.set_drained(id, verb == "drain")
+                }
+                _ => error(404, "not_found", "not found"),
+            };
+        }
+        match (req.method.as_str(), path.as_str()) {
             ("GET", "/health") => response(200, json!({"status": "ok"}).to_string()),
             ("GET", "/admin/replicas") => response(200, self.replicas().to_string()),
             ("GET", "/metrics") => with_type(
@@ -79,11 +177,7 @@ impl ServeHttp for AdminApp {
                 self.meter.render(&self.router),
                 "text/plain; version=0.0.4",
             ),
-            _ => response(
-                404,
-                json!({"error": {"message": "not found", "type": "invalid_request_error", "code": "not_found"}})
-                    .to_string(),
-            ),
+            _ => error(404, "not_found", "not found"),
         }
     }
 }

@@ -45,14 +45,14 @@ impl ApiError {
     }
 
     /// 503: no replica in any region can take the request.
-    pub fn no_replica_available() -> Self {
+    pub fn no_replica_available(retry_after_secs: u32) -> Self {
         ApiError {
             status: 503,
             kind: "server_error",
             code: "no_replica_available",
             message: "no inference replica is available to serve this request; retry shortly"
                 .to_owned(),
-            retry_after: Some(1),
+            retry_after: Some(retry_after_secs.max(1)),
         }
     }
 
@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn unavailable_carries_retry_after() {
-        let e = ApiError::no_replica_available();
+        let e = ApiError::no_replica_available(1);
         let h = e.header(e.body().len()).unwrap();
         assert_eq!(h.status.as_u16(), 503);
         assert_eq!(h.headers.get("retry-after").unwrap(), "1");

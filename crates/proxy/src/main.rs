@@ -191,6 +191,11 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     ));
 
     server.add_service(background_service(
+        "health probes",
+        tether_health::Prober::new(router::RouterProbes(Arc::clone(&router))),
+    ));
+
+    server.add_service(background_service(
         "usage log reopen",
         ReopenOnHangup {
             meter: Arc::clone(&meter),

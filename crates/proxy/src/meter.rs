@@ -29,6 +29,9 @@ pub struct Metrics {
     usage_unknown: IntCounterVec,
     duration: Histogram,
     inflight: IntGaugeVec,
+    healthy: IntGaugeVec,
+    ejections: IntCounterVec,
+    retries: IntCounterVec,
     override_entries: IntGauge,
     log_dropped: IntCounter,
 }
@@ -87,6 +90,26 @@ impl Metrics {
             &["replica"],
         )?;
         registry.register(Box::new(inflight.clone()))?;
+        let healthy = IntGaugeVec::new(
+            Opts::new(
+                "tether_replica_healthy",
+                "1 when the replica takes traffic (not drained, probes passing, not ejected or \
+                 overloaded), else 0.",
+            ),
+            &["replica"],
+        )?;
+        registry.register(Box::new(healthy.clone()))?;
+        let ejections = counter_vec(
+            "tether_replica_ejections_total",
+            "Times a replica was ejected after failed requests or failed probes.",
+            &["replica"],
+        )?;
+        let retries = counter_vec(
+            "tether_upstream_retries_total",
+            "Requests sent to another replica, by why: connect (refused or timed out), timeout \
+             (accepted, never answered), error (reset before answering), status (429/502/503/504).",
+            &["reason"],
+        )?;
         let override_entries =
             IntGauge::new("tether_override_entries", "Sessions in the override table.")?;
         registry.register(Box::new(override_entries.clone()))?;
@@ -105,6 +128,9 @@ impl Metrics {
             usage_unknown,
             duration,
             inflight,
+            healthy,
+            ejections,
+            retries,
             override_entries,
             log_dropped,
         })
@@ -208,6 +234,11 @@ impl Meter {
         }
     }
 
+    /// Counts a request sent to another replica.
+    pub fn count_retry(&self, reason: &str) {
+        self.metrics.retries.with_label_values(&[reason]).inc();
+    }
+
     /// Reopens the usage log (after rotation).
     pub fn reopen(&self) {
         if let Some(log) = &self.log {
@@ -230,10 +261,18 @@ impl Meter {
     pub fn render(&self, router: &Router) -> String {
         let m = &self.metrics;
         let snapshot = router.snapshot();
+        let now = tether_health::now_ms();
         for (replica, live) in snapshot.selector.replicas().iter().zip(&snapshot.live) {
             m.inflight
                 .with_label_values(&[&*replica.id])
                 .set(i64::from(live.inflight()));
+            let takes_traffic =
+                replica.admission == tether_affinity::Admission::Active && live.usable(now);
+            m.healthy
+                .with_label_values(&[&*replica.id])
+                .set(i64::from(takes_traffic));
+            let ejections = m.ejections.with_label_values(&[&*replica.id]);
+            ejections.inc_by(live.ejections_total().saturating_sub(ejections.get()));
         }
         m.override_entries
             .set(i64::try_from(router.overrides().len()).unwrap_or(i64::MAX));

@@ -1,10 +1,14 @@
 //! The Pingora glue: [`TetherProxy`] implements `ProxyHttp` by calling the pure crates.
 //!
 //! Per request: `request_filter` resolves the tenant and the routing key (401/400 otherwise),
-//! `upstream_peer` asks the selector for a replica and takes an in-flight slot,
-//! `fail_to_connect` retries the next candidate, `response_filter` records the override entry
-//! when the replica answers 2xx, `fail_to_proxy` answers OpenAI-style JSON, and `logging`
-//! releases the in-flight slot.
+//! `upstream_peer` asks the selector for a replica (healthy, not drained, within its load
+//! bound) and takes an in-flight slot. Failover: `fail_to_connect` retries the next candidate;
+//! `error_while_proxy` retries a replica that accepted the request but failed before
+//! answering (timeout, reset), when the request is safe to resend; `response_filter` turns a
+//! 429/502/503/504 into a retry elsewhere the same way, and records the override entry when
+//! the replica answers 2xx. Every outcome feeds the replica's health (passive ejection,
+//! `Retry-After` overload). Nothing is retried once response bytes reached the client.
+//! `fail_to_proxy` answers OpenAI-style JSON, and `logging` writes the usage record.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,10 +30,8 @@ use tether_metering::{
 
 use crate::api_error::ApiError;
 use crate::meter::Meter;
-use crate::router::{InflightGuard, Router, Snapshot};
-
-/// Upstream attempts per request (the first try plus retries after connect failures).
-pub const MAX_ATTEMPTS: u32 = 3;
+use crate::router::{log_transition, retry_after_hint, Router, Snapshot};
+use tether_health::{now_ms, InflightGuard};
 
 /// Largest chat request body Tether buffers to add `stream_options.include_usage`; a larger
 /// one is forwarded untouched (its stream may then report no usage).
@@ -81,6 +83,10 @@ pub struct RequestCtx {
     attempts: u32,
     inflight: Option<InflightGuard>,
     unavailable: bool,
+    /// The current attempt's response header went on to the client: no retry after this.
+    answered: bool,
+    /// The current attempt's replica answered this status, which is being retried elsewhere.
+    retried_status: Option<u16>,
 }
 
 /// What `request_filter` concluded about the caller.
@@ -143,6 +149,46 @@ async fn read_ahead(session: &mut Session) -> Result<Option<Bytes>> {
     Ok(ensure_stream_usage(&raw).map(Bytes::from))
 }
 
+/// Whether a request may go to a second replica after the first accepted it and failed before
+/// answering: idempotent methods always; others when their path is listed in
+/// `failover.retry_unanswered` (text generation has no side effects).
+fn resend_safe(snapshot: &Snapshot, req: &RequestHeader) -> bool {
+    req.method.is_idempotent()
+        || snapshot
+            .failover
+            .retry_unanswered
+            .iter()
+            .any(|p| p == req.uri.path())
+}
+
+/// Whether another attempt fits the request's limits (attempts and deadline).
+fn may_try_again(ctx: &RequestCtx) -> bool {
+    ctx.snapshot.as_deref().is_some_and(|s| {
+        ctx.attempts < s.failover.max_attempts && ctx.started.elapsed() < s.failover.deadline
+    })
+}
+
+/// `Retry-After` as delay-seconds (RFC 9110 §10.2.3). The HTTP-date form is rare from
+/// inference servers and would need the clocks to agree; it falls back to the default.
+fn parse_retry_after(value: &[u8]) -> Option<Duration> {
+    let seconds: u64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+impl TetherProxy {
+    /// Counts a failed request against the replica of the current attempt (passive ejection).
+    fn replica_failed(&self, ctx: &RequestCtx) {
+        let (Some(snapshot), Some(decision)) = (ctx.snapshot.as_deref(), ctx.decision) else {
+            return;
+        };
+        if let Some(status) = snapshot.status(decision.replica) {
+            if let Some(t) = status.record_failure(now_ms(), &snapshot.health_policy) {
+                log_transition(snapshot.replica_id(decision.replica), t);
+            }
+        }
+    }
+}
+
 impl RequestCtx {
     fn served_replica(&self) -> Option<&ReplicaInfo> {
         let idx = self.decision?.replica;
@@ -170,6 +216,8 @@ impl ProxyHttp for TetherProxy {
             attempts: 0,
             inflight: None,
             unavailable: false,
+            answered: false,
+            retried_status: None,
         }
     }
 
@@ -181,6 +229,11 @@ impl ProxyHttp for TetherProxy {
             Admission::Admit { tenant_id, key } => {
                 ctx.tenant = Some(tenant_id);
                 ctx.key = key;
+                if resend_safe(&snapshot, session.req_header()) {
+                    // Keep the body (up to Pingora's 64 KiB retry buffer) so a replica that
+                    // fails before answering can be replaced.
+                    session.enable_retry_buffering();
+                }
                 let req = session.req_header();
                 if snapshot.inject_stream_usage
                     && req.method == http::Method::POST
@@ -226,6 +279,8 @@ impl ProxyHttp for TetherProxy {
         // A retry releases the failed attempt's slot before taking the next, and replays the
         // raw request body through `request_body_filter`.
         ctx.inflight = None;
+        ctx.answered = false;
+        ctx.retried_status = None;
         if let Some(rewrite) = &mut ctx.rewrite {
             rewrite.buffer.clear();
             rewrite.passthrough = false;
@@ -238,7 +293,8 @@ impl ProxyHttp for TetherProxy {
             sticky: ctx.key.and_then(|k| self.router.overrides().get(k)),
             tried: Some(&ctx.tried),
         };
-        let Some(decision) = snapshot.selector.decide(&request, snapshot.as_ref()) else {
+        let view = snapshot.view(now_ms());
+        let Some(decision) = snapshot.selector.decide(&request, &view) else {
             ctx.unavailable = true;
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
@@ -266,11 +322,61 @@ impl ProxyHttp for TetherProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.inflight = None;
-        if ctx.attempts < MAX_ATTEMPTS {
+        self.replica_failed(ctx);
+        // Nothing reached the replica, so any request is safe to send elsewhere.
+        let retry = may_try_again(ctx);
+        if retry {
             debug!("connect to {peer} failed ({e}); trying the next replica");
-            // Nothing reached the replica, so any request is safe to send elsewhere.
-            e.set_retry(true);
+            self.meter.count_retry("connect");
         }
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.answered {
+            // Response bytes reached the client: a second replica cannot continue them.
+            if e.esource() == &ErrorSource::Upstream {
+                self.replica_failed(ctx);
+            }
+            e.set_retry(false);
+            return e;
+        }
+        let status_retry = ctx.retried_status.is_some();
+        // A pooled connection the replica had already closed is not the replica failing.
+        let stale_pooled = client_reused
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        if !status_retry && !stale_pooled && e.esource() != &ErrorSource::Downstream {
+            self.replica_failed(ctx);
+        }
+        let retry = e.esource() != &ErrorSource::Downstream
+            && ctx
+                .snapshot
+                .as_deref()
+                .is_some_and(|s| resend_safe(s, session.req_header()))
+            && !session.as_ref().retry_buffer_truncated()
+            && may_try_again(ctx);
+        if retry {
+            let reason = match (ctx.retried_status, e.etype()) {
+                (Some(_), _) => "status",
+                (None, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => "timeout",
+                _ => "error",
+            };
+            debug!("{e}: trying the next replica ({reason})");
+            self.meter.count_retry(reason);
+        }
+        e.set_retry(retry);
         e
     }
 
@@ -362,6 +468,43 @@ impl ProxyHttp for TetherProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let code = upstream_response.status.as_u16();
+        if let (Some(snapshot), Some(decision)) = (ctx.snapshot.as_deref(), ctx.decision) {
+            if let Some(status) = snapshot.status(decision.replica) {
+                let now = now_ms();
+                if matches!(code, 429 | 503) {
+                    let retry_after = upstream_response
+                        .headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| parse_retry_after(v.as_bytes()));
+                    status.record_overload(now, retry_after, &snapshot.health_policy);
+                }
+                if code >= 500 {
+                    if let Some(t) = status.record_failure(now, &snapshot.health_policy) {
+                        log_transition(snapshot.replica_id(decision.replica), t);
+                    }
+                } else if code != 429 {
+                    status.record_success();
+                }
+            }
+            // Overloaded or a gateway failure: nothing has reached the client yet, so another
+            // replica may answer instead (when the request is safe to resend).
+            if matches!(code, 429 | 502 | 503 | 504)
+                && resend_safe(snapshot, session.req_header())
+                && !session.as_ref().retry_buffer_truncated()
+                && may_try_again(ctx)
+            {
+                ctx.retried_status = Some(code);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(code),
+                    format!(
+                        "replica {} answered {code}",
+                        snapshot.replica_id(decision.replica)
+                    ),
+                ));
+            }
+        }
+        ctx.answered = true;
         let metering = ctx.snapshot.as_deref().is_some_and(|s| s.metering);
         if metering && upstream_response.status.is_success() {
             let configured = ctx
@@ -432,21 +575,34 @@ impl ProxyHttp for TetherProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        let retry_after = ctx
+            .snapshot
+            .as_deref()
+            .map_or(1, |s| {
+                u32::try_from(retry_after_hint(s).as_secs()).unwrap_or(u32::MAX)
+            });
         let error = if ctx.unavailable {
-            Some(ApiError::no_replica_available())
+            Some(ApiError::no_replica_available(retry_after))
         } else {
             match (e.etype(), e.esource()) {
+                // Every replica tried refused or timed out the connection.
+                (
+                    ErrorType::ConnectRefused
+                    | ErrorType::ConnectTimedout
+                    | ErrorType::ConnectError
+                    | ErrorType::ConnectNoRoute,
+                    _,
+                ) => Some(ApiError::no_replica_available(retry_after)),
                 (ErrorType::HTTPStatus(code), _) => Some(ApiError::upstream(
                     *code,
                     format!("request failed: {}", e.etype().as_str()),
                 )),
-                (
-                    ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
-                    ErrorSource::Upstream,
-                ) => Some(ApiError::upstream(
-                    504,
-                    "the inference replica timed out".into(),
-                )),
+                (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => {
+                    Some(ApiError::upstream(
+                        504,
+                        "the inference replica timed out".into(),
+                    ))
+                }
                 (_, ErrorSource::Upstream) => Some(ApiError::upstream(
                     502,
                     format!("the inference replica failed: {}", e.etype().as_str()),

@@ -1,9 +1,10 @@
 //! Routing state shared by every request: the current [`Snapshot`] (swapped whole on reload),
-//! the override table and the live per-replica counters (both outlive snapshots).
+//! the override table and the live per-replica status (both outlive snapshots).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
@@ -12,39 +13,15 @@ use tether_affinity::{
     Admission, LoadView, OverrideTable, RegionSpec, ReplicaIdx, ReplicaSpec, ReplicaTag, Selector,
     SelectorOptions, TagRegistry, TenantScope, TokenRules,
 };
+use tether_health::{
+    HealthPolicy, InflightGuard, ProbeRound, ProbeSettings, ProbeSource, ProbeTarget,
+    ReplicaStatus, Transition,
+};
 use tether_metering::{Dialect, Price};
-use tether_topology::{ReplicaState, Topology, UsageDialect};
+use tether_topology::{FailoverSettings, ReplicaState, Topology, UsageDialect};
 
-/// Live counters of one replica. Keyed by tag, so they survive topology reloads.
-#[derive(Debug, Default)]
-pub struct ReplicaLive {
-    inflight: AtomicU32,
-}
-
-impl ReplicaLive {
-    /// Requests in flight now.
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
-    }
-}
-
-/// Holds one in-flight slot of a replica; releases it when dropped, so no error path can leak
-/// a count (the proxy also drops it explicitly in `logging`).
-#[derive(Debug)]
-pub struct InflightGuard(Arc<ReplicaLive>);
-
-impl InflightGuard {
-    fn acquire(live: &Arc<ReplicaLive>) -> Self {
-        live.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(Arc::clone(live))
-    }
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// Environment variable that overrides `admin.token`.
+pub const ADMIN_TOKEN_ENV: &str = "TETHER_ADMIN_TOKEN";
 
 /// A tenant as the hot path needs it.
 #[derive(Debug, Clone)]
@@ -62,8 +39,18 @@ pub struct Snapshot {
     pub selector: Selector,
     /// One prebuilt peer per replica, indexed like the selector's replicas.
     pub peers: Vec<HttpPeer>,
-    /// Live counters, indexed like the selector's replicas.
-    pub live: Vec<Arc<ReplicaLive>>,
+    /// Live status, indexed like the selector's replicas.
+    pub live: Vec<Arc<ReplicaStatus>>,
+    /// Replica addresses, indexed like the selector's replicas (for probes).
+    pub addresses: Vec<SocketAddr>,
+    /// How failures, probes and overload change health.
+    pub health_policy: HealthPolicy,
+    /// Active probes, when enabled.
+    pub probe: Option<ProbeSettings>,
+    /// Retry and failover limits.
+    pub failover: FailoverSettings,
+    /// SHA-256 of the admin API's bearer token; `None` = changes through the API are off.
+    pub admin_token_sha256: Option<[u8; 32]>,
     /// SHA-256 of API key → tenant. Empty = no authentication, every request is `default`.
     pub tenants: HashMap<[u8; 32], TenantEntry>,
     /// The tenant used when `tenants` is empty.
@@ -106,13 +93,71 @@ impl Snapshot {
 
     /// Takes an in-flight slot on replica `idx`.
     pub fn acquire(&self, idx: ReplicaIdx) -> Option<InflightGuard> {
-        self.live.get(idx as usize).map(InflightGuard::acquire)
+        self.live.get(idx as usize).map(ReplicaStatus::acquire)
+    }
+
+    /// The live status of replica `idx`.
+    pub fn status(&self, idx: ReplicaIdx) -> Option<&Arc<ReplicaStatus>> {
+        self.live.get(idx as usize)
+    }
+
+    /// What the selector sees at time `now` (milliseconds on [`tether_health::now_ms`]).
+    pub fn view(&self, now: u64) -> RouteView<'_> {
+        RouteView {
+            snapshot: self,
+            now,
+        }
     }
 }
 
-impl LoadView for Snapshot {
+/// The selector's view of the fleet at one instant: in-flight counts and health, read from
+/// atomics without a lock.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteView<'a> {
+    snapshot: &'a Snapshot,
+    now: u64,
+}
+
+impl LoadView for RouteView<'_> {
     fn inflight(&self, replica: ReplicaIdx) -> u32 {
-        self.live.get(replica as usize).map_or(0, |l| l.inflight())
+        self.snapshot
+            .live
+            .get(replica as usize)
+            .map_or(0, |l| l.inflight())
+    }
+
+    fn is_healthy(&self, replica: ReplicaIdx) -> bool {
+        let Some(status) = self.snapshot.live.get(replica as usize) else {
+            return false;
+        };
+        if let Some(t) = status.expire_ejection(self.now, &self.snapshot.health_policy) {
+            log_transition(self.snapshot.replica_id(replica), t);
+        }
+        status.usable(self.now)
+    }
+}
+
+impl Snapshot {
+    /// The id of replica `idx` (`"?"` if out of range).
+    pub fn replica_id(&self, idx: ReplicaIdx) -> &str {
+        self.selector.replica(idx).map_or("?", |r| &r.id)
+    }
+}
+
+/// Logs a health change at the level it deserves.
+pub fn log_transition(replica: &str, t: Transition) {
+    match t {
+        Transition::ProbeDown => log::warn!("replica {replica} failed its health probes: out"),
+        Transition::ProbeUp => log::info!("replica {replica} passes its health probes again: in"),
+        Transition::Ejected(d) => log::warn!(
+            "replica {replica} ejected for {} after consecutive failed requests",
+            humantime::format_duration(d)
+        ),
+        Transition::EjectionExtended(d) => log::warn!(
+            "replica {replica} still failing its probe: ejected for another {}",
+            humantime::format_duration(d)
+        ),
+        Transition::Returned => log::info!("replica {replica} returns from ejection"),
     }
 }
 
@@ -122,7 +167,7 @@ pub struct Router {
     snapshot: ArcSwap<Snapshot>,
     overrides: OverrideTable,
     tags: TagRegistry,
-    live: Mutex<HashMap<ReplicaTag, Arc<ReplicaLive>>>,
+    live: Mutex<HashMap<ReplicaTag, Arc<ReplicaStatus>>>,
 }
 
 impl Router {
@@ -162,10 +207,52 @@ impl Router {
     }
 }
 
+/// The router as the probe loop's source of targets (a fresh list every round).
+#[derive(Debug)]
+pub struct RouterProbes(pub Arc<Router>);
+
+impl ProbeSource for RouterProbes {
+    fn round(&self) -> ProbeRound {
+        let snapshot = self.0.snapshot();
+        let targets = snapshot
+            .selector
+            .replicas()
+            .iter()
+            .zip(&snapshot.live)
+            .zip(&snapshot.addresses)
+            // A disabled replica takes no traffic whatever its health: no need to probe it.
+            .filter(|((r, _), _)| r.admission != Admission::Disabled)
+            .map(|((r, status), address)| ProbeTarget {
+                id: Arc::clone(&r.id),
+                address: *address,
+                status: Arc::clone(status),
+            })
+            .collect();
+        ProbeRound {
+            settings: snapshot.probe.clone(),
+            policy: snapshot.health_policy.clone(),
+            targets,
+        }
+    }
+
+    fn on_transition(&self, target: &ProbeTarget, transition: Transition) {
+        log_transition(&target.id, transition);
+    }
+}
+
+/// The longest a client is told to wait before retrying when nothing is available.
+pub fn retry_after_hint(snapshot: &Snapshot) -> Duration {
+    snapshot
+        .probe
+        .as_ref()
+        .map_or(snapshot.health_policy.eject_cooldown, |p| p.interval)
+        .max(Duration::from_secs(1))
+}
+
 fn build_snapshot(
     topology: &Topology,
     tags: &TagRegistry,
-    live: &Mutex<HashMap<ReplicaTag, Arc<ReplicaLive>>>,
+    live: &Mutex<HashMap<ReplicaTag, Arc<ReplicaStatus>>>,
 ) -> anyhow::Result<Snapshot> {
     let regions: Vec<RegionSpec> = topology
         .regions
@@ -247,7 +334,37 @@ fn build_snapshot(
         })
         .collect();
 
+    let health = &topology.health;
+    let health_policy = HealthPolicy {
+        probes: health.probe.is_some(),
+        rise: health.probe.as_ref().map_or(1, |p| p.rise),
+        fall: health.probe.as_ref().map_or(1, |p| p.fall),
+        eject_after: health.eject_after,
+        eject_cooldown: health.eject_cooldown,
+        eject_max_cooldown: health.eject_max_cooldown,
+        overload_default: health.overload_default,
+        overload_max: health.overload_max,
+    };
+    let probe = health.probe.as_ref().map(|p| ProbeSettings {
+        path: p.path.clone(),
+        interval: p.interval,
+        timeout: p.timeout,
+    });
+
+    let admin_token = match std::env::var(ADMIN_TOKEN_ENV) {
+        Ok(token) if token.len() < 16 => {
+            anyhow::bail!("{ADMIN_TOKEN_ENV} must be at least 16 characters")
+        }
+        Ok(token) => Some(token),
+        Err(_) => topology.admin.token.clone(),
+    };
+
     Ok(Snapshot {
+        admin_token_sha256: admin_token.map(|t| Sha256::digest(t.as_bytes()).into()),
+        addresses: topology.replicas().map(|(_, r)| r.address).collect(),
+        health_policy,
+        probe,
+        failover: topology.failover.clone(),
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,
         pricing: topology.pricing.clone(),
