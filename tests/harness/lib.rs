@@ -159,6 +159,21 @@ impl SimFleet {
         assert!(res.status().is_success(), "flushing {id}: {}", res.status());
     }
 
+    /// Sets replica `id`'s fault (`{"kind": "refuse"}`, `{"kind": "none"}`, …).
+    pub async fn set_fault(&self, id: &str, fault: serde_json::Value) {
+        let res = reqwest::Client::new()
+            .post(self.admin_url(&format!("/replicas/{id}/fault")))
+            .json(&fault)
+            .send()
+            .await
+            .expect("the sim admin API answers");
+        assert!(
+            res.status().is_success(),
+            "setting fault {fault} on {id}: {}",
+            res.status()
+        );
+    }
+
     /// The admin API's `GET /replicas`: faults, caches and ground-truth counters.
     pub async fn state(&self) -> serde_json::Value {
         reqwest::Client::new()

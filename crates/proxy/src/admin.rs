@@ -105,7 +105,10 @@ impl AdminApp {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
         // Comparing digests: equal-length values, and no timing hint about the token itself.
         if presented == Some(expected) {

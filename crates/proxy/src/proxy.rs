@@ -81,6 +81,9 @@ pub struct RequestCtx {
     decision: Option<Decision>,
     tried: ReplicaSet,
     attempts: u32,
+    /// Attempts that ended in a refused connection: free (nothing was sent, no time lost), so
+    /// they do not count against `failover.max_attempts`; each replica is still tried once.
+    refused: u32,
     inflight: Option<InflightGuard>,
     unavailable: bool,
     /// The current attempt's response header went on to the client: no retry after this.
@@ -164,7 +167,8 @@ fn resend_safe(snapshot: &Snapshot, req: &RequestHeader) -> bool {
 /// Whether another attempt fits the request's limits (attempts and deadline).
 fn may_try_again(ctx: &RequestCtx) -> bool {
     ctx.snapshot.as_deref().is_some_and(|s| {
-        ctx.attempts < s.failover.max_attempts && ctx.started.elapsed() < s.failover.deadline
+        ctx.attempts.saturating_sub(ctx.refused) < s.failover.max_attempts
+            && ctx.started.elapsed() < s.failover.deadline
     })
 }
 
@@ -214,6 +218,7 @@ impl ProxyHttp for TetherProxy {
             decision: None,
             tried: ReplicaSet::default(),
             attempts: 0,
+            refused: 0,
             inflight: None,
             unavailable: false,
             answered: false,
@@ -323,6 +328,9 @@ impl ProxyHttp for TetherProxy {
     ) -> Box<Error> {
         ctx.inflight = None;
         self.replica_failed(ctx);
+        if matches!(e.etype(), ErrorType::ConnectRefused) {
+            ctx.refused += 1;
+        }
         // Nothing reached the replica, so any request is safe to send elsewhere.
         let retry = may_try_again(ctx);
         if retry {
@@ -575,12 +583,9 @@ impl ProxyHttp for TetherProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let retry_after = ctx
-            .snapshot
-            .as_deref()
-            .map_or(1, |s| {
-                u32::try_from(retry_after_hint(s).as_secs()).unwrap_or(u32::MAX)
-            });
+        let retry_after = ctx.snapshot.as_deref().map_or(1, |s| {
+            u32::try_from(retry_after_hint(s).as_secs()).unwrap_or(u32::MAX)
+        });
         let error = if ctx.unavailable {
             Some(ApiError::no_replica_available(retry_after))
         } else {

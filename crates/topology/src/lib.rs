@@ -39,9 +39,8 @@ use std::path::Path;
 pub use error::{Problem, TopologyError};
 pub use model::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Price,
-    Pricing, ProbeSettings, Region, Replica, ReplicaState, ServerSettings, Tenant,
-    TokenlessPolicy, Topology, UpstreamSettings, UsageDialect, UsageLog,
-    DEFAULT_RETRY_UNANSWERED,
+    Pricing, ProbeSettings, Region, Replica, ReplicaState, ServerSettings, Tenant, TokenlessPolicy,
+    Topology, UpstreamSettings, UsageDialect, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
 pub use validate::{MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT};
 

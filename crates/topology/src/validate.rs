@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::raw::{RawPrice, RawTopology};
 use crate::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Price,
-    Pricing, Problem, ProbeSettings, Region, Replica, ServerSettings, Tenant, Topology,
+    Pricing, ProbeSettings, Problem, Region, Replica, ServerSettings, Tenant, Topology,
     UpstreamSettings, UsageLog,
 };
 
