@@ -141,6 +141,15 @@ fn assert_only_victims_moved(placed: &BTreeMap<String, Vec<Turn>>, victim: &str)
     moved
 }
 
+async fn metrics(tether: &Tether) -> String {
+    reqwest::get(tether.admin_url("/metrics"))
+        .await
+        .expect("admin answers")
+        .text()
+        .await
+        .expect("metrics are text")
+}
+
 async fn admin_replicas(tether: &Tether) -> Vec<Value> {
     let v: Value = reqwest::get(tether.admin_url("/admin/replicas"))
         .await
@@ -222,6 +231,12 @@ async fn a_replica_killed_mid_run_fails_no_request_and_moves_only_its_sessions()
     assert!(
         share <= 1.0 / 6.0 + 0.02,
         "{moved} of {sessions} sessions moved ({share:.3} > 1/6 + 2 %)"
+    );
+    // Moved turns are labelled `failover` in the records and metrics.
+    let metrics = metrics(&tether).await;
+    assert!(
+        metrics.contains("outcome=\"failover\""),
+        "no failover outcome counted: {metrics}"
     );
     // The dead replica is out of rotation, by probes or by failed requests.
     let health = replica_field(&tether, victim, "health").await;
@@ -404,6 +419,7 @@ async fn a_whole_region_down_is_served_by_the_other_and_everything_down_is_a_503
         regions.insert(reply.replica.unwrap_or_default()[..2].to_owned());
     }
     assert_eq!(regions, BTreeSet::from(["us".to_owned()]));
+    assert!(metrics(&tether).await.contains("outcome=\"cross_region\""));
 
     for id in ["us-1", "us-2", "us-3"] {
         fleet.set_fault(id, json!({"kind": "refuse"})).await;
@@ -514,12 +530,7 @@ async fn an_overloaded_replica_is_skipped_for_its_retry_after_and_the_request_su
         state["health"] == "overloaded" || state["health"] == "unhealthy",
         "{state}"
     );
-    let metrics = reqwest::get(tether.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&tether).await;
     assert!(
         metrics.contains("tether_upstream_retries_total{reason=\"status\"} 1"),
         "{metrics}"
@@ -578,12 +589,7 @@ async fn nothing_is_retried_once_response_bytes_reached_the_client() {
     );
     // Exactly one body reached the client: no second replica's stream was spliced in.
     assert!(!rest.contains("data: {\"choices\":[{\"delta\":{\"content\":\"\",\"role\""));
-    let metrics = reqwest::get(tether.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&tether).await;
     assert!(
         !metrics.contains("tether_upstream_retries_total{"),
         "a retry was attempted: {metrics}"
