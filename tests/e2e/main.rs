@@ -11,6 +11,7 @@ mod client;
 mod failover;
 mod hostile;
 mod metering;
+mod reload;
 mod routing;
 mod sim;
 mod streaming;

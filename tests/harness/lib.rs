@@ -198,7 +198,7 @@ pub struct Tether {
     pub config: PathBuf,
     /// The process.
     pub process: ChildGuard,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 /// The parts of a config a test varies; `Tether::start` adds listeners and server settings.
@@ -221,12 +221,7 @@ impl Tether {
         let dir = TempDir::new("tether-e2e")?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let yaml = format!(
-            "listen: {addr}\nadmin_listen: {admin}\n{}\nserver:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
-            config.body,
-            dir.path().join("tether.pid").display(),
-            dir.path().join("upgrade.sock").display(),
-        );
+        let yaml = render_config(addr, admin, dir.path(), &config.body);
         let path = dir.path().join("tether.yaml");
         std::fs::write(&path, yaml)?;
         let tether = binary("tether");
@@ -271,7 +266,7 @@ impl Tether {
             admin,
             config: path,
             process,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -295,6 +290,90 @@ impl Tether {
         }
     }
 
+    /// Zero-downtime upgrade: starts a second tether with `run -u` on the same config, which
+    /// waits on the upgrade socket; SIGQUIT makes this one hand over its listening sockets and
+    /// drain. Returns once the old process has exited and the new one answers; `self` is then
+    /// the new process.
+    pub fn upgrade(&mut self) -> anyhow::Result<()> {
+        let sock = self.dir.path().join("upgrade.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(binary("tether"))
+            .args(["run", "-u", "-c"])
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning the new tether")?;
+        let mut new = ChildGuard {
+            child,
+            name: "tether (upgraded)".into(),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !sock.exists() {
+            if new.has_exited() || Instant::now() > deadline {
+                bail!("the new tether never opened {}", sock.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pid = self.process.pid().to_string();
+        if !Command::new("kill")
+            .args(["-QUIT", &pid])
+            .status()?
+            .success()
+        {
+            bail!("kill -QUIT {pid} failed");
+        }
+        // The old process keeps serving for Pingora's close timeout (5 s), then drains.
+        while !self.process.has_exited() {
+            if Instant::now() > deadline {
+                bail!("the old tether did not exit within {READY_TIMEOUT:?} of SIGQUIT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        while !(http_get_ok(self.admin, "/health") && TcpStream::connect(self.addr).is_ok()) {
+            if new.has_exited() || Instant::now() > deadline {
+                bail!("the new tether does not answer after the upgrade");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.process = new;
+        Ok(())
+    }
+
+    /// Sends SIGHUP (reload the config, reopen the usage log).
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let pid = self.process.pid().to_string();
+        if !Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()?
+            .success()
+        {
+            bail!("kill -HUP {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Replaces the config body (listeners and server settings stay), the way editors and
+    /// config management do: written to a temporary file, then renamed over the config.
+    pub fn rewrite_config(&self, body: &str) -> anyhow::Result<()> {
+        let yaml = render_config(self.addr, self.admin, self.dir.path(), body);
+        let tmp = self.dir.path().join(".tether.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// Replaces the config body by rewriting the file in place (truncate, then write).
+    pub fn rewrite_config_in_place(&self, body: &str) -> anyhow::Result<()> {
+        let yaml = render_config(self.addr, self.admin, self.dir.path(), body);
+        std::fs::write(&self.config, yaml)?;
+        Ok(())
+    }
+
     /// `http://<proxy addr><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -304,6 +383,16 @@ impl Tether {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
+}
+
+/// The full config file of a test instance: its listeners, `body`, and server settings that
+/// keep every file of the instance inside `dir`.
+fn render_config(addr: SocketAddr, admin: SocketAddr, dir: &Path, body: &str) -> String {
+    format!(
+        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+        dir.join("tether.pid").display(),
+        dir.join("upgrade.sock").display(),
+    )
 }
 
 /// A minimal blocking readiness probe: `GET path` answered with 200.

@@ -17,7 +17,7 @@
 //!   While a sweep runs, other threads' inserts may overshoot by at most one entry each.
 
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,8 +63,9 @@ type Map = DashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>;
 /// Key → replica that last served it, with idle TTL and a capacity bound.
 pub struct OverrideTable<C: Clock = MonotonicClock> {
     map: Map,
-    ttl_secs: u32,
-    capacity: usize,
+    // Atomics so a reload can change them under traffic (relaxed: each is read on its own).
+    ttl_secs: AtomicU32,
+    capacity: AtomicUsize,
     len: AtomicUsize,
     sweeping: AtomicBool,
     clock: C,
@@ -92,11 +93,11 @@ impl<C: Clock> OverrideTable<C> {
     ///
     /// `ttl` is rounded up to whole seconds (minimum 1); `capacity` is at least 1.
     pub fn with_clock(ttl: Duration, capacity: usize, clock: C) -> Self {
-        let ttl_secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let (ttl_secs, capacity) = Self::limits(ttl, capacity);
         OverrideTable {
             map: Map::default(),
-            ttl_secs: u32::try_from(ttl_secs.max(1)).unwrap_or(u32::MAX),
-            capacity: capacity.max(1),
+            ttl_secs: AtomicU32::new(ttl_secs),
+            capacity: AtomicUsize::new(capacity),
             len: AtomicUsize::new(0),
             sweeping: AtomicBool::new(false),
             clock,
@@ -113,13 +114,30 @@ impl<C: Clock> OverrideTable<C> {
         self.len() == 0
     }
 
+    /// `ttl` rounded up to whole seconds (minimum 1), and `capacity` (minimum 1).
+    fn limits(ttl: Duration, capacity: usize) -> (u32, usize) {
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        (
+            u32::try_from(secs.max(1)).unwrap_or(u32::MAX),
+            capacity.max(1),
+        )
+    }
+
+    /// Changes the idle TTL and the capacity (a reload). Entries are judged by the new TTL
+    /// from the next lookup; a smaller capacity takes effect at the next insert's sweep.
+    pub fn set_limits(&self, ttl: Duration, capacity: usize) {
+        let (ttl_secs, capacity) = Self::limits(ttl, capacity);
+        self.ttl_secs.store(ttl_secs, Ordering::Relaxed);
+        self.capacity.store(capacity, Ordering::Relaxed);
+    }
+
     /// The configured capacity.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
     }
 
     fn expired(&self, entry: &Entry, now: u32) -> bool {
-        now.saturating_sub(entry.touched) >= self.ttl_secs
+        now.saturating_sub(entry.touched) >= self.ttl_secs.load(Ordering::Relaxed)
     }
 
     /// The replica that last served `key`, unless the entry has idled past the TTL.
@@ -146,8 +164,9 @@ impl<C: Clock> OverrideTable<C> {
         let touched = self.clock.now_secs();
         if self.map.insert(key.0, Entry { tag, touched }).is_none() {
             let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
-            if len > self.capacity {
-                self.evict_to(self.capacity - self.capacity / 8);
+            let capacity = self.capacity();
+            if len > capacity {
+                self.evict_to(capacity - capacity / 8);
             }
         }
     }
@@ -241,7 +260,7 @@ impl<C: Clock> OverrideTable<C> {
                 true
             }
         });
-        if self.len() > self.capacity {
+        if self.len() > self.capacity() {
             // The sample under-estimated the old entries; take the whole cut-off second so the
             // bound holds.
             self.retain(|_, e| e.touched > cutoff);
@@ -375,6 +394,18 @@ mod tests {
         assert_eq!(counts.get(&ReplicaTag(1)), Some(&1));
         assert_eq!(counts.get(&ReplicaTag(2)), Some(&1));
         assert_eq!(counts.get(&ReplicaTag(3)), None);
+    }
+
+    #[test]
+    fn limits_change_live() {
+        let t = table(60, 100);
+        t.record(RoutingKey(1), ReplicaTag(1));
+        t.clock.advance(30);
+        assert_eq!(t.get(RoutingKey(1)), Some(ReplicaTag(1)));
+        t.set_limits(Duration::from_secs(10), 50);
+        assert_eq!(t.capacity(), 50);
+        t.clock.advance(11);
+        assert_eq!(t.get(RoutingKey(1)), None, "judged by the new TTL");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tether_health::now_ms;
 
 use crate::meter::Meter;
+use crate::reload::Reloader;
 use crate::router::Router;
 
 /// Serves `GET /health` (readiness), `GET /metrics` (Prometheus), `GET /admin/replicas`
@@ -22,12 +23,17 @@ use crate::router::Router;
 pub struct AdminApp {
     router: Arc<Router>,
     meter: Arc<Meter>,
+    reloader: Arc<Reloader>,
 }
 
 impl AdminApp {
-    /// An admin app over `router` and `meter`.
-    pub fn new(router: Arc<Router>, meter: Arc<Meter>) -> Self {
-        AdminApp { router, meter }
+    /// An admin app over `router`, `meter` and the config `reloader`.
+    pub fn new(router: Arc<Router>, meter: Arc<Meter>, reloader: Arc<Reloader>) -> Self {
+        AdminApp {
+            router,
+            meter,
+            reloader,
+        }
     }
 
     fn replicas(&self) -> serde_json::Value {
@@ -158,6 +164,24 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let req = session.req_header();
         let path = req.uri.path().to_owned();
+        if req.method == http::Method::POST && path == "/admin/reload" {
+            if let Some(refusal) = self.refuse_unauthorized(session) {
+                return refusal;
+            }
+            let reloader = Arc::clone(&self.reloader);
+            // Reading and parsing the file is blocking work.
+            let result = tokio::task::spawn_blocking(move || reloader.reload("admin API"))
+                .await
+                .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+            return match result {
+                Ok(outcome) => response(200, outcome.to_json().to_string()),
+                Err(message) => response(
+                    422,
+                    json!({"result": "error", "error": {"message": message, "type": "invalid_request_error", "code": "invalid_config"}})
+                        .to_string(),
+                ),
+            };
+        }
         if req.method == http::Method::POST {
             let action = path
                 .strip_prefix("/admin/replicas/")

@@ -10,12 +10,14 @@ mod admin;
 mod api_error;
 mod meter;
 mod proxy;
+mod reload;
 mod report_cmd;
 mod router;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use clap::{Parser, Subcommand};
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use tether_topology::Topology;
@@ -130,7 +132,12 @@ fn ensure_bindable(what: &str, addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
-    let topology = Topology::load(config)?;
+    // Read once: the reloader keeps the digest of exactly these bytes.
+    let bytes =
+        std::fs::read(config).with_context(|| format!("{}: cannot read", config.display()))?;
+    let text =
+        std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8", config.display()))?;
+    let topology = Topology::from_yaml(text, &config.display().to_string())?;
     if !upgrade {
         ensure_bindable("listen", topology.listen)?;
         if let Some(admin) = topology.admin_listen {
@@ -162,13 +169,32 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     };
 
     let meter = Arc::new(meter::Meter::new(&topology)?);
-    let router = Arc::new(Router::new(topology)?);
+    let router = Arc::new(Router::new(topology.clone())?);
+    let reloader = Arc::new(reload::Reloader::new(
+        config,
+        &bytes,
+        topology,
+        Arc::clone(&router),
+        Arc::clone(&meter),
+    ));
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
+    let draining = Arc::new(AtomicBool::new(false));
+    server.add_service(background_service(
+        "drain on upgrade",
+        DrainOnUpgrade {
+            phases: std::sync::Mutex::new(Some(server.watch_execution_phase())),
+            draining: Arc::clone(&draining),
+        },
+    ));
 
     let mut proxy = pingora_proxy::http_proxy_service(
         &server.configuration,
-        proxy::TetherProxy::new(Arc::clone(&router), Arc::clone(&meter)),
+        proxy::TetherProxy::new(
+            Arc::clone(&router),
+            Arc::clone(&meter),
+            Arc::clone(&draining),
+        ),
     );
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
@@ -176,7 +202,11 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     if let Some(addr) = admin_listen {
         let mut admin = Service::new(
             "tether admin".into(),
-            admin::AdminApp::new(Arc::clone(&router), Arc::clone(&meter)),
+            admin::AdminApp::new(
+                Arc::clone(&router),
+                Arc::clone(&meter),
+                Arc::clone(&reloader),
+            ),
         );
         admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
@@ -196,10 +226,15 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     ));
 
     server.add_service(background_service(
-        "usage log reopen",
-        ReopenOnHangup {
+        "SIGHUP: reload and reopen the usage log",
+        reload::HangupHandler {
             meter: Arc::clone(&meter),
+            reloader: Arc::clone(&reloader),
         },
+    ));
+    server.add_service(background_service(
+        "config watch",
+        reload::ConfigWatcher::new(Arc::clone(&reloader)),
     ));
 
     log::info!(
@@ -215,37 +250,39 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reopens the usage log on SIGHUP, for logrotate.
-#[derive(Debug)]
-struct ReopenOnHangup {
-    meter: Arc<meter::Meter>,
+/// Sets `draining` once a binary upgrade starts handing the listeners to the new process.
+/// Pingora then keeps this process serving for its close timeout (5 s) before it drops idle
+/// keep-alive connections; answering `Connection: close` meanwhile moves clients to new
+/// connections cleanly, so none sends a request on a connection at the moment it is dropped.
+struct DrainOnUpgrade {
+    phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
+    draining: Arc<AtomicBool>,
 }
 
 #[async_trait]
-impl BackgroundService for ReopenOnHangup {
+impl BackgroundService for DrainOnUpgrade {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot listen for SIGHUP: {e}; the usage log will not reopen");
-                return;
-            }
+        let taken = self.phases.lock().map(|mut p| p.take()).unwrap_or(None);
+        let Some(mut phases) = taken else {
+            return;
         };
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = hangup.recv() => {
-                    log::info!("SIGHUP: reopening the usage log");
-                    self.meter.reopen();
-                }
+                phase = phases.recv() => match phase {
+                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::GracefulUpgradeCloseTimeout) => {
+                        log::info!("upgrade: handing over the listeners; closing connections after each response");
+                        self.draining.store(true, Ordering::Relaxed);
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
             }
         }
     }
 }
 
-/// Sweeps idle override entries so the table's memory follows the live sessions, not the
-/// peak.
 #[derive(Debug)]
 struct OverridePurge {
     router: Arc<Router>,

@@ -32,6 +32,7 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     ejections: IntCounterVec,
     retries: IntCounterVec,
+    reloads: IntCounterVec,
     override_entries: IntGauge,
     log_dropped: IntCounter,
 }
@@ -110,6 +111,11 @@ impl Metrics {
              (accepted, never answered), error (reset before answering), status (429/502/503/504).",
             &["reason"],
         )?;
+        let reloads = counter_vec(
+            "tether_config_reloads_total",
+            "Config reloads by result: ok (applied) or error (the previous config kept serving).",
+            &["result"],
+        )?;
         let override_entries =
             IntGauge::new("tether_override_entries", "Sessions in the override table.")?;
         registry.register(Box::new(override_entries.clone()))?;
@@ -131,6 +137,7 @@ impl Metrics {
             healthy,
             ejections,
             retries,
+            reloads,
             override_entries,
             log_dropped,
         })
@@ -237,6 +244,11 @@ impl Meter {
     /// Counts a request sent to another replica.
     pub fn count_retry(&self, reason: &str) {
         self.metrics.retries.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a config reload by its result.
+    pub fn count_reload(&self, result: &str) {
+        self.metrics.reloads.with_label_values(&[result]).inc();
     }
 
     /// Reopens the usage log (after rotation).

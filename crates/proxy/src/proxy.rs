@@ -10,6 +10,7 @@
 //! `Retry-After` overload). Nothing is retried once response bytes reached the client.
 //! `fail_to_proxy` answers OpenAI-style JSON, and `logging` writes the usage record.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,12 +57,18 @@ struct BodyRewrite {
 pub struct TetherProxy {
     router: Arc<Router>,
     meter: Arc<Meter>,
+    draining: Arc<AtomicBool>,
 }
 
 impl TetherProxy {
-    /// A proxy routing with `router` and metering with `meter`.
-    pub fn new(router: Arc<Router>, meter: Arc<Meter>) -> Self {
-        TetherProxy { router, meter }
+    /// A proxy routing with `router` and metering with `meter`. While `draining` is set (a
+    /// binary upgrade is handing the listeners over), every response closes its connection.
+    pub fn new(router: Arc<Router>, meter: Arc<Meter>, draining: Arc<AtomicBool>) -> Self {
+        TetherProxy {
+            router,
+            meter,
+            draining,
+        }
     }
 }
 
@@ -227,6 +234,11 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self.draining.load(Ordering::Relaxed) {
+            // `Connection: close` on the answer: the client's next request opens a new
+            // connection (to the new process) instead of racing this one's close.
+            session.set_keepalive(None);
+        }
         let snapshot = self.router.snapshot();
         // Kept for rejected requests too: they get a usage record like every other.
         ctx.snapshot = Some(Arc::clone(&snapshot));

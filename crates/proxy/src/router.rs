@@ -198,10 +198,31 @@ impl Router {
         &self.overrides
     }
 
-    /// Replaces the snapshot (hot reload). Override entries and in-flight counts carry over.
-    #[allow(dead_code)] // used by hot reload (next issue) and by tests
-    pub fn install(&self, topology: Topology) -> anyhow::Result<()> {
-        let snapshot = build_snapshot(&topology, &self.tags, &self.live)?;
+    /// Replaces the snapshot (hot reload) in one atomic swap. Override entries carry over, and
+    /// so does the live status (in-flight counts, health, admin drain) of every replica whose
+    /// address did not change; a replica at a new address starts afresh. Requests in flight
+    /// finish on the snapshot they started with.
+    pub fn install(&self, topology: &Topology) -> anyhow::Result<()> {
+        let current = self.snapshot();
+        {
+            let mut registry = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, replica) in topology.replicas() {
+                let moved = current
+                    .selector
+                    .replicas()
+                    .iter()
+                    .zip(&current.addresses)
+                    .any(|(r, addr)| *r.id == *replica.id && *addr != replica.address);
+                if moved {
+                    registry.remove(&self.tags.tag(&replica.id));
+                }
+            }
+        }
+        let snapshot = build_snapshot(topology, &self.tags, &self.live)?;
+        self.overrides.set_limits(
+            topology.affinity.override_ttl,
+            topology.affinity.override_capacity,
+        );
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }

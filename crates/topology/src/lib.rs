@@ -29,6 +29,7 @@
 //! assert_eq!(err.to_string(), "bad.yaml: 1 problem:\n  - local_region: \"ap\" is not a region (regions: eu)");
 //! ```
 
+mod diff;
 mod error;
 mod model;
 mod raw;
@@ -36,11 +37,12 @@ mod validate;
 
 use std::path::Path;
 
+pub use diff::{diff, TopologyDiff};
 pub use error::{Problem, TopologyError};
 pub use model::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Price,
-    Pricing, ProbeSettings, Region, Replica, ReplicaState, ServerSettings, Tenant, TokenlessPolicy,
-    Topology, UpstreamSettings, UsageDialect, UsageLog, DEFAULT_RETRY_UNANSWERED,
+    Pricing, ProbeSettings, Region, ReloadSettings, Replica, ReplicaState, ServerSettings, Tenant,
+    TokenlessPolicy, Topology, UpstreamSettings, UsageDialect, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
 pub use validate::{MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT};
 

@@ -40,6 +40,8 @@ pub struct Topology {
     pub failover: FailoverSettings,
     /// The admin API (`admin`).
     pub admin: AdminSettings,
+    /// Hot reload (`reload`).
+    pub reload: ReloadSettings,
 }
 
 /// The `affinity` section.
@@ -262,4 +264,11 @@ pub struct AdminSettings {
     /// Bearer token for the admin API's changes (`TETHER_ADMIN_TOKEN` overrides); without
     /// one, only the read-only endpoints answer.
     pub token: Option<String>,
+}
+
+/// The `reload` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSettings {
+    /// Reload when the file changes (SIGHUP and `POST /admin/reload` always work).
+    pub watch: bool,
 }

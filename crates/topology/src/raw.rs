@@ -39,6 +39,8 @@ pub(crate) struct RawTopology {
     pub failover: RawFailover,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub reload: RawReload,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,4 +275,16 @@ impl Default for RawFailover {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RawAdmin {
     pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawReload {
+    pub watch: bool,
+}
+
+impl Default for RawReload {
+    fn default() -> Self {
+        RawReload { watch: true }
+    }
 }

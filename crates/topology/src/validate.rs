@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::raw::{RawPrice, RawTopology};
 use crate::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Price,
-    Pricing, ProbeSettings, Problem, Region, Replica, ServerSettings, Tenant, Topology,
-    UpstreamSettings, UsageLog,
+    Pricing, ProbeSettings, Problem, Region, ReloadSettings, Replica, ServerSettings, Tenant,
+    Topology, UpstreamSettings, UsageLog,
 };
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
@@ -483,6 +483,9 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         },
         admin: AdminSettings {
             token: raw.admin.token,
+        },
+        reload: ReloadSettings {
+            watch: raw.reload.watch,
         },
     })
 }

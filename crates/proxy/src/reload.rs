@@ -1,0 +1,279 @@
+//! Hot reload of the topology file: on a file change (polled), on SIGHUP, or on
+//! `POST /admin/reload`.
+//!
+//! The new file is read, parsed and fully validated first; only then is the routing snapshot
+//! swapped, in one atomic store. An invalid file changes nothing: the old topology keeps
+//! serving, the error (with its line) is logged and returned, and
+//! `tether_config_reloads_total{result="error"}` counts it.
+//!
+//! The watcher polls the file's metadata (every [`POLL`]) rather than using inotify: it follows
+//! symlink swaps (Kubernetes ConfigMaps), editors' write-to-temp-and-rename, and in-place
+//! rewrites alike, and costs one `stat` per tick. A change is read only once the metadata has
+//! held still for one tick, so a file caught mid-write is not parsed half-written; and a file
+//! whose bytes did not change (a `touch`) is not reloaded.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tether_topology::{diff, Topology, TopologyDiff};
+
+use crate::meter::Meter;
+use crate::router::Router;
+
+/// How often the watcher looks at the file.
+pub const POLL: Duration = Duration::from_millis(100);
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new topology is live.
+    Applied(TopologyDiff),
+    /// The file's bytes are the ones already running.
+    Unchanged,
+}
+
+impl ReloadOutcome {
+    /// The admin API's answer.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ReloadOutcome::Applied(d) => json!({
+                "result": "ok",
+                "changes": d.changes,
+                "restart_required": d.restart_required,
+            }),
+            ReloadOutcome::Unchanged => json!({"result": "unchanged"}),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    /// What the process started with (listeners, threads, usage log are fixed to it).
+    started: Topology,
+    /// What routing runs on now.
+    applied: Topology,
+    /// SHA-256 of the file bytes behind `applied`.
+    digest: [u8; 32],
+}
+
+/// Reloads one topology file into a router.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    router: Arc<Router>,
+    meter: Arc<Meter>,
+    /// Also serialises reloads: two triggers at once apply one after the other.
+    running: Mutex<Running>,
+}
+
+impl Reloader {
+    /// A reloader for `path`, whose `topology` (read from `bytes`) is running now.
+    pub fn new(
+        path: &Path,
+        bytes: &[u8],
+        topology: Topology,
+        router: Arc<Router>,
+        meter: Arc<Meter>,
+    ) -> Self {
+        Reloader {
+            path: path.to_owned(),
+            router,
+            meter,
+            running: Mutex::new(Running {
+                started: topology.clone(),
+                applied: topology,
+                digest: Sha256::digest(bytes).into(),
+            }),
+        }
+    }
+
+    /// Reads, validates and applies the file; `trigger` names the cause in the log.
+    pub fn reload(&self, trigger: &str) -> Result<ReloadOutcome, String> {
+        let result = self.try_reload();
+        match &result {
+            Ok(ReloadOutcome::Applied(d)) => {
+                self.meter.count_reload("ok");
+                log::info!(
+                    "config reloaded ({trigger}): {}",
+                    if d.changes.is_empty() {
+                        "no routing change".to_owned()
+                    } else {
+                        d.changes.join("; ")
+                    }
+                );
+                if !d.restart_required.is_empty() {
+                    log::warn!(
+                        "config ({trigger}): {} changed but cannot change while running; \
+                         the old values stay until a restart or upgrade",
+                        d.restart_required.join(", ")
+                    );
+                }
+            }
+            Ok(ReloadOutcome::Unchanged) => {
+                log::debug!("config reload ({trigger}): file unchanged");
+            }
+            Err(e) => {
+                self.meter.count_reload("error");
+                log::error!(
+                    "config reload ({trigger}) failed, still serving the previous config: {e}"
+                );
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<ReloadOutcome, String> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = std::fs::read(&self.path)
+            .map_err(|e| format!("{}: cannot read: {e}", self.path.display()))?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if digest == running.digest {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| format!("{}: not UTF-8: {e}", self.path.display()))?;
+        let topology = Topology::from_yaml(text, &self.path.display().to_string())
+            .map_err(|e| e.to_string())?;
+        let d = diff(&running.started, &running.applied, &topology);
+        self.router
+            .install(&topology)
+            .map_err(|e| format!("{}: {e:#}", self.path.display()))?;
+        running.applied = topology;
+        running.digest = digest;
+        Ok(ReloadOutcome::Applied(d))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the running config asks for the file to be watched.
+    fn watching(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied
+            .reload
+            .watch
+    }
+}
+
+/// What the watcher compares between ticks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks: a swapped link target is a new inode.
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+/// Polls the config file and reloads it when it changed and has held still for a tick.
+#[derive(Debug)]
+pub struct ConfigWatcher {
+    reloader: Arc<Reloader>,
+}
+
+impl ConfigWatcher {
+    /// A watcher for `reloader`'s file.
+    pub fn new(reloader: Arc<Reloader>) -> Self {
+        ConfigWatcher { reloader }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ConfigWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let path = self.reloader.path().to_owned();
+        let mut seen = stamp(&path);
+        let mut pending: Option<Option<Stamp>> = None;
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let now = stamp(&path);
+            if !self.reloader.watching() {
+                // Off (`reload.watch: false`): remember the file as it is, so turning the
+                // watch back on (by SIGHUP or the admin API) does not replay old changes.
+                seen = now;
+                pending = None;
+                continue;
+            }
+            match pending.take() {
+                // Changed on the previous tick and the same now: the writer is done.
+                Some(candidate) if candidate == now => {
+                    seen = now;
+                    if seen.is_some() {
+                        let reloader = Arc::clone(&self.reloader);
+                        // Reading and parsing are blocking file work: keep them off the runtime.
+                        let _ = tokio::task::spawn_blocking(move || reloader.reload("file change"))
+                            .await;
+                    } else {
+                        log::warn!(
+                            "config {} disappeared; still serving the last good config",
+                            path.display()
+                        );
+                    }
+                }
+                // Still changing.
+                Some(_) => pending = Some(now),
+                None if now != seen => pending = Some(now),
+                None => {}
+            }
+        }
+    }
+}
+
+/// On SIGHUP: reopen the usage log (log rotation) and reload the config.
+#[derive(Debug)]
+pub struct HangupHandler {
+    /// Reopens the usage log.
+    pub meter: Arc<Meter>,
+    /// Reloads the config.
+    pub reloader: Arc<Reloader>,
+}
+
+#[async_trait]
+impl BackgroundService for HangupHandler {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP: {e}; no reload or log reopen on SIGHUP");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = hangup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    self.meter.reopen();
+                    let reloader = Arc::clone(&self.reloader);
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
+                }
+            }
+        }
+    }
+}
