@@ -53,6 +53,10 @@ enum Command {
         /// Take over the listeners of a running instance (zero-downtime upgrade).
         #[arg(short = 'u', long)]
         upgrade: bool,
+        /// Detach and run in the background (for a systemd `Type=forking` unit; see
+        /// docs/operations.md). The working directory stays the current one.
+        #[arg(short = 'd', long)]
+        daemon: bool,
     },
     /// Summarize usage logs per tenant (or region, replica, model).
     Report {
@@ -89,7 +93,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, upgrade } => match run(&config, upgrade) {
+        Command::Run {
+            config,
+            upgrade,
+            daemon,
+        } => match run(&config, upgrade, daemon) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tether: {e:#}");
@@ -131,7 +139,11 @@ fn ensure_bindable(what: &str, addr: SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("{what} {addr}: cannot listen"))
 }
 
-fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
+fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
+    // Absolute but not resolved: a symlinked config (a Kubernetes ConfigMap) must be watched
+    // through its link, which is what gets swapped.
+    let config = &std::path::absolute(config)
+        .with_context(|| format!("{}: cannot resolve", config.display()))?;
     // Read once: the reloader keeps the digest of exactly these bytes.
     let bytes =
         std::fs::read(config).with_context(|| format!("{}: cannot read", config.display()))?;
@@ -163,8 +175,13 @@ fn run(config: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
         || format!("/tmp/tether-{}-upgrade.sock", listen.port()),
         |p| p.display().to_string(),
     );
+    if daemon {
+        // Relative paths in the config (the usage log) keep meaning what they meant.
+        conf.working_directory = std::env::current_dir().ok();
+    }
     let opt = Opt {
         upgrade,
+        daemon,
         ..Opt::default()
     };
 
