@@ -69,6 +69,20 @@ pub async fn chat(
     }
 }
 
+/// Turn `n` of `session` (no API key), which must succeed; returns the replica that served it.
+pub async fn served_turn(client: &reqwest::Client, url: &str, session: &str, n: usize) -> String {
+    let reply = chat(
+        client,
+        url,
+        None,
+        &[session.as_bytes()],
+        &conversation(session, n),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "turn {n} of {session}: {}", reply.body);
+    reply.replica.expect("the sim names itself")
+}
+
 /// `GET /admin/replicas` → replica id → in-flight count.
 pub async fn inflight(client: &reqwest::Client, url: &str) -> Vec<(String, u64)> {
     let v: Value = client

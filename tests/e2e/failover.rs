@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig};
 
-use crate::client::{chat, conversation, Reply};
+use crate::client::{chat, conversation, served_turn};
 
 const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -141,15 +141,6 @@ fn assert_only_victims_moved(placed: &BTreeMap<String, Vec<Turn>>, victim: &str)
     moved
 }
 
-async fn metrics(tether: &Tether) -> String {
-    reqwest::get(tether.admin_url("/metrics"))
-        .await
-        .expect("admin answers")
-        .text()
-        .await
-        .expect("metrics are text")
-}
-
 async fn admin_replicas(tether: &Tether) -> Vec<Value> {
     let v: Value = reqwest::get(tether.admin_url("/admin/replicas"))
         .await
@@ -233,7 +224,7 @@ async fn a_replica_killed_mid_run_fails_no_request_and_moves_only_its_sessions()
         "{moved} of {sessions} sessions moved ({share:.3} > 1/6 + 2 %)"
     );
     // Moved turns are labelled `failover` in the records and metrics.
-    let metrics = metrics(&tether).await;
+    let metrics = tether.metrics().await;
     assert!(
         metrics.contains("outcome=\"failover\""),
         "no failover outcome counted: {metrics}"
@@ -299,18 +290,7 @@ async fn drain_through_the_admin_api_moves_existing_sessions_and_takes_no_new_on
     let victim = "eu-1";
     let turn = |session: String, n: usize| {
         let (client, url) = (client.clone(), url.clone());
-        async move {
-            let reply: Reply = chat(
-                &client,
-                &url,
-                None,
-                &[session.as_bytes()],
-                &conversation(&session, n),
-            )
-            .await;
-            assert_eq!(reply.status, 200, "{}", reply.body);
-            reply.replica.expect("the sim names itself")
-        }
+        async move { served_turn(&client, &url, &session, n).await }
     };
     let mut first = BTreeMap::new();
     for i in 0..120 {
@@ -419,7 +399,7 @@ async fn a_whole_region_down_is_served_by_the_other_and_everything_down_is_a_503
         regions.insert(reply.replica.unwrap_or_default()[..2].to_owned());
     }
     assert_eq!(regions, BTreeSet::from(["us".to_owned()]));
-    assert!(metrics(&tether).await.contains("outcome=\"cross_region\""));
+    assert!(tether.metrics().await.contains("outcome=\"cross_region\""));
 
     for id in ["us-1", "us-2", "us-3"] {
         fleet.set_fault(id, json!({"kind": "refuse"})).await;
@@ -447,18 +427,7 @@ async fn a_recovered_replica_returns_after_rise_probes_and_moved_sessions_stay_p
     let victim = "eu-3";
     let send = |session: String, n: usize| {
         let (client, url) = (client.clone(), url.clone());
-        async move {
-            let reply = chat(
-                &client,
-                &url,
-                None,
-                &[session.as_bytes()],
-                &conversation(&session, n),
-            )
-            .await;
-            assert_eq!(reply.status, 200, "{}", reply.body);
-            reply.replica.expect("the sim names itself")
-        }
+        async move { served_turn(&client, &url, &session, n).await }
     };
     let mut placed = BTreeMap::new();
     for i in 0..90 {
@@ -530,7 +499,7 @@ async fn an_overloaded_replica_is_skipped_for_its_retry_after_and_the_request_su
         state["health"] == "overloaded" || state["health"] == "unhealthy",
         "{state}"
     );
-    let metrics = metrics(&tether).await;
+    let metrics = tether.metrics().await;
     assert!(
         metrics.contains("tether_upstream_retries_total{reason=\"status\"} 1"),
         "{metrics}"
@@ -589,7 +558,7 @@ async fn nothing_is_retried_once_response_bytes_reached_the_client() {
     );
     // Exactly one body reached the client: no second replica's stream was spliced in.
     assert!(!rest.contains("data: {\"choices\":[{\"delta\":{\"content\":\"\",\"role\""));
-    let metrics = metrics(&tether).await;
+    let metrics = tether.metrics().await;
     assert!(
         !metrics.contains("tether_upstream_retries_total{"),
         "a retry was attempted: {metrics}"

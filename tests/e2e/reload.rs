@@ -69,13 +69,28 @@ impl Version {
     }
 }
 
-async fn metrics(tether: &Tether) -> String {
-    reqwest::get(tether.admin_url("/metrics"))
+/// The stable and churn replicas, and Tether on the first version of their config.
+fn start(watch: bool) -> (SimFleet, Version, Tether) {
+    let ids: Vec<&str> = STABLE.iter().chain(CHURN.iter()).copied().collect();
+    let fleet = SimFleet::start(&ids).unwrap();
+    let version = Version {
+        churn: vec![],
+        a2_weight: 1,
+        beta: false,
+        watch,
+    };
+    let tether = Tether::start(&TetherConfig {
+        body: version.body(&fleet, 0),
+    })
+    .unwrap();
+    (fleet, version, tether)
+}
+
+async fn reload_answer(res: reqwest::Result<reqwest::Response>) -> Value {
+    res.expect("admin answers")
+        .json()
         .await
-        .expect("admin answers")
-        .text()
-        .await
-        .expect("text")
+        .expect("admin answers JSON")
 }
 
 fn counter(metrics: &str, series: &str) -> u64 {
@@ -90,7 +105,7 @@ async fn wait_for_reloads(tether: &Tether, result: &str, want: u64) -> Duration 
     let started = Instant::now();
     let series = format!("tether_config_reloads_total{{result=\"{result}\"}}");
     loop {
-        if counter(&metrics(tether).await, &series) >= want {
+        if counter(&tether.metrics().await, &series) >= want {
             return started.elapsed();
         }
         assert!(
@@ -159,18 +174,7 @@ async fn steady_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_rewrites_under_load_fail_nothing_and_move_no_session_that_could_stay() {
-    let ids: Vec<&str> = STABLE.iter().chain(CHURN.iter()).copied().collect();
-    let fleet = SimFleet::start(&ids).unwrap();
-    let mut version = Version {
-        churn: vec![],
-        a2_weight: 1,
-        beta: false,
-        watch: true,
-    };
-    let tether = Tether::start(&TetherConfig {
-        body: version.body(&fleet, 0),
-    })
-    .unwrap();
+    let (fleet, mut version, tether) = start(true);
     let client = reqwest::Client::new();
     let beta_status = |client: reqwest::Client, url: String| async move {
         chat(
@@ -281,7 +285,7 @@ async fn fifty_rewrites_under_load_fail_nothing_and_move_no_session_that_could_s
         worst <= Duration::from_secs(1),
         "a reload took {worst:?} from the write to its effect"
     );
-    let m = metrics(&tether).await;
+    let m = tether.metrics().await;
     assert_eq!(
         counter(&m, "tether_config_reloads_total{result=\"ok\"}"),
         ok
@@ -294,18 +298,7 @@ async fn fifty_rewrites_under_load_fail_nothing_and_move_no_session_that_could_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sighup_and_the_admin_api_reload_and_report_what_changed_and_what_needs_a_restart() {
-    let ids: Vec<&str> = STABLE.iter().chain(CHURN.iter()).copied().collect();
-    let fleet = SimFleet::start(&ids).unwrap();
-    let mut version = Version {
-        churn: vec![],
-        a2_weight: 1,
-        beta: false,
-        watch: false,
-    };
-    let tether = Tether::start(&TetherConfig {
-        body: version.body(&fleet, 0),
-    })
-    .unwrap();
+    let (fleet, mut version, tether) = start(false);
     let client = reqwest::Client::new();
     let admin_ids = || async {
         let v: Value = reqwest::get(tether.admin_url("/admin/replicas"))
@@ -351,24 +344,14 @@ async fn sighup_and_the_admin_api_reload_and_report_what_changed_and_what_needs_
     );
     assert!(!admin_ids().await.contains(&"c-1".to_owned()));
     // Nothing new: unchanged.
-    let body: Value = reload(Some(ADMIN_TOKEN))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = reload_answer(reload(Some(ADMIN_TOKEN)).await).await;
     assert_eq!(body["result"], "unchanged");
 
     // A setting that cannot change live is applied nowhere and reported.
     let mut text = std::fs::read_to_string(&tether.config).unwrap();
     text = text.replace("threads: 2", "threads: 3");
     std::fs::write(&tether.config, text).unwrap();
-    let body: Value = reload(Some(ADMIN_TOKEN))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = reload_answer(reload(Some(ADMIN_TOKEN)).await).await;
     assert_eq!(
         body["restart_required"],
         serde_json::json!(["server.threads"])

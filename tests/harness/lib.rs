@@ -224,30 +224,7 @@ impl Tether {
         let yaml = render_config(addr, admin, dir.path(), &config.body);
         let path = dir.path().join("tether.yaml");
         std::fs::write(&path, yaml)?;
-        let tether = binary("tether");
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(&tether);
-                c
-            }
-            None => Command::new(&tether),
-        };
-        let child = command
-            .args(["run", "-c"])
-            .arg(&path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning tether")?;
-        let mut process = ChildGuard {
-            child,
-            name: "tether".into(),
-        };
+        let mut process = spawn_tether(wrapper, &["run", "-c"], &path, "tether")?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if process.has_exited() {
@@ -297,21 +274,7 @@ impl Tether {
     pub fn upgrade(&mut self) -> anyhow::Result<()> {
         let sock = self.dir.path().join("upgrade.sock");
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new(binary("tether"))
-            .args(["run", "-u", "-c"])
-            .arg(&self.config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning the new tether")?;
-        let mut new = ChildGuard {
-            child,
-            name: "tether (upgraded)".into(),
-        };
+        let mut new = spawn_tether(&[], &["run", "-u", "-c"], &self.config, "tether (upgraded)")?;
         let deadline = Instant::now() + READY_TIMEOUT;
         while !sock.exists() {
             if new.has_exited() || Instant::now() > deadline {
@@ -374,6 +337,16 @@ impl Tether {
         Ok(())
     }
 
+    /// The Prometheus text of its `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .expect("the admin listener answers")
+            .text()
+            .await
+            .expect("metrics are text")
+    }
+
     /// `http://<proxy addr><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -383,6 +356,39 @@ impl Tether {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
+}
+
+/// Starts `tether <args> <config>` (under `wrapper`, if any), its log on our stderr.
+fn spawn_tether(
+    wrapper: &[String],
+    args: &[&str],
+    config: &Path,
+    name: &str,
+) -> anyhow::Result<ChildGuard> {
+    let tether = binary("tether");
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(&tether);
+            c
+        }
+        None => Command::new(&tether),
+    };
+    let child = command
+        .args(args)
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("spawning {name}"))?;
+    Ok(ChildGuard {
+        child,
+        name: name.into(),
+    })
 }
 
 /// The full config file of a test instance: its listeners, `body`, and server settings that
