@@ -79,6 +79,10 @@ impl<S: ProbeSource> Prober<S> {
             return;
         };
         checkers.configure(settings);
+        // Forget checkers of replicas no longer in the topology.
+        checkers
+            .by_address
+            .retain(|address, _| round.targets.iter().any(|t| t.address == *address));
         let probes = round.targets.iter().map(|target| {
             let checker = checkers.get(target.address);
             async move {
