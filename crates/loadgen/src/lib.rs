@@ -14,7 +14,10 @@
 //! own template and block hashing, so "cached" means the same thing on both sides.
 //!
 //! It drives Tether ([`Target::Proxy`]) or the replicas directly with a client-side policy
-//! ([`Target::Direct`]: round-robin or random) for comparison.
+//! ([`Target::Direct`]) for comparison: round-robin, random, least-in-flight, nginx's
+//! `hash $http_x_session_affinity consistent` (ketama, via `pingora-ketama`, which is
+//! nginx-compatible), and HAProxy's `hash-type consistent` with `hash-balance-factor`
+//! (the same ring, skipping replicas over the bounded-load limit).
 
 mod client;
 mod report;
@@ -44,6 +47,97 @@ pub enum ClientPolicy {
     RoundRobin,
     /// Each request to a random replica.
     Random,
+    /// The replica with the fewest requests in flight (nginx `least_conn`).
+    LeastInflight,
+    /// Consistent hash of the session token (nginx `hash … consistent`); tokenless requests
+    /// round-robin, as nginx does with an empty key.
+    ConsistentHash,
+    /// Consistent hash with bounded loads, `c = 1.25` (HAProxy `hash-balance-factor 125`).
+    BoundedHash,
+}
+
+/// The bounded-load factor of [`ClientPolicy::BoundedHash`].
+pub const BALANCE_FACTOR: f64 = 1.25;
+
+/// Client-side routing state for [`Target::Direct`].
+struct DirectRouter {
+    urls: Vec<String>,
+    ring: pingora_ketama::Continuum,
+    /// Replica index by address on the ring.
+    by_addr: BTreeMap<std::net::SocketAddr, usize>,
+    inflight: Vec<std::sync::atomic::AtomicU32>,
+}
+
+impl DirectRouter {
+    fn new(urls: &[String]) -> anyhow::Result<Self> {
+        let mut by_addr = BTreeMap::new();
+        let mut buckets = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let host = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            let addr: std::net::SocketAddr = host
+                .parse()
+                .map_err(|e| anyhow::anyhow!("replica URL {url}: {e} (want http://ip:port)"))?;
+            by_addr.insert(addr, i);
+            buckets.push(pingora_ketama::Bucket::new(addr, 1));
+        }
+        Ok(DirectRouter {
+            urls: urls.to_vec(),
+            ring: pingora_ketama::Continuum::new(&buckets),
+            by_addr,
+            inflight: urls.iter().map(|_| Default::default()).collect(),
+        })
+    }
+
+    fn load(&self, i: usize) -> u32 {
+        self.inflight[i].load(Ordering::Relaxed)
+    }
+
+    /// The replica for one request.
+    fn pick(&self, policy: ClientPolicy, token: Option<&str>, next: &AtomicUsize) -> usize {
+        let n = self.urls.len().max(1);
+        let round_robin = || next.fetch_add(1, Ordering::Relaxed) % n;
+        match (policy, token) {
+            (ClientPolicy::RoundRobin, _)
+            | (ClientPolicy::ConsistentHash | ClientPolicy::BoundedHash, None) => round_robin(),
+            (ClientPolicy::Random, _) => rand::thread_rng().gen_range(0..n),
+            (ClientPolicy::LeastInflight, _) => {
+                // Ties go round-robin, so an idle fleet is not all sent to replica 0.
+                let start = round_robin();
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .min_by_key(|&i| self.load(i))
+                    .unwrap_or(0)
+            }
+            (ClientPolicy::ConsistentHash, Some(t)) => self
+                .ring
+                .node(t.as_bytes())
+                .and_then(|a| self.by_addr.get(&a).copied())
+                .unwrap_or(0),
+            (ClientPolicy::BoundedHash, Some(t)) => {
+                let total: u64 = (0..n).map(|i| u64::from(self.load(i))).sum();
+                let bound = (BALANCE_FACTOR * (total + 1) as f64 / n as f64).ceil() as u32;
+                let mut first = None;
+                for addr in self.ring.node_iter(t.as_bytes()).take(self.ring_len()) {
+                    let Some(&i) = self.by_addr.get(addr) else {
+                        continue;
+                    };
+                    first.get_or_insert(i);
+                    if self.load(i) < bound {
+                        return i;
+                    }
+                }
+                first.unwrap_or(0)
+            }
+        }
+    }
+
+    fn ring_len(&self) -> usize {
+        // Every point of the ring, at most: enough to see every replica.
+        self.urls.len() * 160 + 1
+    }
 }
 
 /// Where requests go.
@@ -78,22 +172,25 @@ struct Shared {
     errors: Mutex<BTreeMap<(usize, usize), u64>>,
     error_samples: Mutex<Vec<String>>,
     next_replica: AtomicUsize,
+    direct: Option<DirectRouter>,
     progress: Option<ProgressBar>,
 }
 
 impl Shared {
-    fn url(&self) -> String {
-        let base = match &self.config.target {
-            Target::Proxy(url) => url.as_str(),
-            Target::Direct(urls, policy) => {
-                let i = match policy {
-                    ClientPolicy::RoundRobin => self.next_replica.fetch_add(1, Ordering::Relaxed),
-                    ClientPolicy::Random => rand::thread_rng().gen_range(0..urls.len().max(1)),
-                };
-                urls.get(i % urls.len().max(1)).map_or("", String::as_str)
+    /// The URL for one request, and the direct replica it goes to (for in-flight counting).
+    fn route(&self, token: Option<&str>) -> (String, Option<usize>) {
+        let (base, replica) = match (&self.config.target, &self.direct) {
+            (Target::Direct(_, policy), Some(direct)) => {
+                let i = direct.pick(*policy, token, &self.next_replica);
+                (direct.urls[i].as_str(), Some(i))
             }
+            (Target::Proxy(url), _) => (url.as_str(), None),
+            (Target::Direct(urls, _), None) => (urls.first().map_or("", String::as_str), None),
         };
-        format!("{}/v1/chat/completions", base.trim_end_matches('/'))
+        (
+            format!("{}/v1/chat/completions", base.trim_end_matches('/')),
+            replica,
+        )
     }
 
     /// What an infinite cache would have served of this prompt; then remembers prompt and reply.
@@ -144,15 +241,27 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             .map(|m| json!({"role": m.role, "content": m.content}))
             .collect();
         let body = w.request(&messages, shared.config.stream);
+        let (url, direct_replica) = shared.route(plan.token.as_deref());
+        let counter = shared
+            .direct
+            .as_ref()
+            .zip(direct_replica)
+            .map(|(d, i)| &d.inflight[i]);
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         let result = send_turn(
             &shared.client,
-            &shared.url(),
+            &url,
             api_key.as_deref(),
             plan.token.as_deref(),
             &body,
             shared.config.stream,
         )
         .await;
+        if let Some(c) = counter {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(p) = &shared.progress {
             p.inc(1);
         }
@@ -198,7 +307,12 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;
+    let direct = match &config.target {
+        Target::Direct(urls, _) => Some(DirectRouter::new(urls)?),
+        Target::Proxy(_) => None,
+    };
     let shared = Arc::new(Shared {
+        direct,
         oracle: Mutex::new(PrefixCache::unbounded(config.block_tokens)),
         client,
         outcomes: Mutex::new(Vec::new()),
@@ -239,4 +353,53 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
             .unwrap_or_else(|e| e.into_inner()),
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> DirectRouter {
+        let urls: Vec<String> = (1..=6)
+            .map(|i| format!("http://127.0.0.1:{}", 9100 + i))
+            .collect();
+        DirectRouter::new(&urls).unwrap()
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_spreads() {
+        let (r, next) = (router(), AtomicUsize::new(0));
+        let mut counts = [0u32; 6];
+        for i in 0..6000 {
+            let token = format!("session-{i}");
+            let a = r.pick(ClientPolicy::ConsistentHash, Some(&token), &next);
+            assert_eq!(a, r.pick(ClientPolicy::ConsistentHash, Some(&token), &next));
+            counts[a] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 600), "{counts:?}");
+    }
+
+    #[test]
+    fn bounded_hash_skips_replicas_over_the_bound() {
+        let (r, next) = (router(), AtomicUsize::new(0));
+        let token = Some("session-1");
+        let home = r.pick(ClientPolicy::BoundedHash, token, &next);
+        // Load the home replica far past c × mean.
+        r.inflight[home].store(10, Ordering::Relaxed);
+        let moved = r.pick(ClientPolicy::BoundedHash, token, &next);
+        assert_ne!(moved, home);
+        assert_eq!(r.pick(ClientPolicy::ConsistentHash, token, &next), home);
+    }
+
+    #[test]
+    fn least_inflight_picks_an_idle_replica_and_tokenless_hashing_round_robins() {
+        let (r, next) = (router(), AtomicUsize::new(0));
+        for i in 0..6 {
+            r.inflight[i].store(if i == 4 { 0 } else { 3 }, Ordering::Relaxed);
+        }
+        assert_eq!(r.pick(ClientPolicy::LeastInflight, None, &next), 4);
+        let a = r.pick(ClientPolicy::ConsistentHash, None, &next);
+        let b = r.pick(ClientPolicy::ConsistentHash, None, &next);
+        assert_ne!(a, b);
+    }
 }
