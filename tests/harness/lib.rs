@@ -53,6 +53,14 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// Guards a spawned child; `name` is for messages.
+    pub fn new(child: Child, name: &str) -> ChildGuard {
+        ChildGuard {
+            child,
+            name: name.into(),
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -199,6 +207,7 @@ pub struct Tether {
     /// The process.
     pub process: ChildGuard,
     dir: TempDir,
+    threads: usize,
 }
 
 /// The parts of a config a test varies; `Tether::start` adds listeners and server settings.
@@ -218,10 +227,20 @@ impl Tether {
     /// [`Tether::start`] under a wrapper command (`valgrind --tool=callgrind …`, say); the
     /// wrapper must keep tether's PID (valgrind does) so signals and `/proc` still reach it.
     pub fn start_wrapped(config: &TetherConfig, wrapper: &[String]) -> anyhow::Result<Tether> {
+        Self::start_with_threads(config, wrapper, 2)
+    }
+
+    /// [`Tether::start_wrapped`] with `server.threads` set (benchmarks compare one-thread
+    /// proxies).
+    pub fn start_with_threads(
+        config: &TetherConfig,
+        wrapper: &[String],
+        threads: usize,
+    ) -> anyhow::Result<Tether> {
         let dir = TempDir::new("tether-e2e")?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let yaml = render_config(addr, admin, dir.path(), &config.body);
+        let yaml = render_config(addr, admin, dir.path(), &config.body, threads);
         let path = dir.path().join("tether.yaml");
         std::fs::write(&path, yaml)?;
         let mut process = spawn_tether(wrapper, &["run", "-c"], &path, "tether")?;
@@ -244,6 +263,7 @@ impl Tether {
             config: path,
             process,
             dir,
+            threads,
         })
     }
 
@@ -323,7 +343,7 @@ impl Tether {
     /// Replaces the config body (listeners and server settings stay), the way editors and
     /// config management do: written to a temporary file, then renamed over the config.
     pub fn rewrite_config(&self, body: &str) -> anyhow::Result<()> {
-        let yaml = render_config(self.addr, self.admin, self.dir.path(), body);
+        let yaml = render_config(self.addr, self.admin, self.dir.path(), body, self.threads);
         let tmp = self.dir.path().join(".tether.yaml.tmp");
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, &self.config)?;
@@ -332,7 +352,7 @@ impl Tether {
 
     /// Replaces the config body by rewriting the file in place (truncate, then write).
     pub fn rewrite_config_in_place(&self, body: &str) -> anyhow::Result<()> {
-        let yaml = render_config(self.addr, self.admin, self.dir.path(), body);
+        let yaml = render_config(self.addr, self.admin, self.dir.path(), body, self.threads);
         std::fs::write(&self.config, yaml)?;
         Ok(())
     }
@@ -393,9 +413,15 @@ fn spawn_tether(
 
 /// The full config file of a test instance: its listeners, `body`, and server settings that
 /// keep every file of the instance inside `dir`.
-fn render_config(addr: SocketAddr, admin: SocketAddr, dir: &Path, body: &str) -> String {
+fn render_config(
+    addr: SocketAddr,
+    admin: SocketAddr,
+    dir: &Path,
+    body: &str,
+    threads: usize,
+) -> String {
     format!(
-        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: {threads}\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
         dir.join("tether.pid").display(),
         dir.join("upgrade.sock").display(),
     )

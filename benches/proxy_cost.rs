@@ -1,0 +1,506 @@
+//! What a proxy costs per request, Tether against the floor Pingora sets and against nginx and
+//! HAProxy: real processes on loopback, one run, ratios only.
+//!
+//! - Upstream: one nginx (one worker) listening on 3 ports — 3 instances to hash onto —
+//!   answering every chat completion with a fixed OpenAI JSON reply (with usage) or, for
+//!   `?stream=1`, a 20-event SSE stream ending with a usage event and `[DONE]`.
+//! - Load: wrk (one thread) posting chat requests with `x-session-affinity` tokens drawn from a
+//!   pool of 4,096, at 64 and 256 connections.
+//! - Rows, every proxy with one worker thread/process:
+//!   - direct: wrk to one upstream port;
+//!   - bare Pingora: `bare-pingora` (benches/bare_pingora.rs), ketama on the header, keepalive;
+//!   - Tether: tenants with API keys, the override table, health probes, metering with a usage
+//!     log, metrics;
+//!   - nginx: `hash $http_x_session_affinity consistent`, upstream keepalive;
+//!   - HAProxy: `balance hdr(x-session-affinity)`, `hash-type consistent`,
+//!     `hash-balance-factor 125`, `http-reuse always`.
+//! - Per row: requests/s, latency p50/p99 (wrk), and the proxy process's CPU time (user +
+//!   system, from /proc, the process and its children) per request — the most stable figure
+//!   on a shared machine. Ratios to the bare-Pingora row and to nginx.
+//!
+//! Rows run back to back inside each scenario, in alternating order across `ROUNDS` rounds;
+//! the figure is the median round. `BENCH_QUICK=1`: one short round.
+//! Needs nginx, haproxy and wrk (`make bench-deps` installs them) and release binaries.
+
+// Benchmark code: a panic with a message is how it reports a broken environment.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether_e2e::{api_key_sha256, binary, free_port, ChildGuard, TempDir, Tether, TetherConfig};
+
+const API_KEY: &str = "sk-bench-proxy-cost";
+
+/// The non-streaming reply: an OpenAI chat completion with usage (cached tokens included).
+const JSON_REPLY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1764000000,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"The KV cache of this conversation is warm on this replica, so this answer came quickly."},"finish_reason":"stop"}],"usage":{"prompt_tokens":1200,"completion_tokens":20,"total_tokens":1220,"prompt_tokens_details":{"cached_tokens":1024}}}"#;
+
+/// The streaming reply: 20 content events, a usage event, `[DONE]`.
+fn sse_reply() -> String {
+    let mut out = String::new();
+    for i in 0..20 {
+        out.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1764000000,\"model\":\"bench-model\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"finish_reason\":null}}]}}\n\n"
+        ));
+    }
+    out.push_str("data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1764000000,\"model\":\"bench-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":1200,\"completion_tokens\":20,\"total_tokens\":1220,\"prompt_tokens_details\":{\"cached_tokens\":1024}}}\n\n");
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+/// An nginx quoted string: `\` and `"` escaped, newlines as `\n` (nginx's parser reads them).
+fn nginx_quote(s: &str) -> String {
+    assert!(!s.contains('$'), "nginx would expand variables in {s}");
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `return 200 <text>` for a text longer than nginx's 4 KiB limit on one config token: the
+/// text set into variables in pieces, returned concatenated.
+fn nginx_return_long(text: &str) -> String {
+    let mut out = String::new();
+    let mut names = String::new();
+    let chars: Vec<char> = text.chars().collect();
+    for (i, piece) in chars.chunks(2_000).enumerate() {
+        let piece: String = piece.iter().collect();
+        out.push_str(&format!("set $part{i} {}; ", nginx_quote(&piece)));
+        names.push_str(&format!("$part{i}"));
+    }
+    out.push_str(&format!("return 200 \"{names}\";"));
+    out
+}
+
+fn nginx_common(dir: &Path) -> String {
+    format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 1000000;\n  keepalive_timeout 300s;\n",
+        d = dir.display()
+    )
+}
+
+fn upstream_nginx_conf(dir: &Path, ports: &[u16]) -> String {
+    let mut conf = nginx_common(dir);
+    for port in ports {
+        conf.push_str(&format!(
+            "  server {{\n    listen 127.0.0.1:{port} reuseport;\n    location = /sse {{ internal; default_type text/event-stream; {sse} }}\n    location / {{\n      default_type application/json;\n      if ($arg_stream) {{ rewrite ^ /sse last; }}\n      return 200 {json};\n    }}\n  }}\n",
+            sse = nginx_return_long(&sse_reply()),
+            json = nginx_quote(JSON_REPLY),
+        ));
+    }
+    conf.push_str("}\n");
+    conf
+}
+
+fn proxy_nginx_conf(dir: &Path, listen: u16, upstreams: &[u16]) -> String {
+    let mut conf = nginx_common(dir);
+    conf.push_str("  upstream fleet {\n    hash $http_x_session_affinity consistent;\n");
+    for port in upstreams {
+        conf.push_str(&format!("    server 127.0.0.1:{port};\n"));
+    }
+    conf.push_str(&format!(
+        "    keepalive 256;\n    keepalive_requests 1000000;\n  }}\n  server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n      proxy_pass http://fleet;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
+    ));
+    conf
+}
+
+fn haproxy_conf(listen: u16, upstreams: &[u16]) -> String {
+    let mut conf = format!(
+        "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{listen}\n  default_backend fleet\nbackend fleet\n  balance hdr(x-session-affinity)\n  hash-type consistent\n  hash-balance-factor 125\n"
+    );
+    for (i, port) in upstreams.iter().enumerate() {
+        conf.push_str(&format!("  server u{i} 127.0.0.1:{port}\n"));
+    }
+    conf
+}
+
+fn tether_body(upstreams: &[u16], log: &Path) -> String {
+    let replicas: String = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("      - {{ id: up-{i}, address: \"127.0.0.1:{port}\" }}\n"))
+        .collect();
+    format!(
+        "local_region: bench\nregions:\n  - name: bench\n    replicas:\n{replicas}tenants:\n  - {{ id: bench, api_key_sha256: \"{}\" }}\nusage_log: {{ path: \"{}\" }}\nmetering: {{ session_key: \"bench-session-key-0123456789abcdef\" }}\nhealth:\n  probe: {{ path: /health, interval: 2s, timeout: 1s }}\n",
+        api_key_sha256(API_KEY),
+        log.display()
+    )
+}
+
+fn wait_listening(addr: SocketAddr, what: &str, process: &mut ChildGuard) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_err() {
+        assert!(!process.has_exited(), "{what} exited during start-up");
+        assert!(Instant::now() < deadline, "{what} not listening on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(program: &Path, args: &[&str], what: &str) -> ChildGuard {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what} ({}): {e}", program.display()));
+    ChildGuard::new(child, what)
+}
+
+fn which(program: &str) -> std::path::PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
+        let path = Path::new(dir).join(program);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("{program} is missing: `make bench-deps` installs nginx, haproxy and wrk");
+}
+
+fn start_nginx(dir: &Path, conf: &str, name: &str, listen: &[u16]) -> ChildGuard {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, conf).unwrap();
+    let mut guard = spawn(
+        &which("nginx"),
+        &["-c", path.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+        name,
+    );
+    for port in listen {
+        wait_listening(SocketAddr::from(([127, 0, 0, 1], *port)), name, &mut guard);
+    }
+    guard
+}
+
+/// CPU seconds of `pid` and every descendant (nginx's work is in its worker).
+fn cpu_seconds(pid: u32) -> f64 {
+    let mut total = 0.0;
+    let mut stack = vec![pid];
+    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ppid = f.get(1)?.parse().ok()?;
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some((p, ppid, ticks / 100.0))
+        })
+        .collect();
+    while let Some(p) = stack.pop() {
+        for (child, ppid, secs) in &procs {
+            if *child == p {
+                total += secs;
+            }
+            if *ppid == p {
+                stack.push(*child);
+            }
+        }
+    }
+    total
+}
+
+const WRK_SCRIPT: &str = r#"
+local tokens = {}
+for i = 1, 4096 do
+  tokens[i] = string.format("%08x-7e1f-4c2a-9d3b-%012x", (i * 2654435761) % 4294967296, i)
+end
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer API_KEY"
+wrk.body = BODY
+request = function()
+  n = n + 1
+  wrk.headers["x-session-affinity"] = tokens[n % #tokens + 1]
+  return wrk.format()
+end
+"#;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct WrkResult {
+    requests: f64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+fn duration_us(text: &str) -> f64 {
+    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap());
+    let v: f64 = num.parse().unwrap();
+    match unit {
+        "us" => v,
+        "ms" => v * 1e3,
+        "s" => v * 1e6,
+        "m" => v * 60e6,
+        other => panic!("wrk printed an unknown unit {other}"),
+    }
+}
+
+fn parse_wrk(out: &str) -> WrkResult {
+    let mut r = WrkResult::default();
+    for line in out.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => r.p50_us = duration_us(v),
+            ["99%", v] => r.p99_us = duration_us(v),
+            ["Requests/sec:", v] => r.rps = v.parse().unwrap(),
+            [n, "requests", "in", ..] => r.requests = n.parse().unwrap(),
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().unwrap(),
+            ["Socket", "errors:", rest @ ..] => {
+                r.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        r.requests > 0.0,
+        "wrk output without a request count:\n{out}"
+    );
+    r
+}
+
+fn wrk(script: &Path, url: &str, connections: usize, seconds: f64) -> WrkResult {
+    let out = Command::new(which("wrk"))
+        .args(["-t1", "--latency", "-s"])
+        .arg(script)
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{}s", seconds.max(1.0).round() as u64))
+        .arg("--timeout")
+        .arg("10s")
+        .arg(url)
+        .output()
+        .expect("wrk runs");
+    assert!(out.status.success(), "wrk failed: {:?}", out);
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Row {
+    Direct,
+    BarePingora,
+    Tether,
+    Nginx,
+    Haproxy,
+}
+
+impl Row {
+    const ALL: [Row; 5] = [
+        Row::Direct,
+        Row::BarePingora,
+        Row::Tether,
+        Row::Nginx,
+        Row::Haproxy,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Row::Direct => "direct to upstream",
+            Row::BarePingora => "bare Pingora",
+            Row::Tether => "Tether (metering, overrides)",
+            Row::Nginx => "nginx (hash consistent)",
+            Row::Haproxy => "HAProxy (bounded hash)",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    wrk: WrkResult,
+    cpu_us_per_req: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn main() {
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let rounds = if quick { 1 } else { 3 };
+    let seconds = if quick { 2.0 } else { 5.0 };
+    let dir = TempDir::new("tether-proxy-cost").unwrap();
+    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+
+    let upstreams = [free_port(), free_port(), free_port()];
+    let _upstream = start_nginx(
+        dir.path(),
+        &upstream_nginx_conf(dir.path(), &upstreams),
+        "upstream-nginx",
+        &upstreams,
+    );
+
+    // Proxies: each started once, kept for the whole run.
+    let bare_port = free_port();
+    let bare_listen = format!("127.0.0.1:{bare_port}");
+    let mut bare_args = vec!["--listen", &bare_listen, "--threads", "1"];
+    let upstream_addrs: Vec<String> = upstreams.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    for a in &upstream_addrs {
+        bare_args.extend(["--upstream", a.as_str()]);
+    }
+    let mut bare = spawn(&binary("bare-pingora"), &bare_args, "bare-pingora");
+    wait_listening(
+        SocketAddr::from(([127, 0, 0, 1], bare_port)),
+        "bare-pingora",
+        &mut bare,
+    );
+
+    let tether = Tether::start_with_threads(
+        &TetherConfig {
+            body: tether_body(&upstreams, &dir.path().join("usage.jsonl")),
+        },
+        &[],
+        1,
+    )
+    .unwrap();
+
+    let nginx_port = free_port();
+    let nginx_dir = dir.path().join("proxy-nginx");
+    for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(nginx_dir.join(sub)).unwrap();
+    }
+    let nginx = start_nginx(
+        &nginx_dir,
+        &proxy_nginx_conf(&nginx_dir, nginx_port, &upstreams),
+        "proxy-nginx",
+        &[nginx_port],
+    );
+
+    let haproxy_port = free_port();
+    let haproxy_cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&haproxy_cfg, haproxy_conf(haproxy_port, &upstreams)).unwrap();
+    let mut haproxy = spawn(
+        &which("haproxy"),
+        &["-f", haproxy_cfg.to_str().unwrap(), "-db"],
+        "haproxy",
+    );
+    wait_listening(
+        SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
+        "haproxy",
+        &mut haproxy,
+    );
+
+    let target = |row: Row| -> (u16, Option<u32>) {
+        match row {
+            Row::Direct => (upstreams[0], None),
+            Row::BarePingora => (bare_port, Some(bare.pid())),
+            Row::Tether => (tether.addr.port(), Some(tether.process.pid())),
+            Row::Nginx => (nginx_port, Some(nginx.pid())),
+            Row::Haproxy => (haproxy_port, Some(haproxy.pid())),
+        }
+    };
+
+    let json_body = r#"{"model":"bench-model","max_tokens":20,"messages":[{"role":"system","content":"You are a careful assistant."},{"role":"user","content":"Summarise our conversation so far in one sentence."}]}"#;
+    let sse_body = r#"{"model":"bench-model","max_tokens":20,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"system","content":"You are a careful assistant."},{"role":"user","content":"Summarise our conversation so far in one sentence."}]}"#;
+    let scenarios = [
+        ("JSON", json_body, "", 64),
+        ("JSON", json_body, "", 256),
+        ("SSE", sse_body, "?stream=1", 64),
+        ("SSE", sse_body, "?stream=1", 256),
+    ];
+    let total_runs = (scenarios.len() * Row::ALL.len() * rounds) as u64;
+    let progress = indicatif::ProgressBar::new(total_runs)
+        .with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
+
+    let mut results = Vec::new();
+    for (kind, body, query, connections) in scenarios {
+        let script = dir.path().join(format!("{kind}.lua"));
+        let lua_body = format!("{body:?}"); // a Rust debug string is a valid Lua string here
+        std::fs::write(
+            &script,
+            WRK_SCRIPT
+                .replace("BODY", &lua_body)
+                .replace("API_KEY", API_KEY),
+        )
+        .unwrap();
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Row::ALL.len()];
+        for round in 0..rounds {
+            let mut order: Vec<usize> = (0..Row::ALL.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let row = Row::ALL[i];
+                progress.set_message(format!("{kind} c={connections} {}", row.name()));
+                let (port, pid) = target(row);
+                let url = format!("http://127.0.0.1:{port}/v1/chat/completions{query}");
+                wrk(&script, &url, connections, 1.0); // warm-up: connections, pools, caches
+                let cpu_before = pid.map(cpu_seconds);
+                let result = wrk(&script, &url, connections, seconds);
+                let cpu = pid.map(|p| cpu_seconds(p) - cpu_before.unwrap_or_default());
+                samples[i].push(Sample {
+                    wrk: result,
+                    cpu_us_per_req: cpu.map_or(f64::NAN, |c| c * 1e6 / result.requests),
+                });
+                progress.inc(1);
+            }
+        }
+        for (i, row) in Row::ALL.iter().enumerate() {
+            let s = &samples[i];
+            let pick = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+            results.push((
+                kind,
+                connections,
+                *row,
+                pick(|s| s.wrk.rps),
+                pick(|s| s.wrk.p50_us),
+                pick(|s| s.wrk.p99_us),
+                pick(|s| s.cpu_us_per_req),
+                s.iter().map(|s| s.wrk.errors).sum::<u64>(),
+            ));
+        }
+    }
+    progress.finish_and_clear();
+
+    println!(
+        "\n{:<5} {:>5}  {:<30} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "body", "conns", "row", "req/s", "p50", "p99", "CPU µs/req", "÷ bare", "÷ nginx", "errors"
+    );
+    for chunk in results.chunks(Row::ALL.len()) {
+        let bare_cpu = chunk[1].6;
+        let nginx_cpu = chunk[3].6;
+        for (kind, conns, row, rps, p50, p99, cpu, errors) in chunk {
+            let ratio = |base: f64| {
+                if cpu.is_nan() {
+                    "-".to_owned()
+                } else {
+                    format!("{:.2}", cpu / base)
+                }
+            };
+            println!(
+                "{kind:<5} {conns:>5}  {:<30} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>10} {:>9} {:>9} {errors:>7}",
+                row.name(),
+                p50 / 1e3,
+                p99 / 1e3,
+                if cpu.is_nan() { "-".to_owned() } else { format!("{cpu:.1}") },
+                ratio(bare_cpu),
+                ratio(nginx_cpu),
+            );
+        }
+        let (tether, bare) = (&chunk[2], &chunk[1]);
+        println!(
+            "proxy_cost/{}/c{}/tether_over_bare cpu {:.3} (target <= 1.10) p99 {:.3} (target <= 1.15)\n",
+            chunk[0].0,
+            chunk[0].1,
+            tether.6 / bare.6,
+            tether.5 / bare.5
+        );
+    }
+}
