@@ -179,11 +179,11 @@ fn start_nginx(dir: &Path, conf: &str, name: &str, listen: &[u16]) -> ChildGuard
     guard
 }
 
-/// CPU seconds of `pid` and every descendant (nginx's work is in its worker).
-fn cpu_seconds(pid: u32) -> f64 {
-    let mut total = 0.0;
+/// CPU seconds (user, system) of `pid` and every descendant (nginx's work is in its worker).
+fn cpu_seconds(pid: u32) -> (f64, f64) {
+    let mut total = (0.0, 0.0);
     let mut stack = vec![pid];
-    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+    let procs: Vec<(u32, u32, (f64, f64))> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|p| {
@@ -191,14 +191,15 @@ fn cpu_seconds(pid: u32) -> f64 {
             let rest = &stat[stat.rfind(')')? + 2..];
             let f: Vec<&str> = rest.split_whitespace().collect();
             let ppid = f.get(1)?.parse().ok()?;
-            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-            Some((p, ppid, ticks / 100.0))
+            let ticks = |i: usize| Some(f.get(i)?.parse::<f64>().ok()? / 100.0); // USER_HZ
+            Some((p, ppid, (ticks(11)?, ticks(12)?)))
         })
         .collect();
     while let Some(p) = stack.pop() {
         for (child, ppid, secs) in &procs {
             if *child == p {
-                total += secs;
+                total.0 += secs.0;
+                total.1 += secs.1;
             }
             if *ppid == p {
                 stack.push(*child);
@@ -315,10 +316,30 @@ impl Row {
     }
 }
 
+/// With `BENCH_PERF_DIR` (and optionally `BENCH_PERF_ROW=tether|bare|nginx|haproxy`), a
+/// `perf record -g` of the proxy process during each measured run, for profiling.
+fn perf_record(pid: u32, row: Row, kind: &str, connections: usize) -> Option<std::process::Child> {
+    let dir = std::env::var_os("BENCH_PERF_DIR")?;
+    let wanted = std::env::var("BENCH_PERF_ROW").unwrap_or_default();
+    if !wanted.is_empty() && !row.name().to_lowercase().starts_with(&wanted) {
+        return None;
+    }
+    let slug = row.name().split_whitespace().next().unwrap_or("proxy").to_lowercase();
+    let out = Path::new(&dir).join(format!("{kind}-c{connections}-{slug}.data"));
+    Command::new("perf")
+        .args(["record", "-q", "-g", "-F", "999", "-p", &pid.to_string(), "-o"])
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
 #[derive(Clone, Copy, Default)]
 struct Sample {
     wrk: WrkResult,
     cpu_us_per_req: f64,
+    user_share: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -443,11 +464,24 @@ fn main() {
                 let url = format!("http://127.0.0.1:{port}/v1/chat/completions{query}");
                 wrk(&script, &url, connections, 1.0); // warm-up: connections, pools, caches
                 let cpu_before = pid.map(cpu_seconds);
+                let perf = pid.and_then(|p| perf_record(p, row, kind, connections));
                 let result = wrk(&script, &url, connections, seconds);
-                let cpu = pid.map(|p| cpu_seconds(p) - cpu_before.unwrap_or_default());
+                if let Some(mut perf) = perf {
+                    // SIGINT makes perf write its data file and exit.
+                    let _ = Command::new("kill")
+                        .args(["-INT", &perf.id().to_string()])
+                        .status();
+                    let _ = perf.wait();
+                }
+                let (user, sys) = pid.map_or((f64::NAN, f64::NAN), |p| {
+                    let (u, s) = cpu_seconds(p);
+                    let (u0, s0) = cpu_before.unwrap_or_default();
+                    (u - u0, s - s0)
+                });
                 samples[i].push(Sample {
                     wrk: result,
-                    cpu_us_per_req: cpu.map_or(f64::NAN, |c| c * 1e6 / result.requests),
+                    cpu_us_per_req: (user + sys) * 1e6 / result.requests,
+                    user_share: user / (user + sys),
                 });
                 progress.inc(1);
             }
@@ -455,52 +489,69 @@ fn main() {
         for (i, row) in Row::ALL.iter().enumerate() {
             let s = &samples[i];
             let pick = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
-            results.push((
+            results.push(Line {
                 kind,
                 connections,
-                *row,
-                pick(|s| s.wrk.rps),
-                pick(|s| s.wrk.p50_us),
-                pick(|s| s.wrk.p99_us),
-                pick(|s| s.cpu_us_per_req),
-                s.iter().map(|s| s.wrk.errors).sum::<u64>(),
-            ));
+                row: *row,
+                rps: pick(|s| s.wrk.rps),
+                p50_us: pick(|s| s.wrk.p50_us),
+                p99_us: pick(|s| s.wrk.p99_us),
+                cpu_us: pick(|s| s.cpu_us_per_req),
+                user_share: pick(|s| s.user_share),
+                errors: s.iter().map(|s| s.wrk.errors).sum::<u64>(),
+            });
         }
     }
     progress.finish_and_clear();
 
     println!(
-        "\n{:<5} {:>5}  {:<30} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "body", "conns", "row", "req/s", "p50", "p99", "CPU µs/req", "÷ bare", "÷ nginx", "errors"
+        "\n{:<5} {:>5}  {:<30} {:>9} {:>9} {:>9} {:>10} {:>6} {:>7} {:>7} {:>7}",
+        "body", "conns", "row", "req/s", "p50", "p99", "CPU µs/req", "user", "÷ bare", "÷ nginx", "errors"
     );
     for chunk in results.chunks(Row::ALL.len()) {
-        let bare_cpu = chunk[1].6;
-        let nginx_cpu = chunk[3].6;
-        for (kind, conns, row, rps, p50, p99, cpu, errors) in chunk {
-            let ratio = |base: f64| {
-                if cpu.is_nan() {
+        let (bare, tether, nginx) = (&chunk[1], &chunk[2], &chunk[3]);
+        for l in chunk {
+            let shown = |v: f64, digits: usize| {
+                if v.is_nan() {
                     "-".to_owned()
                 } else {
-                    format!("{:.2}", cpu / base)
+                    format!("{v:.digits$}")
                 }
             };
             println!(
-                "{kind:<5} {conns:>5}  {:<30} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>10} {:>9} {:>9} {errors:>7}",
-                row.name(),
-                p50 / 1e3,
-                p99 / 1e3,
-                if cpu.is_nan() { "-".to_owned() } else { format!("{cpu:.1}") },
-                ratio(bare_cpu),
-                ratio(nginx_cpu),
+                "{:<5} {:>5}  {:<30} {:>9.0} {:>7.2}ms {:>7.2}ms {:>10} {:>6} {:>7} {:>7} {:>7}",
+                l.kind,
+                l.connections,
+                l.row.name(),
+                l.rps,
+                l.p50_us / 1e3,
+                l.p99_us / 1e3,
+                shown(l.cpu_us, 1),
+                shown(l.user_share * 100.0, 0) + "%",
+                shown(l.cpu_us / bare.cpu_us, 2),
+                shown(l.cpu_us / nginx.cpu_us, 2),
+                l.errors,
             );
         }
-        let (tether, bare) = (&chunk[2], &chunk[1]);
         println!(
             "proxy_cost/{}/c{}/tether_over_bare cpu {:.3} (target <= 1.10) p99 {:.3} (target <= 1.15)\n",
-            chunk[0].0,
-            chunk[0].1,
-            tether.6 / bare.6,
-            tether.5 / bare.5
+            tether.kind,
+            tether.connections,
+            tether.cpu_us / bare.cpu_us,
+            tether.p99_us / bare.p99_us
         );
     }
+}
+
+/// One row of the results table: medians over the rounds.
+struct Line {
+    kind: &'static str,
+    connections: usize,
+    row: Row,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us: f64,
+    user_share: f64,
+    errors: u64,
 }
