@@ -48,3 +48,37 @@ pub fn key(i: usize) -> RoutingKey {
         Err(e) => unreachable!("generated tokens are valid: {e}"),
     }
 }
+
+/// Runs `callgrind_control` on a process (`-z` zeroes the counters, `-d` dumps them).
+pub fn callgrind_control(flag: &str, pid: u32) {
+    let status = std::process::Command::new("callgrind_control")
+        .arg(flag)
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("callgrind_control: {e}"));
+    assert!(status.success(), "callgrind_control {flag} {pid} failed");
+}
+
+/// The instruction total of a callgrind dump file.
+pub fn callgrind_total(path: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("callgrind dump {}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no instruction total in {}", path.display()))
+}
+
+/// Whether valgrind can be run.
+pub fn valgrind_present() -> bool {
+    std::process::Command::new("valgrind")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use serde_json::json;
+use tether_benches::{callgrind_control, callgrind_total, valgrind_present};
 use tether_e2e::{regions_yaml, SimFleet, TempDir, Tether, TetherConfig};
 
 const REQUESTS: usize = 8_000;
@@ -85,38 +86,6 @@ async fn drive_n(url: Arc<String>, requests: usize) -> f64 {
         done.unwrap();
     }
     requests as f64 / started.elapsed().as_secs_f64()
-}
-
-/// Runs `callgrind_control` on a process (`-z` zeroes the counters, `-d` dumps them).
-fn callgrind_control(flag: &str, pid: u32) {
-    let status = std::process::Command::new("callgrind_control")
-        .arg(flag)
-        .arg(pid.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("callgrind_control runs");
-    assert!(status.success(), "callgrind_control {flag} {pid} failed");
-}
-
-/// The instruction total of a callgrind dump file.
-fn callgrind_total(path: &std::path::Path) -> u64 {
-    let text = std::fs::read_to_string(path).unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("summary: ")
-                .or_else(|| l.strip_prefix("totals: "))
-        })
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no instruction total in {}", path.display()))
-}
-
-fn valgrind_present() -> bool {
-    std::process::Command::new("valgrind")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

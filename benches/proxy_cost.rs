@@ -30,6 +30,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tether_benches::{callgrind_control, callgrind_total, valgrind_present};
 use tether_e2e::{api_key_sha256, binary, free_port, ChildGuard, TempDir, Tether, TetherConfig};
 
 const API_KEY: &str = "sk-bench-proxy-cost";
@@ -318,16 +319,32 @@ impl Row {
 
 /// With `BENCH_PERF_DIR` (and optionally `BENCH_PERF_ROW=tether|bare|nginx|haproxy`), a
 /// `perf record -g` of the proxy process during each measured run, for profiling.
+/// With `BENCH_STRACE_DIR` instead, `strace -c -f` of it (syscalls per request: divide by
+/// the run's requests; strace slows the process, so its CPU figures are off for that run).
 fn perf_record(pid: u32, row: Row, kind: &str, connections: usize) -> Option<std::process::Child> {
-    let dir = std::env::var_os("BENCH_PERF_DIR")?;
+    let (dir, strace) = match std::env::var_os("BENCH_STRACE_DIR") {
+        Some(dir) => (dir, true),
+        None => (std::env::var_os("BENCH_PERF_DIR")?, false),
+    };
     let wanted = std::env::var("BENCH_PERF_ROW").unwrap_or_default();
     if !wanted.is_empty() && !row.name().to_lowercase().starts_with(&wanted) {
         return None;
     }
     let slug = row.name().split_whitespace().next().unwrap_or("proxy").to_lowercase();
-    let out = Path::new(&dir).join(format!("{kind}-c{connections}-{slug}.data"));
-    Command::new("perf")
-        .args(["record", "-q", "-g", "-F", "999", "-p", &pid.to_string(), "-o"])
+    let out = Path::new(&dir).join(format!(
+        "{kind}-c{connections}-{slug}.{}",
+        if strace { "strace" } else { "data" }
+    ));
+    let mut command = if strace {
+        let mut c = Command::new("strace");
+        c.args(["-c", "-f", "-p", &pid.to_string(), "-o"]);
+        c
+    } else {
+        let mut c = Command::new("perf");
+        c.args(["record", "-q", "-g", "-F", "999", "-p", &pid.to_string(), "-o"]);
+        c
+    };
+    command
         .arg(out)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -353,7 +370,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
-    let rounds = if quick { 1 } else { 3 };
+    // BENCH_CALLGRIND_ONLY=1: only the instruction counts.
+    let rounds = if std::env::var_os("BENCH_CALLGRIND_ONLY").is_some() {
+        0
+    } else if quick {
+        1
+    } else {
+        3
+    };
     let seconds = if quick { 2.0 } else { 5.0 };
     let dir = TempDir::new("tether-proxy-cost").unwrap();
     for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
@@ -441,6 +465,7 @@ fn main() {
         .with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
 
     let mut results = Vec::new();
+    let mut scripts: Vec<(&str, std::path::PathBuf, &str)> = Vec::new();
     for (kind, body, query, connections) in scenarios {
         let script = dir.path().join(format!("{kind}.lua"));
         let lua_body = format!("{body:?}"); // a Rust debug string is a valid Lua string here
@@ -451,6 +476,12 @@ fn main() {
                 .replace("API_KEY", API_KEY),
         )
         .unwrap();
+        if !scripts.iter().any(|(k, _, _)| *k == kind) {
+            scripts.push((kind, script.clone(), query));
+        }
+        if rounds == 0 {
+            continue;
+        }
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Row::ALL.len()];
         for round in 0..rounds {
             let mut order: Vec<usize> = (0..Row::ALL.len()).collect();
@@ -539,6 +570,84 @@ fn main() {
             tether.connections,
             tether.cpu_us / bare.cpu_us,
             tether.p99_us / bare.p99_us
+        );
+    }
+    let upstream_args: Vec<String> = upstream_addrs
+        .iter()
+        .flat_map(|a| ["--upstream".to_owned(), a.clone()])
+        .collect();
+    instruction_counts(dir.path(), &upstreams, &upstream_args, &scripts);
+}
+
+/// User-space instructions per request of bare Pingora and Tether, counted by callgrind: exact
+/// and repeatable whatever else the machine does, so small differences are real (kernel time,
+/// the same syscalls for both, is left out). Prints one line per body kind.
+fn instruction_counts(
+    dir: &Path,
+    upstreams: &[u16],
+    upstream_args: &[String],
+    scripts: &[(&str, std::path::PathBuf, &str)],
+) {
+    if std::env::var_os("BENCH_NO_CALLGRIND").is_some() || !valgrind_present() {
+        eprintln!("instruction counts skipped (BENCH_NO_CALLGRIND set, or no valgrind)");
+        return;
+    }
+    let dumps = std::env::var_os("BENCH_CALLGRIND_DIR")
+        .map_or_else(|| dir.to_path_buf(), std::path::PathBuf::from);
+    let wrapper = |name: &str| {
+        vec![
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            "--quiet".to_owned(),
+            format!(
+                "--callgrind-out-file={}",
+                dumps.join(format!("callgrind-{name}.%p")).display()
+            ),
+        ]
+    };
+    let bare_port = free_port();
+    let listen = format!("127.0.0.1:{bare_port}");
+    let mut args: Vec<String> = wrapper("bare")[1..].to_vec();
+    args.push(binary("bare-pingora").display().to_string());
+    args.extend(["--listen".to_owned(), listen, "--threads".to_owned(), "1".to_owned()]);
+    args.extend(upstream_args.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut bare = spawn(Path::new("valgrind"), &args, "bare-pingora under callgrind");
+    wait_listening(
+        SocketAddr::from(([127, 0, 0, 1], bare_port)),
+        "bare-pingora under callgrind",
+        &mut bare,
+    );
+    let tether = Tether::start_with_threads(
+        &TetherConfig {
+            body: tether_body(upstreams, &dir.join("usage-callgrind.jsonl")),
+        },
+        &wrapper("tether"),
+        1,
+    )
+    .unwrap();
+    let rows = [
+        ("bare", bare_port, bare.pid()),
+        ("tether", tether.addr.port(), tether.process.pid()),
+    ];
+    let mut per_request = std::collections::BTreeMap::new();
+    for (name, port, pid) in rows {
+        for (dump, (kind, script, query)) in scripts.iter().enumerate() {
+            let url = format!("http://127.0.0.1:{port}/v1/chat/completions{query}");
+            wrk(script, &url, 16, 2.0); // warm-up
+            callgrind_control("-z", pid);
+            let result = wrk(script, &url, 16, 3.0);
+            callgrind_control("-d", pid);
+            let file = dumps.join(format!("callgrind-{name}.{pid}.{}", dump + 1));
+            let per = callgrind_total(&file) as f64 / result.requests;
+            per_request.insert((*kind, name), per);
+        }
+    }
+    for (kind, _, _) in scripts {
+        let (bare, tether) = (per_request[&(*kind, "bare")], per_request[&(*kind, "tether")]);
+        println!(
+            "proxy_cost/{kind}/instructions_per_request bare {bare:.0} tether {tether:.0} ratio {:.3}",
+            tether / bare
         );
     }
 }

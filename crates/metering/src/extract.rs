@@ -130,6 +130,18 @@ impl JsonScanner {
         }
     }
 
+    fn push_slice(&mut self, bytes: &[u8], window: usize) {
+        if self.capture_open {
+            if self.capture.len() + bytes.len() > window {
+                self.capture_open = false;
+                self.capture.clear();
+                self.too_large = true;
+            } else {
+                self.capture.extend_from_slice(bytes);
+            }
+        }
+    }
+
     fn end_capture(&mut self) {
         if self.capture_open {
             if let Some(k) = self.capture_key.take() {
@@ -142,10 +154,36 @@ impl JsonScanner {
     }
 
     fn feed(&mut self, chunk: &[u8], window: usize) {
-        for &b in chunk {
+        let mut i = 0;
+        while i < chunk.len() {
             if self.malformed {
                 return;
             }
+            // Most of a completion is bytes that change no state tracked here: the text of
+            // strings (message content) and everything nested below the top-level members.
+            // Jump over them with a search instead of a byte at a time (copying them whole
+            // into a member being captured).
+            let rest = &chunk[i..];
+            let skip = if self.in_string {
+                if self.key.is_none() && !self.escaped {
+                    memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len())
+                } else {
+                    0
+                }
+            } else if self.depth >= 2 {
+                rest.iter()
+                    .position(|b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']'))
+                    .unwrap_or(rest.len())
+            } else {
+                0
+            };
+            if skip > 0 {
+                self.push_slice(&rest[..skip], window);
+                i += skip;
+                continue;
+            }
+            let b = chunk[i];
+            i += 1;
             if self.in_string {
                 self.push(b, window);
                 if self.escaped {
@@ -288,16 +326,34 @@ static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEYS[
 /// `timings` and `tokens_cached` but no `usage`) pays for the three-key search.
 #[inline]
 fn mentions_usage(dialect: Dialect, data: &[u8]) -> bool {
+    find_usage(dialect, data).is_some()
+}
+
+/// Where the first key that can carry usage starts in `data`.
+#[inline]
+fn find_usage(dialect: Dialect, data: &[u8]) -> Option<usize> {
     match dialect {
-        Dialect::Openai | Dialect::Anthropic => USAGE_KEY.find(data).is_some(),
+        Dialect::Openai | Dialect::Anthropic => USAGE_KEY.find(data),
         Dialect::Llamacpp => match &*LLAMACPP_KEYS {
-            Some(searcher) => searcher.find(data).is_some(),
+            Some(searcher) => searcher.find(data).map(|m| m.start()),
             // No SIMD searcher on this CPU: one substring search per key.
             None => KEYS[..3]
                 .iter()
-                .any(|k| memchr::memmem::find(data, k).is_some()),
+                .filter_map(|k| memchr::memmem::find(data, k))
+                .min(),
         },
     }
+}
+
+/// The length of the longest line in `data` (lines end with `\n`).
+fn longest_line(data: &[u8]) -> usize {
+    let mut longest = 0;
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', data).chain(std::iter::once(data.len())) {
+        longest = longest.max(end - start);
+        start = end + 1;
+    }
+    longest
 }
 
 impl SseReader {
@@ -356,13 +412,21 @@ impl SseReader {
         // lines of the chunk rules them out together; only a chunk that mentions a usage key
         // (or is longer than the window, so a line in it may be too) is split into lines.
         let lines = whole.strip_suffix(b"\n").unwrap_or(whole);
-        if !whole.is_empty() && (lines.len() > window || mentions_usage(dialect, lines)) {
-            for line in lines.split(|&b| b == b'\n') {
+        if !whole.is_empty() {
+            if lines.len() > window && longest_line(lines) > window {
+                self.too_large = true;
+            }
+            // Only the lines that mention a usage key matter: jump from one to the next
+            // rather than split every line of the chunk.
+            let mut rest = lines;
+            while let Some(at) = find_usage(dialect, rest) {
+                let start = memchr::memrchr(b'\n', &rest[..at]).map_or(0, |n| n + 1);
+                let end = memchr::memchr(b'\n', &rest[at..]).map_or(rest.len(), |n| at + n);
+                let line = &rest[start..end];
                 if line.len() <= window {
                     self.line(line, dialect, builder);
-                } else {
-                    self.too_large = true;
                 }
+                rest = rest.get(end + 1..).unwrap_or_default();
             }
         }
         self.append(tail, window);
@@ -431,9 +495,8 @@ impl UsageExtractor {
                         self.json.malformed = true;
                         continue;
                     };
-                    let mut member = serde_json::Map::new();
-                    member.insert(String::from_utf8_lossy(KEYS[key]).into_owned(), value);
-                    self.builder.observe(self.dialect, &Value::Object(member));
+                    let event = UsageEvent::member(KEYS[key], value);
+                    self.builder.observe_event(self.dialect, &event);
                 }
             }
             Framing::Sse => {

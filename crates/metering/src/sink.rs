@@ -99,16 +99,14 @@ fn write_loop(
             match command {
                 Command::Record(record) => {
                     line.clear();
-                    if serde_json::to_writer(&mut line, &record).is_ok() {
-                        line.push(b'\n');
-                        match out.write_all(&line) {
-                            Ok(()) => {
-                                counters.written.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                                log::error!("usage log {}: {e}", path.display());
-                            }
+                    record.write_json_line(&mut line);
+                    match out.write_all(&line) {
+                        Ok(()) => {
+                            counters.written.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                            log::error!("usage log {}: {e}", path.display());
                         }
                     }
                 }

@@ -29,6 +29,11 @@ struct ProbeOptions {
 /// the body needs no change (not JSON, not streaming, or already asking).
 pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     // Most requests need no change; find that out without building a tree of the prompt.
+    // Without the bytes `"stream"` anywhere (and no `\u` escape that could spell the key
+    // another way) the request cannot be streaming: a SIMD search settles it before parsing.
+    if STREAM_KEY.find(body).is_none() && UNICODE_ESCAPE.find(body).is_none() {
+        return None;
+    }
     let probe: Probe = serde_json::from_slice(body).ok()?;
     if probe.stream != Some(true)
         || probe.stream_options.and_then(|o| o.include_usage) == Some(true)
@@ -73,6 +78,8 @@ pub struct UsageChunkFilter {
     window: usize,
 }
 
+static STREAM_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"stream\""));
+static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
 static LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
 static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
@@ -159,6 +166,14 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn a_stream_key_spelled_with_an_escape_is_still_seen() {
+        // `\u0073` is `s`: the fast path must not take this for a non-streaming request.
+        let out = ensure_stream_usage(br#"{"\u0073tream":true,"messages":[]}"#).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
     }
 
     const STREAM: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n";

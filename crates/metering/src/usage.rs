@@ -95,6 +95,24 @@ pub(crate) struct UsageEvent {
     message: Option<Value>,
 }
 
+impl UsageEvent {
+    /// An event holding one top-level member (`usage`, `timings`, `tokens_cached`, `model` or
+    /// `message`) of a JSON body; any other name gives an empty event.
+    pub(crate) fn member(name: &[u8], value: Value) -> UsageEvent {
+        let mut event = UsageEvent::default();
+        let slot = match name {
+            b"usage" => &mut event.usage,
+            b"timings" => &mut event.timings,
+            b"tokens_cached" => &mut event.tokens_cached,
+            b"model" => &mut event.model,
+            b"message" => &mut event.message,
+            _ => return event,
+        };
+        *slot = Some(value);
+        event
+    }
+}
+
 /// Accumulates usage facts as they are found; later facts win, and a fact never erases a
 /// known value with an unknown one.
 #[derive(Debug, Clone, Default)]
@@ -142,6 +160,7 @@ impl UsageBuilder {
     }
 
     /// One JSON value that may carry usage in `dialect` (a whole body or one SSE event).
+    #[cfg(test)]
     pub fn observe(&mut self, dialect: Dialect, v: &Value) {
         self.observe_members(
             dialect,
