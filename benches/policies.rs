@@ -4,20 +4,33 @@
 //! a prefix cache of 2,560 tokens each: under pressure), caches flushed between runs, for
 //! each policy: round-robin, random, least-in-flight, nginx-style consistent hash of the
 //! session header, HAProxy-style consistent hash with bounded loads (c = 1.25), and Tether.
-//! The oracle (one infinite cache) is the upper bound for every policy. Then the scale-out
-//! event: every session runs a turn, a seventh replica joins, every session runs another;
-//! the share of sessions that moved, for Tether (reload of its topology) and for plain
-//! consistent hashing (the ring rebuilt with seven nodes).
+//! The oracle (one infinite cache) is the upper bound for every policy.
 //!
-//! Needs release binaries: `make bench` builds them first. `BENCH_QUICK=1`: a smaller workload.
+//! Scenarios, each on its own:
+//! - steady state: the workload as it is;
+//! - hot spot: tenant 0's sessions run 10× the turns of the others;
+//! - scale-out: every session runs a turn, a seventh replica joins, every session runs
+//!   another; the share that moved (Tether: its topology reloaded; plain consistent hashing:
+//!   the ring rebuilt with seven nodes);
+//! - remove a replica: the same with one of the six taken out of the topology;
+//! - drain one and bring it back: sessions moved by the drain, and moved again by the undrain
+//!   (nginx's `down` and back is a removal and a re-add: its sessions go back, cold).
+//!
+//! Writes `docs/img/policies-hit-ratio.svg` and `docs/img/policies-by-turn.svg` (set
+//! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries: `make bench` builds
+//! them first. `BENCH_QUICK=1`: a smaller workload (`make bench-quick`).
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
 use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig};
 use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
 
 const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 
 fn tether_config(fleet: &SimFleet, ids: &[&str]) -> String {
     let region = |prefix: &str| {
@@ -27,7 +40,7 @@ fn tether_config(fleet: &SimFleet, ids: &[&str]) -> String {
             .collect::<Vec<_>>()
     };
     format!(
-        "local_region: eu\n{}",
+        "local_region: eu\n{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\n",
         regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
     )
 }
@@ -53,11 +66,66 @@ async fn run(workload: &Workload, target: Target) -> Report {
     .expect("the workload runs")
 }
 
-/// Every session's replica after one turn, for sessions `0..n`.
-async fn placements(client: &reqwest::Client, url: &str, n: usize, turn: usize) -> Vec<String> {
+/// Runs `workload` once per policy (caches flushed before each), Tether last.
+async fn run_policies(
+    fleet: &SimFleet,
+    tether: &Tether,
+    workload: &Workload,
+    policies: &[(&'static str, ClientPolicy)],
+) -> Vec<(&'static str, Report)> {
+    let urls: Vec<String> = SIX
+        .iter()
+        .map(|id| format!("http://{}", fleet.addr(id)))
+        .collect();
+    let mut rows = Vec::new();
+    for (name, policy) in policies {
+        flush(fleet, &SIX).await;
+        eprintln!("  {name}…");
+        rows.push((
+            *name,
+            run(workload, Target::Direct(urls.clone(), *policy)).await,
+        ));
+    }
+    flush(fleet, &SIX).await;
+    eprintln!("  tether…");
+    rows.push((
+        "tether",
+        run(workload, Target::Proxy(format!("http://{}", tether.addr))).await,
+    ));
+    rows
+}
+
+fn print_table(title: &str, rows: &[(&str, Report)]) {
+    println!(
+        "\n{title}\n{:<30} {:>8} {:>8} {:>10} {:>10} {:>10} {:>9} {:>7}",
+        "policy", "hit %", "oracle %", "of oracle", "TTFT p50", "TTFT p99", "max/mean", "errors"
+    );
+    for (name, r) in rows {
+        let o = &r.overall;
+        println!(
+            "{name:<30} {:>8.1} {:>8.1} {:>10.3} {:>8.0}ms {:>8.0}ms {:>9.2} {:>7}",
+            o.hit_ratio * 100.0,
+            o.oracle_ratio * 100.0,
+            o.of_oracle,
+            o.ttft_p50_ms,
+            o.ttft_p99_ms,
+            r.replica_max_over_mean,
+            o.errors
+        );
+    }
+}
+
+/// Every session's replica after one turn through Tether, for tokens `{prefix}-0..n`.
+async fn placements(
+    client: &reqwest::Client,
+    url: &str,
+    prefix: &str,
+    n: usize,
+    turn: usize,
+) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let token = format!("scale-{i}");
+        let token = format!("{prefix}-{i}");
         let body = serde_json::json!({
             "model": "tether-sim",
             "max_tokens": 4,
@@ -81,8 +149,178 @@ async fn placements(client: &reqwest::Client, url: &str, n: usize, turn: usize) 
     out
 }
 
-fn ketama_owner(ring: &pingora_ketama::Continuum, token: &str) -> std::net::SocketAddr {
-    ring.node(token.as_bytes()).expect("a non-empty ring")
+fn moved(before: &[String], after: &[String]) -> usize {
+    before.iter().zip(after).filter(|(a, b)| a != b).count()
+}
+
+/// Waits until Tether's admin API lists (or no longer lists) replica `id`.
+async fn wait_for_replica(client: &reqwest::Client, tether: &Tether, id: &str, listed: bool) {
+    let admin = tether.admin_url("/admin/replicas");
+    let needle = format!("\"{id}\"");
+    for _ in 0..500 {
+        let body = client
+            .get(&admin)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if body.contains(&needle) == listed {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("tether never {} {id}", if listed { "listed" } else { "dropped" });
+}
+
+async fn admin_post(client: &reqwest::Client, tether: &Tether, path: &str) {
+    let res = client
+        .post(tether.admin_url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{path}: {}", res.status());
+}
+
+/// The replica plain consistent hashing (ketama, as nginx) gives each token, over `members`.
+fn ketama(fleet: &SimFleet, members: &[&str], prefix: &str, n: usize) -> Vec<String> {
+    let buckets: Vec<_> = members
+        .iter()
+        .map(|id| pingora_ketama::Bucket::new(fleet.addr(id), 1))
+        .collect();
+    let ring = pingora_ketama::Continuum::new(&buckets);
+    (0..n)
+        .map(|i| {
+            let addr = ring
+                .node(format!("{prefix}-{i}").as_bytes())
+                .expect("a non-empty ring");
+            members
+                .iter()
+                .find(|id| fleet.addr(id) == addr)
+                .map(|id| id.to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn pct(part: usize, n: usize) -> f64 {
+    100.0 * part as f64 / n.max(1) as f64
+}
+
+fn plot_hit_ratio(path: &Path, rows: &[(&str, Report)]) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (960, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let n = rows.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Input cache-hit ratio by routing policy (token-weighted, same workload)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((0..n).into_segmented(), 0f64..100f64)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc("cache-hit %")
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => rows.get(*i).map(|r| r.0.to_owned()).unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()?;
+    for (i, (name, r)) in rows.iter().enumerate() {
+        let color = if *name == "tether" {
+            RGBColor(214, 39, 40)
+        } else {
+            RGBColor(120, 144, 176)
+        };
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), r.overall.hit_ratio * 100.0),
+            ],
+            color.filled(),
+        )))?;
+    }
+    let oracle = rows.iter().map(|r| r.1.overall.oracle_ratio).fold(0.0, f64::max) * 100.0;
+    chart
+        .draw_series(LineSeries::new(
+            [(SegmentValue::Exact(0), oracle), (SegmentValue::Exact(n), oracle)],
+            BLACK.stroke_width(2),
+        ))?
+        .label(format!("oracle (infinite sticky cache) {oracle:.1} %"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_by_turn(path: &Path, rows: &[(&str, Report)]) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (960, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let turns = rows.iter().map(|r| r.1.by_turn.len()).max().unwrap_or(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Input cache-hit ratio by turn of the conversation",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1usize..turns, 0f64..100f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("turn")
+        .y_desc("cache-hit %")
+        .draw()?;
+    let series = |r: &Report, oracle: bool| -> Vec<(usize, f64)> {
+        r.by_turn
+            .iter()
+            .enumerate()
+            .map(|(t, totals)| {
+                let v = if oracle {
+                    totals.oracle_ratio
+                } else {
+                    totals.hit_ratio
+                };
+                (t + 1, v * 100.0)
+            })
+            .collect()
+    };
+    for (i, (name, r)) in rows.iter().enumerate() {
+        let color = if *name == "tether" {
+            RGBColor(214, 39, 40).stroke_width(3)
+        } else {
+            Palette99::pick(i).stroke_width(2)
+        };
+        chart
+            .draw_series(LineSeries::new(series(r, false), color))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+    }
+    if let Some((_, r)) = rows.last() {
+        let style = BLACK.stroke_width(1);
+        chart
+            .draw_series(LineSeries::new(series(r, true), style))?
+            .label("oracle")
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -96,104 +334,123 @@ async fn main() {
     ids.push("eu-4");
     // Real latency model: TTFT is queueing + uncached prefill, so it shows what misses cost.
     let fleet = SimFleet::start_with(&ids, &["--time-scale", "1"]).unwrap();
-    let urls: Vec<String> = SIX
-        .iter()
-        .map(|id| format!("http://{}", fleet.addr(id)))
-        .collect();
+    let tether = Tether::start(&TetherConfig {
+        body: tether_config(&fleet, &SIX),
+    })
+    .unwrap();
 
-    let mut rows: Vec<(&str, Report)> = Vec::new();
-    for (name, policy) in [
+    eprintln!("steady state:");
+    let policies = [
         ("round-robin", ClientPolicy::RoundRobin),
         ("random", ClientPolicy::Random),
         ("least-in-flight", ClientPolicy::LeastInflight),
         ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
         ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
-    ] {
-        flush(&fleet, &SIX).await;
-        eprintln!("running {name}…");
-        rows.push((
-            name,
-            run(&workload, Target::Direct(urls.clone(), policy)).await,
-        ));
-    }
-    flush(&fleet, &SIX).await;
-    let tether = Tether::start(&TetherConfig {
-        body: tether_config(&fleet, &SIX),
-    })
-    .unwrap();
-    eprintln!("running tether…");
-    rows.push((
-        "tether",
-        run(&workload, Target::Proxy(format!("http://{}", tether.addr))).await,
-    ));
-
-    println!(
-        "\n{:<30} {:>8} {:>8} {:>10} {:>10} {:>10} {:>9} {:>7}",
-        "policy", "hit %", "oracle %", "of oracle", "TTFT p50", "TTFT p99", "max/mean", "errors"
-    );
-    let rr_p50 = rows[0].1.overall.ttft_p50_ms;
-    for (name, r) in &rows {
-        let o = &r.overall;
-        println!(
-            "{name:<30} {:>8.1} {:>8.1} {:>10.3} {:>8.0}ms {:>8.0}ms {:>9.2} {:>7}",
-            o.hit_ratio * 100.0,
-            o.oracle_ratio * 100.0,
-            o.of_oracle,
-            o.ttft_p50_ms,
-            o.ttft_p99_ms,
-            r.replica_max_over_mean,
-            o.errors
-        );
-    }
+    ];
+    let rows = run_policies(&fleet, &tether, &workload, &policies).await;
+    print_table("steady state", &rows);
     let t = &rows.last().unwrap().1.overall;
     println!(
-        "\npolicies/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
+        "policies/steady/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
         t.of_oracle,
-        rr_p50 / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
+        rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
     );
+    let plots = std::env::var_os("BENCH_PLOTS_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&plots).unwrap();
+    for (file, plot) in [
+        ("policies-hit-ratio.svg", plot_hit_ratio as fn(&Path, &[(&str, Report)]) -> _),
+        ("policies-by-turn.svg", plot_by_turn),
+    ] {
+        let path = plots.join(file);
+        match plot(&path, &rows) {
+            Ok(()) => eprintln!("wrote {}", path.display()),
+            Err(e) => eprintln!("plot {}: {e}", path.display()),
+        }
+    }
 
-    // Scale-out: 6 → 7 replicas. Tether: sessions placed, topology reloaded with eu-4,
-    // same sessions again.
+    eprintln!("hot spot (tenant 0's sessions 10x longer):");
+    let hot = Workload {
+        sessions: if quick { 12 } else { 24 },
+        turns: 3,
+        hot_tenant_factor: 10,
+        seed: 7,
+        ..Workload::default()
+    };
+    let hot_rows = run_policies(
+        &fleet,
+        &tether,
+        &hot,
+        &[
+            ("round-robin", ClientPolicy::RoundRobin),
+            ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
+            ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
+        ],
+    )
+    .await;
+    print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
+
     let n = if quick { 300 } else { 1000 };
     let client = reqwest::Client::new();
     let url = tether.url("/v1/chat/completions");
-    let before = placements(&client, &url, n, 1).await;
-    tether.rewrite_config(&tether_config(&fleet, &ids)).unwrap();
-    // The reload is visible on the admin API once eu-4 is listed.
-    let admin = tether.admin_url("/admin/replicas");
-    for _ in 0..200 {
-        let body = client
-            .get(&admin)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if body.contains("\"eu-4\"") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let after = placements(&client, &url, n, 2).await;
-    let tether_moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
 
-    let ring = |members: &[&str]| {
-        let buckets: Vec<_> = members
-            .iter()
-            .map(|id| pingora_ketama::Bucket::new(fleet.addr(id), 1))
-            .collect();
-        pingora_ketama::Continuum::new(&buckets)
-    };
-    let (six, seven) = (ring(&SIX), ring(&ids));
-    let ch_moved = (0..n)
-        .map(|i| format!("scale-{i}"))
-        .filter(|t| ketama_owner(&six, t) != ketama_owner(&seven, t))
+    // Drain eu-2, then bring it back.
+    let before = placements(&client, &url, "drain", n, 1).await;
+    admin_post(&client, &tether, "/admin/replicas/eu-2/drain").await;
+    let during = placements(&client, &url, "drain", n, 2).await;
+    admin_post(&client, &tether, "/admin/replicas/eu-2/undrain").await;
+    let after = placements(&client, &url, "drain", n, 3).await;
+    let on_victim = before.iter().filter(|r| *r == "eu-2").count();
+    let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-2").collect();
+    let (ch_all, ch_five) = (ketama(&fleet, &SIX, "drain", n), ketama(&fleet, &five, "drain", n));
+    println!(
+        "\ndrain eu-2 and bring it back, {n} sessions ({on_victim} on eu-2):\n  tether: drain moved {} ({:.1} %), undrain moved {} ({:.1} %; target 0)\n  consistent hash (nginx `down` and back): drain moved {} ({:.1} %), undrain moved {} ({:.1} %)",
+        moved(&before, &during),
+        pct(moved(&before, &during), n),
+        moved(&during, &after),
+        pct(moved(&during, &after), n),
+        moved(&ch_all, &ch_five),
+        pct(moved(&ch_all, &ch_five), n),
+        moved(&ch_five, &ch_all),
+        pct(moved(&ch_five, &ch_all), n),
+    );
+
+    // Remove eu-3 from the topology.
+    let before = placements(&client, &url, "remove", n, 1).await;
+    let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-3").collect();
+    tether.rewrite_config(&tether_config(&fleet, &five)).unwrap();
+    wait_for_replica(&client, &tether, "eu-3", false).await;
+    let after = placements(&client, &url, "remove", n, 2).await;
+    let on_removed = before.iter().filter(|r| *r == "eu-3").count();
+    let others_moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(a, b)| *a != "eu-3" && a != b)
         .count();
+    let (ch_six, ch_five) = (ketama(&fleet, &SIX, "remove", n), ketama(&fleet, &five, "remove", n));
+    println!(
+        "\nremove eu-3, {n} sessions ({on_removed} on eu-3):\n  tether: {} moved ({:.1} %), of them not on eu-3: {others_moved} (target 0)\n  consistent hash (nginx): {} moved ({:.1} %)",
+        moved(&before, &after),
+        pct(moved(&before, &after), n),
+        moved(&ch_six, &ch_five),
+        pct(moved(&ch_six, &ch_five), n),
+    );
+    tether.rewrite_config(&tether_config(&fleet, &SIX)).unwrap();
+    wait_for_replica(&client, &tether, "eu-3", true).await;
+
+    // Scale-out: 6 → 7 replicas.
+    let before = placements(&client, &url, "scale", n, 1).await;
+    tether.rewrite_config(&tether_config(&fleet, &ids)).unwrap();
+    wait_for_replica(&client, &tether, "eu-4", true).await;
+    let after = placements(&client, &url, "scale", n, 2).await;
+    let tether_moved = moved(&before, &after);
+    let ch_moved = moved(&ketama(&fleet, &SIX, "scale", n), &ketama(&fleet, &ids, "scale", n));
     println!(
         "\nscale-out 6 → 7 replicas, {n} sessions with one turn each before:\n  tether: {tether_moved} moved ({:.1} %, target 0 %)\n  consistent hash (nginx): {ch_moved} moved ({:.1} %; 1/(N+1) = {:.1} %)",
-        100.0 * tether_moved as f64 / n as f64,
-        100.0 * ch_moved as f64 / n as f64,
+        pct(tether_moved, n),
+        pct(ch_moved, n),
         100.0 / 7.0
     );
 }

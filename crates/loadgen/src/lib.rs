@@ -228,7 +228,8 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
         role: "system".into(),
         content: w.system_prompt(plan.tenant),
     }];
-    for turn in 0..w.turns {
+    let turns = plan.user_messages.len();
+    for turn in 0..turns {
         if turn > 0 && plan.think_ms[turn] > 0 {
             tokio::time::sleep(Duration::from_millis(plan.think_ms[turn])).await;
         }
@@ -293,7 +294,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
                 // not sent (and not counted as requests).
                 shared.fail(plan.tenant, turn, &error);
                 if let Some(p) = &shared.progress {
-                    p.inc((w.turns - turn - 1) as u64);
+                    p.inc((turns - turn - 1) as u64);
                 }
                 return;
             }

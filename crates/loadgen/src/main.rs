@@ -61,6 +61,9 @@ struct Cli {
     /// Share of sessions sending no x-session-affinity header (0..=1).
     #[arg(long, default_value_t = 0.0)]
     tokenless_fraction: f64,
+    /// A hot spot: tenant 0's sessions run this many times --turns.
+    #[arg(long, default_value_t = 1)]
+    hot_tenant_factor: usize,
     /// Seed of the workload.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -128,6 +131,7 @@ impl Cli {
                 max_tokens: self.max_tokens.max(1),
                 tokenless_fraction: self.tokenless_fraction,
                 seed: self.seed,
+                hot_tenant_factor: self.hot_tenant_factor.max(1),
                 ..Workload::default()
             },
             target,
@@ -149,7 +153,7 @@ async fn main() -> ExitCode {
         }
     };
     let progress = (!cli.quiet && !cli.json).then(|| {
-        let bar = ProgressBar::new((config.workload.sessions * config.workload.turns) as u64);
+        let bar = ProgressBar::new(config.workload.total_turns() as u64);
         if let Ok(style) = ProgressStyle::with_template(
             "{bar:40} {pos}/{len} requests  {elapsed_precise} eta {eta}",
         ) {

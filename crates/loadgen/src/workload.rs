@@ -31,6 +31,8 @@ pub struct Workload {
     pub seed: u64,
     /// Model name sent.
     pub model: String,
+    /// A hot spot: tenant 0's sessions run this many times `turns` (1 = none).
+    pub hot_tenant_factor: usize,
 }
 
 impl Default for Workload {
@@ -48,6 +50,7 @@ impl Default for Workload {
             tokenless_fraction: 0.0,
             seed: 42,
             model: "tether-sim".into(),
+            hot_tenant_factor: 1,
         }
     }
 }
@@ -89,6 +92,22 @@ impl Workload {
         )
     }
 
+    /// Turns of a session of `tenant`.
+    pub fn turns_of(&self, tenant: usize) -> usize {
+        if tenant == 0 {
+            self.turns * self.hot_tenant_factor.max(1)
+        } else {
+            self.turns
+        }
+    }
+
+    /// Turns of every session together (requests sent when none fails).
+    pub fn total_turns(&self) -> usize {
+        (0..self.sessions)
+            .map(|i| self.turns_of(i % self.tenants.max(1)))
+            .sum()
+    }
+
     /// Session `index`'s script.
     pub fn plan(&self, index: usize) -> SessionPlan {
         let mut rng =
@@ -100,14 +119,16 @@ impl Workload {
             .into_uuid()
             .to_string();
         let token = sends_token.then_some(uuid);
+        let tenant = index % self.tenants.max(1);
+        let turns = self.turns_of(tenant);
         SessionPlan {
             index,
-            tenant: index % self.tenants.max(1),
+            tenant,
             token,
-            user_messages: (0..self.turns)
+            user_messages: (0..turns)
                 .map(|t| format!("Step {t}: {}", text(&mut rng, self.user_tokens)))
                 .collect(),
-            think_ms: (0..self.turns)
+            think_ms: (0..turns)
                 .map(|_| {
                     if self.think_ms == 0 {
                         0
@@ -134,6 +155,25 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hot_tenants_sessions_are_longer() {
+        let w = Workload {
+            hot_tenant_factor: 10,
+            sessions: 4,
+            tenants: 2,
+            ..Workload::default()
+        };
+        assert_eq!(w.plan(0).user_messages.len(), 80);
+        assert_eq!(w.plan(1).user_messages.len(), 8);
+        assert_eq!(w.plan(2).think_ms.len(), 80);
+        assert_eq!(w.total_turns(), 80 + 8 + 80 + 8);
+        // The other tenant's sessions say exactly what they say without a hot spot.
+        assert_eq!(
+            w.plan(1).user_messages,
+            Workload::default().plan(1).user_messages
+        );
+    }
 
     #[test]
     fn plans_are_reproducible_from_the_seed() {
