@@ -19,7 +19,7 @@
 //!   on a shared machine. Ratios to the bare-Pingora row and to nginx.
 //!
 //! Rows run back to back inside each scenario, in alternating order across `ROUNDS` rounds;
-//! the figure is the median round. `BENCH_QUICK=1`: one short round.
+//! the figure is the median round. `BENCH_QUICK=1`: one short round at 64 connections.
 //! Needs nginx, haproxy and wrk (`make bench-deps` installs them) and release binaries.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
@@ -330,7 +330,12 @@ fn perf_record(pid: u32, row: Row, kind: &str, connections: usize) -> Option<std
     if !wanted.is_empty() && !row.name().to_lowercase().starts_with(&wanted) {
         return None;
     }
-    let slug = row.name().split_whitespace().next().unwrap_or("proxy").to_lowercase();
+    let slug = row
+        .name()
+        .split_whitespace()
+        .next()
+        .unwrap_or("proxy")
+        .to_lowercase();
     let out = Path::new(&dir).join(format!(
         "{kind}-c{connections}-{slug}.{}",
         if strace { "strace" } else { "data" }
@@ -341,7 +346,16 @@ fn perf_record(pid: u32, row: Row, kind: &str, connections: usize) -> Option<std
         c
     } else {
         let mut c = Command::new("perf");
-        c.args(["record", "-q", "-g", "-F", "999", "-p", &pid.to_string(), "-o"]);
+        c.args([
+            "record",
+            "-q",
+            "-g",
+            "-F",
+            "999",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ]);
         c
     };
     command
@@ -454,12 +468,15 @@ fn main() {
 
     let json_body = r#"{"model":"bench-model","max_tokens":20,"messages":[{"role":"system","content":"You are a careful assistant."},{"role":"user","content":"Summarise our conversation so far in one sentence."}]}"#;
     let sse_body = r#"{"model":"bench-model","max_tokens":20,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"system","content":"You are a careful assistant."},{"role":"user","content":"Summarise our conversation so far in one sentence."}]}"#;
-    let scenarios = [
+    let mut scenarios = vec![
         ("JSON", json_body, "", 64),
         ("JSON", json_body, "", 256),
         ("SSE", sse_body, "?stream=1", 64),
         ("SSE", sse_body, "?stream=1", 256),
     ];
+    if quick {
+        scenarios.retain(|s| s.3 == 64);
+    }
     let total_runs = (scenarios.len() * Row::ALL.len() * rounds) as u64;
     let progress = indicatif::ProgressBar::new(total_runs)
         .with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
@@ -535,9 +552,27 @@ fn main() {
     }
     progress.finish_and_clear();
 
+    let upstream_args: Vec<String> = upstream_addrs
+        .iter()
+        .flat_map(|a| ["--upstream".to_owned(), a.clone()])
+        .collect();
+    if results.is_empty() {
+        instruction_counts(dir.path(), &upstreams, &upstream_args, &scripts);
+        return;
+    }
     println!(
         "\n{:<5} {:>5}  {:<30} {:>9} {:>9} {:>9} {:>10} {:>6} {:>7} {:>7} {:>7}",
-        "body", "conns", "row", "req/s", "p50", "p99", "CPU µs/req", "user", "÷ bare", "÷ nginx", "errors"
+        "body",
+        "conns",
+        "row",
+        "req/s",
+        "p50",
+        "p99",
+        "CPU µs/req",
+        "user",
+        "÷ bare",
+        "÷ nginx",
+        "errors"
     );
     for chunk in results.chunks(Row::ALL.len()) {
         let (bare, tether, nginx) = (&chunk[1], &chunk[2], &chunk[3]);
@@ -572,10 +607,6 @@ fn main() {
             tether.p99_us / bare.p99_us
         );
     }
-    let upstream_args: Vec<String> = upstream_addrs
-        .iter()
-        .flat_map(|a| ["--upstream".to_owned(), a.clone()])
-        .collect();
     instruction_counts(dir.path(), &upstreams, &upstream_args, &scripts);
 }
 
@@ -609,7 +640,12 @@ fn instruction_counts(
     let listen = format!("127.0.0.1:{bare_port}");
     let mut args: Vec<String> = wrapper("bare")[1..].to_vec();
     args.push(binary("bare-pingora").display().to_string());
-    args.extend(["--listen".to_owned(), listen, "--threads".to_owned(), "1".to_owned()]);
+    args.extend([
+        "--listen".to_owned(),
+        listen,
+        "--threads".to_owned(),
+        "1".to_owned(),
+    ]);
     args.extend(upstream_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut bare = spawn(Path::new("valgrind"), &args, "bare-pingora under callgrind");
@@ -644,7 +680,10 @@ fn instruction_counts(
         }
     }
     for (kind, _, _) in scripts {
-        let (bare, tether) = (per_request[&(*kind, "bare")], per_request[&(*kind, "tether")]);
+        let (bare, tether) = (
+            per_request[&(*kind, "bare")],
+            per_request[&(*kind, "tether")],
+        );
         println!(
             "proxy_cost/{kind}/instructions_per_request bare {bare:.0} tether {tether:.0} ratio {:.3}",
             tether / bare

@@ -74,7 +74,10 @@ impl UsageRecord {
             (b",\"cached_tokens\":", self.cached_tokens),
             (b",\"completion_tokens\":", self.completion_tokens),
             (b",\"cost_micro_usd\":", self.cost_micro_usd),
-            (b",\"uncached_cost_micro_usd\":", self.uncached_cost_micro_usd),
+            (
+                b",\"uncached_cost_micro_usd\":",
+                self.uncached_cost_micro_usd,
+            ),
             (b",\"latency_ms\":", Some(self.latency_ms)),
             (b",\"ttft_ms\":", self.ttft_ms),
             (b",\"attempts\":", Some(u64::from(self.attempts))),
