@@ -82,3 +82,9 @@ pub fn valgrind_present() -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// The median (the upper one of an even count); NaN for no values.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use serde_json::json;
-use tether_benches::{callgrind_control, callgrind_total, valgrind_present};
+use tether_benches::{callgrind_control, callgrind_total, median, valgrind_present};
 use tether_e2e::{regions_yaml, SimFleet, TempDir, Tether, TetherConfig};
 
 const REQUESTS: usize = 8_000;
@@ -86,11 +86,6 @@ async fn drive_n(url: Arc<String>, requests: usize) -> f64 {
         done.unwrap();
     }
     requests as f64 / started.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]

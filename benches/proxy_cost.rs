@@ -30,7 +30,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tether_benches::{callgrind_control, callgrind_total, valgrind_present};
+use tether_benches::{callgrind_control, callgrind_total, median, valgrind_present};
 use tether_e2e::{api_key_sha256, binary, free_port, ChildGuard, TempDir, Tether, TetherConfig};
 
 const API_KEY: &str = "sk-bench-proxy-cost";
@@ -371,15 +371,6 @@ struct Sample {
     wrk: WrkResult,
     cpu_us_per_req: f64,
     user_share: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 fn main() {
