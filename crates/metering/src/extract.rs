@@ -5,9 +5,15 @@
 //!   `timings` and `tokens_cached`, each up to a bounded size. Memory is O(captured usage),
 //!   whatever the body's size or where in it the usage sits, and the words `"usage":` inside
 //!   generated text cannot fool it (they are inside a string).
-//! - **SSE** streams are split into lines across arbitrary chunk boundaries (each line
-//!   bounded); only `data:` lines that mention `usage`, `timings` or `tokens_cached` are parsed
-//!   as JSON — the thousands of content deltas are skipped with a substring check.
+//! - **SSE** streams put usage in their last events (OpenAI, vLLM, SGLang; Anthropic's
+//!   `message_delta`), and Anthropic also in its first (`message_start`). So after the opening
+//!   events the extractor does not read the stream at all while it passes: it copies it into
+//!   a ring of its last [`Limits::sse_tail`] bytes and, when the body ends, reads back from
+//!   the end to the last event that carries usage. The thousands of content deltas cost a
+//!   `memcpy` each (a fraction of a search), and the ring bounds the memory. Before that point, and for the
+//!   whole of a llama.cpp stream (whose final event can be large), lines are split across
+//!   arbitrary chunk boundaries (each bounded) and only `data:` lines that mention `usage`,
+//!   `timings` or `tokens_cached` are parsed as JSON.
 //!
 //! Either way the result is the same however the body is split into chunks (tested at every
 //! byte offset), and nothing here can panic on hostile input.
@@ -15,10 +21,9 @@
 use std::sync::LazyLock;
 
 use aho_corasick::packed;
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::usage::{Dialect, Usage, UsageBuilder, UsageEvent};
 
@@ -51,15 +56,22 @@ impl Framing {
 pub struct Limits {
     /// Largest captured usage value (JSON) or SSE line, in bytes.
     pub window: usize,
+    /// How much of the end of an SSE stream is kept (copied) to read its final usage event
+    /// from: the usage event and everything after it (`data: [DONE]`) must fit.
+    pub sse_tail: usize,
 }
 
 /// Default bound: 256 KiB.
 pub const DEFAULT_WINDOW: usize = 256 << 10;
 
+/// Default SSE tail: 16 KiB — a usage event is a few hundred bytes.
+pub const DEFAULT_SSE_TAIL: usize = 16 << 10;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             window: DEFAULT_WINDOW,
+            sse_tail: DEFAULT_SSE_TAIL,
         }
     }
 }
@@ -317,6 +329,7 @@ struct SseReader {
 static LLAMACPP_KEYS: LazyLock<Option<packed::Searcher>> =
     LazyLock::new(|| packed::Searcher::new([KEYS[0], KEYS[1], KEYS[2]]));
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEYS[0]));
+static USAGE_KEY_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEYS[0]));
 
 /// Whether SSE bytes can carry usage (the model name rides along in those events).
 ///
@@ -357,23 +370,29 @@ fn longest_line(data: &[u8]) -> usize {
 }
 
 impl SseReader {
-    fn line(&mut self, line: &[u8], dialect: Dialect, builder: &mut UsageBuilder) {
+    /// Reads one line; true when it was an event that carried usage.
+    fn line(&mut self, line: &[u8], dialect: Dialect, builder: &mut UsageBuilder) -> bool {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(data) = line.strip_prefix(b"data:") {
-            let data = data.strip_prefix(b" ").unwrap_or(data);
-            if data != b"[DONE]" && mentions_usage(dialect, data) {
-                let parsed = if data.trim_ascii_start().starts_with(b"{") {
-                    serde_json::from_slice::<UsageEvent>(data)
-                        .map(|event| builder.observe_event(dialect, &event))
-                } else {
-                    // Valid JSON that is not an object carries no usage, but is not malformed.
-                    serde_json::from_slice::<IgnoredAny>(data).map(|_| ())
-                };
-                if parsed.is_err() {
-                    self.malformed_events += 1;
-                }
-            }
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return false;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" || !mentions_usage(dialect, data) {
+            return false;
         }
+        let parsed = if data.trim_ascii_start().starts_with(b"{") {
+            serde_json::from_slice::<UsageEvent>(data).map(|event| {
+                builder.observe_event(dialect, &event);
+                event.carries_usage()
+            })
+        } else {
+            // Valid JSON that is not an object carries no usage, but is not malformed.
+            serde_json::from_slice::<IgnoredAny>(data).map(|_| false)
+        };
+        parsed.unwrap_or_else(|_| {
+            self.malformed_events += 1;
+            false
+        })
     }
 
     fn line_done(&mut self, dialect: Dialect, builder: &mut UsageBuilder) {
@@ -457,7 +476,101 @@ pub struct UsageExtractor {
     builder: UsageBuilder,
     json: JsonScanner,
     sse: SseReader,
+    /// The end of an SSE stream, once the extractor stopped reading events as they pass.
+    tail: SseTail,
     bytes: u64,
+}
+
+/// The last bytes of an SSE stream: a ring of at most `limit` bytes, filled as chunks pass
+/// (one or two `memcpy`s per chunk) and put in order once, when the body ends.
+#[derive(Debug, Default)]
+struct SseTail {
+    ring: Vec<u8>,
+    /// Where the oldest byte is, once the ring is full (and so where the next byte goes).
+    head: usize,
+    /// The byte just before the oldest kept one, once bytes have been dropped.
+    dropped_last: Option<u8>,
+    active: bool,
+}
+
+impl SseTail {
+    #[inline(always)]
+    fn keep(&mut self, chunk: &[u8], limit: usize) {
+        // Nearly every call: the ring (allocated at full size) still has room.
+        if self.ring.len() + chunk.len() <= self.ring.capacity() && self.ring.capacity() <= limit {
+            self.ring.extend_from_slice(chunk);
+            return;
+        }
+        self.keep_slow(chunk, limit);
+    }
+
+    #[inline(never)]
+    fn keep_slow(&mut self, mut chunk: &[u8], limit: usize) {
+        self.active = true;
+        let limit = limit.max(1);
+        if self.ring.len() < limit {
+            if self.ring.capacity() == 0 {
+                // Once, at its full size: growing by doubling would copy it again and again.
+                self.ring.reserve_exact(limit);
+            }
+            // Filling: plain appends until the ring is full.
+            let room = limit - self.ring.len();
+            let (now, rest) = chunk.split_at(room.min(chunk.len()));
+            self.ring.extend_from_slice(now);
+            chunk = rest;
+        }
+        if chunk.is_empty() {
+            return;
+        }
+        if chunk.len() >= limit {
+            // The chunk alone fills the ring.
+            let start = chunk.len() - limit;
+            self.dropped_last = Some(if start > 0 {
+                chunk[start - 1]
+            } else {
+                self.ring[(self.head + limit - 1) % limit]
+            });
+            self.head = 0;
+            self.ring.copy_from_slice(&chunk[start..]);
+            return;
+        }
+        // Overwrite the oldest bytes; the last one overwritten came just before the new oldest.
+        let first = chunk.len().min(limit - self.head);
+        let wrapped = chunk.len() - first;
+        // The last byte overwritten is the one just before the new oldest byte.
+        self.dropped_last = Some(if wrapped > 0 {
+            self.ring[wrapped - 1]
+        } else {
+            self.ring[self.head + first - 1]
+        });
+        self.ring[self.head..self.head + first].copy_from_slice(&chunk[..first]);
+        self.ring[..wrapped].copy_from_slice(&chunk[first..]);
+        self.head = if wrapped > 0 {
+            wrapped
+        } else {
+            self.head + first
+        };
+        if self.head == limit {
+            self.head = 0;
+        }
+    }
+
+    /// The ring, where its oldest byte is, and whether that byte starts a line.
+    fn take(&mut self) -> (Vec<u8>, usize, bool) {
+        let ring = std::mem::take(&mut self.ring);
+        let starts_mid_line = self.dropped_last.is_some_and(|b| b != b'\n');
+        (ring, std::mem::take(&mut self.head), starts_mid_line)
+    }
+}
+
+/// `lines` without its first line when that is only the end of one.
+fn whole_lines(lines: &[u8], starts_mid_line: bool) -> &[u8] {
+    if starts_mid_line {
+        let first = memchr::memchr(b'\n', lines).map_or(lines.len(), |i| i + 1);
+        &lines[first..]
+    } else {
+        lines
+    }
 }
 
 impl UsageExtractor {
@@ -475,8 +588,23 @@ impl UsageExtractor {
             builder: UsageBuilder::default(),
             json: JsonScanner::default(),
             sse: SseReader::default(),
+            tail: SseTail::default(),
             bytes: 0,
         }
+    }
+
+    /// Whether the stream has reached the point after which only its end matters: a line
+    /// boundary, past Anthropic's `message_start` (the one opening event with usage), and not
+    /// a llama.cpp stream (its native final event, with settings and timings, can be large).
+    fn reads_only_the_tail(&self) -> bool {
+        self.tail.active
+            || (self.sse.line.is_empty()
+                && !self.sse.discarding
+                && match self.dialect {
+                    Dialect::Openai => true,
+                    Dialect::Anthropic => self.builder.anthropic_input_seen(),
+                    Dialect::Llamacpp => false,
+                })
     }
 
     /// Body bytes seen so far.
@@ -487,16 +615,28 @@ impl UsageExtractor {
     /// Feeds the next body chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
+        // Most of a stream: straight into the ring, in a function small enough to inline.
+        if self.tail.active {
+            self.tail.keep(chunk, self.limits.sse_tail);
+            return;
+        }
+        self.feed_reading(chunk);
+    }
+
+    #[inline(never)]
+    fn feed_reading(&mut self, chunk: &[u8]) {
+        if self.framing == Framing::Sse && self.reads_only_the_tail() {
+            self.tail.keep(chunk, self.limits.sse_tail);
+            return;
+        }
         match self.framing {
             Framing::Json => {
                 self.json.feed(chunk, self.limits.window);
                 for (key, value) in std::mem::take(&mut self.json.completed) {
-                    let Ok(value) = serde_json::from_slice::<Value>(&value) else {
-                        self.json.malformed = true;
-                        continue;
-                    };
-                    let event = UsageEvent::member(KEYS[key], value);
-                    self.builder.observe_event(self.dialect, &event);
+                    match UsageEvent::member(KEYS[key], &value) {
+                        Ok(event) => self.builder.observe_event(self.dialect, &event),
+                        Err(_) => self.json.malformed = true,
+                    }
                 }
             }
             Framing::Sse => {
@@ -516,6 +656,47 @@ impl UsageExtractor {
         }
     }
 
+    /// Reads the kept end of the stream back to front, up to the last event that carries
+    /// usage (every usage event is cumulative or final, so the last one is the answer).
+    fn read_tail(&mut self) {
+        if !self.tail.active {
+            return;
+        }
+        let (mut ring, head, starts_mid_line) = self.tail.take();
+        if head > 0 {
+            // The ring has wrapped: its newest bytes are `ring[..head]`, and they nearly always
+            // hold the whole usage event. Read them in place before putting the ring in order.
+            let (newer, older) = ring.split_at(head);
+            if self.read_back(whole_lines(newer, older.last() != Some(&b'\n'))) {
+                return;
+            }
+            ring.rotate_left(head);
+        }
+        // The first kept line may have begun before the kept bytes: it cannot be read, and it
+        // may have been the usage event.
+        if !self.read_back(whole_lines(&ring, starts_mid_line)) && starts_mid_line {
+            self.sse.too_large = true;
+        }
+    }
+
+    /// Reads `lines` back from the end to the last event that carries usage; true if found.
+    fn read_back(&mut self, lines: &[u8]) -> bool {
+        let window = self.limits.window;
+        let mut end = lines.len();
+        while let Some(at) = USAGE_KEY_REV.rfind(&lines[..end]) {
+            let start = memchr::memrchr(b'\n', &lines[..at]).map_or(0, |n| n + 1);
+            let line_end = memchr::memchr(b'\n', &lines[at..end]).map_or(end, |n| at + n);
+            let line = &lines[start..line_end];
+            if line.len() > window {
+                self.sse.too_large = true;
+            } else if self.sse.line(line, self.dialect, &mut self.builder) {
+                return true;
+            }
+            end = start;
+        }
+        false
+    }
+
     /// Ends the body and returns what was found.
     pub fn finish(&mut self) -> Extraction {
         let well_formed = match self.framing {
@@ -525,6 +706,7 @@ impl UsageExtractor {
                 if !self.sse.line.is_empty() {
                     self.sse.line_done(self.dialect, &mut self.builder);
                 }
+                self.read_tail();
                 self.sse.malformed_events == 0
             }
         };
@@ -606,8 +788,14 @@ mod tests {
 
     #[test]
     fn an_oversized_usage_value_is_dropped_and_reported() {
-        let mut x =
-            UsageExtractor::with_limits(Dialect::Openai, Framing::Json, Limits { window: 64 });
+        let mut x = UsageExtractor::with_limits(
+            Dialect::Openai,
+            Framing::Json,
+            Limits {
+                window: 64,
+                ..Limits::default()
+            },
+        );
         x.feed(
             format!(
                 r#"{{"usage":{{"prompt_tokens":1,"pad":"{}"}}}}"#,
@@ -629,12 +817,159 @@ mod tests {
 
     #[test]
     fn sse_lines_longer_than_the_window_are_dropped_but_reading_goes_on() {
-        let mut x =
-            UsageExtractor::with_limits(Dialect::Openai, Framing::Sse, Limits { window: 100 });
+        let mut x = UsageExtractor::with_limits(
+            Dialect::Openai,
+            Framing::Sse,
+            Limits {
+                window: 100,
+                ..Limits::default()
+            },
+        );
         x.feed(format!("data: {{\"usage\":\"{}\"}}\n\n", "x".repeat(500)).as_bytes());
         x.feed(b"data: {\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\n");
         let e = x.finish();
         assert_eq!(e.usage.prompt_tokens, Some(4));
+    }
+
+    /// A long OpenAI-style stream: `n` content events (each with `"usage":null`, as vLLM
+    /// sends them), the usage event, `[DONE]`.
+    fn long_openai_stream(n: usize) -> Vec<Vec<u8>> {
+        let mut chunks: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                format!(
+                    "data: {{\"choices\":[{{\"delta\":{{\"content\":\"tok{i}\"}}}}],\"usage\":null}}\n\n"
+                )
+            .into_bytes()
+            })
+            .collect();
+        chunks.push(
+            b"data: {\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":40,\"prompt_tokens_details\":{\"cached_tokens\":32},\"completion_tokens\":7}}\n\n"
+                .to_vec(),
+        );
+        chunks.push(b"data: [DONE]\n\n".to_vec());
+        chunks
+    }
+
+    proptest::proptest! {
+        /// The ring holds exactly the stream's last `limit` bytes, however it is chunked, and
+        /// knows whether they start a line.
+        #[test]
+        fn the_tail_ring_keeps_the_last_bytes(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::sample::select(b"ab\n".to_vec()), 0..40), 0..30),
+            limit in 1usize..64,
+        ) {
+            let mut tail = SseTail::default();
+            for chunk in &chunks {
+                tail.keep(chunk, limit);
+            }
+            let stream = chunks.concat();
+            let (mut kept, head, mid_line) = tail.take();
+            kept.rotate_left(head);
+            let start = stream.len().saturating_sub(limit);
+            proptest::prop_assert_eq!(&kept[..], &stream[start..]);
+            proptest::prop_assert_eq!(mid_line, start > 0 && stream[start - 1] != b'\n');
+        }
+    }
+
+    #[test]
+    fn a_long_stream_is_read_from_its_end_in_bounded_memory() {
+        let limits = Limits {
+            sse_tail: 4096,
+            ..Limits::default()
+        };
+        let mut x = UsageExtractor::with_limits(Dialect::Openai, Framing::Sse, limits);
+        for chunk in long_openai_stream(5_000) {
+            x.feed(&chunk);
+            assert!(
+                x.tail.ring.len() <= 4096,
+                "tail holds {} bytes",
+                x.tail.ring.len()
+            );
+        }
+        let e = x.finish();
+        assert_eq!(e.outcome, UsageOutcome::Found);
+        assert_eq!(e.usage.prompt_tokens, Some(40));
+        assert_eq!(e.usage.cached_tokens, Some(32));
+        assert_eq!(e.usage.completion_tokens, Some(7));
+        assert_eq!(e.model.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn the_usage_event_is_found_wherever_the_ring_wraps() {
+        // Every ring size from "just fits the usage event and [DONE]" up: the wrap point falls
+        // before, inside and after the usage event.
+        let stream = long_openai_stream(40);
+        for sse_tail in 160..1_200 {
+            let limits = Limits {
+                sse_tail,
+                ..Limits::default()
+            };
+            let mut x = UsageExtractor::with_limits(Dialect::Openai, Framing::Sse, limits);
+            for chunk in &stream {
+                x.feed(chunk);
+            }
+            let e = x.finish();
+            assert_eq!(e.outcome, UsageOutcome::Found, "sse_tail {sse_tail}");
+            assert_eq!(e.usage.completion_tokens, Some(7), "sse_tail {sse_tail}");
+        }
+    }
+
+    #[test]
+    fn a_usage_event_cut_off_by_the_tail_limit_is_too_large_not_missing() {
+        let limits = Limits {
+            sse_tail: 40,
+            ..Limits::default()
+        };
+        let mut x = UsageExtractor::with_limits(Dialect::Openai, Framing::Sse, limits);
+        let stream = long_openai_stream(10).concat();
+        // Small chunks, so the tail can drop the start of the usage event.
+        for piece in stream.chunks(16) {
+            x.feed(piece);
+        }
+        let e = x.finish();
+        assert_eq!(e.outcome, UsageOutcome::TooLarge);
+        assert!(e.usage.is_unknown());
+    }
+
+    #[test]
+    fn the_last_usage_event_wins_and_a_malformed_one_is_reported() {
+        // Cumulative usage in every event (vLLM continuous_usage_stats): the last one counts.
+        let mut x = UsageExtractor::new(Dialect::Openai, Framing::Sse);
+        for n in 1..=50u64 {
+            x.feed(
+                format!(
+                    "data: {{\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":{n}}}}}\n\n"
+                )
+                .as_bytes(),
+            );
+        }
+        x.feed(b"data: [DONE]\n\n");
+        assert_eq!(x.finish().usage.completion_tokens, Some(50));
+        // A truncated final usage event: unknown and malformed, never 0.
+        let mut x = UsageExtractor::new(Dialect::Openai, Framing::Sse);
+        x.feed(b"data: {\"choices\":[{\"delta\":{}}]}\n\n");
+        x.feed(b"data: {\"usage\":{\"prompt_tokens\":9,\n\n");
+        let e = x.finish();
+        assert_eq!(e.outcome, UsageOutcome::Malformed);
+        assert!(e.usage.is_unknown());
+    }
+
+    #[test]
+    fn anthropic_reads_message_start_as_it_passes_and_message_delta_from_the_end() {
+        let mut x = UsageExtractor::new(Dialect::Anthropic, Framing::Sse);
+        x.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":5,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n");
+        for _ in 0..1_000 {
+            x.feed(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n");
+        }
+        assert!(x.tail.active, "past message_start only the end is kept");
+        x.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n");
+        x.feed(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        let e = x.finish();
+        assert_eq!(e.outcome, UsageOutcome::Found);
+        assert_eq!(e.usage.prompt_tokens, Some(105));
+        assert_eq!(e.usage.cached_tokens, Some(100));
+        assert_eq!(e.usage.completion_tokens, Some(42));
+        assert_eq!(e.model.as_deref(), Some("claude"));
     }
 
     fn sse(dialect: Dialect, body: &str) -> Extraction {

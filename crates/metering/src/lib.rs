@@ -41,7 +41,9 @@ mod sink;
 mod stream_usage;
 mod usage;
 
-pub use extract::{Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_WINDOW};
+pub use extract::{
+    Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_SSE_TAIL, DEFAULT_WINDOW,
+};
 pub use pricing::{Cost, Price};
 pub use record::{timestamp, UsageRecord};
 pub use report::{aggregate, GroupBy, Report, ReportRow};

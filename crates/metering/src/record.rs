@@ -100,9 +100,28 @@ fn json_uint(out: &mut Vec<u8>, value: Option<u64>) {
 
 /// A JSON string, escaped as serde_json escapes: `"`, `\\` and control characters; other
 /// characters (non-ASCII included) as they are.
+/// The bytes a JSON string cannot hold as they are: controls, `"` and `\`.
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Names and ids almost never need escaping: one pass to find out, then one copy.
+    if !bytes.iter().any(|&b| NEEDS_ESCAPE[usize::from(b)]) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let short = match b {

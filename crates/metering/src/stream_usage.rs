@@ -27,13 +27,44 @@ struct ProbeOptions {
 
 /// The rewritten body of a streaming chat request that did not ask for usage, or `None` when
 /// the body needs no change (not JSON, not streaming, or already asking).
+///
+/// The common cases are settled by one walk over the top-level object ([`top_members`]):
+/// strings — the prompt, nearly all of the body — are crossed with a SIMD search for their
+/// closing quote, nothing is allocated, and a missing `stream_options` is added as text just
+/// before the closing brace, so every other byte the client sent (key order, spacing, the
+/// prompt) reaches the replica unchanged. Only the rare shapes the walk does not settle (an
+/// escaped key, a duplicated key, a `stream_options` object without `include_usage: true`, a
+/// body the walk cannot follow) go through a full parse.
 pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
-    // Most requests need no change; find that out without building a tree of the prompt.
-    // Without the bytes `"stream"` anywhere (and no `\u` escape that could spell the key
-    // another way) the request cannot be streaming: a SIMD search settles it before parsing.
-    if STREAM_KEY.find(body).is_none() && UNICODE_ESCAPE.find(body).is_none() {
+    let Some(top) = top_members(body) else {
+        return ensure_stream_usage_parsed(body);
+    };
+    if top.ambiguous {
+        return ensure_stream_usage_parsed(body);
+    }
+    if top.stream != Some(b"true") {
         return None;
     }
+    match top.stream_options {
+        None => {
+            let insert = b",\"stream_options\":{\"include_usage\":true}";
+            let mut out = Vec::with_capacity(body.len() + insert.len());
+            out.extend_from_slice(&body[..top.close]);
+            out.extend_from_slice(insert);
+            out.extend_from_slice(&body[top.close..]);
+            Some(out)
+        }
+        Some(options) => match serde_json::from_slice::<ProbeOptions>(options) {
+            Ok(ProbeOptions {
+                include_usage: Some(true),
+            }) => None,
+            _ => ensure_stream_usage_parsed(body),
+        },
+    }
+}
+
+/// The full-parse path: every shape of request, at the cost of a tree of the whole body.
+fn ensure_stream_usage_parsed(body: &[u8]) -> Option<Vec<u8>> {
     let probe: Probe = serde_json::from_slice(body).ok()?;
     if probe.stream != Some(true)
         || probe.stream_options.and_then(|o| o.include_usage) == Some(true)
@@ -42,17 +73,6 @@ pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     }
     let mut request: Value = serde_json::from_slice(body).ok()?;
     let object = request.as_object_mut()?;
-    if object.get("stream").and_then(Value::as_bool) != Some(true) {
-        return None;
-    }
-    if object
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        == Some(true)
-    {
-        return None;
-    }
     match object.get_mut("stream_options") {
         Some(Value::Object(options)) => {
             options.insert("include_usage".into(), Value::Bool(true));
@@ -67,6 +87,130 @@ pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&request).ok()
 }
 
+/// The members of a request's top-level object that decide whether to ask for usage.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TopMembers<'a> {
+    /// The raw value of `stream`.
+    stream: Option<&'a [u8]>,
+    /// The raw value of `stream_options`.
+    stream_options: Option<&'a [u8]>,
+    /// Where the object's closing brace is.
+    close: usize,
+    /// A key with an escape (it could spell `stream`) or a decisive key seen twice: the walk
+    /// cannot tell what a JSON parser would make of it.
+    ambiguous: bool,
+}
+
+/// Walks the top-level object of `body`, or `None` when it is not one the walk can follow
+/// (not an object, unbalanced, unterminated, trailing bytes). Values are crossed, not checked:
+/// a body that is not JSON reaches the replica, which rejects it, as it would without Tether.
+fn top_members(body: &[u8]) -> Option<TopMembers<'_>> {
+    let mut top = TopMembers::default();
+    let mut i = skip_whitespace(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_whitespace(body, i + 1);
+    if body.get(i) == Some(&b'}') {
+        top.close = i;
+    } else {
+        loop {
+            if body.get(i) != Some(&b'"') {
+                return None;
+            }
+            let key_end = string_end(body, i)?;
+            let key = &body[i + 1..key_end - 1];
+            i = skip_whitespace(body, key_end);
+            if body.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_whitespace(body, i + 1);
+            let value_end = value_end(body, i)?;
+            let value = &body[i..value_end];
+            let slot = match key {
+                b"stream" => Some(&mut top.stream),
+                b"stream_options" => Some(&mut top.stream_options),
+                _ => {
+                    if memchr::memchr(b'\\', key).is_some() {
+                        top.ambiguous = true;
+                    }
+                    None
+                }
+            };
+            if let Some(slot) = slot {
+                top.ambiguous |= slot.is_some();
+                *slot = Some(value);
+            }
+            i = skip_whitespace(body, value_end);
+            match body.get(i) {
+                Some(b',') => i = skip_whitespace(body, i + 1),
+                Some(b'}') => {
+                    top.close = i;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_whitespace(body, top.close + 1) == body.len()).then_some(top)
+}
+
+fn skip_whitespace(body: &[u8], mut i: usize) -> usize {
+    while matches!(body.get(i), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+        i += 1;
+    }
+    i
+}
+
+/// The index just past the string starting (with its quote) at `start`.
+fn string_end(body: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        let at = i + memchr::memchr2(b'"', b'\\', body.get(i..)?)?;
+        if body[at] == b'"' {
+            return Some(at + 1);
+        }
+        // A backslash escapes the next byte (`\"` does not end the string).
+        i = at + 2;
+    }
+}
+
+/// The index just past the value starting at `start`.
+fn value_end(body: &[u8], start: usize) -> Option<usize> {
+    match body.get(start)? {
+        b'"' => string_end(body, start),
+        b'{' | b'[' => {
+            let mut depth = 0u32;
+            let mut i = start;
+            loop {
+                match body.get(i)? {
+                    b'"' => {
+                        i = string_end(body, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            // A number, `true`, `false` or `null`: up to the next delimiter.
+            let len = body[start..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
+                .unwrap_or(body.len() - start);
+            (len > 0).then_some(start + len)
+        }
+    }
+}
+
 /// Removes usage-only SSE events from a stream, across arbitrary chunk boundaries.
 ///
 /// Holds back at most one unfinished event (bounded by `window`; a longer one is passed
@@ -78,8 +222,6 @@ pub struct UsageChunkFilter {
     window: usize,
 }
 
-static STREAM_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"stream\""));
-static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
 static LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
 static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
@@ -132,6 +274,7 @@ impl UsageChunkFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_streaming_request_without_usage_gets_it() {
@@ -174,6 +317,115 @@ mod tests {
         let out = ensure_stream_usage(br#"{"\u0073tream":true,"messages":[]}"#).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn the_fast_path_adds_stream_options_as_text_and_keeps_every_other_byte() {
+        let body = b" {\"model\": \"m\",\n \"messages\": [{\"content\": \"say \\\"stream\\\": true}\"}],\n \"stream\": true }\n";
+        let out = ensure_stream_usage(body).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            " {\"model\": \"m\",\n \"messages\": [{\"content\": \"say \\\"stream\\\": true}\"}],\n \"stream\": true ,\"stream_options\":{\"include_usage\":true}}\n"
+        );
+    }
+
+    #[test]
+    fn stream_keys_below_the_top_level_do_not_count() {
+        for body in [
+            &br#"{"messages":[{"stream":true}],"x":{"stream":true}}"#[..],
+            br#"{"stream":"true"}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":true},"n":[1,{"a":[]}]}"#,
+        ] {
+            assert_eq!(
+                ensure_stream_usage(body),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn shapes_the_walk_cannot_settle_go_through_the_parser() {
+        // A duplicated key: serde rejects the probe, so the body is left alone.
+        assert_eq!(
+            ensure_stream_usage(br#"{"stream":true,"stream":true}"#),
+            None
+        );
+        // Trailing bytes after the object are not JSON.
+        assert_eq!(ensure_stream_usage(br#"{"stream":true} x"#), None);
+        // Unterminated string / object.
+        assert_eq!(ensure_stream_usage(br#"{"stream":true,"a":"#), None);
+        assert_eq!(ensure_stream_usage(br#"{"stream":true,"a":"x"#), None);
+        assert_eq!(ensure_stream_usage(b"{"), None);
+        assert_eq!(ensure_stream_usage(b""), None);
+    }
+
+    #[test]
+    fn walk_finds_top_level_members_and_the_closing_brace() {
+        let body = br#"{ "a" : [1, "]", {"stream": false}], "stream" : true , "stream_options":{"x":"}"} }"#;
+        let top = top_members(body).unwrap();
+        assert_eq!(top.stream, Some(&b"true"[..]));
+        assert_eq!(top.stream_options, Some(&br#"{"x":"}"}"#[..]));
+        assert_eq!(body[top.close], b'}');
+        assert_eq!(top.close, body.len() - 1);
+        assert!(!top.ambiguous);
+        assert!(top_members(br#"{"str\u0065am":1}"#).unwrap().ambiguous);
+    }
+
+    /// JSON objects whose keys collide with the ones the walk looks for, at every depth.
+    fn request_objects() -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            Just("stream".to_string()),
+            Just("stream_options".to_string()),
+            Just("include_usage".to_string()),
+            Just("messages".to_string()),
+            Just("str\"eam".to_string()),
+            "[a-z]{0,3}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(Value::from),
+            "[a-z\"\\\\{}\\[\\],: ]{0,6}".prop_map(Value::String),
+        ];
+        let value = leaf.prop_recursive(3, 24, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![Just("include_usage".to_string()), "[a-z]{0,3}"],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        // Half the requests stream, so the insert and `stream_options` paths get their share.
+        (prop::collection::btree_map(key, value, 0..5), any::<bool>()).prop_map(|(m, stream)| {
+            let mut object: serde_json::Map<String, Value> = m.into_iter().collect();
+            if stream {
+                object.insert("stream".into(), Value::Bool(true));
+            }
+            Value::Object(object)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        /// The fast path and the full parse agree on every request, compact or pretty.
+        #[test]
+        fn fast_path_agrees_with_the_parser(request in request_objects(), pretty: bool) {
+            let body = if pretty {
+                serde_json::to_vec_pretty(&request).unwrap()
+            } else {
+                serde_json::to_vec(&request).unwrap()
+            };
+            let fast = ensure_stream_usage(&body)
+                .map(|b| serde_json::from_slice::<Value>(&b).expect("fast path wrote JSON"));
+            let parsed = ensure_stream_usage_parsed(&body)
+                .map(|b| serde_json::from_slice::<Value>(&b).unwrap());
+            prop_assert_eq!(fast, parsed);
+        }
     }
 
     const STREAM: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n";

@@ -1,7 +1,9 @@
 //! Token usage, normalized across dialects.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::fmt;
+
+use serde::de::{self, IgnoredAny, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Which API shape a response has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -63,53 +65,203 @@ impl Usage {
 /// Longest model name kept (a hostile upstream could send megabytes).
 const MAX_MODEL_LEN: usize = 200;
 
-/// The value at `path` (object keys). `Value::pointer` would do, but it allocates a string per
-/// segment, on every usage event.
-fn at<'v>(v: &'v Value, path: &[&str]) -> Option<&'v Value> {
-    path.iter().try_fold(v, |v, key| v.get(key))
+/// A token count as upstreams send it: a non-negative integer is known; anything else (a
+/// float, a string, a negative number, null, an object) is unknown, never 0.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Count(pub(crate) Option<u64>);
+
+/// A member read leniently: a JSON object becomes `T`, any other value `None`. (A strict
+/// `Option<T>` would make one odd member fail the whole event.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Obj<T>(pub(crate) Option<T>);
+
+impl<T> Default for Obj<T> {
+    fn default() -> Self {
+        Obj(None)
+    }
 }
 
-fn count(v: &Value, path: &[&str]) -> Option<u64> {
-    at(v, path).and_then(Value::as_u64)
+/// A model name: a string is kept (cut to [`MAX_MODEL_LEN`] characters), anything else ignored.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Name(pub(crate) Option<String>);
+
+/// Visits any JSON value; `Some` only for the shape wanted, every other value skipped.
+struct Lenient<T>(std::marker::PhantomData<T>);
+
+macro_rules! skip_other_values {
+    ($ty:ty, $none:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<$ty, E> {
+            Ok($none)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<$ty, E> {
+            Ok($none)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<$ty, E> {
+            Ok($none)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($none)
+        }
+    };
 }
 
-/// The top-level members of a response object that can carry usage or the model.
-#[derive(Clone, Copy)]
-struct Members<'v> {
-    model: Option<&'v Value>,
-    usage: Option<&'v Value>,
-    timings: Option<&'v Value>,
-    tokens_cached: Option<&'v Value>,
-    /// Anthropic's `message_start` nests the model and usage here.
-    message: Option<&'v Value>,
+impl<'de> Visitor<'de> for Lenient<Count> {
+    type Value = Count;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a token count")
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+        Ok(Count(Some(v)))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+        Ok(Count(u64::try_from(v).ok()))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Count(None))
+    }
+    skip_other_values!(Count, Count(None));
 }
 
-/// An SSE event object read for usage: serde skips every other member (the choices, the
-/// content) without building it, which is most of the cost of reading the event as a `Value`.
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Lenient::<Count>(std::marker::PhantomData))
+    }
+}
+
+impl<'de> Visitor<'de> for Lenient<Name> {
+    type Value = Name;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a model name")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Name, E> {
+        Ok(Name(Some(if v.len() <= MAX_MODEL_LEN {
+            // No more bytes than the limit means no more characters.
+            v.to_owned()
+        } else {
+            v.chars().take(MAX_MODEL_LEN).collect()
+        })))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Name, E> {
+        Ok(Name(None))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Name, E> {
+        Ok(Name(None))
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Name, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Name(None))
+    }
+    skip_other_values!(Name, Name(None));
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Lenient::<Name>(std::marker::PhantomData))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Lenient<Obj<T>> {
+    type Value = Obj<T>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
+        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| Obj(Some(t)))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Obj<T>, E> {
+        Ok(Obj(None))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Obj<T>, E> {
+        Ok(Obj(None))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Obj<T>, E> {
+        Ok(Obj(None))
+    }
+    skip_other_values!(Obj<T>, Obj(None));
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Lenient::<Obj<T>>(std::marker::PhantomData))
+    }
+}
+
+/// A `usage` object of any dialect: OpenAI's (also vLLM, SGLang, llama.cpp's OpenAI endpoint)
+/// and Anthropic's members side by side; the dialect decides which are read.
 #[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct UsageCounts {
+    prompt_tokens: Count,
+    completion_tokens: Count,
+    prompt_tokens_details: Obj<PromptDetails>,
+    input_tokens: Count,
+    output_tokens: Count,
+    cache_read_input_tokens: Count,
+    cache_creation_input_tokens: Count,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct PromptDetails {
+    cached_tokens: Count,
+}
+
+/// llama.cpp's `timings`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct Timings {
+    prompt_n: Count,
+    cache_n: Count,
+    predicted_n: Count,
+}
+
+/// Anthropic's `message_start.message`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct Message {
+    model: Name,
+    usage: Obj<UsageCounts>,
+}
+
+/// A response object or SSE event read for usage: typed members only, so serde skips
+/// everything else (the choices, the content) without building it, and builds no tree of
+/// what it keeps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub(crate) struct UsageEvent {
-    model: Option<Value>,
-    usage: Option<Value>,
-    timings: Option<Value>,
-    tokens_cached: Option<Value>,
-    message: Option<Value>,
+    model: Name,
+    usage: Obj<UsageCounts>,
+    timings: Obj<Timings>,
+    tokens_cached: Count,
+    message: Obj<Message>,
 }
 
 impl UsageEvent {
-    /// An event holding one top-level member (`usage`, `timings`, `tokens_cached`, `model` or
-    /// `message`) of a JSON body; any other name gives an empty event.
-    pub(crate) fn member(name: &[u8], value: Value) -> UsageEvent {
+    /// Whether the event carries counts (not just a `"usage": null` placeholder).
+    pub(crate) fn carries_usage(&self) -> bool {
+        self.usage.0.is_some()
+            || self.timings.0.is_some()
+            || self.tokens_cached.0.is_some()
+            || self.message.0.as_ref().is_some_and(|m| m.usage.0.is_some())
+    }
+
+    /// An event holding one top-level member (`usage`, `timings`, `tokens_cached` or `model`)
+    /// of a JSON body, read from its raw bytes; any other name gives an empty event.
+    pub(crate) fn member(name: &[u8], raw: &[u8]) -> serde_json::Result<UsageEvent> {
         let mut event = UsageEvent::default();
-        let slot = match name {
-            b"usage" => &mut event.usage,
-            b"timings" => &mut event.timings,
-            b"tokens_cached" => &mut event.tokens_cached,
-            b"model" => &mut event.model,
-            b"message" => &mut event.message,
-            _ => return event,
-        };
-        *slot = Some(value);
-        event
+        match name {
+            b"usage" => event.usage = serde_json::from_slice(raw)?,
+            b"timings" => event.timings = serde_json::from_slice(raw)?,
+            b"tokens_cached" => event.tokens_cached = serde_json::from_slice(raw)?,
+            b"model" => event.model = serde_json::from_slice(raw)?,
+            _ => {}
+        }
+        Ok(event)
     }
 }
 
@@ -132,95 +284,73 @@ pub(crate) struct UsageBuilder {
 
 impl UsageBuilder {
     /// An OpenAI-style `usage` object (also llama.cpp's, which lacks details).
-    pub fn openai_usage(&mut self, usage: &Value) {
-        self.prompt = count(usage, &["prompt_tokens"]).or(self.prompt);
-        self.cached = count(usage, &["prompt_tokens_details", "cached_tokens"]).or(self.cached);
-        self.completion = count(usage, &["completion_tokens"]).or(self.completion);
+    fn openai_usage(&mut self, usage: &UsageCounts) {
+        self.prompt = usage.prompt_tokens.0.or(self.prompt);
+        let cached = usage.prompt_tokens_details.0.as_ref();
+        self.cached = cached.and_then(|d| d.cached_tokens.0).or(self.cached);
+        self.completion = usage.completion_tokens.0.or(self.completion);
     }
 
     /// An Anthropic `usage` object (from the body, `message_start.message` or `message_delta`).
-    pub fn anthropic_usage(&mut self, usage: &Value) {
-        self.anthropic_input = count(usage, &["input_tokens"]).or(self.anthropic_input);
-        self.anthropic_creation =
-            count(usage, &["cache_creation_input_tokens"]).or(self.anthropic_creation);
-        self.anthropic_read = count(usage, &["cache_read_input_tokens"]).or(self.anthropic_read);
-        self.completion = count(usage, &["output_tokens"]).or(self.completion);
-    }
-
-    /// llama.cpp `timings`.
-    pub fn llamacpp_timings(&mut self, timings: &Value) {
-        self.llama_prompt_n = count(timings, &["prompt_n"]).or(self.llama_prompt_n);
-        self.cached = count(timings, &["cache_n"]).or(self.cached);
-        self.completion = count(timings, &["predicted_n"]).or(self.completion);
-    }
-
-    /// llama.cpp `tokens_cached`.
-    pub fn llamacpp_tokens_cached(&mut self, n: &Value) {
-        self.cached = n.as_u64().or(self.cached);
+    fn anthropic_usage(&mut self, usage: &UsageCounts) {
+        self.anthropic_input = usage.input_tokens.0.or(self.anthropic_input);
+        self.anthropic_creation = usage
+            .cache_creation_input_tokens
+            .0
+            .or(self.anthropic_creation);
+        self.anthropic_read = usage.cache_read_input_tokens.0.or(self.anthropic_read);
+        self.completion = usage.output_tokens.0.or(self.completion);
     }
 
     /// One JSON value that may carry usage in `dialect` (a whole body or one SSE event).
     #[cfg(test)]
-    pub fn observe(&mut self, dialect: Dialect, v: &Value) {
-        self.observe_members(
-            dialect,
-            Members {
-                model: v.get("model"),
-                usage: v.get("usage"),
-                timings: v.get("timings"),
-                tokens_cached: v.get("tokens_cached"),
-                message: v.get("message"),
-            },
-        );
+    pub fn observe(&mut self, dialect: Dialect, v: &serde_json::Value) {
+        let event: UsageEvent = serde_json::from_value(v.clone()).unwrap_or_default();
+        self.observe_event(dialect, &event);
     }
 
-    /// One SSE event, read into just the members that matter.
+    /// One response object or SSE event, read into just the members that matter.
     pub fn observe_event(&mut self, dialect: Dialect, e: &UsageEvent) {
-        self.observe_members(
-            dialect,
-            Members {
-                model: e.model.as_ref(),
-                usage: e.usage.as_ref(),
-                timings: e.timings.as_ref(),
-                tokens_cached: e.tokens_cached.as_ref(),
-                message: e.message.as_ref(),
-            },
-        );
-    }
-
-    fn observe_members(&mut self, dialect: Dialect, m: Members<'_>) {
-        let model = m
+        let message = e.message.0.as_ref();
+        let model = e
             .model
-            .or_else(|| m.message.and_then(|msg| msg.get("model")))
-            .and_then(Value::as_str);
+            .0
+            .as_ref()
+            .or_else(|| message.and_then(|m| m.model.0.as_ref()));
         if let Some(model) = model {
-            if self.model.as_deref() != Some(model) {
-                self.model = Some(model.chars().take(MAX_MODEL_LEN).collect());
+            if self.model.as_ref() != Some(model) {
+                self.model = Some(model.clone());
             }
         }
         match dialect {
             Dialect::Anthropic => {
-                if let Some(u) = m.message.and_then(|msg| msg.get("usage")) {
+                if let Some(u) = message.and_then(|m| m.usage.0.as_ref()) {
                     self.anthropic_usage(u);
                 }
-                if let Some(u) = m.usage {
+                if let Some(u) = &e.usage.0 {
                     self.anthropic_usage(u);
                 }
             }
             Dialect::Openai | Dialect::Llamacpp => {
-                if let Some(u) = m.usage.filter(|u| u.is_object()) {
+                if let Some(u) = &e.usage.0 {
                     self.openai_usage(u);
                 }
-                if let Some(t) = m.timings.filter(|t| t.is_object()) {
-                    self.llamacpp_timings(t);
+                if let Some(t) = &e.timings.0 {
+                    self.llama_prompt_n = t.prompt_n.0.or(self.llama_prompt_n);
+                    self.cached = t.cache_n.0.or(self.cached);
+                    self.completion = t.predicted_n.0.or(self.completion);
                 }
-                if let Some(n) = m.tokens_cached {
-                    self.llamacpp_tokens_cached(n);
-                }
+                self.cached = e.tokens_cached.0.or(self.cached);
             }
         }
     }
 
+    /// Whether an Anthropic `message_start` (input counts) has been read.
+    pub(crate) fn anthropic_input_seen(&self) -> bool {
+        self.anthropic_input.is_some()
+    }
+
+    /// The counts read so far.
     pub fn build(&self) -> Usage {
         let (prompt, cached) = if let Some(input) = self.anthropic_input {
             // Anthropic's input_tokens excludes the cache parts; absent parts mean no caching.
@@ -246,7 +376,7 @@ impl UsageBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn observe(dialect: Dialect, values: &[Value]) -> Usage {
         let mut b = UsageBuilder::default();
@@ -254,6 +384,37 @@ mod tests {
             b.observe(dialect, v);
         }
         b.build()
+    }
+
+    #[test]
+    fn odd_member_values_are_unknown_without_failing_the_event() {
+        let event: UsageEvent = serde_json::from_str(
+            r#"{"model": 5, "usage": {"prompt_tokens": "12", "completion_tokens": -1,
+                "prompt_tokens_details": null, "input_tokens": 1.5, "output_tokens": [1],
+                "cache_read_input_tokens": {"n": 1}, "extra": {"deep": [1, {"x": null}]}},
+                "timings": "none", "tokens_cached": true, "choices": [{"delta": {}}]}"#,
+        )
+        .unwrap();
+        assert!(event.model.0.is_none());
+        assert!(
+            event.usage.0.is_some(),
+            "an object, whatever its members hold"
+        );
+        let mut b = UsageBuilder::default();
+        b.observe_event(Dialect::Openai, &event);
+        assert!(b.build().is_unknown(), "{:?}", b.build());
+        for odd in [r#"{"usage": "x"}"#, r#"{"usage": null}"#, r#"{"usage": 3}"#] {
+            let event: UsageEvent = serde_json::from_str(odd).unwrap();
+            assert!(!event.carries_usage(), "{odd}");
+        }
+        // A long model name is cut to MAX_MODEL_LEN characters (not bytes).
+        let long = "é".repeat(MAX_MODEL_LEN + 5);
+        let event: UsageEvent =
+            serde_json::from_value(serde_json::json!({ "model": long })).unwrap();
+        assert_eq!(
+            event.model.0.map(|m| m.chars().count()),
+            Some(MAX_MODEL_LEN)
+        );
     }
 
     #[test]
