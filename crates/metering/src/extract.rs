@@ -39,10 +39,11 @@ pub enum Framing {
 impl Framing {
     /// The framing a `content-type` implies.
     pub fn from_content_type(content_type: &str) -> Framing {
+        const SSE: &[u8] = b"text/event-stream";
+        let content_type = content_type.trim_start().as_bytes();
         if content_type
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("text/event-stream")
+            .get(..SSE.len())
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(SSE))
         {
             Framing::Sse
         } else {
@@ -1033,6 +1034,15 @@ mod tests {
         );
         assert_eq!(
             Framing::from_content_type("application/json"),
+            Framing::Json
+        );
+        assert_eq!(
+            Framing::from_content_type(" Text/Event-Stream"),
+            Framing::Sse
+        );
+        assert_eq!(Framing::from_content_type("text/event"), Framing::Json);
+        assert_eq!(
+            Framing::from_content_type("téxt/event-stream"),
             Framing::Json
         );
     }

@@ -34,6 +34,7 @@
 //! ```
 
 mod extract;
+mod json_walk;
 mod pricing;
 mod record;
 mod report;

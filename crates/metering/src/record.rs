@@ -1,6 +1,6 @@
 //! One JSON line per request: the usage log's schema.
 
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,11 +113,36 @@ static NEEDS_ESCAPE: [bool; 256] = {
     table
 };
 
+/// Whether any byte needs escaping, eight bytes at a time (the classic SWAR tests: a byte
+/// below 0x20, or equal to `"` or `\`, in a 64-bit word).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(LO) & !v & HI != 0;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let v = u64::from_le_bytes(w);
+        // Below 0x20: exact for every byte, since bytes >= 0x80 have their high bit cleared
+        // by `!v`.
+        let control = v.wrapping_sub(LO * 0x20) & !v & HI != 0;
+        if control || has_zero(v ^ (LO * u64::from(b'"'))) || has_zero(v ^ (LO * u64::from(b'\\')))
+        {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| NEEDS_ESCAPE[usize::from(b)])
+}
+
 fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     // Names and ids almost never need escaping: one pass to find out, then one copy.
-    if !bytes.iter().any(|&b| NEEDS_ESCAPE[usize::from(b)]) {
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -152,12 +177,92 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 
 /// `ts` for a moment.
 pub fn timestamp(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at).to_string()
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    if year > 9999 {
+        return humantime::format_rfc3339_millis(at).to_string();
+    }
+    // Written by hand: one per request, and `humantime`'s `Display` (through a formatter and
+    // a growing `String`) costs three times as much.
+    let time = secs % 86_400;
+    let fields = [
+        (u64::from(year), 4),
+        (u64::from(month), 2),
+        (u64::from(day), 2),
+        (time / 3600, 2),
+        (time / 60 % 60, 2),
+        (time % 60, 2),
+        (u64::from(since.subsec_millis()), 3),
+    ];
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut at = 0;
+    for (value, width) in fields {
+        let mut v = value;
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        at += width + 1;
+    }
+    String::from_utf8(out.to_vec()).unwrap_or_default()
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u32, u32, u32) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (
+        u32::try_from(year).unwrap_or(u32::MAX),
+        month as u32,
+        day as u32,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Strings are written exactly as serde_json writes them, escapes and all.
+        #[test]
+        fn strings_are_escaped_like_serde(text in "[\\x00-\\x7f\"\\\\é€😀]{0,40}") {
+            let mut out = Vec::new();
+            json_str(&mut out, &text);
+            proptest::prop_assert_eq!(out, serde_json::to_vec(&text).unwrap());
+        }
+    }
+
+    #[test]
+    fn timestamps_match_humantime() {
+        use std::time::Duration;
+        let mut secs: u64 = 0;
+        // Every day boundary of leap and non-leap years, and a spread of times up to 9999.
+        while secs < 253_402_300_799 {
+            for millis in [0, 1, 999] {
+                let at = UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis);
+                assert_eq!(
+                    timestamp(at),
+                    humantime::format_rfc3339_millis(at).to_string(),
+                    "{secs}"
+                );
+            }
+            secs += if secs < 4_200_000_000 {
+                86_399
+            } else {
+                7_777_777
+            };
+        }
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
 
     fn full(tenant: &str) -> UsageRecord {
         UsageRecord {

@@ -13,6 +13,8 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::json_walk;
+
 /// The two fields that decide; serde skips everything else without allocating it.
 #[derive(Deserialize)]
 struct Probe {
@@ -101,114 +103,25 @@ struct TopMembers<'a> {
     ambiguous: bool,
 }
 
-/// Walks the top-level object of `body`, or `None` when it is not one the walk can follow
-/// (not an object, unbalanced, unterminated, trailing bytes). Values are crossed, not checked:
-/// a body that is not JSON reaches the replica, which rejects it, as it would without Tether.
+/// Walks the top-level object of `body` ([`json_walk::top_level_members`]), or `None` when
+/// it is not one the walk can follow. Values are crossed, not checked: a body that is not JSON
+/// reaches the replica, which rejects it, as it would without Tether.
 fn top_members(body: &[u8]) -> Option<TopMembers<'_>> {
     let mut top = TopMembers::default();
-    let mut i = skip_whitespace(body, 0);
-    if body.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_whitespace(body, i + 1);
-    if body.get(i) == Some(&b'}') {
-        top.close = i;
-    } else {
-        loop {
-            if body.get(i) != Some(&b'"') {
-                return None;
+    top.close = json_walk::top_level_members(body, |key, value| {
+        let slot = match key {
+            b"stream" => &mut top.stream,
+            b"stream_options" => &mut top.stream_options,
+            _ => {
+                top.ambiguous |= memchr::memchr(b'\\', key).is_some();
+                return true;
             }
-            let key_end = string_end(body, i)?;
-            let key = &body[i + 1..key_end - 1];
-            i = skip_whitespace(body, key_end);
-            if body.get(i) != Some(&b':') {
-                return None;
-            }
-            i = skip_whitespace(body, i + 1);
-            let value_end = value_end(body, i)?;
-            let value = &body[i..value_end];
-            let slot = match key {
-                b"stream" => Some(&mut top.stream),
-                b"stream_options" => Some(&mut top.stream_options),
-                _ => {
-                    if memchr::memchr(b'\\', key).is_some() {
-                        top.ambiguous = true;
-                    }
-                    None
-                }
-            };
-            if let Some(slot) = slot {
-                top.ambiguous |= slot.is_some();
-                *slot = Some(value);
-            }
-            i = skip_whitespace(body, value_end);
-            match body.get(i) {
-                Some(b',') => i = skip_whitespace(body, i + 1),
-                Some(b'}') => {
-                    top.close = i;
-                    break;
-                }
-                _ => return None,
-            }
-        }
-    }
-    (skip_whitespace(body, top.close + 1) == body.len()).then_some(top)
-}
-
-fn skip_whitespace(body: &[u8], mut i: usize) -> usize {
-    while matches!(body.get(i), Some(b' ' | b'\t' | b'\r' | b'\n')) {
-        i += 1;
-    }
-    i
-}
-
-/// The index just past the string starting (with its quote) at `start`.
-fn string_end(body: &[u8], start: usize) -> Option<usize> {
-    let mut i = start + 1;
-    loop {
-        let at = i + memchr::memchr2(b'"', b'\\', body.get(i..)?)?;
-        if body[at] == b'"' {
-            return Some(at + 1);
-        }
-        // A backslash escapes the next byte (`\"` does not end the string).
-        i = at + 2;
-    }
-}
-
-/// The index just past the value starting at `start`.
-fn value_end(body: &[u8], start: usize) -> Option<usize> {
-    match body.get(start)? {
-        b'"' => string_end(body, start),
-        b'{' | b'[' => {
-            let mut depth = 0u32;
-            let mut i = start;
-            loop {
-                match body.get(i)? {
-                    b'"' => {
-                        i = string_end(body, i)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(i + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-        }
-        _ => {
-            // A number, `true`, `false` or `null`: up to the next delimiter.
-            let len = body[start..]
-                .iter()
-                .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
-                .unwrap_or(body.len() - start);
-            (len > 0).then_some(start + len)
-        }
-    }
+        };
+        top.ambiguous |= slot.is_some();
+        *slot = Some(value);
+        true
+    })?;
+    Some(top)
 }
 
 /// Removes usage-only SSE events from a stream, across arbitrary chunk boundaries.

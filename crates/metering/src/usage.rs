@@ -250,18 +250,25 @@ impl UsageEvent {
             || self.message.0.as_ref().is_some_and(|m| m.usage.0.is_some())
     }
 
-    /// An event holding one top-level member (`usage`, `timings`, `tokens_cached` or `model`)
-    /// of a JSON body, read from its raw bytes; any other name gives an empty event.
+    /// An event holding one top-level member (`usage`, `timings`, `tokens_cached`, `model` or
+    /// `message`) of a JSON body, read from its raw bytes; any other name gives an empty event.
     pub(crate) fn member(name: &[u8], raw: &[u8]) -> serde_json::Result<UsageEvent> {
         let mut event = UsageEvent::default();
+        event.set_member(name, raw)?;
+        Ok(event)
+    }
+
+    /// Reads one top-level member from its raw bytes; other names are ignored.
+    pub(crate) fn set_member(&mut self, name: &[u8], raw: &[u8]) -> serde_json::Result<()> {
         match name {
-            b"usage" => event.usage = serde_json::from_slice(raw)?,
-            b"timings" => event.timings = serde_json::from_slice(raw)?,
-            b"tokens_cached" => event.tokens_cached = serde_json::from_slice(raw)?,
-            b"model" => event.model = serde_json::from_slice(raw)?,
+            b"usage" => self.usage = serde_json::from_slice(raw)?,
+            b"timings" => self.timings = serde_json::from_slice(raw)?,
+            b"tokens_cached" => self.tokens_cached = serde_json::from_slice(raw)?,
+            b"model" => self.model = serde_json::from_slice(raw)?,
+            b"message" => self.message = serde_json::from_slice(raw)?,
             _ => {}
         }
-        Ok(event)
+        Ok(())
     }
 }
 

@@ -3,6 +3,7 @@
 use std::hash::Hasher;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -36,6 +37,19 @@ pub struct Metrics {
     reloads: IntCounterVec,
     override_entries: IntGauge,
     log_dropped: IntCounter,
+    /// Each tenant's token and cost counters, resolved once: `with_label_values` hashes the
+    /// labels and takes a lock on every call, five times per record.
+    tenant_counters: DashMap<String, TenantCounters>,
+}
+
+/// One tenant's children of the token and cost counter families.
+#[derive(Debug)]
+struct TenantCounters {
+    cached: IntCounter,
+    uncached: IntCounter,
+    output: IntCounter,
+    cost: IntCounter,
+    saved: IntCounter,
 }
 
 impl Metrics {
@@ -141,7 +155,25 @@ impl Metrics {
             reloads,
             override_entries,
             log_dropped,
+            tenant_counters: DashMap::new(),
         })
+    }
+
+    fn tenant(&self, tenant: &str) -> dashmap::mapref::one::Ref<'_, String, TenantCounters> {
+        if let Some(counters) = self.tenant_counters.get(tenant) {
+            return counters;
+        }
+        let counters = TenantCounters {
+            cached: self.input_tokens.with_label_values(&[tenant, "true"]),
+            uncached: self.input_tokens.with_label_values(&[tenant, "false"]),
+            output: self.output_tokens.with_label_values(&[tenant]),
+            cost: self.cost.with_label_values(&[tenant]),
+            saved: self.saved.with_label_values(&[tenant]),
+        };
+        self.tenant_counters
+            .entry(tenant.to_owned())
+            .or_insert(counters)
+            .downgrade()
     }
 
     fn observe(&self, r: &UsageRecord, latency: Duration) {
@@ -154,27 +186,17 @@ impl Metrics {
             ])
             .inc();
         self.duration.observe(latency.as_secs_f64());
+        let tenant = self.tenant(&r.tenant);
         if let (Some(prompt), Some(cached)) = (r.prompt_tokens, r.cached_tokens) {
-            let uncached = prompt.saturating_sub(cached);
-            self.input_tokens
-                .with_label_values(&[r.tenant.as_str(), "true"])
-                .inc_by(cached);
-            self.input_tokens
-                .with_label_values(&[r.tenant.as_str(), "false"])
-                .inc_by(uncached);
+            tenant.cached.inc_by(cached);
+            tenant.uncached.inc_by(prompt.saturating_sub(cached));
         }
         if let Some(out) = r.completion_tokens {
-            self.output_tokens
-                .with_label_values(&[r.tenant.as_str()])
-                .inc_by(out);
+            tenant.output.inc_by(out);
         }
         if let (Some(cost), Some(uncached)) = (r.cost_micro_usd, r.uncached_cost_micro_usd) {
-            self.cost
-                .with_label_values(&[r.tenant.as_str()])
-                .inc_by(cost);
-            self.saved
-                .with_label_values(&[r.tenant.as_str()])
-                .inc_by(uncached.saturating_sub(cost));
+            tenant.cost.inc_by(cost);
+            tenant.saved.inc_by(uncached.saturating_sub(cost));
         }
         if r.usage_status != "found" {
             self.usage_unknown

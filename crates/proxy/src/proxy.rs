@@ -677,10 +677,10 @@ impl ProxyHttp for TetherProxy {
         }
         let latency = ctx.started.elapsed();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let extraction = ctx.extractor.as_mut().map(UsageExtractor::finish);
+        let mut extraction = ctx.extractor.as_mut().map(UsageExtractor::finish);
         let replica = ctx.served_replica();
         let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
-        let model = extraction.as_ref().and_then(|x| x.model.clone());
+        let model = extraction.as_mut().and_then(|x| x.model.take());
         let cost = ctx
             .snapshot
             .as_deref()
