@@ -3,7 +3,10 @@
 //!
 //! - `sse_stream`: a 200-event OpenAI stream (content deltas, then the usage event), fed in
 //!   chunks of one event — how replicas send it.
-//! - `sse_one_chunk`: the same stream in one chunk (the worst case for the usage-line search).
+//! - `sse_one_chunk`: the same stream in one chunk.
+//! - `sse_stream_searched`: the same stream, one event per chunk, read the way llama.cpp
+//!   streams are (every event searched for usage keys as it passes) rather than from the ring
+//!   of its last bytes: the cost the ring avoids.
 //! - `json_completion`: a non-streaming completion with a 4 KiB answer and usage at the end.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
@@ -27,7 +30,11 @@ fn sse_events() -> Vec<Vec<u8>> {
 }
 
 fn extract(framing: Framing, chunks: &[&[u8]]) -> UsageOutcome {
-    let mut x = UsageExtractor::new(Dialect::Openai, framing);
+    extract_as(Dialect::Openai, framing, chunks)
+}
+
+fn extract_as(dialect: Dialect, framing: Framing, chunks: &[&[u8]]) -> UsageOutcome {
+    let mut x = UsageExtractor::new(dialect, framing);
     for chunk in chunks {
         x.feed(chunk);
     }
@@ -46,12 +53,19 @@ fn usage_parse(c: &mut Criterion) {
     assert_eq!(extract(Framing::Sse, &chunks), UsageOutcome::Found);
     assert_eq!(extract(Framing::Sse, &[&whole]), UsageOutcome::Found);
     assert_eq!(extract(Framing::Json, &[&json]), UsageOutcome::Found);
+    assert_eq!(
+        extract_as(Dialect::Llamacpp, Framing::Sse, &chunks),
+        UsageOutcome::Found
+    );
 
     let mut group = c.benchmark_group("usage_parse");
     group.throughput(Throughput::Bytes(whole.len() as u64));
     group.bench_function("sse_stream", |b| b.iter(|| extract(Framing::Sse, &chunks)));
     group.bench_function("sse_one_chunk", |b| {
         b.iter(|| extract(Framing::Sse, &[&whole]))
+    });
+    group.bench_function("sse_stream_searched", |b| {
+        b.iter(|| extract_as(Dialect::Llamacpp, Framing::Sse, &chunks))
     });
     group.throughput(Throughput::Bytes(json.len() as u64));
     group.bench_function("json_completion", |b| {
