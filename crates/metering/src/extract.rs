@@ -25,6 +25,7 @@ use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::Serialize;
 
+use crate::json_walk;
 use crate::usage::{Dialect, Usage, UsageBuilder, UsageEvent};
 
 /// How the response body is framed.
@@ -632,6 +633,10 @@ impl UsageExtractor {
         }
         match self.framing {
             Framing::Json => {
+                // Most completions arrive whole, in the first chunk: walk it at SIMD pace.
+                if self.bytes == chunk.len() as u64 && self.read_whole_json(chunk) {
+                    return;
+                }
                 self.json.feed(chunk, self.limits.window);
                 for (key, value) in std::mem::take(&mut self.json.completed) {
                     match UsageEvent::member(KEYS[key], &value) {
@@ -655,6 +660,38 @@ impl UsageExtractor {
                 }
             }
         }
+    }
+
+    /// Reads a JSON body that is complete in one chunk with the top-level walk (strings crossed
+    /// by a SIMD search) instead of the byte-at-a-time scanner, which must be able to stop
+    /// anywhere. False, with nothing read, when the chunk is not one whole object.
+    fn read_whole_json(&mut self, chunk: &[u8]) -> bool {
+        let (dialect, window) = (self.dialect, self.limits.window);
+        let (builder, json) = (&mut self.builder, &mut self.json);
+        let mut members: Vec<(&[u8], &[u8])> = Vec::new();
+        let walked = json_walk::top_level_members(chunk, |key, value| {
+            if KEYS.contains(&key) {
+                members.push((key, value));
+            }
+            true
+        });
+        if walked.is_none() {
+            return false;
+        }
+        // What the scanner would have ended in after the whole object.
+        json.started = true;
+        json.top_is_object = true;
+        for (key, value) in members {
+            if value.len() > window {
+                json.too_large = true;
+                continue;
+            }
+            match UsageEvent::member(key, value) {
+                Ok(event) => builder.observe_event(dialect, &event),
+                Err(_) => json.malformed = true,
+            }
+        }
+        true
     }
 
     /// Reads the kept end of the stream back to front, up to the last event that carries
@@ -849,6 +886,41 @@ mod tests {
         );
         chunks.push(b"data: [DONE]\n\n".to_vec());
         chunks
+    }
+
+    proptest::proptest! {
+        /// A JSON body read whole (the top-level walk) gives what the scanner gives when the
+        /// same body arrives in two pieces, for every dialect.
+        #[test]
+        fn whole_json_bodies_read_like_split_ones(
+            members in proptest::collection::vec((
+                proptest::sample::select(vec!["usage", "model", "timings", "tokens_cached", "choices", "us\\u0061ge", "x"]),
+                proptest::sample::select(vec![
+                    r#"{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}"#,
+                    r#"{"input_tokens":4,"cache_read_input_tokens":6,"output_tokens":2}"#,
+                    r#"{"prompt_n":3,"cache_n":9,"predicted_n":1}"#,
+                    r#""m\"odel""#, "7", "-1", "null", "[1,{\"a\":\"}\"}]", r#"{"prompt_tokens":"x"}"#,
+                ]),
+            ), 0..6),
+            split in 1usize..64,
+            pretty: bool,
+        ) {
+            let sep = if pretty { ",\n  " } else { "," };
+            let body = format!(
+                "{{{}}}",
+                members.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect::<Vec<_>>().join(sep)
+            );
+            let body = body.as_bytes();
+            let split = split.min(body.len() - 1);
+            for dialect in [Dialect::Openai, Dialect::Anthropic, Dialect::Llamacpp] {
+                let mut whole = UsageExtractor::new(dialect, Framing::Json);
+                whole.feed(body);
+                let mut pieces = UsageExtractor::new(dialect, Framing::Json);
+                pieces.feed(&body[..split]);
+                pieces.feed(&body[split..]);
+                proptest::prop_assert_eq!(whole.finish(), pieces.finish());
+            }
+        }
     }
 
     proptest::proptest! {
