@@ -77,21 +77,27 @@ async fn run_policies(
         .iter()
         .map(|id| format!("http://{}", fleet.addr(id)))
         .collect();
+    let progress = indicatif::ProgressBar::new(policies.len() as u64 + 1).with_style(
+        indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg} ({elapsed})")
+            .expect("a valid template"),
+    );
     let mut rows = Vec::new();
     for (name, policy) in policies {
         flush(fleet, &SIX).await;
-        eprintln!("  {name}…");
+        progress.set_message(*name);
         rows.push((
             *name,
             run(workload, Target::Direct(urls.clone(), *policy)).await,
         ));
+        progress.inc(1);
     }
     flush(fleet, &SIX).await;
-    eprintln!("  tether…");
+    progress.set_message("tether");
     rows.push((
         "tether",
         run(workload, Target::Proxy(format!("http://{}", tether.addr))).await,
     ));
+    progress.finish_and_clear();
     rows
 }
 
@@ -385,6 +391,35 @@ async fn main() {
             Ok(()) => eprintln!("wrote {}", path.display()),
             Err(e) => eprintln!("plot {}: {e}", path.display()),
         }
+    }
+
+    if !quick {
+        // The same workload with caches of 4,096 tokens instead of 2,560: how the gap to the
+        // (infinite-cache) oracle depends on the pressure, policy by policy.
+        eprintln!("steady state, 4,096-token caches:");
+        let roomy =
+            SimFleet::start_with(&SIX, &["--time-scale", scale, "--cache-tokens", "4096"]).unwrap();
+        let roomy_tether = Tether::start(&TetherConfig {
+            body: tether_config(&roomy, &SIX),
+        })
+        .unwrap();
+        let roomy_rows = run_policies(
+            &roomy,
+            &roomy_tether,
+            &workload,
+            &[
+                ("round-robin", ClientPolicy::RoundRobin),
+                ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
+                ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
+            ],
+        )
+        .await;
+        print_table("steady state, 4,096-token caches", &roomy_rows);
+        let t = &roomy_rows.last().unwrap().1.overall;
+        println!(
+            "policies/steady_4096/tether_of_oracle {:.3} (target >= 0.97)",
+            t.of_oracle
+        );
     }
 
     eprintln!("hot spot (tenant 0's sessions 10x longer):");
