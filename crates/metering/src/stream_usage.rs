@@ -206,15 +206,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn other_requests_are_left_alone() {
-        for body in [
-            &br#"{"stream":false}"#[..],
-            br#"{"messages":[]}"#,
-            br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
-            b"not json",
-            b"[1,2]",
-        ] {
+    fn assert_left_alone(bodies: &[&[u8]]) {
+        for body in bodies {
             assert_eq!(
                 ensure_stream_usage(body),
                 None,
@@ -222,6 +215,17 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn other_requests_are_left_alone() {
+        assert_left_alone(&[
+            br#"{"stream":false}"#,
+            br#"{"messages":[]}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            b"not json",
+            b"[1,2]",
+        ]);
     }
 
     #[test]
@@ -244,18 +248,11 @@ mod tests {
 
     #[test]
     fn stream_keys_below_the_top_level_do_not_count() {
-        for body in [
-            &br#"{"messages":[{"stream":true}],"x":{"stream":true}}"#[..],
+        assert_left_alone(&[
+            br#"{"messages":[{"stream":true}],"x":{"stream":true}}"#,
             br#"{"stream":"true"}"#,
             br#"{"stream":true,"stream_options":{"include_usage":true},"n":[1,{"a":[]}]}"#,
-        ] {
-            assert_eq!(
-                ensure_stream_usage(body),
-                None,
-                "{}",
-                String::from_utf8_lossy(body)
-            );
-        }
+        ]);
     }
 
     #[test]

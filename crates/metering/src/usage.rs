@@ -88,8 +88,9 @@ pub(crate) struct Name(pub(crate) Option<String>);
 /// Visits any JSON value; `Some` only for the shape wanted, every other value skipped.
 struct Lenient<T>(std::marker::PhantomData<T>);
 
-macro_rules! skip_other_values {
-    ($ty:ty, $none:expr) => {
+/// Visitor methods that accept a kind of JSON value and yield `$none` (skipping it whole).
+macro_rules! yield_none_for {
+    ($ty:ty, $none:expr, scalars) => {
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<$ty, E> {
             Ok($none)
         }
@@ -101,6 +102,25 @@ macro_rules! skip_other_values {
         }
         fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($none)
+        }
+    };
+    ($ty:ty, $none:expr, integers) => {
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<$ty, E> {
+            Ok($none)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<$ty, E> {
+            Ok($none)
+        }
+    };
+    ($ty:ty, $none:expr, strings) => {
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<$ty, E> {
+            Ok($none)
+        }
+    };
+    ($ty:ty, $none:expr, maps) => {
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<$ty, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
             Ok($none)
         }
     };
@@ -117,14 +137,9 @@ impl<'de> Visitor<'de> for Lenient<Count> {
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
         Ok(Count(u64::try_from(v).ok()))
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Count(None))
-    }
-    skip_other_values!(Count, Count(None));
+    yield_none_for!(Count, Count(None), strings);
+    yield_none_for!(Count, Count(None), maps);
+    yield_none_for!(Count, Count(None), scalars);
 }
 
 impl<'de> Deserialize<'de> for Count {
@@ -146,17 +161,9 @@ impl<'de> Visitor<'de> for Lenient<Name> {
             v.chars().take(MAX_MODEL_LEN).collect()
         })))
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Name, E> {
-        Ok(Name(None))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Name, E> {
-        Ok(Name(None))
-    }
-    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Name, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Name(None))
-    }
-    skip_other_values!(Name, Name(None));
+    yield_none_for!(Name, Name(None), integers);
+    yield_none_for!(Name, Name(None), maps);
+    yield_none_for!(Name, Name(None), scalars);
 }
 
 impl<'de> Deserialize<'de> for Name {
@@ -173,16 +180,9 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for Lenient<Obj<T>> {
     fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
         T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| Obj(Some(t)))
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Obj<T>, E> {
-        Ok(Obj(None))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Obj<T>, E> {
-        Ok(Obj(None))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Obj<T>, E> {
-        Ok(Obj(None))
-    }
-    skip_other_values!(Obj<T>, Obj(None));
+    yield_none_for!(Obj<T>, Obj(None), integers);
+    yield_none_for!(Obj<T>, Obj(None), strings);
+    yield_none_for!(Obj<T>, Obj(None), scalars);
 }
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
