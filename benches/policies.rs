@@ -66,6 +66,14 @@ async fn run(workload: &Workload, target: Target) -> Report {
     .expect("the workload runs")
 }
 
+/// Round-robin (the TTFT baseline) and the two hash policies: the rows of the secondary
+/// scenarios.
+const BASELINE_AND_HASHES: [(&str, ClientPolicy); 3] = [
+    ("round-robin", ClientPolicy::RoundRobin),
+    ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
+    ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
+];
+
 /// Runs `workload` once per policy (caches flushed before each), Tether last.
 async fn run_policies(
     fleet: &SimFleet,
@@ -408,17 +416,7 @@ async fn main() {
             body: tether_config(&roomy, &SIX),
         })
         .unwrap();
-        let roomy_rows = run_policies(
-            &roomy,
-            &roomy_tether,
-            &workload,
-            &[
-                ("round-robin", ClientPolicy::RoundRobin),
-                ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
-                ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
-            ],
-        )
-        .await;
+        let roomy_rows = run_policies(&roomy, &roomy_tether, &workload, &BASELINE_AND_HASHES).await;
         print_table("steady state, 4,096-token caches", &roomy_rows);
         let t = &roomy_rows.last().unwrap().1.overall;
         println!(
@@ -441,17 +439,7 @@ async fn main() {
         seed: 7,
         ..Workload::default()
     };
-    let hot_rows = run_policies(
-        &fleet,
-        &tether,
-        &hot,
-        &[
-            ("round-robin", ClientPolicy::RoundRobin),
-            ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
-            ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
-        ],
-    )
-    .await;
+    let hot_rows = run_policies(&fleet, &tether, &hot, &BASELINE_AND_HASHES).await;
     print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
 
     // Placements run one request at a time (~40 ms each at this time scale): 400 sessions
