@@ -20,6 +20,8 @@
 //!
 //! Rows run back to back inside each scenario, in alternating order across `ROUNDS` rounds;
 //! the figure is the median round. `BENCH_QUICK=1`: one short round at 64 connections.
+//! `BENCH_NO_WORK_STEALING=1`: bare Pingora and Tether both without work stealing (each worker
+//! thread its own single-threaded runtime; Tether's `server.work_stealing: false`).
 //! Needs nginx, haproxy and wrk (`make bench-deps` installs them) and release binaries.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
@@ -31,7 +33,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tether_benches::{callgrind_control, callgrind_total, median, valgrind_present};
-use tether_e2e::{api_key_sha256, binary, free_port, ChildGuard, TempDir, Tether, TetherConfig};
+use tether_e2e::{
+    api_key_sha256, binary, free_port, ChildGuard, ServerOpts, TempDir, Tether, TetherConfig,
+};
 
 const API_KEY: &str = "sk-bench-proxy-cost";
 
@@ -373,8 +377,24 @@ struct Sample {
     user_share: f64,
 }
 
+/// Pingora's default (on) unless `BENCH_NO_WORK_STEALING` is set.
+fn work_stealing() -> bool {
+    std::env::var_os("BENCH_NO_WORK_STEALING").is_none()
+}
+
+/// Tether's server settings: one worker, like every proxy here.
+fn one_thread() -> ServerOpts {
+    ServerOpts {
+        threads: 1,
+        work_stealing: work_stealing(),
+    }
+}
+
 fn main() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
+    if !work_stealing() {
+        eprintln!("work stealing off for bare Pingora and Tether");
+    }
     // BENCH_CALLGRIND_ONLY=1: only the instruction counts.
     let rounds = if std::env::var_os("BENCH_CALLGRIND_ONLY").is_some() {
         0
@@ -402,6 +422,9 @@ fn main() {
     let bare_port = free_port();
     let bare_listen = format!("127.0.0.1:{bare_port}");
     let mut bare_args = vec!["--listen", &bare_listen, "--threads", "1"];
+    if !work_stealing() {
+        bare_args.extend(["--work-stealing", "false"]);
+    }
     let upstream_addrs: Vec<String> = upstreams.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     for a in &upstream_addrs {
         bare_args.extend(["--upstream", a.as_str()]);
@@ -413,12 +436,12 @@ fn main() {
         &mut bare,
     );
 
-    let tether = Tether::start_with_threads(
+    let tether = Tether::start_with_server(
         &TetherConfig {
             body: tether_body(&upstreams, &dir.path().join("usage.jsonl")),
         },
         &[],
-        1,
+        one_thread(),
     )
     .unwrap();
 
@@ -637,6 +660,8 @@ fn instruction_counts(
         listen,
         "--threads".to_owned(),
         "1".to_owned(),
+        "--work-stealing".to_owned(),
+        work_stealing().to_string(),
     ]);
     args.extend(upstream_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -646,12 +671,12 @@ fn instruction_counts(
         "bare-pingora under callgrind",
         &mut bare,
     );
-    let tether = Tether::start_with_threads(
+    let tether = Tether::start_with_server(
         &TetherConfig {
             body: tether_body(upstreams, &dir.join("usage-callgrind.jsonl")),
         },
         &wrapper("tether"),
-        1,
+        one_thread(),
     )
     .unwrap();
     let rows = [

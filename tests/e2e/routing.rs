@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tether_e2e::{api_key_sha256, free_port, regions_yaml, SimFleet, Tether, TetherConfig};
+use tether_e2e::{
+    api_key_sha256, free_port, regions_yaml, ServerOpts, SimFleet, Tether, TetherConfig,
+};
 
 use crate::client::{chat, conversation, inflight};
 
@@ -120,6 +122,36 @@ async fn every_turn_of_a_session_lands_where_its_first_turn_did_and_sessions_spr
         "max/mean sessions per replica {:.3}: {per_replica:?}",
         max / mean
     );
+    assert_no_inflight_leak(&tether).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_work_stealing_sessions_stay_sticky_on_several_threads() {
+    // `server.work_stealing: false`: each worker thread runs its own runtime. Routing state is
+    // shared across them, so stickiness must not depend on which thread took the connection.
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let tether = Tether::start_with_server(
+        &two_region_config(&fleet, &[("acme", "sk-acme")]),
+        &[],
+        ServerOpts {
+            threads: 3,
+            work_stealing: false,
+        },
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&tether.config).unwrap();
+    assert!(config.contains("work_stealing: false"), "{config}");
+    let sessions: Vec<String> = (0..120)
+        .map(|i| format!("5d1c7a2e-0b3f-4c6d-9e8a-{i:012x}"))
+        .collect();
+    let placed = run_sessions(&tether, "sk-acme", sessions, 4, 12).await;
+    assert_eq!(placed.len(), 120);
+    for (session, replicas) in &placed {
+        assert!(
+            replicas.iter().all(|r| r == &replicas[0]),
+            "session {session} moved: {replicas:?}"
+        );
+    }
     assert_no_inflight_leak(&tether).await;
 }
 

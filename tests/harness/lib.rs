@@ -207,7 +207,16 @@ pub struct Tether {
     /// The process.
     pub process: ChildGuard,
     dir: TempDir,
-    threads: usize,
+    server: ServerOpts,
+}
+
+/// The `server` settings a test or benchmark varies.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerOpts {
+    /// `server.threads`.
+    pub threads: usize,
+    /// `server.work_stealing`.
+    pub work_stealing: bool,
 }
 
 /// The parts of a config a test varies; `Tether::start` adds listeners and server settings.
@@ -237,10 +246,26 @@ impl Tether {
         wrapper: &[String],
         threads: usize,
     ) -> anyhow::Result<Tether> {
+        Self::start_with_server(
+            config,
+            wrapper,
+            ServerOpts {
+                threads,
+                work_stealing: true,
+            },
+        )
+    }
+
+    /// [`Tether::start_wrapped`] with the `server` settings given.
+    pub fn start_with_server(
+        config: &TetherConfig,
+        wrapper: &[String],
+        server: ServerOpts,
+    ) -> anyhow::Result<Tether> {
         let dir = TempDir::new("tether-e2e")?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let yaml = render_config(addr, admin, dir.path(), &config.body, threads);
+        let yaml = render_config(addr, admin, dir.path(), &config.body, server);
         let path = dir.path().join("tether.yaml");
         std::fs::write(&path, yaml)?;
         let mut process = spawn_tether(wrapper, &["run", "-c"], &path, "tether")?;
@@ -263,7 +288,7 @@ impl Tether {
             config: path,
             process,
             dir,
-            threads,
+            server,
         })
     }
 
@@ -343,7 +368,7 @@ impl Tether {
     /// Replaces the config body (listeners and server settings stay), the way editors and
     /// config management do: written to a temporary file, then renamed over the config.
     pub fn rewrite_config(&self, body: &str) -> anyhow::Result<()> {
-        let yaml = render_config(self.addr, self.admin, self.dir.path(), body, self.threads);
+        let yaml = render_config(self.addr, self.admin, self.dir.path(), body, self.server);
         let tmp = self.dir.path().join(".tether.yaml.tmp");
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, &self.config)?;
@@ -352,7 +377,7 @@ impl Tether {
 
     /// Replaces the config body by rewriting the file in place (truncate, then write).
     pub fn rewrite_config_in_place(&self, body: &str) -> anyhow::Result<()> {
-        let yaml = render_config(self.addr, self.admin, self.dir.path(), body, self.threads);
+        let yaml = render_config(self.addr, self.admin, self.dir.path(), body, self.server);
         std::fs::write(&self.config, yaml)?;
         Ok(())
     }
@@ -418,10 +443,14 @@ fn render_config(
     admin: SocketAddr,
     dir: &Path,
     body: &str,
-    threads: usize,
+    server: ServerOpts,
 ) -> String {
+    let ServerOpts {
+        threads,
+        work_stealing,
+    } = server;
     format!(
-        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: {threads}\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: {threads}\n  work_stealing: {work_stealing}\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
         dir.join("tether.pid").display(),
         dir.join("upgrade.sock").display(),
     )

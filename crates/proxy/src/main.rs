@@ -169,6 +169,7 @@ fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Result<
 
     let mut conf = ServerConf {
         threads: settings.threads,
+        work_stealing: settings.work_stealing,
         grace_period_seconds: Some(settings.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(settings.graceful_shutdown_timeout.as_secs()),
         ..ServerConf::default()

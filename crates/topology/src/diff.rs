@@ -30,12 +30,16 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
 
     // Fixed at start-up: listeners and threads belong to the process, the usage log and the
     // session key to the metering pipeline opened once.
-    let fixed: [(&'static str, bool); 9] = [
+    let fixed: [(&'static str, bool); 10] = [
         ("listen", started.listen != new.listen),
         ("admin_listen", started.admin_listen != new.admin_listen),
         (
             "server.threads",
             started.server.threads != new.server.threads,
+        ),
+        (
+            "server.work_stealing",
+            started.server.work_stealing != new.server.work_stealing,
         ),
         (
             "server.grace_period",
@@ -256,13 +260,18 @@ tenants:
     #[test]
     fn listeners_threads_and_the_usage_log_need_a_restart() {
         let new = format!(
-            "{}server: {{ threads: 8 }}\nusage_log: {{ path: /tmp/u.jsonl }}\n",
+            "{}server: {{ threads: 8, work_stealing: false }}\nusage_log: {{ path: /tmp/u.jsonl }}\n",
             BASE.replace("127.0.0.1:8080", "127.0.0.1:8081")
         );
         let d = changes(&new);
         assert_eq!(
             d.restart_required,
-            ["listen", "server.threads", "usage_log"]
+            [
+                "listen",
+                "server.threads",
+                "server.work_stealing",
+                "usage_log"
+            ]
         );
         assert!(d.changes.is_empty(), "{:?}", d.changes);
     }

@@ -196,6 +196,9 @@ pub struct UpstreamSettings {
 pub struct ServerSettings {
     /// Proxy worker threads.
     pub threads: usize,
+    /// Whether idle worker threads steal tasks from busy ones (Pingora's default). Off, each
+    /// thread runs its own single-threaded runtime: cheaper per request, no rebalancing.
+    pub work_stealing: bool,
     /// Time between SIGTERM and the final shutdown during which in-flight requests finish.
     pub grace_period: Duration,
     /// Hard limit on the final shutdown.

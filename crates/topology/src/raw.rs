@@ -175,6 +175,7 @@ impl Default for RawUpstream {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RawServer {
     pub threads: usize,
+    pub work_stealing: bool,
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
     #[serde(with = "humantime_serde")]
@@ -187,6 +188,7 @@ impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             threads: 2,
+            work_stealing: true,
             grace_period: Duration::from_secs(5),
             graceful_shutdown_timeout: Duration::from_secs(5),
             pid_file: None,

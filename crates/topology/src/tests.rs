@@ -85,6 +85,12 @@ fn the_full_example_loads_with_every_field() {
     assert_eq!(t.upstream.read_timeout, Some(Duration::from_secs(120)));
     assert_eq!(t.server.threads, 4);
     assert_eq!(t.replicas().count(), 3);
+    let t = load(&VALID.replace("threads: 4,", "threads: 4, work_stealing: false,")).unwrap();
+    assert!(!t.server.work_stealing);
+    let err = load(&VALID.replace("threads: 4,", "threads: 4, work_stealing: maybe,"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("server.work_stealing"), "{err}");
 }
 
 #[test]
@@ -103,6 +109,7 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert!(t.admin_listen.is_none());
     assert!(t.usage_log.is_none());
     assert_eq!(t.server.threads, 2);
+    assert!(t.server.work_stealing, "Pingora's default");
     let probe = t.health.probe.as_ref().unwrap();
     assert_eq!(
         (probe.path.as_str(), probe.interval, probe.rise, probe.fall),
