@@ -69,6 +69,9 @@ pub const DEFAULT_WINDOW: usize = 256 << 10;
 /// Default SSE tail: 16 KiB — a usage event is a few hundred bytes.
 pub const DEFAULT_SSE_TAIL: usize = 16 << 10;
 
+/// The ring's first allocation; a stream that outgrows it gets the full [`Limits::sse_tail`].
+const INITIAL_SSE_TAIL: usize = 4 << 10;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -511,9 +514,19 @@ impl SseTail {
         self.active = true;
         let limit = limit.max(1);
         if self.ring.len() < limit {
-            if self.ring.capacity() == 0 {
-                // Once, at its full size: growing by doubling would copy it again and again.
-                self.ring.reserve_exact(limit);
+            let needed = (self.ring.len() + chunk.len()).min(limit);
+            if needed > self.ring.capacity() {
+                // 4 KiB first, then straight to the limit (one copy of 4 KiB): most streams
+                // are short, and a full-size ring for each would spread writes over memory no
+                // cache holds (64 streams × 16 KiB). Exact sizes keep the capacity within the
+                // limit, which the fast path relies on.
+                let first = INITIAL_SSE_TAIL.min(limit);
+                let target = if self.ring.capacity() < first && needed <= first {
+                    first
+                } else {
+                    limit
+                };
+                self.ring.reserve_exact(target - self.ring.len());
             }
             // Filling: plain appends until the ring is full.
             let room = limit - self.ring.len();
@@ -985,6 +998,30 @@ mod tests {
             assert_eq!(e.outcome, UsageOutcome::Found, "sse_tail {sse_tail}");
             assert_eq!(e.usage.completion_tokens, Some(7), "sse_tail {sse_tail}");
         }
+    }
+
+    #[test]
+    fn a_short_stream_keeps_a_small_ring() {
+        let mut x = UsageExtractor::new(Dialect::Openai, Framing::Sse);
+        for chunk in long_openai_stream(10) {
+            x.feed(&chunk);
+        }
+        assert!(
+            x.tail.ring.capacity() <= INITIAL_SSE_TAIL,
+            "{}",
+            x.tail.ring.capacity()
+        );
+        assert_eq!(x.finish().outcome, UsageOutcome::Found);
+        let mut x = UsageExtractor::new(Dialect::Openai, Framing::Sse);
+        for chunk in long_openai_stream(400) {
+            x.feed(&chunk);
+        }
+        assert_eq!(
+            x.tail.ring.capacity(),
+            DEFAULT_SSE_TAIL,
+            "long streams get the full ring"
+        );
+        assert_eq!(x.finish().outcome, UsageOutcome::Found);
     }
 
     #[test]
