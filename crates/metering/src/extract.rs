@@ -723,10 +723,19 @@ impl UsageExtractor {
             }
             ring.rotate_left(head);
         }
-        // The first kept line may have begun before the kept bytes: it cannot be read, and it
-        // may have been the usage event.
-        if !self.read_back(whole_lines(&ring, starts_mid_line)) && starts_mid_line {
-            self.sse.too_large = true;
+        // The first kept line may have begun before the kept bytes: it cannot be read. When
+        // what is left of it names `usage`, the usage event was cut off by the ring's limit;
+        // otherwise the stream simply carried none we can see (reported as missing).
+        // (Streams that name `usage` on every event, as `"usage":null`, are told apart by
+        // their whole lines: those mention it too, so a cut-off one was most likely another.)
+        let lines = whole_lines(&ring, starts_mid_line);
+        if !self.read_back(lines) && starts_mid_line {
+            let partial = &ring[..ring.len() - lines.len()];
+            if find_usage(self.dialect, partial).is_some()
+                && find_usage(self.dialect, lines).is_none()
+            {
+                self.sse.too_large = true;
+            }
         }
     }
 
@@ -1025,13 +1034,44 @@ mod tests {
     }
 
     #[test]
+    fn a_long_stream_without_usage_is_missing_not_too_large() {
+        for usage_null in [false, true] {
+            let mut x = UsageExtractor::with_limits(
+                Dialect::Openai,
+                Framing::Sse,
+                Limits {
+                    sse_tail: 1000,
+                    ..Limits::default()
+                },
+            );
+            for i in 0..400 {
+                let tail = if usage_null { ",\"usage\":null" } else { "" };
+                x.feed(
+                    format!(
+                        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"t{i}\"}}}}]{tail}}}\n\n"
+                    )
+                    .as_bytes(),
+                );
+            }
+            x.feed(b"data: [DONE]\n\n");
+            assert_eq!(
+                x.finish().outcome,
+                UsageOutcome::Missing,
+                "usage null: {usage_null}"
+            );
+        }
+    }
+
+    #[test]
     fn a_usage_event_cut_off_by_the_tail_limit_is_too_large_not_missing() {
+        // Keep the usage key but not the start of its line.
+        let stream = long_openai_stream(10).concat();
+        let key = memchr::memmem::rfind(&stream, b"\"usage\"").unwrap();
         let limits = Limits {
-            sse_tail: 40,
+            sse_tail: stream.len() - key + 3,
             ..Limits::default()
         };
         let mut x = UsageExtractor::with_limits(Dialect::Openai, Framing::Sse, limits);
-        let stream = long_openai_stream(10).concat();
         // Small chunks, so the tail can drop the start of the usage event.
         for piece in stream.chunks(16) {
             x.feed(piece);

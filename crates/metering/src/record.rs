@@ -181,7 +181,9 @@ pub fn timestamp(at: SystemTime) -> String {
     let secs = since.as_secs();
     let (year, month, day) = civil_from_days(secs / 86_400);
     if year > 9999 {
-        return humantime::format_rfc3339_millis(at).to_string();
+        // RFC 3339 has four-digit years (humantime's formatter errors, and `to_string` would
+        // panic): clamp rather than fail a log line.
+        return "9999-12-31T23:59:59.999Z".to_owned();
     }
     // Written by hand: one per request, and `humantime`'s `Display` (through a formatter and
     // a growing `String`) costs three times as much.
