@@ -681,6 +681,8 @@ impl UsageExtractor {
     fn read_whole_json(&mut self, chunk: &[u8]) -> bool {
         let (dialect, window) = (self.dialect, self.limits.window);
         let (builder, json) = (&mut self.builder, &mut self.json);
+        // Collected, not observed during the walk: a walk that gives up half-way hands the
+        // chunk to the scanner, which must start from nothing observed.
         let mut members: Vec<(&[u8], &[u8])> = Vec::new();
         let walked = json_walk::top_level_members(chunk, |key, value| {
             if KEYS.contains(&key) {
