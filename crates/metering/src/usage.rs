@@ -191,10 +191,68 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     }
 }
 
+/// `Deserialize` for a struct of lenient members, read from a JSON object only. Member names
+/// are matched as raw bytes (`deserialize_bytes`: serde_json then skips the UTF-8 check a
+/// `str` key costs, and every name matched is ASCII); other members are skipped unbuilt; a
+/// repeated member overwrites the earlier one, as upstreams are not held to unique names.
+macro_rules! lenient_members {
+    ($ty:ident { $($field:ident),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[allow(non_camel_case_types)]
+                enum Member {
+                    $($field,)+
+                    Other,
+                }
+                struct MemberVisitor;
+                impl<'de> Visitor<'de> for MemberVisitor {
+                    type Value = Member;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("a member name")
+                    }
+                    fn visit_bytes<E: de::Error>(self, name: &[u8]) -> Result<Member, E> {
+                        $(if name == stringify!($field).as_bytes() {
+                            return Ok(Member::$field);
+                        })+
+                        Ok(Member::Other)
+                    }
+                    fn visit_str<E: de::Error>(self, name: &str) -> Result<Member, E> {
+                        self.visit_bytes(name.as_bytes())
+                    }
+                }
+                impl<'de> Deserialize<'de> for Member {
+                    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                        d.deserialize_bytes(MemberVisitor)
+                    }
+                }
+                struct ObjectVisitor;
+                impl<'de> Visitor<'de> for ObjectVisitor {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<$ty, A::Error> {
+                        let mut out = $ty::default();
+                        while let Some(member) = map.next_key::<Member>()? {
+                            match member {
+                                $(Member::$field => out.$field = map.next_value()?,)+
+                                Member::Other => {
+                                    map.next_value::<IgnoredAny>()?;
+                                }
+                            }
+                        }
+                        Ok(out)
+                    }
+                }
+                d.deserialize_map(ObjectVisitor)
+            }
+        }
+    };
+}
+
 /// A `usage` object of any dialect: OpenAI's (also vLLM, SGLang, llama.cpp's OpenAI endpoint)
 /// and Anthropic's members side by side; the dialect decides which are read.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Default)]
 pub(crate) struct UsageCounts {
     prompt_tokens: Count,
     completion_tokens: Count,
@@ -205,34 +263,49 @@ pub(crate) struct UsageCounts {
     cache_creation_input_tokens: Count,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Default)]
 pub(crate) struct PromptDetails {
     cached_tokens: Count,
 }
 
+lenient_members!(UsageCounts {
+    prompt_tokens,
+    completion_tokens,
+    prompt_tokens_details,
+    input_tokens,
+    output_tokens,
+    cache_read_input_tokens,
+    cache_creation_input_tokens,
+});
+lenient_members!(PromptDetails { cached_tokens });
+
 /// llama.cpp's `timings`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Default)]
 pub(crate) struct Timings {
     prompt_n: Count,
     cache_n: Count,
     predicted_n: Count,
 }
 
+lenient_members!(Timings {
+    prompt_n,
+    cache_n,
+    predicted_n
+});
+
 /// Anthropic's `message_start.message`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Default)]
 pub(crate) struct Message {
     model: Name,
     usage: Obj<UsageCounts>,
 }
 
+lenient_members!(Message { model, usage });
+
 /// A response object or SSE event read for usage: typed members only, so serde skips
 /// everything else (the choices, the content) without building it, and builds no tree of
 /// what it keeps.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Default)]
 pub(crate) struct UsageEvent {
     model: Name,
     usage: Obj<UsageCounts>,
@@ -240,6 +313,14 @@ pub(crate) struct UsageEvent {
     tokens_cached: Count,
     message: Obj<Message>,
 }
+
+lenient_members!(UsageEvent {
+    model,
+    usage,
+    timings,
+    tokens_cached,
+    message,
+});
 
 impl UsageEvent {
     /// Whether the event carries counts (not just a `"usage": null` placeholder).
@@ -422,6 +503,23 @@ mod tests {
             event.model.0.map(|m| m.chars().count()),
             Some(MAX_MODEL_LEN)
         );
+    }
+
+    #[test]
+    fn member_names_are_matched_after_unescaping_and_the_last_repeat_wins() {
+        // `\u005f` is `_`: the same name, spelled with an escape.
+        let event: UsageEvent = serde_json::from_str(
+            r#"{"usage": {"prompt\u005ftokens": 7, "completion_tokens": 1,
+                "completion_tokens": 2, "caf\u00e9": 1, "\ud83d\ude00": 2}}"#,
+        )
+        .unwrap();
+        let mut b = UsageBuilder::default();
+        b.observe_event(Dialect::Openai, &event);
+        let u = b.build();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(7), Some(2)));
+        // Not an object where one is needed: an error (the caller counts it malformed).
+        assert!(serde_json::from_str::<UsageEvent>("[1, 2]").is_err());
+        assert!(serde_json::from_str::<UsageEvent>(r#"{"usage": {"prompt_tokens": 1}"#).is_err());
     }
 
     #[test]
