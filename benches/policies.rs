@@ -51,7 +51,14 @@ async fn flush(fleet: &SimFleet, ids: &[&str]) {
     }
 }
 
-async fn run(workload: &Workload, target: Target) -> Report {
+/// The simulated replicas' prefix cache, tokens (replica-sim's default).
+const CACHE_TOKENS: usize = 2560;
+/// The same with less pressure, for the second steady-state table.
+const ROOMY_CACHE_TOKENS: usize = 4096;
+
+/// Runs the workload once; `cache_tokens` (per replica) sizes the capacity bound (the most any
+/// router could hit with the fleet's `6 × cache_tokens`).
+async fn run(workload: &Workload, target: Target, cache_tokens: usize) -> Report {
     tether_loadgen::run(
         RunConfig {
             workload: workload.clone(),
@@ -59,6 +66,7 @@ async fn run(workload: &Workload, target: Target) -> Report {
             api_keys: vec![],
             stream: true,
             block_tokens: 16,
+            capacity_bound_tokens: Some(cache_tokens * SIX.len()),
         },
         None,
     )
@@ -80,6 +88,7 @@ async fn run_policies(
     tether: &Tether,
     workload: &Workload,
     policies: &[(&'static str, ClientPolicy)],
+    cache_tokens: usize,
 ) -> Vec<(&'static str, Report)> {
     let urls: Vec<String> = SIX
         .iter()
@@ -95,7 +104,12 @@ async fn run_policies(
         progress.set_message(*name);
         rows.push((
             *name,
-            run(workload, Target::Direct(urls.clone(), *policy)).await,
+            run(
+                workload,
+                Target::Direct(urls.clone(), *policy),
+                cache_tokens,
+            )
+            .await,
         ));
         progress.inc(1);
     }
@@ -103,7 +117,12 @@ async fn run_policies(
     progress.set_message("tether");
     rows.push((
         "tether",
-        run(workload, Target::Proxy(format!("http://{}", tether.addr))).await,
+        run(
+            workload,
+            Target::Proxy(format!("http://{}", tether.addr)),
+            cache_tokens,
+        )
+        .await,
     ));
     progress.finish_and_clear();
     rows
@@ -111,16 +130,27 @@ async fn run_policies(
 
 fn print_table(title: &str, rows: &[(&str, Report)]) {
     println!(
-        "\n{title}\n{:<30} {:>8} {:>8} {:>10} {:>10} {:>10} {:>9} {:>7}",
-        "policy", "hit %", "oracle %", "of oracle", "TTFT p50", "TTFT p99", "max/mean", "errors"
+        "\n{title}\n{:<30} {:>8} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9} {:>7}",
+        "policy",
+        "hit %",
+        "oracle %",
+        "of oracle",
+        "bound %",
+        "bound/or",
+        "TTFT p50",
+        "TTFT p99",
+        "max/mean",
+        "errors"
     );
     for (name, r) in rows {
         let o = &r.overall;
         println!(
-            "{name:<30} {:>8.1} {:>8.1} {:>10.3} {:>8.0}ms {:>8.0}ms {:>9.2} {:>7}",
+            "{name:<30} {:>8.1} {:>8.1} {:>10.3} {:>8.1} {:>10.3} {:>8.0}ms {:>8.0}ms {:>9.2} {:>7}",
             o.hit_ratio * 100.0,
             o.oracle_ratio * 100.0,
             o.of_oracle,
+            r.capacity_bound_ratio.unwrap_or(0.0) * 100.0,
+            r.capacity_bound_ratio.unwrap_or(0.0) / o.oracle_ratio.max(f64::MIN_POSITIVE),
             o.ttft_p50_ms,
             o.ttft_p99_ms,
             r.replica_max_over_mean,
@@ -360,7 +390,16 @@ async fn main() {
     // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
     // TTFT is compared as ratios between policies, which the scale does not change.
     let scale = if quick { "0.25" } else { "0.5" };
-    let fleet = SimFleet::start_with(&ids, &["--time-scale", scale]).unwrap();
+    let fleet = SimFleet::start_with(
+        &ids,
+        &[
+            "--time-scale",
+            scale,
+            "--cache-tokens",
+            &CACHE_TOKENS.to_string(),
+        ],
+    )
+    .unwrap();
     let tether = Tether::start(&TetherConfig {
         body: tether_config(&fleet, &SIX),
     })
@@ -379,7 +418,7 @@ async fn main() {
         .into_iter()
         .filter(|(_, p)| !quick || !matches!(p, ClientPolicy::Random | ClientPolicy::LeastInflight))
         .collect();
-    let rows = run_policies(&fleet, &tether, &workload, &policies).await;
+    let rows = run_policies(&fleet, &tether, &workload, &policies, CACHE_TOKENS).await;
     print_table("steady state", &rows);
     let t = &rows.last().unwrap().1.overall;
     println!(
@@ -410,13 +449,28 @@ async fn main() {
         // The same workload with caches of 4,096 tokens instead of 2,560: how the gap to the
         // (infinite-cache) oracle depends on the pressure, policy by policy.
         eprintln!("steady state, 4,096-token caches:");
-        let roomy =
-            SimFleet::start_with(&SIX, &["--time-scale", scale, "--cache-tokens", "4096"]).unwrap();
+        let roomy = SimFleet::start_with(
+            &SIX,
+            &[
+                "--time-scale",
+                scale,
+                "--cache-tokens",
+                &ROOMY_CACHE_TOKENS.to_string(),
+            ],
+        )
+        .unwrap();
         let roomy_tether = Tether::start(&TetherConfig {
             body: tether_config(&roomy, &SIX),
         })
         .unwrap();
-        let roomy_rows = run_policies(&roomy, &roomy_tether, &workload, &BASELINE_AND_HASHES).await;
+        let roomy_rows = run_policies(
+            &roomy,
+            &roomy_tether,
+            &workload,
+            &BASELINE_AND_HASHES,
+            ROOMY_CACHE_TOKENS,
+        )
+        .await;
         print_table("steady state, 4,096-token caches", &roomy_rows);
         let t = &roomy_rows.last().unwrap().1.overall;
         println!(
@@ -439,7 +493,7 @@ async fn main() {
         seed: 7,
         ..Workload::default()
     };
-    let hot_rows = run_policies(&fleet, &tether, &hot, &BASELINE_AND_HASHES).await;
+    let hot_rows = run_policies(&fleet, &tether, &hot, &BASELINE_AND_HASHES, CACHE_TOKENS).await;
     print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
 
     // Placements run one request at a time (~40 ms each at this time scale): 400 sessions

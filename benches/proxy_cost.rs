@@ -18,8 +18,11 @@
 //!   system, from /proc, the process and its children) per request — the most stable figure
 //!   on a shared machine. Ratios to the bare-Pingora row and to nginx.
 //!
-//! Rows run back to back inside each scenario, in alternating order across `ROUNDS` rounds;
-//! the figure is the median round. `BENCH_QUICK=1`: one short round at 64 connections.
+//! Rows run back to back inside each scenario, in alternating order across rounds (3, or
+//! `BENCH_ROUNDS`); each figure is the median round. Bare Pingora and Tether run next to each
+//! other in every round, so Tether ÷ bare is also taken per round (a pair shares whatever the
+//! machine was doing) and reported as the median and range of those paired ratios.
+//! `BENCH_QUICK=1`: one short round at 64 connections.
 //! `BENCH_NO_WORK_STEALING=1`: bare Pingora and Tether both without work stealing (each worker
 //! thread its own single-threaded runtime; Tether's `server.work_stealing: false`).
 //! Needs nginx, haproxy and wrk (`make bench-deps` installs them) and release binaries.
@@ -401,7 +404,10 @@ fn main() {
     } else if quick {
         1
     } else {
-        3
+        std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(3)
     };
     // 4 s rounds keep `make bench` within its 15-minute budget; three of them alternate order.
     let seconds = if quick { 2.0 } else { 4.0 };
@@ -497,6 +503,7 @@ fn main() {
         .with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
 
     let mut results = Vec::new();
+    let mut pairs: Vec<Paired> = Vec::new();
     let mut scripts: Vec<(&str, std::path::PathBuf, &str)> = Vec::new();
     for (kind, body, query, connections) in scenarios {
         let script = dir.path().join(format!("{kind}.lua"));
@@ -549,6 +556,23 @@ fn main() {
                 progress.inc(1);
             }
         }
+        // Tether ÷ bare per round: the two ran back to back, under the same conditions.
+        let (bare_i, tether_i) = (1, 2);
+        debug_assert!(matches!(Row::ALL[bare_i], Row::BarePingora));
+        debug_assert!(matches!(Row::ALL[tether_i], Row::Tether));
+        let paired = |f: fn(&Sample) -> f64| -> Vec<f64> {
+            samples[bare_i]
+                .iter()
+                .zip(&samples[tether_i])
+                .map(|(b, t)| f(t) / f(b))
+                .collect()
+        };
+        pairs.push(Paired {
+            kind,
+            connections,
+            cpu: paired(|s| s.cpu_us_per_req),
+            p99: paired(|s| s.wrk.p99_us),
+        });
         for (i, row) in Row::ALL.iter().enumerate() {
             let s = &samples[i];
             let pick = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
@@ -589,8 +613,8 @@ fn main() {
         "÷ nginx",
         "errors"
     );
-    for chunk in results.chunks(Row::ALL.len()) {
-        let (bare, tether, nginx) = (&chunk[1], &chunk[2], &chunk[3]);
+    for (chunk, pair) in results.chunks(Row::ALL.len()).zip(&pairs) {
+        let (bare, nginx) = (&chunk[1], &chunk[3]);
         for l in chunk {
             let shown = |v: f64, digits: usize| {
                 if v.is_nan() {
@@ -614,12 +638,18 @@ fn main() {
                 l.errors,
             );
         }
+        let spread = |v: &[f64]| {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{:.3} (rounds {lo:.2}-{hi:.2})", median(v.to_vec()))
+        };
         println!(
-            "proxy_cost/{}/c{}/tether_over_bare cpu {:.3} (target <= 1.10) p99 {:.3} (target <= 1.15)\n",
-            tether.kind,
-            tether.connections,
-            tether.cpu_us / bare.cpu_us,
-            tether.p99_us / bare.p99_us
+            "proxy_cost/{}/c{}/tether_over_bare cpu {} (target <= 1.10) p99 {} (target <= 1.15); paired per round, {} rounds\n",
+            pair.kind,
+            pair.connections,
+            spread(&pair.cpu),
+            spread(&pair.p99),
+            pair.cpu.len(),
         );
     }
     instruction_counts(dir.path(), &upstreams, &upstream_args, &scripts);
@@ -709,6 +739,14 @@ fn instruction_counts(
 }
 
 /// One row of the results table: medians over the rounds.
+/// Tether ÷ bare Pingora, one value per round.
+struct Paired {
+    kind: &'static str,
+    connections: usize,
+    cpu: Vec<f64>,
+    p99: Vec<f64>,
+}
+
 struct Line {
     kind: &'static str,
     connections: usize,

@@ -38,6 +38,7 @@ async fn run_workload(workload: Workload, target: Target) -> Report {
         api_keys: vec![],
         stream: true,
         block_tokens: 16,
+        capacity_bound_tokens: None,
     };
     tether_loadgen::run(config, None).await.unwrap()
 }

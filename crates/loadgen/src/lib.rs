@@ -11,7 +11,9 @@
 //! ratio** (Σ cached / Σ prompt tokens, from the responses' `usage`), the **oracle** ratio for
 //! the same requests (what one infinite cache would have hit: the upper bound for any routing
 //! policy), TTFT p50/p99 and errors; and requests per replica. The oracle uses the simulator's
-//! own template and block hashing, so "cached" means the same thing on both sides.
+//! own template and block hashing, so "cached" means the same thing on both sides. Optionally
+//! ([`RunConfig::capacity_bound_tokens`]) a second ceiling, the [capacity bound](bound): the most
+//! any router could hit on the same requests with the fleet's finite cache capacity.
 //!
 //! It drives Tether ([`Target::Proxy`]) or the replicas directly with a client-side policy
 //! ([`Target::Direct`]) for comparison: round-robin, random, least-in-flight, nginx's
@@ -19,6 +21,7 @@
 //! nginx-compatible), and HAProxy's `hash-type consistent` with `hash-balance-factor`
 //! (the same ring, skipping replicas over the bounded-load limit).
 
+pub mod bound;
 mod client;
 mod report;
 mod workload;
@@ -36,6 +39,7 @@ use tether_replica_sim::PrefixCache;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use bound::TraceStep;
 pub use client::{send_turn, TurnError, TurnReply};
 pub use report::{Outcome, Report, Totals};
 pub use workload::{text, SessionPlan, Workload};
@@ -162,12 +166,16 @@ pub struct RunConfig {
     pub stream: bool,
     /// Tokens per KV block of the fleet (for the oracle).
     pub block_tokens: usize,
+    /// The fleet's total cache capacity in tokens, for the capacity bound; `None` = no bound.
+    pub capacity_bound_tokens: Option<usize>,
 }
 
 struct Shared {
     config: RunConfig,
     client: reqwest::Client,
     oracle: Mutex<PrefixCache>,
+    /// The requests as a cache sees them, for the capacity bound (kept only when wanted).
+    trace: Option<Mutex<Vec<TraceStep>>>,
     outcomes: Mutex<Vec<Outcome>>,
     errors: Mutex<BTreeMap<(usize, usize), u64>>,
     error_samples: Mutex<Vec<String>>,
@@ -193,15 +201,30 @@ impl Shared {
         )
     }
 
-    /// What an infinite cache would have served of this prompt; then remembers prompt and reply.
+    /// What an infinite cache would have served of this prompt; then remembers prompt and reply
+    /// (and traces both for the capacity bound, in the same order).
     fn oracle(&self, prompt: &[u8], prompt_tokens: u64, reply: &str) -> u64 {
-        let mut oracle = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
-        let hashes = block_hashes(prompt, oracle.block_tokens());
-        let cached = oracle.cached_tokens(&hashes, prompt_tokens);
+        let block_tokens = self.config.block_tokens.max(1);
+        let hashes = block_hashes(prompt, block_tokens);
         let mut full = prompt.to_vec();
         full.extend(render_reply(reply));
-        let block_tokens = oracle.block_tokens();
-        oracle.admit(&block_hashes(&full, block_tokens));
+        let full = block_hashes(&full, block_tokens);
+        let mut oracle = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = oracle.cached_tokens(&hashes, prompt_tokens);
+        oracle.admit(&full);
+        if let Some(trace) = &self.trace {
+            // The blocks a replica may serve from cache: all but the prompt's last token.
+            let usable = (prompt_tokens.saturating_sub(1) / block_tokens as u64) as usize;
+            let mut lookups = hashes;
+            lookups.truncate(usable);
+            trace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(TraceStep {
+                    lookups,
+                    admits: full,
+                });
+        }
         cached
     }
 
@@ -315,6 +338,7 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
     let shared = Arc::new(Shared {
         direct,
         oracle: Mutex::new(PrefixCache::unbounded(config.block_tokens)),
+        trace: config.capacity_bound_tokens.map(|_| Mutex::new(Vec::new())),
         client,
         outcomes: Mutex::new(Vec::new()),
         errors: Mutex::new(BTreeMap::new()),
@@ -353,6 +377,12 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
             .lock()
             .unwrap_or_else(|e| e.into_inner()),
     );
+    if let (Some(trace), Some(tokens)) = (&shared.trace, shared.config.capacity_bound_tokens) {
+        let trace = trace.lock().unwrap_or_else(|e| e.into_inner());
+        let block_tokens = shared.config.block_tokens.max(1);
+        let hits = bound::optimal_block_hits(&trace, tokens / block_tokens);
+        report.set_capacity_bound(hits * block_tokens as u64);
+    }
     Ok(report)
 }
 

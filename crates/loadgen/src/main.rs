@@ -70,6 +70,10 @@ struct Cli {
     /// Tokens per KV block of the fleet (for the oracle).
     #[arg(long, default_value_t = 16)]
     block_tokens: usize,
+    /// Also report the capacity bound: the most any router could hit with this many tokens
+    /// of cache across the fleet (its replicas' total).
+    #[arg(long)]
+    capacity_bound_tokens: Option<usize>,
     /// Ask for whole responses instead of streams (TTFT is then the whole latency).
     #[arg(long)]
     no_stream: bool,
@@ -138,6 +142,7 @@ impl Cli {
             api_keys: self.api_keys.clone(),
             stream: !self.no_stream,
             block_tokens: self.block_tokens,
+            capacity_bound_tokens: self.capacity_bound_tokens,
         })
     }
 }

@@ -96,6 +96,9 @@ pub struct Report {
     pub by_replica: BTreeMap<String, u64>,
     /// Max / mean of `by_replica`.
     pub replica_max_over_mean: f64,
+    /// The [capacity bound](crate::bound) as a hit ratio, when the run computed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_bound_ratio: Option<f64>,
     /// Wall time, seconds.
     pub elapsed_secs: f64,
     /// The first few errors, for diagnosis.
@@ -103,6 +106,16 @@ pub struct Report {
 }
 
 impl Report {
+    /// Records the capacity bound, in cached tokens over the same requests.
+    pub fn set_capacity_bound(&mut self, cached_tokens: u64) {
+        let prompt = self.overall.prompt_tokens;
+        self.capacity_bound_ratio = Some(if prompt == 0 {
+            0.0
+        } else {
+            cached_tokens as f64 / prompt as f64
+        });
+    }
+
     /// Aggregates outcomes and error counts (`errors[tenant]`).
     pub fn build(
         outcomes: &[Outcome],
@@ -185,6 +198,13 @@ impl Report {
             row(&mut out, name, t);
         }
         row(&mut out, "overall", &self.overall);
+        if let Some(bound) = self.capacity_bound_ratio {
+            let _ = writeln!(
+                out,
+                "capacity bound (the most any router could hit with the fleet's cache): {:.1}%",
+                bound * 100.0
+            );
+        }
         let _ = writeln!(out, "\nby turn (hit / oracle):");
         for (i, t) in self.by_turn.iter().enumerate() {
             let _ = writeln!(
@@ -235,6 +255,16 @@ mod tests {
             ttft_ms: ttft,
             replica: Some(format!("r{}", tenant)),
         }
+    }
+
+    #[test]
+    fn the_capacity_bound_is_a_ratio_of_the_same_prompt_tokens() {
+        let mut r = Report::build(&[outcome(0, 0, 400, 100, 300, 1.0)], &BTreeMap::new(), 1.0);
+        assert_eq!(r.capacity_bound_ratio, None);
+        assert!(!r.table().contains("capacity bound"));
+        r.set_capacity_bound(200);
+        assert_eq!(r.capacity_bound_ratio, Some(0.5));
+        assert!(r.table().contains("capacity bound"), "{}", r.table());
     }
 
     #[test]
