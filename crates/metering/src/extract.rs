@@ -386,7 +386,11 @@ impl SseReader {
             return false;
         }
         let parsed = if data.trim_ascii_start().starts_with(b"{") {
-            serde_json::from_slice::<UsageEvent>(data).map(|event| {
+            // The walk first (it skips the choices unparsed); a full parse when the walk cannot
+            // follow the data, which also decides whether it is malformed.
+            let event =
+                UsageEvent::from_members(data).unwrap_or_else(|| serde_json::from_slice(data));
+            event.map(|event| {
                 builder.observe_event(dialect, &event);
                 event.carries_usage()
             })

@@ -342,15 +342,114 @@ impl UsageEvent {
     /// Reads one top-level member from its raw bytes; other names are ignored.
     pub(crate) fn set_member(&mut self, name: &[u8], raw: &[u8]) -> serde_json::Result<()> {
         match name {
-            b"usage" => self.usage = serde_json::from_slice(raw)?,
+            b"usage" => {
+                self.usage = match plain_counts(raw) {
+                    Some(counts) => Obj(Some(counts)),
+                    None => serde_json::from_slice(raw)?,
+                }
+            }
             b"timings" => self.timings = serde_json::from_slice(raw)?,
             b"tokens_cached" => self.tokens_cached = serde_json::from_slice(raw)?,
-            b"model" => self.model = serde_json::from_slice(raw)?,
+            b"model" => {
+                self.model = match plain_string(raw) {
+                    Some(model) => Name(Some(model.to_owned())),
+                    None => serde_json::from_slice(raw)?,
+                }
+            }
             b"message" => self.message = serde_json::from_slice(raw)?,
             _ => {}
         }
         Ok(())
     }
+
+    /// An SSE event's data read member by member: the top-level walk crosses what is not
+    /// wanted (ids, choices, content) without parsing it, and the members kept are read by the
+    /// plain-shape fast paths or serde. `None` when the walk cannot follow the data (the
+    /// caller then parses it whole, which also decides whether it is malformed).
+    pub(crate) fn from_members(data: &[u8]) -> Option<serde_json::Result<UsageEvent>> {
+        let mut event = UsageEvent::default();
+        let mut failed = None;
+        crate::json_walk::top_level_members(data, |name, raw| {
+            if let Err(e) = event.set_member(name, raw) {
+                failed = Some(e);
+            }
+            failed.is_none()
+        })
+        .map(|_| Ok(event))
+        .or_else(|| failed.map(Err))
+    }
+}
+
+/// A `usage` object in its everyday shape — plain member names, counts as unsigned integers,
+/// `prompt_tokens_details` as such an object — read without serde. `None` for any other
+/// shape (an escaped name, a count that is not a plain integer, a nested value elsewhere):
+/// serde then reads it with the lenient rules, so both paths agree on everything.
+fn plain_counts(raw: &[u8]) -> Option<UsageCounts> {
+    let mut counts = UsageCounts::default();
+    let mut plain = true;
+    crate::json_walk::top_level_members(raw, |name, value| {
+        let count = || plain_count(value).map(|n| Count(Some(n)));
+        let slot = match name {
+            b"prompt_tokens" => &mut counts.prompt_tokens,
+            b"completion_tokens" => &mut counts.completion_tokens,
+            b"input_tokens" => &mut counts.input_tokens,
+            b"output_tokens" => &mut counts.output_tokens,
+            b"cache_read_input_tokens" => &mut counts.cache_read_input_tokens,
+            b"cache_creation_input_tokens" => &mut counts.cache_creation_input_tokens,
+            b"prompt_tokens_details" => {
+                let mut details = PromptDetails::default();
+                plain = crate::json_walk::top_level_members(value, |name, value| {
+                    match name {
+                        b"cached_tokens" => match plain_count(value) {
+                            Some(n) => details.cached_tokens = Count(Some(n)),
+                            None => return false,
+                        },
+                        _ if name.contains(&b'\\') => return false,
+                        _ => {}
+                    }
+                    true
+                })
+                .is_some();
+                counts.prompt_tokens_details = Obj(Some(details));
+                return plain;
+            }
+            // Other members (`total_tokens`, vendor extras) are not read; an escaped name might
+            // spell one that is.
+            _ => {
+                plain = !name.contains(&b'\\');
+                return plain;
+            }
+        };
+        match count() {
+            Some(c) => *slot = c,
+            None => plain = false,
+        }
+        plain
+    })?;
+    plain.then_some(counts)
+}
+
+/// A JSON number that is a plain unsigned integer (no sign, fraction or exponent) fitting `u64`.
+fn plain_count(raw: &[u8]) -> Option<u64> {
+    if raw.is_empty() || raw.len() > 20 || !raw.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // JSON forbids leading zeros; serde would refuse `01`, so leave it to serde.
+    if raw.len() > 1 && raw[0] == b'0' {
+        return None;
+    }
+    raw.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// A JSON string without escapes, short enough to keep whole (see [`MAX_MODEL_LEN`]).
+fn plain_string(raw: &[u8]) -> Option<&str> {
+    let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if inner.len() > MAX_MODEL_LEN || inner.iter().any(|b| matches!(b, b'"' | b'\\' | 0..=0x1f)) {
+        return None;
+    }
+    std::str::from_utf8(inner).ok()
 }
 
 /// Accumulates usage facts as they are found; later facts win, and a fact never erases a
@@ -503,6 +602,121 @@ mod tests {
             event.model.0.map(|m| m.chars().count()),
             Some(MAX_MODEL_LEN)
         );
+    }
+
+    /// Values a usage member may hold: the everyday ones and every odd one.
+    const VALUES: [&str; 16] = [
+        "0",
+        "7",
+        "1200",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-1",
+        "1.5",
+        "1e3",
+        "\"12\"",
+        "null",
+        "true",
+        "[1,2]",
+        "{}",
+        r#"{"cached_tokens":32}"#,
+        r#"{"cached_tokens":null,"x":[{"y":"}"}]}"#,
+        r#"{"cach\u0065d_tokens":5}"#,
+    ];
+    const NAMES: [&str; 10] = [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "prompt_tokens_details",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "extra",
+        r"prompt\u005ftokens",
+    ];
+
+    fn object(members: &[(usize, usize)], pretty: bool) -> String {
+        let sep = if pretty { " ,\n " } else { "," };
+        let body = members
+            .iter()
+            .map(|(n, v)| {
+                format!(
+                    "\"{}\":{}{}",
+                    NAMES[*n],
+                    if pretty { " " } else { "" },
+                    VALUES[*v]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(sep);
+        format!("{{{body}}}")
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x7e7_4e2),
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// The plain-shape fast path gives exactly what serde's lenient reading gives, or
+        /// steps aside.
+        #[test]
+        fn plain_counts_agree_with_serde(
+            members in proptest::collection::vec((0..NAMES.len(), 0..VALUES.len()), 0..7),
+            pretty: bool,
+        ) {
+            let raw = object(&members, pretty);
+            let serde: Obj<UsageCounts> = serde_json::from_str(&raw).unwrap();
+            if let Some(fast) = plain_counts(raw.as_bytes()) {
+                proptest::prop_assert_eq!(format!("{:?}", Obj(Some(fast))), format!("{serde:?}"), "{}", raw);
+            }
+            let mut event = UsageEvent::default();
+            event.set_member(b"usage", raw.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(format!("{:?}", event.usage), format!("{serde:?}"));
+        }
+
+        /// An event read member by member equals the event parsed whole.
+        #[test]
+        fn events_read_by_members_equal_whole_parses(
+            usage in proptest::collection::vec((0..NAMES.len(), 0..VALUES.len()), 0..5),
+            model in proptest::sample::select(vec![r#""m""#, r#""m\"x""#, "5", "null", r#""é""#]),
+            order in 0usize..3,
+        ) {
+            let usage = object(&usage, false);
+            let mut members = vec![
+                format!("\"id\":\"chatcmpl-1\",\"choices\":[{{\"delta\":{{\"content\":\"}}\\\"\"}}}}]"),
+                format!("\"model\":{model}"),
+                format!("\"usage\":{usage}"),
+            ];
+            members.rotate_left(order);
+            let data = format!("{{{}}}", members.join(","));
+            let whole: UsageEvent = serde_json::from_str(&data).unwrap();
+            let walked = UsageEvent::from_members(data.as_bytes()).unwrap().unwrap();
+            proptest::prop_assert_eq!(format!("{walked:?}"), format!("{whole:?}"), "{}", data);
+        }
+    }
+
+    #[test]
+    fn plain_shapes_take_the_fast_path() {
+        let counts = plain_counts(
+            br#"{"prompt_tokens":1200,"completion_tokens":20,"total_tokens":1220,"prompt_tokens_details":{"cached_tokens":1024}}"#,
+        )
+        .expect("the everyday shape");
+        assert_eq!(counts.prompt_tokens, Count(Some(1200)));
+        assert_eq!(
+            counts.prompt_tokens_details.0.map(|d| d.cached_tokens),
+            Some(Count(Some(1024)))
+        );
+        assert!(plain_counts(br#"{"prompt_tokens":-1}"#).is_none());
+        assert!(plain_counts(br#"{"prompt\u005ftokens":1}"#).is_none());
+        assert_eq!(plain_string(br#""bench-model""#), Some("bench-model"));
+        assert_eq!(plain_string(br#""a\"b""#), None);
+        // Data the walk cannot follow is left to the whole parse.
+        assert!(UsageEvent::from_members(b"{\"usage\":").is_none());
+        assert!(UsageEvent::from_members(b"[1]").is_none());
     }
 
     #[test]
