@@ -686,8 +686,8 @@ mod tests {
             order in 0usize..3,
         ) {
             let usage = object(&usage, false);
-            let mut members = vec![
-                format!("\"id\":\"chatcmpl-1\",\"choices\":[{{\"delta\":{{\"content\":\"}}\\\"\"}}}}]"),
+            let mut members = [
+                "\"id\":\"chatcmpl-1\",\"choices\":[{\"delta\":{\"content\":\"}\\\"\"}}]".to_owned(),
                 format!("\"model\":{model}"),
                 format!("\"usage\":{usage}"),
             ];
