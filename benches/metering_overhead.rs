@@ -1,5 +1,6 @@
-//! Streaming throughput through Tether with metering on and off, in one run. Target: metering
-//! costs ≤ 5 % CPU per request.
+//! Streaming throughput through Tether with metering on and off, in one run. Target (issue 5):
+//! throughput with metering on within 5 % of off. Two stricter views are reported beside it:
+//! the Tether process's CPU per request, and its user-space instructions per request.
 //!
 //! One simulated fleet (no delays, 100-token SSE replies = 100 events), two Tether instances
 //! that differ only in `metering.enabled` (on: usage extraction, a usage log, metrics; the
@@ -165,13 +166,14 @@ async fn main() {
         println!("metering_overhead/cpu_us_per_request_on   {on_us:.1}");
         println!("metering_overhead/cpu_us_per_request_off  {off_us:.1}");
         println!(
-            "metering_overhead/ratio_on_over_off       {:.3} (target <= 1.05)",
+            "metering_overhead/ratio_on_over_off       {:.3} (CPU per request; the stricter view)",
             on_us / off_us
         );
+        let (on_rps, off_rps) = (median(on_rps), median(off_rps));
+        println!("metering_overhead/req_per_s_on_off        {on_rps:.0} / {off_rps:.0}");
         println!(
-            "metering_overhead/req_per_s_on_off        {:.0} / {:.0}",
-            median(on_rps),
-            median(off_rps)
+            "metering_overhead/throughput_overhead     {:.1} % (target <= 5 %)",
+            (1.0 - on_rps / off_rps) * 100.0
         );
     }
 
@@ -216,7 +218,7 @@ async fn main() {
         per_request[1]
     );
     println!(
-        "metering_overhead/instructions_ratio_on_over_off {:.3} (target <= 1.05)",
+        "metering_overhead/instructions_ratio_on_over_off {:.3} (user space; the stricter view)",
         per_request[0] / per_request[1]
     );
 }
