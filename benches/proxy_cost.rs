@@ -21,7 +21,9 @@
 //! Rows run back to back inside each scenario, in alternating order across rounds (3, or
 //! `BENCH_ROUNDS`); each figure is the median round. Bare Pingora and Tether run next to each
 //! other in every round, so Tether ÷ bare is also taken per round (a pair shares whatever the
-//! machine was doing) and reported as the median and range of those paired ratios.
+//! machine was doing) and reported as the median and range of those paired ratios (use an odd
+//! number of rounds: with an even one the median is the upper middle value).
+//! `BENCH_ROUNDS=0` runs no rounds, only the instruction counts.
 //! `BENCH_QUICK=1`: one short round at 64 connections.
 //! `BENCH_NO_WORK_STEALING=1`: bare Pingora and Tether both without work stealing (each worker
 //! thread its own single-threaded runtime; Tether's `server.work_stealing: false`).
@@ -738,7 +740,6 @@ fn instruction_counts(
     }
 }
 
-/// One row of the results table: medians over the rounds.
 /// Tether ÷ bare Pingora, one value per round.
 struct Paired {
     kind: &'static str,
@@ -747,6 +748,7 @@ struct Paired {
     p99: Vec<f64>,
 }
 
+/// One row of the results table: medians over the rounds.
 struct Line {
     kind: &'static str,
     connections: usize,

@@ -1,7 +1,8 @@
 //! Time, injected: the override table's TTL reads a [`Clock`] so tests control it exactly.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Whole seconds since some fixed origin. Second resolution is enough for idle TTLs measured in
 /// minutes and keeps an override entry at 16 bytes.
@@ -10,17 +11,43 @@ pub trait Clock: Send + Sync {
     fn now_secs(&self) -> u32;
 }
 
-/// The process's monotonic clock.
-#[derive(Debug, Clone, Copy)]
+/// How often the clock thread advances [`MonotonicClock`].
+const TICK: Duration = Duration::from_millis(100);
+
+/// The process's monotonic clock in whole seconds, read from an atomic that a background thread
+/// advances every 100 ms. Every override lookup reads the clock; a load costs nothing next to
+/// `Instant::now()` (a clock read, about 20 ns on this KVM machine, 10 % of a lookup at 1M
+/// sessions). The thread ends within a tick of the last clone being dropped; if no thread can
+/// be started, every read falls back to `Instant::now()`.
+#[derive(Debug, Clone)]
 pub struct MonotonicClock {
-    origin: Instant,
+    secs: Arc<AtomicU32>,
+    /// Set when the ticking thread could not be started.
+    unticked_origin: Option<Instant>,
+}
+
+fn secs_since(origin: Instant) -> u32 {
+    // Saturates after 136 years of uptime.
+    u32::try_from(origin.elapsed().as_secs()).unwrap_or(u32::MAX)
 }
 
 impl MonotonicClock {
     /// A clock whose origin is now.
     pub fn new() -> Self {
+        let origin = Instant::now();
+        let secs = Arc::new(AtomicU32::new(0));
+        let weak = Arc::downgrade(&secs);
+        let ticking = std::thread::Builder::new()
+            .name("tether-clock".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                let Some(secs) = weak.upgrade() else { break };
+                secs.store(secs_since(origin), Ordering::Relaxed);
+            })
+            .is_ok();
         MonotonicClock {
-            origin: Instant::now(),
+            secs,
+            unticked_origin: (!ticking).then_some(origin),
         }
     }
 }
@@ -33,8 +60,10 @@ impl Default for MonotonicClock {
 
 impl Clock for MonotonicClock {
     fn now_secs(&self) -> u32 {
-        // Saturates after 136 years of uptime.
-        u32::try_from(self.origin.elapsed().as_secs()).unwrap_or(u32::MAX)
+        match self.unticked_origin {
+            None => self.secs.load(Ordering::Relaxed),
+            Some(origin) => secs_since(origin),
+        }
     }
 }
 
@@ -52,5 +81,23 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_secs(&self) -> u32 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monotonic_clock_advances_by_itself() {
+        let clock = MonotonicClock::new();
+        assert_eq!(clock.now_secs(), 0);
+        // Wait for the tick that carries the first whole second (a readiness poll, bounded).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while clock.now_secs() == 0 {
+            assert!(Instant::now() < deadline, "the clock never reached 1 s");
+            std::thread::sleep(TICK);
+        }
+        assert_eq!(clock.now_secs(), 1);
     }
 }

@@ -34,7 +34,9 @@ use std::time::Duration;
 use indicatif::ProgressBar;
 use rand::Rng;
 use serde_json::json;
-use tether_replica_sim::template::{block_hashes, render_prompt, render_reply, ChatMessage};
+use tether_replica_sim::template::{
+    block_hashes, render_prompt, render_reply, token_count, ChatMessage,
+};
 use tether_replica_sim::PrefixCache;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -202,7 +204,7 @@ impl Shared {
     }
 
     /// What an infinite cache would have served of this prompt; then remembers prompt and reply
-    /// (and traces both for the capacity bound, in the same order).
+    /// (and traces the reply for the capacity bound).
     fn oracle(&self, prompt: &[u8], prompt_tokens: u64, reply: &str) -> u64 {
         let block_tokens = self.config.block_tokens.max(1);
         let hashes = block_hashes(prompt, block_tokens);
@@ -212,20 +214,32 @@ impl Shared {
         let mut oracle = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
         let cached = oracle.cached_tokens(&hashes, prompt_tokens);
         oracle.admit(&full);
+        drop(oracle);
+        self.trace(Vec::new(), full);
+        cached
+    }
+
+    /// Traces a prompt as it is sent: a replica looks it up and stores it at prefill, before
+    /// the reply (traced when it completes), so overlapping requests see each other's prompts
+    /// in this order, not in completion order.
+    fn trace_sent(&self, prompt: &[u8]) {
+        if self.trace.is_none() {
+            return;
+        }
+        let block_tokens = self.config.block_tokens.max(1);
+        let hashes = block_hashes(prompt, block_tokens);
+        // The blocks a replica may serve from cache: all but the prompt's last token.
+        let usable = (token_count(prompt.len()).saturating_sub(1) / block_tokens as u64) as usize;
+        self.trace(hashes[..usable.min(hashes.len())].to_vec(), hashes);
+    }
+
+    fn trace(&self, lookups: Vec<u64>, admits: Vec<u64>) {
         if let Some(trace) = &self.trace {
-            // The blocks a replica may serve from cache: all but the prompt's last token.
-            let usable = (prompt_tokens.saturating_sub(1) / block_tokens as u64) as usize;
-            let mut lookups = hashes;
-            lookups.truncate(usable);
             trace
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(TraceStep {
-                    lookups,
-                    admits: full,
-                });
+                .push(TraceStep { lookups, admits });
         }
-        cached
     }
 
     fn fail(&self, tenant: usize, turn: usize, error: &TurnError) {
@@ -266,6 +280,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             .collect();
         let body = w.request(&messages, shared.config.stream);
         let (url, direct_replica) = shared.route(plan.token.as_deref());
+        shared.trace_sent(&render_prompt(&history));
         let counter = shared
             .direct
             .as_ref()
@@ -380,8 +395,17 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
     if let (Some(trace), Some(tokens)) = (&shared.trace, shared.config.capacity_bound_tokens) {
         let trace = trace.lock().unwrap_or_else(|e| e.into_inner());
         let block_tokens = shared.config.block_tokens.max(1);
-        let hits = bound::optimal_block_hits(&trace, tokens / block_tokens);
+        // At least one block, as a simulated replica's cache holds at least one.
+        let hits = bound::optimal_block_hits(&trace, (tokens / block_tokens).max(1));
         report.set_capacity_bound(hits * block_tokens as u64);
+        if report.overall.hit_ratio > report.capacity_bound_ratio.unwrap_or(1.0) {
+            eprintln!(
+                "warning: measured hit ratio {:.3} is above the capacity bound {:.3}: the bound's \
+                 trace order differs from what the replicas saw",
+                report.overall.hit_ratio,
+                report.capacity_bound_ratio.unwrap_or(0.0)
+            );
+        }
     }
     Ok(report)
 }

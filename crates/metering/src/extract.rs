@@ -387,7 +387,8 @@ impl SseReader {
         }
         let parsed = if data.trim_ascii_start().starts_with(b"{") {
             // The walk first (it skips the choices unparsed); a full parse when the walk cannot
-            // follow the data, which also decides whether it is malformed.
+            // follow the data decides whether it is malformed. The walk validates only what it
+            // reads, so an event malformed only in the members it skips is read, not counted.
             let event =
                 UsageEvent::from_members(data).unwrap_or_else(|| serde_json::from_slice(data));
             event.map(|event| {

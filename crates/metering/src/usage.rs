@@ -370,6 +370,10 @@ impl UsageEvent {
         let mut event = UsageEvent::default();
         let mut failed = None;
         crate::json_walk::top_level_members(data, |name, raw| {
+            // An escaped name might spell a member that matters: leave it to the whole parse.
+            if name.contains(&b'\\') {
+                return false;
+            }
             if let Err(e) = event.set_member(name, raw) {
                 failed = Some(e);
             }
@@ -383,7 +387,9 @@ impl UsageEvent {
 /// A `usage` object in its everyday shape — plain member names, counts as unsigned integers,
 /// `prompt_tokens_details` as such an object — read without serde. `None` for any other
 /// shape (an escaped name, a count that is not a plain integer, a nested value elsewhere):
-/// serde then reads it with the lenient rules, so both paths agree on everything.
+/// serde then reads it with the lenient rules, so on valid JSON both paths agree. (The walk
+/// does not validate the members it does not read, so JSON malformed only there is read
+/// rather than refused.)
 fn plain_counts(raw: &[u8]) -> Option<UsageCounts> {
     let mut counts = UsageCounts::default();
     let mut plain = true;
@@ -684,18 +690,21 @@ mod tests {
             usage in proptest::collection::vec((0..NAMES.len(), 0..VALUES.len()), 0..5),
             model in proptest::sample::select(vec![r#""m""#, r#""m\"x""#, "5", "null", r#""é""#]),
             order in 0usize..3,
+            usage_name in proptest::sample::select(vec!["usage", r"us\u0061ge", "x"]),
         ) {
             let usage = object(&usage, false);
             let mut members = [
                 "\"id\":\"chatcmpl-1\",\"choices\":[{\"delta\":{\"content\":\"}\\\"\"}}]".to_owned(),
                 format!("\"model\":{model}"),
-                format!("\"usage\":{usage}"),
+                format!("\"{usage_name}\":{usage}"),
             ];
             members.rotate_left(order);
             let data = format!("{{{}}}", members.join(","));
             let whole: UsageEvent = serde_json::from_str(&data).unwrap();
-            let walked = UsageEvent::from_members(data.as_bytes()).unwrap().unwrap();
-            proptest::prop_assert_eq!(format!("{walked:?}"), format!("{whole:?}"), "{}", data);
+            // An escaped name is left to the whole parse (`None`); otherwise the two agree.
+            if let Some(walked) = UsageEvent::from_members(data.as_bytes()) {
+                proptest::prop_assert_eq!(format!("{:?}", walked.unwrap()), format!("{whole:?}"), "{}", data);
+            }
         }
     }
 
@@ -714,8 +723,12 @@ mod tests {
         assert!(plain_counts(br#"{"prompt\u005ftokens":1}"#).is_none());
         assert_eq!(plain_string(br#""bench-model""#), Some("bench-model"));
         assert_eq!(plain_string(br#""a\"b""#), None);
-        // Data the walk cannot follow is left to the whole parse.
+        // Data the walk cannot follow, and escaped top-level names, are left to the whole parse.
         assert!(UsageEvent::from_members(b"{\"usage\":").is_none());
+        assert!(
+            UsageEvent::from_members(br#"{"usage":{"prompt_tokens":1},"us\u0061ge":null}"#)
+                .is_none()
+        );
         assert!(UsageEvent::from_members(b"[1]").is_none());
     }
 
