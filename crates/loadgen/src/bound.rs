@@ -26,13 +26,9 @@ pub struct TraceStep {
     pub admits: Vec<u64>,
 }
 
-/// Block hits of Belady's MIN with bypass on `steps`, with room for `capacity_blocks` blocks.
-pub fn optimal_block_hits(steps: &[TraceStep], capacity_blocks: usize) -> u64 {
-    if capacity_blocks == 0 {
-        return 0;
-    }
-    // The flattened reference string: (block, is_lookup).
-    let events: Vec<(u64, bool)> = steps
+/// The steps as one sequence of `(block, is_lookup)` events.
+fn reference_string(steps: &[TraceStep]) -> Vec<(u64, bool)> {
+    steps
         .iter()
         .flat_map(|s| {
             s.lookups
@@ -40,7 +36,15 @@ pub fn optimal_block_hits(steps: &[TraceStep], capacity_blocks: usize) -> u64 {
                 .map(|b| (*b, true))
                 .chain(s.admits.iter().map(|b| (*b, false)))
         })
-        .collect();
+        .collect()
+}
+
+/// Block hits of Belady's MIN with bypass on `steps`, with room for `capacity_blocks` blocks.
+pub fn optimal_block_hits(steps: &[TraceStep], capacity_blocks: usize) -> u64 {
+    if capacity_blocks == 0 {
+        return 0;
+    }
+    let events = reference_string(steps);
     // need[i]: when the block of event i is next needed from the cache — the index of its next
     // event if that is a lookup; MAX if it is an admit (which reloads it) or there is none.
     let mut need = vec![usize::MAX; events.len()];
@@ -98,6 +102,16 @@ pub fn optimal_block_hits(steps: &[TraceStep], capacity_blocks: usize) -> u64 {
 mod tests {
     use super::*;
     use tether_replica_sim::PrefixCache;
+
+    /// A seeded xorshift: `next(n)` is in `0..n`.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
 
     fn step(lookups: &[u64], admits: &[u64]) -> TraceStep {
         TraceStep {
@@ -171,13 +185,7 @@ mod tests {
 
     #[test]
     fn it_is_the_optimum_of_its_model_on_small_traces() {
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15u64);
         for _ in 0..300 {
             let steps: Vec<TraceStep> = (0..1 + next(5))
                 .map(|_| TraceStep {
@@ -185,15 +193,7 @@ mod tests {
                     admits: (0..next(3)).map(|_| next(4)).collect(),
                 })
                 .collect();
-            let events: Vec<(u64, bool)> = steps
-                .iter()
-                .flat_map(|s| {
-                    s.lookups
-                        .iter()
-                        .map(|b| (*b, true))
-                        .chain(s.admits.iter().map(|b| (*b, false)))
-                })
-                .collect();
+            let events = reference_string(&steps);
             for capacity in 0..3 {
                 assert_eq!(
                     optimal_block_hits(&steps, capacity),
@@ -235,13 +235,7 @@ mod tests {
     fn never_below_an_lru_cache_of_the_same_size() {
         // Random multi-turn sessions sharing a prefix, through an LRU prefix cache (what a
         // replica does) and through MIN: the bound is never lower.
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = xorshift(0x2545_F491_4F6C_DD1Du64);
         for capacity in [4, 16, 64, 256] {
             let mut sessions: Vec<Vec<u64>> = (0..12).map(|_| vec![7, 8]).collect();
             let mut steps = Vec::new();
