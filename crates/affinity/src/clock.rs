@@ -90,14 +90,15 @@ mod tests {
 
     #[test]
     fn the_monotonic_clock_advances_by_itself() {
+        let started = Instant::now();
         let clock = MonotonicClock::new();
-        assert_eq!(clock.now_secs(), 0);
         // Wait for the tick that carries the first whole second (a readiness poll, bounded).
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = started + Duration::from_secs(5);
         while clock.now_secs() == 0 {
             assert!(Instant::now() < deadline, "the clock never reached 1 s");
             std::thread::sleep(TICK);
         }
-        assert_eq!(clock.now_secs(), 1);
+        // Never ahead of real time.
+        assert!(u64::from(clock.now_secs()) <= started.elapsed().as_secs());
     }
 }

@@ -395,7 +395,9 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
     if let (Some(trace), Some(tokens)) = (&shared.trace, shared.config.capacity_bound_tokens) {
         let trace = trace.lock().unwrap_or_else(|e| e.into_inner());
         let block_tokens = shared.config.block_tokens.max(1);
-        // At least one block, as a simulated replica's cache holds at least one.
+        // At least one block, as a simulated replica's cache holds at least one. (Prompts of
+        // requests that then failed are in the trace too: a few more possible hits, so the
+        // bound is only looser.)
         let hits = bound::optimal_block_hits(&trace, (tokens / block_tokens).max(1));
         report.set_capacity_bound(hits * block_tokens as u64);
         if report.overall.hit_ratio > report.capacity_bound_ratio.unwrap_or(1.0) {
