@@ -56,8 +56,8 @@ const CACHE_TOKENS: usize = 2560;
 /// The same with less pressure, for the second steady-state table.
 const ROOMY_CACHE_TOKENS: usize = 4096;
 
-/// Runs the workload once; `cache_tokens` (per replica) sizes the capacity bound (the most any
-/// router could hit with the fleet's `6 × cache_tokens`).
+/// Runs the workload once; `cache_tokens` (per replica) sizes the capacity bound (an upper
+/// bound on what any router could hit with the fleet's `6 × cache_tokens`).
 async fn run(workload: &Workload, target: Target, cache_tokens: usize) -> Report {
     tether_loadgen::run(
         RunConfig {

@@ -1,4 +1,4 @@
-//! The capacity bound: the most any router could have hit with the fleet's cache capacity.
+//! The capacity bound: an upper bound on what any router could hit with the fleet's cache.
 //!
 //! The oracle (one infinite cache) is the ceiling of an unbounded fleet. Under cache pressure no
 //! router reaches it, and the question becomes how far below it the best possible one would be.

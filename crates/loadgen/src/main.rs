@@ -70,8 +70,8 @@ struct Cli {
     /// Tokens per KV block of the fleet (for the oracle).
     #[arg(long, default_value_t = 16)]
     block_tokens: usize,
-    /// Also report the capacity bound: the most any router could hit with this many tokens
-    /// of cache across the fleet (its replicas' total).
+    /// Also report the capacity bound: an upper bound on what any router could hit with this
+    /// many tokens of cache across the fleet (its replicas' total).
     #[arg(long)]
     capacity_bound_tokens: Option<usize>,
     /// Ask for whole responses instead of streams (TTFT is then the whole latency).

@@ -201,7 +201,7 @@ impl Report {
         if let Some(bound) = self.capacity_bound_ratio {
             let _ = writeln!(
                 out,
-                "capacity bound (the most any router could hit with the fleet's cache): {:.1}%",
+                "capacity bound (no router could hit more with the fleet's cache): {:.1}%",
                 bound * 100.0
             );
         }
