@@ -12,8 +12,8 @@
 //! the same requests (what one infinite cache would have hit: the upper bound for any routing
 //! policy), TTFT p50/p99 and errors; and requests per replica. The oracle uses the simulator's
 //! own template and block hashing, so "cached" means the same thing on both sides. Optionally
-//! ([`RunConfig::capacity_bound_tokens`]) a second ceiling, the [capacity bound](bound): the most
-//! any router could hit on the same requests with the fleet's finite cache capacity.
+//! ([`RunConfig::capacity_bound_tokens`]) a second ceiling, the [capacity bound](bound): an
+//! upper bound on what any router could hit on the same requests with the fleet's finite cache.
 //!
 //! It drives Tether ([`Target::Proxy`]) or the replicas directly with a client-side policy
 //! ([`Target::Direct`]) for comparison: round-robin, random, least-in-flight, nginx's
