@@ -175,7 +175,30 @@ fn which(program: &str) -> std::path::PathBuf {
     panic!("{program} is missing: `make bench-deps` installs nginx, haproxy and wrk");
 }
 
-fn start_nginx(dir: &Path, conf: &str, name: &str, listen: &[u16]) -> ChildGuard {
+/// An nginx master process. Killing the master outright (what [`ChildGuard`] does) leaves its
+/// workers running, orphaned, with the listening sockets; so the master gets SIGTERM, which
+/// stops the workers too, and the guard's kill only follows if it has not exited in 5 s.
+struct NginxGuard(ChildGuard);
+
+impl NginxGuard {
+    fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+}
+
+impl Drop for NginxGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.0.has_exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn start_nginx(dir: &Path, conf: &str, name: &str, listen: &[u16]) -> NginxGuard {
     let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, conf).unwrap();
     let mut guard = spawn(
@@ -186,7 +209,7 @@ fn start_nginx(dir: &Path, conf: &str, name: &str, listen: &[u16]) -> ChildGuard
     for port in listen {
         wait_listening(SocketAddr::from(([127, 0, 0, 1], *port)), name, &mut guard);
     }
-    guard
+    NginxGuard(guard)
 }
 
 /// CPU seconds (user, system) of `pid` and every descendant (nginx's work is in its worker).
