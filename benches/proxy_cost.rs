@@ -37,7 +37,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tether_benches::{callgrind_control, callgrind_total, median, valgrind_present};
+use tether_benches::{
+    callgrind_control, callgrind_total, median, median_and_range, valgrind_present,
+};
 use tether_e2e::{
     api_key_sha256, binary, free_port, ChildGuard, ServerOpts, TempDir, Tether, TetherConfig,
 };
@@ -664,9 +666,8 @@ fn main() {
             );
         }
         let spread = |v: &[f64]| {
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            format!("{:.3} (rounds {lo:.2}-{hi:.2})", median(v.to_vec()))
+            let (median, lo, hi) = median_and_range(v);
+            format!("{median:.3} (rounds {lo:.2}-{hi:.2})")
         };
         println!(
             "proxy_cost/{}/c{}/tether_over_bare cpu {} (target <= 1.10) p99 {} (target <= 1.15); paired per round, {} rounds\n",
