@@ -45,6 +45,26 @@ fn tether_config(fleet: &SimFleet, ids: &[&str]) -> String {
     )
 }
 
+/// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and a
+/// Tether in front of the six of `SIX`.
+fn fleet_and_tether(ids: &[&str], scale: &str, cache_tokens: usize) -> (SimFleet, Tether) {
+    let fleet = SimFleet::start_with(
+        ids,
+        &[
+            "--time-scale",
+            scale,
+            "--cache-tokens",
+            &cache_tokens.to_string(),
+        ],
+    )
+    .unwrap();
+    let tether = Tether::start(&TetherConfig {
+        body: tether_config(&fleet, &SIX),
+    })
+    .unwrap();
+    (fleet, tether)
+}
+
 async fn flush(fleet: &SimFleet, ids: &[&str]) {
     for id in ids {
         fleet.flush(id).await;
@@ -390,20 +410,7 @@ async fn main() {
     // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
     // TTFT is compared as ratios between policies, which the scale does not change.
     let scale = if quick { "0.25" } else { "0.5" };
-    let fleet = SimFleet::start_with(
-        &ids,
-        &[
-            "--time-scale",
-            scale,
-            "--cache-tokens",
-            &CACHE_TOKENS.to_string(),
-        ],
-    )
-    .unwrap();
-    let tether = Tether::start(&TetherConfig {
-        body: tether_config(&fleet, &SIX),
-    })
-    .unwrap();
+    let (fleet, tether) = fleet_and_tether(&ids, scale, CACHE_TOKENS);
 
     eprintln!("steady state:");
     let all = [
@@ -449,20 +456,7 @@ async fn main() {
         // The same workload with caches of 4,096 tokens instead of 2,560: how the gap to the
         // (infinite-cache) oracle depends on the pressure, policy by policy.
         eprintln!("steady state, 4,096-token caches:");
-        let roomy = SimFleet::start_with(
-            &SIX,
-            &[
-                "--time-scale",
-                scale,
-                "--cache-tokens",
-                &ROOMY_CACHE_TOKENS.to_string(),
-            ],
-        )
-        .unwrap();
-        let roomy_tether = Tether::start(&TetherConfig {
-            body: tether_config(&roomy, &SIX),
-        })
-        .unwrap();
+        let (roomy, roomy_tether) = fleet_and_tether(&SIX, scale, ROOMY_CACHE_TOKENS);
         let roomy_rows = run_policies(
             &roomy,
             &roomy_tether,
