@@ -203,16 +203,14 @@ impl Shared {
         )
     }
 
-    /// What an infinite cache would have served of this prompt; then remembers prompt and reply
-    /// (and traces the reply for the capacity bound).
-    fn oracle(&self, prompt: &[u8], prompt_tokens: u64, reply: &str) -> u64 {
-        let block_tokens = self.config.block_tokens.max(1);
-        let hashes = block_hashes(prompt, block_tokens);
+    /// What an infinite cache would have served of this prompt (whose blocks hash to
+    /// `hashes`); then remembers prompt and reply (and traces the reply for the capacity bound).
+    fn oracle(&self, prompt: &[u8], hashes: &[u64], prompt_tokens: u64, reply: &str) -> u64 {
         let mut full = prompt.to_vec();
         full.extend(render_reply(reply));
-        let full = block_hashes(&full, block_tokens);
+        let full = block_hashes(&full, self.config.block_tokens.max(1));
         let mut oracle = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
-        let cached = oracle.cached_tokens(&hashes, prompt_tokens);
+        let cached = oracle.cached_tokens(hashes, prompt_tokens);
         oracle.admit(&full);
         drop(oracle);
         self.trace(Vec::new(), full);
@@ -222,15 +220,13 @@ impl Shared {
     /// Traces a prompt as it is sent: a replica looks it up and stores it at prefill, before
     /// the reply (traced when it completes), so overlapping requests see each other's prompts
     /// in this order, not in completion order.
-    fn trace_sent(&self, prompt: &[u8]) {
+    fn trace_sent(&self, prompt: &[u8], hashes: &[u64]) {
         if self.trace.is_none() {
             return;
         }
-        let block_tokens = self.config.block_tokens.max(1);
-        let hashes = block_hashes(prompt, block_tokens);
-        // The blocks a replica may serve from cache: all but the prompt's last token.
-        let usable = (token_count(prompt.len()).saturating_sub(1) / block_tokens as u64) as usize;
-        self.trace(hashes[..usable.min(hashes.len())].to_vec(), hashes);
+        let usable =
+            PrefixCache::usable_blocks(token_count(prompt.len()), self.config.block_tokens);
+        self.trace(hashes[..usable.min(hashes.len())].to_vec(), hashes.to_vec());
     }
 
     fn trace(&self, lookups: Vec<u64>, admits: Vec<u64>) {
@@ -280,7 +276,10 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             .collect();
         let body = w.request(&messages, shared.config.stream);
         let (url, direct_replica) = shared.route(plan.token.as_deref());
-        shared.trace_sent(&render_prompt(&history));
+        // Rendered and hashed once: traced now, scored against the oracle when answered.
+        let prompt = render_prompt(&history);
+        let hashes = block_hashes(&prompt, shared.config.block_tokens.max(1));
+        shared.trace_sent(&prompt, &hashes);
         let counter = shared
             .direct
             .as_ref()
@@ -306,9 +305,8 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
         }
         match result {
             Ok(reply) => {
-                let prompt = render_prompt(&history);
                 let oracle_cached_tokens =
-                    shared.oracle(&prompt, reply.prompt_tokens, &reply.content);
+                    shared.oracle(&prompt, &hashes, reply.prompt_tokens, &reply.content);
                 shared
                     .outcomes
                     .lock()

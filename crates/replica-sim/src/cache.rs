@@ -65,12 +65,17 @@ impl PrefixCache {
         self.blocks.contains(&hash)
     }
 
+    /// How many of a prompt's leading blocks may be served from cache: all but the one holding
+    /// its last token, which is always computed (it yields the first output token).
+    pub fn usable_blocks(prompt_tokens: u64, block_tokens: usize) -> usize {
+        (prompt_tokens.saturating_sub(1) / block_tokens.max(1) as u64) as usize
+    }
+
     /// Cached tokens for a prompt of `prompt_tokens` tokens whose full blocks hash to `hashes`.
     pub fn cached_tokens(&self, hashes: &[u64], prompt_tokens: u64) -> u64 {
-        let usable_blocks = (prompt_tokens.saturating_sub(1) / self.block_tokens as u64) as usize;
         let hits = hashes
             .iter()
-            .take(usable_blocks)
+            .take(Self::usable_blocks(prompt_tokens, self.block_tokens))
             .take_while(|h| self.blocks.contains(h))
             .count();
         (hits * self.block_tokens) as u64
