@@ -26,11 +26,14 @@
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
-use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig};
+use tether_e2e::{api_key_sha256, regions_yaml, SimFleet, Tether, TetherConfig};
 use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
 
 const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+/// The workload's two tenants' API keys (tenant `i` sends key `i`): Tether knows its tenants,
+/// as it would in production; the client-side policies route on the session header alone.
+const TENANT_KEYS: [&str; 2] = ["sk-bench-tenant-0", "sk-bench-tenant-1"];
 
 fn tether_config(fleet: &SimFleet, ids: &[&str]) -> String {
     let region = |prefix: &str| {
@@ -39,8 +42,18 @@ fn tether_config(fleet: &SimFleet, ids: &[&str]) -> String {
             .map(|id| (id.to_string(), fleet.addr(id), ""))
             .collect::<Vec<_>>()
     };
+    let tenants: String = TENANT_KEYS
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            format!(
+                "  - {{ id: tenant-{i}, api_key_sha256: \"{}\" }}\n",
+                api_key_sha256(key)
+            )
+        })
+        .collect();
     format!(
-        "local_region: eu\n{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\n",
+        "local_region: eu\n{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\ntenants:\n{tenants}",
         regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
     )
 }
@@ -83,7 +96,7 @@ async fn run(workload: &Workload, target: Target, cache_tokens: usize) -> Report
         RunConfig {
             workload: workload.clone(),
             target,
-            api_keys: vec![],
+            api_keys: TENANT_KEYS.iter().map(|k| k.to_string()).collect(),
             stream: true,
             block_tokens: 16,
             capacity_bound_tokens: Some(cache_tokens * SIX.len()),
@@ -197,6 +210,7 @@ async fn placements(
         });
         let res = client
             .post(url)
+            .bearer_auth(TENANT_KEYS[0])
             .header("x-session-affinity", &token)
             .json(&body)
             .send()

@@ -45,6 +45,7 @@ fn routing(c: &mut Criterion) {
                     key: Some(*k),
                     sticky: None,
                     tried: None,
+                    tenant: None,
                 },
                 &idle,
             )
@@ -67,6 +68,7 @@ fn routing(c: &mut Criterion) {
             key: Some(k),
             sticky: overrides.get(k),
             tried: None,
+            tenant: None,
         };
         selector
             .decide(&req, view)
@@ -105,6 +107,7 @@ fn routing(c: &mut Criterion) {
                 key: k,
                 sticky: k.and_then(|k| overrides.get(k)),
                 tried: None,
+                tenant: None,
             };
             last = black_box(
                 selector

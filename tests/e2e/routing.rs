@@ -253,3 +253,70 @@ async fn dead_and_draining_replicas_get_no_traffic_and_nothing_leaks() {
     }
     assert_no_inflight_leak(&tether).await;
 }
+
+/// For each tenant, the set of replicas its sessions' first turns went to, with sessions of
+/// two tenants placed alternately, one at a time, through a Tether with `affinity`.
+async fn tenant_placements(affinity: &str) -> BTreeMap<&'static str, Vec<String>> {
+    let ids = ["a-1", "a-2", "a-3", "a-4"];
+    let fleet = SimFleet::start(&ids).unwrap();
+    let replicas = ids
+        .iter()
+        .map(|id| (id.to_string(), fleet.addr(id), ""))
+        .collect::<Vec<_>>();
+    let body = format!(
+        "local_region: a\naffinity: {affinity}\n{}tenants:\n  - {{ id: acme, api_key_sha256: \"{}\" }}\n  - {{ id: globex, api_key_sha256: \"{}\" }}\n",
+        regions_yaml(&[("a", replicas)]),
+        api_key_sha256("sk-acme"),
+        api_key_sha256("sk-globex"),
+    );
+    let tether = Tether::start(&TetherConfig { body }).unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let mut placed: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    for i in 0..12 {
+        for (tenant, key) in [("acme", "sk-acme"), ("globex", "sk-globex")] {
+            let session = format!("{tenant}-session-{i}");
+            let reply = chat(
+                &client,
+                &url,
+                Some(key),
+                &[session.as_bytes()],
+                &conversation(&session, 1),
+            )
+            .await;
+            assert_eq!(reply.status, 200, "{session}: {}", reply.body);
+            placed
+                .entry(tenant)
+                .or_default()
+                .push(reply.replica.expect("the sim names itself"));
+        }
+    }
+    placed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_locality_keeps_each_tenants_new_sessions_on_its_own_replicas() {
+    let placed = tenant_placements("{ tenant_locality: 60s }").await;
+    let sets: Vec<std::collections::BTreeSet<&String>> =
+        placed.values().map(|r| r.iter().collect()).collect();
+    assert!(
+        sets[0].is_disjoint(&sets[1]),
+        "no replica serves both tenants: {placed:?}"
+    );
+    // The placement bound still spreads sessions: all four replicas, two per tenant, none over
+    // the bound (1.25 × the mean of 6, plus the session that reaches it).
+    for replicas in placed.values() {
+        let mut per: BTreeMap<&String, usize> = BTreeMap::new();
+        for r in replicas {
+            *per.entry(r).or_default() += 1;
+        }
+        assert_eq!(per.len(), 2, "{placed:?}");
+        assert!(per.values().all(|&n| n <= 8), "{placed:?}");
+    }
+
+    // Off, the ring alone places them, and (for these tokens) the tenants share replicas.
+    let placed = tenant_placements("{ tenant_locality: null }").await;
+    let sets: Vec<std::collections::BTreeSet<&String>> =
+        placed.values().map(|r| r.iter().collect()).collect();
+    assert!(!sets[0].is_disjoint(&sets[1]), "{placed:?}");
+}

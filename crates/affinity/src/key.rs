@@ -19,6 +19,11 @@ impl TenantScope {
         TenantScope(xxh3_64(tenant_id.as_bytes()))
     }
 
+    /// The scope's 64-bit hash (tenant locality fingerprints tenants by it).
+    pub(crate) fn hash(self) -> u64 {
+        self.0
+    }
+
     /// The routing key of `token` within this tenant.
     pub fn key(&self, token: SessionToken<'_>) -> RoutingKey {
         RoutingKey(xxh3_64_with_seed(token.as_bytes(), self.0))

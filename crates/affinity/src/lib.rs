@@ -23,8 +23,13 @@
 //!   3. *other regions*: the same walk in the local region, then the rest in configured order;
 //!   4. *no token*: the least-loaded eligible replica of the local region.
 //!
+//!   *Tenant locality* refines step 2 (and 3) when the request names a tenant and the caller's
+//!   [`LoadView`] reports [`TenantWarmth`]: among the replicas the walk accepts that are also
+//!   under the same bound on recently *placed* sessions, the first warm for the tenant wins,
+//!   else the one serving the fewest other tenants.
+//!
 //!   Each decision records its branch as an [`Outcome`] (`sticky`, `ring`, `rebalanced`,
-//!   `failover`, `cross_region`, `none`) for logs and metrics.
+//!   `locality`, `failover`, `cross_region`, `none`) for logs and metrics.
 //! - **Recording**: after a successful response the proxy records `key → replica` in the
 //!   override table. Adding a replica therefore moves no session that has an entry; removing or
 //!   draining one moves only its own sessions. Entries idle out after a TTL and the table is
@@ -65,14 +70,14 @@
 //!
 //! // First turn: the ring decides; the proxy records who served it.
 //! let first = selector
-//!     .decide(&RouteRequest { key: Some(key), sticky: overrides.get(key), tried: None }, &inflight)
+//!     .decide(&RouteRequest { key: Some(key), sticky: overrides.get(key), tried: None, tenant: None }, &inflight)
 //!     .unwrap();
 //! assert_eq!(first.outcome, Outcome::Ring);
 //! overrides.record(key, selector.replicas()[first.replica as usize].tag);
 //!
 //! // Next turn: the override wins.
 //! let next = selector
-//!     .decide(&RouteRequest { key: Some(key), sticky: overrides.get(key), tried: None }, &inflight)
+//!     .decide(&RouteRequest { key: Some(key), sticky: overrides.get(key), tried: None, tenant: None }, &inflight)
 //!     .unwrap();
 //! assert_eq!((next.replica, next.outcome), (first.replica, Outcome::Sticky));
 //! ```
@@ -83,6 +88,7 @@ mod overrides;
 mod ring;
 mod selector;
 mod token;
+mod warmth;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use key::{RoutingKey, TenantScope};
@@ -95,3 +101,4 @@ pub use selector::{
 pub use token::{
     ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_HEADER, DEFAULT_MAX_TOKEN_LEN,
 };
+pub use warmth::{TenantWarmth, Warmth, WARMTH_SLOTS};

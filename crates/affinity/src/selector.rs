@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::ring::{ReplicaIdx, Ring};
-use crate::{ReplicaSet, ReplicaTag, RoutingKey};
+use crate::{ReplicaSet, ReplicaTag, RoutingKey, TenantScope, Warmth};
 
 /// Whether a replica takes new work (from the topology's `state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,6 +33,9 @@ pub enum Outcome {
     Ring,
     /// The ring owner was over the load bound; a later replica on the walk took it.
     Rebalanced,
+    /// A new session went past its ring owner to a replica warm for its tenant (or, when none
+    /// is, serving the fewest other tenants): see [`crate::TenantWarmth`].
+    Locality,
     /// The session's replica (override or ring owner) was drained, unhealthy or gone.
     Failover,
     /// No replica of the home region could take it; another region did.
@@ -48,6 +51,7 @@ impl Outcome {
             Outcome::Sticky => "sticky",
             Outcome::Ring => "ring",
             Outcome::Rebalanced => "rebalanced",
+            Outcome::Locality => "locality",
             Outcome::Failover => "failover",
             Outcome::CrossRegion => "cross_region",
             Outcome::NoToken => "none",
@@ -62,6 +66,11 @@ pub trait LoadView {
     /// Whether health checks consider the replica usable.
     fn is_healthy(&self, _replica: ReplicaIdx) -> bool {
         true
+    }
+    /// What the replica's record says about `tenant` (see [`crate::TenantWarmth`]); `None`
+    /// when tenant locality is off, and new sessions follow the ring alone.
+    fn tenant_warmth(&self, _replica: ReplicaIdx, _tenant: TenantScope) -> Option<Warmth> {
+        None
     }
 }
 
@@ -165,6 +174,8 @@ pub struct RouteRequest<'a> {
     pub sticky: Option<ReplicaTag>,
     /// Replicas already tried for this request (retries skip them).
     pub tried: Option<&'a ReplicaSet>,
+    /// The request's tenant, for tenant locality (`None`: the ring alone places new sessions).
+    pub tenant: Option<TenantScope>,
 }
 
 /// Assigns replica tags that stay the same across topology reloads, so override entries keep
@@ -300,6 +311,10 @@ impl Selector {
     /// 2. Otherwise walk the home region's ring from the key, skipping replicas that are not
     ///    active, unhealthy, tried, at their hard cap, or over the load bound
     ///    `ceil(c × (total in-flight + 1) × weight / total weight)` (Mirrokni et al. 2016).
+    ///    With tenant locality (the request names a tenant and the view knows warmth), only
+    ///    replicas under a second bound, the same rule on sessions placed recently, qualify:
+    ///    the first of them on that walk warm for the tenant takes it; when none is, the one
+    ///    serving the fewest other tenants (the first on the walk among equals).
     /// 3. Then the same walk in each fallback region (local region first, then YAML order).
     /// 4. Without a key: the least-loaded (in-flight per weight) eligible replica of the local
     ///    region, then of the fallback regions.
@@ -328,11 +343,15 @@ impl Selector {
         let regions =
             std::iter::once(home).chain(self.regions[home as usize].fallback.iter().copied());
         for (n, region) in regions.enumerate() {
-            if let Some((replica, walk)) = self.walk_region(region, position, req.tried, view) {
+            if let Some((replica, walk)) =
+                self.walk_region(region, position, req.tried, req.tenant, view)
+            {
                 let outcome = if n > 0 {
                     Outcome::CrossRegion
                 } else if lost_home || walk.skipped_unavailable {
                     Outcome::Failover
+                } else if walk.passed_for_locality {
+                    Outcome::Locality
                 } else if walk.skipped_for_load {
                     Outcome::Rebalanced
                 } else {
@@ -377,14 +396,18 @@ impl Selector {
         region: u16,
         position: u32,
         tried: Option<&ReplicaSet>,
+        tenant: Option<TenantScope>,
         view: &V,
     ) -> Option<(ReplicaIdx, WalkNotes)> {
         let info = &self.regions[region as usize];
-        let (mut total_inflight, mut total_weight) = (0u64, 0u64);
+        let (mut total_inflight, mut total_weight, mut total_placed) = (0u64, 0u64, 0f64);
         for &idx in &info.members {
             if self.available(idx, tried, view) {
                 total_inflight += u64::from(view.inflight(idx));
                 total_weight += u64::from(self.replicas[idx as usize].weight);
+                if let Some(w) = tenant.and_then(|t| view.tenant_warmth(idx, t)) {
+                    total_placed += w.recent_placements;
+                }
             }
         }
         if total_weight == 0 {
@@ -393,8 +416,16 @@ impl Selector {
         // The incoming request counts towards the mean, so some replica is always under the
         // bound: Σ bound ≥ c·(total+1) > total.
         let scale = self.balance_factor * (total_inflight + 1) as f64 / total_weight as f64;
+        // Locality's own bound, on sessions placed recently rather than requests in flight, so
+        // that a tenant cannot gather on one replica while few requests are in flight.
+        let placed_scale = self.balance_factor * (total_placed + 1.0) / total_weight as f64;
         let mut notes = WalkNotes::default();
         let mut unvisited = info.members.len();
+        // Without locality the first eligible replica wins. With it, among eligible replicas
+        // under the placement bound, the first warm for the tenant wins; failing that, the one
+        // with the fewest other tenants (`best`; the earliest on the walk among equals).
+        let mut best: Option<(ReplicaIdx, u32)> = None;
+        let mut first_eligible = None;
         // One ring holds every region; a region's own order is the global walk filtered to it,
         // so the home region's first candidate is exactly the key's global owner.
         for idx in self.ring.walk(position, self.replicas.len()) {
@@ -405,20 +436,41 @@ impl Selector {
                 continue;
             }
             unvisited -= 1;
+            // Skips after the first eligible replica (a locality scan goes on past it) did not
+            // decide anything.
+            let deciding = first_eligible.is_none();
             if !self.available(idx, tried, view) {
-                notes.skipped_unavailable = true;
+                notes.skipped_unavailable |= deciding;
                 continue;
             }
             let replica = &self.replicas[idx as usize];
             let inflight = view.inflight(idx);
             let bound = (scale * f64::from(replica.weight)).ceil() as u64;
             if inflight >= replica.max_inflight || u64::from(inflight) >= bound {
-                notes.skipped_for_load = true;
+                notes.skipped_for_load |= deciding;
                 continue;
             }
-            return Some((idx, notes));
+            let Some(warmth) = tenant.and_then(|t| view.tenant_warmth(idx, t)) else {
+                return Some((idx, notes));
+            };
+            first_eligible.get_or_insert(idx);
+            if warmth.recent_placements >= placed_scale * f64::from(replica.weight) {
+                continue;
+            }
+            if warmth.warm {
+                notes.passed_for_locality = first_eligible != Some(idx);
+                return Some((idx, notes));
+            }
+            if best.is_none_or(|(_, others)| warmth.others < others) {
+                best = Some((idx, warmth.others));
+            }
         }
-        None
+        // Σ placement bounds exceed Σ placements, so `best` is empty only through float
+        // rounding; the first eligible replica is then as good as any.
+        best.map(|(idx, _)| idx).or(first_eligible).map(|idx| {
+            notes.passed_for_locality = first_eligible != Some(idx);
+            (idx, notes)
+        })
     }
 
     fn tokenless<V: LoadView + ?Sized>(
@@ -472,6 +524,8 @@ impl Selector {
 struct WalkNotes {
     skipped_unavailable: bool,
     skipped_for_load: bool,
+    /// Tenant locality chose a replica after the first eligible one.
+    passed_for_locality: bool,
 }
 
 #[cfg(test)]
@@ -696,6 +750,7 @@ mod tests {
         tried.insert(first);
         let req = RouteRequest {
             tried: Some(&tried),
+            tenant: None,
             sticky: Some(s.replicas()[first as usize].tag),
             ..keyed(9)
         };
@@ -775,12 +830,150 @@ mod tests {
         assert_eq!(s2.replica(s2.by_tag(a).unwrap()).unwrap().id.as_ref(), "a");
     }
 
+    /// In-flight counts plus a per-replica warmth record, read at a fixed instant.
+    struct WarmView {
+        inflight: Vec<u32>,
+        warmth: Vec<crate::TenantWarmth>,
+    }
+
+    const NOW_MS: u64 = 100_000;
+    const WINDOW_MS: u64 = 30_000;
+
+    impl WarmView {
+        fn new(n: usize) -> Self {
+            WarmView {
+                inflight: vec![0; n],
+                warmth: (0..n).map(|_| crate::TenantWarmth::new()).collect(),
+            }
+        }
+        fn serve(&self, replica: ReplicaIdx, tenant: &str) -> &Self {
+            self.warmth[replica as usize].record(TenantScope::new(tenant), NOW_MS);
+            self
+        }
+    }
+
+    impl LoadView for WarmView {
+        fn inflight(&self, replica: ReplicaIdx) -> u32 {
+            self.inflight[replica as usize]
+        }
+        fn tenant_warmth(&self, replica: ReplicaIdx, tenant: TenantScope) -> Option<Warmth> {
+            Some(self.warmth[replica as usize].warmth(tenant, NOW_MS, WINDOW_MS))
+        }
+    }
+
+    fn of_tenant(key: u64, tenant: &str) -> RouteRequest<'static> {
+        RouteRequest {
+            tenant: Some(TenantScope::new(tenant)),
+            ..keyed(key)
+        }
+    }
+
+    /// The key's ring owner and the other replicas of a three-replica region.
+    fn owner_and_others(s: &Selector, key: u64) -> (ReplicaIdx, [ReplicaIdx; 2]) {
+        let owner = s.decide(&keyed(key), &vec![0u32; 3]).unwrap().replica;
+        let mut others = (0..3).filter(|&i| i != owner);
+        (owner, [others.next().unwrap(), others.next().unwrap()])
+    }
+
+    #[test]
+    fn a_new_session_goes_to_a_replica_warm_for_its_tenant() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(50) {
+            let (owner, [other, _]) = owner_and_others(&s, k);
+            let view = WarmView::new(3);
+            view.serve(other, "acme").serve(owner, "globex");
+            let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
+            assert_eq!((d.replica, d.outcome), (other, Outcome::Locality));
+            // The owner warm for the tenant too: the ring decides as before.
+            view.serve(owner, "acme");
+            let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
+            assert_eq!((d.replica, d.outcome), (owner, Outcome::Ring));
+        }
+    }
+
+    #[test]
+    fn with_no_warm_replica_the_one_serving_fewest_other_tenants_wins() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(50) {
+            let (owner, [x, y]) = owner_and_others(&s, k);
+            let view = WarmView::new(3);
+            view.serve(owner, "globex").serve(owner, "initech");
+            view.serve(x, "globex").serve(y, "initech");
+            // x and y tie at one other tenant: the earlier on the walk wins, and it is stable.
+            let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
+            assert!(d.replica == x || d.replica == y);
+            assert_eq!(d.outcome, Outcome::Locality);
+            assert_eq!(s.decide(&of_tenant(k, "acme"), &view).unwrap(), d);
+            // A fleet cold for everyone: the ring owner.
+            let cold = WarmView::new(3);
+            let d = s.decide(&of_tenant(k, "acme"), &cold).unwrap();
+            assert_eq!((d.replica, d.outcome), (owner, Outcome::Ring));
+        }
+    }
+
+    #[test]
+    fn locality_never_overrides_the_load_bound_or_a_sticky_entry() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(50) {
+            let (owner, [x, y]) = owner_and_others(&s, k);
+            let mut view = WarmView::new(3);
+            view.serve(x, "acme");
+            // The warm replica is over the bound ceil(1.25 × (4 + 1) / 3) = 3.
+            view.inflight[x as usize] = 4;
+            let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
+            assert_eq!(d.replica, owner, "both others are cold and serve no one");
+            assert_eq!(d.outcome, Outcome::Ring);
+            // A session with an entry stays where it is, warm replica or not.
+            view.inflight[x as usize] = 0;
+            let sticky = RouteRequest {
+                sticky: Some(s.replicas()[y as usize].tag),
+                ..of_tenant(k, "acme")
+            };
+            let d = s.decide(&sticky, &view).unwrap();
+            assert_eq!((d.replica, d.outcome), (y, Outcome::Sticky));
+        }
+    }
+
+    #[test]
+    fn a_warm_replica_with_more_than_its_share_of_new_sessions_is_passed_over() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(50) {
+            let (owner, [x, y]) = owner_and_others(&s, k);
+            let view = WarmView::new(3);
+            view.serve(x, "acme").serve(owner, "globex");
+            // x took 4 of the 4 recent sessions: over ceil-free 1.25 × (4 + 1) / 3 ≈ 2.08.
+            for _ in 0..4 {
+                view.warmth[x as usize].record_placement(NOW_MS, WINDOW_MS);
+            }
+            let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
+            assert_eq!(d.replica, y, "cold, and serving no other tenant");
+            assert_eq!(d.outcome, Outcome::Locality);
+        }
+    }
+
+    #[test]
+    fn without_a_tenant_or_a_warmth_record_the_ring_alone_decides() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(50) {
+            let (owner, [x, _]) = owner_and_others(&s, k);
+            let view = WarmView::new(3);
+            view.serve(x, "acme");
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
+            let plain = vec![0u32; 3];
+            assert_eq!(
+                s.decide(&of_tenant(k, "acme"), &plain).unwrap().replica,
+                owner
+            );
+        }
+    }
+
     #[test]
     fn outcome_labels_are_stable() {
         let labels: Vec<_> = [
             Outcome::Sticky,
             Outcome::Ring,
             Outcome::Rebalanced,
+            Outcome::Locality,
             Outcome::Failover,
             Outcome::CrossRegion,
             Outcome::NoToken,
@@ -794,6 +987,7 @@ mod tests {
                 "sticky",
                 "ring",
                 "rebalanced",
+                "locality",
                 "failover",
                 "cross_region",
                 "none"

@@ -73,6 +73,7 @@ fn route(s: &Selector, k: RoutingKey, sticky: Option<ReplicaTag>, load: &[u32]) 
             key: Some(k),
             sticky,
             tried: None,
+            tenant: None,
         },
         load,
     )

@@ -19,7 +19,8 @@ pub struct UsageRecord {
     pub region: Option<String>,
     /// Replica that served it.
     pub replica: Option<String>,
-    /// Routing outcome (`sticky`, `ring`, `rebalanced`, `failover`, `cross_region`, `none`).
+    /// Routing outcome (`sticky`, `ring`, `rebalanced`, `locality`, `failover`,
+    /// `cross_region`, `none`).
     pub outcome: Option<String>,
     /// HTTP status sent to the client (0 if none was).
     pub status: u16,

@@ -22,7 +22,9 @@ use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use tether_affinity::{Decision, ReplicaInfo, ReplicaSet, RouteRequest, RoutingKey};
+use tether_affinity::{
+    Decision, Outcome, ReplicaInfo, ReplicaSet, RouteRequest, RoutingKey, TenantScope,
+};
 
 use tether_metering::{
     ensure_stream_usage, timestamp, Dialect, Framing, UsageChunkFilter, UsageExtractor,
@@ -84,6 +86,8 @@ pub struct RequestCtx {
     injected: bool,
     snapshot: Option<Arc<Snapshot>>,
     tenant: Option<Arc<str>>,
+    /// The tenant's hashing scope (also its identity for tenant locality).
+    tenant_scope: Option<TenantScope>,
     key: Option<RoutingKey>,
     decision: Option<Decision>,
     tried: ReplicaSet,
@@ -103,6 +107,7 @@ pub struct RequestCtx {
 enum Admission {
     Admit {
         tenant_id: Arc<str>,
+        scope: TenantScope,
         key: Option<RoutingKey>,
     },
     Reject(ApiError),
@@ -141,6 +146,7 @@ fn admit(snapshot: &Snapshot, req: &RequestHeader) -> Admission {
     match snapshot.token_rules.validate_all(values) {
         Ok(token) => Admission::Admit {
             tenant_id: Arc::clone(&tenant.id),
+            scope: tenant.scope,
             key: token.map(|t| tenant.scope.key(t)),
         },
         Err(e) => Admission::Reject(ApiError::invalid_session_affinity(e.to_string())),
@@ -221,6 +227,7 @@ impl ProxyHttp for TetherProxy {
             injected: false,
             snapshot: None,
             tenant: None,
+            tenant_scope: None,
             key: None,
             decision: None,
             tried: ReplicaSet::default(),
@@ -243,8 +250,13 @@ impl ProxyHttp for TetherProxy {
         // Kept for rejected requests too: they get a usage record like every other.
         ctx.snapshot = Some(Arc::clone(&snapshot));
         match admit(&snapshot, session.req_header()) {
-            Admission::Admit { tenant_id, key } => {
+            Admission::Admit {
+                tenant_id,
+                scope,
+                key,
+            } => {
                 ctx.tenant = Some(tenant_id);
+                ctx.tenant_scope = Some(scope);
                 ctx.key = key;
                 if resend_safe(&snapshot, session.req_header()) {
                     // Keep the body (up to Pingora's 64 KiB retry buffer) so a replica that
@@ -309,8 +321,10 @@ impl ProxyHttp for TetherProxy {
             key: ctx.key,
             sticky: ctx.key.and_then(|k| self.router.overrides().get(k)),
             tried: Some(&ctx.tried),
+            tenant: ctx.tenant_scope,
         };
-        let view = snapshot.view(now_ms());
+        let now = now_ms();
+        let view = snapshot.view(now);
         let Some(decision) = snapshot.selector.decide(&request, &view) else {
             ctx.unavailable = true;
             return Err(Error::explain(
@@ -325,6 +339,10 @@ impl ProxyHttp for TetherProxy {
             ));
         };
         ctx.tried.insert(decision.replica);
+        if let Some(scope) = ctx.tenant_scope {
+            let placed = ctx.key.is_some() && decision.outcome != Outcome::Sticky;
+            snapshot.serving(decision.replica, scope, placed, now);
+        }
         ctx.attempts += 1;
         ctx.inflight = snapshot.acquire(decision.replica);
         ctx.decision = Some(decision);

@@ -11,7 +11,7 @@ use pingora::upstreams::peer::HttpPeer;
 use sha2::{Digest, Sha256};
 use tether_affinity::{
     Admission, LoadView, OverrideTable, RegionSpec, ReplicaIdx, ReplicaSpec, ReplicaTag, Selector,
-    SelectorOptions, TagRegistry, TenantScope, TokenRules,
+    SelectorOptions, TagRegistry, TenantScope, TenantWarmth, TokenRules, Warmth,
 };
 use tether_health::{
     HealthPolicy, InflightGuard, ProbeRound, ProbeSettings, ProbeSource, ProbeTarget,
@@ -41,6 +41,10 @@ pub struct Snapshot {
     pub peers: Vec<HttpPeer>,
     /// Live status, indexed like the selector's replicas.
     pub live: Vec<Arc<ReplicaStatus>>,
+    /// Tenants each replica served recently, indexed like the selector's replicas.
+    pub warmth: Vec<Arc<TenantWarmth>>,
+    /// `affinity.tenant_locality` in milliseconds; `None` = off.
+    pub tenant_locality_ms: Option<u64>,
     /// Replica addresses, indexed like the selector's replicas (for probes).
     pub addresses: Vec<SocketAddr>,
     /// How failures, probes and overload change health.
@@ -96,6 +100,19 @@ impl Snapshot {
         self.live.get(idx as usize).map(ReplicaStatus::acquire)
     }
 
+    /// Notes that replica `idx` serves `tenant` at `now`, for a session `placed` there (not
+    /// sticky) or not: what tenant locality reads.
+    pub fn serving(&self, idx: ReplicaIdx, tenant: TenantScope, placed: bool, now: u64) {
+        let (Some(window), Some(w)) = (self.tenant_locality_ms, self.warmth.get(idx as usize))
+        else {
+            return;
+        };
+        w.record(tenant, now);
+        if placed {
+            w.record_placement(now, window);
+        }
+    }
+
     /// The live status of replica `idx`.
     pub fn status(&self, idx: ReplicaIdx) -> Option<&Arc<ReplicaStatus>> {
         self.live.get(idx as usize)
@@ -135,6 +152,12 @@ impl LoadView for RouteView<'_> {
         }
         status.usable(self.now)
     }
+
+    fn tenant_warmth(&self, replica: ReplicaIdx, tenant: TenantScope) -> Option<Warmth> {
+        let window = self.snapshot.tenant_locality_ms?;
+        let record = self.snapshot.warmth.get(replica as usize)?;
+        Some(record.warmth(tenant, self.now, window))
+    }
 }
 
 impl Snapshot {
@@ -167,7 +190,14 @@ pub struct Router {
     snapshot: ArcSwap<Snapshot>,
     overrides: OverrideTable,
     tags: TagRegistry,
-    live: Mutex<HashMap<ReplicaTag, Arc<ReplicaStatus>>>,
+    live: Mutex<HashMap<ReplicaTag, LiveReplica>>,
+}
+
+/// What the proxy keeps about a replica across reloads (while its address stays the same).
+#[derive(Debug, Default, Clone)]
+struct LiveReplica {
+    status: Arc<ReplicaStatus>,
+    warmth: Arc<TenantWarmth>,
 }
 
 impl Router {
@@ -199,8 +229,8 @@ impl Router {
     }
 
     /// Replaces the snapshot (hot reload) in one atomic swap. Override entries carry over, and
-    /// so does the live status (in-flight counts, health, admin drain) of every replica whose
-    /// address did not change; a replica at a new address starts afresh. Requests in flight
+    /// so does the live status (in-flight counts, health, admin drain, tenants served) of every
+    /// replica whose address did not change; a replica at a new address starts afresh. Requests in flight
     /// finish on the snapshot they started with.
     pub fn install(&self, topology: &Topology) -> anyhow::Result<()> {
         let current = self.snapshot();
@@ -273,7 +303,7 @@ pub fn retry_after_hint(snapshot: &Snapshot) -> Duration {
 fn build_snapshot(
     topology: &Topology,
     tags: &TagRegistry,
-    live: &Mutex<HashMap<ReplicaTag, Arc<ReplicaStatus>>>,
+    live: &Mutex<HashMap<ReplicaTag, LiveReplica>>,
 ) -> anyhow::Result<Snapshot> {
     let regions: Vec<RegionSpec> = topology
         .regions
@@ -318,14 +348,17 @@ fn build_snapshot(
         })
         .collect();
 
-    let live = {
+    let (live, warmth) = {
         // A poisoned lock means a panic mid-insert elsewhere; the map itself is still sound.
         let mut registry = live.lock().unwrap_or_else(|e| e.into_inner());
         selector
             .replicas()
             .iter()
-            .map(|r| Arc::clone(registry.entry(r.tag).or_default()))
-            .collect()
+            .map(|r| {
+                let entry = registry.entry(r.tag).or_default();
+                (Arc::clone(&entry.status), Arc::clone(&entry.warmth))
+            })
+            .unzip()
     };
 
     let tenants = topology
@@ -397,6 +430,11 @@ fn build_snapshot(
         selector,
         peers,
         live,
+        warmth,
+        tenant_locality_ms: topology
+            .affinity
+            .tenant_locality
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         tenants,
         default_tenant: TenantEntry {
             id: Arc::from("default"),

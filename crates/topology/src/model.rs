@@ -61,6 +61,9 @@ pub struct AffinitySettings {
     pub tokenless: TokenlessPolicy,
     /// Ring points per unit of replica weight.
     pub ring_points_per_weight: u32,
+    /// How long a replica counts as warm for a tenant after serving it: new sessions prefer
+    /// such a replica (tenant locality). `None` = off.
+    pub tenant_locality: Option<Duration>,
 }
 
 /// How requests without a token are routed.

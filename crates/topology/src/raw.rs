@@ -54,6 +54,8 @@ pub(crate) struct RawAffinity {
     pub override_capacity: usize,
     pub tokenless: crate::TokenlessPolicy,
     pub ring_points_per_weight: u32,
+    #[serde(with = "humantime_serde")]
+    pub tenant_locality: Option<Duration>,
 }
 
 impl Default for RawAffinity {
@@ -66,6 +68,7 @@ impl Default for RawAffinity {
             override_capacity: 1_000_000,
             tokenless: crate::TokenlessPolicy::LeastInflight,
             ring_points_per_weight: 2048,
+            tenant_locality: Some(Duration::from_secs(30)),
         }
     }
 }

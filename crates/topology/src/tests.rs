@@ -105,6 +105,7 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert_eq!(t.affinity.override_capacity, 1_000_000);
     assert_eq!(t.affinity.ring_points_per_weight, 2048);
     assert_eq!(t.affinity.tokenless, TokenlessPolicy::LeastInflight);
+    assert_eq!(t.affinity.tenant_locality, Some(Duration::from_secs(30)));
     assert!(t.tenants.is_empty());
     assert!(t.admin_listen.is_none());
     assert!(t.usage_log.is_none());
@@ -370,6 +371,24 @@ fn zero_ttl_and_capacity_are_refused() {
         problem(&VALID.replace("override_capacity: 1000000", "override_capacity: 0")).key,
         "affinity.override_capacity"
     );
+}
+
+#[test]
+fn tenant_locality_is_a_positive_duration_or_null() {
+    let with = |value: &str| {
+        VALID.replace(
+            "override_ttl: 1h",
+            &format!("override_ttl: 1h\n  tenant_locality: {value}"),
+        )
+    };
+    assert_eq!(
+        load(&with("2m")).unwrap().affinity.tenant_locality,
+        Some(Duration::from_secs(120))
+    );
+    assert_eq!(load(&with("null")).unwrap().affinity.tenant_locality, None);
+    assert_eq!(problem(&with("0s")).key, "affinity.tenant_locality");
+    let (_, message) = parse_error(&with("lukewarm"));
+    assert!(message.contains("affinity.tenant_locality"), "{message}");
 }
 
 #[test]

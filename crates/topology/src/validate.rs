@@ -129,6 +129,9 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         );
     }
     positive(&mut p, "affinity.override_ttl", a.override_ttl);
+    if let Some(window) = a.tenant_locality {
+        positive(&mut p, "affinity.tenant_locality", window);
+    }
     if a.override_capacity == 0 {
         p.add("affinity.override_capacity", "must be at least 1");
     }
@@ -437,6 +440,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             override_capacity: a.override_capacity,
             tokenless: a.tokenless,
             ring_points_per_weight: a.ring_points_per_weight,
+            tenant_locality: a.tenant_locality,
         },
         regions,
         tenants,
