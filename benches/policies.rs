@@ -2,9 +2,11 @@
 //!
 //! The same seeded agent workload (loadgen) against the same fleet (6 replicas in 2 regions,
 //! a prefix cache of 2,560 tokens each: under pressure), caches flushed between runs, for
-//! each policy: round-robin, random, least-in-flight, nginx-style consistent hash of the
-//! session header, HAProxy-style consistent hash with bounded loads (c = 1.25), and Tether.
-//! The oracle (one infinite cache) is the upper bound for every policy.
+//! each policy: round-robin, least-in-flight, nginx-style consistent hash of the session
+//! header, HAProxy-style consistent hash with bounded loads (c = 1.25), and Tether, with tenant
+//! locality (its default) and without. The workload's two tenants send their own API keys, so
+//! Tether knows them (the client-side policies see only the session header). The oracle (one
+//! infinite cache) is the upper bound for every policy.
 //!
 //! Scenarios, each on its own:
 //! - steady state: the workload as it is;
@@ -35,7 +37,8 @@ const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 /// as it would in production; the client-side policies route on the session header alone.
 const TENANT_KEYS: [&str; 2] = ["sk-bench-tenant-0", "sk-bench-tenant-1"];
 
-fn tether_config(fleet: &SimFleet, ids: &[&str]) -> String {
+/// Tether's config for replicas `ids` of `fleet`; `locality: false` turns tenant locality off.
+fn tether_config(fleet: &SimFleet, ids: &[&str], locality: bool) -> String {
     let region = |prefix: &str| {
         ids.iter()
             .filter(|id| id.starts_with(prefix))
@@ -53,14 +56,21 @@ fn tether_config(fleet: &SimFleet, ids: &[&str]) -> String {
         })
         .collect();
     format!(
-        "local_region: eu\n{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\ntenants:\n{tenants}",
+        "local_region: eu\naffinity: {{ tenant_locality: {} }}\n{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\ntenants:\n{tenants}",
+        if locality { "30s" } else { "null" },
         regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
     )
 }
 
-/// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and a
-/// Tether in front of the six of `SIX`.
-fn fleet_and_tether(ids: &[&str], scale: &str, cache_tokens: usize) -> (SimFleet, Tether) {
+/// Tether as configured by default, and with tenant locality off.
+struct Tethers {
+    default: Tether,
+    no_locality: Tether,
+}
+
+/// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and two
+/// Tethers in front of the six of `SIX`: as configured by default, and without tenant locality.
+fn fleet_and_tether(ids: &[&str], scale: &str, cache_tokens: usize) -> (SimFleet, Tethers) {
     let fleet = SimFleet::start_with(
         ids,
         &[
@@ -71,11 +81,17 @@ fn fleet_and_tether(ids: &[&str], scale: &str, cache_tokens: usize) -> (SimFleet
         ],
     )
     .unwrap();
-    let tether = Tether::start(&TetherConfig {
-        body: tether_config(&fleet, &SIX),
-    })
-    .unwrap();
-    (fleet, tether)
+    let start = |locality| {
+        Tether::start(&TetherConfig {
+            body: tether_config(&fleet, &SIX, locality),
+        })
+        .unwrap()
+    };
+    let tethers = Tethers {
+        default: start(true),
+        no_locality: start(false),
+    };
+    (fleet, tethers)
 }
 
 async fn flush(fleet: &SimFleet, ids: &[&str]) {
@@ -115,22 +131,33 @@ const BASELINE_AND_HASHES: [(&str, ClientPolicy); 3] = [
     ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
 ];
 
-/// Runs `workload` once per policy (caches flushed before each), Tether last.
+/// Runs `workload` once per policy (caches flushed before each), then through Tether: without
+/// tenant locality when `locality_off_row` (what locality buys, same run), and as configured
+/// by default (last).
 async fn run_policies(
     fleet: &SimFleet,
-    tether: &Tether,
+    tethers: &Tethers,
     workload: &Workload,
     policies: &[(&'static str, ClientPolicy)],
     cache_tokens: usize,
+    locality_off_row: bool,
 ) -> Vec<(&'static str, Report)> {
     let urls: Vec<String> = SIX
         .iter()
         .map(|id| format!("http://{}", fleet.addr(id)))
         .collect();
-    let progress = indicatif::ProgressBar::new(policies.len() as u64 + 1).with_style(
-        indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg} ({elapsed})")
-            .expect("a valid template"),
-    );
+    let variants: Vec<(&'static str, &Tether)> = [
+        ("tether, locality off", &tethers.no_locality),
+        ("tether", &tethers.default),
+    ]
+    .into_iter()
+    .filter(|(name, _)| locality_off_row || *name == "tether")
+    .collect();
+    let progress = indicatif::ProgressBar::new((policies.len() + variants.len()) as u64)
+        .with_style(
+            indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg} ({elapsed})")
+                .expect("a valid template"),
+        );
     let mut rows = Vec::new();
     for (name, policy) in policies {
         flush(fleet, &SIX).await;
@@ -146,17 +173,20 @@ async fn run_policies(
         ));
         progress.inc(1);
     }
-    flush(fleet, &SIX).await;
-    progress.set_message("tether");
-    rows.push((
-        "tether",
-        run(
-            workload,
-            Target::Proxy(format!("http://{}", tether.addr)),
-            cache_tokens,
-        )
-        .await,
-    ));
+    for (name, tether) in variants {
+        flush(fleet, &SIX).await;
+        progress.set_message(name);
+        rows.push((
+            name,
+            run(
+                workload,
+                Target::Proxy(format!("http://{}", tether.addr)),
+                cache_tokens,
+            )
+            .await,
+        ));
+        progress.inc(1);
+    }
     progress.finish_and_clear();
     rows
 }
@@ -424,12 +454,11 @@ async fn main() {
     // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
     // TTFT is compared as ratios between policies, which the scale does not change.
     let scale = if quick { "0.25" } else { "0.5" };
-    let (fleet, tether) = fleet_and_tether(&ids, scale, CACHE_TOKENS);
+    let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS);
 
     eprintln!("steady state:");
     let all = [
         ("round-robin", ClientPolicy::RoundRobin),
-        ("random", ClientPolicy::Random),
         ("least-in-flight", ClientPolicy::LeastInflight),
         ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
         ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
@@ -437,9 +466,9 @@ async fn main() {
     // The smoke run keeps round-robin (the TTFT baseline) and the two hash policies.
     let policies: Vec<_> = all
         .into_iter()
-        .filter(|(_, p)| !quick || !matches!(p, ClientPolicy::Random | ClientPolicy::LeastInflight))
+        .filter(|(_, p)| !quick || *p != ClientPolicy::LeastInflight)
         .collect();
-    let rows = run_policies(&fleet, &tether, &workload, &policies, CACHE_TOKENS).await;
+    let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS, !quick).await;
     print_table("steady state", &rows);
     let t = &rows.last().unwrap().1.overall;
     println!(
@@ -470,13 +499,14 @@ async fn main() {
         // The same workload with caches of 4,096 tokens instead of 2,560: how the gap to the
         // (infinite-cache) oracle depends on the pressure, policy by policy.
         eprintln!("steady state, 4,096-token caches:");
-        let (roomy, roomy_tether) = fleet_and_tether(&SIX, scale, ROOMY_CACHE_TOKENS);
+        let (roomy, roomy_tethers) = fleet_and_tether(&SIX, scale, ROOMY_CACHE_TOKENS);
         let roomy_rows = run_policies(
             &roomy,
-            &roomy_tether,
+            &roomy_tethers,
             &workload,
             &BASELINE_AND_HASHES,
             ROOMY_CACHE_TOKENS,
+            false,
         )
         .await;
         print_table("steady state, 4,096-token caches", &roomy_rows);
@@ -501,20 +531,30 @@ async fn main() {
         seed: 7,
         ..Workload::default()
     };
-    let hot_rows = run_policies(&fleet, &tether, &hot, &BASELINE_AND_HASHES, CACHE_TOKENS).await;
+    let hot_rows = run_policies(
+        &fleet,
+        &tethers,
+        &hot,
+        &BASELINE_AND_HASHES,
+        CACHE_TOKENS,
+        !quick,
+    )
+    .await;
     print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
 
     // Placements run one request at a time (~40 ms each at this time scale): 400 sessions
     // keep the events under two minutes and the moved shares within a few points of exact.
     let n = if quick { 200 } else { 400 };
     let client = reqwest::Client::new();
+    // The events run through the default Tether.
+    let tether = &tethers.default;
     let url = tether.url("/v1/chat/completions");
 
     // Drain eu-2, then bring it back.
     let before = placements(&client, &url, "drain", n, 1).await;
-    admin_post(&client, &tether, "/admin/replicas/eu-2/drain").await;
+    admin_post(&client, tether, "/admin/replicas/eu-2/drain").await;
     let during = placements(&client, &url, "drain", n, 2).await;
-    admin_post(&client, &tether, "/admin/replicas/eu-2/undrain").await;
+    admin_post(&client, tether, "/admin/replicas/eu-2/undrain").await;
     let after = placements(&client, &url, "drain", n, 3).await;
     let on_victim = before.iter().filter(|r| *r == "eu-2").count();
     let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-2").collect();
@@ -538,9 +578,9 @@ async fn main() {
     let before = placements(&client, &url, "remove", n, 1).await;
     let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-3").collect();
     tether
-        .rewrite_config(&tether_config(&fleet, &five))
+        .rewrite_config(&tether_config(&fleet, &five, true))
         .unwrap();
-    wait_for_replica(&client, &tether, "eu-3", false).await;
+    wait_for_replica(&client, tether, "eu-3", false).await;
     let after = placements(&client, &url, "remove", n, 2).await;
     let on_removed = before.iter().filter(|r| *r == "eu-3").count();
     let others_moved = before
@@ -559,13 +599,17 @@ async fn main() {
         moved(&ch_six, &ch_five),
         pct(moved(&ch_six, &ch_five), n),
     );
-    tether.rewrite_config(&tether_config(&fleet, &SIX)).unwrap();
-    wait_for_replica(&client, &tether, "eu-3", true).await;
+    tether
+        .rewrite_config(&tether_config(&fleet, &SIX, true))
+        .unwrap();
+    wait_for_replica(&client, tether, "eu-3", true).await;
 
     // Scale-out: 6 → 7 replicas.
     let before = placements(&client, &url, "scale", n, 1).await;
-    tether.rewrite_config(&tether_config(&fleet, &ids)).unwrap();
-    wait_for_replica(&client, &tether, "eu-4", true).await;
+    tether
+        .rewrite_config(&tether_config(&fleet, &ids, true))
+        .unwrap();
+    wait_for_replica(&client, tether, "eu-4", true).await;
     let after = placements(&client, &url, "scale", n, 2).await;
     let tether_moved = moved(&before, &after);
     let ch_moved = moved(
