@@ -4,8 +4,25 @@
 //! wins if it is still eligible. This is what makes scale-out free for warm sessions: adding a
 //! replica changes the ring, but a session with an entry keeps going where its KV cache is.
 //!
-//! Entries are 16 bytes (`u64` key, `u32` replica tag, `u32` last-touched second) in a sharded
-//! [`DashMap`]; the key is already a uniform hash, so the map hashes it with the identity.
+//! # Layout
+//!
+//! A hand-written sharded open-addressing hash table. Each entry is one 16-byte, 16-aligned
+//! `Slot` holding the key, the replica tag and the last-touched second inline, so a slot never
+//! straddles a 64-byte cache line. The key is already a uniform 64-bit hash, so it is not hashed
+//! again: its top 6 bits pick one of 64 shards (each behind its own cache-line-padded `RwLock`),
+//! its low bits pick the home slot in that shard (so the two are independent). Collisions use
+//! linear probing, so a lookup reads the home slot and, rarely, its neighbours, usually in the
+//! same line. A shard doubles when it would pass 3/4 load; deletion shifts the rest of the probe
+//! run back (no tombstones); bulk removal (TTL purge, capacity sweep) may shrink a sparse shard.
+//! The empty-slot marker is the reserved tag `u32::MAX`, which
+//! [`TagRegistry`](crate::TagRegistry) never assigns.
+//!
+//! Why not a general-purpose map: at 1M sessions the table is far larger than the caches, so a
+//! lookup costs its DRAM misses. A SwissTable (hashbrown, inside each DashMap shard) keeps its
+//! control bytes and its buckets in separate arrays, so a hit misses twice (control group, then
+//! bucket): ~220–250 ns per lookup at 1M entries with DashMap. Here a hit normally touches one
+//! line of table memory (the 64 shard locks are few and hot): a scratch prototype of this layout
+//! measured ~172 ns (target: ≤ 200 ns).
 //!
 //! Two bounds keep memory flat:
 //! - **idle TTL**: an entry not touched for `ttl` is dead. Lookups treat it as absent and remove
@@ -16,12 +33,9 @@
 //!   bits). The sweep is O(n) once every `capacity/8` inserts, i.e. O(1) amortized per insert.
 //!   While a sweep runs, other threads' inserts may overshoot by at most one entry each.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
-
-use dashmap::DashMap;
 
 use crate::clock::{Clock, MonotonicClock};
 use crate::RoutingKey;
@@ -30,42 +44,214 @@ use crate::RoutingKey;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ReplicaTag(pub u32);
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    tag: ReplicaTag,
-    touched: u32,
-}
-
 /// Sample size used to estimate the eviction cut-off.
 const EVICTION_SAMPLE: usize = 4096;
 
-/// Routing keys are uniform 64-bit digests already: hashing them again is wasted work.
-#[derive(Default)]
-struct IdentityHasher(u64);
+/// log2 of the number of shards.
+const SHARD_BITS: u32 = 6;
+/// Number of shards: enough that writers on different sessions rarely share a lock.
+const SHARDS: usize = 1 << SHARD_BITS;
+/// Slots in an empty shard, and the floor a shard never shrinks below (a power of two).
+const MIN_SLOTS: usize = 16;
+/// The tag of an empty slot. [`TagRegistry`](crate::TagRegistry) saturates one below it.
+const EMPTY_TAG: u32 = u32::MAX;
 
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used by `u64: Hash`; fold anything else in for correctness.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+/// One table entry, or an empty slot when `tag == EMPTY_TAG`.
+///
+/// 16 bytes aligned to 16, so four slots fill a 64-byte line exactly and none straddles two.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(16))]
+struct Slot {
+    key: u64,
+    tag: u32,
+    touched: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 16 && std::mem::align_of::<Slot>() == 16);
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        key: 0,
+        tag: EMPTY_TAG,
+        touched: 0,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.tag == EMPTY_TAG
     }
 }
 
-type Map = DashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>;
+/// One shard: a power-of-two array of slots, linear probing from `key & mask`.
+///
+/// Invariants: `len` is the number of occupied slots and at most 3/4 of `slots.len()` (so every
+/// probe meets an empty slot); every entry sits at the end of an unbroken run of occupied slots
+/// starting at its home slot; keys are unique.
+#[derive(Debug)]
+struct Shard {
+    slots: Box<[Slot]>,
+    len: usize,
+}
+
+/// Smallest shard size (a power of two, at least [`MIN_SLOTS`]) that holds `n` entries within
+/// the 3/4 load bound.
+fn slots_for(n: usize) -> usize {
+    let mut slots = MIN_SLOTS;
+    while n.saturating_mul(4) > slots.saturating_mul(3) {
+        slots *= 2;
+    }
+    slots
+}
+
+impl Shard {
+    fn with_slots(slots: usize) -> Shard {
+        Shard {
+            slots: vec![Slot::EMPTY; slots].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// `Ok(index)` of `key`'s slot, or `Err(index)` of the empty slot that ends its probe run
+    /// (where an insert would put it).
+    fn probe(&self, key: u64) -> Result<usize, usize> {
+        let mask = self.mask();
+        // Truncation on 32-bit targets is fine: only the low bits are used.
+        let mut i = key as usize & mask;
+        // Bounded by the array size; the load bound guarantees an empty slot well before that.
+        for _ in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            if slot.is_empty() {
+                return Err(i);
+            }
+            if slot.key == key {
+                return Ok(i);
+            }
+            i = (i + 1) & mask;
+        }
+        Err(i)
+    }
+
+    /// The entry for `key`, if any (the lookup hot path).
+    fn find(&self, key: u64) -> Option<Slot> {
+        self.probe(key).ok().map(|i| self.slots[i])
+    }
+
+    /// Inserts `slot`, whose key is absent and whose probe run ends at the empty slot `at`;
+    /// doubles the shard first if the insert would pass 3/4 load.
+    fn insert_absent(&mut self, at: usize, slot: Slot) {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.rebuild(self.slots.len() * 2);
+            self.place(slot);
+        } else {
+            self.slots[at] = slot;
+        }
+        self.len += 1;
+    }
+
+    /// Puts `slot` in the first empty slot of its probe run (its key is known to be absent).
+    fn place(&mut self, slot: Slot) {
+        let mask = self.mask();
+        let mut i = slot.key as usize & mask;
+        // Terminates: the load bound leaves empty slots.
+        while !self.slots[i].is_empty() {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = slot;
+    }
+
+    /// Re-inserts every entry into a fresh array of `slots` slots (which must hold `len`).
+    fn rebuild(&mut self, slots: usize) {
+        debug_assert!(slots.is_power_of_two() && slots >= slots_for(self.len));
+        let old = std::mem::replace(&mut self.slots, vec![Slot::EMPTY; slots].into_boxed_slice());
+        for slot in old.iter().filter(|s| !s.is_empty()) {
+            self.place(*slot);
+        }
+    }
+
+    /// Empties slot `hole` by backward-shift deletion: each later entry of the run that may
+    /// legally sit earlier (its home is not between the hole and itself) moves into the hole,
+    /// until the run ends. No tombstones, so probe runs never lengthen with churn.
+    fn delete_at(&mut self, mut hole: usize) {
+        let mask = self.mask();
+        let mut j = hole;
+        // Bounded by the array size; the load bound guarantees an empty slot well before that.
+        for _ in 1..self.slots.len() {
+            j = (j + 1) & mask;
+            let slot = self.slots[j];
+            if slot.is_empty() {
+                break;
+            }
+            let home = slot.key as usize & mask;
+            // Distances along the probe direction, modulo the array size (wrap-around).
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.slots[hole] = slot;
+                hole = j;
+            }
+        }
+        self.slots[hole] = Slot::EMPTY;
+        self.len -= 1;
+    }
+
+    /// Removes every entry `keep` refuses; returns how many. Shrinks the array when fewer than
+    /// 1/8 of its slots stay in use (to 1/8–1/4 load, never below [`MIN_SLOTS`]).
+    fn retain(&mut self, keep: &mut impl FnMut(u64, &Slot) -> bool) -> usize {
+        let n = self.slots.len();
+        let mask = self.mask();
+        // Walk the array once, starting just after an empty slot. That slot stays empty (a
+        // backward shift only moves entries into slots that were occupied), so no run crosses
+        // it, and a deletion only moves entries of the not-yet-visited part of the walk into
+        // slots at or after the current one: each entry is judged exactly once.
+        let Some(start) = self.slots.iter().position(Slot::is_empty) else {
+            return 0; // unreachable: the load bound keeps empty slots
+        };
+        let mut removed = 0;
+        let mut i = (start + 1) & mask;
+        let mut left = n - 1;
+        while left > 0 {
+            let slot = self.slots[i];
+            if !slot.is_empty() && !keep(slot.key, &slot) {
+                self.delete_at(i);
+                removed += 1;
+                // Slot `i` may now hold an entry shifted back from later in the run.
+                continue;
+            }
+            i = (i + 1) & mask;
+            left -= 1;
+        }
+        if removed > 0 && n > MIN_SLOTS && self.len * 8 < n {
+            self.rebuild(slots_for(self.len * 3).min(n));
+        }
+        removed
+    }
+}
+
+/// A shard's lock, alone on its cache lines so threads working in neighbouring shards do not
+/// contend on one line (128 bytes: x86 prefetches 64-byte lines in adjacent pairs).
+#[derive(Debug)]
+#[repr(align(128))]
+struct ShardLock(RwLock<Shard>);
+
+/// A poisoned lock only means another thread panicked while holding it. No code path here can
+/// panic between mutations of a shard, so its contents are consistent: keep routing.
+fn read(lock: &ShardLock) -> RwLockReadGuard<'_, Shard> {
+    lock.0.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(lock: &ShardLock) -> RwLockWriteGuard<'_, Shard> {
+    lock.0.write().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Key → replica that last served it, with idle TTL and a capacity bound.
 pub struct OverrideTable<C: Clock = MonotonicClock> {
-    map: Map,
+    shards: Box<[ShardLock]>,
     // Atomics so a reload can change them under traffic (relaxed: each is read on its own).
     ttl_secs: AtomicU32,
     capacity: AtomicUsize,
+    /// Sum of the shards' `len`, updated while holding the shard's write lock (so it never
+    /// dips below the true count).
     len: AtomicUsize,
     sweeping: AtomicBool,
     clock: C,
@@ -95,7 +281,9 @@ impl<C: Clock> OverrideTable<C> {
     pub fn with_clock(ttl: Duration, capacity: usize, clock: C) -> Self {
         let (ttl_secs, capacity) = Self::limits(ttl, capacity);
         OverrideTable {
-            map: Map::default(),
+            shards: (0..SHARDS)
+                .map(|_| ShardLock(RwLock::new(Shard::with_slots(MIN_SLOTS))))
+                .collect(),
             ttl_secs: AtomicU32::new(ttl_secs),
             capacity: AtomicUsize::new(capacity),
             len: AtomicUsize::new(0),
@@ -136,86 +324,136 @@ impl<C: Clock> OverrideTable<C> {
         self.capacity.load(Ordering::Relaxed)
     }
 
-    fn expired(&self, entry: &Entry, now: u32) -> bool {
-        now.saturating_sub(entry.touched) >= self.ttl_secs.load(Ordering::Relaxed)
+    /// The shard owning `key`: its top bits (the home slot uses the low bits).
+    fn shard(&self, key: u64) -> &ShardLock {
+        &self.shards[(key >> (u64::BITS - SHARD_BITS)) as usize]
+    }
+
+    fn expired(&self, touched: u32, now: u32) -> bool {
+        now.saturating_sub(touched) >= self.ttl_secs.load(Ordering::Relaxed)
     }
 
     /// The replica that last served `key`, unless the entry has idled past the TTL.
     pub fn get(&self, key: RoutingKey) -> Option<ReplicaTag> {
         let now = self.clock.now_secs();
-        let entry = *self.map.get(&key.0)?;
-        if self.expired(&entry, now) {
-            // Remove only if it is still the same expired entry (another thread may have
-            // re-recorded it between our read and this removal).
-            if self
-                .map
-                .remove_if(&key.0, |_, e| self.expired(e, now))
-                .is_some()
-            {
+        let lock = self.shard(key.0);
+        let entry = read(lock).find(key.0)?;
+        if !self.expired(entry.touched, now) {
+            return Some(ReplicaTag(entry.tag));
+        }
+        // Remove only if it is still the same expired entry (another thread may have
+        // re-recorded it between our read and this removal).
+        let mut shard = write(lock);
+        if let Ok(i) = shard.probe(key.0) {
+            if self.expired(shard.slots[i].touched, now) {
+                shard.delete_at(i);
                 self.len.fetch_sub(1, Ordering::Relaxed);
             }
-            return None;
         }
-        Some(entry.tag)
+        None
     }
 
     /// Records that `tag` served `key` now (inserting or refreshing the entry).
+    ///
+    /// `ReplicaTag(u32::MAX)` is reserved (it marks empty slots, and
+    /// [`TagRegistry`](crate::TagRegistry) never assigns it): recording it is a bug, caught by a
+    /// debug assertion; release builds treat it as [`remove`](Self::remove) so the table stays
+    /// sound.
     pub fn record(&self, key: RoutingKey, tag: ReplicaTag) {
+        debug_assert_ne!(tag.0, EMPTY_TAG, "ReplicaTag(u32::MAX) is reserved");
+        if tag.0 == EMPTY_TAG {
+            self.remove(key);
+            return;
+        }
         let touched = self.clock.now_secs();
-        if self.map.insert(key.0, Entry { tag, touched }).is_none() {
-            let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
-            let capacity = self.capacity();
-            if len > capacity {
-                self.evict_to(capacity - capacity / 8);
+        let len = {
+            let mut shard = write(self.shard(key.0));
+            match shard.probe(key.0) {
+                Ok(i) => {
+                    let slot = &mut shard.slots[i];
+                    slot.tag = tag.0;
+                    slot.touched = touched;
+                    return;
+                }
+                Err(at) => {
+                    let slot = Slot {
+                        key: key.0,
+                        tag: tag.0,
+                        touched,
+                    };
+                    shard.insert_absent(at, slot);
+                    self.len.fetch_add(1, Ordering::Relaxed) + 1
+                }
             }
+        };
+        let capacity = self.capacity();
+        if len > capacity {
+            self.evict_to(capacity - capacity / 8);
         }
     }
 
     /// Forgets `key`.
     pub fn remove(&self, key: RoutingKey) -> Option<ReplicaTag> {
-        let (_, entry) = self.map.remove(&key.0)?;
+        let mut shard = write(self.shard(key.0));
+        let i = shard.probe(key.0).ok()?;
+        let tag = shard.slots[i].tag;
+        shard.delete_at(i);
         self.len.fetch_sub(1, Ordering::Relaxed);
-        Some(entry.tag)
+        Some(ReplicaTag(tag))
     }
 
     /// Removes every entry idle past the TTL; returns how many were removed.
     pub fn purge_expired(&self) -> usize {
         let now = self.clock.now_secs();
-        self.retain(|_, e| !self.expired(e, now))
+        self.retain(|_, e| !self.expired(e.touched, now))
+    }
+
+    /// Calls `f` on every entry, one shard (read-locked) at a time.
+    fn for_each(&self, mut f: impl FnMut(&Slot)) {
+        for lock in self.shards.iter() {
+            read(lock)
+                .slots
+                .iter()
+                .filter(|s| !s.is_empty())
+                .for_each(&mut f);
+        }
     }
 
     /// Number of live entries pointing at `tag` (an O(n) scan, for the admin API).
     pub fn count_for(&self, tag: ReplicaTag) -> usize {
         let now = self.clock.now_secs();
-        self.map
-            .iter()
-            .filter(|e| e.value().tag == tag && !self.expired(e.value(), now))
-            .count()
+        let mut count = 0;
+        self.for_each(|e| {
+            if e.tag == tag.0 && !self.expired(e.touched, now) {
+                count += 1;
+            }
+        });
+        count
     }
 
     /// Number of live entries per replica tag, in one O(n) scan (for the admin API).
     pub fn counts_by_tag(&self) -> std::collections::HashMap<ReplicaTag, usize> {
         let now = self.clock.now_secs();
         let mut counts = std::collections::HashMap::new();
-        for e in self.map.iter() {
-            if !self.expired(e.value(), now) {
-                *counts.entry(e.value().tag).or_insert(0) += 1;
+        self.for_each(|e| {
+            if !self.expired(e.touched, now) {
+                *counts.entry(ReplicaTag(e.tag)).or_insert(0) += 1;
             }
-        }
+        });
         counts
     }
 
-    fn retain(&self, mut keep: impl FnMut(u64, &Entry) -> bool) -> usize {
-        let removed = AtomicUsize::new(0);
-        self.map.retain(|k, e| {
-            let kept = keep(*k, e);
-            if !kept {
-                removed.fetch_add(1, Ordering::Relaxed);
+    /// Removes every entry `keep` refuses, one shard (write-locked) at a time; returns how many.
+    fn retain(&self, mut keep: impl FnMut(u64, &Slot) -> bool) -> usize {
+        let mut removed = 0;
+        for lock in self.shards.iter() {
+            let mut shard = write(lock);
+            let n = shard.retain(&mut keep);
+            if n > 0 {
+                self.len.fetch_sub(n, Ordering::Relaxed);
+                removed += n;
             }
-            kept
-        });
-        let removed = removed.into_inner();
-        self.len.fetch_sub(removed, Ordering::Relaxed);
+        }
         removed
     }
 
@@ -232,14 +470,18 @@ impl<C: Clock> OverrideTable<C> {
         let len = self.len().max(1);
         let excess = len.saturating_sub(target);
 
-        // Keys are uniform hashes, so the first entries the iterator yields are a random
-        // sample of the table.
-        let mut sample: Vec<u32> = self
-            .map
-            .iter()
-            .take(EVICTION_SAMPLE)
-            .map(|e| e.value().touched)
-            .collect();
+        // Keys are uniform hashes and slots are ordered by the key's low bits, so the first
+        // entries of the first shards are a random sample of the table.
+        let mut sample: Vec<u32> = Vec::with_capacity(EVICTION_SAMPLE);
+        for lock in self.shards.iter() {
+            let room = EVICTION_SAMPLE - sample.len();
+            if room == 0 {
+                break;
+            }
+            let shard = read(lock);
+            let entries = shard.slots.iter().filter(|s| !s.is_empty());
+            sample.extend(entries.take(room).map(|s| s.touched));
+        }
         sample.sort_unstable();
         let want = ((excess as u128 * sample.len() as u128).div_ceil(len as u128) as usize)
             .clamp(1, sample.len().max(1));
@@ -252,7 +494,7 @@ impl<C: Clock> OverrideTable<C> {
         let evict_at_cutoff = (want - older) as u64;
 
         self.retain(|k, e| {
-            if self.expired(e, now) || e.touched < cutoff {
+            if self.expired(e.touched, now) || e.touched < cutoff {
                 false
             } else if e.touched == cutoff {
                 (k >> 40) % at_cutoff >= evict_at_cutoff
@@ -276,6 +518,9 @@ pub type SharedOverrides = Arc<OverrideTable>;
 mod tests {
     use super::*;
     use crate::ManualClock;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
+    use std::collections::HashMap;
 
     fn table(ttl_secs: u64, capacity: usize) -> OverrideTable<ManualClock> {
         OverrideTable::with_clock(
@@ -283,6 +528,65 @@ mod tests {
             capacity,
             ManualClock::default(),
         )
+    }
+
+    impl<C: Clock> OverrideTable<C> {
+        /// Entries counted shard by shard (compare with the `len` counter).
+        fn counted_len(&self) -> usize {
+            self.shards.iter().map(|lock| read(lock).len).sum()
+        }
+
+        /// Asserts every shard's structural invariants; returns the number of entries.
+        fn check_invariants(&self) -> usize {
+            let mut total = 0;
+            for (s, lock) in self.shards.iter().enumerate() {
+                let shard = read(lock);
+                let n = shard.slots.len();
+                let mask = n - 1;
+                assert!(
+                    n.is_power_of_two() && n >= MIN_SLOTS,
+                    "shard {s}: {n} slots"
+                );
+                let occupied = shard.slots.iter().filter(|e| !e.is_empty()).count();
+                assert_eq!(occupied, shard.len, "shard {s}: len counter");
+                assert!(shard.len * 4 <= n * 3, "shard {s}: load {}/{n}", shard.len);
+                for (i, e) in shard.slots.iter().enumerate() {
+                    if e.is_empty() {
+                        continue;
+                    }
+                    assert_eq!(
+                        (e.key >> (64 - SHARD_BITS)) as usize,
+                        s,
+                        "key in wrong shard"
+                    );
+                    // An unbroken run from the home slot to the entry.
+                    let mut j = e.key as usize & mask;
+                    while j != i {
+                        assert!(
+                            !shard.slots[j].is_empty(),
+                            "hole in the run of {:#x}",
+                            e.key
+                        );
+                        j = (j + 1) & mask;
+                    }
+                    // Found where it is (so keys are unique too).
+                    assert_eq!(shard.probe(e.key), Ok(i));
+                }
+                total += shard.len;
+            }
+            assert_eq!(total, self.counted_len());
+            total
+        }
+    }
+
+    fn config(cases: u32) -> Config {
+        Config {
+            cases,
+            // Fixed seed: deterministic CI; no regression files written into the tree.
+            rng_seed: RngSeed::Fixed(0x0_5107),
+            failure_persistence: None,
+            ..Config::default()
+        }
     }
 
     #[test]
@@ -361,7 +665,8 @@ mod tests {
             })
             .count();
         assert_eq!(old_left, 0);
-        assert_eq!(t.len(), t.map.len());
+        assert_eq!(t.len(), t.counted_len());
+        t.check_invariants();
     }
 
     #[test]
@@ -378,7 +683,8 @@ mod tests {
             (8000..=9500).contains(&len),
             "a sweep should leave about 7/8 of capacity, left {len}"
         );
-        assert_eq!(len, t.map.len());
+        assert_eq!(len, t.counted_len());
+        t.check_invariants();
     }
 
     #[test]
@@ -414,5 +720,435 @@ mod tests {
         assert_eq!(t.capacity(), 1);
         t.record(RoutingKey(1), ReplicaTag(1));
         assert_eq!(t.get(RoutingKey(1)), Some(ReplicaTag(1)));
+    }
+
+    // ---- The open-addressing layout. ----
+
+    #[test]
+    fn the_table_is_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<OverrideTable>();
+        send_sync::<OverrideTable<ManualClock>>();
+        send_sync::<SharedOverrides>();
+    }
+
+    #[test]
+    fn a_smaller_capacity_applies_at_the_next_insert() {
+        let t = table(3600, 1000);
+        for k in 0..500u64 {
+            t.record(
+                RoutingKey(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                ReplicaTag(0),
+            );
+            t.clock.advance(1);
+        }
+        t.set_limits(Duration::from_secs(3600), 100);
+        assert_eq!(t.len(), 500, "nothing is evicted until an insert");
+        t.record(RoutingKey(u64::MAX), ReplicaTag(1));
+        assert!(t.len() <= 100, "len {}", t.len());
+        assert_eq!(
+            t.get(RoutingKey(u64::MAX)),
+            Some(ReplicaTag(1)),
+            "newest entry kept"
+        );
+        assert_eq!(t.len(), t.check_invariants());
+    }
+
+    /// A key in shard 0 whose home slot is `home` in any shard of up to 256 slots.
+    fn homed(home: u64, n: u64) -> RoutingKey {
+        RoutingKey((n << 8) | home)
+    }
+
+    #[test]
+    fn deleting_from_the_middle_of_a_probe_run_keeps_every_other_key() {
+        // Twelve keys (the most a 16-slot shard holds) in shard 0. Slots after inserting in
+        // order (slot:key index):
+        //   0:2  1:3  2:4  3:5  4:6  5:7  6:8  7:10  8:11  13:9  14:0  15:1
+        // The run 13..=15,0..=8 wraps past the end of the array; key 10 sits at its home (7), so
+        // removing key 8 (slot 6) must skip it and shift key 11 (home 4, slot 8) back over it.
+        let homes = [14u64, 14, 14, 15, 14, 0, 2, 3, 3, 13, 7, 4];
+        let keys: Vec<RoutingKey> = homes
+            .iter()
+            .enumerate()
+            .map(|(n, h)| homed(*h, n as u64))
+            .collect();
+        let build = || {
+            let t = table(3600, 1000);
+            for (n, k) in keys.iter().enumerate() {
+                t.record(*k, ReplicaTag(n as u32));
+            }
+            t
+        };
+        {
+            let t = build();
+            let shard = read(&t.shards[0]);
+            assert_eq!(
+                shard.slots.len(),
+                16,
+                "the run stays in one minimum-size shard"
+            );
+            let at: Vec<usize> = keys.iter().filter_map(|k| shard.probe(k.0).ok()).collect();
+            assert_eq!(at, [14, 15, 0, 1, 2, 3, 4, 5, 6, 13, 7, 8]);
+        }
+        for victim in 0..keys.len() {
+            let t = build();
+            assert_eq!(t.remove(keys[victim]), Some(ReplicaTag(victim as u32)));
+            assert_eq!(t.get(keys[victim]), None);
+            for (n, k) in keys.iter().enumerate().filter(|(n, _)| *n != victim) {
+                assert_eq!(
+                    t.get(*k),
+                    Some(ReplicaTag(n as u32)),
+                    "key {n} after removing {victim}"
+                );
+            }
+            assert_eq!(t.check_invariants(), keys.len() - 1);
+            assert_eq!(t.len(), keys.len() - 1);
+            // Then empty it in an order that keeps cutting runs in the middle.
+            for (step, n) in (0..keys.len())
+                .map(|i| (i * 7 + 3) % keys.len())
+                .enumerate()
+            {
+                if n != victim {
+                    assert_eq!(t.remove(keys[n]), Some(ReplicaTag(n as u32)), "step {step}");
+                    t.check_invariants();
+                }
+            }
+            assert!(t.is_empty());
+        }
+    }
+
+    #[test]
+    fn shards_grow_under_load_and_shrink_when_purged() {
+        let t = table(10, 1 << 20);
+        let keys: Vec<RoutingKey> = (0..200).map(|n| homed(n % 5, n)).collect();
+        for k in &keys {
+            t.record(*k, ReplicaTag(1));
+        }
+        assert!(
+            read(&t.shards[0]).slots.len() >= 256,
+            "grew to hold 200 entries at ≤ 3/4"
+        );
+        assert!(keys.iter().all(|k| t.get(*k) == Some(ReplicaTag(1))));
+        t.check_invariants();
+        t.clock.advance(5);
+        t.record(keys[0], ReplicaTag(2));
+        t.record(keys[1], ReplicaTag(2));
+        t.clock.advance(5);
+        assert_eq!(t.purge_expired(), 198);
+        let slots = read(&t.shards[0]).slots.len();
+        assert_eq!(
+            slots, MIN_SLOTS,
+            "a sparse shard shrinks, down to the minimum"
+        );
+        assert_eq!(t.get(keys[0]), Some(ReplicaTag(2)));
+        assert_eq!(t.get(keys[1]), Some(ReplicaTag(2)));
+        assert_eq!(t.check_invariants(), 2);
+    }
+
+    #[test]
+    #[cfg_attr(debug_assertions, should_panic(expected = "reserved"))]
+    fn the_empty_marker_tag_cannot_be_recorded() {
+        let t = table(60, 10);
+        t.record(RoutingKey(1), ReplicaTag(5));
+        // Debug builds assert; release builds forget the key.
+        t.record(RoutingKey(1), ReplicaTag(u32::MAX));
+        assert_eq!(t.get(RoutingKey(1)), None);
+        t.record(RoutingKey(2), ReplicaTag(u32::MAX));
+        assert_eq!(t.get(RoutingKey(2)), None);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.check_invariants(), 0);
+    }
+
+    #[test]
+    fn a_poisoned_shard_keeps_routing() {
+        let t = table(60, 100);
+        t.record(RoutingKey(1), ReplicaTag(1));
+        let lock = t.shard(1);
+        let panicked = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _guard = lock.0.write();
+                panic!("a panic while holding the shard lock (expected by this test)");
+            })
+            .join()
+        });
+        assert!(panicked.is_err() && lock.0.is_poisoned());
+        assert_eq!(t.get(RoutingKey(1)), Some(ReplicaTag(1)));
+        t.record(RoutingKey(2), ReplicaTag(2));
+        assert_eq!(t.remove(RoutingKey(1)), Some(ReplicaTag(1)));
+        assert_eq!(t.count_for(ReplicaTag(2)), 1);
+        assert_eq!(t.purge_expired(), 0);
+        assert_eq!(t.check_invariants(), 1);
+    }
+
+    // ---- Against a model. ----
+
+    const TTL: u32 = 10;
+
+    /// Keys that collide on purpose: the same home slot in one shard (differing only in middle
+    /// bits), homes at the end of the array (runs wrap), neighbouring homes (runs merge), the
+    /// same home in different shards (differing only in the top bits), and small integers.
+    fn key_pool() -> Vec<u64> {
+        let mut keys = Vec::new();
+        for i in 0..8u64 {
+            keys.push((i << 32) | 0xF); // shard 0, home 15 (last slot of a minimum shard)
+            keys.push((i << 40) | 0xE); // shard 0, home 14
+            keys.push(0x1000 + i); // shard 0, homes 0..8
+            keys.push(i); // shard 0, homes 0..8
+            keys.push((i << 58) | 0xE); // shards 0..8, home 14
+            keys.push(u64::MAX - i); // shard 63, homes at the end
+            keys.push((i << 20) | 0xD); // shard 0, home 13 (enough shard-0 keys to grow twice)
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Record(u64, u32),
+        Get(u64),
+        Remove(u64),
+        Advance(u32),
+        Purge,
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        let key = prop_oneof![9 => prop::sample::select(key_pool()), 1 => any::<u64>()];
+        let op = prop_oneof![
+            5 => (key.clone(), 0..4u32).prop_map(|(k, t)| Op::Record(k, t)),
+            3 => key.clone().prop_map(Op::Get),
+            2 => key.prop_map(Op::Remove),
+            1 => (0..=TTL).prop_map(Op::Advance),
+            1 => Just(Op::Purge),
+        ];
+        prop::collection::vec(op, 1..400)
+    }
+
+    /// The model: key → (tag, touched), with the table's TTL rule.
+    #[derive(Default)]
+    struct Model {
+        map: HashMap<u64, (u32, u32)>,
+        now: u32,
+    }
+
+    impl Model {
+        fn live(&self, touched: u32) -> bool {
+            self.now - touched < TTL
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        #[test]
+        fn matches_a_hash_map_model(ops in ops()) {
+            // Large enough that no sweep ever runs: exact agreement.
+            let t = table(u64::from(TTL), 1 << 20);
+            let mut m = Model::default();
+            for op in ops {
+                match op {
+                    Op::Record(k, tag) => {
+                        t.record(RoutingKey(k), ReplicaTag(tag));
+                        m.map.insert(k, (tag, m.now));
+                    }
+                    Op::Get(k) => {
+                        let want = match m.map.get(&k) {
+                            Some((tag, touched)) if m.live(*touched) => Some(ReplicaTag(*tag)),
+                            Some(_) => {
+                                m.map.remove(&k);
+                                None
+                            }
+                            None => None,
+                        };
+                        prop_assert_eq!(t.get(RoutingKey(k)), want);
+                    }
+                    Op::Remove(k) => {
+                        let want = m.map.remove(&k).map(|(tag, _)| ReplicaTag(tag));
+                        prop_assert_eq!(t.remove(RoutingKey(k)), want);
+                    }
+                    Op::Advance(s) => {
+                        t.clock.advance(s);
+                        m.now += s;
+                    }
+                    Op::Purge => {
+                        let before = m.map.len();
+                        let now = m.now;
+                        m.map.retain(|_, (_, touched)| now - *touched < TTL);
+                        prop_assert_eq!(t.purge_expired(), before - m.map.len());
+                    }
+                }
+                prop_assert_eq!(t.len(), m.map.len());
+                prop_assert_eq!(t.check_invariants(), m.map.len());
+            }
+            let mut counts = HashMap::new();
+            for (tag, touched) in m.map.values() {
+                if m.live(*touched) {
+                    *counts.entry(ReplicaTag(*tag)).or_insert(0) += 1;
+                }
+            }
+            prop_assert_eq!(t.counts_by_tag(), counts.clone());
+            for tag in 0..4 {
+                let want = counts.get(&ReplicaTag(tag)).copied().unwrap_or(0);
+                prop_assert_eq!(t.count_for(ReplicaTag(tag)), want);
+            }
+            for k in key_pool() {
+                let want = m
+                    .map
+                    .get(&k)
+                    .filter(|(_, touched)| m.live(*touched))
+                    .map(|(tag, _)| ReplicaTag(*tag));
+                prop_assert_eq!(t.get(RoutingKey(k)), want);
+            }
+        }
+
+        #[test]
+        fn small_capacities_are_never_exceeded(capacity in 1usize..=40, ops in ops()) {
+            // Sweeps drop entries the model still has, so the table must only ever agree with
+            // the model where it answers: never a stale tag, never a dead entry.
+            let t = table(u64::from(TTL), capacity);
+            let mut m = Model::default();
+            for op in ops {
+                match op {
+                    Op::Record(k, tag) => {
+                        t.record(RoutingKey(k), ReplicaTag(tag));
+                        m.map.insert(k, (tag, m.now));
+                    }
+                    Op::Get(k) => {
+                        let got = t.get(RoutingKey(k));
+                        if let Some(tag) = got {
+                            let (want, touched) = m.map[&k];
+                            prop_assert!(m.live(touched), "a dead entry was returned");
+                            prop_assert_eq!(tag, ReplicaTag(want));
+                        } else {
+                            m.map.remove(&k);
+                        }
+                    }
+                    Op::Remove(k) => {
+                        let model = m.map.remove(&k).map(|(tag, _)| ReplicaTag(tag));
+                        if let Some(tag) = t.remove(RoutingKey(k)) {
+                            prop_assert_eq!(Some(tag), model);
+                        }
+                    }
+                    Op::Advance(s) => {
+                        t.clock.advance(s);
+                        m.now += s;
+                    }
+                    Op::Purge => {
+                        let now = m.now;
+                        let expired = m.map.values().filter(|(_, t)| now - *t >= TTL).count();
+                        prop_assert!(t.purge_expired() <= expired);
+                        m.map.retain(|_, (_, touched)| now - *touched < TTL);
+                    }
+                }
+                prop_assert!(t.len() <= capacity, "len {} > capacity {capacity}", t.len());
+                prop_assert_eq!(t.check_invariants(), t.len());
+            }
+        }
+    }
+
+    // ---- Concurrency. ----
+
+    /// splitmix64: a deterministic stream of uniform keys and choices.
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    #[test]
+    fn concurrent_threads_keep_their_own_writes_and_the_count() {
+        const THREADS: u64 = 4;
+        const OPS: u64 = 50_000;
+        const OWN: u64 = 2_000;
+        const SHARED: u64 = 64;
+        let t = table(3600, 1 << 20);
+        // Disjoint keys per thread, and keys all threads fight over.
+        let own_key = |th: u64, i: u64| RoutingKey(mix((th << 32) | i));
+        let shared_key = |i: u64| RoutingKey(mix(u64::MAX - i));
+        let models: Vec<HashMap<u64, u32>> = std::thread::scope(|s| {
+            let t = &t;
+            let handles: Vec<_> = (0..THREADS)
+                .map(|th| {
+                    s.spawn(move || {
+                        let mut own: HashMap<u64, u32> = HashMap::new();
+                        for n in 0..OPS {
+                            let r = mix((th << 48) ^ n);
+                            let i = (r >> 8) % OWN;
+                            let tag = (th as u32) * 1000 + (r >> 40) as u32 % 1000;
+                            match r % 8 {
+                                0..=2 => {
+                                    t.record(own_key(th, i), ReplicaTag(tag));
+                                    own.insert(own_key(th, i).0, tag);
+                                }
+                                3 | 4 => {
+                                    let want = own.get(&own_key(th, i).0).map(|t| ReplicaTag(*t));
+                                    assert_eq!(t.get(own_key(th, i)), want);
+                                }
+                                5 => {
+                                    let want = own.remove(&own_key(th, i).0).map(ReplicaTag);
+                                    assert_eq!(t.remove(own_key(th, i)), want);
+                                }
+                                6 => t.record(shared_key(i % SHARED), ReplicaTag(tag)),
+                                _ => {
+                                    if r & 0x100 == 0 {
+                                        t.remove(shared_key(i % SHARED));
+                                    } else if let Some(got) = t.get(shared_key(i % SHARED)) {
+                                        assert!(got.0 / 1000 < THREADS as u32, "{got:?}");
+                                    }
+                                }
+                            }
+                        }
+                        own
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (th, own) in models.iter().enumerate() {
+            for i in 0..OWN {
+                let k = own_key(th as u64, i);
+                assert_eq!(
+                    t.get(k),
+                    own.get(&k.0).map(|t| ReplicaTag(*t)),
+                    "thread {th} key {i}"
+                );
+            }
+        }
+        let shared = (0..SHARED)
+            .filter(|i| t.get(shared_key(*i)).is_some())
+            .count();
+        let own: usize = models.iter().map(HashMap::len).sum();
+        assert_eq!(t.len(), own + shared);
+        assert_eq!(t.check_invariants(), t.len());
+    }
+
+    #[test]
+    fn concurrent_inserts_and_sweeps_keep_the_count() {
+        const THREADS: u64 = 4;
+        const CAPACITY: usize = 2_000;
+        let t = table(3600, CAPACITY);
+        std::thread::scope(|s| {
+            for th in 0..THREADS {
+                let t = &t;
+                s.spawn(move || {
+                    for n in 0..20_000u64 {
+                        let k = RoutingKey(mix((th << 40) | n));
+                        t.record(k, ReplicaTag(th as u32));
+                        if n % 4 == 0 {
+                            t.get(k);
+                        }
+                        if n % 1000 == 0 {
+                            t.clock.advance(1);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(t.check_invariants(), t.len());
+        // Quiescent: the next insert sweeps any overshoot left by concurrent inserts.
+        t.record(RoutingKey(0), ReplicaTag(9));
+        assert!(t.len() <= CAPACITY, "len {}", t.len());
+        assert_eq!(t.check_invariants(), t.len());
     }
 }

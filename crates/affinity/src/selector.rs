@@ -199,7 +199,8 @@ impl TagRegistry {
         if let Some(tag) = tags.get(id) {
             return *tag;
         }
-        let tag = ReplicaTag(u32::try_from(tags.len()).unwrap_or(u32::MAX));
+        // Saturates below `u32::MAX`: that tag is the override table's empty-slot marker.
+        let tag = ReplicaTag(tags.len().min(u32::MAX as usize - 1) as u32);
         tags.insert(id.to_owned(), tag);
         tag
     }
