@@ -25,8 +25,8 @@
 //!
 //!   *Tenant locality* refines step 2 (and 3) when the request names a tenant and the caller's
 //!   [`LoadView`] reports [`TenantWarmth`]: among the replicas the walk accepts that are also
-//!   under the same bound on recently *placed* sessions, the first warm for the tenant wins,
-//!   else the one serving the fewest other tenants.
+//!   under the same bound on recently *placed* sessions, the one warm for the tenant with the
+//!   fewest recent placements wins, else the one serving the fewest other tenants.
 //!
 //!   Each decision records its branch as an [`Outcome`] (`sticky`, `ring`, `rebalanced`,
 //!   `locality`, `failover`, `cross_region`, `none`) for logs and metrics.
