@@ -11,7 +11,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tether_affinity::{OverrideTable, RouteRequest, TagRegistry, TenantScope, TokenRules};
+use tether_affinity::{
+    LoadView, OverrideTable, ReplicaIdx, RouteRequest, TagRegistry, TenantScope, TenantWarmth,
+    TokenRules, Warmth,
+};
 use tether_benches::{fleet, key, token, SESSIONS};
 
 /// Index `i` made data-dependent on the previous result (always adds 0).
@@ -28,6 +31,22 @@ impl Hasher for IdentityHasher {
     fn write(&mut self, _: &[u8]) {}
     fn write_u64(&mut self, n: u64) {
         self.0 = n;
+    }
+}
+
+/// Idle replicas that all served the tenant just now: tenant locality scans every replica of
+/// the region before it picks one (the case that once walked the whole ring).
+struct WarmFleet {
+    inflight: Vec<u32>,
+    warmth: Vec<TenantWarmth>,
+}
+
+impl LoadView for WarmFleet {
+    fn inflight(&self, replica: ReplicaIdx) -> u32 {
+        self.inflight[replica as usize]
+    }
+    fn tenant_warmth(&self, replica: ReplicaIdx, tenant: TenantScope) -> Option<Warmth> {
+        Some(self.warmth[replica as usize].warmth(tenant, 1_000, 30_000))
     }
 }
 
@@ -94,14 +113,41 @@ fn routing(c: &mut Criterion) {
             last = black_box(decide(fresh[i], &busy));
         })
     });
+    let tenant = TenantScope::new("acme");
+    let warm = WarmFleet {
+        inflight: vec![0; 6],
+        warmth: (0..6)
+            .map(|_| {
+                let w = TenantWarmth::new();
+                w.record(tenant, 1_000);
+                w
+            })
+            .collect(),
+    };
+    group.bench_function("ring_walk_tenant_locality_new_session", |b| {
+        b.iter(|| {
+            i = chained(i + 1, last);
+            let k = fresh[i];
+            let req = RouteRequest {
+                key: Some(k),
+                sticky: overrides.get(k),
+                tried: None,
+                tenant: Some(tenant),
+            };
+            last = black_box(
+                selector
+                    .decide(&req, &warm)
+                    .map_or(0, |d| u64::from(d.replica)),
+            );
+        })
+    });
     let rules = TokenRules::default();
-    let scope = TenantScope::new("acme");
     group.bench_function("full_path_validate_hash_lookup_decide", |b| {
         b.iter(|| {
             i = chained(i + 1, last);
             let k = rules
                 .validate(tokens[i].as_bytes())
-                .map(|t| scope.key(t))
+                .map(|t| tenant.key(t))
                 .ok();
             let req = RouteRequest {
                 key: k,

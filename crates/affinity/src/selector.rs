@@ -435,10 +435,15 @@ impl Selector {
         let mut first_eligible = None;
         // One ring holds every region; a region's own order is the global walk filtered to it,
         // so the home region's first candidate is exactly the key's global owner.
-        for idx in self.ring.walk(position, self.replicas.len()) {
-            if unvisited == 0 {
+        let mut walk = self.ring.walk(position, self.replicas.len());
+        // Checked before each step, not after: once every member has been seen, another
+        // `next()` would scan the rest of the ring (thousands of points) for a replica that is
+        // not there, which a locality scan (it goes past the first eligible replica) always
+        // reached: 3.3x bare Pingora's instructions per request in a cold-start bench.
+        while unvisited > 0 {
+            let Some(idx) = walk.next() else {
                 break;
-            }
+            };
             if self.replicas[idx as usize].region != region {
                 continue;
             }
