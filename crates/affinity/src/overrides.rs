@@ -623,6 +623,11 @@ mod tests {
         }
     }
 
+    /// Key `k` spread over the whole 64-bit space (every shard and slot), as real keys are.
+    fn spread(k: u64) -> RoutingKey {
+        RoutingKey(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
     fn config(cases: u32) -> Config {
         Config {
             cases,
@@ -688,26 +693,15 @@ mod tests {
     fn capacity_is_never_exceeded_and_the_oldest_go_first() {
         let t = table(3600, 1000);
         for k in 0..1000u64 {
-            t.record(
-                RoutingKey(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                ReplicaTag(0),
-            );
+            t.record(spread(k), ReplicaTag(0));
         }
         t.clock.advance(1);
         for k in 1000..5000u64 {
-            t.record(
-                RoutingKey(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                ReplicaTag(1),
-            );
+            t.record(spread(k), ReplicaTag(1));
             assert!(t.len() <= 1000, "len {} at insert {k}", t.len());
         }
         // Everything from the first second is older than anything after it.
-        let old_left = (0..1000u64)
-            .filter(|k| {
-                t.get(RoutingKey(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-                    .is_some()
-            })
-            .count();
+        let old_left = (0..1000u64).filter(|k| t.get(spread(*k)).is_some()).count();
         assert_eq!(old_left, 0);
         assert_eq!(t.len(), t.counted_len());
         t.check_invariants();
@@ -717,10 +711,7 @@ mod tests {
     fn a_burst_in_one_second_evicts_a_fraction_not_everything() {
         let t = table(3600, 10_000);
         for k in 0..10_001u64 {
-            t.record(
-                RoutingKey(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                ReplicaTag(0),
-            );
+            t.record(spread(k), ReplicaTag(0));
         }
         let len = t.len();
         assert!(
@@ -780,10 +771,7 @@ mod tests {
     fn a_smaller_capacity_applies_at_the_next_insert() {
         let t = table(3600, 1000);
         for k in 0..500u64 {
-            t.record(
-                RoutingKey(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                ReplicaTag(0),
-            );
+            t.record(spread(k), ReplicaTag(0));
             t.clock.advance(1);
         }
         t.set_limits(Duration::from_secs(3600), 100);
