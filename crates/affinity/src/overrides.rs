@@ -236,8 +236,10 @@ impl Shard {
         self.len -= 1;
     }
 
-    /// Removes every entry `keep` refuses; returns how many. Shrinks the array when fewer than
-    /// 1/8 of its slots stay in use (to 1/8–1/4 load, never below [`MIN_SLOTS`]).
+    /// Removes every entry `keep` refuses; returns how many. Shrinks the array when under 3/8
+    /// of its slots stay in use, to the smallest size that holds a third more than what is left
+    /// (so the next inserts do not double it straight back): the load stays above 9/32, i.e.
+    /// at most about 60 bytes a slot-and-control-byte per entry, never below [`MIN_SLOTS`].
     fn retain(&mut self, keep: &mut impl FnMut(u64, &Slot) -> bool) -> usize {
         let n = self.slots.len();
         let mask = self.mask();
@@ -262,8 +264,11 @@ impl Shard {
             i = (i + 1) & mask;
             left -= 1;
         }
-        if removed > 0 && n > MIN_SLOTS && self.len * 8 < n {
-            self.rebuild(slots_for(self.len * 3).min(n));
+        if removed > 0 && n > MIN_SLOTS && self.len * 8 < n * 3 {
+            let slots = slots_for(self.len + self.len / 3);
+            if slots < n {
+                self.rebuild(slots);
+            }
         }
         removed
     }
@@ -291,8 +296,9 @@ pub struct OverrideTable<C: Clock = MonotonicClock> {
     // Atomics so a reload can change them under traffic (relaxed: each is read on its own).
     ttl_secs: AtomicU32,
     capacity: AtomicUsize,
-    /// Sum of the shards' `len`, updated while holding the shard's write lock (so it never
-    /// dips below the true count).
+    /// Sum of the shards' `len`, updated while holding the shard's write lock (an insert adds
+    /// after its shard's count grew, a removal subtracts after it shrank, so it never
+    /// underflows).
     len: AtomicUsize,
     sweeping: AtomicBool,
     clock: C,
@@ -507,9 +513,18 @@ impl<C: Clock> OverrideTable<C> {
         {
             return;
         }
+        self.sweep_to(target);
+        self.sweeping.store(false, Ordering::Release);
+    }
+
+    /// The body of [`evict_to`](Self::evict_to), run by the one sweeper.
+    fn sweep_to(&self, target: usize) {
         let now = self.clock.now_secs();
         let len = self.len().max(1);
         let excess = len.saturating_sub(target);
+        if excess == 0 {
+            return; // another sweep got here first
+        }
 
         // Keys are uniform hashes and slots are ordered by the key's low bits, so the first
         // entries of the first shards are a random sample of the table.
@@ -544,11 +559,22 @@ impl<C: Clock> OverrideTable<C> {
             }
         });
         if self.len() > self.capacity() {
-            // The sample under-estimated the old entries; take the whole cut-off second so the
-            // bound holds.
-            self.retain(|_, e| e.touched > cutoff);
+            // The sample under-estimated the old entries (or the key-bit split at the cut-off
+            // fell short, as it can on a small table). Evict exactly the rest of the excess:
+            // what is left of the cut-off second first, then, only if that is too little, any
+            // entries. Never the whole cut-off second: in a burst that is the whole table.
+            let mut left = self.len().saturating_sub(target);
+            for oldest in [cutoff, u32::MAX] {
+                if left == 0 {
+                    break;
+                }
+                self.retain(|_, e| {
+                    let evict = left > 0 && e.touched <= oldest;
+                    left -= usize::from(evict);
+                    !evict
+                });
+            }
         }
-        self.sweeping.store(false, Ordering::Release);
     }
 }
 
@@ -720,6 +746,65 @@ mod tests {
         );
         assert_eq!(len, t.counted_len());
         t.check_invariants();
+    }
+
+    #[test]
+    fn a_burst_never_empties_a_small_table() {
+        // A review catch: on a small table the key-bit split at the cut-off second can evict
+        // too few, and the fallback used to evict that whole second, i.e. everything.
+        for capacity in 1..=64usize {
+            let t = table(3600, capacity);
+            let inserts = 20 * capacity as u64;
+            let mut held = 0;
+            for k in 0..inserts {
+                t.record(spread(k), ReplicaTag(0));
+                let len = t.len();
+                assert!(
+                    (1..=capacity).contains(&len),
+                    "capacity {capacity}: {len} entries after insert {k}"
+                );
+                held += len;
+            }
+            // The split at the cut-off is random (key bits), so one sweep may take a little
+            // more than 1/8 on a tiny table; on average the table stays about full.
+            let mean = held as f64 / inserts as f64;
+            assert!(
+                mean >= 0.75 * capacity as f64,
+                "capacity {capacity}: {mean:.1} entries on average"
+            );
+            assert_eq!(t.len(), t.counted_len());
+            t.check_invariants();
+        }
+    }
+
+    #[test]
+    fn a_purge_shrinks_sparse_shards_to_at_most_64_bytes_an_entry() {
+        let t = table(10, 1_000_000);
+        for k in 0..200_000u64 {
+            t.record(spread(k), ReplicaTag(0));
+        }
+        t.clock.advance(5);
+        // Every 16th session stays active; the rest expire.
+        for k in (0..200_000u64).step_by(16) {
+            t.record(spread(k), ReplicaTag(1));
+        }
+        t.clock.advance(6);
+        assert_eq!(t.purge_expired(), 200_000 - 12_500);
+        let live = t.check_invariants();
+        assert_eq!(live, 12_500);
+        let bytes: usize = t
+            .shards
+            .iter()
+            .map(|lock| read(lock).slots.len() * 17)
+            .sum();
+        let per_entry = bytes as f64 / live as f64;
+        assert!(
+            per_entry <= 64.0,
+            "{per_entry:.1} bytes an entry after the purge"
+        );
+        for k in (0..200_000u64).step_by(16) {
+            assert_eq!(t.get(spread(k)), Some(ReplicaTag(1)), "key {k}");
+        }
     }
 
     #[test]
