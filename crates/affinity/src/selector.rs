@@ -425,7 +425,7 @@ impl Selector {
         let mut unvisited = info.members.len();
         // Without locality the first eligible replica wins. With it, among eligible replicas
         // under the placement bound, the one warm for the tenant with the fewest recent
-        // placements (`best_warm`: spreading the tenant evenly over its replicas evened out
+        // placements per unit of weight (`best_warm`: spreading the tenant evenly over its replicas evened out
         // max/mean load from 1.25-1.38 to 1.12 in three of four loadgen layouts, at the same
         // hit ratio, where the first warm one on the walk took every session it could);
         // failing that, the one with the fewest other tenants (`best`). The earliest on the
@@ -470,8 +470,10 @@ impl Selector {
                 continue;
             }
             if warmth.warm {
-                if best_warm.is_none_or(|(_, placed)| warmth.recent_placements < placed) {
-                    best_warm = Some((idx, warmth.recent_placements));
+                // Per unit of weight: a replica twice the size takes twice the sessions.
+                let placed = warmth.recent_placements / f64::from(replica.weight);
+                if best_warm.is_none_or(|(_, best)| placed < best) {
+                    best_warm = Some((idx, placed));
                 }
                 continue;
             }
@@ -989,6 +991,28 @@ mod tests {
             view.warmth[x as usize].record_placement(NOW_MS, WINDOW_MS);
             let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
             assert_eq!((d.replica, d.outcome), (owner, Outcome::Ring));
+        }
+    }
+
+    #[test]
+    fn recent_placements_are_compared_per_unit_of_weight() {
+        // A review catch: raw counts sent new sessions to the small replica of two warm ones.
+        let mut regions = fleet(&[("eu", &["a", "b", "c"])]);
+        regions[0].replicas[2].weight = 3;
+        let s = selector(&regions);
+        for k in keys().take(50) {
+            let view = WarmView::new(3);
+            view.serve(0, "acme").serve(2, "acme").serve(1, "globex");
+            // a: 1 placement for weight 1; c: 2 for weight 3, the emptier per unit. b took 6
+            // (over its bound 1.25 × (9 + 1) / 5 = 2.5), so only a and c compete.
+            let placements = [(0, 1), (1, 6), (2, 2)];
+            for (replica, n) in placements {
+                for _ in 0..n {
+                    view.warmth[replica].record_placement(NOW_MS, WINDOW_MS);
+                }
+            }
+            let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
+            assert_eq!(d.replica, 2, "key {k:#x}");
         }
     }
 
