@@ -62,15 +62,22 @@ fn tether_config(fleet: &SimFleet, ids: &[&str], locality: bool) -> String {
     )
 }
 
-/// Tether as configured by default, and with tenant locality off.
+/// Tether as configured by default, and with tenant locality off (started only for runs that
+/// print its row).
 struct Tethers {
     default: Tether,
-    no_locality: Tether,
+    no_locality: Option<Tether>,
 }
 
-/// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and two
-/// Tethers in front of the six of `SIX`: as configured by default, and without tenant locality.
-fn fleet_and_tether(ids: &[&str], scale: &str, cache_tokens: usize) -> (SimFleet, Tethers) {
+/// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and the
+/// Tethers in front of the six of `SIX`: as configured by default, and, when
+/// `locality_off_row`, one without tenant locality.
+fn fleet_and_tether(
+    ids: &[&str],
+    scale: &str,
+    cache_tokens: usize,
+    locality_off_row: bool,
+) -> (SimFleet, Tethers) {
     let fleet = SimFleet::start_with(
         ids,
         &[
@@ -89,7 +96,7 @@ fn fleet_and_tether(ids: &[&str], scale: &str, cache_tokens: usize) -> (SimFleet
     };
     let tethers = Tethers {
         default: start(true),
-        no_locality: start(false),
+        no_locality: locality_off_row.then(|| start(false)),
     };
     (fleet, tethers)
 }
@@ -132,7 +139,7 @@ const BASELINE_AND_HASHES: [(&str, ClientPolicy); 3] = [
 ];
 
 /// Runs `workload` once per policy (caches flushed before each), then through Tether: without
-/// tenant locality when `locality_off_row` (what locality buys, same run), and as configured
+/// tenant locality when `tethers` has that one (what locality buys, same run), and as configured
 /// by default (last).
 async fn run_policies(
     fleet: &SimFleet,
@@ -140,19 +147,17 @@ async fn run_policies(
     workload: &Workload,
     policies: &[(&'static str, ClientPolicy)],
     cache_tokens: usize,
-    locality_off_row: bool,
 ) -> Vec<(&'static str, Report)> {
     let urls: Vec<String> = SIX
         .iter()
         .map(|id| format!("http://{}", fleet.addr(id)))
         .collect();
-    let variants: Vec<(&'static str, &Tether)> = [
-        ("tether, locality off", &tethers.no_locality),
-        ("tether", &tethers.default),
-    ]
-    .into_iter()
-    .filter(|(name, _)| locality_off_row || *name == "tether")
-    .collect();
+    let variants: Vec<(&'static str, &Tether)> = tethers
+        .no_locality
+        .iter()
+        .map(|t| ("tether, locality off", t))
+        .chain([("tether", &tethers.default)])
+        .collect();
     let progress = indicatif::ProgressBar::new((policies.len() + variants.len()) as u64)
         .with_style(
             indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg} ({elapsed})")
@@ -454,7 +459,7 @@ async fn main() {
     // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
     // TTFT is compared as ratios between policies, which the scale does not change.
     let scale = if quick { "0.25" } else { "0.5" };
-    let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS);
+    let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS, !quick);
 
     eprintln!("steady state:");
     let all = [
@@ -468,7 +473,7 @@ async fn main() {
         .into_iter()
         .filter(|(_, p)| !quick || *p != ClientPolicy::LeastInflight)
         .collect();
-    let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS, !quick).await;
+    let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS).await;
     print_table("steady state", &rows);
     let t = &rows.last().unwrap().1.overall;
     println!(
@@ -499,14 +504,13 @@ async fn main() {
         // The same workload with caches of 4,096 tokens instead of 2,560: how the gap to the
         // (infinite-cache) oracle depends on the pressure, policy by policy.
         eprintln!("steady state, 4,096-token caches:");
-        let (roomy, roomy_tethers) = fleet_and_tether(&SIX, scale, ROOMY_CACHE_TOKENS);
+        let (roomy, roomy_tethers) = fleet_and_tether(&SIX, scale, ROOMY_CACHE_TOKENS, false);
         let roomy_rows = run_policies(
             &roomy,
             &roomy_tethers,
             &workload,
             &BASELINE_AND_HASHES,
             ROOMY_CACHE_TOKENS,
-            false,
         )
         .await;
         print_table("steady state, 4,096-token caches", &roomy_rows);
@@ -531,15 +535,7 @@ async fn main() {
         seed: 7,
         ..Workload::default()
     };
-    let hot_rows = run_policies(
-        &fleet,
-        &tethers,
-        &hot,
-        &BASELINE_AND_HASHES,
-        CACHE_TOKENS,
-        !quick,
-    )
-    .await;
+    let hot_rows = run_policies(&fleet, &tethers, &hot, &BASELINE_AND_HASHES, CACHE_TOKENS).await;
     print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
 
     // Placements run one request at a time (~40 ms each at this time scale): 400 sessions
