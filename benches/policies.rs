@@ -37,8 +37,14 @@ const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 /// as it would in production; the client-side policies route on the session header alone.
 const TENANT_KEYS: [&str; 2] = ["sk-bench-tenant-0", "sk-bench-tenant-1"];
 
-/// Tether's config for replicas `ids` of `fleet`; `locality: false` turns tenant locality off.
-fn tether_config(fleet: &SimFleet, ids: &[&str], locality: bool) -> String {
+/// Tether's config for replicas `ids` of `fleet`; `locality: false` turns tenant locality off,
+/// `shed_factor` turns sticky shedding on.
+fn tether_config(
+    fleet: &SimFleet,
+    ids: &[&str],
+    locality: bool,
+    shed_factor: Option<f64>,
+) -> String {
     let region = |prefix: &str| {
         ids.iter()
             .filter(|id| id.starts_with(prefix))
@@ -56,22 +62,27 @@ fn tether_config(fleet: &SimFleet, ids: &[&str], locality: bool) -> String {
         })
         .collect();
     format!(
-        "local_region: eu\naffinity: {{ tenant_locality: {} }}\n{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\ntenants:\n{tenants}",
+        "local_region: eu\naffinity: {{ tenant_locality: {}, shed_factor: {} }}\n{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\ntenants:\n{tenants}",
         if locality { "30s" } else { "null" },
+        shed_factor.map_or("null".to_string(), |f| f.to_string()),
         regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
     )
 }
 
-/// Tether as configured by default, and with tenant locality off (started only for runs that
-/// print its row).
+/// Tether as configured by default, and with tenant locality off and with sticky shedding on
+/// (both started only for runs that print their rows).
 struct Tethers {
     default: Tether,
     no_locality: Option<Tether>,
+    shedding: Option<Tether>,
 }
+
+/// The shed factor of the `tether, shed_factor 1.25` row (the hot spot's).
+const SHED_FACTOR: f64 = 1.25;
 
 /// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and the
 /// Tethers in front of the six of `SIX`: as configured by default, and, when
-/// `locality_off_row`, one without tenant locality.
+/// `locality_off_row`, one without tenant locality and one with sticky shedding.
 fn fleet_and_tether(
     ids: &[&str],
     scale: &str,
@@ -88,15 +99,16 @@ fn fleet_and_tether(
         ],
     )
     .unwrap();
-    let start = |locality| {
+    let start = |locality, shed_factor| {
         Tether::start(&TetherConfig {
-            body: tether_config(&fleet, &SIX, locality),
+            body: tether_config(&fleet, &SIX, locality, shed_factor),
         })
         .unwrap()
     };
     let tethers = Tethers {
-        default: start(true),
-        no_locality: locality_off_row.then(|| start(false)),
+        default: start(true, None),
+        no_locality: locality_off_row.then(|| start(false, None)),
+        shedding: locality_off_row.then(|| start(true, Some(SHED_FACTOR))),
     };
     (fleet, tethers)
 }
@@ -139,14 +151,16 @@ const BASELINE_AND_HASHES: [(&str, ClientPolicy); 3] = [
 ];
 
 /// Runs `workload` once per policy (caches flushed before each), then through Tether: without
-/// tenant locality when `tethers` has that one (what locality buys, same run), and as configured
-/// by default (last).
+/// tenant locality when `tethers` has that one (what locality buys, same run), with sticky
+/// shedding when `shedding_row` and `tethers` has that one, and as configured by default
+/// (last).
 async fn run_policies(
     fleet: &SimFleet,
     tethers: &Tethers,
     workload: &Workload,
     policies: &[(&'static str, ClientPolicy)],
     cache_tokens: usize,
+    shedding_row: bool,
 ) -> Vec<(&'static str, Report)> {
     let urls: Vec<String> = SIX
         .iter()
@@ -156,6 +170,13 @@ async fn run_policies(
         .no_locality
         .iter()
         .map(|t| ("tether, locality off", t))
+        .chain(
+            tethers
+                .shedding
+                .iter()
+                .filter(|_| shedding_row)
+                .map(|t| ("tether, shed_factor 1.25", t)),
+        )
         .chain([("tether", &tethers.default)])
         .collect();
     let progress = indicatif::ProgressBar::new((policies.len() + variants.len()) as u64)
@@ -473,7 +494,7 @@ async fn main() {
         .into_iter()
         .filter(|(_, p)| !quick || *p != ClientPolicy::LeastInflight)
         .collect();
-    let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS).await;
+    let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS, false).await;
     print_table("steady state", &rows);
     let t = &rows.last().unwrap().1.overall;
     println!(
@@ -511,6 +532,7 @@ async fn main() {
             &workload,
             &BASELINE_AND_HASHES,
             ROOMY_CACHE_TOKENS,
+            false,
         )
         .await;
         print_table("steady state, 4,096-token caches", &roomy_rows);
@@ -535,8 +557,29 @@ async fn main() {
         seed: 7,
         ..Workload::default()
     };
-    let hot_rows = run_policies(&fleet, &tethers, &hot, &BASELINE_AND_HASHES, CACHE_TOKENS).await;
+    let hot_rows = run_policies(
+        &fleet,
+        &tethers,
+        &hot,
+        &BASELINE_AND_HASHES,
+        CACHE_TOKENS,
+        true,
+    )
+    .await;
     print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
+    let max_over_mean = |name: &str| {
+        hot_rows
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("-".to_string(), |(_, r)| {
+                format!("{:.2}", r.replica_max_over_mean)
+            })
+    };
+    println!(
+        "policies/hot_spot/max_over_mean tether {}, tether with shed_factor 1.25 {} (target <= 1.25)",
+        max_over_mean("tether"),
+        max_over_mean("tether, shed_factor 1.25"),
+    );
 
     // Placements run one request at a time (~40 ms each at this time scale): 400 sessions
     // keep the events under two minutes and the moved shares within a few points of exact.
@@ -574,7 +617,7 @@ async fn main() {
     let before = placements(&client, &url, "remove", n, 1).await;
     let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-3").collect();
     tether
-        .rewrite_config(&tether_config(&fleet, &five, true))
+        .rewrite_config(&tether_config(&fleet, &five, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-3", false).await;
     let after = placements(&client, &url, "remove", n, 2).await;
@@ -596,14 +639,14 @@ async fn main() {
         pct(moved(&ch_six, &ch_five), n),
     );
     tether
-        .rewrite_config(&tether_config(&fleet, &SIX, true))
+        .rewrite_config(&tether_config(&fleet, &SIX, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-3", true).await;
 
     // Scale-out: 6 → 7 replicas.
     let before = placements(&client, &url, "scale", n, 1).await;
     tether
-        .rewrite_config(&tether_config(&fleet, &ids, true))
+        .rewrite_config(&tether_config(&fleet, &ids, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-4", true).await;
     let after = placements(&client, &url, "scale", n, 2).await;

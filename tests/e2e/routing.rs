@@ -320,3 +320,98 @@ async fn tenant_locality_keeps_each_tenants_new_sessions_on_its_own_replicas() {
         placed.values().map(|r| r.iter().collect()).collect();
     assert!(!sets[0].is_disjoint(&sets[1]), "{placed:?}");
 }
+
+/// Sends turns only for the sessions placed on one replica, so that replica serves every
+/// request; returns, in order, when each of those sessions moved and where to, within
+/// `for_ms` of traffic.
+async fn hot_replica_moves(affinity: &str, for_ms: u64) -> (String, Vec<(u128, String, String)>) {
+    let ids = ["a-1", "a-2", "a-3"];
+    let fleet = SimFleet::start(&ids).unwrap();
+    let replicas = ids
+        .iter()
+        .map(|id| (id.to_string(), fleet.addr(id), ""))
+        .collect::<Vec<_>>();
+    let body = format!(
+        "local_region: a\naffinity: {affinity}\n{}",
+        regions_yaml(&[("a", replicas)])
+    );
+    let tether = Tether::start(&TetherConfig { body }).unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let mut on: HashMap<String, String> = HashMap::new();
+    for i in 0..30 {
+        let session = format!("session-{i}");
+        let reply = chat(
+            &client,
+            &url,
+            None,
+            &[session.as_bytes()],
+            &conversation(&session, 1),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        on.insert(session, reply.replica.expect("the sim names itself"));
+    }
+    let hot = on["session-0"].clone();
+    let mut sessions: Vec<String> = on
+        .iter()
+        .filter(|(_, r)| **r == hot)
+        .map(|(s, _)| s.clone())
+        .collect();
+    sessions.sort();
+    assert!(sessions.len() >= 4, "too few sessions on {hot}: {on:?}");
+    let start = std::time::Instant::now();
+    let mut moves = Vec::new();
+    let mut turn = 2;
+    while start.elapsed().as_millis() < u128::from(for_ms) {
+        for session in &sessions {
+            let reply = chat(
+                &client,
+                &url,
+                None,
+                &[session.as_bytes()],
+                &conversation(session, turn),
+            )
+            .await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let now_on = reply.replica.expect("the sim names itself");
+            if now_on != on[session] {
+                moves.push((start.elapsed().as_millis(), session.clone(), now_on.clone()));
+                on.insert(session.clone(), now_on);
+            }
+        }
+        turn += 1;
+    }
+    (hot, moves)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_far_over_its_share_sheds_sticky_sessions_one_at_a_time() {
+    // The hot replica serves everything: 3× the mean, far over the limit of 1.25×. After
+    // the excess lasts 2 s it sheds one session a second, to the others; moved sessions stay.
+    let (hot, moves) =
+        hot_replica_moves("{ shed_factor: 1.25, tenant_locality: null }", 5_000).await;
+    assert!(!moves.is_empty(), "no session left {hot}");
+    assert!(
+        moves[0].0 >= 1_900,
+        "shed before the excess lasted 2 s: {moves:?}"
+    );
+    for pair in moves.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= 900,
+            "two sheds within the cooldown: {moves:?}"
+        );
+    }
+    let mut moved = std::collections::HashSet::new();
+    for (_, session, to) in &moves {
+        assert_ne!(to, &hot, "{session} came back: {moves:?}");
+        assert!(moved.insert(session), "{session} moved twice: {moves:?}");
+    }
+
+    // Off (the default), the same traffic moves no session.
+    let (hot, moves) = hot_replica_moves("{ tenant_locality: null }", 3_000).await;
+    assert!(
+        moves.is_empty(),
+        "sessions left {hot} with shedding off: {moves:?}"
+    );
+}

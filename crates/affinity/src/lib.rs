@@ -28,8 +28,13 @@
 //!   under the same bound on recently *placed* sessions, the one warm for the tenant with the
 //!   fewest recent placements wins, else the one serving the fewest other tenants.
 //!
-//!   Each decision records its branch as an [`Outcome`] (`sticky`, `ring`, `rebalanced`,
-//!   `locality`, `failover`, `cross_region`, `none`) for logs and metrics.
+//!   *Sticky shedding* (off by default) refines step 1: with
+//!   [`SelectorOptions::shed_factor`] set and the view reporting [`ReplicaLoad`], a replica
+//!   that has served more than that factor × the fleet's mean for a while gives one sticky
+//!   session at a time to the least-loaded eligible replica.
+//!
+//!   Each decision records its branch as an [`Outcome`] (`sticky`, `shed`, `ring`,
+//!   `rebalanced`, `locality`, `failover`, `cross_region`, `none`) for logs and metrics.
 //! - **Recording**: after a successful response the proxy records `key → replica` in the
 //!   override table. Adding a replica therefore moves no session that has an entry; removing or
 //!   draining one moves only its own sessions. Entries idle out after a TTL and the table is
@@ -87,6 +92,7 @@ mod key;
 mod overrides;
 mod ring;
 mod selector;
+mod shed;
 mod token;
 mod warmth;
 
@@ -98,6 +104,7 @@ pub use selector::{
     Admission, Decision, LoadView, Outcome, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest,
     Selector, SelectorOptions, TagRegistry,
 };
+pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SERVED_WINDOW_MS};
 pub use token::{
     ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_HEADER, DEFAULT_MAX_TOKEN_LEN,
 };

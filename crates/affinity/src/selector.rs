@@ -29,6 +29,9 @@ pub enum Admission {
 pub enum Outcome {
     /// The override entry's replica was eligible.
     Sticky,
+    /// The override entry's replica was over the shedding limit: the session moved to the
+    /// least-loaded eligible replica (see [`crate::ReplicaLoad`]).
+    Shed,
     /// The key's ring owner in its home region took it.
     Ring,
     /// The ring owner was over the load bound; a later replica on the walk took it.
@@ -49,6 +52,7 @@ impl Outcome {
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Sticky => "sticky",
+            Outcome::Shed => "shed",
             Outcome::Ring => "ring",
             Outcome::Rebalanced => "rebalanced",
             Outcome::Locality => "locality",
@@ -71,6 +75,16 @@ pub trait LoadView {
     /// when tenant locality is off, and new sessions follow the ring alone.
     fn tenant_warmth(&self, _replica: ReplicaIdx, _tenant: TenantScope) -> Option<Warmth> {
         None
+    }
+    /// Requests the replica served recently ([`crate::ReplicaLoad::recent_served`]); `None`
+    /// when not tracked, and no sticky session is shed.
+    fn recent_served(&self, _replica: ReplicaIdx) -> Option<f64> {
+        None
+    }
+    /// Notes whether the replica is over the shedding limit and claims a shed
+    /// ([`crate::ReplicaLoad::claim_shed`]). The default sheds whenever it is over.
+    fn claim_shed(&self, _replica: ReplicaIdx, over: bool) -> bool {
+        over
     }
 }
 
@@ -119,6 +133,10 @@ pub struct SelectorOptions {
     /// Index (into the regions given to [`Selector::new`]) of the region this edge runs in:
     /// tokenless requests go there, and it is the first fallback for every other home region.
     pub local_region: usize,
+    /// Sticky shedding (see [`crate::ReplicaLoad`]): a replica that has served more than this
+    /// × the fleet's mean (per unit of weight) sheds sticky sessions. `None` = never (the
+    /// default); values below 1 count as 1.
+    pub shed_factor: Option<f64>,
 }
 
 impl Default for SelectorOptions {
@@ -127,6 +145,7 @@ impl Default for SelectorOptions {
             balance_factor: 1.25,
             points_per_weight: crate::ring::DEFAULT_POINTS_PER_WEIGHT,
             local_region: 0,
+            shed_factor: None,
         }
     }
 }
@@ -215,6 +234,7 @@ pub struct Selector {
     by_tag: Vec<Option<ReplicaIdx>>,
     local_region: u16,
     balance_factor: f64,
+    shed_factor: Option<f64>,
     tokenless_cursor: AtomicUsize,
 }
 
@@ -272,6 +292,7 @@ impl Selector {
             by_tag,
             local_region: local,
             balance_factor: options.balance_factor.max(1.0),
+            shed_factor: options.shed_factor.map(|f| f.max(1.0)),
             tokenless_cursor: AtomicUsize::new(0),
         }
     }
@@ -308,7 +329,9 @@ impl Selector {
     /// Chooses the replica for a request, or `None` when no replica anywhere can take it.
     ///
     /// Rules, in order:
-    /// 1. An override entry wins if its replica is [sticky-eligible](Self::sticky_eligible).
+    /// 1. An override entry wins if its replica is [sticky-eligible](Self::sticky_eligible),
+    ///    unless sticky shedding is on and moves it ([`Outcome::Shed`]: see
+    ///    [`crate::ReplicaLoad`]).
     /// 2. Otherwise walk the home region's ring from the key, skipping replicas that are not
     ///    active, unhealthy, tried, at their hard cap, or over the load bound
     ///    `ceil(c × (total in-flight + 1) × weight / total weight)` (Mirrokni et al. 2016).
@@ -332,10 +355,11 @@ impl Selector {
         if let Some(tag) = req.sticky {
             match self.by_tag(tag) {
                 Some(idx) if self.sticky_eligible(idx, req.tried, view) => {
-                    return Some(Decision {
-                        replica: idx,
-                        outcome: Outcome::Sticky,
-                    });
+                    let (replica, outcome) = match self.shed_to(idx, key, req.tried, view) {
+                        Some(to) => (to, Outcome::Shed),
+                        None => (idx, Outcome::Sticky),
+                    };
+                    return Some(Decision { replica, outcome });
                 }
                 _ => lost_home = true,
             }
@@ -377,6 +401,66 @@ impl Selector {
     ) -> bool {
         self.available(idx, tried, view)
             && view.inflight(idx) < self.replicas[idx as usize].max_inflight
+    }
+
+    /// Where the sticky session `key` on `idx` goes if `idx` sheds it now, or `None` to stay.
+    ///
+    /// `idx` is over the limit when it served more than `shed_factor` × the mean of the
+    /// fleet's available replicas recently (both per unit of weight) and at least
+    /// [`MIN_SHED_LOAD`](crate::MIN_SHED_LOAD). The limit is fleet-wide, not per region: a
+    /// region can be the hot one, and then only another region has room. The destination is
+    /// the least-loaded sticky-eligible replica of the key's home region, or of the whole fleet
+    /// when that one is itself over the limit; the view decides whether this is the moment
+    /// ([`LoadView::claim_shed`]). With shedding off, or the view not tracking load, `None`
+    /// at the cost of one branch.
+    fn shed_to<V: LoadView + ?Sized>(
+        &self,
+        idx: ReplicaIdx,
+        key: RoutingKey,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> Option<ReplicaIdx> {
+        let factor = self.shed_factor?;
+        let load = |m: ReplicaIdx| {
+            view.recent_served(m)
+                .map(|n| n / f64::from(self.replicas[m as usize].weight))
+        };
+        let own = load(idx)?;
+        let (mut served, mut weight) = (0.0, 0u64);
+        for (m, replica) in self.replicas.iter().enumerate() {
+            if self.available(m as ReplicaIdx, None, view) {
+                served += view.recent_served(m as ReplicaIdx).unwrap_or(0.0);
+                weight += u64::from(replica.weight);
+            }
+        }
+        let limit = factor * served / weight.max(1) as f64;
+        let over = own >= crate::MIN_SHED_LOAD && own > limit;
+        // Told even when not over: the view tracks how long the excess has lasted.
+        if !over {
+            view.claim_shed(idx, false);
+            return None;
+        }
+        let mut skip = tried
+            .cloned()
+            .unwrap_or_else(|| ReplicaSet::new(self.replicas.len()));
+        skip.insert(idx);
+        let least_loaded = |members: &mut dyn Iterator<Item = ReplicaIdx>| {
+            members
+                .filter(|&m| self.sticky_eligible(m, Some(&skip), view))
+                .map(|m| (m, load(m).unwrap_or(0.0)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+        };
+        let home = self.home_region(key)?;
+        let in_home = least_loaded(&mut self.regions[home as usize].members.iter().copied());
+        let to = match in_home {
+            Some((m, l)) if l <= limit => (m, l),
+            _ => least_loaded(&mut (0..self.replicas.len() as ReplicaIdx))?,
+        };
+        // Moving to a replica as loaded as this one would only move the problem.
+        if to.1 >= own || !view.claim_shed(idx, true) {
+            return None;
+        }
+        Some(to.0)
     }
 
     fn available<V: LoadView + ?Sized>(
@@ -1013,6 +1097,103 @@ mod tests {
             }
             let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
             assert_eq!(d.replica, 2, "key {k:#x}");
+        }
+    }
+
+    /// No requests in flight; recent served-request counts; whether a shed may happen now.
+    struct ServedView {
+        served: Vec<f64>,
+        allow: bool,
+    }
+
+    impl LoadView for ServedView {
+        fn inflight(&self, _replica: ReplicaIdx) -> u32 {
+            0
+        }
+        fn recent_served(&self, replica: ReplicaIdx) -> Option<f64> {
+            self.served.get(replica as usize).copied()
+        }
+        fn claim_shed(&self, _replica: ReplicaIdx, over: bool) -> bool {
+            over && self.allow
+        }
+    }
+
+    fn served(served: &[f64]) -> ServedView {
+        ServedView {
+            served: served.to_vec(),
+            allow: true,
+        }
+    }
+
+    fn shedding(regions: &[RegionSpec], factor: f64) -> Selector {
+        let options = SelectorOptions {
+            shed_factor: Some(factor),
+            ..SelectorOptions::default()
+        };
+        Selector::new(regions, options, &TagRegistry::new())
+    }
+
+    fn sticky_on(s: &Selector, replica: ReplicaIdx, key: u64) -> RouteRequest<'static> {
+        RouteRequest {
+            sticky: Some(s.replicas()[replica as usize].tag),
+            ..keyed(key)
+        }
+    }
+
+    #[test]
+    fn a_replica_over_the_shed_limit_gives_a_sticky_session_to_the_least_loaded() {
+        let s = shedding(&fleet(&[("eu", &["a", "b", "c"])]), 1.25);
+        // Mean 30, limit 37.5: a (60) is over; c served least.
+        let view = served(&[60.0, 20.0, 10.0]);
+        for k in keys().take(50) {
+            let d = s.decide(&sticky_on(&s, 0, k), &view).unwrap();
+            assert_eq!((d.replica, d.outcome), (2, Outcome::Shed));
+            // b and c are under the limit: they keep their sessions.
+            for r in [1, 2] {
+                let d = s.decide(&sticky_on(&s, r, k), &view).unwrap();
+                assert_eq!((d.replica, d.outcome), (r, Outcome::Sticky));
+            }
+            // The view says not now (the excess is new, or a shed just happened): it stays.
+            let wait = ServedView {
+                allow: false,
+                ..served(&[60.0, 20.0, 10.0])
+            };
+            let d = s.decide(&sticky_on(&s, 0, k), &wait).unwrap();
+            assert_eq!((d.replica, d.outcome), (0, Outcome::Sticky));
+        }
+    }
+
+    #[test]
+    fn no_shed_within_the_limit_on_little_traffic_or_when_off() {
+        let s = shedding(&fleet(&[("eu", &["a", "b", "c"])]), 1.25);
+        for view in [served(&[37.0, 27.0, 26.0]), served(&[3.0, 0.0, 0.0])] {
+            let d = s.decide(&sticky_on(&s, 0, 7), &view).unwrap();
+            assert_eq!((d.replica, d.outcome), (0, Outcome::Sticky));
+        }
+        let off = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        let d = off
+            .decide(&sticky_on(&off, 0, 7), &served(&[90.0, 0.0, 0.0]))
+            .unwrap();
+        assert_eq!((d.replica, d.outcome), (0, Outcome::Sticky));
+        // A drained destination is not one; with none left, the session stays.
+        let mut regions = fleet(&[("eu", &["a", "b"])]);
+        regions[0].replicas[1].admission = Admission::Draining;
+        let s = shedding(&regions, 1.25);
+        let d = s
+            .decide(&sticky_on(&s, 0, 7), &served(&[90.0, 0.0]))
+            .unwrap();
+        assert_eq!((d.replica, d.outcome), (0, Outcome::Sticky));
+    }
+
+    #[test]
+    fn a_hot_region_sheds_to_another_region() {
+        let s = shedding(&fleet(&[("eu", &["a", "b"]), ("us", &["c", "d"])]), 1.25);
+        // Fleet mean 25, limit 31.25: eu's a (50) is over, and eu's b (35) is too, so the
+        // session goes to us's least-loaded replica, whatever its home region.
+        let view = served(&[50.0, 35.0, 10.0, 5.0]);
+        for k in keys().take(50) {
+            let d = s.decide(&sticky_on(&s, 0, k), &view).unwrap();
+            assert_eq!((d.replica, d.outcome), (3, Outcome::Shed), "key {k:#x}");
         }
     }
 

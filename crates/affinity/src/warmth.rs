@@ -32,7 +32,7 @@ pub const WARMTH_SLOTS: usize = 16;
 
 /// The clock unit of [`TenantWarmth`]: time is kept in tenths of a second, so recording the
 /// same tenant again within 100 ms writes nothing (no cache-line traffic per request).
-const TICK_MS: u64 = 100;
+pub(crate) const TICK_MS: u64 = 100;
 
 /// What a replica's record says about one tenant at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -54,12 +54,26 @@ pub struct TenantWarmth {
     placements: AtomicU64,
 }
 
-fn decayed(packed: u64, now: u32, window_ms: u64) -> f32 {
+pub(crate) fn decayed(packed: u64, now: u32, window_ms: u64) -> f32 {
     let (count, at) = (f32::from_bits((packed >> 32) as u32), packed as u32);
     let age_ms = u64::from(now.saturating_sub(at)) * TICK_MS;
     // A zero window forgets at once (validation keeps it positive; no division by zero).
     let factor = (-(age_ms as f64) / window_ms.max(1) as f64).exp();
     (f64::from(count) * factor) as f32
+}
+
+/// Adds one to a decayed count (`f32 bits << 32 | tick`, see [`decayed`]) at `now_ms`.
+pub(crate) fn bump(counter: &AtomicU64, now_ms: u64, window_ms: u64) {
+    let now = tick(now_ms);
+    let mut current = counter.load(Ordering::Relaxed);
+    loop {
+        let count = decayed(current, now, window_ms) + 1.0;
+        let next = u64::from(count.to_bits()) << 32 | u64::from(now);
+        match counter.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(seen) => current = seen,
+        }
+    }
 }
 
 fn fingerprint(tenant: TenantScope) -> u32 {
@@ -71,7 +85,7 @@ fn fingerprint(tenant: TenantScope) -> u32 {
     }
 }
 
-fn tick(now_ms: u64) -> u32 {
+pub(crate) fn tick(now_ms: u64) -> u32 {
     // Saturates after 13 years of uptime.
     u32::try_from(now_ms / TICK_MS).unwrap_or(u32::MAX).max(1)
 }
@@ -118,21 +132,7 @@ impl TenantWarmth {
     /// Notes that a session was placed on the replica at `now_ms`; the count decays with time
     /// constant `window_ms`.
     pub fn record_placement(&self, now_ms: u64, window_ms: u64) {
-        let now = tick(now_ms);
-        let mut current = self.placements.load(Ordering::Relaxed);
-        loop {
-            let count = decayed(current, now, window_ms) + 1.0;
-            let next = u64::from(count.to_bits()) << 32 | u64::from(now);
-            match self.placements.compare_exchange_weak(
-                current,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(seen) => current = seen,
-            }
-        }
+        bump(&self.placements, now_ms, window_ms);
     }
 
     /// Sessions placed on the replica recently: each counts `exp(-age / window_ms)`.

@@ -10,8 +10,9 @@ use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 use sha2::{Digest, Sha256};
 use tether_affinity::{
-    Admission, LoadView, OverrideTable, RegionSpec, ReplicaIdx, ReplicaSpec, ReplicaTag, Selector,
-    SelectorOptions, TagRegistry, TenantScope, TenantWarmth, TokenRules, Warmth,
+    Admission, LoadView, OverrideTable, RegionSpec, ReplicaIdx, ReplicaLoad, ReplicaSpec,
+    ReplicaTag, Selector, SelectorOptions, TagRegistry, TenantScope, TenantWarmth, TokenRules,
+    Warmth,
 };
 use tether_health::{
     HealthPolicy, InflightGuard, ProbeRound, ProbeSettings, ProbeSource, ProbeTarget,
@@ -45,6 +46,11 @@ pub struct Snapshot {
     pub warmth: Vec<Arc<TenantWarmth>>,
     /// `affinity.tenant_locality` in milliseconds; `None` = off.
     pub tenant_locality_ms: Option<u64>,
+    /// Requests each replica served recently, for sticky shedding, indexed like the
+    /// selector's replicas.
+    pub load: Vec<Arc<ReplicaLoad>>,
+    /// Whether `affinity.shed_factor` is set (the load records are kept only then).
+    pub shedding: bool,
     /// Replica addresses, indexed like the selector's replicas (for probes).
     pub addresses: Vec<SocketAddr>,
     /// How failures, probes and overload change health.
@@ -113,6 +119,13 @@ impl Snapshot {
         }
     }
 
+    /// Notes a request sent to replica `idx` at `now`, when sticky shedding reads it.
+    pub fn sent(&self, idx: ReplicaIdx, now: u64) {
+        if let (true, Some(load)) = (self.shedding, self.load.get(idx as usize)) {
+            load.record_served(now);
+        }
+    }
+
     /// The live status of replica `idx`.
     pub fn status(&self, idx: ReplicaIdx) -> Option<&Arc<ReplicaStatus>> {
         self.live.get(idx as usize)
@@ -158,6 +171,21 @@ impl LoadView for RouteView<'_> {
         let record = self.snapshot.warmth.get(replica as usize)?;
         Some(record.warmth(tenant, self.now, window))
     }
+
+    fn recent_served(&self, replica: ReplicaIdx) -> Option<f64> {
+        if !self.snapshot.shedding {
+            return None;
+        }
+        let load = self.snapshot.load.get(replica as usize)?;
+        Some(load.recent_served(self.now))
+    }
+
+    fn claim_shed(&self, replica: ReplicaIdx, over: bool) -> bool {
+        self.snapshot
+            .load
+            .get(replica as usize)
+            .is_some_and(|load| load.claim_shed(over, self.now))
+    }
 }
 
 impl Snapshot {
@@ -198,6 +226,7 @@ pub struct Router {
 struct LiveReplica {
     status: Arc<ReplicaStatus>,
     warmth: Arc<TenantWarmth>,
+    load: Arc<ReplicaLoad>,
 }
 
 impl Router {
@@ -332,6 +361,7 @@ fn build_snapshot(
             balance_factor: topology.affinity.balance_factor,
             points_per_weight: topology.affinity.ring_points_per_weight,
             local_region: topology.local_region,
+            shed_factor: topology.affinity.shed_factor,
         },
         tags,
     );
@@ -348,17 +378,19 @@ fn build_snapshot(
         })
         .collect();
 
-    let (live, warmth) = {
+    let (live, warmth, load) = {
         // A poisoned lock means a panic mid-insert elsewhere; the map itself is still sound.
         let mut registry = live.lock().unwrap_or_else(|e| e.into_inner());
-        selector
+        let entries: Vec<LiveReplica> = selector
             .replicas()
             .iter()
-            .map(|r| {
-                let entry = registry.entry(r.tag).or_default();
-                (Arc::clone(&entry.status), Arc::clone(&entry.warmth))
-            })
-            .unzip()
+            .map(|r| registry.entry(r.tag).or_default().clone())
+            .collect();
+        (
+            entries.iter().map(|e| Arc::clone(&e.status)).collect(),
+            entries.iter().map(|e| Arc::clone(&e.warmth)).collect(),
+            entries.into_iter().map(|e| e.load).collect(),
+        )
     };
 
     let tenants = topology
@@ -431,6 +463,8 @@ fn build_snapshot(
         peers,
         live,
         warmth,
+        load,
+        shedding: topology.affinity.shed_factor.is_some(),
         tenant_locality_ms: topology
             .affinity
             .tenant_locality

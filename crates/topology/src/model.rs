@@ -64,6 +64,9 @@ pub struct AffinitySettings {
     /// How long a replica counts as warm for a tenant after serving it: new sessions prefer
     /// such a replica (tenant locality). `None` = off.
     pub tenant_locality: Option<Duration>,
+    /// Sticky shedding: a replica that has served more than this × the fleet's mean recently
+    /// gives sticky sessions, one at a time, to the least-loaded replica. `None` = off.
+    pub shed_factor: Option<f64>,
 }
 
 /// How requests without a token are routed.

@@ -56,6 +56,7 @@ pub(crate) struct RawAffinity {
     pub ring_points_per_weight: u32,
     #[serde(with = "humantime_serde")]
     pub tenant_locality: Option<Duration>,
+    pub shed_factor: Option<f64>,
 }
 
 impl Default for RawAffinity {
@@ -69,6 +70,7 @@ impl Default for RawAffinity {
             tokenless: crate::TokenlessPolicy::LeastInflight,
             ring_points_per_weight: 2048,
             tenant_locality: Some(Duration::from_secs(30)),
+            shed_factor: None,
         }
     }
 }

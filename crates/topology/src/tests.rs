@@ -392,6 +392,29 @@ fn tenant_locality_is_a_positive_duration_or_null() {
 }
 
 #[test]
+fn shed_factor_is_off_by_default_and_at_least_one() {
+    let with = |value: &str| {
+        VALID.replace(
+            "override_ttl: 1h",
+            &format!("override_ttl: 1h\n  shed_factor: {value}"),
+        )
+    };
+    assert_eq!(load(VALID).unwrap().affinity.shed_factor, None);
+    assert_eq!(
+        load(&with("1.25")).unwrap().affinity.shed_factor,
+        Some(1.25)
+    );
+    assert_eq!(load(&with("null")).unwrap().affinity.shed_factor, None);
+    for bad in ["0.9", ".nan", ".inf", "-1"] {
+        let p = problem(&with(bad));
+        assert_eq!(p.key, "affinity.shed_factor", "{bad}");
+        assert!(p.message.contains("at least 1"), "{bad}: {}", p.message);
+    }
+    let (_, message) = parse_error(&with("lots"));
+    assert!(message.contains("shed_factor"), "{message}");
+}
+
+#[test]
 fn unparsable_duration_is_a_parse_error() {
     let (_, message) = parse_error(&VALID.replace("override_ttl: 1h", "override_ttl: soon"));
     assert!(message.contains("affinity.override_ttl"), "{message}");

@@ -132,6 +132,16 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     if let Some(window) = a.tenant_locality {
         positive(&mut p, "affinity.tenant_locality", window);
     }
+    if let Some(factor) = a.shed_factor {
+        if !(factor.is_finite() && factor >= 1.0) {
+            p.add(
+                "affinity.shed_factor",
+                format!(
+                    "{factor} is not a number of at least 1; a replica sheds sticky sessions                      above shed_factor × the fleet's mean load (1.25 is a good start, null = off)"
+                ),
+            );
+        }
+    }
     if a.override_capacity == 0 {
         p.add("affinity.override_capacity", "must be at least 1");
     }
@@ -441,6 +451,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             tokenless: a.tokenless,
             ring_points_per_weight: a.ring_points_per_weight,
             tenant_locality: a.tenant_locality,
+            shed_factor: a.shed_factor,
         },
         regions,
         tenants,

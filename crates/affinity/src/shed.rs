@@ -1,0 +1,149 @@
+//! Sticky shedding: moving a few warm sessions off a replica that carries far more than its
+//! share of the traffic.
+//!
+//! The bounded-load rule steers every *new* session, but a sticky session stays where its KV
+//! cache is, because moving it costs a full prefill. When the sessions placed on one replica
+//! turn out to be much longer than the rest (a hot tenant), that replica keeps their load for
+//! their whole life: in the hot-spot benchmark, up to 1.82× the fleet's mean. With
+//! `affinity.shed_factor` set, a replica that has served more than `shed_factor` × the fleet's
+//! mean (per unit of weight, recently) for [`PERSIST_MS`] gives up one sticky session — the
+//! next one to arrive — every [`COOLDOWN_MS`], to the least-loaded eligible replica, until it is
+//! back under the limit.
+//!
+//! One session at a time, and only after the excess has lasted, because each move costs that
+//! session its cache and, under cache pressure, the caches of the sessions it lands beside: in
+//! the steady-state benchmark shedding at 1.25 cost 2–5 points of hit ratio while balance was
+//! already within 1.12. So it is off by default and an operator's choice (docs/performance.md).
+//!
+//! [`ReplicaLoad`] is one replica's record, atomics only, like [`crate::TenantWarmth`].
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::warmth::{bump, decayed, tick, TICK_MS};
+
+/// Time constant of the served-request count, ms: long enough that a replica's count is a
+/// few dozen requests at ordinary rates (noise well under the limit's margin), short enough to
+/// follow a hot spot within seconds.
+pub const SERVED_WINDOW_MS: u64 = 10_000;
+/// How long a replica must stay over the limit before its first shed, ms.
+pub const PERSIST_MS: u64 = 2_000;
+/// At most one shed per replica this often, ms: time for the move to show in the counts.
+pub const COOLDOWN_MS: u64 = 1_000;
+/// Below this many recent requests (per unit of weight) a replica is never over the limit: at
+/// start-up a handful of requests would make any ratio look extreme.
+pub const MIN_SHED_LOAD: f64 = 4.0;
+
+/// One replica's recent load and shedding state (see the module docs).
+#[derive(Debug, Default)]
+pub struct ReplicaLoad {
+    /// Requests served, decayed with [`SERVED_WINDOW_MS`] (`f32 bits << 32 | tick`).
+    served: AtomicU64,
+    /// Tick since which the replica has been over the limit; 0 = it is not.
+    over_since: AtomicU32,
+    /// Tick of the last shed; 0 = never.
+    last_shed: AtomicU32,
+}
+
+impl ReplicaLoad {
+    /// An empty record.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Notes a request sent to the replica at `now_ms` (any monotonic milliseconds).
+    pub fn record_served(&self, now_ms: u64) {
+        bump(&self.served, now_ms, SERVED_WINDOW_MS);
+    }
+
+    /// Requests served recently: each counts `exp(-age / SERVED_WINDOW_MS)`.
+    pub fn recent_served(&self, now_ms: u64) -> f64 {
+        f64::from(decayed(
+            self.served.load(Ordering::Relaxed),
+            tick(now_ms),
+            SERVED_WINDOW_MS,
+        ))
+    }
+
+    /// Notes whether the replica is `over` the limit at `now_ms`, and claims a shed: true when
+    /// it has been over for [`PERSIST_MS`] and the last shed was [`COOLDOWN_MS`] ago or more.
+    /// Of two threads racing for one shed, one wins.
+    pub fn claim_shed(&self, over: bool, now_ms: u64) -> bool {
+        let now = tick(now_ms);
+        let since = self.over_since.load(Ordering::Relaxed);
+        if !over {
+            if since != 0 {
+                self.over_since.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        if since == 0 {
+            self.over_since.store(now, Ordering::Relaxed);
+            return false;
+        }
+        let elapsed = |from: u32| u64::from(now.saturating_sub(from)) * TICK_MS;
+        if elapsed(since) < PERSIST_MS {
+            return false;
+        }
+        let last = self.last_shed.load(Ordering::Relaxed);
+        if last != 0 && elapsed(last) < COOLDOWN_MS {
+            return false;
+        }
+        self.last_shed
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_requests_decay_with_the_window() {
+        let load = ReplicaLoad::new();
+        assert_eq!(load.recent_served(1_000), 0.0);
+        for _ in 0..10 {
+            load.record_served(1_000);
+        }
+        assert!((load.recent_served(1_000) - 10.0).abs() < 1e-3);
+        let later = load.recent_served(1_000 + SERVED_WINDOW_MS);
+        assert!((later - 10.0 / std::f64::consts::E).abs() < 0.01, "{later}");
+    }
+
+    #[test]
+    fn a_shed_needs_a_lasting_excess_and_then_one_per_cooldown() {
+        let load = ReplicaLoad::new();
+        let t0 = 50_000;
+        assert!(!load.claim_shed(true, t0), "the excess has only begun");
+        assert!(!load.claim_shed(true, t0 + PERSIST_MS - TICK_MS));
+        assert!(
+            load.claim_shed(true, t0 + PERSIST_MS),
+            "over for PERSIST_MS"
+        );
+        assert!(!load.claim_shed(true, t0 + PERSIST_MS), "one per cooldown");
+        assert!(!load.claim_shed(true, t0 + PERSIST_MS + COOLDOWN_MS - TICK_MS));
+        assert!(load.claim_shed(true, t0 + PERSIST_MS + COOLDOWN_MS));
+        // Back under the limit: the excess must last again before the next shed.
+        let t1 = t0 + 10 * PERSIST_MS;
+        assert!(!load.claim_shed(false, t1));
+        assert!(!load.claim_shed(true, t1 + TICK_MS));
+        assert!(!load.claim_shed(true, t1 + PERSIST_MS));
+        assert!(load.claim_shed(true, t1 + TICK_MS + PERSIST_MS));
+    }
+
+    #[test]
+    fn racing_threads_claim_one_shed() {
+        let load = std::sync::Arc::new(ReplicaLoad::new());
+        assert!(!load.claim_shed(true, 1_000));
+        let wins: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let load = &load;
+                    s.spawn(move || usize::from(load.claim_shed(true, 1_000 + PERSIST_MS)))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        assert_eq!(wins, 1);
+    }
+}
