@@ -10,7 +10,8 @@
 //!
 //! Scenarios, each on its own:
 //! - steady state: the workload as it is;
-//! - hot spot: tenant 0's sessions run 10× the turns of the others;
+//! - hot spot: tenant 0's sessions run 10× the turns of the others (with one more Tether row:
+//!   sticky shedding on, `shed_factor: 1.25`, off by default);
 //! - scale-out: every session runs a turn, a seventh replica joins, every session runs
 //!   another; the share that moved (Tether: its topology reloaded; plain consistent hashing:
 //!   the ring rebuilt with seven nodes);

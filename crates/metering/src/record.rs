@@ -19,7 +19,7 @@ pub struct UsageRecord {
     pub region: Option<String>,
     /// Replica that served it.
     pub replica: Option<String>,
-    /// Routing outcome (`sticky`, `ring`, `rebalanced`, `locality`, `failover`,
+    /// Routing outcome (`sticky`, `shed`, `ring`, `rebalanced`, `locality`, `failover`,
     /// `cross_region`, `none`).
     pub outcome: Option<String>,
     /// HTTP status sent to the client (0 if none was).
