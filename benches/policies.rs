@@ -78,8 +78,9 @@ struct Tethers {
     shedding: Option<Tether>,
 }
 
-/// The shed factor of the `tether, shed_factor 1.25` row (the hot spot's).
+/// The shed factor of the hot spot's sticky-shedding row, and the row's name.
 const SHED_FACTOR: f64 = 1.25;
+const SHED_ROW: &str = "tether, shed_factor 1.25";
 
 /// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and the
 /// Tethers in front of the six of `SIX`: as configured by default, and, when
@@ -176,7 +177,7 @@ async fn run_policies(
                 .shedding
                 .iter()
                 .filter(|_| shedding_row)
-                .map(|t| ("tether, shed_factor 1.25", t)),
+                .map(|t| (SHED_ROW, t)),
         )
         .chain([("tether", &tethers.default)])
         .collect();
@@ -579,7 +580,7 @@ async fn main() {
     println!(
         "policies/hot_spot/max_over_mean tether {}, tether with shed_factor 1.25 {} (target <= 1.25)",
         max_over_mean("tether"),
-        max_over_mean("tether, shed_factor 1.25"),
+        max_over_mean(SHED_ROW),
     );
 
     // Placements run one request at a time (~40 ms each at this time scale): 400 sessions

@@ -391,14 +391,18 @@ async fn a_replica_far_over_its_share_sheds_sticky_sessions_one_at_a_time() {
     // the excess lasts 2 s it sheds one session a second, to the others; moved sessions stay.
     let (hot, moves) =
         hot_replica_moves("{ shed_factor: 1.25, tenant_locality: null }", 5_000).await;
-    assert!(!moves.is_empty(), "no session left {hot}");
+    assert!(
+        moves.len() >= 2,
+        "fewer than two sessions left {hot}: {moves:?}"
+    );
     assert!(
         moves[0].0 >= 1_900,
         "shed before the excess lasted 2 s: {moves:?}"
     );
+    // Client-side times: a reply's latency can shift a move by tens of ms either way.
     for pair in moves.windows(2) {
         assert!(
-            pair[1].0 - pair[0].0 >= 900,
+            pair[1].0 - pair[0].0 >= 800,
             "two sheds within the cooldown: {moves:?}"
         );
     }

@@ -26,7 +26,8 @@
 //!   *Tenant locality* refines step 2 (and 3) when the request names a tenant and the caller's
 //!   [`LoadView`] reports [`TenantWarmth`]: among the replicas the walk accepts that are also
 //!   under the same bound on recently *placed* sessions, the one warm for the tenant with the
-//!   fewest recent placements wins, else the one serving the fewest other tenants.
+//!   fewest recent placements per unit of weight wins, else the one serving the fewest other
+//!   tenants.
 //!
 //!   *Sticky shedding* (off by default) refines step 1: with
 //!   [`SelectorOptions::shed_factor`] set and the view reporting [`ReplicaLoad`], a replica

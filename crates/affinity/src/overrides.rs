@@ -236,10 +236,11 @@ impl Shard {
         self.len -= 1;
     }
 
-    /// Removes every entry `keep` refuses; returns how many. Shrinks the array when under 3/8
-    /// of its slots stay in use, to the smallest size that holds a third more than what is left
-    /// (so the next inserts do not double it straight back): the load stays above 9/32, i.e.
-    /// at most about 60 bytes a slot-and-control-byte per entry, never below [`MIN_SLOTS`].
+    /// Removes every entry `keep` refuses; returns how many. When under 3/8 of its slots stay
+    /// in use, shrinks the array to the smallest size that holds a third more than what is left
+    /// (so the next inserts do not double it straight back), if that is smaller: in effect
+    /// below 9/32 load, so at most about 60 bytes of slots and control bytes per entry, never
+    /// below [`MIN_SLOTS`].
     fn retain(&mut self, keep: &mut impl FnMut(u64, &Slot) -> bool) -> usize {
         let n = self.slots.len();
         let mask = self.mask();

@@ -337,7 +337,8 @@ impl Selector {
     ///    `ceil(c × (total in-flight + 1) × weight / total weight)` (Mirrokni et al. 2016).
     ///    With tenant locality (the request names a tenant and the view knows warmth), only
     ///    replicas under a second bound, the same rule on sessions placed recently, qualify:
-    ///    of those warm for the tenant, the one with the fewest recent placements takes it; when
+    ///    of those warm for the tenant, the one with the fewest recent placements (per unit of
+    ///    weight) takes it; when
     ///    none is warm, the one serving the fewest other tenants (the first on the walk among
     ///    equals, in both cases).
     /// 3. Then the same walk in each fallback region (local region first, then YAML order).
@@ -409,10 +410,10 @@ impl Selector {
     /// fleet's available replicas recently (both per unit of weight) and at least
     /// [`MIN_SHED_LOAD`](crate::MIN_SHED_LOAD). The limit is fleet-wide, not per region: a
     /// region can be the hot one, and then only another region has room. The destination is
-    /// the least-loaded sticky-eligible replica of the key's home region, or of the whole fleet
-    /// when that one is itself over the limit; the view decides whether this is the moment
-    /// ([`LoadView::claim_shed`]). With shedding off, or the view not tracking load, `None`
-    /// at the cost of one branch.
+    /// the least-loaded sticky-eligible replica of the key's home region if it is at or under
+    /// the mean, else of the whole fleet (under the mean too, or no shed); the view decides
+    /// whether this is the moment ([`LoadView::claim_shed`]). With shedding off, `None` at the
+    /// cost of one branch; with it on, a pass over the fleet's replicas per sticky request.
     fn shed_to<V: LoadView + ?Sized>(
         &self,
         idx: ReplicaIdx,
@@ -433,7 +434,8 @@ impl Selector {
                 weight += u64::from(replica.weight);
             }
         }
-        let limit = factor * served / weight.max(1) as f64;
+        let mean = served / weight.max(1) as f64;
+        let limit = factor * mean;
         let over = own >= crate::MIN_SHED_LOAD && own > limit;
         // Told even when not over: the view tracks how long the excess has lasted.
         if !over {
@@ -444,20 +446,30 @@ impl Selector {
             .cloned()
             .unwrap_or_else(|| ReplicaSet::new(self.replicas.len()));
         skip.insert(idx);
-        let least_loaded = |members: &mut dyn Iterator<Item = ReplicaIdx>| {
-            members
+        // The least loaded of `members`; among equals (idle replicas), the key picks, so that
+        // hot replicas on many edges do not all pile onto the first one.
+        let least_loaded = |members: &[ReplicaIdx]| {
+            let start = (key.0 >> 32) as usize % members.len().max(1);
+            members[start..]
+                .iter()
+                .chain(&members[..start])
+                .copied()
                 .filter(|&m| self.sticky_eligible(m, Some(&skip), view))
                 .map(|m| (m, load(m).unwrap_or(0.0)))
                 .min_by(|a, b| a.1.total_cmp(&b.1))
         };
         let home = self.home_region(key)?;
-        let in_home = least_loaded(&mut self.regions[home as usize].members.iter().copied());
-        let to = match in_home {
-            Some((m, l)) if l <= limit => (m, l),
-            _ => least_loaded(&mut (0..self.replicas.len() as ReplicaIdx))?,
+        let all: Vec<ReplicaIdx>;
+        let to = match least_loaded(&self.regions[home as usize].members) {
+            Some((m, l)) if l <= mean => (m, l),
+            _ => {
+                all = (0..self.replicas.len() as ReplicaIdx).collect();
+                least_loaded(&all)?
+            }
         };
-        // Moving to a replica as loaded as this one would only move the problem.
-        if to.1 >= own || !view.claim_shed(idx, true) {
+        // Only to a replica at or under the mean: one between the mean and this one would soon
+        // be over the limit itself and send sessions back.
+        if to.1 > mean || !view.claim_shed(idx, true) {
             return None;
         }
         Some(to.0)
@@ -1175,14 +1187,36 @@ mod tests {
             .decide(&sticky_on(&off, 0, 7), &served(&[90.0, 0.0, 0.0]))
             .unwrap();
         assert_eq!((d.replica, d.outcome), (0, Outcome::Sticky));
-        // A drained destination is not one; with none left, the session stays.
-        let mut regions = fleet(&[("eu", &["a", "b"])]);
+        // A draining replica is no destination, however idle (and not in the mean): of the
+        // other two, a (90) is over 1.25 × 65 and sheds to c, not to the idle b.
+        let mut regions = fleet(&[("eu", &["a", "b", "c"])]);
         regions[0].replicas[1].admission = Admission::Draining;
         let s = shedding(&regions, 1.25);
-        let d = s
-            .decide(&sticky_on(&s, 0, 7), &served(&[90.0, 0.0]))
-            .unwrap();
+        let view = served(&[90.0, 0.0, 40.0]);
+        let d = s.decide(&sticky_on(&s, 0, 7), &view).unwrap();
+        assert_eq!((d.replica, d.outcome), (2, Outcome::Shed));
+        // With no destination left, the session stays.
+        regions[0].replicas[2].admission = Admission::Draining;
+        let s = shedding(&regions, 1.25);
+        let d = s.decide(&sticky_on(&s, 0, 7), &view).unwrap();
         assert_eq!((d.replica, d.outcome), (0, Outcome::Sticky));
+    }
+
+    #[test]
+    fn a_shed_stays_in_the_home_region_when_it_has_room() {
+        let s = shedding(&fleet(&[("eu", &["a", "b"]), ("us", &["c", "d"])]), 1.25);
+        // Mean 22.5, limit 28.1: a is over. eu's b (15) is under the mean, so a session homed
+        // in eu goes there although us's d is idler; one homed in us goes to d.
+        let view = served(&[60.0, 15.0, 10.0, 5.0]);
+        let mut homes = std::collections::HashSet::new();
+        for k in keys().take(100) {
+            let home = s.home_region(RoutingKey(k)).unwrap();
+            homes.insert(home);
+            let want = if home == 0 { 1 } else { 3 };
+            let d = s.decide(&sticky_on(&s, 0, k), &view).unwrap();
+            assert_eq!((d.replica, d.outcome), (want, Outcome::Shed), "key {k:#x}");
+        }
+        assert_eq!(homes.len(), 2, "keys homed in both regions");
     }
 
     #[test]

@@ -339,7 +339,9 @@ impl ProxyHttp for TetherProxy {
             ));
         };
         ctx.tried.insert(decision.replica);
-        snapshot.sent(decision.replica, now);
+        if ctx.key.is_some() {
+            snapshot.sent(decision.replica, now);
+        }
         if let Some(scope) = ctx.tenant_scope {
             let placed = ctx.key.is_some() && decision.outcome != Outcome::Sticky;
             snapshot.serving(decision.replica, scope, placed, now);

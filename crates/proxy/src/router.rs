@@ -119,7 +119,10 @@ impl Snapshot {
         }
     }
 
-    /// Notes a request sent to replica `idx` at `now`, when sticky shedding reads it.
+    /// Notes a keyed request sent to replica `idx` at `now` (an attempt: a retry counts
+    /// again), when sticky shedding reads it. Tokenless requests are not counted: they all go
+    /// to the edge's local region, so counting them would make that region look hot to a
+    /// fleet-wide limit and shed its sessions to other regions without end.
     pub fn sent(&self, idx: ReplicaIdx, now: u64) {
         if let (true, Some(load)) = (self.shedding, self.load.get(idx as usize)) {
             load.record_served(now);

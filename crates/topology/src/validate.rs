@@ -137,7 +137,8 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             p.add(
                 "affinity.shed_factor",
                 format!(
-                    "{factor} is not a number of at least 1; a replica sheds sticky sessions                      above shed_factor × the fleet's mean load (1.25 is a good start, null = off)"
+                    "{factor} is not a number of at least 1; a replica sheds sticky sessions \
+                     above shed_factor × the fleet's mean load (1.25 is a good start, null = off)"
                 ),
             );
         }
