@@ -386,17 +386,8 @@ async fn a_whole_region_down_is_served_by_the_other_and_everything_down_is_a_503
     let url = tether.url("/v1/chat/completions");
     let mut regions = BTreeSet::new();
     for i in 0..60 {
-        let session = format!("s-{i}");
-        let reply = chat(
-            &client,
-            &url,
-            None,
-            &[session.as_bytes()],
-            &conversation(&session, 1),
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        regions.insert(reply.replica.unwrap_or_default()[..2].to_owned());
+        let replica = served_turn(&client, &url, &format!("s-{i}"), 1).await;
+        regions.insert(replica[..2].to_owned());
     }
     assert_eq!(regions, BTreeSet::from(["us".to_owned()]));
     assert!(tether.metrics().await.contains("outcome=\"cross_region\""));

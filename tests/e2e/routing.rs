@@ -7,7 +7,7 @@ use tether_e2e::{
     api_key_sha256, free_port, regions_yaml, ServerOpts, SimFleet, Tether, TetherConfig,
 };
 
-use crate::client::{chat, conversation, inflight};
+use crate::client::{chat, conversation, inflight, served_turn};
 
 const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
 
@@ -254,22 +254,31 @@ async fn dead_and_draining_replicas_get_no_traffic_and_nothing_leaks() {
     assert_no_inflight_leak(&tether).await;
 }
 
-/// For each tenant, the set of replicas its sessions' first turns went to, with sessions of
-/// two tenants placed alternately, one at a time, through a Tether with `affinity`.
-async fn tenant_placements(affinity: &str) -> BTreeMap<&'static str, Vec<String>> {
-    let ids = ["a-1", "a-2", "a-3", "a-4"];
-    let fleet = SimFleet::start(&ids).unwrap();
+/// Simulated replicas `ids` in one region `a`, and a Tether in front of them with the
+/// `affinity` section and then `extra` config.
+fn one_region(ids: &[&str], affinity: &str, extra: &str) -> (SimFleet, Tether) {
+    let fleet = SimFleet::start(ids).unwrap();
     let replicas = ids
         .iter()
         .map(|id| (id.to_string(), fleet.addr(id), ""))
         .collect::<Vec<_>>();
     let body = format!(
-        "local_region: a\naffinity: {affinity}\n{}tenants:\n  - {{ id: acme, api_key_sha256: \"{}\" }}\n  - {{ id: globex, api_key_sha256: \"{}\" }}\n",
-        regions_yaml(&[("a", replicas)]),
+        "local_region: a\naffinity: {affinity}\n{}{extra}",
+        regions_yaml(&[("a", replicas)])
+    );
+    let tether = Tether::start(&TetherConfig { body }).unwrap();
+    (fleet, tether)
+}
+
+/// For each tenant, the set of replicas its sessions' first turns went to, with sessions of
+/// two tenants placed alternately, one at a time, through a Tether with `affinity`.
+async fn tenant_placements(affinity: &str) -> BTreeMap<&'static str, Vec<String>> {
+    let tenants = format!(
+        "tenants:\n  - {{ id: acme, api_key_sha256: \"{}\" }}\n  - {{ id: globex, api_key_sha256: \"{}\" }}\n",
         api_key_sha256("sk-acme"),
         api_key_sha256("sk-globex"),
     );
-    let tether = Tether::start(&TetherConfig { body }).unwrap();
+    let (_fleet, tether) = one_region(&["a-1", "a-2", "a-3", "a-4"], affinity, &tenants);
     let client = reqwest::Client::new();
     let url = tether.url("/v1/chat/completions");
     let mut placed: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
@@ -325,32 +334,14 @@ async fn tenant_locality_keeps_each_tenants_new_sessions_on_its_own_replicas() {
 /// request; returns, in order, when each of those sessions moved and where to, within
 /// `for_ms` of traffic.
 async fn hot_replica_moves(affinity: &str, for_ms: u64) -> (String, Vec<(u128, String, String)>) {
-    let ids = ["a-1", "a-2", "a-3"];
-    let fleet = SimFleet::start(&ids).unwrap();
-    let replicas = ids
-        .iter()
-        .map(|id| (id.to_string(), fleet.addr(id), ""))
-        .collect::<Vec<_>>();
-    let body = format!(
-        "local_region: a\naffinity: {affinity}\n{}",
-        regions_yaml(&[("a", replicas)])
-    );
-    let tether = Tether::start(&TetherConfig { body }).unwrap();
+    let (_fleet, tether) = one_region(&["a-1", "a-2", "a-3"], affinity, "");
     let client = reqwest::Client::new();
     let url = tether.url("/v1/chat/completions");
     let mut on: HashMap<String, String> = HashMap::new();
     for i in 0..30 {
         let session = format!("session-{i}");
-        let reply = chat(
-            &client,
-            &url,
-            None,
-            &[session.as_bytes()],
-            &conversation(&session, 1),
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        on.insert(session, reply.replica.expect("the sim names itself"));
+        let replica = served_turn(&client, &url, &session, 1).await;
+        on.insert(session, replica);
     }
     let hot = on["session-0"].clone();
     let mut sessions: Vec<String> = on
@@ -365,16 +356,7 @@ async fn hot_replica_moves(affinity: &str, for_ms: u64) -> (String, Vec<(u128, S
     let mut turn = 2;
     while start.elapsed().as_millis() < u128::from(for_ms) {
         for session in &sessions {
-            let reply = chat(
-                &client,
-                &url,
-                None,
-                &[session.as_bytes()],
-                &conversation(session, turn),
-            )
-            .await;
-            assert_eq!(reply.status, 200, "{}", reply.body);
-            let now_on = reply.replica.expect("the sim names itself");
+            let now_on = served_turn(&client, &url, session, turn).await;
             if now_on != on[session] {
                 moves.push((start.elapsed().as_millis(), session.clone(), now_on.clone()));
                 on.insert(session.clone(), now_on);
