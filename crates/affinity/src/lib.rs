@@ -105,7 +105,7 @@ pub use selector::{
     Admission, Decision, LoadView, Outcome, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest,
     Selector, SelectorOptions, TagRegistry,
 };
-pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SERVED_WINDOW_MS};
+pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
 pub use token::{
     ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_HEADER, DEFAULT_MAX_TOKEN_LEN,
 };

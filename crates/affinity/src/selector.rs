@@ -76,9 +76,9 @@ pub trait LoadView {
     fn tenant_warmth(&self, _replica: ReplicaIdx, _tenant: TenantScope) -> Option<Warmth> {
         None
     }
-    /// Requests the replica served recently ([`crate::ReplicaLoad::recent_served`]); `None`
+    /// Requests sent to the replica recently ([`crate::ReplicaLoad::recent_sent`]); `None`
     /// when not tracked, and no sticky session is shed.
-    fn recent_served(&self, _replica: ReplicaIdx) -> Option<f64> {
+    fn recent_sent(&self, _replica: ReplicaIdx) -> Option<f64> {
         None
     }
     /// Notes whether the replica is over the shedding limit and claims a shed
@@ -423,14 +423,14 @@ impl Selector {
     ) -> Option<ReplicaIdx> {
         let factor = self.shed_factor?;
         let load = |m: ReplicaIdx| {
-            view.recent_served(m)
+            view.recent_sent(m)
                 .map(|n| n / f64::from(self.replicas[m as usize].weight))
         };
         let own = load(idx)?;
         let (mut served, mut weight) = (0.0, 0u64);
         for (m, replica) in self.replicas.iter().enumerate() {
             if self.available(m as ReplicaIdx, None, view) {
-                served += view.recent_served(m as ReplicaIdx).unwrap_or(0.0);
+                served += view.recent_sent(m as ReplicaIdx).unwrap_or(0.0);
                 weight += u64::from(replica.weight);
             }
         }
@@ -1122,7 +1122,7 @@ mod tests {
         fn inflight(&self, _replica: ReplicaIdx) -> u32 {
             0
         }
-        fn recent_served(&self, replica: ReplicaIdx) -> Option<f64> {
+        fn recent_sent(&self, replica: ReplicaIdx) -> Option<f64> {
             self.served.get(replica as usize).copied()
         }
         fn claim_shed(&self, _replica: ReplicaIdx, over: bool) -> bool {

@@ -12,7 +12,7 @@
 //!
 //! One session at a time, and only after the excess has lasted, because each move costs that
 //! session its cache and, under cache pressure, the caches of the sessions it lands beside: in
-//! the steady-state benchmark shedding at 1.25 cost 2–5 points of hit ratio while balance was
+//! steady-state loadgen runs shedding at 1.25 cost 2–4.5 points of hit ratio while balance was
 //! already within 1.12. So it is off by default and an operator's choice (docs/performance.md).
 //!
 //! [`ReplicaLoad`] is one replica's record, atomics only, like [`crate::TenantWarmth`].
@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::warmth::{bump, decayed, tick, TICK_MS};
 
-/// Time constant of the served-request count, ms: long enough that a replica's count is a
+/// Time constant of the sent-request count, ms: long enough that a replica's count is a
 /// few dozen requests at ordinary rates (noise well under the limit's margin), short enough to
 /// follow a hot spot within seconds.
-pub const SERVED_WINDOW_MS: u64 = 10_000;
+pub const SENT_WINDOW_MS: u64 = 10_000;
 /// How long a replica must stay over the limit before its first shed, ms.
 pub const PERSIST_MS: u64 = 2_000;
 /// At most one shed per replica (per edge) this often, ms. Shorter than the count's window,
@@ -42,8 +42,8 @@ pub const MIN_SHED_LOAD: f64 = 4.0;
 /// One replica's recent load and shedding state (see the module docs).
 #[derive(Debug, Default)]
 pub struct ReplicaLoad {
-    /// Requests served, decayed with [`SERVED_WINDOW_MS`] (`f32 bits << 32 | tick`).
-    served: AtomicU64,
+    /// Keyed requests sent to the replica (attempts), decayed with [`SENT_WINDOW_MS`] (`f32 bits << 32 | tick`).
+    sent: AtomicU64,
     /// Tick since which the replica has been over the limit; 0 = it is not.
     over_since: AtomicU32,
     /// Tick it was last seen over the limit.
@@ -59,16 +59,16 @@ impl ReplicaLoad {
     }
 
     /// Notes a request sent to the replica at `now_ms` (any monotonic milliseconds).
-    pub fn record_served(&self, now_ms: u64) {
-        bump(&self.served, now_ms, SERVED_WINDOW_MS);
+    pub fn record_sent(&self, now_ms: u64) {
+        bump(&self.sent, now_ms, SENT_WINDOW_MS);
     }
 
-    /// Requests served recently: each counts `exp(-age / SERVED_WINDOW_MS)`.
-    pub fn recent_served(&self, now_ms: u64) -> f64 {
+    /// Requests sent recently: each counts `exp(-age / SENT_WINDOW_MS)`.
+    pub fn recent_sent(&self, now_ms: u64) -> f64 {
         f64::from(decayed(
-            self.served.load(Ordering::Relaxed),
+            self.sent.load(Ordering::Relaxed),
             tick(now_ms),
-            SERVED_WINDOW_MS,
+            SENT_WINDOW_MS,
         ))
     }
 
@@ -112,14 +112,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn served_requests_decay_with_the_window() {
+    fn sent_requests_decay_with_the_window() {
         let load = ReplicaLoad::new();
-        assert_eq!(load.recent_served(1_000), 0.0);
+        assert_eq!(load.recent_sent(1_000), 0.0);
         for _ in 0..10 {
-            load.record_served(1_000);
+            load.record_sent(1_000);
         }
-        assert!((load.recent_served(1_000) - 10.0).abs() < 1e-3);
-        let later = load.recent_served(1_000 + SERVED_WINDOW_MS);
+        assert!((load.recent_sent(1_000) - 10.0).abs() < 1e-3);
+        let later = load.recent_sent(1_000 + SENT_WINDOW_MS);
         assert!((later - 10.0 / std::f64::consts::E).abs() < 0.01, "{later}");
     }
 

@@ -46,7 +46,7 @@ pub struct Snapshot {
     pub warmth: Vec<Arc<TenantWarmth>>,
     /// `affinity.tenant_locality` in milliseconds; `None` = off.
     pub tenant_locality_ms: Option<u64>,
-    /// Requests each replica served recently, for sticky shedding, indexed like the
+    /// Keyed requests sent to each replica recently, for sticky shedding, indexed like the
     /// selector's replicas.
     pub load: Vec<Arc<ReplicaLoad>>,
     /// Whether `affinity.shed_factor` is set (the load records are kept only then).
@@ -125,7 +125,7 @@ impl Snapshot {
     /// fleet-wide limit and shed its sessions to other regions without end.
     pub fn sent(&self, idx: ReplicaIdx, now: u64) {
         if let (true, Some(load)) = (self.shedding, self.load.get(idx as usize)) {
-            load.record_served(now);
+            load.record_sent(now);
         }
     }
 
@@ -175,12 +175,12 @@ impl LoadView for RouteView<'_> {
         Some(record.warmth(tenant, self.now, window))
     }
 
-    fn recent_served(&self, replica: ReplicaIdx) -> Option<f64> {
+    fn recent_sent(&self, replica: ReplicaIdx) -> Option<f64> {
         if !self.snapshot.shedding {
             return None;
         }
         let load = self.snapshot.load.get(replica as usize)?;
-        Some(load.recent_served(self.now))
+        Some(load.recent_sent(self.now))
     }
 
     fn claim_shed(&self, replica: ReplicaIdx, over: bool) -> bool {
