@@ -137,6 +137,7 @@ async fn run(workload: &Workload, target: Target, cache_tokens: usize) -> Report
             stream: true,
             block_tokens: 16,
             capacity_bound_tokens: Some(cache_tokens * SIX.len()),
+            bound_replicas: Some(SIX.len()),
         },
         None,
     )
@@ -246,6 +247,15 @@ fn print_table(title: &str, rows: &[(&str, Report)]) {
             o.ttft_p99_ms,
             r.replica_max_over_mean,
             o.errors
+        );
+    }
+    // The bounds depend on the requests only, which every policy sends alike; one row's do.
+    if let Some((_, r)) = rows.last() {
+        println!(
+            "bounds: pooled cache {:.1} %, separate replica caches (each holding its tenants' \
+             shared prefix) {:.1} %",
+            r.capacity_bound_ratio.unwrap_or(0.0) * 100.0,
+            r.partitioned_bound_ratio.unwrap_or(0.0) * 100.0
         );
     }
 }

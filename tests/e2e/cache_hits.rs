@@ -39,6 +39,7 @@ async fn run_workload(workload: Workload, target: Target) -> Report {
         stream: true,
         block_tokens: 16,
         capacity_bound_tokens: None,
+        bound_replicas: None,
     };
     tether_loadgen::run(config, None).await.unwrap()
 }

@@ -61,6 +61,7 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
             stream,
             block_tokens: 16,
             capacity_bound_tokens: None,
+            bound_replicas: None,
         };
         let report = tether_loadgen::run(config, None).await.unwrap();
         assert_eq!(report.overall.errors, 0, "{:?}", report.error_samples);

@@ -39,6 +39,36 @@ fn reference_string(steps: &[TraceStep]) -> Vec<(u64, bool)> {
         .collect()
 }
 
+/// The room a pooled cache needs to hold everything a fleet of separate caches can: the
+/// capacity of the *partitioned* bound, in blocks.
+///
+/// The pooled bound above lets a router keep each tenant's shared prefix (its system prompt)
+/// once for the whole fleet. Separate replicas cannot: a simulated replica's cache is
+/// prefix-closed (every admit touches a sequence last-block-first, so a block is never less
+/// recent than any block after it, and LRU never strands a suffix), so a replica holding any
+/// block of tenant `t`'s conversations beyond their common prefix of `S_t` blocks holds that
+/// whole prefix too. Every other replica holds only prefix blocks, which the union already
+/// counts. So the distinct blocks of `n` replicas of `c` blocks number at most
+/// `n × (c − min S) + Σ S_t` (and never more than `n × c`). A pooled cache of that size, run by
+/// Belady's MIN, bounds the hits of every routing policy on that fleet.
+///
+/// `shared_prefix_blocks[t]` is `S_t`, the leading blocks all of tenant `t`'s prompts share.
+pub fn partitioned_capacity_blocks(
+    replicas: usize,
+    per_replica_blocks: usize,
+    shared_prefix_blocks: &[usize],
+) -> usize {
+    let pooled = replicas.saturating_mul(per_replica_blocks);
+    let Some(&smallest) = shared_prefix_blocks.iter().min() else {
+        return pooled;
+    };
+    let prefixes: usize = shared_prefix_blocks.iter().sum();
+    replicas
+        .saturating_mul(per_replica_blocks.saturating_sub(smallest))
+        .saturating_add(prefixes)
+        .min(pooled)
+}
+
 /// Block hits of Belady's MIN with bypass on `steps`, with room for `capacity_blocks` blocks.
 pub fn optimal_block_hits(steps: &[TraceStep], capacity_blocks: usize) -> u64 {
     if capacity_blocks == 0 {
@@ -118,6 +148,21 @@ mod tests {
             lookups: lookups.to_vec(),
             admits: admits.to_vec(),
         }
+    }
+
+    #[test]
+    fn the_partitioned_capacity_charges_each_replica_a_prefix() {
+        // 6 replicas of 160 blocks, two tenants with 64-block system prompts: each replica
+        // holding a conversation spends 64 blocks on a prompt, and two of those are counted
+        // once: 6 × 96 + 128 = 704 of the pooled 960.
+        assert_eq!(partitioned_capacity_blocks(6, 160, &[64, 64]), 704);
+        // Unequal prefixes: every replica is charged the smaller one.
+        assert_eq!(partitioned_capacity_blocks(6, 100, &[10, 30]), 6 * 90 + 40);
+        // No shared prefix (or no tenants): the pooled capacity.
+        assert_eq!(partitioned_capacity_blocks(6, 160, &[0, 0]), 960);
+        assert_eq!(partitioned_capacity_blocks(6, 160, &[]), 960);
+        // Prefixes longer than a replica's cache: never more than the pooled capacity.
+        assert_eq!(partitioned_capacity_blocks(2, 10, &[50, 50]), 20);
     }
 
     #[test]

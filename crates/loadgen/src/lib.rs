@@ -170,6 +170,10 @@ pub struct RunConfig {
     pub block_tokens: usize,
     /// The fleet's total cache capacity in tokens, for the capacity bound; `None` = no bound.
     pub capacity_bound_tokens: Option<usize>,
+    /// The fleet's number of replicas (equal caches of `capacity_bound_tokens / n`), for the
+    /// tighter partitioned bound ([`bound::partitioned_capacity_blocks`]); `None` = only the
+    /// pooled one.
+    pub bound_replicas: Option<usize>,
 }
 
 struct Shared {
@@ -178,6 +182,8 @@ struct Shared {
     oracle: Mutex<PrefixCache>,
     /// The requests as a cache sees them, for the capacity bound (kept only when wanted).
     trace: Option<Mutex<Vec<TraceStep>>>,
+    /// Per tenant, the leading blocks all its prompts so far share (for the partitioned bound).
+    shared_prefix: Mutex<BTreeMap<usize, Vec<u64>>>,
     outcomes: Mutex<Vec<Outcome>>,
     errors: Mutex<BTreeMap<(usize, usize), u64>>,
     error_samples: Mutex<Vec<String>>,
@@ -220,9 +226,19 @@ impl Shared {
     /// Traces a prompt as it is sent: a replica looks it up and stores it at prefill, before
     /// the reply (traced when it completes), so overlapping requests see each other's prompts
     /// in this order, not in completion order.
-    fn trace_sent(&self, prompt: &[u8], hashes: &[u64]) {
+    fn trace_sent(&self, tenant: usize, prompt: &[u8], hashes: &[u64]) {
         if self.trace.is_none() {
             return;
+        }
+        {
+            let mut shared = self.shared_prefix.lock().unwrap_or_else(|e| e.into_inner());
+            let common = shared.entry(tenant).or_insert_with(|| hashes.to_vec());
+            let n = common
+                .iter()
+                .zip(hashes)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common.truncate(n);
         }
         let usable =
             PrefixCache::usable_blocks(token_count(prompt.len()), self.config.block_tokens);
@@ -279,7 +295,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
         let hashes = block_hashes(&prompt, shared.config.block_tokens.max(1));
-        shared.trace_sent(&prompt, &hashes);
+        shared.trace_sent(plan.tenant, &prompt, &hashes);
         let counter = shared
             .direct
             .as_ref()
@@ -352,6 +368,7 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
         direct,
         oracle: Mutex::new(PrefixCache::unbounded(config.block_tokens)),
         trace: config.capacity_bound_tokens.map(|_| Mutex::new(Vec::new())),
+        shared_prefix: Mutex::new(BTreeMap::new()),
         client,
         outcomes: Mutex::new(Vec::new()),
         errors: Mutex::new(BTreeMap::new()),
@@ -398,6 +415,19 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
         // bound is only looser.)
         let hits = bound::optimal_block_hits(&trace, (tokens / block_tokens).max(1));
         report.set_capacity_bound(hits * block_tokens as u64);
+        if let Some(replicas) = shared.config.bound_replicas.filter(|n| *n > 0) {
+            let prefixes: Vec<usize> = shared
+                .shared_prefix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(Vec::len)
+                .collect();
+            let per_replica = (tokens / replicas / block_tokens).max(1);
+            let room = bound::partitioned_capacity_blocks(replicas, per_replica, &prefixes);
+            let hits = bound::optimal_block_hits(&trace, room.max(1));
+            report.set_partitioned_bound(hits * block_tokens as u64);
+        }
         if report.overall.hit_ratio > report.capacity_bound_ratio.unwrap_or(1.0) {
             eprintln!(
                 "warning: measured hit ratio {:.3} is above the capacity bound {:.3}: the bound's \

@@ -74,6 +74,10 @@ struct Cli {
     /// many tokens of cache across the fleet (its replicas' total).
     #[arg(long)]
     capacity_bound_tokens: Option<usize>,
+    /// With --capacity-bound-tokens: the fleet's number of replicas (equal caches), for the
+    /// tighter bound of separate caches, each of which must hold a tenant's shared prefix.
+    #[arg(long, requires = "capacity_bound_tokens")]
+    bound_replicas: Option<usize>,
     /// Ask for whole responses instead of streams (TTFT is then the whole latency).
     #[arg(long)]
     no_stream: bool,
@@ -143,6 +147,7 @@ impl Cli {
             stream: !self.no_stream,
             block_tokens: self.block_tokens,
             capacity_bound_tokens: self.capacity_bound_tokens,
+            bound_replicas: self.bound_replicas,
         })
     }
 }

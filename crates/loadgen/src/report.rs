@@ -99,6 +99,11 @@ pub struct Report {
     /// The [capacity bound](crate::bound) as a hit ratio, when the run computed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity_bound_ratio: Option<f64>,
+    /// The tighter bound for separate replica caches
+    /// ([`partitioned_capacity_blocks`](crate::bound::partitioned_capacity_blocks)), as a hit
+    /// ratio, when the run computed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitioned_bound_ratio: Option<f64>,
     /// Wall time, seconds.
     pub elapsed_secs: f64,
     /// The first few errors, for diagnosis.
@@ -108,12 +113,21 @@ pub struct Report {
 impl Report {
     /// Records the capacity bound, in cached tokens over the same requests.
     pub fn set_capacity_bound(&mut self, cached_tokens: u64) {
+        self.capacity_bound_ratio = Some(self.ratio_of_prompt(cached_tokens));
+    }
+
+    /// Records the partitioned bound, in cached tokens over the same requests.
+    pub fn set_partitioned_bound(&mut self, cached_tokens: u64) {
+        self.partitioned_bound_ratio = Some(self.ratio_of_prompt(cached_tokens));
+    }
+
+    fn ratio_of_prompt(&self, cached_tokens: u64) -> f64 {
         let prompt = self.overall.prompt_tokens;
-        self.capacity_bound_ratio = Some(if prompt == 0 {
+        if prompt == 0 {
             0.0
         } else {
             cached_tokens as f64 / prompt as f64
-        });
+        }
     }
 
     /// Aggregates outcomes and error counts (`errors[tenant]`).
@@ -202,6 +216,13 @@ impl Report {
             let _ = writeln!(
                 out,
                 "capacity bound (no router could hit more with the fleet's cache): {:.1}%",
+                bound * 100.0
+            );
+        }
+        if let Some(bound) = self.partitioned_bound_ratio {
+            let _ = writeln!(
+                out,
+                "partitioned bound (no router could hit more with separate replica caches): {:.1}%",
                 bound * 100.0
             );
         }
