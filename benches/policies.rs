@@ -249,7 +249,8 @@ fn print_table(title: &str, rows: &[(&str, Report)]) {
             o.errors
         );
     }
-    // The bounds depend on the requests only, which every policy sends alike; one row's do.
+    // The bounds depend on the requests only (every policy sends the same ones, in nearly the
+    // same order): one row's will do.
     if let Some((_, r)) = rows.last() {
         println!(
             "bounds: pooled cache {:.1} %, separate replica caches (each holding its tenants' \
