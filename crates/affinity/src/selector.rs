@@ -338,9 +338,8 @@ impl Selector {
     ///    With tenant locality (the request names a tenant and the view knows warmth), only
     ///    replicas under a second bound, the same rule on sessions placed recently, qualify:
     ///    of those warm for the tenant, the one with the fewest recent placements (per unit of
-    ///    weight) takes it; when
-    ///    none is warm, the one serving the fewest other tenants (the first on the walk among
-    ///    equals, in both cases).
+    ///    weight) takes it; when none is warm, the one serving the fewest other tenants (the
+    ///    first on the walk among equals, in both cases).
     /// 3. Then the same walk in each fallback region (local region first, then YAML order).
     /// 4. Without a key: the least-loaded (in-flight per weight) eligible replica of the local
     ///    region, then of the fallback regions.
@@ -521,11 +520,11 @@ impl Selector {
         let mut unvisited = info.members.len();
         // Without locality the first eligible replica wins. With it, among eligible replicas
         // under the placement bound, the one warm for the tenant with the fewest recent
-        // placements per unit of weight (`best_warm`: spreading the tenant evenly over its replicas evened out
-        // max/mean load from 1.25-1.38 to 1.12 in three of four loadgen layouts, at the same
-        // hit ratio, where the first warm one on the walk took every session it could);
-        // failing that, the one with the fewest other tenants (`best`). The earliest on the
-        // walk wins among equals.
+        // placements per unit of weight (`best_warm`: spreading the tenant evenly over its
+        // replicas evened out max/mean load from 1.25-1.38 to 1.12 in three of four loadgen
+        // layouts, at the same hit ratio, where the first warm one on the walk took every
+        // session it could); failing that, the one with the fewest other tenants (`best`). The
+        // earliest on the walk wins among equals.
         let mut best_warm: Option<(ReplicaIdx, f64)> = None;
         let mut best: Option<(ReplicaIdx, u32)> = None;
         let mut first_eligible = None;

@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::warmth::{bump, decayed, tick, TICK_MS};
+use crate::warmth::{bump, read_decayed, tick, TICK_MS};
 
 /// Time constant of the sent-request count, ms: long enough that a replica's count is a
 /// few dozen requests at ordinary rates (noise well under the limit's margin), short enough to
@@ -65,11 +65,7 @@ impl ReplicaLoad {
 
     /// Requests sent recently: each counts `exp(-age / SENT_WINDOW_MS)`.
     pub fn recent_sent(&self, now_ms: u64) -> f64 {
-        f64::from(decayed(
-            self.sent.load(Ordering::Relaxed),
-            tick(now_ms),
-            SENT_WINDOW_MS,
-        ))
+        read_decayed(&self.sent, now_ms, SENT_WINDOW_MS)
     }
 
     /// Notes whether the replica is `over` the limit at `now_ms`, and claims a shed: true when

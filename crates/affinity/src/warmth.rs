@@ -54,7 +54,7 @@ pub struct TenantWarmth {
     placements: AtomicU64,
 }
 
-pub(crate) fn decayed(packed: u64, now: u32, window_ms: u64) -> f32 {
+fn decayed(packed: u64, now: u32, window_ms: u64) -> f32 {
     let (count, at) = (f32::from_bits((packed >> 32) as u32), packed as u32);
     let age_ms = u64::from(now.saturating_sub(at)) * TICK_MS;
     // A zero window forgets at once (validation keeps it positive; no division by zero).
@@ -74,6 +74,15 @@ pub(crate) fn bump(counter: &AtomicU64, now_ms: u64, window_ms: u64) {
             Err(seen) => current = seen,
         }
     }
+}
+
+/// A decayed count (see [`bump`]) as of `now_ms`.
+pub(crate) fn read_decayed(counter: &AtomicU64, now_ms: u64, window_ms: u64) -> f64 {
+    f64::from(decayed(
+        counter.load(Ordering::Relaxed),
+        tick(now_ms),
+        window_ms,
+    ))
 }
 
 fn fingerprint(tenant: TenantScope) -> u32 {
@@ -137,11 +146,7 @@ impl TenantWarmth {
 
     /// Sessions placed on the replica recently: each counts `exp(-age / window_ms)`.
     pub fn recent_placements(&self, now_ms: u64, window_ms: u64) -> f64 {
-        f64::from(decayed(
-            self.placements.load(Ordering::Relaxed),
-            tick(now_ms),
-            window_ms,
-        ))
+        read_decayed(&self.placements, now_ms, window_ms)
     }
 
     /// What the record says about `tenant` at `now_ms`, counting what was served within the

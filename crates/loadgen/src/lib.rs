@@ -182,8 +182,9 @@ struct Shared {
     oracle: Mutex<PrefixCache>,
     /// The requests as a cache sees them, for the capacity bound (kept only when wanted).
     trace: Option<Mutex<Vec<TraceStep>>>,
-    /// Per tenant, the leading blocks all its prompts so far share (for the partitioned bound).
-    shared_prefix: Mutex<BTreeMap<usize, Vec<u64>>>,
+    /// Per tenant, the leading blocks all its prompts so far share (for the partitioned bound;
+    /// kept only when wanted).
+    shared_prefix: Option<Mutex<BTreeMap<usize, Vec<u64>>>>,
     outcomes: Mutex<Vec<Outcome>>,
     errors: Mutex<BTreeMap<(usize, usize), u64>>,
     error_samples: Mutex<Vec<String>>,
@@ -230,8 +231,8 @@ impl Shared {
         if self.trace.is_none() {
             return;
         }
-        {
-            let mut shared = self.shared_prefix.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = &self.shared_prefix {
+            let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
             let common = shared.entry(tenant).or_insert_with(|| hashes.to_vec());
             let n = common
                 .iter()
@@ -368,7 +369,10 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
         direct,
         oracle: Mutex::new(PrefixCache::unbounded(config.block_tokens)),
         trace: config.capacity_bound_tokens.map(|_| Mutex::new(Vec::new())),
-        shared_prefix: Mutex::new(BTreeMap::new()),
+        shared_prefix: config
+            .capacity_bound_tokens
+            .and(config.bound_replicas)
+            .map(|_| Mutex::new(BTreeMap::new())),
         client,
         outcomes: Mutex::new(Vec::new()),
         errors: Mutex::new(BTreeMap::new()),
@@ -415,9 +419,9 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
         // bound is only looser.)
         let hits = bound::optimal_block_hits(&trace, (tokens / block_tokens).max(1));
         report.set_capacity_bound(hits * block_tokens as u64);
-        if let Some(replicas) = shared.config.bound_replicas.filter(|n| *n > 0) {
-            let prefixes: Vec<usize> = shared
-                .shared_prefix
+        let wanted = shared.config.bound_replicas.filter(|n| *n > 0);
+        if let (Some(replicas), Some(prefix)) = (wanted, &shared.shared_prefix) {
+            let prefixes: Vec<usize> = prefix
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .values()
