@@ -41,7 +41,8 @@ use tether_benches::{
     callgrind_control, callgrind_total, median, median_and_range, valgrind_present,
 };
 use tether_e2e::{
-    api_key_sha256, binary, free_port, ChildGuard, ServerOpts, TempDir, Tether, TetherConfig,
+    api_key_sha256, binary, free_port, free_ports, ChildGuard, ServerOpts, TempDir, Tether,
+    TetherConfig,
 };
 
 const API_KEY: &str = "sk-bench-proxy-cost";
@@ -445,7 +446,7 @@ fn main() {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
     }
 
-    let upstreams = [free_port(), free_port(), free_port()];
+    let upstreams: [u16; 3] = free_ports();
     let _upstream = start_nginx(
         dir.path(),
         &upstream_nginx_conf(dir.path(), &upstreams),

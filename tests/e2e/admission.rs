@@ -1,7 +1,7 @@
 //! What Tether refuses, and how: 400 for malformed tokens, 401 for bad keys, 503 when nothing
 //! can serve — always OpenAI-style JSON, never the token echoed back.
 
-use tether_e2e::{api_key_sha256, free_port, regions_yaml, SimFleet, Tether, TetherConfig};
+use tether_e2e::{api_key_sha256, free_ports, regions_yaml, SimFleet, Tether, TetherConfig};
 
 use crate::client::{chat, conversation};
 
@@ -99,18 +99,21 @@ async fn unknown_or_missing_api_keys_get_401() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_replica_anywhere_gets_503_json_with_retry_after() {
-    let dead: Vec<(String, std::net::SocketAddr, &str)> = (0..2)
-        .map(|i| {
+    let [gone_0, gone_1, drained_port] = free_ports();
+    let dead: Vec<(String, std::net::SocketAddr, &str)> = [gone_0, gone_1]
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
             (
                 format!("gone-{i}"),
-                format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+                format!("127.0.0.1:{port}").parse().unwrap(),
                 "",
             )
         })
         .collect();
     let drained = vec![(
         "drained".to_string(),
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{drained_port}").parse().unwrap(),
         "state: draining",
     )];
     let tether = Tether::start(&TetherConfig {

@@ -39,10 +39,23 @@ pub fn binary(name: &str) -> PathBuf {
 /// A free loopback port. The tiny window between this and the child binding it is the only
 /// race left; the sim avoids even that by binding port 0 itself.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("loopback has free ports")
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free loopback ports. All `N` are held until the last is found: ports taken one
+/// `free_port()` at a time can repeat (the kernel may hand a just-released port out again),
+/// which once gave a Tether the same `listen` and `admin_listen` port in a clean CI run.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("loopback has free ports"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .map(|a| a.port())
+            .expect("a bound listener has an address")
+    })
 }
 
 /// A child process killed (and reaped) on drop.
@@ -263,8 +276,9 @@ impl Tether {
         server: ServerOpts,
     ) -> anyhow::Result<Tether> {
         let dir = TempDir::new("tether-e2e")?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let [port, admin_port] = free_ports();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
         let yaml = render_config(addr, admin, dir.path(), &config.body, server);
         let path = dir.path().join("tether.yaml");
         std::fs::write(&path, yaml)?;
