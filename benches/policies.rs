@@ -9,9 +9,14 @@
 //! infinite cache) is the upper bound for every policy.
 //!
 //! Scenarios, each on its own:
-//! - steady state: the workload as it is;
-//! - hot spot: tenant 0's sessions run 10× the turns of the others (with one more Tether row:
-//!   sticky shedding on, `shed_factor: 1.25`, off by default);
+//! - steady state: the workload as it is, on 2,560-token caches: a replica holds one finished
+//!   conversation, the coarsest packing there is;
+//! - steady state at four times the granularity: 10,240-token caches and four times the
+//!   sessions in flight, so the fleet is under the same pressure (cache per session in flight)
+//!   but each replica holds several conversations, as a GPU's KV cache does (with one more
+//!   Tether row: sticky shedding on, `shed_factor: 1.25`, what it costs where nothing is hot);
+//! - hot spot, on that fleet: tenant 0's sessions run 10× the turns of the others, long enough
+//!   (60 turns) for a load-balancing reaction to matter (with the sticky-shedding row);
 //! - scale-out: every session runs a turn, a seventh replica joins, every session runs
 //!   another; the share that moved (Tether: its topology reloaded; plain consistent hashing:
 //!   the ring rebuilt with seven nodes);
@@ -71,11 +76,25 @@ fn tether_config(
 }
 
 /// Tether as configured by default, and with tenant locality off and with sticky shedding on
-/// (both started only for runs that print their rows).
+/// (each started only for the fleets whose runs print its row).
 struct Tethers {
     default: Tether,
     no_locality: Option<Tether>,
     shedding: Option<Tether>,
+}
+
+/// Which of the extra Tethers a fleet gets.
+#[derive(Clone, Copy)]
+struct Extras {
+    no_locality: bool,
+    shedding: bool,
+}
+
+impl Extras {
+    const NONE: Extras = Extras {
+        no_locality: false,
+        shedding: false,
+    };
 }
 
 /// The shed factor of the hot spot's sticky-shedding row, and the row's name.
@@ -83,13 +102,12 @@ const SHED_FACTOR: f64 = 1.25;
 const SHED_ROW: &str = "tether, shed_factor 1.25";
 
 /// Simulated replicas `ids` (`cache_tokens` of prefix cache each, delays × `scale`) and the
-/// Tethers in front of the six of `SIX`: as configured by default, and, when
-/// `locality_off_row`, one without tenant locality and one with sticky shedding.
+/// Tethers in front of the six of `SIX`: as configured by default, and the `extras`.
 fn fleet_and_tether(
     ids: &[&str],
     scale: &str,
     cache_tokens: usize,
-    locality_off_row: bool,
+    extras: Extras,
 ) -> (SimFleet, Tethers) {
     let fleet = SimFleet::start_with(
         ids,
@@ -109,8 +127,8 @@ fn fleet_and_tether(
     };
     let tethers = Tethers {
         default: start(true, None),
-        no_locality: locality_off_row.then(|| start(false, None)),
-        shedding: locality_off_row.then(|| start(true, Some(SHED_FACTOR))),
+        no_locality: extras.no_locality.then(|| start(false, None)),
+        shedding: extras.shedding.then(|| start(true, Some(SHED_FACTOR))),
     };
     (fleet, tethers)
 }
@@ -121,10 +139,12 @@ async fn flush(fleet: &SimFleet, ids: &[&str]) {
     }
 }
 
-/// The simulated replicas' prefix cache, tokens (replica-sim's default).
+/// The simulated replicas' prefix cache, tokens (replica-sim's default): one finished
+/// conversation of the workload (1,024 + 8 × (128 + 64) tokens) fills it.
 const CACHE_TOKENS: usize = 2560;
-/// The same with less pressure, for the second steady-state table.
-const ROOMY_CACHE_TOKENS: usize = 4096;
+/// How many times finer the second fleet is: caches this many times larger, and this many times
+/// the sessions in flight (and arriving), so the pressure is the same.
+const GRANULARITY: usize = 4;
 
 /// Runs the workload once; `cache_tokens` (per replica) sizes the capacity bound (an upper
 /// bound on what any router could hit with the fleet's `6 × cache_tokens`).
@@ -359,13 +379,35 @@ fn pct(part: usize, n: usize) -> f64 {
     100.0 * part as f64 / n.max(1) as f64
 }
 
-fn plot_hit_ratio(path: &Path, rows: &[(&str, Report)]) -> Result<(), Box<dyn std::error::Error>> {
+/// Writes `{stem}-hit-ratio.svg` and `{stem}-by-turn.svg` into `dir`; `fleet` names the
+/// scenario in their captions.
+fn write_plots(dir: &Path, stem: &str, fleet: &str, rows: &[(&str, Report)]) {
+    for (suffix, plot) in [
+        (
+            "hit-ratio",
+            plot_hit_ratio as fn(&Path, &str, &[(&str, Report)]) -> _,
+        ),
+        ("by-turn", plot_by_turn),
+    ] {
+        let path = dir.join(format!("{stem}-{suffix}.svg"));
+        match plot(&path, fleet, rows) {
+            Ok(()) => eprintln!("wrote {}", path.display()),
+            Err(e) => eprintln!("plot {}: {e}", path.display()),
+        }
+    }
+}
+
+fn plot_hit_ratio(
+    path: &Path,
+    fleet: &str,
+    rows: &[(&str, Report)],
+) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (960, 440)).into_drawing_area();
     root.fill(&WHITE)?;
     let n = rows.len();
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Input cache-hit ratio by routing policy (token-weighted, same workload)",
+            format!("Input cache-hit ratio by routing policy, {fleet}"),
             ("sans-serif", 20),
         )
         .margin(12)
@@ -420,13 +462,17 @@ fn plot_hit_ratio(path: &Path, rows: &[(&str, Report)]) -> Result<(), Box<dyn st
     Ok(())
 }
 
-fn plot_by_turn(path: &Path, rows: &[(&str, Report)]) -> Result<(), Box<dyn std::error::Error>> {
+fn plot_by_turn(
+    path: &Path,
+    fleet: &str,
+    rows: &[(&str, Report)],
+) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (960, 440)).into_drawing_area();
     root.fill(&WHITE)?;
     let turns = rows.iter().map(|r| r.1.by_turn.len()).max().unwrap_or(1);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Input cache-hit ratio by turn of the conversation",
+            format!("Input cache-hit ratio by turn of the conversation, {fleet}"),
             ("sans-serif", 20),
         )
         .margin(12)
@@ -493,7 +539,11 @@ async fn main() {
     // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
     // TTFT is compared as ratios between policies, which the scale does not change.
     let scale = if quick { "0.25" } else { "0.5" };
-    let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS, !quick);
+    let extras = Extras {
+        no_locality: !quick,
+        shedding: false,
+    };
+    let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS, extras);
 
     eprintln!("steady state:");
     let all = [
@@ -508,10 +558,13 @@ async fn main() {
         .filter(|(_, p)| !quick || *p != ClientPolicy::LeastInflight)
         .collect();
     let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS, false).await;
-    print_table("steady state", &rows);
+    print_table(
+        "steady state, 2,560-token caches (one finished conversation fills a replica)",
+        &rows,
+    );
     let t = &rows.last().unwrap().1.overall;
     println!(
-        "policies/steady/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
+        "policies/steady/tether_of_oracle {:.3}; TTFT p50 round-robin / tether {:.1}x (target >= 3)",
         t.of_oracle,
         rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
     );
@@ -520,48 +573,67 @@ async fn main() {
         PathBuf::from,
     );
     std::fs::create_dir_all(&plots).unwrap();
-    for (file, plot) in [
-        (
-            "policies-hit-ratio.svg",
-            plot_hit_ratio as fn(&Path, &[(&str, Report)]) -> _,
-        ),
-        ("policies-by-turn.svg", plot_by_turn),
-    ] {
-        let path = plots.join(file);
-        match plot(&path, &rows) {
-            Ok(()) => eprintln!("wrote {}", path.display()),
-            Err(e) => eprintln!("plot {}: {e}", path.display()),
-        }
-    }
+    write_plots(&plots, "policies", "2,560-token caches", &rows);
 
+    // The same conversations at four times the granularity: caches four times larger, four
+    // times the sessions in flight. Cache per session in flight (the pressure) is unchanged,
+    // but a replica now holds several conversations, as a real replica's KV cache does (tens
+    // of thousands to millions of tokens against conversations of thousands), where above one
+    // finished conversation fills a replica and placement is packing items as large as the bins.
+    let (fine, fine_tethers) = fleet_and_tether(
+        &SIX,
+        scale,
+        CACHE_TOKENS * GRANULARITY,
+        Extras {
+            shedding: true,
+            ..Extras::NONE
+        },
+    );
+    let fine_cache = CACHE_TOKENS * GRANULARITY;
     if !quick {
-        // The same workload with caches of 4,096 tokens instead of 2,560: how the gap to the
-        // (infinite-cache) oracle depends on the pressure, policy by policy.
-        eprintln!("steady state, 4,096-token caches:");
-        let (roomy, roomy_tethers) = fleet_and_tether(&SIX, scale, ROOMY_CACHE_TOKENS, false);
-        let roomy_rows = run_policies(
-            &roomy,
-            &roomy_tethers,
-            &workload,
+        eprintln!("steady state, four times the granularity:");
+        let fine_workload = Workload {
+            sessions: workload.sessions * GRANULARITY,
+            concurrency: workload.concurrency * GRANULARITY,
+            arrival_rate: workload.arrival_rate * GRANULARITY as f64,
+            ..workload.clone()
+        };
+        let fine_rows = run_policies(
+            &fine,
+            &fine_tethers,
+            &fine_workload,
             &BASELINE_AND_HASHES,
-            ROOMY_CACHE_TOKENS,
-            false,
+            fine_cache,
+            true,
         )
         .await;
-        print_table("steady state, 4,096-token caches", &roomy_rows);
-        let t = &roomy_rows.last().unwrap().1.overall;
+        print_table(
+            "steady state, 10,240-token caches and 4x the sessions in flight (the same pressure)",
+            &fine_rows,
+        );
+        let t = &fine_rows.last().unwrap().1.overall;
         println!(
-            "policies/steady_4096/tether_of_oracle {:.3} (target >= 0.97)",
+            "policies/steady_x4/tether_of_oracle {:.3} (target >= 0.97)",
             t.of_oracle
+        );
+        write_plots(
+            &plots,
+            "policies-x4",
+            "10,240-token caches, 4x the sessions",
+            &fine_rows,
         );
     }
 
     eprintln!("hot spot (tenant 0's sessions 10x longer):");
-    // Short messages, so one hot conversation (30 turns) still fits a replica's cache: what
-    // is measured is how a policy places many long sessions, not a cache too small for one.
+    // Short messages, so the hot conversations (60 turns, ~3,100 tokens) still fit a replica's
+    // cache several times over: what is measured is how a policy places and keeps many long
+    // sessions. 60 turns make the hot spot last ~15 s, long enough for a reaction to it to
+    // matter (a hot spot that is over in a few seconds needs no balancing).
     let hot = Workload {
-        sessions: if quick { 12 } else { 24 },
-        turns: 3,
+        sessions: if quick { 12 } else { 24 * GRANULARITY },
+        concurrency: if quick { 16 } else { 16 * GRANULARITY },
+        arrival_rate: if quick { 8.0 } else { 8.0 * GRANULARITY as f64 },
+        turns: if quick { 3 } else { 6 },
         hot_tenant_factor: 10,
         system_tokens: 256,
         user_tokens: 32,
@@ -571,11 +643,11 @@ async fn main() {
         ..Workload::default()
     };
     let hot_rows = run_policies(
-        &fleet,
-        &tethers,
+        &fine,
+        &fine_tethers,
         &hot,
         &BASELINE_AND_HASHES,
-        CACHE_TOKENS,
+        fine_cache,
         true,
     )
     .await;
@@ -593,6 +665,8 @@ async fn main() {
         max_over_mean("tether"),
         max_over_mean(SHED_ROW),
     );
+    drop(fine_tethers);
+    drop(fine);
 
     // Placements run one request at a time (~40 ms each at this time scale): 400 sessions
     // keep the events under two minutes and the moved shares within a few points of exact.
