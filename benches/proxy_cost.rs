@@ -27,6 +27,9 @@
 //! `BENCH_QUICK=1`: one short round at 64 connections.
 //! `BENCH_NO_WORK_STEALING=1`: bare Pingora and Tether both without work stealing (each worker
 //! thread its own single-threaded runtime; Tether's `server.work_stealing: false`).
+//! With two CPUs or more, every proxy (all its threads) runs on CPU 1 and wrk and the upstream
+//! nginx on CPU 0, so the proxy under test has a core to itself; `BENCH_NO_PIN=1` turns that
+//! off.
 //! Needs nginx, haproxy and wrk (`make bench-deps` installs them) and release binaries.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
@@ -217,7 +220,14 @@ fn start_nginx(dir: &Path, conf: &str, name: &str, listen: &[u16]) -> NginxGuard
 
 /// CPU seconds (user, system) of `pid` and every descendant (nginx's work is in its worker).
 fn cpu_seconds(pid: u32) -> (f64, f64) {
-    let mut total = (0.0, 0.0);
+    process_tree(pid)
+        .into_iter()
+        .fold((0.0, 0.0), |t, (_, secs)| (t.0 + secs.0, t.1 + secs.1))
+}
+
+/// `pid` and every descendant, with the CPU seconds (user, system) of each.
+fn process_tree(pid: u32) -> Vec<(u32, (f64, f64))> {
+    let mut tree = Vec::new();
     let mut stack = vec![pid];
     let procs: Vec<(u32, u32, (f64, f64))> = std::fs::read_dir("/proc")
         .unwrap()
@@ -234,15 +244,35 @@ fn cpu_seconds(pid: u32) -> (f64, f64) {
     while let Some(p) = stack.pop() {
         for (child, ppid, secs) in &procs {
             if *child == p {
-                total.0 += secs.0;
-                total.1 += secs.1;
+                tree.push((p, *secs));
             }
             if *ppid == p {
                 stack.push(*child);
             }
         }
     }
-    total
+    tree
+}
+
+/// The CPU the proxy under test has to itself, and the one wrk and the upstream share: a proxy
+/// sharing a core with its load generator measured p99 ratios that swung 0.50-1.54 between
+/// 3-second rounds (the scheduler's interleaving, not the proxy). `None` with fewer than two
+/// CPUs or `BENCH_NO_PIN=1`.
+fn pinning() -> Option<(usize, usize)> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    (cpus >= 2 && std::env::var_os("BENCH_NO_PIN").is_none()).then_some((1, 0))
+}
+
+/// Pins `pid`, all its threads and all its descendant processes (nginx's workers) to `cpu`.
+fn pin(pid: u32, cpu: usize) {
+    for (p, _) in process_tree(pid) {
+        let status = Command::new("taskset")
+            .args(["-a", "-cp", &cpu.to_string(), &p.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .expect("taskset runs (util-linux)");
+        assert!(status.success(), "taskset could not pin {p} to CPU {cpu}");
+    }
 }
 
 const WRK_SCRIPT: &str = r#"
@@ -310,7 +340,15 @@ fn parse_wrk(out: &str) -> WrkResult {
 }
 
 fn wrk(script: &Path, url: &str, connections: usize, seconds: f64) -> WrkResult {
-    let out = Command::new(which("wrk"))
+    let mut command = match pinning() {
+        Some((_, load_cpu)) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &load_cpu.to_string()]).arg(which("wrk"));
+            c
+        }
+        None => Command::new(which("wrk")),
+    };
+    let out = command
         .args(["-t1", "--latency", "-s"])
         .arg(script)
         .arg(format!("-c{connections}"))
@@ -447,7 +485,7 @@ fn main() {
     }
 
     let upstreams: [u16; 3] = free_ports();
-    let _upstream = start_nginx(
+    let upstream = start_nginx(
         dir.path(),
         &upstream_nginx_conf(dir.path(), &upstreams),
         "upstream-nginx",
@@ -506,6 +544,14 @@ fn main() {
         "haproxy",
         &mut haproxy,
     );
+
+    if let Some((proxy_cpu, load_cpu)) = pinning() {
+        eprintln!("proxies pinned to CPU {proxy_cpu}; wrk and the upstream to CPU {load_cpu}");
+        pin(upstream.pid(), load_cpu);
+        for pid in [bare.pid(), tether.process.pid(), nginx.pid(), haproxy.pid()] {
+            pin(pid, proxy_cpu);
+        }
+    }
 
     let target = |row: Row| -> (u16, Option<u32>) {
         match row {
