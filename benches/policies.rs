@@ -621,7 +621,7 @@ async fn main() {
     eprintln!("hot spot (tenant 0's sessions 10x longer):");
     // Short messages, so the hot conversations (60 turns, ~3,100 tokens) still fit a replica's
     // cache several times over: what is measured is how a policy places and keeps many long
-    // sessions. 60 turns make the hot spot last ~15 s, long enough for a reaction to it to
+    // sessions. 60 turns make the hot spot last about 17 s, long enough for a reaction to it to
     // matter (a hot spot that is over in a few seconds needs no balancing).
     let hot = Workload {
         sessions: if quick { 12 } else { 24 * GRANULARITY },
