@@ -132,11 +132,12 @@ async fn stream_message(replica: Arc<Replica>, job: Job, meta: Meta, tx: mpsc::S
         }
     }
     let reply = reply_text(job.completion_tokens);
-    for token in reply.as_bytes().chunks(crate::template::BYTES_PER_TOKEN) {
-        if !prefilled.per_token.is_zero() {
-            // Even a zero sleep waits for the next timer tick (~1 ms).
-            tokio::time::sleep(prefilled.per_token).await;
-        }
+    for (index, token) in reply
+        .as_bytes()
+        .chunks(crate::template::BYTES_PER_TOKEN)
+        .enumerate()
+    {
+        prefilled.pace(index).await;
         let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": String::from_utf8_lossy(token)}});
         if tx
             .send(sse_frame(Some("content_block_delta"), &delta.to_string()))

@@ -322,11 +322,12 @@ async fn stream_completion(
         return;
     }
     let reply = reply_text(job.completion_tokens);
-    for token in reply.as_bytes().chunks(crate::template::BYTES_PER_TOKEN) {
-        if !prefilled.per_token.is_zero() {
-            // Even a zero sleep waits for the next timer tick (~1 ms).
-            tokio::time::sleep(prefilled.per_token).await;
-        }
+    for (index, token) in reply
+        .as_bytes()
+        .chunks(crate::template::BYTES_PER_TOKEN)
+        .enumerate()
+    {
+        prefilled.pace(index).await;
         let text = String::from_utf8_lossy(token);
         if tx
             .send(sse_frame(
@@ -378,4 +379,69 @@ pub(crate) async fn health(State(replica): State<Arc<Replica>>) -> Response {
         &replica,
         Json(json!({"status": "ok", "replica": replica.id})).into_response(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::SimConfig;
+    use crate::template::ChatMessage;
+
+    /// When each content token of a streamed reply reaches the client, from the request's start.
+    async fn content_times(config: SimConfig, reply_tokens: u64) -> (Vec<Duration>, u64) {
+        let replica = Arc::new(Replica::new("r", Arc::new(config)));
+        let prompt = render_prompt(&[ChatMessage {
+            role: "user".into(),
+            content: "word ".repeat(200),
+        }]);
+        let job = Job::new(prompt, reply_tokens);
+        let prompt_tokens = job.prompt_tokens;
+        let meta = Meta::new(&replica, "chatcmpl", &job, "m");
+        let (tx, mut rx) = mpsc::channel(64);
+        let started = tokio::time::Instant::now();
+        tokio::spawn(stream_completion(replica, job, meta, false, tx));
+        let mut times = Vec::new();
+        while let Some(frame) = rx.recv().await {
+            let text = String::from_utf8_lossy(&frame);
+            let Some(data) = text.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(event) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            let content = event.pointer("/choices/0/delta/content");
+            if content
+                .and_then(Value::as_str)
+                .is_some_and(|c| !c.is_empty())
+            {
+                times.push(started.elapsed());
+            }
+        }
+        (times, prompt_tokens)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_token_comes_with_the_prefill_and_each_next_one_a_decode_step_later() {
+        let config = SimConfig {
+            prefill_tokens_per_sec: 1_000.0,
+            decode_tokens_per_sec: 10.0,
+            time_scale: 1.0,
+            ..SimConfig::default()
+        };
+        let (times, prompt_tokens) = content_times(config, 4).await;
+        assert_eq!(times.len(), 4, "{times:?}");
+        // A cold prompt: time to first token is its prefill, with no decode step before it
+        // (vLLM samples the first token from the prefill's last position).
+        let prefill = Duration::from_secs_f64(prompt_tokens as f64 / 1_000.0);
+        let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(2);
+        assert!(close(times[0], prefill), "{times:?} against {prefill:?}");
+        for pair in times.windows(2) {
+            assert!(
+                close(pair[1] - pair[0], Duration::from_millis(100)),
+                "{times:?}"
+            );
+        }
+    }
 }

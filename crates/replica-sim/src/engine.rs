@@ -178,6 +178,24 @@ pub struct Prefilled {
     _slot: Option<OwnedSemaphorePermit>,
 }
 
+impl Prefilled {
+    /// Waits until token `index` (from 0) of the reply is generated. The first comes out of
+    /// the prefill itself (the prompt's last position yields it, as in vLLM), so time to first
+    /// token is queueing + prefill; each later token is one decode step after the one before.
+    pub async fn pace(&self, index: usize) {
+        if index > 0 && !self.per_token.is_zero() {
+            // Even a zero sleep waits for the next timer tick (~1 ms).
+            tokio::time::sleep(self.per_token).await;
+        }
+    }
+
+    /// Decoding a whole reply of `tokens` tokens: one step for each after the first.
+    pub fn decode_time(&self, tokens: u64) -> Duration {
+        let steps = u32::try_from(tokens.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.per_token.saturating_mul(steps)
+    }
+}
+
 /// One simulated replica.
 #[derive(Debug)]
 pub struct Replica {
@@ -278,9 +296,7 @@ impl Replica {
     /// prefill facts (for usage) and the reply text.
     pub async fn complete(&self, job: &Job) -> (Prefilled, String) {
         let prefilled = self.prefill(job).await;
-        let decode = prefilled
-            .per_token
-            .saturating_mul(u32::try_from(job.completion_tokens).unwrap_or(u32::MAX));
+        let decode = prefilled.decode_time(job.completion_tokens);
         if !decode.is_zero() {
             tokio::time::sleep(decode).await;
         }
