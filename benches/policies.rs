@@ -665,10 +665,10 @@ async fn main() {
     drop(fine_tethers);
     drop(fine);
 
-    // Placements run one request at a time (~40 ms each at this time scale): 300 sessions
-    // keep the events near a minute and a half and the moved shares within a few points of
-    // exact.
-    let n = if quick { 200 } else { 300 };
+    // Placements run one request at a time (~40 ms each at this time scale): 200 sessions
+    // keep the events near a minute and the moved shares within a few points of exact (300
+    // took `make bench` to 15 min 11 s once the policies bench gained its x4 fleet).
+    let n = 200;
     let client = reqwest::Client::new();
     // The events run through the default Tether.
     let tether = &tethers.default;
