@@ -89,6 +89,7 @@
 //! ```
 
 mod clock;
+mod fleet;
 mod key;
 mod overrides;
 mod ring;
@@ -98,12 +99,16 @@ mod token;
 mod warmth;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use fleet::{
+    log_transition, retry_policy, AttemptFacts, Attempts, Failure, Fleet, FleetPlan, FleetState,
+    RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
+};
 pub use key::{RoutingKey, TenantScope};
 pub use overrides::{OverrideTable, ReplicaTag, SharedOverrides};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{
     Admission, Decision, LoadView, Outcome, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest,
-    Selector, SelectorOptions, TagRegistry,
+    Selector, SelectorOptions, ShedGate, ShedWhenOver, TagRegistry,
 };
 pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
 pub use token::{

@@ -63,7 +63,8 @@ impl Outcome {
     }
 }
 
-/// Live per-replica state the selector reads (the proxy backs it with atomics).
+/// Live per-replica state the selector reads (the proxy backs it with atomics). Reading it
+/// changes nothing.
 pub trait LoadView {
     /// Requests currently in flight to the replica.
     fn inflight(&self, replica: ReplicaIdx) -> u32;
@@ -81,8 +82,22 @@ pub trait LoadView {
     fn recent_sent(&self, _replica: ReplicaIdx) -> Option<f64> {
         None
     }
-    /// Notes whether the replica is over the shedding limit and claims a shed
-    /// ([`crate::ReplicaLoad::claim_shed`]). The default sheds whenever it is over.
+}
+
+/// Whether an over-limit replica gives up a sticky session now. Unlike [`LoadView`], this is
+/// where deciding changes state: the gate tracks how long the excess has lasted and spaces
+/// sheds out ([`crate::ReplicaLoad::claim_shed`]). The selector tells it about every sticky
+/// decision it checks, over the limit or not.
+pub trait ShedGate {
+    /// Notes whether `replica` is `over` the limit and answers whether it sheds now.
+    fn claim_shed(&self, replica: ReplicaIdx, over: bool) -> bool;
+}
+
+/// A gate without memory: every over-limit replica sheds at once (for tests and models).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShedWhenOver;
+
+impl ShedGate for ShedWhenOver {
     fn claim_shed(&self, _replica: ReplicaIdx, over: bool) -> bool {
         over
     }
@@ -348,6 +363,16 @@ impl Selector {
         req: &RouteRequest<'_>,
         view: &V,
     ) -> Option<Decision> {
+        self.decide_gated(req, view, &ShedWhenOver)
+    }
+
+    /// [`decide`](Self::decide) with sticky shedding timed by `gate`.
+    pub fn decide_gated<V: LoadView + ?Sized, G: ShedGate + ?Sized>(
+        &self,
+        req: &RouteRequest<'_>,
+        view: &V,
+        gate: &G,
+    ) -> Option<Decision> {
         let Some(key) = req.key else {
             return self.tokenless(req.tried, view);
         };
@@ -355,7 +380,7 @@ impl Selector {
         if let Some(tag) = req.sticky {
             match self.by_tag(tag) {
                 Some(idx) if self.sticky_eligible(idx, req.tried, view) => {
-                    let (replica, outcome) = match self.shed_to(idx, key, req.tried, view) {
+                    let (replica, outcome) = match self.shed_to(idx, key, req.tried, view, gate) {
                         Some(to) => (to, Outcome::Shed),
                         None => (idx, Outcome::Sticky),
                     };
@@ -411,14 +436,15 @@ impl Selector {
     /// region can be the hot one, and then only another region has room. The destination is
     /// the least-loaded sticky-eligible replica of the key's home region if it is at or under
     /// the mean, else of the whole fleet (under the mean too, or no shed); the view decides
-    /// whether this is the moment ([`LoadView::claim_shed`]). With shedding off, `None` at the
+    /// whether this is the moment ([`ShedGate::claim_shed`]). With shedding off, `None` at the
     /// cost of one branch; with it on, a pass over the fleet's replicas per sticky request.
-    fn shed_to<V: LoadView + ?Sized>(
+    fn shed_to<V: LoadView + ?Sized, G: ShedGate + ?Sized>(
         &self,
         idx: ReplicaIdx,
         key: RoutingKey,
         tried: Option<&ReplicaSet>,
         view: &V,
+        gate: &G,
     ) -> Option<ReplicaIdx> {
         let factor = self.shed_factor?;
         let load = |m: ReplicaIdx| {
@@ -438,7 +464,7 @@ impl Selector {
         let over = own >= crate::MIN_SHED_LOAD && own > limit;
         // Told even when not over: the view tracks how long the excess has lasted.
         if !over {
-            view.claim_shed(idx, false);
+            gate.claim_shed(idx, false);
             return None;
         }
         let mut skip = tried
@@ -468,7 +494,7 @@ impl Selector {
         };
         // Only to a replica at or under the mean: one between the mean and this one would soon
         // be over the limit itself and send sessions back.
-        if to.1 > mean || !view.claim_shed(idx, true) {
+        if to.1 > mean || !gate.claim_shed(idx, true) {
             return None;
         }
         Some(to.0)
@@ -1124,6 +1150,9 @@ mod tests {
         fn recent_sent(&self, replica: ReplicaIdx) -> Option<f64> {
             self.served.get(replica as usize).copied()
         }
+    }
+
+    impl ShedGate for ServedView {
         fn claim_shed(&self, _replica: ReplicaIdx, over: bool) -> bool {
             over && self.allow
         }
@@ -1169,7 +1198,7 @@ mod tests {
                 allow: false,
                 ..served(&[60.0, 20.0, 10.0])
             };
-            let d = s.decide(&sticky_on(&s, 0, k), &wait).unwrap();
+            let d = s.decide_gated(&sticky_on(&s, 0, k), &wait, &wait).unwrap();
             assert_eq!((d.replica, d.outcome), (0, Outcome::Sticky));
         }
     }

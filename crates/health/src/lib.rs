@@ -4,13 +4,10 @@
 //!   active-probe verdict (rise / fall), passive ejection after consecutive failed requests
 //!   (with a cooldown that doubles while failures continue), and `Retry-After` overload. All
 //!   atomics: the selector reads it on every decision without a lock.
-//! - [`Prober`]: the active probe loop, a Pingora background service.
 //!
 //! The state machine takes the time as an argument ([`now_ms`]), so it is tested without
-//! sleeping; only the prober touches the network.
+//! sleeping. It does no I/O: the proxy's probe loop and its request hooks feed it.
 
-mod probe;
 mod status;
 
-pub use probe::{Checkers, ProbeRound, ProbeSettings, ProbeSource, ProbeTarget, Prober};
 pub use status::{now_ms, HealthPolicy, HealthState, InflightGuard, ReplicaStatus, Transition};

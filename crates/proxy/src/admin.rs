@@ -10,10 +10,10 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tether_health::now_ms;
+use tether_health::{now_ms, HealthState};
 
 use crate::meter::Meter;
-use crate::reload::Reloader;
+use crate::reload::{ReloadError, Reloader};
 use crate::router::Router;
 
 /// Serves `GET /health` (readiness), `GET /metrics` (Prometheus), `GET /admin/replicas`
@@ -41,32 +41,29 @@ impl AdminApp {
         let held = self.router.overrides().counts_by_tag();
         let now = now_ms();
         let replicas: Vec<_> = snapshot
-            .selector
+            .fleet()
             .replicas()
             .iter()
-            .zip(&snapshot.live)
-            .zip(&snapshot.addresses)
-            .map(|((r, live), address)| {
-                let health = live.state(now);
+            .map(|r| {
+                let health = r.health(now);
                 let until = match health {
-                    tether_health::HealthState::Ejected { until_ms }
-                    | tether_health::HealthState::Overloaded { until_ms } => {
+                    HealthState::Ejected { until_ms } | HealthState::Overloaded { until_ms } => {
                         Some(until_ms.saturating_sub(now))
                     }
                     _ => None,
                 };
                 json!({
-                    "id": &*r.id,
-                    "address": address.to_string(),
-                    "region": snapshot.selector.region_name(r.region),
-                    "weight": r.weight,
-                    "state": format!("{:?}", r.admission).to_lowercase(),
+                    "id": &**r.id(),
+                    "address": r.address().to_string(),
+                    "region": &**r.region(),
+                    "weight": r.weight(),
+                    "state": format!("{:?}", r.admission()).to_lowercase(),
                     "health": health.as_str(),
                     "health_for_ms": until,
-                    "drained": live.is_drained(),
-                    "inflight": live.inflight(),
-                    "ejections": live.ejections_total(),
-                    "override_entries": held.get(&r.tag).copied().unwrap_or(0),
+                    "drained": r.status().is_drained(),
+                    "inflight": r.inflight(),
+                    "ejections": r.status().ejections_total(),
+                    "override_entries": held.get(&r.tag()).copied().unwrap_or(0),
                 })
             })
             .collect();
@@ -76,16 +73,10 @@ impl AdminApp {
     /// `POST /admin/replicas/{id}/drain|undrain`.
     fn set_drained(&self, id: &str, drained: bool) -> http::Response<Vec<u8>> {
         let snapshot = self.router.snapshot();
-        let found = snapshot
-            .selector
-            .replicas()
-            .iter()
-            .zip(&snapshot.live)
-            .find(|(r, _)| &*r.id == id);
-        let Some((_, live)) = found else {
+        let Some(replica) = snapshot.fleet().find(id) else {
             return error(404, "not_found", &format!("no replica {id:?}"));
         };
-        let changed = live.set_drained(drained);
+        let changed = replica.status().set_drained(drained);
         log::info!(
             "admin: replica {id} {}{}",
             if drained { "drained" } else { "undrained" },
@@ -99,7 +90,7 @@ impl AdminApp {
 
     /// Checks the bearer token of a changing request; `Some(response)` refuses it.
     fn refuse_unauthorized(&self, session: &ServerSession) -> Option<http::Response<Vec<u8>>> {
-        let Some(expected) = self.router.snapshot().admin_token_sha256 else {
+        let Some(expected) = self.router.snapshot().admin_token_sha256().copied() else {
             return Some(error(
                 403,
                 "admin_disabled",
@@ -172,12 +163,12 @@ impl ServeHttp for AdminApp {
             // Reading and parsing the file is blocking work.
             let result = tokio::task::spawn_blocking(move || reloader.reload("admin API"))
                 .await
-                .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+                .unwrap_or_else(|e| Err(ReloadError::Task(e.to_string())));
             return match result {
                 Ok(outcome) => response(200, outcome.to_json().to_string()),
-                Err(message) => response(
+                Err(e) => response(
                     422,
-                    json!({"result": "error", "error": {"message": message, "type": "invalid_request_error", "code": "invalid_config"}})
+                    json!({"result": "error", "error": {"message": e.to_string(), "type": "invalid_request_error", "code": "invalid_config"}})
                         .to_string(),
                 ),
             };

@@ -294,16 +294,18 @@ impl Meter {
         let m = &self.metrics;
         let snapshot = router.snapshot();
         let now = tether_health::now_ms();
-        for (replica, live) in snapshot.selector.replicas().iter().zip(&snapshot.live) {
+        for replica in snapshot.fleet().replicas() {
+            let id = &**replica.id();
+            let live = replica.status();
             m.inflight
-                .with_label_values(&[&*replica.id])
+                .with_label_values(&[id])
                 .set(i64::from(live.inflight()));
             let takes_traffic =
-                replica.admission == tether_affinity::Admission::Active && live.usable(now);
+                replica.admission() == tether_affinity::Admission::Active && live.usable(now);
             m.healthy
-                .with_label_values(&[&*replica.id])
+                .with_label_values(&[id])
                 .set(i64::from(takes_traffic));
-            let ejections = m.ejections.with_label_values(&[&*replica.id]);
+            let ejections = m.ejections.with_label_values(&[id]);
             ejections.inc_by(live.ejections_total().saturating_sub(ejections.get()));
         }
         m.override_entries

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tether_topology::{diff, Topology, TopologyDiff};
 
 use crate::meter::Meter;
-use crate::router::Router;
+use crate::router::{InstallError, Router};
 
 /// How often the watcher looks at the file.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -62,6 +62,41 @@ struct Running {
     digest: [u8; 32],
 }
 
+/// Why a reload was not applied (the previous config keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The config file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not UTF-8.
+    #[error("{path}: not UTF-8: {source}")]
+    NotUtf8 {
+        /// The config file.
+        path: String,
+        /// Where the encoding breaks.
+        source: std::str::Utf8Error,
+    },
+    /// The topology is invalid (every problem, each naming its key).
+    #[error("{0}")]
+    Invalid(String),
+    /// Valid, but this process cannot use it.
+    #[error("{path}: {source}")]
+    Install {
+        /// The config file.
+        path: String,
+        /// Why.
+        source: InstallError,
+    },
+    /// The reload task itself failed.
+    #[error("reload task failed: {0}")]
+    Task(String),
+}
+
 /// Reloads one topology file into a router.
 #[derive(Debug)]
 pub struct Reloader {
@@ -94,7 +129,7 @@ impl Reloader {
     }
 
     /// Reads, validates and applies the file; `trigger` names the cause in the log.
-    pub fn reload(&self, trigger: &str) -> Result<ReloadOutcome, String> {
+    pub fn reload(&self, trigger: &str) -> Result<ReloadOutcome, ReloadError> {
         let result = self.try_reload();
         match &result {
             Ok(ReloadOutcome::Applied(d)) => {
@@ -128,22 +163,30 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self) -> Result<ReloadOutcome, String> {
+    fn try_reload(&self) -> Result<ReloadOutcome, ReloadError> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let bytes = std::fs::read(&self.path)
-            .map_err(|e| format!("{}: cannot read: {e}", self.path.display()))?;
+        let path = || self.path.display().to_string();
+        let bytes = std::fs::read(&self.path).map_err(|source| ReloadError::Read {
+            path: path(),
+            source,
+        })?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         if digest == running.digest {
             return Ok(ReloadOutcome::Unchanged);
         }
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|e| format!("{}: not UTF-8: {e}", self.path.display()))?;
-        let topology = Topology::from_yaml(text, &self.path.display().to_string())
-            .map_err(|e| e.to_string())?;
+        let text = std::str::from_utf8(&bytes).map_err(|source| ReloadError::NotUtf8 {
+            path: path(),
+            source,
+        })?;
+        let topology =
+            Topology::from_yaml(text, &path()).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let d = diff(&running.started, &running.applied, &topology);
         self.router
             .install(&topology)
-            .map_err(|e| format!("{}: {e:#}", self.path.display()))?;
+            .map_err(|source| ReloadError::Install {
+                path: path(),
+                source,
+            })?;
         running.applied = topology;
         running.digest = digest;
         Ok(ReloadOutcome::Applied(d))

@@ -18,7 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
 use pingora_load_balancing::Backend;
 
-use crate::status::{now_ms, HealthPolicy, ReplicaStatus, Transition};
+use tether_health::{now_ms, HealthPolicy, ReplicaStatus, Transition};
 
 /// How probes are sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +155,7 @@ impl Checkers {
         check.peer_template.options.connection_timeout = Some(settings.timeout);
         check.peer_template.options.read_timeout = Some(settings.timeout);
         check.peer_template.options.write_timeout = Some(settings.timeout);
-        match pingora_http::RequestHeader::build("GET", settings.path.as_bytes(), None).and_then(
+        match pingora::http::RequestHeader::build("GET", settings.path.as_bytes(), None).and_then(
             |mut req| {
                 req.append_header("Host", address.to_string())?;
                 req.append_header("User-Agent", "tether-health-probe")?;

@@ -1,0 +1,197 @@
+//! Adding `stream_options.include_usage` to streaming chat requests, so that every stream
+//! reports its usage (the client never sees the extra event: see `UsageChunkFilter`).
+//!
+//! A small body with a `Content-Length` is read whole in `request_filter` (Pingora's retry
+//! buffer keeps it and replays it on every attempt); its final length is known before the
+//! upstream header goes out, so the framing stays `Content-Length`. Any other body is
+//! collected on its way through `request_body_filter` and framed chunked.
+
+use bytes::Bytes;
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora_proxy::Session;
+use tether_metering::ensure_stream_usage;
+
+use crate::router::Snapshot;
+
+/// Largest chat request body Tether buffers to add `stream_options.include_usage`; a larger
+/// one is forwarded untouched (its stream may then report no usage).
+pub const MAX_REWRITE_BODY: usize = 16 << 20;
+
+/// Largest body read ahead in `request_filter` (Pingora's retry buffer, which replays it).
+const READ_AHEAD_LIMIT: usize = 64 << 10;
+
+/// A chat request body being rewritten.
+#[derive(Debug, Default)]
+pub struct BodyRewrite {
+    buffer: Vec<u8>,
+    /// Gave up (too large): the rest passes through.
+    passthrough: bool,
+    /// The final body, when it was read ahead: sent instead of what Pingora replays.
+    ready: Option<Bytes>,
+    /// The collected body needed the field (set at its end).
+    collected_injected: bool,
+}
+
+impl BodyRewrite {
+    /// Decides whether this request's body may need the usage option, and reads a small one
+    /// ahead. `None`: the body passes through as it is.
+    pub async fn prepare(snapshot: &Snapshot, session: &mut Session) -> Result<Option<Self>> {
+        let req = session.req_header();
+        if !(snapshot.inject_stream_usage()
+            && req.method == http::Method::POST
+            && req.uri.path().ends_with("/chat/completions"))
+        {
+            return Ok(None);
+        }
+        let length = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if !length.is_some_and(|n| n > 0 && n <= READ_AHEAD_LIMIT) {
+            return Ok(Some(BodyRewrite::default()));
+        }
+        session.enable_retry_buffering();
+        let mut raw = Vec::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            raw.extend_from_slice(&chunk);
+        }
+        // Unchanged bodies (the client asked for usage, or is not streaming) need no
+        // rewrite: the retry buffer replays them as they came.
+        Ok(ensure_stream_usage(&raw).map(|ready| BodyRewrite {
+            ready: Some(Bytes::from(ready)),
+            ..BodyRewrite::default()
+        }))
+    }
+
+    /// Whether the body that goes upstream carries the injected option (known at once for a
+    /// body read ahead, at its end for one collected on the way).
+    pub fn injected(&self) -> bool {
+        self.ready.is_some() || self.collected_injected
+    }
+
+    /// A new attempt: Pingora replays the raw body from the start.
+    pub fn restart(&mut self) {
+        self.buffer.clear();
+        self.passthrough = false;
+        self.collected_injected = false;
+    }
+
+    /// Sets the upstream request's framing for the body that will be sent.
+    pub fn frame(&self, upstream_request: &mut RequestHeader) -> Result<()> {
+        match &self.ready {
+            // Read ahead: the final body and its length are known.
+            Some(ready) => {
+                upstream_request
+                    .insert_header(http::header::CONTENT_LENGTH, ready.len().to_string())?;
+            }
+            // Collected on the way: the body may grow, so Pingora frames it chunked.
+            None => {
+                upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites one piece of the request body in place; returns whether the option was
+    /// injected (at the body's end).
+    pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> bool {
+        if self.passthrough {
+            return false;
+        }
+        if let Some(ready) = &self.ready {
+            // Pingora replays the read-ahead body here, whole, on every attempt; send the
+            // final body instead.
+            *body = Some(if end_of_stream {
+                ready.clone()
+            } else {
+                Bytes::new()
+            });
+            return false;
+        }
+        if let Some(chunk) = body.take() {
+            self.buffer.extend_from_slice(&chunk);
+        }
+        if self.buffer.len() > MAX_REWRITE_BODY {
+            self.passthrough = true;
+            *body = Some(Bytes::from(std::mem::take(&mut self.buffer)));
+            return false;
+        }
+        if !end_of_stream {
+            // Held back until the whole body is here. `Some(empty)`, not `None`: `None` would
+            // end the upstream body.
+            *body = Some(Bytes::new());
+            return false;
+        }
+        let raw = std::mem::take(&mut self.buffer);
+        match ensure_stream_usage(&raw) {
+            Some(rewritten) => {
+                *body = Some(Bytes::from(rewritten));
+                self.collected_injected = true;
+                true
+            }
+            None => {
+                *body = Some(Bytes::from(raw));
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAMING: &[u8] = br#"{"model":"m","stream":true,"messages":[]}"#;
+
+    fn run(rewrite: &mut BodyRewrite, pieces: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let mut body = Some(Bytes::copy_from_slice(piece));
+            rewrite.filter(&mut body, i + 1 == pieces.len());
+            out.extend_from_slice(&body.unwrap_or_default());
+        }
+        out
+    }
+
+    #[test]
+    fn a_collected_streaming_body_gains_the_usage_option_at_its_end() {
+        let mut rewrite = BodyRewrite::default();
+        let (a, b) = STREAMING.split_at(10);
+        let out = run(&mut rewrite, &[a, b]);
+        assert!(rewrite.injected());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn a_body_that_needs_nothing_passes_unchanged() {
+        let mut rewrite = BodyRewrite::default();
+        let plain = br#"{"model":"m","messages":[]}"#;
+        assert_eq!(run(&mut rewrite, &[plain]), plain);
+        assert!(!rewrite.injected());
+    }
+
+    #[test]
+    fn a_read_ahead_body_is_replaced_on_every_attempt() {
+        let mut rewrite = BodyRewrite {
+            ready: Some(Bytes::from_static(b"final")),
+            ..BodyRewrite::default()
+        };
+        for _ in 0..2 {
+            rewrite.restart();
+            assert_eq!(run(&mut rewrite, &[b"raw", b"body"]), b"final");
+            assert!(rewrite.injected());
+        }
+    }
+
+    #[test]
+    fn a_body_over_the_limit_passes_through_whole() {
+        let mut rewrite = BodyRewrite::default();
+        let big = vec![b' '; MAX_REWRITE_BODY + 1];
+        let out = run(&mut rewrite, &[&big, b"tail"]);
+        assert_eq!(out.len(), big.len() + 4);
+        assert!(!rewrite.injected());
+    }
+}

@@ -1,0 +1,197 @@
+//! Every error Tether itself answers, in one enum: its HTTP status, its OpenAI `type` and
+//! `code`, whether a client may retry it, and its message are defined here and nowhere else.
+//! Clients get the OpenAI error shape they already parse:
+//! `{"error":{"message":…,"type":…,"code":…}}`. No message ever contains the token or the API
+//! key.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora_proxy::Session;
+use serde_json::json;
+use tether_affinity::TokenError;
+
+/// An error answered by Tether (not by a replica).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EdgeError {
+    /// No `Authorization: Bearer` key where keys are required.
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingApiKey,
+    /// A key no tenant owns.
+    #[error("invalid API key")]
+    UnknownApiKey,
+    /// The session-affinity header is malformed.
+    #[error("{0}")]
+    InvalidSessionAffinity(TokenError),
+    /// No replica in any region can take the request (or every one refused the connection).
+    #[error("no inference replica is available to serve this request; retry shortly")]
+    NoReplicaAvailable {
+        /// Seconds for `Retry-After`.
+        retry_after_secs: u32,
+    },
+    /// The replica accepted the request and did not answer in time.
+    #[error("the inference replica timed out")]
+    UpstreamTimeout,
+    /// The replica failed before answering.
+    #[error("the inference replica failed: {0}")]
+    UpstreamFailed(&'static str),
+    /// The replica answered a status that was being retried, and no retry was left.
+    #[error("request failed: replica answered {0}")]
+    UpstreamStatus(u16),
+    /// The request could not be read.
+    #[error("could not read the request: {0}")]
+    BadRequest(&'static str),
+    /// A bug in Tether.
+    #[error("internal proxy error")]
+    Internal,
+}
+
+impl EdgeError {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            EdgeError::MissingApiKey | EdgeError::UnknownApiKey => 401,
+            EdgeError::InvalidSessionAffinity(_) | EdgeError::BadRequest(_) => 400,
+            EdgeError::NoReplicaAvailable { .. } => 503,
+            EdgeError::UpstreamTimeout => 504,
+            EdgeError::UpstreamFailed(_) => 502,
+            EdgeError::UpstreamStatus(code) => *code,
+            EdgeError::Internal => 500,
+        }
+    }
+
+    /// OpenAI's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EdgeError::MissingApiKey
+            | EdgeError::UnknownApiKey
+            | EdgeError::InvalidSessionAffinity(_)
+            | EdgeError::BadRequest(_) => "invalid_request_error",
+            EdgeError::NoReplicaAvailable { .. }
+            | EdgeError::UpstreamTimeout
+            | EdgeError::UpstreamFailed(_)
+            | EdgeError::UpstreamStatus(_)
+            | EdgeError::Internal => "server_error",
+        }
+    }
+
+    /// OpenAI's `code` (machine-readable).
+    pub fn code(&self) -> &'static str {
+        match self {
+            EdgeError::MissingApiKey | EdgeError::UnknownApiKey => "invalid_api_key",
+            EdgeError::InvalidSessionAffinity(_) => "invalid_session_affinity",
+            EdgeError::NoReplicaAvailable { .. } => "no_replica_available",
+            EdgeError::UpstreamTimeout
+            | EdgeError::UpstreamFailed(_)
+            | EdgeError::UpstreamStatus(_) => "upstream_error",
+            EdgeError::BadRequest(_) => "bad_request",
+            EdgeError::Internal => "internal_error",
+        }
+    }
+
+    /// Whether the same request may succeed if the client sends it again.
+    pub fn retryable(&self) -> bool {
+        match self {
+            EdgeError::MissingApiKey
+            | EdgeError::UnknownApiKey
+            | EdgeError::InvalidSessionAffinity(_)
+            | EdgeError::BadRequest(_) => false,
+            EdgeError::NoReplicaAvailable { .. }
+            | EdgeError::UpstreamTimeout
+            | EdgeError::UpstreamFailed(_)
+            | EdgeError::UpstreamStatus(_)
+            | EdgeError::Internal => true,
+        }
+    }
+
+    /// Seconds for a `Retry-After` header.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            EdgeError::NoReplicaAvailable { retry_after_secs } => Some((*retry_after_secs).max(1)),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(
+            json!({"error": {"message": self.to_string(), "type": self.kind(), "code": self.code()}})
+                .to_string(),
+        )
+    }
+
+    /// The response header (content type, length, and `Retry-After` when set).
+    pub fn header(&self, body_len: usize) -> pingora::Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(self.status(), Some(4))?;
+        h.insert_header("content-type", "application/json")?;
+        h.insert_header("content-length", body_len.to_string())?;
+        if let Some(secs) = self.retry_after() {
+            h.insert_header("retry-after", secs.to_string())?;
+        }
+        Ok(h)
+    }
+
+    /// Answers the request with this error.
+    ///
+    /// The request body is drained first: answering before it is read would make Pingora close
+    /// the connection, and a client retrying on a fresh connection is slower for no reason.
+    pub async fn send(&self, session: &mut Session, drain_body: bool) -> pingora::Result<()> {
+        if drain_body {
+            session.drain_request_body().await?;
+        }
+        let body = self.body();
+        let header = self.header(body.len())?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<EdgeError> {
+        vec![
+            EdgeError::MissingApiKey,
+            EdgeError::UnknownApiKey,
+            EdgeError::InvalidSessionAffinity(TokenError::Empty),
+            EdgeError::NoReplicaAvailable {
+                retry_after_secs: 0,
+            },
+            EdgeError::UpstreamTimeout,
+            EdgeError::UpstreamFailed("ConnectionClosed"),
+            EdgeError::UpstreamStatus(503),
+            EdgeError::BadRequest("ReadError"),
+            EdgeError::Internal,
+        ]
+    }
+
+    #[test]
+    fn body_is_openai_shaped_and_matches_status_and_code() {
+        for e in all() {
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(v["error"]["message"], e.to_string());
+            assert_eq!(v["error"]["type"], e.kind());
+            assert_eq!(v["error"]["code"], e.code());
+            let h = e.header(e.body().len()).unwrap();
+            assert_eq!(h.status.as_u16(), e.status());
+            assert_eq!(
+                h.headers.get("content-length").unwrap().to_str().unwrap(),
+                e.body().len().to_string()
+            );
+            // Client errors are final; server errors may pass.
+            assert_eq!(e.retryable(), e.status() >= 500, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn unavailable_carries_retry_after_of_at_least_a_second() {
+        let e = EdgeError::NoReplicaAvailable {
+            retry_after_secs: 0,
+        };
+        let h = e.header(e.body().len()).unwrap();
+        assert_eq!(h.status.as_u16(), 503);
+        assert_eq!(h.headers.get("retry-after").unwrap(), "1");
+    }
+}

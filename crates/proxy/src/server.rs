@@ -1,0 +1,214 @@
+//! Serving: builds the Pingora server (proxy, admin listener, background services) from a
+//! topology file and runs it until shutdown.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use tether_topology::Topology;
+
+use crate::router::Router;
+use crate::{admin, meter, probe, proxy, reload, router};
+
+/// Fails early, with the address in the message, when a listener's port is taken: Pingora
+/// would otherwise retry for 30 s and then keep running without the listener.
+fn ensure_bindable(what: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .with_context(|| format!("{what} {addr}: cannot listen"))
+}
+
+/// Serves the topology in `config` until shutdown. `upgrade` takes over the listeners of a
+/// running instance; `daemon` detaches.
+pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
+    // Absolute but not resolved: a symlinked config (a Kubernetes ConfigMap) must be watched
+    // through its link, which is what gets swapped.
+    let config = &std::path::absolute(config)
+        .with_context(|| format!("{}: cannot resolve", config.display()))?;
+    // Read once: the reloader keeps the digest of exactly these bytes.
+    let bytes =
+        std::fs::read(config).with_context(|| format!("{}: cannot read", config.display()))?;
+    let text =
+        std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8", config.display()))?;
+    let topology = Topology::from_yaml(text, &config.display().to_string())?;
+    if !upgrade {
+        ensure_bindable("listen", topology.listen)?;
+        if let Some(admin) = topology.admin_listen {
+            ensure_bindable("admin_listen", admin)?;
+        }
+    }
+    let listen = topology.listen;
+    let admin_listen = topology.admin_listen;
+    let settings = topology.server.clone();
+
+    let mut conf = ServerConf {
+        threads: settings.threads,
+        work_stealing: settings.work_stealing,
+        grace_period_seconds: Some(settings.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(settings.graceful_shutdown_timeout.as_secs()),
+        ..ServerConf::default()
+    };
+    // Unique per listener, so several instances (tests, regions on one host) never share them.
+    conf.pid_file = settings.pid_file.map_or_else(
+        || format!("/tmp/tether-{}.pid", listen.port()),
+        |p| p.display().to_string(),
+    );
+    conf.upgrade_sock = settings.upgrade_sock.map_or_else(
+        || format!("/tmp/tether-{}-upgrade.sock", listen.port()),
+        |p| p.display().to_string(),
+    );
+    if daemon {
+        // Relative paths in the config (the usage log) keep meaning what they meant.
+        conf.working_directory = std::env::current_dir().ok();
+    }
+    let opt = Opt {
+        upgrade,
+        daemon,
+        ..Opt::default()
+    };
+
+    let meter = Arc::new(meter::Meter::new(&topology)?);
+    let router = Arc::new(Router::new(&topology)?);
+    let reloader = Arc::new(reload::Reloader::new(
+        config,
+        &bytes,
+        topology,
+        Arc::clone(&router),
+        Arc::clone(&meter),
+    ));
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    let draining = Arc::new(AtomicBool::new(false));
+    server.add_service(background_service(
+        "drain on upgrade",
+        DrainOnUpgrade {
+            phases: std::sync::Mutex::new(Some(server.watch_execution_phase())),
+            draining: Arc::clone(&draining),
+        },
+    ));
+
+    let mut proxy = pingora_proxy::http_proxy_service(
+        &server.configuration,
+        proxy::TetherProxy::new(
+            Arc::clone(&router),
+            Arc::clone(&meter),
+            Arc::clone(&draining),
+        ),
+    );
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+
+    if let Some(addr) = admin_listen {
+        let mut admin = Service::new(
+            "tether admin".into(),
+            admin::AdminApp::new(
+                Arc::clone(&router),
+                Arc::clone(&meter),
+                Arc::clone(&reloader),
+            ),
+        );
+        admin.add_tcp(&addr.to_string());
+        admin.threads = Some(1);
+        server.add_service(admin);
+    }
+    server.add_service(background_service(
+        "override purge",
+        OverridePurge {
+            router: Arc::clone(&router),
+            every: Duration::from_secs(30),
+        },
+    ));
+
+    server.add_service(background_service(
+        "health probes",
+        probe::Prober::new(router::RouterProbes(Arc::clone(&router))),
+    ));
+
+    server.add_service(background_service(
+        "SIGHUP: reload and reopen the usage log",
+        reload::HangupHandler {
+            meter: Arc::clone(&meter),
+            reloader: Arc::clone(&reloader),
+        },
+    ));
+    server.add_service(background_service(
+        "config watch",
+        reload::ConfigWatcher::new(Arc::clone(&reloader)),
+    ));
+
+    log::info!(
+        "tether listening on {listen}, admin on {}, config {}",
+        admin_listen.map_or_else(|| "none".to_owned(), |a| a.to_string()),
+        config.display()
+    );
+    // `run` (unlike `run_forever`) returns after a graceful shutdown, when every in-flight
+    // request has logged, so the usage log can be flushed before the process exits.
+    server.run(RunArgs::default());
+    let (written, dropped) = meter.close();
+    log::info!("usage log closed: {written} records written, {dropped} dropped");
+    Ok(())
+}
+
+/// Sets `draining` once a binary upgrade starts handing the listeners to the new process.
+/// Pingora then keeps this process serving for its close timeout (5 s) before it drops idle
+/// keep-alive connections; answering `Connection: close` meanwhile moves clients to new
+/// connections cleanly, so none sends a request on a connection at the moment it is dropped.
+struct DrainOnUpgrade {
+    phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
+    draining: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for DrainOnUpgrade {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let taken = self.phases.lock().map(|mut p| p.take()).unwrap_or(None);
+        let Some(mut phases) = taken else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                phase = phases.recv() => match phase {
+                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::GracefulUpgradeCloseTimeout) => {
+                        log::info!("upgrade: handing over the listeners; closing connections after each response");
+                        self.draining.store(true, Ordering::Relaxed);
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OverridePurge {
+    router: Arc<Router>,
+    every: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for OverridePurge {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.every);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    let removed = self.router.overrides().purge_expired();
+                    if removed > 0 {
+                        log::debug!("purged {removed} idle override entries");
+                    }
+                }
+            }
+        }
+    }
+}
