@@ -347,14 +347,14 @@ impl ProxyHttp for TetherProxy {
         route.answered(code, retry_after, now_ms());
         // Overloaded or a gateway failure: nothing has reached the client yet, so another
         // replica may answer instead (when the policy allows).
-        if matches!(code, 429 | 502 | 503 | 504) {
-            if ctx.attempts.would_retry(Failure::Status(code), limits) {
-                ctx.retried_status = Some(code);
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(code),
-                    format!("replica {} answered {code}", route.replica().id()),
-                ));
-            }
+        if matches!(code, 429 | 502 | 503 | 504)
+            && ctx.attempts.would_retry(Failure::Status(code), limits)
+        {
+            ctx.retried_status = Some(code);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(code),
+                format!("replica {} answered {code}", route.replica().id()),
+            ));
         }
         ctx.answered = true;
         if ctx.snapshot.as_deref().is_some_and(Snapshot::metering)
