@@ -1,15 +1,16 @@
-//! Streaming throughput through Tether with metering on and off, in one run. Target (issue 5):
+//! Streaming throughput through Tether with metering on and off, in one run. Target:
 //! throughput with metering on within 5 % of off. Two stricter views are reported beside it:
 //! the Tether process's CPU per request, and its user-space instructions per request.
 //!
 //! One simulated fleet (no delays, 100-token SSE replies = 100 events), two Tether instances
 //! that differ only in `metering.enabled` (on: usage extraction, a usage log, metrics; the
 //! client asks for usage, so no rewriting), and a client keeping 16 streams in flight. Rounds
-//! alternate on/off (and which goes first) so the shared machine's noise hits both; the figure is each Tether
-//! process's own CPU time (user + system, from /proc) per request, and the ratio of medians.
+//! alternate on/off (and which goes first) so the shared machine's noise hits both; the figure
+//! is each Tether process's own CPU time (user + system, from /proc) per request, and the ratio
+//! of medians.
 //!
-//! CPU time on a shared 2-core VM swings by ±10 % between identical rounds, more than the
-//! effect measured. So a second measurement counts instructions instead: both Tethers run under
+//! CPU time on a shared machine swings between identical rounds by as much as the effect
+//! measured. So a second measurement counts instructions instead: both Tethers run under
 //! `valgrind --tool=callgrind`, the counters are zeroed after a warm-up and dumped after
 //! `CALLGRIND_REQUESTS` requests, and the ratio of user-space instructions per request is exact
 //! and repeatable whatever else the machine does. (It leaves out kernel time, which metering

@@ -622,8 +622,9 @@ async fn main() {
     eprintln!("hot spot (tenant 0's sessions 10x longer):");
     // Short messages, so one hot conversation (60 turns, ~3,100 tokens) fits a replica's cache
     // three times over: what is measured is how a policy places and keeps many long sessions,
-    // not a cache too small for one. 60 turns make the hot spot last about 17 s, long enough for a reaction to it to
-    // matter (a hot spot that is over in a few seconds needs no balancing).
+    // not a cache too small for one. 60 turns make the hot spot last long enough for a reaction
+    // to it to matter (shedding waits 2 s, then moves a session a second; a hot spot that is
+    // over in a few seconds needs no balancing).
     let hot = Workload {
         sessions: if quick { 12 } else { 24 * GRANULARITY },
         concurrency: if quick { 16 } else { 16 * GRANULARITY },
@@ -665,9 +666,8 @@ async fn main() {
     drop(fine_tethers);
     drop(fine);
 
-    // Placements run one request at a time (~40 ms each at this time scale): 200 sessions
-    // keep the events near a minute and the moved shares within a few points of exact (300
-    // took `make bench` to 15 min 11 s once the policies bench gained its x4 fleet).
+    // Placements run one request at a time: 200 sessions keep the moved shares within a few
+    // points of exact and `make bench` within its 15-minute budget.
     let n = 200;
     let client = reqwest::Client::new();
     // The events run through the default Tether.

@@ -254,9 +254,9 @@ fn process_tree(pid: u32) -> Vec<(u32, (f64, f64))> {
     tree
 }
 
-/// The CPU the proxy under test has to itself, and the one wrk and the upstream share: a proxy
-/// sharing a core with its load generator measured p99 ratios that swung 0.50-1.54 between
-/// 3-second rounds (the scheduler's interleaving, not the proxy). `None` with fewer than two
+/// The CPU the proxy under test has to itself, and the one wrk and the upstream share: with a
+/// proxy sharing a core with its load generator, p99 ratios swing widely between rounds (the
+/// scheduler's interleaving, not the proxy; figures in docs/performance.md). `None` with fewer than two
 /// CPUs or `BENCH_NO_PIN=1`.
 fn pinning() -> Option<(usize, usize)> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
@@ -475,9 +475,8 @@ fn main() {
             .and_then(|r| r.parse().ok())
             .unwrap_or(3)
     };
-    // 3 s rounds keep `make bench` within its 15-minute budget (4 s rounds took it to 15 min
-    // 56 s once the policies bench gained its locality-off rows); three of them alternate
-    // order. A verdict takes more rounds (`BENCH_ROUNDS=7`), not longer ones.
+    // 3 s rounds keep `make bench` within its 15-minute budget; three of them alternate order.
+    // A verdict takes more rounds (`BENCH_ROUNDS=7`), not longer ones.
     let seconds = if quick { 2.0 } else { 3.0 };
     let dir = TempDir::new("tether-proxy-cost").unwrap();
     for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {

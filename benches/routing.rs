@@ -35,7 +35,8 @@ impl Hasher for IdentityHasher {
 }
 
 /// Idle replicas that all served the tenant just now: tenant locality scans every replica of
-/// the region before it picks one (the case that once walked the whole ring).
+/// the region before it picks one (a walk that asked the ring for more replicas than the region
+/// has would scan every ring point here).
 struct WarmFleet {
     inflight: Vec<u32>,
     warmth: Vec<TenantWarmth>,
