@@ -58,21 +58,26 @@ fn routing(c: &mut Criterion) {
     let idle = vec![0u32; 6];
     let keys: Vec<_> = (0..SESSIONS).map(key).collect();
     // Every session has served a turn: the table holds 1M entries.
-    for k in &keys {
-        let d = selector
-            .decide(
-                &RouteRequest {
-                    key: Some(*k),
-                    sticky: None,
-                    tried: None,
-                    tenant: None,
-                },
-                &idle,
-            )
-            .map(|d| d.replica)
-            .unwrap_or(0);
-        overrides.record(*k, selector.replicas()[d as usize].tag);
-    }
+    let owners: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let d = selector
+                .decide(
+                    &RouteRequest {
+                        key: Some(*k),
+                        sticky: None,
+                        tried: None,
+                        tenant: None,
+                    },
+                    &idle,
+                )
+                .map(|d| d.replica)
+                .unwrap_or(0);
+            let tag = selector.replicas()[d as usize].tag;
+            overrides.record(*k, tag);
+            tag
+        })
+        .collect();
     let fresh: Vec<_> = (SESSIONS..2 * SESSIONS).map(key).collect();
     let tokens: Vec<String> = (0..SESSIONS).map(token).collect();
     // The owners are over their bound: the walk must skip replicas.
@@ -163,6 +168,17 @@ fn routing(c: &mut Criterion) {
             );
         })
     });
+    // A turn that stays on its replica: the entry already holds the tag, so recording only
+    // refreshes its last-touched second under the shard's read lock. Runs before
+    // `record_override`, which moves most entries to another replica.
+    group.bench_function("record_override_sticky", |b| {
+        b.iter(|| {
+            i = chained(i + 1, last);
+            overrides.record(keys[i], owners[i]);
+            last = black_box(i as u64);
+        })
+    });
+    // Mostly a move to another replica (5 turns in 6): the shard's write lock.
     group.bench_function("record_override", |b| {
         b.iter(|| {
             i = chained(i + 1, last);

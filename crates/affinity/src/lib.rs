@@ -38,15 +38,18 @@
 //!   `rebalanced`, `locality`, `failover`, `cross_region`, `none`) for logs and metrics.
 //! - **Recording**: after a successful response the proxy records `key → replica` in the
 //!   override table. Adding a replica therefore moves no session that has an entry; removing or
-//!   draining one moves only its own sessions. Entries idle out after a TTL and the table is
-//!   capacity-bounded.
+//!   draining one moves only its own sessions. Entries idle out after a TTL, and the table is
+//!   bounded: a background task calls [`OverrideTable::maintain`] (promptly when
+//!   [`OverrideTable::needs_maintenance`]), and between its runs an insert never takes the table
+//!   past [`OverrideTable::ceiling`].
 //!
 //! # Cost
 //!
-//! A sticky decision is one sharded hash-map read and a few atomic loads; a ring decision adds a
-//! binary search over `2048 × Σ weight` points and a walk that is O(1) expected. Nothing on the
-//! decision path allocates for regions of up to 128 replicas. (Measured in
-//! `docs/performance.md`.)
+//! A sticky decision is one hash-table probe under a shard's read lock and a few atomic loads,
+//! and recording a turn that stays on its replica takes that read lock again, never a write
+//! lock (see [`OverrideTable`] for every lock); a ring decision adds a binary search over
+//! `2048 × Σ weight` points and a walk that is O(1) expected. Nothing on the decision path
+//! allocates for regions of up to 128 replicas. (Measured in `docs/performance.md`.)
 //!
 //! # Example
 //!
@@ -104,7 +107,7 @@ pub use fleet::{
     RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
 };
 pub use key::{RoutingKey, TenantScope};
-pub use overrides::{OverrideTable, ReplicaTag, SharedOverrides};
+pub use overrides::{Maintenance, OverrideTable, ReplicaTag};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{
     Admission, Decision, LoadView, Outcome, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest,

@@ -119,7 +119,7 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
         server.add_service(admin);
     }
     server.add_service(background_service(
-        "override purge",
+        "override table maintenance",
         OverridePurge {
             router: Arc::clone(&router),
             every: Duration::from_secs(30),
@@ -189,23 +189,41 @@ impl BackgroundService for DrainOnUpgrade {
     }
 }
 
+/// Keeps the override table's sweeps off the request path: runs its maintenance every `every`
+/// (the idle-TTL purge), and within a tick of the table passing its capacity.
 #[derive(Debug)]
 struct OverridePurge {
     router: Arc<Router>,
     every: Duration,
 }
 
+/// How often [`OverridePurge`] asks whether the override table is over capacity (two atomic
+/// loads). Between checks the table's ceiling bounds it; this keeps it near its capacity.
+const OVERRIDE_CHECK: Duration = Duration::from_millis(250);
+
 #[async_trait]
 impl BackgroundService for OverridePurge {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.every);
+        let mut tick = tokio::time::interval(OVERRIDE_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut purged = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {
-                    let removed = self.router.overrides().purge_expired();
-                    if removed > 0 {
-                        log::debug!("purged {removed} idle override entries");
+                    let table = self.router.overrides();
+                    if table.needs_maintenance() || purged.elapsed() >= self.every {
+                        purged = tokio::time::Instant::now();
+                        let done = table.maintain();
+                        if done.removed() > 0 {
+                            log::debug!(
+                                "override table: {} idle entries purged, {} evicted over capacity, \
+                                 {} replaced by inserts at the ceiling since the last run",
+                                done.expired,
+                                done.evicted,
+                                done.evicted_on_insert
+                            );
+                        }
                     }
                 }
             }
