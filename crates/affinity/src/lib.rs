@@ -90,6 +90,7 @@
 
 mod clock;
 mod key;
+mod labels;
 mod overrides;
 mod ring;
 mod selector;
@@ -99,11 +100,12 @@ mod warmth;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use key::{RoutingKey, TenantScope};
+pub use labels::{Admission, Outcome, UnknownOutcome};
 pub use overrides::{OverrideTable, ReplicaTag, SharedOverrides};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{
-    Admission, Decision, LoadView, Outcome, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest,
-    Selector, SelectorOptions, TagRegistry,
+    Decision, LoadView, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest, Selector,
+    SelectorOptions, TagRegistry,
 };
 pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
 pub use token::{
