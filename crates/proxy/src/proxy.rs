@@ -28,7 +28,7 @@ use tether_affinity::{
 
 use tether_metering::{
     ensure_stream_usage, timestamp, Dialect, Framing, UsageChunkFilter, UsageExtractor,
-    UsageOutcome, UsageRecord, DEFAULT_WINDOW,
+    UsageRecord, UsageStatus, DEFAULT_WINDOW,
 };
 
 use crate::api_error::ApiError;
@@ -706,28 +706,17 @@ impl ProxyHttp for TetherProxy {
             .snapshot
             .as_deref()
             .and_then(|s| s.price(model.as_deref()).cost(&usage));
-        let usage_status = match (&extraction, e) {
-            (Some(x), _) if x.outcome == UsageOutcome::Found => "found",
-            // The response broke off (client gone, upstream failed mid-body).
-            (Some(_), Some(_)) => "incomplete",
-            (Some(x), None) => match x.outcome {
-                UsageOutcome::Missing => "missing",
-                UsageOutcome::Malformed => "malformed",
-                UsageOutcome::TooLarge => "too_large",
-                UsageOutcome::Found => "found",
-            },
-            (None, _) => "not_metered",
-        };
+        let usage_status = UsageStatus::of(extraction.as_ref(), e.is_some());
         let record = UsageRecord {
             ts: timestamp(SystemTime::now()),
-            tenant: ctx.tenant.as_deref().unwrap_or("-").to_owned(),
+            tenant: ctx.tenant.clone().unwrap_or_else(|| Arc::from("-")),
             session: ctx.key.map(|k| self.meter.session_hash(k)),
             model,
             region: replica
                 .zip(ctx.snapshot.as_deref())
-                .map(|(r, s)| s.selector.region_name(r.region).to_owned()),
-            replica: replica.map(|r| r.id.to_string()),
-            outcome: ctx.decision.map(|d| d.outcome.as_str().to_owned()),
+                .and_then(|(r, s)| s.selector.shared_region_name(r.region)),
+            replica: replica.map(|r| Arc::clone(&r.id)),
+            outcome: ctx.decision.map(|d| d.outcome),
             status,
             prompt_tokens: usage.prompt_tokens,
             cached_tokens: usage.cached_tokens,
@@ -739,12 +728,12 @@ impl ProxyHttp for TetherProxy {
                 .first_byte
                 .map(|t| u64::try_from((t - ctx.started).as_millis()).unwrap_or(u64::MAX)),
             attempts: ctx.attempts,
-            usage_status: usage_status.to_owned(),
+            usage_status,
         };
         debug!(
             "tenant={} outcome={} replica={} status={status} attempts={} usage={usage_status}{}",
             record.tenant,
-            record.outcome.as_deref().unwrap_or("-"),
+            record.outcome.map_or("-", Outcome::as_str),
             record.replica.as_deref().unwrap_or("-"),
             ctx.attempts,
             e.map(|e| format!(" error={e}")).unwrap_or_default(),

@@ -19,7 +19,7 @@ use tether_health::{
     ReplicaStatus, Transition,
 };
 use tether_metering::{Dialect, Price};
-use tether_topology::{FailoverSettings, ReplicaState, Topology, UsageDialect};
+use tether_topology::{FailoverSettings, Topology};
 
 /// Environment variable that overrides `admin.token`.
 pub const ADMIN_TOKEN_ENV: &str = "TETHER_ADMIN_TOKEN";
@@ -93,12 +93,7 @@ impl Snapshot {
 
     /// The price of `model` (the default price when unknown or unnamed).
     pub fn price(&self, model: Option<&str>) -> Price {
-        let p = model.map_or(&self.pricing.default, |m| self.pricing.for_model(m));
-        Price {
-            input: p.input_micro_usd_per_mtok,
-            cached_input: p.cached_input_micro_usd_per_mtok,
-            output: p.output_micro_usd_per_mtok,
-        }
+        self.pricing.price(model)
     }
 
     /// Takes an in-flight slot on replica `idx`.
@@ -348,11 +343,7 @@ fn build_snapshot(
                 .map(|r| ReplicaSpec {
                     id: r.id.clone(),
                     weight: r.weight,
-                    admission: match r.state {
-                        ReplicaState::Active => Admission::Active,
-                        ReplicaState::Draining => Admission::Draining,
-                        ReplicaState::Disabled => Admission::Disabled,
-                    },
+                    admission: r.state,
                     max_inflight: r.max_inflight,
                 })
                 .collect(),
@@ -412,16 +403,7 @@ fn build_snapshot(
     let header = http::HeaderName::from_bytes(topology.affinity.header.as_bytes())
         .map_err(|e| anyhow::anyhow!("affinity.header {:?}: {e}", topology.affinity.header))?;
 
-    let dialects = topology
-        .replicas()
-        .map(|(_, r)| {
-            r.dialect.map(|d| match d {
-                UsageDialect::Openai => Dialect::Openai,
-                UsageDialect::Anthropic => Dialect::Anthropic,
-                UsageDialect::Llamacpp => Dialect::Llamacpp,
-            })
-        })
-        .collect();
+    let dialects = topology.replicas().map(|(_, r)| r.dialect).collect();
 
     let health = &topology.health;
     let health_policy = HealthPolicy {
