@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use tether_health::{HealthPolicy, HealthState, InflightGuard, ReplicaStatus, Transition};
 
+use crate::labels::{Admission, Outcome};
 use crate::ring::{ReplicaIdx, ReplicaSet};
 use crate::selector::{
-    Admission, LoadView, Outcome, ReplicaInfo, ReplicaSpec, RouteRequest, Selector,
-    SelectorOptions, ShedGate, TagRegistry,
+    LoadView, ReplicaInfo, ReplicaSpec, RouteRequest, Selector, SelectorOptions, ShedGate,
+    TagRegistry,
 };
 use crate::{
     OverrideTable, ReplicaLoad, ReplicaTag, RoutingKey, TenantScope, TenantWarmth, Warmth,

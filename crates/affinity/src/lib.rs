@@ -94,6 +94,7 @@
 mod clock;
 mod fleet;
 mod key;
+mod labels;
 mod overrides;
 mod ring;
 mod selector;
@@ -107,11 +108,12 @@ pub use fleet::{
     RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
 };
 pub use key::{RoutingKey, TenantScope};
+pub use labels::{Admission, Outcome, UnknownOutcome};
 pub use overrides::{Maintenance, OverrideTable, ReplicaTag};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{
-    Admission, Decision, LoadView, Outcome, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest,
-    Selector, SelectorOptions, ShedGate, ShedWhenOver, TagRegistry,
+    Decision, LoadView, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest, Selector,
+    SelectorOptions, ShedGate, ShedWhenOver, TagRegistry,
 };
 pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
 pub use token::{

@@ -10,58 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::ring::{ReplicaIdx, Ring};
-use crate::{ReplicaSet, ReplicaTag, RoutingKey, TenantScope, Warmth};
-
-/// Whether a replica takes new work (from the topology's `state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Admission {
-    /// Takes new sessions and keeps its own.
-    #[default]
-    Active,
-    /// Finishes what it has; new sessions and next turns of its sessions go elsewhere.
-    Draining,
-    /// Out of service.
-    Disabled,
-}
-
-/// Which branch produced a decision; also the `outcome` label in logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// The override entry's replica was eligible.
-    Sticky,
-    /// The override entry's replica was over the shedding limit: the session moved to the
-    /// least-loaded eligible replica (see [`crate::ReplicaLoad`]).
-    Shed,
-    /// The key's ring owner in its home region took it.
-    Ring,
-    /// The ring owner was over the load bound; a later replica on the walk took it.
-    Rebalanced,
-    /// A new session went past its ring owner to a replica warm for its tenant (or, when none
-    /// is, serving the fewest other tenants): see [`crate::TenantWarmth`].
-    Locality,
-    /// The session's replica (override or ring owner) was drained, unhealthy or gone.
-    Failover,
-    /// No replica of the home region could take it; another region did.
-    CrossRegion,
-    /// The request carried no token.
-    NoToken,
-}
-
-impl Outcome {
-    /// Label for logs and metrics.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Sticky => "sticky",
-            Outcome::Shed => "shed",
-            Outcome::Ring => "ring",
-            Outcome::Rebalanced => "rebalanced",
-            Outcome::Locality => "locality",
-            Outcome::Failover => "failover",
-            Outcome::CrossRegion => "cross_region",
-            Outcome::NoToken => "none",
-        }
-    }
-}
+use crate::{Admission, Outcome, ReplicaSet, ReplicaTag, RoutingKey, TenantScope, Warmth};
 
 /// Live per-replica state the selector reads (the proxy backs it with atomics). Reading it
 /// changes nothing.
@@ -330,6 +279,13 @@ impl Selector {
     /// Name of region `region`.
     pub fn region_name(&self, region: u16) -> &str {
         self.regions.get(region as usize).map_or("", |r| &r.name)
+    }
+
+    /// Name of region `region`, shared rather than copied (what a usage record holds).
+    pub fn shared_region_name(&self, region: u16) -> Option<Arc<str>> {
+        self.regions
+            .get(region as usize)
+            .map(|r| Arc::clone(&r.name))
     }
 
     /// The region a key calls home: the region of the key's owner on the ring of *all*

@@ -82,7 +82,7 @@ impl Default for Limits {
 }
 
 /// What became of the usage of one response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UsageOutcome {
     /// At least one count was found.
@@ -93,6 +93,18 @@ pub enum UsageOutcome {
     Malformed,
     /// A usage value or SSE line exceeded the window and was dropped.
     TooLarge,
+}
+
+impl UsageOutcome {
+    /// Label for the usage log and metrics (see [`crate::UsageStatus`]).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UsageOutcome::Found => "found",
+            UsageOutcome::Missing => "missing",
+            UsageOutcome::Malformed => "malformed",
+            UsageOutcome::TooLarge => "too_large",
+        }
+    }
 }
 
 /// The result of [`UsageExtractor::finish`].

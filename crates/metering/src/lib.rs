@@ -8,7 +8,8 @@
 //! understood ([`Dialect`]): OpenAI / vLLM / SGLang (`prompt_tokens_details.cached_tokens`),
 //! Anthropic Messages (`cache_read_input_tokens`, split across `message_start` and
 //! `message_delta` when streaming) and llama.cpp (`timings.cache_n`, `tokens_cached`).
-//! Unknown counts stay `None` — never guessed as 0 — and [`UsageOutcome`] says why.
+//! Unknown counts stay `None` — never guessed as 0 — and [`UsageOutcome`] says why; a record's
+//! [`UsageStatus`] adds the responses that broke off or were never metered.
 //!
 //! [`Price::cost`] prices a usage in integer micro-dollars, cached tokens at their discount,
 //! alongside what it would have cost without the cache.
@@ -39,6 +40,7 @@ mod pricing;
 mod record;
 mod report;
 mod sink;
+mod status;
 mod stream_usage;
 mod usage;
 
@@ -49,5 +51,6 @@ pub use pricing::{Cost, Price};
 pub use record::{timestamp, UsageRecord};
 pub use report::{aggregate, GroupBy, Report, ReportRow};
 pub use sink::{SinkError, UsageLog, DEFAULT_QUEUE};
+pub use status::{UnknownUsageStatus, UsageStatus};
 pub use stream_usage::{ensure_stream_usage, UsageChunkFilter};
 pub use usage::{Dialect, Usage};

@@ -1,27 +1,31 @@
 //! One JSON line per request: the usage log's schema.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tether_affinity::Outcome;
+
+use crate::UsageStatus;
 
 /// What Tether writes about one request. Unknown values are `null`, never `0`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// When the request finished, RFC 3339 UTC with milliseconds.
     pub ts: String,
-    /// Tenant id.
-    pub tenant: String,
+    /// Tenant id (shared with the proxy's tenant table, not copied per request).
+    pub tenant: Arc<str>,
     /// Keyed hash of the session token (never the token itself); `null` without a token.
     pub session: Option<String>,
     /// Model that answered, as the response named it.
     pub model: Option<String>,
     /// Region of the replica that served it.
-    pub region: Option<String>,
+    pub region: Option<Arc<str>>,
     /// Replica that served it.
-    pub replica: Option<String>,
+    pub replica: Option<Arc<str>>,
     /// Routing outcome (`sticky`, `shed`, `ring`, `rebalanced`, `locality`, `failover`,
-    /// `cross_region`, `none`).
-    pub outcome: Option<String>,
+    /// `cross_region`, `none`); `null` when the request was never routed.
+    pub outcome: Option<Outcome>,
     /// HTTP status sent to the client (0 if none was).
     pub status: u16,
     /// All input tokens.
@@ -41,8 +45,8 @@ pub struct UsageRecord {
     /// Upstream attempts.
     pub attempts: u32,
     /// Whether usage was found, and if not why (`found`, `missing`, `malformed`,
-    /// `too_large`, `not_metered` for responses Tether did not meter, e.g. its own errors).
-    pub usage_status: String,
+    /// `too_large`, `incomplete`, `not_metered`).
+    pub usage_status: UsageStatus,
 }
 
 impl UsageRecord {
@@ -56,11 +60,11 @@ impl UsageRecord {
         out.extend_from_slice(b",\"tenant\":");
         json_str(out, &self.tenant);
         for (key, value) in [
-            (&b",\"session\":"[..], &self.session),
-            (b",\"model\":", &self.model),
-            (b",\"region\":", &self.region),
-            (b",\"replica\":", &self.replica),
-            (b",\"outcome\":", &self.outcome),
+            (&b",\"session\":"[..], self.session.as_deref()),
+            (b",\"model\":", self.model.as_deref()),
+            (b",\"region\":", self.region.as_deref()),
+            (b",\"replica\":", self.replica.as_deref()),
+            (b",\"outcome\":", self.outcome.map(Outcome::as_str)),
         ] {
             out.extend_from_slice(key);
             match value {
@@ -87,7 +91,7 @@ impl UsageRecord {
             json_uint(out, value);
         }
         out.extend_from_slice(b",\"usage_status\":");
-        json_str(out, &self.usage_status);
+        json_str(out, self.usage_status.as_str());
         out.extend_from_slice(b"}\n");
     }
 }
@@ -275,7 +279,7 @@ mod tests {
             model: Some("llama-3.1-8b".into()),
             region: Some("eu".into()),
             replica: Some("eu-1".into()),
-            outcome: Some("sticky".into()),
+            outcome: Some(Outcome::Sticky),
             status: 200,
             prompt_tokens: Some(1200),
             cached_tokens: Some(1024),
@@ -285,7 +289,7 @@ mod tests {
             latency_ms: 12,
             ttft_ms: Some(3),
             attempts: 2,
-            usage_status: "found".into(),
+            usage_status: UsageStatus::FOUND,
         }
     }
 
@@ -323,6 +327,97 @@ mod tests {
         }
     }
 
+    /// The usage log's format is a contract with `tether report` and whatever else reads the
+    /// files: these lines are what it has always been, byte for byte, and they read back as
+    /// the records that wrote them.
+    #[test]
+    fn the_log_line_format_is_unchanged_and_reads_back() {
+        let bare = UsageRecord {
+            session: None,
+            model: None,
+            region: None,
+            replica: None,
+            outcome: None,
+            prompt_tokens: None,
+            cached_tokens: None,
+            completion_tokens: None,
+            cost_micro_usd: None,
+            uncached_cost_micro_usd: None,
+            ttft_ms: None,
+            status: 0,
+            attempts: 0,
+            usage_status: UsageStatus::NotMetered,
+            ..full("-")
+        };
+        let spilled = UsageRecord {
+            outcome: Some(Outcome::CrossRegion),
+            usage_status: UsageStatus::Extracted(crate::UsageOutcome::TooLarge),
+            ..full("acme")
+        };
+        let tokenless = UsageRecord {
+            outcome: Some(Outcome::NoToken),
+            usage_status: UsageStatus::Incomplete,
+            ..full("acme")
+        };
+        let cases = [
+            (
+                full("acme"),
+                concat!(
+                    r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","#,
+                    r#""session":"9f86d081884c7d65","model":"llama-3.1-8b","region":"eu","#,
+                    r#""replica":"eu-1","outcome":"sticky","status":200,"prompt_tokens":1200,"#,
+                    r#""cached_tokens":1024,"completion_tokens":18446744073709551615,"#,
+                    r#""cost_micro_usd":0,"uncached_cost_micro_usd":640,"latency_ms":12,"#,
+                    r#""ttft_ms":3,"attempts":2,"usage_status":"found"}"#,
+                    "\n"
+                ),
+            ),
+            (
+                bare,
+                concat!(
+                    r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"-","session":null,"#,
+                    r#""model":null,"region":null,"replica":null,"outcome":null,"status":0,"#,
+                    r#""prompt_tokens":null,"cached_tokens":null,"completion_tokens":null,"#,
+                    r#""cost_micro_usd":null,"uncached_cost_micro_usd":null,"latency_ms":12,"#,
+                    r#""ttft_ms":null,"attempts":0,"usage_status":"not_metered"}"#,
+                    "\n"
+                ),
+            ),
+            (
+                spilled,
+                concat!(
+                    r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","#,
+                    r#""session":"9f86d081884c7d65","model":"llama-3.1-8b","region":"eu","#,
+                    r#""replica":"eu-1","outcome":"cross_region","status":200,"#,
+                    r#""prompt_tokens":1200,"cached_tokens":1024,"#,
+                    r#""completion_tokens":18446744073709551615,"cost_micro_usd":0,"#,
+                    r#""uncached_cost_micro_usd":640,"latency_ms":12,"ttft_ms":3,"attempts":2,"#,
+                    r#""usage_status":"too_large"}"#,
+                    "\n"
+                ),
+            ),
+            (
+                tokenless,
+                concat!(
+                    r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","#,
+                    r#""session":"9f86d081884c7d65","model":"llama-3.1-8b","region":"eu","#,
+                    r#""replica":"eu-1","outcome":"none","status":200,"prompt_tokens":1200,"#,
+                    r#""cached_tokens":1024,"completion_tokens":18446744073709551615,"#,
+                    r#""cost_micro_usd":0,"uncached_cost_micro_usd":640,"latency_ms":12,"#,
+                    r#""ttft_ms":3,"attempts":2,"usage_status":"incomplete"}"#,
+                    "\n"
+                ),
+            ),
+        ];
+        for (record, literal) in cases {
+            let mut line = Vec::new();
+            record.write_json_line(&mut line);
+            assert_eq!(String::from_utf8_lossy(&line), literal);
+            let back: UsageRecord = serde_json::from_str(literal).unwrap();
+            assert_eq!(back, record);
+        }
+    }
+
     #[test]
     fn unknown_counts_serialize_as_null() {
         let r = UsageRecord {
@@ -342,7 +437,7 @@ mod tests {
             latency_ms: 3,
             ttft_ms: None,
             attempts: 1,
-            usage_status: "malformed".into(),
+            usage_status: UsageStatus::Extracted(crate::UsageOutcome::Malformed),
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.contains("\"prompt_tokens\":null"), "{line}");

@@ -89,7 +89,7 @@ pub fn aggregate<'a>(records: impl IntoIterator<Item = &'a UsageRecord>, by: Gro
     };
     for r in records {
         let key = match by {
-            GroupBy::Tenant => Some(r.tenant.as_str()),
+            GroupBy::Tenant => Some(&*r.tenant),
             GroupBy::Region => r.region.as_deref(),
             GroupBy::Replica => r.replica.as_deref(),
             GroupBy::Model => r.model.as_deref(),
@@ -135,7 +135,7 @@ mod tests {
             latency_ms: 1,
             ttft_ms: None,
             attempts: 1,
-            usage_status: "found".into(),
+            usage_status: crate::UsageStatus::FOUND,
         }
     }
 

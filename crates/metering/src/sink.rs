@@ -232,7 +232,7 @@ mod tests {
             model: Some("m".into()),
             region: Some("eu".into()),
             replica: Some("eu-1".into()),
-            outcome: Some("ring".into()),
+            outcome: Some(tether_affinity::Outcome::Ring),
             status: 200,
             prompt_tokens: Some(10),
             cached_tokens: Some(5),
@@ -242,7 +242,7 @@ mod tests {
             latency_ms: 5,
             ttft_ms: Some(1),
             attempts: 1,
-            usage_status: "found".into(),
+            usage_status: crate::UsageStatus::FOUND,
         }
     }
 
@@ -307,8 +307,8 @@ mod tests {
         log.reopen();
         log.record(record("after"));
         log.close();
-        assert_eq!(lines(&d.join("u.jsonl.1"))[0].tenant, "before");
-        assert_eq!(lines(&path)[0].tenant, "after");
+        assert_eq!(&*lines(&d.join("u.jsonl.1"))[0].tenant, "before");
+        assert_eq!(&*lines(&path)[0].tenant, "after");
         let _ = std::fs::remove_dir_all(d);
     }
 

@@ -5,8 +5,9 @@ use std::fmt;
 use serde::de::{self, IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Which API shape a response has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+/// Which API shape a response has; also a replica's `dialect` in the topology file
+/// (`openai`, `anthropic`, `llamacpp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dialect {
     /// OpenAI chat completions, also vLLM and SGLang: `usage.prompt_tokens`,

@@ -10,7 +10,7 @@ use prometheus::{
 };
 use sha2::{Digest, Sha256};
 use siphasher::sip128::{Hasher128, SipHasher24};
-use tether_affinity::RoutingKey;
+use tether_affinity::{Outcome, RoutingKey};
 use tether_metering::{UsageLog, UsageRecord};
 use tether_topology::Topology;
 
@@ -180,8 +180,8 @@ impl Metrics {
         let status = r.status.to_string();
         self.requests
             .with_label_values(&[
-                r.tenant.as_str(),
-                r.outcome.as_deref().unwrap_or("-"),
+                &*r.tenant,
+                r.outcome.map_or("-", Outcome::as_str),
                 status.as_str(),
             ])
             .inc();
@@ -198,7 +198,7 @@ impl Metrics {
             tenant.cost.inc_by(cost);
             tenant.saved.inc_by(uncached.saturating_sub(cost));
         }
-        if r.usage_status != "found" {
+        if !r.usage_status.is_found() {
             self.usage_unknown
                 .with_label_values(&[r.usage_status.as_str()])
                 .inc();

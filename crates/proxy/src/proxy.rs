@@ -22,7 +22,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{Attempts, Failure, Retry, RetryLimits, Route};
 use tether_health::now_ms;
 use tether_metering::{
-    timestamp, Dialect, Framing, UsageChunkFilter, UsageExtractor, UsageOutcome, UsageRecord,
+    timestamp, Dialect, Framing, UsageChunkFilter, UsageExtractor, UsageRecord, UsageStatus,
     DEFAULT_WINDOW,
 };
 
@@ -460,18 +460,7 @@ impl ProxyHttp for TetherProxy {
         let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
         let model = extraction.as_mut().and_then(|x| x.model.take());
         let cost = snapshot.price(model.as_deref()).cost(&usage);
-        let usage_status = match (&extraction, e) {
-            (Some(x), _) if x.outcome == UsageOutcome::Found => "found",
-            // The response broke off (client gone, upstream failed mid-body).
-            (Some(_), Some(_)) => "incomplete",
-            (Some(x), None) => match x.outcome {
-                UsageOutcome::Missing => "missing",
-                UsageOutcome::Malformed => "malformed",
-                UsageOutcome::TooLarge => "too_large",
-                UsageOutcome::Found => "found",
-            },
-            (None, _) => "not_metered",
-        };
+        let usage_status = UsageStatus::of(extraction.as_ref(), e.is_some());
         let route = ctx.route.as_ref();
         let tenant = ctx
             .caller
@@ -480,12 +469,12 @@ impl ProxyHttp for TetherProxy {
             .or(ctx.refused_tenant.as_ref());
         let record = UsageRecord {
             ts: timestamp(SystemTime::now()),
-            tenant: tenant.map_or("-", |t| &**t).to_owned(),
+            tenant: tenant.map_or_else(|| Arc::from("-"), Arc::clone),
             session: ctx.attempts.key().map(|k| self.meter.session_hash(k)),
             model,
-            region: route.map(|r| r.replica().region().to_string()),
-            replica: route.map(|r| r.replica().id().to_string()),
-            outcome: route.map(|r| r.outcome().as_str().to_owned()),
+            region: route.map(|r| Arc::clone(r.replica().region())),
+            replica: route.map(|r| Arc::clone(r.replica().id())),
+            outcome: route.map(Route::outcome),
             status,
             prompt_tokens: usage.prompt_tokens,
             cached_tokens: usage.cached_tokens,
@@ -497,12 +486,12 @@ impl ProxyHttp for TetherProxy {
                 .first_byte
                 .map(|t| u64::try_from((t - ctx.started).as_millis()).unwrap_or(u64::MAX)),
             attempts: ctx.attempts.total(),
-            usage_status: usage_status.to_owned(),
+            usage_status,
         };
         debug!(
             "tenant={} outcome={} replica={} status={status} attempts={} usage={usage_status}{}",
             record.tenant,
-            record.outcome.as_deref().unwrap_or("-"),
+            record.outcome.map_or("-", |o| o.as_str()),
             record.replica.as_deref().unwrap_or("-"),
             record.attempts,
             e.map(|e| format!(" error={e}")).unwrap_or_default(),

@@ -15,7 +15,7 @@ use tether_affinity::{
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
-use tether_topology::{FailoverSettings, ReplicaState, Topology, UsageDialect};
+use tether_topology::{FailoverSettings, Topology};
 
 use crate::probe::{ProbeRound, ProbeSettings, ProbeSource, ProbeTarget};
 
@@ -137,12 +137,7 @@ impl Snapshot {
 
     /// The price of `model` (the default price when unknown or unnamed).
     pub fn price(&self, model: Option<&str>) -> Price {
-        let p = model.map_or(&self.pricing.default, |m| self.pricing.for_model(m));
-        Price {
-            input: p.input_micro_usd_per_mtok,
-            cached_input: p.cached_input_micro_usd_per_mtok,
-            output: p.output_micro_usd_per_mtok,
-        }
+        self.pricing.price(model)
     }
 
     /// Whether a request may reach a second replica after the first accepted it and failed
@@ -252,21 +247,13 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
                         spec: ReplicaSpec {
                             id: r.id.clone(),
                             weight: r.weight,
-                            admission: match r.state {
-                                ReplicaState::Active => Admission::Active,
-                                ReplicaState::Draining => Admission::Draining,
-                                ReplicaState::Disabled => Admission::Disabled,
-                            },
+                            admission: r.state,
                             max_inflight: r.max_inflight,
                         },
                         address: r.address,
                         upstream: Upstream {
                             peer,
-                            dialect: r.dialect.map(|d| match d {
-                                UsageDialect::Openai => Dialect::Openai,
-                                UsageDialect::Anthropic => Dialect::Anthropic,
-                                UsageDialect::Llamacpp => Dialect::Llamacpp,
-                            }),
+                            dialect: r.dialect,
                         },
                     }
                 })

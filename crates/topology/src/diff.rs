@@ -85,8 +85,7 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
         match before.get(id) {
             None => d.changes.push(format!(
                 "replica {id} added (region {region}, weight {}, {})",
-                r.weight,
-                state_name(r)
+                r.weight, r.state
             )),
             Some((old_region, o)) => {
                 let mut what = Vec::new();
@@ -100,7 +99,7 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
                     what.push(format!("weight {} → {}", o.weight, r.weight));
                 }
                 if o.state != r.state {
-                    what.push(format!("state {} → {}", state_name(o), state_name(r)));
+                    what.push(format!("state {} → {}", o.state, r.state));
                 }
                 if o.max_inflight != r.max_inflight {
                     what.push(format!(
@@ -173,14 +172,6 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
         }
     }
     d
-}
-
-fn state_name(r: &Replica) -> &'static str {
-    match r.state {
-        crate::ReplicaState::Active => "active",
-        crate::ReplicaState::Draining => "draining",
-        crate::ReplicaState::Disabled => "disabled",
-    }
 }
 
 #[cfg(test)]

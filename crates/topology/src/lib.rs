@@ -40,9 +40,9 @@ use std::path::Path;
 pub use diff::{diff, TopologyDiff};
 pub use error::{Problem, TopologyError};
 pub use model::{
-    AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Price,
-    Pricing, ProbeSettings, Region, ReloadSettings, Replica, ReplicaState, ServerSettings, Tenant,
-    TokenlessPolicy, Topology, UpstreamSettings, UsageDialect, UsageLog, DEFAULT_RETRY_UNANSWERED,
+    AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
+    ProbeSettings, Region, ReloadSettings, Replica, ServerSettings, Tenant, TokenlessPolicy,
+    Topology, UpstreamSettings, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
 pub use validate::{MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT};
 

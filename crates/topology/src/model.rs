@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use tether_affinity::Admission;
+use tether_metering::{Dialect, Price};
 
 /// A validated topology. Build one with [`Topology::from_yaml`](crate::Topology::from_yaml) or
 /// [`Topology::load`](crate::Topology::load); every field has passed the checks in
@@ -96,37 +98,12 @@ pub struct Replica {
     pub address: SocketAddr,
     /// Relative share of sessions, 1..=100.
     pub weight: u32,
-    /// Whether it takes work.
-    pub state: ReplicaState,
+    /// Whether it takes work (`state`).
+    pub state: Admission,
     /// Hard cap on requests in flight (`None` = no cap).
     pub max_inflight: Option<u32>,
     /// How to read its usage; `None` = from the request path.
-    pub dialect: Option<UsageDialect>,
-}
-
-/// A replica's response dialect, for metering.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UsageDialect {
-    /// OpenAI, vLLM, SGLang.
-    Openai,
-    /// Anthropic Messages.
-    Anthropic,
-    /// llama.cpp server.
-    Llamacpp,
-}
-
-/// A replica's administrative state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicaState {
-    /// Takes new sessions and keeps its own.
-    #[default]
-    Active,
-    /// Takes nothing new; its sessions move on their next turn.
-    Draining,
-    /// Out of service.
-    Disabled,
+    pub dialect: Option<Dialect>,
 }
 
 /// An API tenant.
@@ -138,18 +115,8 @@ pub struct Tenant {
     pub api_key_sha256: [u8; 32],
 }
 
-/// Prices in micro-dollars per million tokens (integers: no float drift when summing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Price {
-    /// Uncached input tokens.
-    pub input_micro_usd_per_mtok: u64,
-    /// Input tokens served from the prefix cache.
-    pub cached_input_micro_usd_per_mtok: u64,
-    /// Output tokens.
-    pub output_micro_usd_per_mtok: u64,
-}
-
-/// The `pricing` section.
+/// The `pricing` section, converted from the file's dollars per million tokens to
+/// [`Price`]'s integer micro-dollars (no float drift when summing).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Pricing {
     /// Price for models without their own entry.
@@ -159,9 +126,13 @@ pub struct Pricing {
 }
 
 impl Pricing {
-    /// The price of `model`.
-    pub fn for_model(&self, model: &str) -> &Price {
-        self.models.get(model).unwrap_or(&self.default)
+    /// The price of `model`: its own entry, else the default (also for a response that named
+    /// no model).
+    pub fn price(&self, model: Option<&str>) -> Price {
+        model
+            .and_then(|m| self.models.get(m))
+            .copied()
+            .unwrap_or(self.default)
     }
 }
 

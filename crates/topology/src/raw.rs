@@ -91,11 +91,11 @@ pub(crate) struct RawReplica {
     #[serde(default = "one")]
     pub weight: NonZeroU32,
     #[serde(default)]
-    pub state: crate::ReplicaState,
+    pub state: tether_affinity::Admission,
     #[serde(default)]
     pub max_inflight: Option<u32>,
     #[serde(default)]
-    pub dialect: Option<crate::UsageDialect>,
+    pub dialect: Option<tether_metering::Dialect>,
 }
 
 fn one() -> NonZeroU32 {

@@ -1,5 +1,8 @@
 use std::time::Duration;
 
+use tether_affinity::Admission;
+use tether_metering::Dialect;
+
 use super::*;
 
 const VALID: &str = r#"
@@ -67,19 +70,22 @@ fn the_full_example_loads_with_every_field() {
     );
     assert_eq!(t.affinity.override_ttl, Duration::from_secs(3600));
     assert_eq!(t.regions[0].replicas[0].max_inflight, Some(64));
-    assert_eq!(t.regions[0].replicas[1].state, ReplicaState::Draining);
+    assert_eq!(t.regions[0].replicas[1].state, Admission::Draining);
     assert_eq!(t.regions[0].replicas[1].weight, 1, "weight defaults to 1");
-    assert_eq!(t.regions[1].replicas[0].state, ReplicaState::Disabled);
+    assert_eq!(t.regions[1].replicas[0].state, Admission::Disabled);
     assert_eq!(t.tenants[0].api_key_sha256[0], 0x2c);
-    assert_eq!(t.pricing.default.input_micro_usd_per_mtok, 500_000);
-    assert_eq!(t.pricing.default.cached_input_micro_usd_per_mtok, 50_000);
+    assert_eq!(t.pricing.default.input, 500_000);
+    assert_eq!(t.pricing.default.cached_input, 50_000);
+    assert_eq!(t.pricing.price(Some("big-model")).output, 15_000_000);
     assert_eq!(
-        t.pricing.for_model("big-model").output_micro_usd_per_mtok,
-        15_000_000
+        t.pricing.price(Some("other")),
+        t.pricing.default,
+        "a model without its own entry"
     );
     assert_eq!(
-        t.pricing.for_model("other").output_micro_usd_per_mtok,
-        1_500_000
+        t.pricing.price(None),
+        t.pricing.default,
+        "a response that named no model"
     );
     assert_eq!(t.upstream.connect_timeout, Duration::from_millis(500));
     assert_eq!(t.upstream.read_timeout, Some(Duration::from_secs(120)));
@@ -583,10 +589,7 @@ fn metering_settings_and_replica_dialects_load() {
         65_536,
         "queue defaults"
     );
-    assert_eq!(
-        t.regions[1].replicas[0].dialect,
-        Some(UsageDialect::Llamacpp)
-    );
+    assert_eq!(t.regions[1].replicas[0].dialect, Some(Dialect::Llamacpp));
     assert_eq!(t.regions[0].replicas[0].dialect, None);
 }
 
@@ -606,4 +609,33 @@ fn a_short_session_key_and_a_zero_queue_are_refused() {
     );
     let (_, message) = parse_error(&VALID.replace("dialect: llamacpp", "dialect: cohere"));
     assert!(message.contains("unknown variant `cohere`"), "{message}");
+    assert!(
+        message.contains("regions[1].replicas[0].dialect"),
+        "{message}"
+    );
+}
+
+#[test]
+fn every_documented_dialect_and_state_spelling_loads() {
+    for (name, dialect) in [
+        ("openai", Dialect::Openai),
+        ("anthropic", Dialect::Anthropic),
+        ("llamacpp", Dialect::Llamacpp),
+    ] {
+        let t = load(&VALID.replace("dialect: llamacpp", &format!("dialect: {name}"))).unwrap();
+        assert_eq!(t.regions[1].replicas[0].dialect, Some(dialect));
+    }
+    for (name, state) in [
+        ("active", Admission::Active),
+        ("draining", Admission::Draining),
+        ("disabled", Admission::Disabled),
+    ] {
+        let t = load(&VALID.replace("state: disabled", &format!("state: {name}"))).unwrap();
+        assert_eq!(t.regions[1].replicas[0].state, state);
+    }
+    assert_eq!(
+        load(VALID).unwrap().regions[0].replicas[0].state,
+        Admission::Active,
+        "state defaults to active"
+    );
 }

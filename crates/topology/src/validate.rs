@@ -4,11 +4,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tether_metering::Price;
+
 use crate::raw::{RawPrice, RawTopology};
 use crate::{
-    AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Price,
-    Pricing, ProbeSettings, Problem, Region, ReloadSettings, Replica, ServerSettings, Tenant,
-    Topology, UpstreamSettings, UsageLog,
+    AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
+    ProbeSettings, Problem, Region, ReloadSettings, Replica, ServerSettings, Tenant, Topology,
+    UpstreamSettings, UsageLog,
 };
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
@@ -71,9 +73,9 @@ fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
         (dollars * 1_000_000.0).round() as u64
     };
     Price {
-        input_micro_usd_per_mtok: one("input_per_mtok", raw.input_per_mtok),
-        cached_input_micro_usd_per_mtok: one("cached_input_per_mtok", raw.cached_input_per_mtok),
-        output_micro_usd_per_mtok: one("output_per_mtok", raw.output_per_mtok),
+        input: one("input_per_mtok", raw.input_per_mtok),
+        cached_input: one("cached_input_per_mtok", raw.cached_input_per_mtok),
+        output: one("output_per_mtok", raw.output_per_mtok),
     }
 }
 
