@@ -1,1 +1,416 @@
+//! The hooks on a Pingora `Session` read from bytes: no listener, no replica.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
+use pingora::upstreams::peer::Peer;
+use tether_affinity::Outcome;
+use tether_topology::Topology;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::*;
+
+/// A client connection that has sent `request` and records what it is answered.
+#[derive(Debug)]
+struct Client {
+    request: io::Cursor<Vec<u8>>,
+    written: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncRead for Client {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.request).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Client {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.written.lock().unwrap().extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl VirtualSocket for Client {
+    fn set_socket_option(&self, _: VirtualSockOpt) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `sk-tether-demo` and `sk-tether-other`, as in conf/tether.yaml.
+const TOPOLOGY: &str = r#"
+listen: 127.0.0.1:18080
+local_region: eu
+regions:
+  - name: eu
+    replicas:
+      - { id: eu-1, address: "127.0.0.1:19101" }
+      - { id: eu-2, address: "127.0.0.1:19102" }
+  - name: us
+    replicas:
+      - { id: us-1, address: "127.0.0.1:19201" }
+tenants:
+  - { id: demo, api_key_sha256: "249142d4624be5a93233d916886bc3fc3319811cb61ed2ce35bbb7728a6b017e" }
+  - { id: other, api_key_sha256: "27eb8f96dfd4b8068a6745b9dcf52290ad7ce39da716d6546838c6db6ff88118" }
+"#;
+
+struct Harness {
+    proxy: TetherProxy,
+    router: Arc<Router>,
+}
+
+fn harness() -> Harness {
+    let topology = Topology::from_yaml(TOPOLOGY, "test.yaml").unwrap();
+    let router = Arc::new(Router::new(&topology).unwrap());
+    let meter = Arc::new(Meter::new(&topology).unwrap());
+    Harness {
+        proxy: TetherProxy::new(Arc::clone(&router), meter, Arc::new(AtomicBool::new(false))),
+        router,
+    }
+}
+
+async fn session(request: &str) -> (Session, Arc<Mutex<Vec<u8>>>) {
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let client = Client {
+        request: io::Cursor::new(request.as_bytes().to_vec()),
+        written: Arc::clone(&written),
+    };
+    let stream = L4Stream::from(VirtualSocketStream::new(Box::new(client)));
+    let mut session = Session::new_h1(Box::new(stream));
+    assert!(session.read_request().await.unwrap());
+    (session, written)
+}
+
+fn chat(headers: &[&str]) -> String {
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut request = String::from("POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n");
+    for h in headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    request
+}
+
+/// The status line and the JSON error code of what the client was answered.
+fn answer(written: &Mutex<Vec<u8>>) -> (String, String) {
+    let text = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let code = serde_json::from_str::<serde_json::Value>(body)
+        .map(|v| v["error"]["code"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    (status, code)
+}
+
+#[tokio::test]
+async fn a_request_without_an_api_key_is_refused_with_401() {
+    let h = harness();
+    let (mut session, written) = session(&chat(&[])).await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    let (status, code) = answer(&written);
+    assert!(status.contains(" 401 "), "{status}");
+    assert_eq!(code, "invalid_api_key");
+    assert!(ctx.caller.is_none() && ctx.refused_tenant.is_none());
+}
+
+#[tokio::test]
+async fn an_unknown_api_key_is_refused_with_401() {
+    let h = harness();
+    let (mut session, written) = session(&chat(&["Authorization: Bearer sk-nope"])).await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    assert_eq!(answer(&written).1, "invalid_api_key");
+}
+
+#[tokio::test]
+async fn a_malformed_token_is_refused_with_400_under_its_tenant_without_echoing_it() {
+    let h = harness();
+    let (mut session, written) = session(&chat(&[
+        "Authorization: Bearer sk-tether-demo",
+        "X-Session-Affinity: secret token",
+    ]))
+    .await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    let (status, code) = answer(&written);
+    assert!(status.contains(" 400 "), "{status}");
+    assert_eq!(code, "invalid_session_affinity");
+    assert!(!String::from_utf8_lossy(&written.lock().unwrap()).contains("secret"));
+    assert_eq!(ctx.refused_tenant.as_deref(), Some("demo"));
+}
+
+#[tokio::test]
+async fn repeated_tokens_that_disagree_are_refused() {
+    let h = harness();
+    let (mut session, written) = session(&chat(&[
+        "Authorization: Bearer sk-tether-demo",
+        "X-Session-Affinity: one",
+        "X-Session-Affinity: two",
+    ]))
+    .await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    assert_eq!(answer(&written).1, "invalid_session_affinity");
+}
+
+#[tokio::test]
+async fn the_same_token_from_two_tenants_gives_two_keys() {
+    let h = harness();
+    let mut keys = Vec::new();
+    for api_key in ["sk-tether-demo", "sk-tether-other"] {
+        let auth = format!("Authorization: Bearer {api_key}");
+        let (mut session, _) = session(&chat(&[&auth, "X-Session-Affinity: conv-1"])).await;
+        let mut ctx = h.proxy.new_ctx();
+        assert!(!h
+            .proxy
+            .request_filter(&mut session, &mut ctx)
+            .await
+            .unwrap());
+        keys.push(ctx.attempts.key().unwrap());
+    }
+    assert_ne!(keys[0], keys[1]);
+}
+
+#[tokio::test]
+async fn the_api_key_never_reaches_the_replica_and_bodies_come_back_uncompressed() {
+    let h = harness();
+    let (mut session, _) = session(&chat(&[
+        "Authorization: Bearer sk-tether-demo",
+        "Accept-Encoding: gzip",
+    ]))
+    .await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    let mut upstream = session.req_header().clone();
+    h.proxy
+        .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
+        .await
+        .unwrap();
+    assert!(upstream.headers.get("authorization").is_none());
+    assert_eq!(upstream.headers.get("accept-encoding").unwrap(), "identity");
+}
+
+#[tokio::test]
+async fn a_2xx_answer_pins_the_session_and_the_next_turn_is_sticky() {
+    let h = harness();
+    let headers = [
+        "Authorization: Bearer sk-tether-demo",
+        "X-Session-Affinity: conv-7",
+    ];
+    let mut first = None;
+    for turn in 0..2 {
+        let (mut session, _) = session(&chat(&headers)).await;
+        let mut ctx = h.proxy.new_ctx();
+        assert!(!h
+            .proxy
+            .request_filter(&mut session, &mut ctx)
+            .await
+            .unwrap());
+        let peer = h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+        let route = ctx.route.as_ref().unwrap();
+        if turn == 0 {
+            assert_ne!(route.outcome(), Outcome::Sticky);
+            first = Some(peer.address().to_string());
+        } else {
+            assert_eq!(route.outcome(), Outcome::Sticky);
+            assert_eq!(first.as_deref(), Some(peer.address().to_string().as_str()));
+        }
+        let mut answer = ResponseHeader::build(200, None).unwrap();
+        answer
+            .insert_header("content-type", "application/json")
+            .unwrap();
+        h.proxy
+            .response_filter(&mut session, &mut answer, &mut ctx)
+            .await
+            .unwrap();
+        assert!(ctx.answered);
+        assert!(ctx.extractor.is_some(), "a 2xx is metered");
+        h.proxy.logging(&mut session, None, &mut ctx).await;
+    }
+    assert_eq!(h.router.overrides().len(), 1);
+    let held: u32 = h
+        .router
+        .snapshot()
+        .fleet()
+        .replicas()
+        .iter()
+        .map(|r| r.inflight())
+        .sum();
+    assert_eq!(held, 0, "logging released every slot");
+}
+
+#[tokio::test]
+async fn a_503_from_the_replica_is_retried_elsewhere_before_the_client_sees_it() {
+    let h = harness();
+    let (mut session, _) = session(&chat(&[
+        "Authorization: Bearer sk-tether-demo",
+        "X-Session-Affinity: conv-9",
+    ]))
+    .await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    let first = h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+    let mut answer = ResponseHeader::build(503, None).unwrap();
+    let e = h
+        .proxy
+        .response_filter(&mut session, &mut answer, &mut ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(ctx.retried_status, Some(503));
+    assert!(!ctx.answered);
+    let e = h
+        .proxy
+        .error_while_proxy(&first, &mut session, e, &mut ctx, false);
+    assert!(e.retry(), "chat completions are safe to resend");
+    let second = h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+    assert_ne!(first.address(), second.address());
+    assert!(h.router.overrides().is_empty(), "a 503 pins nothing");
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_and_nothing_anywhere_answers_503() {
+    let h = harness();
+    let (mut session, written) = session(&chat(&["Authorization: Bearer sk-tether-demo"])).await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    for _ in 0..3 {
+        let peer = h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+        let e = Error::explain(ErrorType::ConnectRefused, "refused");
+        let e = h.proxy.fail_to_connect(&mut session, &peer, &mut ctx, e);
+        assert!(e.retry());
+    }
+    let e = h
+        .proxy
+        .upstream_peer(&mut session, &mut ctx)
+        .await
+        .unwrap_err();
+    assert!(ctx.unavailable);
+    let failed = h.proxy.fail_to_proxy(&mut session, &e, &mut ctx).await;
+    assert_eq!(failed.error_code, 503);
+    let (status, code) = answer(&written);
+    assert!(status.contains(" 503 "), "{status}");
+    assert_eq!(code, "no_replica_available");
+    assert!(String::from_utf8_lossy(&written.lock().unwrap()).contains("retry-after"));
+}
+
+#[test]
+fn failures_are_classified_by_stage_and_source() {
+    let upstream = Error::new_up;
+    let downstream = Error::new_down;
+    use ErrorType::*;
+    let rows: Vec<(Box<Error>, bool, Option<u16>, bool, Failure)> = vec![
+        (upstream(ReadTimedout), false, None, false, Failure::Timeout),
+        (
+            upstream(ConnectionClosed),
+            false,
+            None,
+            false,
+            Failure::Broken,
+        ),
+        (
+            upstream(ConnectionClosed),
+            false,
+            None,
+            true,
+            Failure::StaleConnection,
+        ),
+        (
+            upstream(ReadError),
+            false,
+            None,
+            true,
+            Failure::StaleConnection,
+        ),
+        (upstream(ReadTimedout), false, None, true, Failure::Timeout),
+        (
+            upstream(HTTPStatus(503)),
+            false,
+            Some(503),
+            false,
+            Failure::Status(503),
+        ),
+        (upstream(ReadError), true, None, false, Failure::AfterAnswer),
+        (downstream(ReadError), true, None, false, Failure::Client),
+        (downstream(ReadError), false, None, false, Failure::Client),
+    ];
+    for (e, answered, status, reused, expected) in rows {
+        assert_eq!(classify(&e, answered, status, reused), expected, "{e:?}");
+    }
+}
+
+#[test]
+fn errors_answered_to_the_client_match_what_failed() {
+    let e = Error::new_up(ErrorType::ReadTimedout);
+    assert_eq!(edge_error(&e, false, 1), Some(EdgeError::UpstreamTimeout));
+    let refused = Error::new(ErrorType::ConnectRefused);
+    assert_eq!(
+        edge_error(&refused, false, 2),
+        Some(EdgeError::NoReplicaAvailable {
+            retry_after_secs: 2
+        })
+    );
+    let gone = Error::new_down(ErrorType::WriteError);
+    assert_eq!(edge_error(&gone, false, 1), None, "the client left");
+    assert_eq!(
+        edge_error(&gone, true, 3),
+        Some(EdgeError::NoReplicaAvailable {
+            retry_after_secs: 3
+        })
+    );
+}
+
+#[test]
+fn retry_after_takes_delay_seconds_only() {
+    assert_eq!(parse_retry_after(b" 7 "), Some(Duration::from_secs(7)));
+    assert_eq!(parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"), None);
+}
