@@ -348,7 +348,9 @@ fn failures_are_classified_by_stage_and_source() {
     let upstream = Error::new_up;
     let downstream = Error::new_down;
     use ErrorType::*;
-    let rows: Vec<(Box<Error>, bool, Option<u16>, bool, Failure)> = vec![
+    // (error, answered, retried status, pooled connection, expected)
+    type Row = (Box<Error>, bool, Option<u16>, bool, Failure);
+    let rows: Vec<Row> = vec![
         (upstream(ReadTimedout), false, None, false, Failure::Timeout),
         (
             upstream(ConnectionClosed),
