@@ -117,6 +117,6 @@ pub use selector::{
 };
 pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
 pub use token::{
-    ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_HEADER, DEFAULT_MAX_TOKEN_LEN,
+    ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_MAX_TOKEN_LEN,
 };
 pub use warmth::{TenantWarmth, Warmth, WARMTH_SLOTS};

@@ -11,8 +11,6 @@
 
 use thiserror::Error;
 
-/// Default header carrying the token (Cloudflare Workers AI's name for it).
-pub const DEFAULT_HEADER: &str = "x-session-affinity";
 /// Default maximum token length in bytes.
 pub const DEFAULT_MAX_TOKEN_LEN: usize = 128;
 

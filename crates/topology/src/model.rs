@@ -59,8 +59,6 @@ pub struct AffinitySettings {
     pub override_ttl: Duration,
     /// Maximum number of override entries.
     pub override_capacity: usize,
-    /// Policy for requests without a token.
-    pub tokenless: TokenlessPolicy,
     /// Ring points per unit of replica weight.
     pub ring_points_per_weight: u32,
     /// How long a replica counts as warm for a tenant after serving it: new sessions prefer
@@ -69,15 +67,6 @@ pub struct AffinitySettings {
     /// Sticky shedding: a replica that has served more than this × the fleet's mean recently
     /// gives sticky sessions, one at a time, to the least-loaded replica. `None` = off.
     pub shed_factor: Option<f64>,
-}
-
-/// How requests without a token are routed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenlessPolicy {
-    /// The local region's replica with the fewest requests in flight per unit of weight.
-    #[default]
-    LeastInflight,
 }
 
 /// A region and its replicas.

@@ -52,7 +52,6 @@ pub(crate) struct RawAffinity {
     #[serde(with = "humantime_serde")]
     pub override_ttl: Duration,
     pub override_capacity: usize,
-    pub tokenless: crate::TokenlessPolicy,
     pub ring_points_per_weight: u32,
     #[serde(with = "humantime_serde")]
     pub tenant_locality: Option<Duration>,
@@ -67,7 +66,6 @@ impl Default for RawAffinity {
             balance_factor: 1.25,
             override_ttl: Duration::from_secs(3600),
             override_capacity: 1_000_000,
-            tokenless: crate::TokenlessPolicy::LeastInflight,
             ring_points_per_weight: 2048,
             tenant_locality: Some(Duration::from_secs(30)),
             shed_factor: None,

@@ -15,7 +15,6 @@ affinity:
   balance_factor: 1.25
   override_ttl: 1h
   override_capacity: 1000000
-  tokenless: least_inflight
 regions:
   - name: eu
     replicas:
@@ -110,7 +109,6 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert_eq!(t.affinity.balance_factor, 1.25);
     assert_eq!(t.affinity.override_capacity, 1_000_000);
     assert_eq!(t.affinity.ring_points_per_weight, 2048);
-    assert_eq!(t.affinity.tokenless, TokenlessPolicy::LeastInflight);
     assert_eq!(t.affinity.tenant_locality, Some(Duration::from_secs(30)));
     assert!(t.tenants.is_empty());
     assert!(t.admin_listen.is_none());
@@ -176,7 +174,7 @@ fn health_failover_and_admin_sections_load_and_are_checked() {
 #[test]
 fn unknown_key_is_a_parse_error_with_path_and_line() {
     let (line, message) = parse_error(&VALID.replace("weight: 3", "wieght: 3"));
-    assert_eq!(line, Some(19), "the line of the us-1 replica");
+    assert_eq!(line, Some(18), "the line of the us-1 replica");
     assert!(message.contains("regions[1].replicas[0]"), "{message}");
     assert!(message.contains("unknown field `wieght`"), "{message}");
 }
@@ -427,10 +425,12 @@ fn unparsable_duration_is_a_parse_error() {
 }
 
 #[test]
-fn unknown_tokenless_policy_is_refused() {
-    let (_, message) =
-        parse_error(&VALID.replace("tokenless: least_inflight", "tokenless: random"));
-    assert!(message.contains("unknown variant `random`"), "{message}");
+fn an_unknown_affinity_key_is_refused_by_name() {
+    let (_, message) = parse_error(&VALID.replace(
+        "override_capacity: 1000000",
+        "override_capacity: 1000000\n  tokenless: least_inflight",
+    ));
+    assert!(message.contains("tokenless"), "{message}");
 }
 
 #[test]
@@ -440,15 +440,15 @@ fn weights_and_ring_size_are_bounded() {
         "regions[1].replicas[0].weight"
     );
     let p = problem(&VALID.replace("weight: 3", "weight: 100").replace(
-        "tokenless: least_inflight",
-        "tokenless: least_inflight\n  ring_points_per_weight: 65536",
+        "override_capacity: 1000000",
+        "override_capacity: 1000000\n  ring_points_per_weight: 65536",
     ));
     assert_eq!(p.key, "affinity.ring_points_per_weight");
     assert!(p.message.contains("points"), "{}", p.message);
     assert_eq!(
         problem(&VALID.replace(
-            "tokenless: least_inflight",
-            "tokenless: least_inflight\n  ring_points_per_weight: 0"
+            "override_capacity: 1000000",
+            "override_capacity: 1000000\n  ring_points_per_weight: 0"
         ))
         .key,
         "affinity.ring_points_per_weight"

@@ -451,7 +451,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             balance_factor: a.balance_factor,
             override_ttl: a.override_ttl,
             override_capacity: a.override_capacity,
-            tokenless: a.tokenless,
             ring_points_per_weight: a.ring_points_per_weight,
             tenant_locality: a.tenant_locality,
             shed_factor: a.shed_factor,
