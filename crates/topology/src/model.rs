@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tether_affinity::Admission;
 use tether_metering::{Dialect, Price};
 
