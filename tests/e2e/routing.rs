@@ -2,9 +2,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tether_affinity::COOLDOWN_MS;
 use tether_e2e::{
     api_key_sha256, free_port, regions_yaml, ServerOpts, SimFleet, Tether, TetherConfig,
+    READY_TIMEOUT,
 };
 
 use crate::client::{chat, conversation, inflight, served_turn};
@@ -330,74 +333,155 @@ async fn tenant_locality_keeps_each_tenants_new_sessions_on_its_own_replicas() {
     assert!(!sets[0].is_disjoint(&sets[1]), "{placed:?}");
 }
 
-/// Sends turns only for the sessions placed on one replica, so that replica serves every
-/// request; returns, in order, when each of those sessions moved and where to, within
-/// `for_ms` of traffic.
-async fn hot_replica_moves(affinity: &str, for_ms: u64) -> (String, Vec<(u128, String, String)>) {
-    let (_fleet, tether) = one_region(&["a-1", "a-2", "a-3"], affinity, "");
-    let client = reqwest::Client::new();
-    let url = tether.url("/v1/chat/completions");
-    let mut on: HashMap<String, String> = HashMap::new();
-    for i in 0..30 {
-        let session = format!("session-{i}");
-        let replica = served_turn(&client, &url, &session, 1).await;
-        on.insert(session, replica);
+/// How long the shedding test may wait for its sheds before it fails.
+const SHED_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A Tether in front of three replicas, and the sessions its ring placed on one of them (the
+/// hot replica): the test sends turns for those sessions only, so that replica serves every
+/// request until sessions move.
+struct HotReplica {
+    _fleet: SimFleet,
+    tether: Tether,
+    url: String,
+    hot: String,
+    sessions: Vec<String>,
+    /// Session → the replica of its latest turn.
+    on: HashMap<String, String>,
+    /// Every move seen, in order: (session, from, to).
+    moves: Vec<(String, String, String)>,
+    /// The next turn number.
+    turn: usize,
+    /// Requests sent.
+    sent: u64,
+}
+
+impl HotReplica {
+    async fn start(affinity: &str, client: &reqwest::Client) -> HotReplica {
+        let (fleet, tether) = one_region(&["a-1", "a-2", "a-3"], affinity, "");
+        let url = tether.url("/v1/chat/completions");
+        let mut on: HashMap<String, String> = HashMap::new();
+        for i in 0..30 {
+            let session = format!("session-{i}");
+            let replica = served_turn(client, &url, &session, 1).await;
+            on.insert(session, replica);
+        }
+        let hot = on["session-0"].clone();
+        let mut sessions: Vec<String> = on
+            .iter()
+            .filter(|(_, r)| **r == hot)
+            .map(|(s, _)| s.clone())
+            .collect();
+        sessions.sort();
+        assert!(sessions.len() >= 4, "too few sessions on {hot}: {on:?}");
+        HotReplica {
+            _fleet: fleet,
+            tether,
+            url,
+            hot,
+            sessions,
+            on,
+            moves: Vec::new(),
+            turn: 2,
+            sent: 30,
+        }
     }
-    let hot = on["session-0"].clone();
-    let mut sessions: Vec<String> = on
-        .iter()
-        .filter(|(_, r)| **r == hot)
-        .map(|(s, _)| s.clone())
-        .collect();
-    sessions.sort();
-    assert!(sessions.len() >= 4, "too few sessions on {hot}: {on:?}");
-    let start = std::time::Instant::now();
-    let mut moves = Vec::new();
-    let mut turn = 2;
-    while start.elapsed().as_millis() < u128::from(for_ms) {
-        for session in &sessions {
-            let now_on = served_turn(&client, &url, session, turn).await;
-            if now_on != on[session] {
-                moves.push((start.elapsed().as_millis(), session.clone(), now_on.clone()));
-                on.insert(session.clone(), now_on);
+
+    /// The next turn of every hot session, one after another; notes the sessions that moved.
+    async fn round(&mut self, client: &reqwest::Client) {
+        for session in &self.sessions {
+            let now_on = served_turn(client, &self.url, session, self.turn).await;
+            self.sent += 1;
+            let was = &self.on[session];
+            if now_on != *was {
+                self.moves
+                    .push((session.clone(), was.clone(), now_on.clone()));
+                self.on.insert(session.clone(), now_on);
             }
         }
-        turn += 1;
+        self.turn += 1;
     }
-    (hot, moves)
+
+    /// Requests Tether counted with `outcome`, once it has counted every request sent (it
+    /// counts a request after its response, so the last ones may still be on their way).
+    async fn counted(&self, outcome: &str) -> u64 {
+        let started = Instant::now();
+        loop {
+            let metrics = self.tether.metrics().await;
+            if requests_counted(&metrics, "") >= self.sent {
+                return requests_counted(&metrics, &format!("outcome=\"{outcome}\""));
+            }
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "Tether counted fewer than the {} requests sent:\n{metrics}",
+                self.sent
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The sum of the `tether_requests_total` series whose labels contain `label`.
+fn requests_counted(metrics: &str, label: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tether_requests_total{") && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_far_over_its_share_sheds_sticky_sessions_one_at_a_time() {
-    // The hot replica serves everything: 3× the mean, far over the limit of 1.25×. After
-    // the excess lasts 2 s it sheds one session a second, to the others; moved sessions stay.
-    let (hot, moves) =
-        hot_replica_moves("{ shed_factor: 1.25, tenant_locality: null }", 5_000).await;
-    assert!(
-        moves.len() >= 2,
-        "fewer than two sessions left {hot}: {moves:?}"
-    );
-    assert!(
-        moves[0].0 >= 1_900,
-        "shed before the excess lasted 2 s: {moves:?}"
-    );
-    // Client-side times: a reply's latency can shift a move by tens of ms either way.
-    for pair in moves.windows(2) {
+    // The hot replica serves everything: 3× the mean, far over the limit of 1.25×. Once the
+    // excess has lasted PERSIST_MS it sheds one session per COOLDOWN_MS to the others (the
+    // timing itself is unit-tested at explicit times in tether-affinity). Shedding off (the
+    // default) gets the same rounds of turns in lockstep, over the same time.
+    let client = reqwest::Client::new();
+    let mut on = HotReplica::start("{ shed_factor: 1.25, tenant_locality: null }", &client).await;
+    let mut off = HotReplica::start("{ tenant_locality: null }", &client).await;
+    let started = Instant::now();
+    while on.moves.len() < 2 {
         assert!(
-            pair[1].0 - pair[0].0 >= 800,
-            "two sheds within the cooldown: {moves:?}"
+            started.elapsed() < SHED_TIMEOUT,
+            "fewer than two sessions left {} within {SHED_TIMEOUT:?}: {:?}",
+            on.hot,
+            on.moves
         );
+        on.round(&client).await;
+        off.round(&client).await;
     }
+    // A few more rounds: a burst of sheds after the second would show here.
+    for _ in 0..10 {
+        on.round(&client).await;
+        off.round(&client).await;
+    }
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+    let (hot, moves) = (&on.hot, &on.moves);
     let mut moved = std::collections::HashSet::new();
-    for (_, session, to) in &moves {
-        assert_ne!(to, &hot, "{session} came back: {moves:?}");
+    for (session, from, to) in moves {
+        assert_eq!(
+            from, hot,
+            "{session} moved off a replica within its share: {moves:?}"
+        );
+        assert_ne!(to, hot, "{session} came back: {moves:?}");
         assert!(moved.insert(session), "{session} moved twice: {moves:?}");
     }
-
-    // Off (the default), the same traffic moves no session.
-    let (hot, moves) = hot_replica_moves("{ tenant_locality: null }", 3_000).await;
+    // One at a time: at most one shed per cooldown over the run (the PERSIST_MS wait before
+    // the first more than covers the 100 ms ticks in which the record keeps time).
+    let most = elapsed_ms / COOLDOWN_MS + 1;
     assert!(
-        moves.is_empty(),
-        "sessions left {hot} with shedding off: {moves:?}"
+        moves.len() as u64 <= most,
+        "{} sheds in {elapsed_ms} ms, more than one per cooldown ({most}): {moves:?}",
+        moves.len()
     );
+    // Every move was a shed, and Tether counted each.
+    assert_eq!(on.counted("shed").await, moves.len() as u64);
+
+    assert!(
+        off.moves.is_empty(),
+        "sessions left {} with shedding off: {:?}",
+        off.hot,
+        off.moves
+    );
+    assert_eq!(off.counted("shed").await, 0);
 }

@@ -4,12 +4,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::json;
-use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig};
+use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig, READY_TIMEOUT};
+
+use crate::client::inflight;
 
 struct Received {
     bytes: Vec<u8>,
-    first_at: Instant,
-    last_at: Instant,
 }
 
 /// The same request straight to replica `s-1` and through Tether, each from an empty cache (so
@@ -41,23 +41,29 @@ async fn receive(req: reqwest::RequestBuilder) -> Received {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut stream = res.bytes_stream();
-    let (mut bytes, mut first_at, mut last_at) = (Vec::new(), None, Instant::now());
+    let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.unwrap();
-        first_at.get_or_insert_with(Instant::now);
-        last_at = Instant::now();
-        bytes.extend_from_slice(&chunk);
+        bytes.extend_from_slice(&chunk.unwrap());
     }
-    Received {
-        bytes,
-        first_at: first_at.unwrap(),
-        last_at,
-    }
+    Received { bytes }
+}
+
+/// Requests Tether counts in flight to replica `id`.
+async fn inflight_to(tether: &Tether, id: &str) -> u64 {
+    inflight(
+        &reqwest::Client::new(),
+        &tether.admin_url("/admin/replicas"),
+    )
+    .await
+    .into_iter()
+    .find_map(|(replica, n)| (replica == id).then_some(n))
+    .unwrap_or_else(|| panic!("Tether lists no replica {id}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_completion_arrives_byte_for_byte_and_promptly_through_tether() {
-    // 20 tokens at 50 tokens/s: the stream takes at least 400 ms from first chunk to last.
+    // 20 tokens at 50 tokens/s: the sim writes each chunk on its own, so the bytes reach
+    // Tether in pieces and must still come out whole.
     let fleet = SimFleet::start_with(
         &["s-1"],
         &[
@@ -99,11 +105,40 @@ async fn a_streamed_completion_arrives_byte_for_byte_and_promptly_through_tether
     );
     assert!(text.contains("\"usage\""));
     assert!(text.ends_with("data: [DONE]\n\n"));
-    let spread = proxied.last_at - proxied.first_at;
-    assert!(
-        spread >= Duration::from_millis(300),
-        "chunks arrived within {spread:?}: the stream was buffered, not relayed"
-    );
+
+    // Relayed as it comes, not held until the end: a stream whose upstream never ends reaches
+    // the client while Tether still counts it in flight.
+    fleet.set_fault("s-1", json!({"kind": "endless"})).await;
+    let res = reqwest::Client::new()
+        .post(tether.url("/v1/chat/completions"))
+        .header("x-session-affinity", "stream-session")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut stream = res.bytes_stream();
+    let mut relayed = String::new();
+    while relayed.matches("data: ").count() < 20 {
+        let chunk = tokio::time::timeout(READY_TIMEOUT, stream.next())
+            .await
+            .expect("the open stream keeps reaching the client")
+            .expect("the stream is open")
+            .unwrap();
+        relayed.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(relayed.contains("more "), "{relayed}");
+    assert_eq!(inflight_to(&tether, "s-1").await, 1, "the upstream is open");
+    // The client gives up: Tether lets the upstream go.
+    drop(stream);
+    let started = Instant::now();
+    while inflight_to(&tether, "s-1").await != 0 {
+        assert!(
+            started.elapsed() < READY_TIMEOUT,
+            "the abandoned stream is still in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

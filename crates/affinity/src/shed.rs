@@ -106,6 +106,8 @@ impl ReplicaLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
 
     #[test]
     fn sent_requests_decay_with_the_window() {
@@ -172,5 +174,127 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
         });
         assert_eq!(wins, 1);
+    }
+
+    /// The times among `times` at which a replica seen over the limit at each of them, in
+    /// order, wins a shed.
+    fn claims(load: &ReplicaLoad, times: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        times
+            .into_iter()
+            .filter(|&t| load.claim_shed(true, t))
+            .collect()
+    }
+
+    #[test]
+    fn a_lasting_excess_sheds_first_at_persist_ms_then_once_per_cooldown() {
+        // Seen over every 10 ms for 10 s, from a tick boundary.
+        let (t0, run) = (20_000, 10_000);
+        let shed = claims(&ReplicaLoad::new(), (t0..t0 + run).step_by(10));
+        let want: Vec<u64> = (t0 + PERSIST_MS..t0 + run)
+            .step_by(COOLDOWN_MS as usize)
+            .collect();
+        assert_eq!(shed, want);
+        assert!(shed.len() as u64 <= run / COOLDOWN_MS + 1);
+    }
+
+    #[test]
+    fn time_is_kept_in_ticks_so_a_wait_can_end_up_to_a_tick_early() {
+        // First seen 50 ms into a tick: the wait counts from the tick's start.
+        let t0 = 20_050;
+        let shed = claims(&ReplicaLoad::new(), (t0..t0 + 3_500).step_by(10));
+        assert_eq!(
+            shed,
+            [t0 - 50 + PERSIST_MS, t0 - 50 + PERSIST_MS + COOLDOWN_MS]
+        );
+        assert!(shed[0] >= t0 + PERSIST_MS - TICK_MS);
+    }
+
+    #[test]
+    fn a_sighting_under_the_limit_before_persist_ms_restarts_the_wait() {
+        let load = ReplicaLoad::new();
+        let t0 = 30_000;
+        over_until(&load, t0, t0 + 1_500);
+        assert!(!load.claim_shed(false, t0 + 1_500));
+        // Over again at once: PERSIST_MS from here, not from t0.
+        let t1 = t0 + 1_600;
+        assert_eq!(
+            claims(&load, (t1..=t1 + PERSIST_MS).step_by(100)),
+            [t1 + PERSIST_MS]
+        );
+    }
+
+    #[test]
+    fn an_excess_survives_gaps_of_up_to_stale_ms_between_sightings_and_no_more() {
+        let t0 = 40_000;
+        // Seen once every STALE_MS: one excess, which lasts.
+        let shed = claims(
+            &ReplicaLoad::new(),
+            (t0..=t0 + PERSIST_MS).step_by(STALE_MS as usize),
+        );
+        assert_eq!(shed, [t0 + PERSIST_MS]);
+        // Seen once every STALE_MS and a tick: every sighting starts a new excess.
+        let shed = claims(
+            &ReplicaLoad::new(),
+            (t0..t0 + 10 * PERSIST_MS).step_by((STALE_MS + TICK_MS) as usize),
+        );
+        assert_eq!(shed, [] as [u64; 0]);
+    }
+
+    fn config(cases: u32) -> Config {
+        Config {
+            cases,
+            // Fixed seed: deterministic CI; no regression files written into the tree.
+            rng_seed: RngSeed::Fixed(0x5_4ed),
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Whatever the sightings (any spacing, over or not), every shed ends an unbroken
+        /// excess of PERSIST_MS, two sheds are COOLDOWN_MS apart, and a run of N ms sheds at
+        /// most N / COOLDOWN_MS + 1 times. In ticks, as the record keeps time.
+        #[test]
+        fn sheds_follow_a_lasting_excess_and_the_cooldown_for_any_sightings(
+            steps in prop::collection::vec(
+                (prop_oneof![4 => 1u64..300, 1 => 300u64..1_500], prop::bool::weighted(0.97)),
+                1..400,
+            )
+        ) {
+            let ticks = |ms: u64| ms / TICK_MS;
+            let load = ReplicaLoad::new();
+            let (start, mut now) = (10_000, 10_000);
+            let mut seen: Vec<(u64, bool)> = Vec::new();
+            let mut sheds = Vec::new();
+            for (dt, over) in steps {
+                now += dt;
+                if load.claim_shed(over, now) {
+                    prop_assert!(over, "shed while under the limit at {now}");
+                    sheds.push(seen.len());
+                }
+                seen.push((now, over));
+            }
+            for &i in &sheds {
+                // Back from the shed while seen over with no stale gap: where the excess began.
+                let mut first = i;
+                while first > 0
+                    && seen[first - 1].1
+                    && ticks(seen[first].0) - ticks(seen[first - 1].0) <= ticks(STALE_MS)
+                {
+                    first -= 1;
+                }
+                prop_assert!(
+                    ticks(seen[i].0) - ticks(seen[first].0) >= ticks(PERSIST_MS),
+                    "shed at {} after an excess seen since {}", seen[i].0, seen[first].0
+                );
+            }
+            for pair in sheds.windows(2) {
+                let (a, b) = (seen[pair[0]].0, seen[pair[1]].0);
+                prop_assert!(ticks(b) - ticks(a) >= ticks(COOLDOWN_MS), "sheds at {a} and {b}");
+            }
+            prop_assert!(sheds.len() as u64 <= (now - start) / COOLDOWN_MS + 1);
+        }
     }
 }

@@ -417,6 +417,48 @@ mod tests {
         assert!(queued >= Duration::from_secs(3), "{queued:?}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_fault_multiplies_every_delay() {
+        let r = Replica::new(
+            "r",
+            Arc::new(SimConfig {
+                prefill_tokens_per_sec: 1_000.0,
+                decode_tokens_per_sec: 100.0,
+                ..SimConfig::default()
+            }),
+        );
+        let job = Job::new(render_prompt(&conversation(1)), 10);
+        // (prefill, per-token delay, time the whole request took), from a cold cache.
+        let serve = || async {
+            r.flush();
+            let started = Instant::now();
+            let (p, _) = r.complete(&job).await;
+            (p.prefill, p.per_token, started.elapsed())
+        };
+        let normal = serve().await;
+        r.set_fault(Fault::Slow { factor: 5.0 });
+        let slow = serve().await;
+        r.set_fault(Fault::None);
+        assert_eq!(serve().await, normal, "back to normal");
+
+        let close = |a: Duration, b: Duration, within: Duration| a.abs_diff(b) <= within;
+        assert_eq!(normal.1, Duration::from_millis(10));
+        assert_eq!(slow.1, Duration::from_millis(50));
+        assert!(
+            close(slow.0, normal.0 * 5, Duration::from_micros(1)),
+            "{slow:?} vs {normal:?}"
+        );
+        // The timer counts whole milliseconds, rounding the prefill's sleep up.
+        assert!(
+            close(slow.2, normal.2 * 5, Duration::from_millis(6)),
+            "{slow:?} vs {normal:?}"
+        );
+        assert!(
+            close(slow.2, slow.0 + slow.1 * 9, Duration::from_millis(1)),
+            "{slow:?}"
+        );
+    }
+
     #[tokio::test]
     async fn flush_empties_the_cache_and_stats_count_the_ground_truth() {
         let r = Replica::new("r", config());
