@@ -116,7 +116,5 @@ pub use selector::{
     SelectorOptions, ShedGate, ShedWhenOver, TagRegistry,
 };
 pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
-pub use token::{
-    ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_MAX_TOKEN_LEN,
-};
+pub use token::{ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_MAX_TOKEN_LEN};
 pub use warmth::{TenantWarmth, Warmth, WARMTH_SLOTS};
