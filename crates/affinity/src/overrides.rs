@@ -22,15 +22,13 @@
 //! caches, so a lookup costs its trip to DRAM, and what matters is that it makes one trip and
 //! does not wait on anything before it. A SwissTable (hashbrown, inside each DashMap shard) finds
 //! a bucket's index by a SIMD match of its control group, so a hit reads the control bytes and
-//! *then* the bucket: 217–253 ns per hit with DashMap, the `std` `HashMap` floor the same. Here
+//! *then* the bucket: two serial reads. Here
 //! each shard keeps one control byte per slot as well (1 byte per slot: about 2 MiB at 1M
 //! entries, which stays in the last-level cache), and the probe ([`Shard::probe`]) reads the
 //! byte and then the slot at an address known from the key alone, so the CPU, predicting the
-//! match, issues both loads at once. Measured at 1M entries, one run (`benches/routing.rs`): a
-//! hit 185 ns (one random DRAM read: 175 ns), a miss with the ring walk 163 ns, recording 69 ns
-//! (DashMap: 240 ns; both when every record took the write lock). Inline slots without the
-//! control bytes made every *miss* (a new session) a DRAM read too, and the ring walk for a new
-//! session went from 151 to about 300 ns.
+//! match, issues both loads at once: a hit costs about one random DRAM read
+//! (`benches/routing.rs` measures it beside that floor and a `std` `HashMap`). Inline slots
+//! without the control bytes would make every *miss* (a new session) a DRAM read too.
 //!
 //! # Locks
 //!
@@ -1106,8 +1104,8 @@ mod tests {
 
     #[test]
     fn a_burst_never_empties_a_small_table() {
-        // A review catch: on a small table the key-bit split at the cut-off second can evict
-        // too few, and the fallback used to evict that whole second, i.e. everything.
+        // On a small table the key-bit split at the cut-off second can evict too few; the
+        // fallback must evict exactly the rest, never that whole second (i.e. everything).
         for capacity in 1..=64usize {
             let t = table(3600, capacity);
             let inserts = 20 * capacity as u64;

@@ -503,9 +503,8 @@ impl Selector {
         // Without locality the first eligible replica wins. With it, among eligible replicas
         // under the placement bound, the one warm for the tenant with the fewest recent
         // placements per unit of weight (`best_warm`: spreading the tenant evenly over its
-        // replicas evened out max/mean load from 1.25-1.38 to 1.12 in three of four loadgen
-        // layouts, at the same hit ratio, where the first warm one on the walk took every
-        // session it could); failing that, the one with the fewest other tenants (`best`). The
+        // replicas balances load at the same hit ratio, where taking the first warm one on the
+        // walk piles every session it can onto it); failing that, the one with the fewest other tenants (`best`). The
         // earliest on the walk wins among equals.
         let mut best_warm: Option<(ReplicaIdx, f64)> = None;
         let mut best: Option<(ReplicaIdx, u32)> = None;
@@ -515,8 +514,8 @@ impl Selector {
         let mut walk = self.ring.walk(position, self.replicas.len());
         // Checked before each step, not after: once every member has been seen, another
         // `next()` would scan the rest of the ring (thousands of points) for a replica that is
-        // not there, which a locality scan (it goes past the first eligible replica) always
-        // reached: 3.3x bare Pingora's instructions per request in a cold-start bench.
+        // not there, which a locality scan (it goes past the first eligible replica) would
+        // always reach.
         while unvisited > 0 {
             let Some(idx) = walk.next() else {
                 break;
@@ -1073,7 +1072,7 @@ mod tests {
 
     #[test]
     fn recent_placements_are_compared_per_unit_of_weight() {
-        // A review catch: raw counts sent new sessions to the small replica of two warm ones.
+        // Raw counts would send new sessions to the small replica of two warm ones.
         let mut regions = fleet(&[("eu", &["a", "b", "c"])]);
         regions[0].replicas[2].weight = 3;
         let s = selector(&regions);

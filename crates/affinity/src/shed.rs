@@ -11,9 +11,9 @@
 //! back under the limit.
 //!
 //! One session at a time, and only after the excess has lasted, because each move costs that
-//! session its cache and, under cache pressure, the caches of the sessions it lands beside: in
-//! steady-state loadgen runs shedding at 1.25 cost 2–4.5 points of hit ratio while balance was
-//! already within 1.12. So it is off by default and an operator's choice (docs/performance.md).
+//! session its cache and, under cache pressure, the caches of the sessions it lands beside: on
+//! fleets whose caches hold one or two conversations it costs points of hit ratio where balance
+//! was already good (docs/performance.md). So it is off by default and an operator's choice (docs/performance.md).
 //!
 //! [`ReplicaLoad`] is one replica's record, atomics only, like [`crate::TenantWarmth`].
 

@@ -211,8 +211,8 @@ impl Metrics {
 pub struct Meter {
     log: Option<UsageLog>,
     /// SipHash-2-4 (128-bit output) keyed with the session key: a keyed PRF built for short
-    /// inputs, a few hundred instructions per record where HMAC-SHA256 took thousands (two
-    /// compressions of a 64-byte block for an 8-byte input).
+    /// inputs, far cheaper than HMAC-SHA256, which needs two compressions of a 64-byte block
+    /// for an 8-byte input.
     session_hasher: SipHasher24,
     metrics: Metrics,
 }
