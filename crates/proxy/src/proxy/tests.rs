@@ -123,17 +123,26 @@ fn answer(written: &Mutex<Vec<u8>>) -> (String, String) {
     (status, code)
 }
 
-#[tokio::test]
-async fn a_request_without_an_api_key_is_refused_with_401() {
+/// Runs `request_filter` on a chat request with `headers`, which must refuse it: the status
+/// line, the error code, everything written to the client, and the context.
+async fn refused(headers: &[&str]) -> (String, String, String, RequestCtx) {
     let h = harness();
-    let (mut session, written) = session(&chat(&[])).await;
+    let (mut session, written) = session(&chat(headers)).await;
     let mut ctx = h.proxy.new_ctx();
-    assert!(h
+    let done = h
         .proxy
         .request_filter(&mut session, &mut ctx)
         .await
-        .unwrap());
+        .unwrap();
+    assert!(done, "refused before routing");
     let (status, code) = answer(&written);
+    let all = String::from_utf8_lossy(&written.lock().unwrap()).into_owned();
+    (status, code, all, ctx)
+}
+
+#[tokio::test]
+async fn a_request_without_an_api_key_is_refused_with_401() {
+    let (status, code, _, ctx) = refused(&[]).await;
     assert!(status.contains(" 401 "), "{status}");
     assert_eq!(code, "invalid_api_key");
     assert!(ctx.caller.is_none() && ctx.refused_tenant.is_none());
@@ -141,54 +150,32 @@ async fn a_request_without_an_api_key_is_refused_with_401() {
 
 #[tokio::test]
 async fn an_unknown_api_key_is_refused_with_401() {
-    let h = harness();
-    let (mut session, written) = session(&chat(&["Authorization: Bearer sk-nope"])).await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
-    assert_eq!(answer(&written).1, "invalid_api_key");
+    let (_, code, _, _) = refused(&["Authorization: Bearer sk-nope"]).await;
+    assert_eq!(code, "invalid_api_key");
 }
 
 #[tokio::test]
 async fn a_malformed_token_is_refused_with_400_under_its_tenant_without_echoing_it() {
-    let h = harness();
-    let (mut session, written) = session(&chat(&[
+    let (status, code, all, ctx) = refused(&[
         "Authorization: Bearer sk-tether-demo",
         "X-Session-Affinity: secret token",
-    ]))
+    ])
     .await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
-    let (status, code) = answer(&written);
     assert!(status.contains(" 400 "), "{status}");
     assert_eq!(code, "invalid_session_affinity");
-    assert!(!String::from_utf8_lossy(&written.lock().unwrap()).contains("secret"));
+    assert!(!all.contains("secret"));
     assert_eq!(ctx.refused_tenant.as_deref(), Some("demo"));
 }
 
 #[tokio::test]
 async fn repeated_tokens_that_disagree_are_refused() {
-    let h = harness();
-    let (mut session, written) = session(&chat(&[
+    let (_, code, _, _) = refused(&[
         "Authorization: Bearer sk-tether-demo",
         "X-Session-Affinity: one",
         "X-Session-Affinity: two",
-    ]))
+    ])
     .await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
-    assert_eq!(answer(&written).1, "invalid_session_affinity");
+    assert_eq!(code, "invalid_session_affinity");
 }
 
 #[tokio::test]
