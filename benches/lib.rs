@@ -8,8 +8,8 @@
 //! Run with `make bench`; results and how to read them are in `docs/performance.md`.
 
 use tether_affinity::{
-    Admission, RegionSpec, ReplicaSpec, RoutingKey, Selector, SelectorOptions, TagRegistry,
-    TenantScope, TokenRules,
+    Admission, KvScope, RegionSpec, ReplicaSpec, RoutingKey, Selector, SelectorOptions,
+    TagRegistry, TenantScope, TokenRules,
 };
 
 /// Sessions in the override table for every benchmark.
@@ -27,6 +27,7 @@ pub fn fleet(tags: &TagRegistry) -> Selector {
                 max_inflight: Some(64),
             })
             .collect(),
+        kv_scope: KvScope::Replica,
     };
     Selector::new(
         &[region("eu"), region("us")],

@@ -24,14 +24,14 @@ use std::time::Duration;
 
 use tether_health::{HealthPolicy, HealthState, InflightGuard, ReplicaStatus, Transition};
 
-use crate::labels::{Admission, Outcome};
+use crate::labels::{Admission, KvScope, Outcome};
 use crate::ring::{ReplicaIdx, ReplicaSet};
 use crate::selector::{
     LoadView, ReplicaInfo, ReplicaSpec, RouteRequest, Selector, SelectorOptions, ShedGate,
     TagRegistry,
 };
 use crate::{
-    OverrideTable, ReplicaLoad, ReplicaTag, RoutingKey, TenantScope, TenantWarmth, Warmth,
+    OverrideTable, Recorded, ReplicaLoad, ReplicaTag, RoutingKey, TenantScope, TenantWarmth, Warmth,
 };
 
 /// One replica as a topology generation describes it.
@@ -52,6 +52,8 @@ pub struct RegionPlan<U> {
     pub name: String,
     /// Its replicas.
     pub replicas: Vec<ReplicaPlan<U>>,
+    /// Where its KV cache lives.
+    pub kv_scope: KvScope,
 }
 
 /// Everything a [`Fleet`] generation is built from.
@@ -141,23 +143,76 @@ impl<U> Replica<U> {
     }
 }
 
-/// What outlives a topology generation: the override table, replica tags, and each replica's
-/// live state.
+/// Where bindings go beyond this process: a shared store that other edges read. Told only of
+/// what another edge cannot compute itself (a session's replica, when it is new or moved) and,
+/// rarely, that a binding is still in use (so the store's copy does not idle out while this
+/// edge's local table keeps answering).
+pub trait BindingSink: Send + Sync + std::fmt::Debug {
+    /// `key` is now served by `replica`.
+    fn bound(&self, key: RoutingKey, replica: &str);
+    /// `key`'s binding is still in use.
+    fn still_bound(&self, key: RoutingKey);
+}
+
+/// What outlives a topology generation: the override table, replica tags, each replica's live
+/// state, and where bindings are shared.
 #[derive(Debug)]
 pub struct FleetState {
     overrides: OverrideTable,
     tags: TagRegistry,
     live: Mutex<HashMap<ReplicaTag, (SocketAddr, Arc<LiveReplica>)>>,
+    sink: Option<Arc<dyn BindingSink>>,
 }
 
 impl FleetState {
     /// Empty state with an override table of `ttl` and `capacity`.
     pub fn new(override_ttl: Duration, override_capacity: usize) -> Arc<FleetState> {
+        Self::shared(override_ttl, override_capacity, None)
+    }
+
+    /// Empty state whose bindings also go to `sink`.
+    pub fn shared(
+        override_ttl: Duration,
+        override_capacity: usize,
+        sink: Option<Arc<dyn BindingSink>>,
+    ) -> Arc<FleetState> {
         Arc::new(FleetState {
             overrides: OverrideTable::new(override_ttl, override_capacity),
             tags: TagRegistry::new(),
             live: Mutex::new(HashMap::new()),
+            sink,
         })
+    }
+
+    /// Takes in a binding learnt from elsewhere (the shared store, another edge's change):
+    /// `key` is served by the replica `replica_id`. Returns false, changing nothing, for an id
+    /// this process has never seen in a topology (garbage, or a replica of a newer config).
+    /// Not passed on to the sink: it came from there.
+    pub fn learn(&self, key: RoutingKey, replica_id: &str) -> bool {
+        match self.tags.get(replica_id) {
+            Some(tag) => {
+                self.overrides.record(key, tag);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records that `replica` served `key`, and tells the sink what other edges need to know.
+    fn bind(&self, key: RoutingKey, replica: &ReplicaInfo) {
+        let recorded = self.overrides.record(key, replica.tag);
+        let Some(sink) = &self.sink else {
+            return;
+        };
+        match recorded {
+            Recorded::New | Recorded::Moved => sink.bound(key, &replica.id),
+            Recorded::Kept { last_touched, now }
+                if refresh_due(key, last_touched, now, self.overrides.ttl_secs()) =>
+            {
+                sink.still_bound(key);
+            }
+            Recorded::Kept { .. } => {}
+        }
     }
 
     /// The override table (key → the replica that last answered it).
@@ -176,6 +231,7 @@ impl FleetState {
             .map(|r| crate::RegionSpec {
                 name: r.name.clone(),
                 replicas: r.replicas.iter().map(|p| p.spec.clone()).collect(),
+                kv_scope: r.kv_scope,
             })
             .collect();
         let selector = Selector::new(&specs, plan.options, &self.tags);
@@ -211,6 +267,17 @@ impl FleetState {
             health: plan.health,
         }
     }
+}
+
+/// Whether a binding used from `last_touched` to `now` (seconds) should refresh the shared
+/// store's copy: when the interval crosses one of the key's refresh points, every quarter of
+/// the TTL at a phase the key sets. A session in use refreshes about four times per TTL,
+/// whatever its turn rate, with no per-entry state, and refreshes of many sessions spread over
+/// time instead of coming at once.
+pub fn refresh_due(key: RoutingKey, last_touched: u32, now: u32, ttl_secs: u32) -> bool {
+    let period = u64::from((ttl_secs / 4).max(1));
+    let phase = key.0 % period;
+    (u64::from(now) + phase) / period != (u64::from(last_touched) + phase) / period
 }
 
 fn millis(d: Duration) -> u64 {
@@ -252,6 +319,16 @@ impl<U> Fleet<U> {
     /// The override table.
     pub fn overrides(&self) -> &OverrideTable {
         &self.state.overrides
+    }
+
+    /// The state shared by every generation.
+    pub fn state(&self) -> &Arc<FleetState> {
+        &self.state
+    }
+
+    /// Whether the local table has an entry for `key` (when it does not, a shared store may).
+    pub fn knows(&self, key: RoutingKey) -> bool {
+        self.state.overrides.get(key).is_some()
     }
 
     /// Where the next attempt of `attempts`' request goes at `now` (milliseconds on
@@ -628,7 +705,7 @@ impl<U> Route<U> {
         }
         if (200..300).contains(&status) {
             if let Some(key) = self.key {
-                self.fleet.state.overrides.record(key, replica.tag());
+                self.fleet.state.bind(key, &replica.info);
             }
         }
     }

@@ -40,6 +40,42 @@ impl fmt::Display for Admission {
     }
 }
 
+/// How a new session's home region is chosen (`affinity.placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// The region of the key's owner on the global ring: every edge computes the same home
+    /// without talking to the others.
+    #[default]
+    Hash,
+    /// The edge's own region when it has room (a replica under the fleet-wide load bound),
+    /// else the next region in configured order. Only the edge that placed a session knows
+    /// where, so later turns on other edges need the shared sticky store to follow it.
+    Nearest,
+}
+
+impl Placement {
+    /// The name the topology file uses.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Placement::Hash => "hash",
+            Placement::Nearest => "nearest",
+        }
+    }
+}
+
+/// Where a region's KV cache lives (`regions[].kv_scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvScope {
+    /// In each replica: a session's cache is where its last turn ran (affinity is hard).
+    #[default]
+    Replica,
+    /// In a tier every replica of the region reaches (Mooncake, LMCache): the region is what
+    /// holds the cache, so inside it the least-loaded replica serves (affinity is soft).
+    Region,
+}
+
 /// Which branch produced a decision; also the `outcome` label in logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -60,6 +96,9 @@ pub enum Outcome {
     Failover,
     /// No replica of the home region could take it; another region did.
     CrossRegion,
+    /// The session's region shares its KV cache among its replicas (`kv_scope: region`):
+    /// the least-loaded eligible replica of that region took it.
+    SharedKv,
     /// The request carried no token.
     #[serde(rename = "none")]
     NoToken,
@@ -67,7 +106,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in the order of the routing contract.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Sticky,
         Outcome::Shed,
         Outcome::Ring,
@@ -75,6 +114,7 @@ impl Outcome {
         Outcome::Locality,
         Outcome::Failover,
         Outcome::CrossRegion,
+        Outcome::SharedKv,
         Outcome::NoToken,
     ];
 
@@ -88,6 +128,7 @@ impl Outcome {
             Outcome::Locality => "locality",
             Outcome::Failover => "failover",
             Outcome::CrossRegion => "cross_region",
+            Outcome::SharedKv => "shared_kv",
             Outcome::NoToken => "none",
         }
     }
@@ -101,7 +142,7 @@ impl fmt::Display for Outcome {
 
 /// A label that names no [`Outcome`].
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{label:?} is not a routing outcome (sticky, shed, ring, rebalanced, locality, failover, cross_region or none)")]
+#[error("{label:?} is not a routing outcome (sticky, shed, ring, rebalanced, locality, failover, cross_region, shared_kv or none)")]
 pub struct UnknownOutcome {
     /// The label as given.
     pub label: String,

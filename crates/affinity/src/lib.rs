@@ -68,6 +68,7 @@
 //!             max_inflight: None,
 //!         })
 //!         .collect(),
+//!     kv_scope: KvScope::Replica,
 //! }];
 //! let tags = TagRegistry::new();
 //! let selector = Selector::new(&regions, SelectorOptions::default(), &tags);
@@ -104,12 +105,12 @@ mod warmth;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use fleet::{
-    log_transition, retry_policy, AttemptFacts, Attempts, Failure, Fleet, FleetPlan, FleetState,
-    RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
+    log_transition, refresh_due, retry_policy, AttemptFacts, Attempts, BindingSink, Failure, Fleet,
+    FleetPlan, FleetState, RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
 };
 pub use key::{RoutingKey, TenantScope};
-pub use labels::{Admission, Outcome, UnknownOutcome};
-pub use overrides::{Maintenance, OverrideTable, ReplicaTag};
+pub use labels::{Admission, KvScope, Outcome, Placement, UnknownOutcome};
+pub use overrides::{Maintenance, OverrideTable, Recorded, ReplicaTag};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{
     Decision, LoadView, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest, Selector,

@@ -449,6 +449,23 @@ impl Maintenance {
     }
 }
 
+/// What [`OverrideTable::record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The key had no entry.
+    New,
+    /// The key's entry named another replica (or was removed).
+    Moved,
+    /// The entry already named this replica: only its idle time was refreshed, from
+    /// `last_touched` to `now` (seconds on the table's clock).
+    Kept {
+        /// When it was touched before.
+        last_touched: u32,
+        /// Now.
+        now: u32,
+    },
+}
+
 /// Key → replica that last served it, with idle TTL and a capacity bound.
 ///
 /// Locks: [`get`](Self::get), and a [`record`](Self::record) that finds the key already on
@@ -595,11 +612,11 @@ impl<C: Clock> OverrideTable<C> {
     /// [`TagRegistry`](crate::TagRegistry) never assigns it): recording it is a bug, caught by a
     /// debug assertion; release builds treat it as [`remove`](Self::remove) so the table stays
     /// sound.
-    pub fn record(&self, key: RoutingKey, tag: ReplicaTag) {
+    pub fn record(&self, key: RoutingKey, tag: ReplicaTag) -> Recorded {
         debug_assert_ne!(tag.0, EMPTY_TAG, "ReplicaTag(u32::MAX) is reserved");
         if tag.0 == EMPTY_TAG {
             self.remove(key);
-            return;
+            return Recorded::Moved;
         }
         let now = self.clock.now_secs();
         let lock = self.shard(key.0);
@@ -607,8 +624,9 @@ impl<C: Clock> OverrideTable<C> {
             let shard = read(lock);
             if let Some(slot) = shard.find(key.0) {
                 if slot.tag == tag.0 {
+                    let last_touched = slot.touched();
                     slot.touch(now);
-                    return;
+                    return Recorded::Kept { last_touched, now };
                 }
             }
         }
@@ -619,11 +637,16 @@ impl<C: Clock> OverrideTable<C> {
                 tag: tag.0,
                 touched: now,
             },
-        );
+        )
+    }
+
+    /// The idle TTL in seconds.
+    pub fn ttl_secs(&self) -> u32 {
+        self.ttl_secs.load(Ordering::Relaxed)
     }
 
     /// The write-locked part of [`record`](Self::record): a new key, or a key that moved.
-    fn write_entry(&self, lock: &ShardLock, entry: Entry) {
+    fn write_entry(&self, lock: &ShardLock, entry: Entry) -> Recorded {
         // Set when an entry was evicted from another shard to make room for this insert: its
         // count in `len` now belongs to this insert.
         let mut carried = false;
@@ -633,24 +656,33 @@ impl<C: Clock> OverrideTable<C> {
                 // Recorded meanwhile by another thread, or a different tag: update in place.
                 Ok(i) => {
                     let slot = &mut shard.slots[i];
+                    let moved = slot.tag != entry.tag;
                     slot.tag = entry.tag;
                     let touched = slot.touched.get_mut();
+                    let last_touched = *touched;
                     *touched = (*touched).max(entry.touched);
                     if carried {
                         self.len.fetch_sub(1, Ordering::Relaxed);
                     }
-                    return;
+                    return if moved {
+                        Recorded::Moved
+                    } else {
+                        Recorded::Kept {
+                            last_touched,
+                            now: entry.touched,
+                        }
+                    };
                 }
                 Err(at) => at,
             };
             if carried || self.reserve() {
                 shard.insert_absent(at, entry);
-                return;
+                return Recorded::New;
             }
             if let Some(victim) = shard.oldest_near(entry.key) {
                 shard.replace(victim, entry);
                 self.evicted_on_insert.fetch_add(1, Ordering::Relaxed);
-                return;
+                return Recorded::New;
             }
             // This shard holds nothing to evict, which takes a tiny table: evict from another
             // shard, never holding two locks, then try again.
@@ -1658,7 +1690,9 @@ mod tests {
                                     let want = own.remove(&own_key(th, i).0).map(ReplicaTag);
                                     assert_eq!(t.remove(own_key(th, i)), want);
                                 }
-                                6 => t.record(shared_key(i % SHARED), ReplicaTag(tag)),
+                                6 => {
+                                    t.record(shared_key(i % SHARED), ReplicaTag(tag));
+                                }
                                 _ => {
                                     if r & 0x100 == 0 {
                                         t.remove(shared_key(i % SHARED));

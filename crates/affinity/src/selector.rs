@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::labels::{KvScope, Placement};
 use crate::ring::{ReplicaIdx, Ring};
 use crate::{Admission, Outcome, ReplicaSet, ReplicaTag, RoutingKey, TenantScope, Warmth};
 
@@ -85,6 +86,9 @@ pub struct RegionSpec {
     pub name: String,
     /// Its replicas (at least one).
     pub replicas: Vec<ReplicaSpec>,
+    /// Where its KV cache lives: in each replica (hard affinity) or in a tier the whole region
+    /// reaches (soft affinity inside the region).
+    pub kv_scope: KvScope,
 }
 
 /// Tunables of a [`Selector`].
@@ -101,6 +105,8 @@ pub struct SelectorOptions {
     /// × the fleet's mean (per unit of weight) sheds sticky sessions. `None` = never (the
     /// default); values below 1 count as 1.
     pub shed_factor: Option<f64>,
+    /// How a new session's home region is chosen.
+    pub placement: Placement,
 }
 
 impl Default for SelectorOptions {
@@ -110,6 +116,7 @@ impl Default for SelectorOptions {
             points_per_weight: crate::ring::DEFAULT_POINTS_PER_WEIGHT,
             local_region: 0,
             shed_factor: None,
+            placement: Placement::Hash,
         }
     }
 }
@@ -137,6 +144,7 @@ struct RegionInfo {
     members: Vec<ReplicaIdx>,
     /// Regions to try, in order, after this one when it is the home region.
     fallback: Vec<u16>,
+    kv_scope: KvScope,
 }
 
 /// Where a request goes and why.
@@ -175,6 +183,12 @@ impl TagRegistry {
         Self::default()
     }
 
+    /// The tag of replica `id` if it has one.
+    pub fn get(&self, id: &str) -> Option<ReplicaTag> {
+        let tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        tags.get(id).copied()
+    }
+
     /// The tag of replica `id`, assigning the next one on first sight.
     pub fn tag(&self, id: &str) -> ReplicaTag {
         // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
@@ -199,6 +213,7 @@ pub struct Selector {
     local_region: u16,
     balance_factor: f64,
     shed_factor: Option<f64>,
+    placement: Placement,
     tokenless_cursor: AtomicUsize,
 }
 
@@ -225,6 +240,7 @@ impl Selector {
                 name: Arc::from(region.name.as_str()),
                 members,
                 fallback: Vec::new(),
+                kv_scope: region.kv_scope,
             });
         }
         let local = options.local_region.min(regions.len().saturating_sub(1)) as u16;
@@ -257,6 +273,7 @@ impl Selector {
             local_region: local,
             balance_factor: options.balance_factor.max(1.0),
             shed_factor: options.shed_factor.map(|f| f.max(1.0)),
+            placement: options.placement,
             tokenless_cursor: AtomicUsize::new(0),
         }
     }
@@ -332,31 +349,55 @@ impl Selector {
         let Some(key) = req.key else {
             return self.tokenless(req.tried, view);
         };
-        let mut lost_home = false;
-        if let Some(tag) = req.sticky {
-            match self.by_tag(tag) {
-                Some(idx) if self.sticky_eligible(idx, req.tried, view) => {
-                    let (replica, outcome) = match self.shed_to(idx, key, req.tried, view, gate) {
-                        Some(to) => (to, Outcome::Shed),
-                        None => (idx, Outcome::Sticky),
+        // The region the session's recorded replica is in, when it could not keep it.
+        let mut recorded_region = None;
+        if let Some(idx) = req.sticky.and_then(|tag| self.by_tag(tag)) {
+            let region = self.replicas[idx as usize].region;
+            if self.regions[region as usize].kv_scope == KvScope::Region {
+                // The region holds the cache: any of its replicas is warm.
+                if let Some(replica) = self.least_loaded_in(region, Some(idx), req.tried, view) {
+                    let outcome = if replica == idx {
+                        Outcome::Sticky
+                    } else {
+                        Outcome::SharedKv
                     };
                     return Some(Decision { replica, outcome });
                 }
-                _ => lost_home = true,
+            } else if self.sticky_eligible(idx, req.tried, view) {
+                let (replica, outcome) = match self.shed_to(idx, key, req.tried, view, gate) {
+                    Some(to) => (to, Outcome::Shed),
+                    None => (idx, Outcome::Sticky),
+                };
+                return Some(Decision { replica, outcome });
             }
+            recorded_region = Some(region);
         }
-        let home = self.home_region(key)?;
+        let lost_home = req.sticky.is_some();
+        let (home, first) = match (self.placement, recorded_region) {
+            // Hash placement recomputes the home every edge agrees on.
+            (Placement::Hash, _) => (self.home_region(key)?, 0),
+            // Nearest: a session keeps the region it was recorded in; a new one starts in the
+            // first region, from this edge's own, that has room.
+            (Placement::Nearest, Some(region)) => (region, 0),
+            (Placement::Nearest, None) => self.nearest_home(req.tried, view)?,
+        };
         let position = key.ring_position();
         let regions =
             std::iter::once(home).chain(self.regions[home as usize].fallback.iter().copied());
         for (n, region) in regions.enumerate() {
-            if let Some((replica, walk)) =
+            let found = if self.regions[region as usize].kv_scope == KvScope::Region {
+                self.least_loaded_in(region, None, req.tried, view)
+                    .map(|replica| (replica, WalkNotes::default()))
+            } else {
                 self.walk_region(region, position, req.tried, req.tenant, view)
-            {
-                let outcome = if n > 0 {
+            };
+            if let Some((replica, walk)) = found {
+                let outcome = if n + first > 0 {
                     Outcome::CrossRegion
                 } else if lost_home || walk.skipped_unavailable {
                     Outcome::Failover
+                } else if self.regions[region as usize].kv_scope == KvScope::Region {
+                    Outcome::SharedKv
                 } else if walk.passed_for_locality {
                     Outcome::Locality
                 } else if walk.skipped_for_load {
@@ -368,6 +409,75 @@ impl Selector {
             }
         }
         None
+    }
+
+    /// With nearest placement, the home of a new session and its distance (0: this edge's
+    /// own region): the first region, in this edge's order, with an available replica under
+    /// the bounded-load limit taken over the whole fleet, so that a region spills new sessions
+    /// only when it is busier than the fleet, not on every local imbalance. `None` when no
+    /// replica is available anywhere; when every region is over the limit, the local region
+    /// (its own walk still balances inside it).
+    fn nearest_home<V: LoadView + ?Sized>(
+        &self,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> Option<(u16, usize)> {
+        let (mut total_inflight, mut total_weight) = (0u64, 0u64);
+        for (m, replica) in self.replicas.iter().enumerate() {
+            if self.available(m as ReplicaIdx, tried, view) {
+                total_inflight += u64::from(view.inflight(m as ReplicaIdx));
+                total_weight += u64::from(replica.weight);
+            }
+        }
+        if total_weight == 0 {
+            return None;
+        }
+        let scale = self.balance_factor * (total_inflight + 1) as f64 / total_weight as f64;
+        let local = self.local_region;
+        let order =
+            std::iter::once(local).chain(self.regions[local as usize].fallback.iter().copied());
+        let has_room = |region: u16| {
+            self.regions[region as usize].members.iter().any(|&m| {
+                let replica = &self.replicas[m as usize];
+                let inflight = view.inflight(m);
+                self.available(m, tried, view)
+                    && inflight < replica.max_inflight
+                    && f64::from(inflight) < (scale * f64::from(replica.weight)).ceil()
+            })
+        };
+        let chosen = order.enumerate().find(|(_, region)| has_room(*region));
+        Some(chosen.map_or((local, 0), |(n, region)| (region, n)))
+    }
+
+    /// The eligible replica of `region` with the fewest requests in flight per unit of weight
+    /// (ties: `prefer`, the session's own replica, whose local cache is the warmest; then the
+    /// first in configured order): placement inside a region that shares its KV cache.
+    fn least_loaded_in<V: LoadView + ?Sized>(
+        &self,
+        region: u16,
+        prefer: Option<ReplicaIdx>,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> Option<ReplicaIdx> {
+        let mut best: Option<(ReplicaIdx, u64, u64)> = None;
+        let members = &self.regions.get(region as usize)?.members;
+        let preferred = prefer.filter(|p| members.contains(p));
+        for &m in preferred
+            .iter()
+            .chain(members.iter().filter(|m| Some(**m) != preferred))
+        {
+            if !self.sticky_eligible(m, tried, view) {
+                continue;
+            }
+            let (load, weight) = (
+                u64::from(view.inflight(m)) + 1,
+                u64::from(self.replicas[m as usize].weight),
+            );
+            if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
+                best = Some((m, load, weight));
+            }
+        }
+        best.map(|(m, _, _)| m)
     }
 
     /// Whether a session's recorded replica may keep it: active, healthy, not tried, below its
@@ -643,6 +753,7 @@ mod tests {
             .map(|(name, ids)| RegionSpec {
                 name: name.to_string(),
                 replicas: ids.iter().map(|id| spec(id)).collect(),
+                kv_scope: KvScope::Replica,
             })
             .collect()
     }
@@ -1256,5 +1367,96 @@ mod tests {
                 "none"
             ]
         );
+    }
+
+    fn placed(regions: &[RegionSpec], placement: Placement, local_region: usize) -> Selector {
+        let options = SelectorOptions {
+            placement,
+            local_region,
+            ..SelectorOptions::default()
+        };
+        Selector::new(regions, options, &TagRegistry::new())
+    }
+
+    #[test]
+    fn nearest_placement_starts_every_new_session_in_the_edges_own_region() {
+        let regions = fleet(&[("eu", &["eu-1", "eu-2"]), ("us", &["us-1", "us-2"])]);
+        let s = placed(&regions, Placement::Nearest, 1);
+        let load = vec![0; 4];
+        for k in keys() {
+            let d = s.decide(&keyed(k), &load).unwrap();
+            assert!(d.replica >= 2, "key {k:#x} went to {}", d.replica);
+            assert_ne!(d.outcome, Outcome::CrossRegion);
+        }
+        // Hash placement sends about half to the other region.
+        let hash = placed(&regions, Placement::Hash, 1);
+        let eu = keys()
+            .filter(|k| hash.decide(&keyed(*k), &load).unwrap().replica < 2)
+            .count();
+        assert!(eu > keys().count() / 4, "{eu}");
+    }
+
+    #[test]
+    fn nearest_placement_spills_only_when_the_local_region_is_busier_than_the_fleet() {
+        let regions = fleet(&[("eu", &["eu-1", "eu-2"]), ("us", &["us-1", "us-2"])]);
+        let s = placed(&regions, Placement::Nearest, 1);
+        // us carries 10 each, eu 0: the fleet-wide bound is 1.25 × 21 / 4 ≈ 6.6.
+        let busy = vec![0, 0, 10, 10];
+        for k in keys().take(200) {
+            let d = s.decide(&keyed(k), &busy).unwrap();
+            assert!(d.replica < 2);
+            assert_eq!(d.outcome, Outcome::CrossRegion);
+        }
+        // A local imbalance that the fleet can absorb keeps sessions at home.
+        let uneven = vec![3, 3, 4, 2];
+        for k in keys().take(200) {
+            assert!(s.decide(&keyed(k), &uneven).unwrap().replica >= 2);
+        }
+    }
+
+    #[test]
+    fn with_nearest_placement_a_session_fails_over_inside_its_recorded_region() {
+        let mut regions = fleet(&[("eu", &["eu-1", "eu-2"]), ("us", &["us-1", "us-2"])]);
+        regions[0].replicas[0].admission = Admission::Draining;
+        let s = placed(&regions, Placement::Nearest, 1);
+        let load = vec![0; 4];
+        for k in keys().take(200) {
+            let d = s.decide(&sticky_on(&s, 0, k), &load).unwrap();
+            assert_eq!((d.replica, d.outcome), (1, Outcome::Failover), "key {k:#x}");
+        }
+    }
+
+    #[test]
+    fn a_shared_kv_region_serves_a_session_on_its_least_loaded_replica() {
+        let mut regions = fleet(&[("eu", &["a", "b", "c"]), ("us", &["d"])]);
+        regions[0].kv_scope = KvScope::Region;
+        let s = selector(&regions);
+        for k in keys().take(100) {
+            // Idle: the session's own replica wins the tie (its local cache is warmest).
+            let d = s.decide(&sticky_on(&s, 1, k), &vec![0; 4]).unwrap();
+            assert_eq!((d.replica, d.outcome), (1, Outcome::Sticky));
+            // Its replica is busy: the least-loaded one of the region takes it.
+            let d = s.decide(&sticky_on(&s, 1, k), &vec![3, 5, 1, 0]).unwrap();
+            assert_eq!((d.replica, d.outcome), (2, Outcome::SharedKv));
+        }
+        // A replica-scoped region keeps hard affinity under the same load.
+        let hard = selector(&fleet(&[("eu", &["a", "b", "c"]), ("us", &["d"])]));
+        let d = hard
+            .decide(&sticky_on(&hard, 1, 7), &vec![3, 5, 1, 0])
+            .unwrap();
+        assert_eq!((d.replica, d.outcome), (1, Outcome::Sticky));
+    }
+
+    #[test]
+    fn a_shared_kv_region_places_new_sessions_by_load_and_keeps_them_in_the_region() {
+        let mut regions = fleet(&[("eu", &["a", "b", "c"])]);
+        regions[0].kv_scope = KvScope::Region;
+        regions[0].replicas[0].admission = Admission::Draining;
+        let s = selector(&regions);
+        let d = s.decide(&keyed(42), &vec![0, 4, 2]).unwrap();
+        assert_eq!((d.replica, d.outcome), (2, Outcome::SharedKv));
+        // Its recorded replica drained: still in the region, least-loaded.
+        let d = s.decide(&sticky_on(&s, 0, 42), &vec![0, 1, 2]).unwrap();
+        assert_eq!((d.replica, d.outcome), (1, Outcome::SharedKv));
     }
 }

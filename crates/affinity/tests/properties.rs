@@ -50,6 +50,7 @@ fn fleet() -> impl Strategy<Value = Vec<RegionSpec>> {
                             max_inflight: None,
                         })
                         .collect(),
+                    kv_scope: KvScope::Replica,
                 })
                 .collect()
         })

@@ -235,6 +235,7 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
         .iter()
         .map(|region| RegionPlan {
             name: region.name.clone(),
+            kv_scope: region.kv_scope,
             replicas: region
                 .replicas
                 .iter()
@@ -268,6 +269,7 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
             points_per_weight: topology.affinity.ring_points_per_weight,
             local_region: topology.local_region,
             shed_factor: topology.affinity.shed_factor,
+            placement: topology.affinity.placement,
         },
         tenant_locality: topology.affinity.tenant_locality,
         health: HealthPolicy {

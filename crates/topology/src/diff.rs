@@ -29,8 +29,9 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
     let mut d = TopologyDiff::default();
 
     // Fixed at start-up: listeners and threads belong to the process, the usage log and the
-    // session key to the metering pipeline opened once.
-    let fixed: [(&'static str, bool); 10] = [
+    // session key to the metering pipeline opened once, the sticky store's connections to the
+    // process.
+    let fixed: [(&'static str, bool); 11] = [
         ("listen", started.listen != new.listen),
         ("admin_listen", started.admin_listen != new.admin_listen),
         (
@@ -62,6 +63,7 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
             "metering.session_key",
             started.metering.session_key != new.metering.session_key,
         ),
+        ("sticky_store", started.sticky_store != new.sticky_store),
     ];
     d.restart_required = fixed
         .iter()

@@ -41,8 +41,8 @@ pub use diff::{diff, TopologyDiff};
 pub use error::{Problem, TopologyError};
 pub use model::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
-    ProbeSettings, Region, ReloadSettings, Replica, ServerSettings, Tenant, Topology,
-    UpstreamSettings, UsageLog, DEFAULT_RETRY_UNANSWERED,
+    ProbeSettings, Region, ReloadSettings, Replica, ServerSettings, StickyStoreSettings, Tenant,
+    Topology, UpstreamSettings, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
 pub use validate::{MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT};
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tether_affinity::Admission;
+use tether_affinity::{Admission, KvScope, Placement};
 use tether_metering::{Dialect, Price};
 
 /// A validated topology. Build one with [`Topology::from_yaml`](crate::Topology::from_yaml) or
@@ -43,6 +43,8 @@ pub struct Topology {
     pub admin: AdminSettings,
     /// Hot reload (`reload`).
     pub reload: ReloadSettings,
+    /// The shared sticky store, when the instance runs in a tier.
+    pub sticky_store: Option<StickyStoreSettings>,
 }
 
 /// The `affinity` section.
@@ -66,6 +68,27 @@ pub struct AffinitySettings {
     /// Sticky shedding: a replica that has served more than this × the fleet's mean recently
     /// gives sticky sessions, one at a time, to the least-loaded replica. `None` = off.
     pub shed_factor: Option<f64>,
+    /// How a new session's home region is chosen (default: `nearest` with a sticky store,
+    /// `hash` without).
+    pub placement: Placement,
+}
+
+/// The shared sticky store (Redis protocol) that lets every instance of a tier follow every
+/// session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyStoreSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS).
+    pub url: String,
+    /// Redis Cluster: `url` is a seed node.
+    pub cluster: bool,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Pub/sub channel for binding changes.
+    pub channel: String,
+    /// Longest a request waits for the store; a timeout routes as if it had no entry.
+    pub lookup_timeout: Duration,
+    /// Writes queued for the store at most; more are dropped (and counted).
+    pub write_queue: usize,
 }
 
 /// A region and its replicas.
@@ -75,6 +98,8 @@ pub struct Region {
     pub name: String,
     /// At least one replica.
     pub replicas: Vec<Replica>,
+    /// Where its KV cache lives.
+    pub kv_scope: KvScope,
 }
 
 /// One inference replica.

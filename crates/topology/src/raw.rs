@@ -41,6 +41,40 @@ pub(crate) struct RawTopology {
     pub admin: RawAdmin,
     #[serde(default)]
     pub reload: RawReload,
+    #[serde(default)]
+    pub sticky_store: Option<RawStickyStore>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStickyStore {
+    pub url: String,
+    #[serde(default)]
+    pub cluster: bool,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_channel")]
+    pub channel: String,
+    #[serde(default = "default_lookup_timeout", with = "humantime_serde")]
+    pub lookup_timeout: Duration,
+    #[serde(default = "default_write_queue")]
+    pub write_queue: usize,
+}
+
+fn default_key_prefix() -> String {
+    "tether:s:".into()
+}
+
+fn default_channel() -> String {
+    "tether:bindings".into()
+}
+
+fn default_lookup_timeout() -> Duration {
+    Duration::from_millis(5)
+}
+
+fn default_write_queue() -> usize {
+    65_536
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +90,7 @@ pub(crate) struct RawAffinity {
     #[serde(with = "humantime_serde")]
     pub tenant_locality: Option<Duration>,
     pub shed_factor: Option<f64>,
+    pub placement: Option<tether_affinity::Placement>,
 }
 
 impl Default for RawAffinity {
@@ -69,6 +104,7 @@ impl Default for RawAffinity {
             ring_points_per_weight: 2048,
             tenant_locality: Some(Duration::from_secs(30)),
             shed_factor: None,
+            placement: None,
         }
     }
 }
@@ -79,6 +115,8 @@ pub(crate) struct RawRegion {
     pub name: String,
     #[serde(default)]
     pub replicas: Vec<RawReplica>,
+    #[serde(default)]
+    pub kv_scope: tether_affinity::KvScope,
 }
 
 #[derive(Debug, Clone, Deserialize)]

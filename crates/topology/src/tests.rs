@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use tether_affinity::Admission;
+use tether_affinity::{Admission, KvScope, Placement};
 use tether_metering::Dialect;
 
 use super::*;
@@ -638,4 +638,76 @@ fn every_documented_dialect_and_state_spelling_loads() {
         Admission::Active,
         "state defaults to active"
     );
+}
+
+#[test]
+fn a_sticky_store_gets_defaults_and_makes_placement_nearest() {
+    let t = load(&format!(
+        "{VALID}sticky_store: {{ url: \"redis://127.0.0.1:6379/0\" }}\n"
+    ))
+    .unwrap();
+    let store = t.sticky_store.unwrap();
+    assert_eq!(store.url, "redis://127.0.0.1:6379/0");
+    assert!(!store.cluster);
+    assert_eq!(store.key_prefix, "tether:s:");
+    assert_eq!(store.channel, "tether:bindings");
+    assert_eq!(store.lookup_timeout, Duration::from_millis(5));
+    assert_eq!(t.affinity.placement, Placement::Nearest);
+    // Without a store the home region comes from the ring.
+    assert_eq!(load(VALID).unwrap().affinity.placement, Placement::Hash);
+}
+
+#[test]
+fn nearest_placement_without_a_store_is_refused_by_name() {
+    let yaml = VALID.replace(
+        "override_capacity: 1000000",
+        "override_capacity: 1000000\n  placement: nearest",
+    );
+    let p = problem(&yaml);
+    assert_eq!(p.key, "affinity.placement");
+    assert!(p.message.contains("sticky_store"), "{}", p.message);
+}
+
+#[test]
+fn sticky_store_settings_are_checked() {
+    for (store, key) in [
+        ("{ url: \"http://127.0.0.1:6379\" }", "sticky_store.url"),
+        (
+            "{ url: \"redis://h:1\", lookup_timeout: 0s }",
+            "sticky_store.lookup_timeout",
+        ),
+        (
+            "{ url: \"redis://h:1\", lookup_timeout: 5s }",
+            "sticky_store.lookup_timeout",
+        ),
+        (
+            "{ url: \"redis://h:1\", write_queue: 0 }",
+            "sticky_store.write_queue",
+        ),
+        (
+            "{ url: \"redis://h:1\", key_prefix: \"\" }",
+            "sticky_store.key_prefix",
+        ),
+    ] {
+        assert_eq!(
+            problem(&format!("{VALID}sticky_store: {store}\n")).key,
+            key,
+            "{store}"
+        );
+    }
+    let (_, message) = parse_error(&format!(
+        "{VALID}sticky_store: {{ uri: \"redis://h:1\" }}\n"
+    ));
+    assert!(message.contains("unknown field `uri`"), "{message}");
+}
+
+#[test]
+fn a_region_can_share_its_kv_cache() {
+    let yaml = VALID.replacen("  - name: eu\n", "  - name: eu\n    kv_scope: region\n", 1);
+    let t = load(&yaml).unwrap();
+    assert_eq!(t.regions[0].kv_scope, KvScope::Region);
+    assert_eq!(t.regions[1].kv_scope, KvScope::Replica);
+    let (_, message) =
+        parse_error(&VALID.replacen("  - name: eu\n", "  - name: eu\n    kv_scope: rack\n", 1));
+    assert!(message.contains("rack"), "{message}");
 }

@@ -4,13 +4,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tether_affinity::Placement;
 use tether_metering::Price;
 
 use crate::raw::{RawPrice, RawTopology};
 use crate::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
-    ProbeSettings, Problem, Region, ReloadSettings, Replica, ServerSettings, Tenant, Topology,
-    UpstreamSettings, UsageLog,
+    ProbeSettings, Problem, Region, ReloadSettings, Replica, ServerSettings, StickyStoreSettings,
+    Tenant, Topology, UpstreamSettings, UsageLog,
 };
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
@@ -242,6 +243,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         regions.push(Region {
             name: region.name.clone(),
             replicas,
+            kv_scope: region.kv_scope,
         });
     }
     let points = total_weight * u64::from(a.ring_points_per_weight);
@@ -437,6 +439,58 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         }
     }
 
+    let sticky_store = raw.sticky_store.map(|s| {
+        let scheme_ok = ["redis://", "rediss://", "valkey://", "valkeys://"]
+            .iter()
+            .any(|scheme| s.url.starts_with(scheme));
+        if !scheme_ok {
+            p.add(
+                "sticky_store.url",
+                "must start with redis:// or rediss:// (TLS); credentials go in the URL",
+            );
+        }
+        if s.lookup_timeout < Duration::from_millis(1) || s.lookup_timeout > Duration::from_secs(1)
+        {
+            p.add(
+                "sticky_store.lookup_timeout",
+                "must be from 1ms to 1s: every new session on this edge may wait this long",
+            );
+        }
+        if s.write_queue == 0 {
+            p.add("sticky_store.write_queue", "must be at least 1");
+        }
+        if s.key_prefix.is_empty() {
+            p.add(
+                "sticky_store.key_prefix",
+                "must not be empty: it keeps Tether's keys apart from others in the store",
+            );
+        }
+        if s.channel.is_empty() {
+            p.add("sticky_store.channel", "must not be empty");
+        }
+        StickyStoreSettings {
+            url: s.url,
+            cluster: s.cluster,
+            key_prefix: s.key_prefix,
+            channel: s.channel,
+            lookup_timeout: s.lookup_timeout,
+            write_queue: s.write_queue,
+        }
+    });
+    let placement = match (raw.affinity.placement, &sticky_store) {
+        (Some(Placement::Nearest), None) => {
+            p.add(
+                "affinity.placement",
+                "`nearest` needs a `sticky_store`: other instances could not find where this \
+                 one placed a session (use `hash` without a store)",
+            );
+            Placement::Hash
+        }
+        (Some(placement), _) => placement,
+        (None, Some(_)) => Placement::Nearest,
+        (None, None) => Placement::Hash,
+    };
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -454,6 +508,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             ring_points_per_weight: a.ring_points_per_weight,
             tenant_locality: a.tenant_locality,
             shed_factor: a.shed_factor,
+            placement,
         },
         regions,
         tenants,
@@ -505,5 +560,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         reload: ReloadSettings {
             watch: raw.reload.watch,
         },
+        sticky_store,
     })
 }

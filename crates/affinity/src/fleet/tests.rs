@@ -1,4 +1,5 @@
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
 
 use proptest::prelude::*;
 
@@ -27,6 +28,7 @@ fn plan(regions: &[(&str, &[(&str, u16)])]) -> FleetPlan<u16> {
                         upstream: *port,
                     })
                     .collect(),
+                kv_scope: KvScope::Replica,
             })
             .collect(),
         options: SelectorOptions::default(),
@@ -425,4 +427,82 @@ proptest! {
             prop_assert_eq!(state.overrides().get(RoutingKey(u64::from(key) + 1)), Some(tag));
         }
     }
+}
+
+/// Remembers what it was told.
+#[derive(Debug, Default)]
+struct RecordingSink {
+    bound: Mutex<Vec<(u64, String)>>,
+    refreshed: Mutex<Vec<u64>>,
+}
+
+impl BindingSink for RecordingSink {
+    fn bound(&self, key: RoutingKey, replica: &str) {
+        self.bound.lock().unwrap().push((key.0, replica.to_owned()));
+    }
+    fn still_bound(&self, key: RoutingKey) {
+        self.refreshed.lock().unwrap().push(key.0);
+    }
+}
+
+#[test]
+fn the_sink_hears_of_new_and_moved_bindings_only() {
+    let sink = Arc::new(RecordingSink::default());
+    let state = FleetState::shared(
+        Duration::from_secs(3600),
+        10_000,
+        Some(Arc::clone(&sink) as Arc<dyn BindingSink>),
+    );
+    let fleet = Arc::new(state.build(three()));
+    let mut first = fleet.route(&mut keyed(31), NOW).unwrap();
+    first.answered(200, None, NOW);
+    let home = Arc::clone(first.replica().id());
+    // Sticky turns within the same second: nothing to tell.
+    for _ in 0..5 {
+        fleet
+            .route(&mut keyed(31), NOW)
+            .unwrap()
+            .answered(200, None, NOW);
+    }
+    assert_eq!(
+        sink.bound.lock().unwrap().clone(),
+        vec![(31, home.to_string())]
+    );
+    // The replica is drained: the session moves, and the sink hears of it.
+    fleet.find(&home).unwrap().status().set_drained(true);
+    let mut moved = fleet.route(&mut keyed(31), NOW).unwrap();
+    moved.answered(200, None, NOW);
+    let bound = sink.bound.lock().unwrap().clone();
+    assert_eq!(bound.len(), 2);
+    assert_eq!(bound[1], (31, moved.replica().id().to_string()));
+    assert!(sink.refreshed.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_binding_in_use_refreshes_about_four_times_per_ttl() {
+    let ttl = 3600;
+    for key in keys().take(50).map(RoutingKey) {
+        // One turn every 10 s for two TTLs.
+        let due = (0..720u32)
+            .filter(|t| refresh_due(key, t * 10, (t + 1) * 10, ttl))
+            .count();
+        assert!((7..=9).contains(&due), "{due} refreshes for {key:?}");
+        // Turns within one second never refresh twice in a row.
+        assert!(!refresh_due(key, 100, 100, ttl));
+    }
+}
+
+#[test]
+fn learnt_bindings_route_like_local_ones_and_unknown_ids_are_refused() {
+    let (state, fleet) = fleet(three());
+    assert!(!state.learn(RoutingKey(41), "no-such-replica"));
+    assert!(!fleet.knows(RoutingKey(41)));
+    let owner = fleet.route(&mut keyed(41), NOW).unwrap().replica().tag();
+    let other = fleet.replicas().iter().find(|r| r.tag() != owner).unwrap();
+    assert!(state.learn(RoutingKey(41), other.id()));
+    let next = fleet.route(&mut keyed(41), NOW).unwrap();
+    assert_eq!(
+        (next.replica().tag(), next.outcome()),
+        (other.tag(), Outcome::Sticky)
+    );
 }
