@@ -15,20 +15,52 @@
 //! ([`RunConfig::capacity_bound_tokens`]) a second ceiling, the [capacity bound](bound): an
 //! upper bound on what any router could hit on the same requests with the fleet's finite cache.
 //!
-//! It drives Tether ([`Target::Proxy`]) or the replicas directly with a client-side policy
-//! ([`Target::Direct`]) for comparison: round-robin, random, least-in-flight, nginx's
-//! `hash $http_x_session_affinity consistent` (ketama, via `pingora-ketama`, which is
-//! nginx-compatible), and HAProxy's `hash-type consistent` with `hash-balance-factor`
-//! (the same ring, skipping replicas over the bounded-load limit).
+//! It drives Tether ([`Target::Proxy`]), a tier of Tether edges with each turn sent to an edge
+//! chosen by an [`EdgeChoice`] ([`Target::Tier`]; requests per edge in the report), or the
+//! replicas directly with a client-side policy ([`Target::Direct`]) for comparison:
+//! round-robin, random, least-in-flight, nginx's `hash $http_x_session_affinity consistent`
+//! (ketama, via `pingora-ketama`, which is nginx-compatible), and HAProxy's `hash-type
+//! consistent` with `hash-balance-factor` (the same ring, skipping replicas over the
+//! bounded-load limit).
+//!
+//! The report also gives the [warm-follow](follow) rate: how often a turn is answered by the
+//! replica (or, given a region map, the region) that answered its session's previous turn,
+//! raw and over the turns whose previous replica the caller did not [excuse](Excused).
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use tether_loadgen::{EdgeChoice, FleetFacts, RunConfig, Target, Workload};
+//!
+//! let config = RunConfig {
+//!     workload: Workload::default(),
+//!     target: Target::Tier(
+//!         vec!["http://127.0.0.1:8080".into(), "http://127.0.0.1:8081".into()],
+//!         EdgeChoice::RoundRobin,
+//!     ),
+//!     api_keys: vec!["sk-tether-demo".into()],
+//!     stream: true,
+//!     block_tokens: 16,
+//!     capacity_bound_tokens: None,
+//!     bound_replicas: None,
+//! };
+//! let facts = FleetFacts::default();
+//! let excused = facts.excused.clone(); // call `excused.excuse("a-2")` when a-2 is stopped
+//! let report = tether_loadgen::run_with(config, facts, None).await?;
+//! println!("{:.3} of turns followed", report.warm_follow.eligible_rate);
+//! # drop(excused);
+//! # Ok(()) }
+//! ```
 
 pub mod bound;
 mod client;
 mod direct;
+pub mod follow;
 mod report;
+mod tier;
 mod workload;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +77,9 @@ use bound::TraceStep;
 pub use client::{send_turn, TurnError, TurnReply};
 use direct::DirectRouter;
 pub use direct::{ClientPolicy, BALANCE_FACTOR};
-pub use report::{Outcome, Report, Totals};
+pub use follow::{Excused, FleetFacts, WarmFollow};
+pub use report::{EdgeTotals, Outcome, Report, Totals};
+pub use tier::EdgeChoice;
 pub use workload::{text, SessionPlan, Workload};
 
 /// Where requests go.
@@ -55,6 +89,9 @@ pub enum Target {
     Proxy(String),
     /// Straight to these replica base URLs, spread by a client-side policy.
     Direct(Vec<String>, ClientPolicy),
+    /// Through a tier of proxies at these base URLs (the edges), each turn to the edge the
+    /// choice names. One edge behaves as [`Target::Proxy`].
+    Tier(Vec<String>, EdgeChoice),
 }
 
 /// A run: workload, target, credentials.
@@ -92,24 +129,51 @@ struct Shared {
     error_samples: Mutex<Vec<String>>,
     next_replica: AtomicUsize,
     direct: Option<DirectRouter>,
+    /// Per edge of a proxy or tier target: its URL, requests answered, requests failed.
+    edges: Vec<(String, AtomicU64, AtomicU64)>,
     progress: Option<ProgressBar>,
 }
 
+/// Where one request goes.
+struct Route {
+    url: String,
+    /// The replica, when sending straight to replicas (for in-flight counting).
+    replica: Option<usize>,
+    /// The edge, when sending through proxies.
+    edge: Option<usize>,
+}
+
 impl Shared {
-    /// The URL for one request, and the direct replica it goes to (for in-flight counting).
-    fn route(&self, token: Option<&str>) -> (String, Option<usize>) {
-        let (base, replica) = match (&self.config.target, &self.direct) {
+    /// Where turn `turn` of session `session` goes.
+    fn route(&self, token: Option<&str>, session: usize, turn: usize) -> Route {
+        let (base, replica, edge) = match (&self.config.target, &self.direct) {
             (Target::Direct(_, policy), Some(direct)) => {
                 let i = direct.pick(*policy, token, &self.next_replica);
-                (direct.urls[i].as_str(), Some(i))
+                (direct.urls[i].as_str(), Some(i), None)
             }
-            (Target::Proxy(url), _) => (url.as_str(), None),
-            (Target::Direct(urls, _), None) => (urls.first().map_or("", String::as_str), None),
+            (Target::Direct(urls, _), None) => {
+                (urls.first().map_or("", String::as_str), None, None)
+            }
+            (Target::Proxy(url), _) => (url.as_str(), None, Some(0)),
+            (Target::Tier(urls, choice), _) => {
+                let seed = self.config.workload.seed;
+                let e = choice.edge(seed, session, turn, urls.len());
+                (urls.get(e).map_or("", String::as_str), None, Some(e))
+            }
         };
-        (
-            format!("{}/v1/chat/completions", base.trim_end_matches('/')),
+        Route {
+            url: format!("{}/v1/chat/completions", base.trim_end_matches('/')),
             replica,
-        )
+            edge,
+        }
+    }
+
+    /// Counts a request to `edge` as answered or failed.
+    fn count_edge(&self, edge: Option<usize>, answered: bool) {
+        if let Some((_, ok, failed)) = edge.and_then(|e| self.edges.get(e)) {
+            let counter = if answered { ok } else { failed };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// What an infinite cache would have served of this prompt (whose blocks hash to
@@ -194,7 +258,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             .map(|m| json!({"role": m.role, "content": m.content}))
             .collect();
         let body = w.request(&messages, shared.config.stream);
-        let (url, direct_replica) = shared.route(plan.token.as_deref());
+        let route = shared.route(plan.token.as_deref(), plan.index, turn);
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
         let hashes = block_hashes(&prompt, shared.config.block_tokens.max(1));
@@ -202,20 +266,23 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
         let counter = shared
             .direct
             .as_ref()
-            .zip(direct_replica)
+            .zip(route.replica)
             .map(|(d, i)| &d.inflight[i]);
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
         }
+        let sent_at = std::time::Instant::now();
         let result = send_turn(
             &shared.client,
-            &url,
+            &route.url,
             api_key.as_deref(),
             plan.token.as_deref(),
             &body,
             shared.config.stream,
         )
         .await;
+        let answered_at = std::time::Instant::now();
+        shared.count_edge(route.edge, result.is_ok());
         if let Some(c) = counter {
             c.fetch_sub(1, Ordering::Relaxed);
         }
@@ -231,6 +298,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(Outcome {
+                        session: plan.index,
                         tenant: plan.tenant,
                         turn,
                         prompt_tokens: reply.prompt_tokens,
@@ -238,6 +306,8 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
                         oracle_cached_tokens,
                         ttft_ms: reply.ttft_ms,
                         replica: reply.replica,
+                        sent_at,
+                        answered_at,
                     });
                 history.push(ChatMessage {
                     role: "assistant".into(),
@@ -257,16 +327,36 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
     }
 }
 
-/// Runs the workload and reports.
+/// Runs the workload and reports, with no replica excused and no regions.
 pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Result<Report> {
+    run_with(config, FleetFacts::default(), progress).await
+}
+
+/// Runs the workload and reports, scoring warm-follow with the caller's `facts` (whose
+/// [`Excused`] handle may still be written while the run goes on).
+pub async fn run_with(
+    config: RunConfig,
+    facts: FleetFacts,
+    progress: Option<ProgressBar>,
+) -> anyhow::Result<Report> {
     let concurrency = config.workload.concurrency.max(1);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let direct = match &config.target {
         Target::Direct(urls, _) => Some(DirectRouter::new(urls)?),
-        Target::Proxy(_) => None,
+        Target::Proxy(_) | Target::Tier(..) => None,
     };
+    let edges = match &config.target {
+        Target::Proxy(url) => std::slice::from_ref(url),
+        Target::Tier(urls, _) if urls.is_empty() => anyhow::bail!("a tier needs an edge"),
+        Target::Tier(urls, _) => urls.as_slice(),
+        Target::Direct(..) => &[],
+    };
+    let edges = edges
+        .iter()
+        .map(|url| (url.clone(), AtomicU64::new(0), AtomicU64::new(0)))
+        .collect();
     let shared = Arc::new(Shared {
         direct,
         oracle: Mutex::new(PrefixCache::unbounded(config.block_tokens)),
@@ -280,6 +370,7 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
         errors: Mutex::new(BTreeMap::new()),
         error_samples: Mutex::new(Vec::new()),
         next_replica: AtomicUsize::new(0),
+        edges,
         progress,
         config,
     });
@@ -306,7 +397,17 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
     }
     let outcomes = std::mem::take(&mut *shared.outcomes.lock().unwrap_or_else(|e| e.into_inner()));
     let errors = std::mem::take(&mut *shared.errors.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut report = Report::build(&outcomes, &errors, started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut report = Report::build_with(&outcomes, &errors, elapsed, &facts);
+    report.by_edge = shared
+        .edges
+        .iter()
+        .map(|(url, ok, failed)| EdgeTotals {
+            url: url.clone(),
+            requests: ok.load(Ordering::Relaxed),
+            errors: failed.load(Ordering::Relaxed),
+        })
+        .collect();
     report.error_samples = std::mem::take(
         &mut *shared
             .error_samples
