@@ -15,24 +15,56 @@
 //! ([`RunConfig::capacity_bound_tokens`]) a second ceiling, the [capacity bound](bound): an
 //! upper bound on what any router could hit on the same requests with the fleet's finite cache.
 //!
-//! It drives Tether ([`Target::Proxy`]) or the replicas directly with a client-side policy
-//! ([`Target::Direct`]) for comparison: round-robin, random, least-in-flight, nginx's
-//! `hash $http_x_session_affinity consistent` (ketama, via `pingora-ketama`, which is
-//! nginx-compatible), and HAProxy's `hash-type consistent` with `hash-balance-factor`
-//! (the same ring, skipping replicas over the bounded-load limit).
+//! It drives Tether ([`Target::Proxy`]), a tier of Tether edges with each turn sent to an edge
+//! chosen by an [`EdgeChoice`] ([`Target::Tier`]; requests per edge in the report), or the
+//! replicas directly with a client-side policy ([`Target::Direct`]) for comparison:
+//! round-robin, random, least-in-flight, nginx's `hash $http_x_session_affinity consistent`
+//! (ketama, via `pingora-ketama`, which is nginx-compatible), and HAProxy's `hash-type
+//! consistent` with `hash-balance-factor` (the same ring, skipping replicas over the
+//! bounded-load limit).
+//!
+//! The report also gives the [warm-follow](follow) rate: how often a turn is answered by the
+//! replica (or, given a region map, the region) that answered its session's previous turn,
+//! raw and over the turns whose previous replica the caller did not [excuse](Excused).
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use tether_loadgen::{EdgeChoice, FleetFacts, RunConfig, Target, Workload};
+//!
+//! let config = RunConfig {
+//!     workload: Workload::default(),
+//!     target: Target::Tier(
+//!         vec!["http://127.0.0.1:8080".into(), "http://127.0.0.1:8081".into()],
+//!         EdgeChoice::RoundRobin,
+//!     ),
+//!     api_keys: vec!["sk-tether-demo".into()],
+//!     stream: true,
+//!     block_tokens: 16,
+//!     capacity_bound_tokens: None,
+//!     bound_replicas: None,
+//! };
+//! let facts = FleetFacts::default();
+//! let excused = facts.excused.clone(); // call `excused.excuse("a-2")` when a-2 is stopped
+//! let report = tether_loadgen::run_with(config, facts, None).await?;
+//! println!("{:.3} of turns followed", report.warm_follow.eligible_rate);
+//! # drop(excused);
+//! # Ok(()) }
+//! ```
 
 pub mod bound;
 mod client;
+mod direct;
+pub mod follow;
 mod report;
+mod tier;
 mod workload;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use indicatif::ProgressBar;
-use rand::Rng;
 use serde_json::json;
 use tether_replica_sim::template::{
     block_hashes, render_prompt, render_reply, token_count, ChatMessage,
@@ -43,108 +75,12 @@ use tokio::time::Instant;
 
 use bound::TraceStep;
 pub use client::{send_turn, TurnError, TurnReply};
-pub use report::{Outcome, Report, Totals};
+use direct::DirectRouter;
+pub use direct::{ClientPolicy, BALANCE_FACTOR};
+pub use follow::{Excused, FleetFacts, WarmFollow};
+pub use report::{EdgeTotals, Outcome, Report, Totals};
+pub use tier::EdgeChoice;
 pub use workload::{text, SessionPlan, Workload};
-
-/// How requests for replicas are spread when Tether is not in the path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ClientPolicy {
-    /// Each request to the next replica.
-    RoundRobin,
-    /// Each request to a random replica.
-    Random,
-    /// The replica with the fewest requests in flight (nginx `least_conn`).
-    LeastInflight,
-    /// Consistent hash of the session token (nginx `hash … consistent`); tokenless requests
-    /// round-robin, as nginx does with an empty key.
-    ConsistentHash,
-    /// Consistent hash with bounded loads, `c = 1.25` (HAProxy `hash-balance-factor 125`).
-    BoundedHash,
-}
-
-/// The bounded-load factor of [`ClientPolicy::BoundedHash`].
-pub const BALANCE_FACTOR: f64 = 1.25;
-
-/// Client-side routing state for [`Target::Direct`].
-struct DirectRouter {
-    urls: Vec<String>,
-    ring: pingora_ketama::Continuum,
-    /// Replica index by address on the ring.
-    by_addr: BTreeMap<std::net::SocketAddr, usize>,
-    inflight: Vec<std::sync::atomic::AtomicU32>,
-}
-
-impl DirectRouter {
-    fn new(urls: &[String]) -> anyhow::Result<Self> {
-        let mut by_addr = BTreeMap::new();
-        let mut buckets = Vec::new();
-        for (i, url) in urls.iter().enumerate() {
-            let host = url
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_owned();
-            let addr: std::net::SocketAddr = host
-                .parse()
-                .map_err(|e| anyhow::anyhow!("replica URL {url}: {e} (want http://ip:port)"))?;
-            by_addr.insert(addr, i);
-            buckets.push(pingora_ketama::Bucket::new(addr, 1));
-        }
-        Ok(DirectRouter {
-            urls: urls.to_vec(),
-            ring: pingora_ketama::Continuum::new(&buckets),
-            by_addr,
-            inflight: urls.iter().map(|_| Default::default()).collect(),
-        })
-    }
-
-    fn load(&self, i: usize) -> u32 {
-        self.inflight[i].load(Ordering::Relaxed)
-    }
-
-    /// The replica for one request.
-    fn pick(&self, policy: ClientPolicy, token: Option<&str>, next: &AtomicUsize) -> usize {
-        let n = self.urls.len().max(1);
-        let round_robin = || next.fetch_add(1, Ordering::Relaxed) % n;
-        match (policy, token) {
-            (ClientPolicy::RoundRobin, _)
-            | (ClientPolicy::ConsistentHash | ClientPolicy::BoundedHash, None) => round_robin(),
-            (ClientPolicy::Random, _) => rand::thread_rng().gen_range(0..n),
-            (ClientPolicy::LeastInflight, _) => {
-                // Ties go round-robin, so an idle fleet is not all sent to replica 0.
-                let start = round_robin();
-                (0..n)
-                    .map(|k| (start + k) % n)
-                    .min_by_key(|&i| self.load(i))
-                    .unwrap_or(0)
-            }
-            (ClientPolicy::ConsistentHash, Some(t)) => self
-                .ring
-                .node(t.as_bytes())
-                .and_then(|a| self.by_addr.get(&a).copied())
-                .unwrap_or(0),
-            (ClientPolicy::BoundedHash, Some(t)) => {
-                let total: u64 = (0..n).map(|i| u64::from(self.load(i))).sum();
-                let bound = (BALANCE_FACTOR * (total + 1) as f64 / n as f64).ceil() as u32;
-                let mut first = None;
-                for addr in self.ring.node_iter(t.as_bytes()).take(self.ring_len()) {
-                    let Some(&i) = self.by_addr.get(addr) else {
-                        continue;
-                    };
-                    first.get_or_insert(i);
-                    if self.load(i) < bound {
-                        return i;
-                    }
-                }
-                first.unwrap_or(0)
-            }
-        }
-    }
-
-    fn ring_len(&self) -> usize {
-        // Every point of the ring, at most: enough to see every replica.
-        self.urls.len() * 160 + 1
-    }
-}
 
 /// Where requests go.
 #[derive(Debug, Clone)]
@@ -153,6 +89,9 @@ pub enum Target {
     Proxy(String),
     /// Straight to these replica base URLs, spread by a client-side policy.
     Direct(Vec<String>, ClientPolicy),
+    /// Through a tier of proxies at these base URLs (the edges), each turn to the edge the
+    /// choice names. One edge behaves as [`Target::Proxy`].
+    Tier(Vec<String>, EdgeChoice),
 }
 
 /// A run: workload, target, credentials.
@@ -190,24 +129,51 @@ struct Shared {
     error_samples: Mutex<Vec<String>>,
     next_replica: AtomicUsize,
     direct: Option<DirectRouter>,
+    /// Per edge of a proxy or tier target: its URL, requests answered, requests failed.
+    edges: Vec<(String, AtomicU64, AtomicU64)>,
     progress: Option<ProgressBar>,
 }
 
+/// Where one request goes.
+struct Route {
+    url: String,
+    /// The replica, when sending straight to replicas (for in-flight counting).
+    replica: Option<usize>,
+    /// The edge, when sending through proxies.
+    edge: Option<usize>,
+}
+
 impl Shared {
-    /// The URL for one request, and the direct replica it goes to (for in-flight counting).
-    fn route(&self, token: Option<&str>) -> (String, Option<usize>) {
-        let (base, replica) = match (&self.config.target, &self.direct) {
+    /// Where turn `turn` of session `session` goes.
+    fn route(&self, token: Option<&str>, session: usize, turn: usize) -> Route {
+        let (base, replica, edge) = match (&self.config.target, &self.direct) {
             (Target::Direct(_, policy), Some(direct)) => {
                 let i = direct.pick(*policy, token, &self.next_replica);
-                (direct.urls[i].as_str(), Some(i))
+                (direct.urls[i].as_str(), Some(i), None)
             }
-            (Target::Proxy(url), _) => (url.as_str(), None),
-            (Target::Direct(urls, _), None) => (urls.first().map_or("", String::as_str), None),
+            (Target::Direct(urls, _), None) => {
+                (urls.first().map_or("", String::as_str), None, None)
+            }
+            (Target::Proxy(url), _) => (url.as_str(), None, Some(0)),
+            (Target::Tier(urls, choice), _) => {
+                let seed = self.config.workload.seed;
+                let e = choice.edge(seed, session, turn, urls.len());
+                (urls.get(e).map_or("", String::as_str), None, Some(e))
+            }
         };
-        (
-            format!("{}/v1/chat/completions", base.trim_end_matches('/')),
+        Route {
+            url: format!("{}/v1/chat/completions", base.trim_end_matches('/')),
             replica,
-        )
+            edge,
+        }
+    }
+
+    /// Counts a request to `edge` as answered or failed.
+    fn count_edge(&self, edge: Option<usize>, answered: bool) {
+        if let Some((_, ok, failed)) = edge.and_then(|e| self.edges.get(e)) {
+            let counter = if answered { ok } else { failed };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// What an infinite cache would have served of this prompt (whose blocks hash to
@@ -292,7 +258,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             .map(|m| json!({"role": m.role, "content": m.content}))
             .collect();
         let body = w.request(&messages, shared.config.stream);
-        let (url, direct_replica) = shared.route(plan.token.as_deref());
+        let route = shared.route(plan.token.as_deref(), plan.index, turn);
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
         let hashes = block_hashes(&prompt, shared.config.block_tokens.max(1));
@@ -300,20 +266,23 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
         let counter = shared
             .direct
             .as_ref()
-            .zip(direct_replica)
+            .zip(route.replica)
             .map(|(d, i)| &d.inflight[i]);
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
         }
+        let sent_at = std::time::Instant::now();
         let result = send_turn(
             &shared.client,
-            &url,
+            &route.url,
             api_key.as_deref(),
             plan.token.as_deref(),
             &body,
             shared.config.stream,
         )
         .await;
+        let answered_at = std::time::Instant::now();
+        shared.count_edge(route.edge, result.is_ok());
         if let Some(c) = counter {
             c.fetch_sub(1, Ordering::Relaxed);
         }
@@ -329,6 +298,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(Outcome {
+                        session: plan.index,
                         tenant: plan.tenant,
                         turn,
                         prompt_tokens: reply.prompt_tokens,
@@ -336,6 +306,8 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
                         oracle_cached_tokens,
                         ttft_ms: reply.ttft_ms,
                         replica: reply.replica,
+                        sent_at,
+                        answered_at,
                     });
                 history.push(ChatMessage {
                     role: "assistant".into(),
@@ -355,16 +327,36 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
     }
 }
 
-/// Runs the workload and reports.
+/// Runs the workload and reports, with no replica excused and no regions.
 pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Result<Report> {
+    run_with(config, FleetFacts::default(), progress).await
+}
+
+/// Runs the workload and reports, scoring warm-follow with the caller's `facts` (whose
+/// [`Excused`] handle may still be written while the run goes on).
+pub async fn run_with(
+    config: RunConfig,
+    facts: FleetFacts,
+    progress: Option<ProgressBar>,
+) -> anyhow::Result<Report> {
     let concurrency = config.workload.concurrency.max(1);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let direct = match &config.target {
         Target::Direct(urls, _) => Some(DirectRouter::new(urls)?),
-        Target::Proxy(_) => None,
+        Target::Proxy(_) | Target::Tier(..) => None,
     };
+    let edges = match &config.target {
+        Target::Proxy(url) => std::slice::from_ref(url),
+        Target::Tier(urls, _) if urls.is_empty() => anyhow::bail!("a tier needs an edge"),
+        Target::Tier(urls, _) => urls.as_slice(),
+        Target::Direct(..) => &[],
+    };
+    let edges = edges
+        .iter()
+        .map(|url| (url.clone(), AtomicU64::new(0), AtomicU64::new(0)))
+        .collect();
     let shared = Arc::new(Shared {
         direct,
         oracle: Mutex::new(PrefixCache::unbounded(config.block_tokens)),
@@ -378,6 +370,7 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
         errors: Mutex::new(BTreeMap::new()),
         error_samples: Mutex::new(Vec::new()),
         next_replica: AtomicUsize::new(0),
+        edges,
         progress,
         config,
     });
@@ -404,7 +397,17 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
     }
     let outcomes = std::mem::take(&mut *shared.outcomes.lock().unwrap_or_else(|e| e.into_inner()));
     let errors = std::mem::take(&mut *shared.errors.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut report = Report::build(&outcomes, &errors, started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut report = Report::build_with(&outcomes, &errors, elapsed, &facts);
+    report.by_edge = shared
+        .edges
+        .iter()
+        .map(|(url, ok, failed)| EdgeTotals {
+            url: url.clone(),
+            requests: ok.load(Ordering::Relaxed),
+            errors: failed.load(Ordering::Relaxed),
+        })
+        .collect();
     report.error_samples = std::mem::take(
         &mut *shared
             .error_samples
@@ -442,53 +445,4 @@ pub async fn run(config: RunConfig, progress: Option<ProgressBar>) -> anyhow::Re
         }
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn router() -> DirectRouter {
-        let urls: Vec<String> = (1..=6)
-            .map(|i| format!("http://127.0.0.1:{}", 9100 + i))
-            .collect();
-        DirectRouter::new(&urls).unwrap()
-    }
-
-    #[test]
-    fn consistent_hash_is_stable_and_spreads() {
-        let (r, next) = (router(), AtomicUsize::new(0));
-        let mut counts = [0u32; 6];
-        for i in 0..6000 {
-            let token = format!("session-{i}");
-            let a = r.pick(ClientPolicy::ConsistentHash, Some(&token), &next);
-            assert_eq!(a, r.pick(ClientPolicy::ConsistentHash, Some(&token), &next));
-            counts[a] += 1;
-        }
-        assert!(counts.iter().all(|&c| c > 600), "{counts:?}");
-    }
-
-    #[test]
-    fn bounded_hash_skips_replicas_over_the_bound() {
-        let (r, next) = (router(), AtomicUsize::new(0));
-        let token = Some("session-1");
-        let home = r.pick(ClientPolicy::BoundedHash, token, &next);
-        // Load the home replica far past c × mean.
-        r.inflight[home].store(10, Ordering::Relaxed);
-        let moved = r.pick(ClientPolicy::BoundedHash, token, &next);
-        assert_ne!(moved, home);
-        assert_eq!(r.pick(ClientPolicy::ConsistentHash, token, &next), home);
-    }
-
-    #[test]
-    fn least_inflight_picks_an_idle_replica_and_tokenless_hashing_round_robins() {
-        let (r, next) = (router(), AtomicUsize::new(0));
-        for i in 0..6 {
-            r.inflight[i].store(if i == 4 { 0 } else { 3 }, Ordering::Relaxed);
-        }
-        assert_eq!(r.pick(ClientPolicy::LeastInflight, None, &next), 4);
-        let a = r.pick(ClientPolicy::ConsistentHash, None, &next);
-        let b = r.pick(ClientPolicy::ConsistentHash, None, &next);
-        assert_ne!(a, b);
-    }
 }

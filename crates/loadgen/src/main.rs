@@ -2,15 +2,18 @@
 //!
 //! ```text
 //! loadgen --target http://127.0.0.1:8080 --api-key sk-tether-demo --api-key sk-tether-other
+//! loadgen --target http://127.0.0.1:8080,http://127.0.0.1:8081 --edge-choice round-robin \
+//!         --region a-1=a,a-2=a,b-1=b
 //! loadgen --replicas 127.0.0.1:9101,127.0.0.1:9102 --policy round-robin
 //! ```
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use tether_loadgen::{ClientPolicy, RunConfig, Target, Workload};
+use tether_loadgen::{ClientPolicy, EdgeChoice, FleetFacts, RunConfig, Target, Workload};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,9 +22,23 @@ use tether_loadgen::{ClientPolicy, RunConfig, Target, Workload};
     about = "Agent-like multi-turn load generator for Tether"
 )]
 struct Cli {
-    /// Send through the proxy at this base URL.
-    #[arg(long, value_name = "URL", conflicts_with = "replicas")]
-    target: Option<String>,
+    /// Send through the proxy at this base URL (repeat, or comma-separate, for a tier of
+    /// edges: each turn goes to the edge --edge-choice names).
+    #[arg(
+        long,
+        value_name = "URL,…",
+        value_delimiter = ',',
+        conflicts_with = "replicas"
+    )]
+    target: Vec<String>,
+    /// With several --target edges: sticky (a session keeps its first edge), round-robin (turn
+    /// t of session s to edge (s + t) mod edges) or random (per turn, from --seed).
+    #[arg(long, value_enum, default_value_t = EdgeChoice::Sticky)]
+    edge_choice: EdgeChoice,
+    /// Replica regions whose replicas share a KV cache (ID=REGION, repeat or comma-separate):
+    /// adds the region warm-follow rate.
+    #[arg(long = "region", value_name = "ID=REGION,…", value_delimiter = ',')]
+    regions: Vec<String>,
     /// Send straight to these replicas (ip:port, comma-separated) with --policy.
     #[arg(long, value_name = "ADDR,…", value_delimiter = ',')]
     replicas: Vec<String>,
@@ -91,9 +108,10 @@ struct Cli {
 
 impl Cli {
     fn config(&self) -> anyhow::Result<RunConfig> {
-        let target = match (&self.target, self.replicas.is_empty()) {
-            (Some(url), _) => Target::Proxy(url.clone()),
-            (None, false) => Target::Direct(
+        let target = match (self.target.as_slice(), self.replicas.is_empty()) {
+            ([url], _) => Target::Proxy(url.clone()),
+            ([_, _, ..], _) => Target::Tier(self.target.clone(), self.edge_choice),
+            ([], false) => Target::Direct(
                 self.replicas
                     .iter()
                     .map(|r| {
@@ -106,7 +124,7 @@ impl Cli {
                     .collect(),
                 self.policy,
             ),
-            (None, true) => bail!("say where to send: --target URL or --replicas ADDR,…"),
+            ([], true) => bail!("say where to send: --target URL or --replicas ADDR,…"),
         };
         if !(0.0..=1.0).contains(&self.tokenless_fraction) {
             bail!("--tokenless-fraction must be between 0 and 1");
@@ -150,12 +168,33 @@ impl Cli {
             bound_replicas: self.bound_replicas,
         })
     }
+
+    fn facts(&self) -> anyhow::Result<FleetFacts> {
+        let mut regions = BTreeMap::new();
+        for pair in &self.regions {
+            let Some((id, region)) = pair
+                .split_once('=')
+                .filter(|(i, r)| !i.is_empty() && !r.is_empty())
+            else {
+                bail!("--region {pair:?}: want ID=REGION");
+            };
+            if let Some(old) = regions.insert(id.to_owned(), region.to_owned()) {
+                if old != region {
+                    bail!("--region: replica {id} is in both {old} and {region}");
+                }
+            }
+        }
+        Ok(FleetFacts {
+            regions,
+            ..FleetFacts::default()
+        })
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match cli.config() {
+    let (config, facts) = match cli.config().and_then(|c| Ok((c, cli.facts()?))) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("loadgen: {e}");
@@ -171,7 +210,7 @@ async fn main() -> ExitCode {
         }
         bar
     });
-    let report = match tether_loadgen::run(config, progress).await {
+    let report = match tether_loadgen::run_with(config, facts, progress).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("loadgen: {e:#}");
@@ -194,4 +233,64 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from([&["loadgen"], args].concat()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn one_target_is_a_proxy_and_several_are_a_tier() {
+        let one = cli(&["--target", "http://a:1"]).config().unwrap();
+        assert!(matches!(one.target, Target::Proxy(u) if u == "http://a:1"));
+        for args in [
+            &["--target", "http://a:1,http://b:2"][..],
+            &["--target", "http://a:1", "--target", "http://b:2"],
+        ] {
+            let tier = cli(args).config().unwrap();
+            assert!(
+                matches!(&tier.target, Target::Tier(urls, EdgeChoice::Sticky) if urls.len() == 2),
+                "{:?}",
+                tier.target
+            );
+        }
+        let random = cli(&[
+            "--target",
+            "http://a:1,http://b:2",
+            "--edge-choice",
+            "random",
+        ]);
+        assert!(matches!(
+            random.config().unwrap().target,
+            Target::Tier(_, EdgeChoice::Random)
+        ));
+        assert!(Cli::try_parse_from(["loadgen", "--target", "u", "--replicas", "r"]).is_err());
+    }
+
+    #[test]
+    fn regions_parse_and_contradictions_are_refused() {
+        let facts = cli(&[
+            "--target",
+            "u",
+            "--region",
+            "a-1=a,a-2=a",
+            "--region",
+            "b-1=b",
+        ])
+        .facts()
+        .unwrap();
+        assert_eq!(facts.regions.len(), 3);
+        assert_eq!(facts.regions["a-2"], "a");
+        for bad in ["a-1", "=a", "a-1=", "a-1=a,a-1=b"] {
+            let err = cli(&["--target", "u", "--region", bad]).facts();
+            assert!(err.is_err(), "{bad}");
+        }
+        assert!(cli(&["--target", "u", "--region", "a-1=a,a-1=a"])
+            .facts()
+            .is_ok());
+    }
 }

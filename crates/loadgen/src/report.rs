@@ -2,12 +2,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::time::Instant;
 
 use serde::Serialize;
+
+use crate::follow::{region_warm_follow, warm_follow, FleetFacts, WarmFollow};
 
 /// The result of one request.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// Session index.
+    pub session: usize,
     /// Tenant index.
     pub tenant: usize,
     /// Turn index (0-based).
@@ -22,6 +27,10 @@ pub struct Outcome {
     pub ttft_ms: f64,
     /// The replica that answered (`x-replica-id`), if named.
     pub replica: Option<String>,
+    /// When the request was sent.
+    pub sent_at: Instant,
+    /// When its answer was complete.
+    pub answered_at: Instant,
 }
 
 /// Totals over a set of requests.
@@ -83,6 +92,17 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
+/// What one edge of a tier ([`Target::Tier`](crate::Target::Tier)) was sent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EdgeTotals {
+    /// The edge's base URL.
+    pub url: String,
+    /// Requests answered with usage.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+}
+
 /// A whole run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -96,6 +116,15 @@ pub struct Report {
     pub by_replica: BTreeMap<String, u64>,
     /// Max / mean of `by_replica`.
     pub replica_max_over_mean: f64,
+    /// Per edge, in the order given, for a proxy target (one edge) or a tier; empty when
+    /// sending straight to replicas.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub by_edge: Vec<EdgeTotals>,
+    /// How often a turn was answered by its session's previous replica ([`crate::follow`]).
+    pub warm_follow: WarmFollow,
+    /// The same by region, when the run was given a replica → region map.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region_warm_follow: Option<WarmFollow>,
     /// The [capacity bound](crate::bound) as a hit ratio, when the run computed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity_bound_ratio: Option<f64>,
@@ -130,14 +159,27 @@ impl Report {
         }
     }
 
-    /// Aggregates outcomes and error counts (`errors[tenant]`).
+    /// Aggregates outcomes and error counts (`errors[(tenant, turn)]`), with no replica
+    /// excused and no regions.
     pub fn build(
         outcomes: &[Outcome],
         errors: &BTreeMap<(usize, usize), u64>,
         elapsed_secs: f64,
     ) -> Report {
+        Report::build_with(outcomes, errors, elapsed_secs, &FleetFacts::default())
+    }
+
+    /// [`build`](Self::build), with the caller's facts for the warm-follow rates.
+    pub fn build_with(
+        outcomes: &[Outcome],
+        errors: &BTreeMap<(usize, usize), u64>,
+        elapsed_secs: f64,
+        facts: &FleetFacts,
+    ) -> Report {
         let mut r = Report {
             elapsed_secs,
+            warm_follow: warm_follow(outcomes, &facts.excused),
+            region_warm_follow: region_warm_follow(outcomes, facts),
             ..Report::default()
         };
         for o in outcomes {
@@ -247,12 +289,51 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        if self.by_edge.len() > 1 {
+            let _ = writeln!(
+                out,
+                "requests per edge: {}",
+                self.by_edge
+                    .iter()
+                    .map(|e| match e.errors {
+                        0 => format!("{}={}", e.url, e.requests),
+                        n => format!("{}={} ({n} failed)", e.url, e.requests),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        follow_line(
+            &mut out,
+            "warm-follow (same replica as the previous turn)",
+            "replica",
+            &self.warm_follow,
+        );
+        if let Some(rate) = &self.region_warm_follow {
+            follow_line(&mut out, "region warm-follow (same region)", "region", rate);
+        }
         let _ = writeln!(out, "elapsed {:.1} s", self.elapsed_secs);
         for e in &self.error_samples {
             let _ = writeln!(out, "error: {e}");
         }
         out
     }
+}
+
+/// `unit`: what a turn follows, `replica` or `region`.
+fn follow_line(out: &mut String, name: &str, unit: &str, rate: &WarmFollow) {
+    let _ = write!(
+        out,
+        "{name}: {:.1}% of {} turns",
+        rate.raw_rate * 100.0,
+        rate.turns
+    );
+    let _ = writeln!(
+        out,
+        "; {:.1}% of the {} whose previous {unit} was not excused",
+        rate.eligible_rate * 100.0,
+        rate.turns - rate.excused_turns
+    );
 }
 
 #[cfg(test)]
@@ -267,7 +348,9 @@ mod tests {
         oracle: u64,
         ttft: f64,
     ) -> Outcome {
+        let now = Instant::now();
         Outcome {
+            session: tenant,
             tenant,
             turn,
             prompt_tokens: prompt,
@@ -275,6 +358,8 @@ mod tests {
             oracle_cached_tokens: oracle,
             ttft_ms: ttft,
             replica: Some(format!("r{}", tenant)),
+            sent_at: now,
+            answered_at: now,
         }
     }
 
@@ -302,6 +387,48 @@ mod tests {
         assert_eq!(r.overall.of_oracle, 1.0);
         assert_eq!(r.by_turn[0].hit_ratio, 0.0);
         assert_eq!(r.by_turn[1].hit_ratio, 1.0);
+    }
+
+    #[test]
+    fn warm_follow_edges_and_regions_print_when_there_is_something_to_say() {
+        let outcomes = [outcome(0, 0, 10, 0, 0, 1.0), outcome(0, 1, 10, 0, 0, 1.0)];
+        let mut r = Report::build(&outcomes, &BTreeMap::new(), 1.0);
+        assert_eq!((r.warm_follow.turns, r.warm_follow.warm), (1, 1));
+        let table = r.table();
+        assert!(
+            table.contains("warm-follow (same replica as the previous turn): 100.0% of 1 turns"),
+            "{table}"
+        );
+        assert!(!table.contains("region warm-follow") && !table.contains("per edge"));
+        let json = serde_json::to_value(&r).unwrap_or_default();
+        assert_eq!(json["warm_follow"]["raw_rate"], 1.0);
+        assert!(json.get("region_warm_follow").is_none() && json.get("by_edge").is_none());
+
+        let facts = FleetFacts {
+            regions: [("r0".to_owned(), "x".to_owned())].into(),
+            ..FleetFacts::default()
+        };
+        r = Report::build_with(&outcomes, &BTreeMap::new(), 1.0, &facts);
+        r.by_edge = ["http://e0", "http://e1"]
+            .map(|url| EdgeTotals {
+                url: url.into(),
+                requests: 1,
+                errors: 0,
+            })
+            .into();
+        r.by_edge[1].errors = 2;
+        let table = r.table();
+        assert!(
+            table.contains("region warm-follow (same region): 100.0%"),
+            "{table}"
+        );
+        assert!(
+            table.contains("requests per edge: http://e0=1 http://e1=1 (2 failed)"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&r).unwrap_or_default();
+        assert_eq!(json["region_warm_follow"]["turns"], 1);
+        assert_eq!(json["by_edge"][1]["errors"], 2);
     }
 
     #[test]

@@ -1,0 +1,161 @@
+//! Client-side routing for [`Target::Direct`](crate::Target::Direct): the policies a fleet
+//! without Tether would use, so runs through Tether have a baseline on the same workload.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use rand::Rng;
+
+/// How requests for replicas are spread when Tether is not in the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientPolicy {
+    /// Each request to the next replica.
+    RoundRobin,
+    /// Each request to a random replica.
+    Random,
+    /// The replica with the fewest requests in flight (nginx `least_conn`).
+    LeastInflight,
+    /// Consistent hash of the session token (nginx `hash … consistent`); tokenless requests
+    /// round-robin, as nginx does with an empty key.
+    ConsistentHash,
+    /// Consistent hash with bounded loads, `c = 1.25` (HAProxy `hash-balance-factor 125`).
+    BoundedHash,
+}
+
+/// The bounded-load factor of [`ClientPolicy::BoundedHash`].
+pub const BALANCE_FACTOR: f64 = 1.25;
+
+/// Client-side routing state for [`Target::Direct`].
+pub(crate) struct DirectRouter {
+    pub(crate) urls: Vec<String>,
+    ring: pingora_ketama::Continuum,
+    /// Replica index by address on the ring.
+    by_addr: BTreeMap<std::net::SocketAddr, usize>,
+    pub(crate) inflight: Vec<AtomicU32>,
+}
+
+impl DirectRouter {
+    pub(crate) fn new(urls: &[String]) -> anyhow::Result<Self> {
+        let mut by_addr = BTreeMap::new();
+        let mut buckets = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let host = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            let addr: std::net::SocketAddr = host
+                .parse()
+                .map_err(|e| anyhow::anyhow!("replica URL {url}: {e} (want http://ip:port)"))?;
+            by_addr.insert(addr, i);
+            buckets.push(pingora_ketama::Bucket::new(addr, 1));
+        }
+        Ok(DirectRouter {
+            urls: urls.to_vec(),
+            ring: pingora_ketama::Continuum::new(&buckets),
+            by_addr,
+            inflight: urls.iter().map(|_| Default::default()).collect(),
+        })
+    }
+
+    fn load(&self, i: usize) -> u32 {
+        self.inflight[i].load(Ordering::Relaxed)
+    }
+
+    /// The replica for one request.
+    pub(crate) fn pick(
+        &self,
+        policy: ClientPolicy,
+        token: Option<&str>,
+        next: &AtomicUsize,
+    ) -> usize {
+        let n = self.urls.len().max(1);
+        let round_robin = || next.fetch_add(1, Ordering::Relaxed) % n;
+        match (policy, token) {
+            (ClientPolicy::RoundRobin, _)
+            | (ClientPolicy::ConsistentHash | ClientPolicy::BoundedHash, None) => round_robin(),
+            (ClientPolicy::Random, _) => rand::thread_rng().gen_range(0..n),
+            (ClientPolicy::LeastInflight, _) => {
+                // Ties go round-robin, so an idle fleet is not all sent to replica 0.
+                let start = round_robin();
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .min_by_key(|&i| self.load(i))
+                    .unwrap_or(0)
+            }
+            (ClientPolicy::ConsistentHash, Some(t)) => self
+                .ring
+                .node(t.as_bytes())
+                .and_then(|a| self.by_addr.get(&a).copied())
+                .unwrap_or(0),
+            (ClientPolicy::BoundedHash, Some(t)) => {
+                let total: u64 = (0..n).map(|i| u64::from(self.load(i))).sum();
+                let bound = (BALANCE_FACTOR * (total + 1) as f64 / n as f64).ceil() as u32;
+                let mut first = None;
+                for addr in self.ring.node_iter(t.as_bytes()).take(self.ring_len()) {
+                    let Some(&i) = self.by_addr.get(addr) else {
+                        continue;
+                    };
+                    first.get_or_insert(i);
+                    if self.load(i) < bound {
+                        return i;
+                    }
+                }
+                first.unwrap_or(0)
+            }
+        }
+    }
+
+    fn ring_len(&self) -> usize {
+        // Every point of the ring, at most: enough to see every replica.
+        self.urls.len() * 160 + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> DirectRouter {
+        let urls: Vec<String> = (1..=6)
+            .map(|i| format!("http://127.0.0.1:{}", 9100 + i))
+            .collect();
+        DirectRouter::new(&urls).unwrap()
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_spreads() {
+        let (r, next) = (router(), AtomicUsize::new(0));
+        let mut counts = [0u32; 6];
+        for i in 0..6000 {
+            let token = format!("session-{i}");
+            let a = r.pick(ClientPolicy::ConsistentHash, Some(&token), &next);
+            assert_eq!(a, r.pick(ClientPolicy::ConsistentHash, Some(&token), &next));
+            counts[a] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 600), "{counts:?}");
+    }
+
+    #[test]
+    fn bounded_hash_skips_replicas_over_the_bound() {
+        let (r, next) = (router(), AtomicUsize::new(0));
+        let token = Some("session-1");
+        let home = r.pick(ClientPolicy::BoundedHash, token, &next);
+        // Load the home replica far past c × mean.
+        r.inflight[home].store(10, Ordering::Relaxed);
+        let moved = r.pick(ClientPolicy::BoundedHash, token, &next);
+        assert_ne!(moved, home);
+        assert_eq!(r.pick(ClientPolicy::ConsistentHash, token, &next), home);
+    }
+
+    #[test]
+    fn least_inflight_picks_an_idle_replica_and_tokenless_hashing_round_robins() {
+        let (r, next) = (router(), AtomicUsize::new(0));
+        for i in 0..6 {
+            r.inflight[i].store(if i == 4 { 0 } else { 3 }, Ordering::Relaxed);
+        }
+        assert_eq!(r.pick(ClientPolicy::LeastInflight, None, &next), 4);
+        let a = r.pick(ClientPolicy::ConsistentHash, None, &next);
+        let b = r.pick(ClientPolicy::ConsistentHash, None, &next);
+        assert_ne!(a, b);
+    }
+}
