@@ -1,9 +1,11 @@
 //! The fleet's admin API (its own listener):
 //!
 //! ```text
-//! GET  /replicas                  every replica: address, fault, cache occupancy, ground truth
+//! GET  /replicas                  every replica: address, region, fault, cache occupancy,
+//!                                 ground truth; every region: replicas, shared-tier occupancy
 //! POST /replicas/{id}/fault       body: {"kind":"none"|"unavailable"|"refuse"|"hang"|"slow", …}
-//! POST /replicas/{id}/flush       empty the prefix cache
+//! POST /replicas/{id}/flush       empty the replica's own prefix cache
+//! POST /regions/{name}/flush      empty the region's shared KV tier
 //! GET  /health
 //! ```
 
@@ -19,45 +21,81 @@ use serde_json::json;
 
 use crate::engine::Fault;
 use crate::server::Listening;
+use crate::shared::SharedTier;
 
-pub(crate) type Replicas = Arc<Vec<Listening>>;
-
-fn find<'a>(replicas: &'a Replicas, id: &str) -> Option<&'a Listening> {
-    replicas.iter().find(|l| l.replica.id == id)
+/// A region of the fleet.
+#[derive(Debug)]
+pub(crate) struct Region {
+    pub name: String,
+    /// Ids of its replicas, in start order.
+    pub replicas: Vec<String>,
+    /// Its shared KV tier, if it has one.
+    pub tier: Option<Arc<SharedTier>>,
 }
 
-fn not_found(id: &str) -> Response {
+/// Everything the admin API reads and changes.
+#[derive(Debug)]
+pub(crate) struct FleetState {
+    pub replicas: Vec<Listening>,
+    pub regions: Vec<Region>,
+}
+
+impl FleetState {
+    fn find(&self, id: &str) -> Option<&Listening> {
+        self.replicas.iter().find(|l| l.replica.id == id)
+    }
+
+    pub fn shared_tier(&self, region: &str) -> Option<&Arc<SharedTier>> {
+        self.regions
+            .iter()
+            .find(|r| r.name == region)
+            .and_then(|r| r.tier.as_ref())
+    }
+}
+
+type Fleet = Arc<FleetState>;
+
+fn not_found(what: &str, id: &str) -> Response {
     (
         StatusCode::NOT_FOUND,
-        Json(json!({"error": format!("no replica {id:?}")})),
+        Json(json!({"error": format!("no {what} {id:?}")})),
     )
         .into_response()
 }
 
-async fn list(State(replicas): State<Replicas>) -> Response {
-    let items: Vec<_> = replicas
+async fn list(State(fleet): State<Fleet>) -> Response {
+    let replicas: Vec<_> = fleet
+        .replicas
         .iter()
         .map(|l| {
             let (blocks, capacity) = l.replica.cache_occupancy();
             json!({
                 "id": l.replica.id,
                 "address": l.addr.to_string(),
+                "region": l.replica.region(),
                 "fault": l.replica.fault(),
                 "cache": {"blocks": blocks, "capacity_blocks": capacity},
                 "stats": l.replica.stats(),
             })
         })
         .collect();
-    Json(json!({ "replicas": items })).into_response()
+    let regions: Vec<_> = fleet
+        .regions
+        .iter()
+        .map(|r| {
+            let shared_kv = r.tier.as_ref().map(|tier| {
+                let (blocks, capacity) = tier.occupancy();
+                json!({"blocks": blocks, "capacity_blocks": capacity})
+            });
+            json!({"name": r.name, "replicas": r.replicas, "shared_kv": shared_kv})
+        })
+        .collect();
+    Json(json!({ "replicas": replicas, "regions": regions })).into_response()
 }
 
-async fn set_fault(
-    State(replicas): State<Replicas>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let Some(listening) = find(&replicas, &id) else {
-        return not_found(&id);
+async fn set_fault(State(fleet): State<Fleet>, Path(id): Path<String>, body: Bytes) -> Response {
+    let Some(listening) = fleet.find(&id) else {
+        return not_found("replica", &id);
     };
     let fault: Fault = match serde_json::from_slice(&body) {
         Ok(f) => f,
@@ -79,21 +117,32 @@ async fn set_fault(
     }
 }
 
-async fn flush(State(replicas): State<Replicas>, Path(id): Path<String>) -> Response {
-    match find(&replicas, &id) {
+async fn flush(State(fleet): State<Fleet>, Path(id): Path<String>) -> Response {
+    match fleet.find(&id) {
         Some(l) => {
             l.replica.flush();
             Json(json!({"id": id, "flushed": true})).into_response()
         }
-        None => not_found(&id),
+        None => not_found("replica", &id),
     }
 }
 
-pub(crate) fn router(replicas: Replicas) -> Router {
+async fn flush_region(State(fleet): State<Fleet>, Path(name): Path<String>) -> Response {
+    match fleet.shared_tier(&name) {
+        Some(tier) => {
+            tier.flush();
+            Json(json!({"region": name, "flushed": true})).into_response()
+        }
+        None => not_found("region with a shared KV tier", &name),
+    }
+}
+
+pub(crate) fn router(fleet: Fleet) -> Router {
     Router::new()
         .route("/replicas", get(list))
         .route("/replicas/{id}/fault", post(set_fault))
         .route("/replicas/{id}/flush", post(flush))
+        .route("/regions/{name}/flush", post(flush_region))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .with_state(replicas)
+        .with_state(fleet)
 }

@@ -73,12 +73,16 @@ impl PrefixCache {
 
     /// Cached tokens for a prompt of `prompt_tokens` tokens whose full blocks hash to `hashes`.
     pub fn cached_tokens(&self, hashes: &[u64], prompt_tokens: u64) -> u64 {
-        let hits = hashes
+        let usable = Self::usable_blocks(prompt_tokens, self.block_tokens).min(hashes.len());
+        (self.leading_blocks(&hashes[..usable]) * self.block_tokens) as u64
+    }
+
+    /// How many of `hashes`, from the first, are held (does not count as a use).
+    pub fn leading_blocks(&self, hashes: &[u64]) -> usize {
+        hashes
             .iter()
-            .take(Self::usable_blocks(prompt_tokens, self.block_tokens))
             .take_while(|h| self.blocks.contains(h))
-            .count();
-        (hits * self.block_tokens) as u64
+            .count()
     }
 
     /// Marks the blocks as computed and just used; returns how many were not held before.

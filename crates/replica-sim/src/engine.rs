@@ -6,6 +6,10 @@
 //! `prefill_tokens_per_sec` — so time to first token = queueing + uncached / prefill rate — and
 //! then decodes one token every `1 / decode_tokens_per_sec`. Prompt blocks enter the cache when
 //! prefill ends; the reply's blocks when decoding ends.
+//!
+//! A replica in a region with a shared KV tier ([`crate::shared`]) writes those same blocks to
+//! the tier, and on a lookup continues its local hit with the blocks that follow it in the
+//! tier: they count as cached but cost `transfer ×` their prefill time to fetch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::PrefixCache;
+use crate::shared::{SharedKvConfig, SharedTier};
 use crate::template::{block_hashes, render_reply, reply_text, token_count, DEFAULT_BLOCK_TOKENS};
 
 /// Which usage shape `/v1/chat/completions` reports.
@@ -49,6 +54,8 @@ pub struct SimConfig {
     pub dialect: Dialect,
     /// Fixed ids and timestamps, so identical requests get byte-identical responses.
     pub deterministic: bool,
+    /// Region-wide shared KV tiers (none by default).
+    pub shared_kv: SharedKvConfig,
 }
 
 /// Default prefix-cache capacity per replica: 2,560 tokens (160 blocks). Under loadgen's
@@ -68,6 +75,7 @@ impl Default for SimConfig {
             time_scale: 1.0,
             dialect: Dialect::Openai,
             deterministic: false,
+            shared_kv: SharedKvConfig::default(),
         }
     }
 }
@@ -111,6 +119,7 @@ pub struct Stats {
     requests: AtomicU64,
     prompt_tokens: AtomicU64,
     cached_tokens: AtomicU64,
+    shared_cached_tokens: AtomicU64,
     completion_tokens: AtomicU64,
 }
 
@@ -123,6 +132,9 @@ pub struct StatsSnapshot {
     pub prompt_tokens: u64,
     /// Of which served from the prefix cache.
     pub cached_tokens: u64,
+    /// Of `cached_tokens`, those fetched from the region's shared KV tier.
+    #[serde(default)]
+    pub shared_cached_tokens: u64,
     /// Generated tokens.
     pub completion_tokens: u64,
 }
@@ -134,6 +146,7 @@ impl Stats {
             requests: self.requests.load(Ordering::Relaxed),
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             cached_tokens: self.cached_tokens.load(Ordering::Relaxed),
+            shared_cached_tokens: self.shared_cached_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
         }
     }
@@ -164,14 +177,19 @@ impl Job {
 /// A job that has its slot and has been prefilled.
 #[derive(Debug)]
 pub struct Prefilled {
-    /// Prompt tokens served from the cache.
+    /// Prompt tokens served from the cache (local hits and shared-tier fetches).
     pub cached_tokens: u64,
-    /// Prompt tokens newly written to the cache by this request.
+    /// Of `cached_tokens`, those fetched from the region's shared KV tier.
+    pub shared_cached_tokens: u64,
+    /// Prompt tokens computed by this request and newly written to the local cache.
     pub cache_creation_tokens: u64,
     /// Time spent waiting for a slot.
     pub queued: Duration,
-    /// Time spent prefilling.
+    /// Time from the slot to the first token: fetching from the shared tier plus computing
+    /// the uncached tokens.
     pub prefill: Duration,
+    /// The part of `prefill` spent fetching from the shared tier.
+    pub fetch: Duration,
     /// Delay between generated tokens.
     pub per_token: Duration,
     _slot: Option<OwnedSemaphorePermit>,
@@ -201,6 +219,8 @@ pub struct Replica {
     /// Its id.
     pub id: String,
     config: Arc<SimConfig>,
+    region: Option<String>,
+    shared: Option<Arc<SharedTier>>,
     cache: Mutex<PrefixCache>,
     slots: Arc<Semaphore>,
     fault: Mutex<Fault>,
@@ -208,10 +228,12 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// A replica with an empty cache.
+    /// A replica with an empty cache, in no region.
     pub fn new(id: impl Into<String>, config: Arc<SimConfig>) -> Replica {
         Replica {
             id: id.into(),
+            region: None,
+            shared: None,
             cache: Mutex::new(PrefixCache::new(config.cache_tokens, config.block_tokens)),
             slots: Arc::new(Semaphore::new(config.max_num_seqs.max(1))),
             fault: Mutex::new(Fault::None),
@@ -220,9 +242,28 @@ impl Replica {
         }
     }
 
+    /// Puts the replica in `region`, reading and writing `shared` if the region has a tier.
+    pub fn in_region(self, region: impl Into<String>, shared: Option<Arc<SharedTier>>) -> Replica {
+        Replica {
+            region: Some(region.into()),
+            shared,
+            ..self
+        }
+    }
+
     /// The fleet's configuration.
     pub fn config(&self) -> &SimConfig {
         &self.config
+    }
+
+    /// Its region, if it has one.
+    pub fn region(&self) -> Option<&str> {
+        self.region.as_deref()
+    }
+
+    /// Its region's shared KV tier, if the region has one.
+    pub fn shared_tier(&self) -> Option<&Arc<SharedTier>> {
+        self.shared.as_ref()
     }
 
     fn cache(&self) -> MutexGuard<'_, PrefixCache> {
@@ -241,7 +282,7 @@ impl Replica {
         *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
     }
 
-    /// Empties the prefix cache.
+    /// Empties the replica's own prefix cache (not its region's shared tier).
     pub fn flush(&self) {
         self.cache().clear();
     }
@@ -266,26 +307,55 @@ impl Replica {
         Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO)
     }
 
-    /// Waits for a slot, looks the prompt up in the cache, sleeps for the prefill of the
-    /// uncached part and admits the prompt's blocks.
+    /// `(local, shared)`: how many of a prompt's leading blocks the replica holds, then how
+    /// many of the blocks after those its region's tier holds. Both stop short of the block
+    /// holding the prompt's last token, which is always computed.
+    fn lookup(&self, hashes: &[u64], prompt_tokens: u64) -> (usize, usize) {
+        let usable = PrefixCache::usable_blocks(prompt_tokens, self.config.block_tokens);
+        let usable = &hashes[..usable.min(hashes.len())];
+        // One lock at a time: a replica never holds its own cache's lock while taking the
+        // tier's, which every replica of the region contends for.
+        let local = self.cache().leading_blocks(usable);
+        let shared = self
+            .shared
+            .as_ref()
+            .map_or(0, |tier| tier.leading_blocks(&usable[local..]));
+        (local, shared)
+    }
+
+    /// Waits for a slot, looks the prompt up in the cache and the region's shared tier, sleeps
+    /// for fetching the shared part and computing the rest, then admits the prompt's blocks —
+    /// fetched and computed — to the local cache and writes them through to the shared tier.
     pub async fn prefill(&self, job: &Job) -> Prefilled {
         let started = Instant::now();
         // The semaphore is never closed, so this is always `Some`.
         let slot = Arc::clone(&self.slots).acquire_owned().await.ok();
         let queued = started.elapsed();
-        let hashes = block_hashes(&job.prompt, self.config.block_tokens);
-        let cached_tokens = self.cache().cached_tokens(&hashes, job.prompt_tokens);
+        let block = self.config.block_tokens;
+        let hashes = block_hashes(&job.prompt, block);
+        let (local, shared) = self.lookup(&hashes, job.prompt_tokens);
+        let shared_cached_tokens = (shared * block) as u64;
+        let cached_tokens = ((local + shared) * block) as u64;
         let uncached = job.prompt_tokens - cached_tokens;
-        let prefill = self.scaled(uncached as f64 / self.config.prefill_tokens_per_sec.max(1.0));
+        let rate = self.config.prefill_tokens_per_sec.max(1.0);
+        let transfer = self.config.shared_kv.transfer.max(0.0);
+        let fetch = self.scaled(transfer * shared_cached_tokens as f64 / rate);
+        let prefill = fetch.saturating_add(self.scaled(uncached as f64 / rate));
         if !prefill.is_zero() {
             tokio::time::sleep(prefill).await;
         }
         let inserted = self.cache().admit(&hashes);
+        if let Some(tier) = &self.shared {
+            tier.write(&hashes);
+        }
         Prefilled {
             cached_tokens,
-            cache_creation_tokens: (inserted * self.config.block_tokens) as u64,
+            shared_cached_tokens,
+            // Fetched blocks are new to the local cache but were read, not computed.
+            cache_creation_tokens: (inserted.saturating_sub(shared) * block) as u64,
             queued,
             prefill,
+            fetch,
             per_token: self.scaled(1.0 / self.config.decode_tokens_per_sec.max(0.001)),
             _slot: slot,
         }
@@ -304,13 +374,16 @@ impl Replica {
         (prefilled, reply)
     }
 
-    /// Records a finished request: the reply's blocks enter the cache (the next turn's prompt
-    /// starts with prompt + reply) and the counters move.
+    /// Records a finished request: the reply's blocks enter the cache and the shared tier
+    /// (the next turn's prompt starts with prompt + reply) and the counters move.
     pub fn finish(&self, job: &Job, reply: &str, prefilled: &Prefilled) {
         let mut full = job.prompt.clone();
         full.extend(render_reply(reply));
         let hashes = block_hashes(&full, self.config.block_tokens);
         self.cache().admit(&hashes);
+        if let Some(tier) = &self.shared {
+            tier.write(&hashes);
+        }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats
             .prompt_tokens
@@ -318,6 +391,9 @@ impl Replica {
         self.stats
             .cached_tokens
             .fetch_add(prefilled.cached_tokens, Ordering::Relaxed);
+        self.stats
+            .shared_cached_tokens
+            .fetch_add(prefilled.shared_cached_tokens, Ordering::Relaxed);
         self.stats
             .completion_tokens
             .fetch_add(job.completion_tokens, Ordering::Relaxed);

@@ -12,6 +12,9 @@
 //! - **Latency** ([`SimConfig`]): time to first token = queueing for one of `max_num_seqs`
 //!   slots + uncached tokens / prefill rate; then a fixed time per generated token. A
 //!   `time_scale` shrinks everything for tests.
+//! - **Shared KV tier** ([`shared`]): optionally, a region-wide store of KV blocks in the
+//!   manner of LMCache or Mooncake. Replicas write their blocks through to it and fetch the
+//!   continuation of their local hit from it, at a fraction of the cost of computing it.
 //! - **Faults** ([`Fault`]): 503, refuse connections, hang, slow down, flush the cache — over
 //!   the fleet's admin API.
 //!
@@ -41,6 +44,7 @@ pub mod cache;
 mod chat;
 pub mod engine;
 mod server;
+pub mod shared;
 pub mod template;
 
 use std::net::SocketAddr;
@@ -54,6 +58,7 @@ use tokio::task::JoinHandle;
 
 pub use cache::PrefixCache;
 pub use engine::{Dialect, Fault, Replica, SimConfig, StatsSnapshot, DEFAULT_CACHE_TOKENS};
+pub use shared::{SharedKvConfig, SharedTier};
 
 /// Largest request body accepted (a 1M-token prompt is about 4 MiB).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
@@ -65,14 +70,25 @@ pub struct ReplicaConfig {
     pub id: String,
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Its region: replicas of a region listed in [`SharedKvConfig::regions`] share a tier.
+    pub region: Option<String>,
 }
 
 impl ReplicaConfig {
-    /// A replica on `listen`.
+    /// A replica on `listen`, in no region.
     pub fn new(id: impl Into<String>, listen: SocketAddr) -> Self {
         ReplicaConfig {
             id: id.into(),
             listen,
+            region: None,
+        }
+    }
+
+    /// The same replica in `region`.
+    pub fn in_region(self, region: impl Into<String>) -> Self {
+        ReplicaConfig {
+            region: Some(region.into()),
+            ..self
         }
     }
 }
@@ -90,6 +106,12 @@ pub enum SimError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Regions given a shared KV tier that no replica belongs to (a misspelt name, say).
+    #[error("shared KV tier for regions without replicas: {}", regions.join(", "))]
+    SharedKvRegion {
+        /// Every such region.
+        regions: Vec<String>,
+    },
 }
 
 async fn bind(what: String, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), SimError> {
@@ -101,8 +123,48 @@ async fn bind(what: String, addr: SocketAddr) -> Result<(TcpListener, SocketAddr
 /// A running fleet: every listener is bound when [`Fleet::start`] returns.
 #[derive(Debug)]
 pub struct Fleet {
-    replicas: admin::Replicas,
+    state: Arc<admin::FleetState>,
     admin: Option<(SocketAddr, JoinHandle<()>)>,
+}
+
+/// The fleet's regions in order of first appearance, each with its replicas and, if
+/// `sim.shared_kv` names it, a fresh shared tier.
+fn group_regions(
+    configs: &[ReplicaConfig],
+    sim: &SimConfig,
+) -> Result<Vec<admin::Region>, SimError> {
+    let mut regions: Vec<admin::Region> = Vec::new();
+    for config in configs {
+        let Some(name) = &config.region else {
+            continue;
+        };
+        match regions.iter_mut().find(|r| &r.name == name) {
+            Some(region) => region.replicas.push(config.id.clone()),
+            None => regions.push(admin::Region {
+                name: name.clone(),
+                replicas: vec![config.id.clone()],
+                tier: sim.shared_kv.regions.contains(name).then(|| {
+                    Arc::new(SharedTier::new(
+                        name.clone(),
+                        sim.shared_kv.capacity_tokens,
+                        sim.block_tokens,
+                    ))
+                }),
+            }),
+        }
+    }
+    let missing: Vec<String> = sim
+        .shared_kv
+        .regions
+        .iter()
+        .filter(|name| !regions.iter().any(|r| &r.name == *name))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        Ok(regions)
+    } else {
+        Err(SimError::SharedKvRegion { regions: missing })
+    }
 }
 
 impl Fleet {
@@ -113,6 +175,7 @@ impl Fleet {
         sim: SimConfig,
         admin_addr: Option<SocketAddr>,
     ) -> Result<Fleet, SimError> {
+        let regions = group_regions(&configs, &sim)?;
         let sim = Arc::new(sim);
         let mut bound = Vec::with_capacity(configs.len());
         for config in configs {
@@ -126,7 +189,15 @@ impl Fleet {
         let replicas: Vec<server::Listening> = bound
             .into_iter()
             .map(|(config, listener, addr)| {
-                let replica = Arc::new(Replica::new(config.id, Arc::clone(&sim)));
+                let mut replica = Replica::new(config.id, Arc::clone(&sim));
+                if let Some(region) = config.region {
+                    let tier = regions
+                        .iter()
+                        .find(|r| r.name == region)
+                        .and_then(|r| r.tier.clone());
+                    replica = replica.in_region(region, tier);
+                }
+                let replica = Arc::new(replica);
                 let app = axum::Router::new()
                     .route("/v1/chat/completions", post(chat::completions))
                     .route("/v1/messages", post(anthropic::messages))
@@ -137,9 +208,9 @@ impl Fleet {
                 server::Listening::new(replica, listener, addr, app)
             })
             .collect();
-        let replicas = Arc::new(replicas);
+        let state = Arc::new(admin::FleetState { replicas, regions });
         let admin = admin_listener.map(|(listener, addr)| {
-            let app = admin::router(Arc::clone(&replicas));
+            let app = admin::router(Arc::clone(&state));
             let task = tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
                     log::error!("admin listener stopped: {e}");
@@ -147,12 +218,13 @@ impl Fleet {
             });
             (addr, task)
         });
-        Ok(Fleet { replicas, admin })
+        Ok(Fleet { state, admin })
     }
 
     /// `(id, bound address)` of every replica, in start order.
     pub fn replicas(&self) -> Vec<(String, SocketAddr)> {
-        self.replicas
+        self.state
+            .replicas
             .iter()
             .map(|l| (l.replica.id.clone(), l.addr))
             .collect()
@@ -165,15 +237,21 @@ impl Fleet {
 
     /// A replica's engine, for in-process use.
     pub fn replica(&self, id: &str) -> Option<Arc<Replica>> {
-        self.replicas
+        self.state
+            .replicas
             .iter()
             .find(|l| l.replica.id == id)
             .map(|l| Arc::clone(&l.replica))
     }
 
+    /// A region's shared KV tier, if it has one.
+    pub fn shared_tier(&self, region: &str) -> Option<Arc<SharedTier>> {
+        self.state.shared_tier(region).map(Arc::clone)
+    }
+
     /// Stops every listener and connection.
     pub fn stop(self) {
-        for l in self.replicas.iter() {
+        for l in self.state.replicas.iter() {
             l.stop();
         }
         if let Some((_, task)) = self.admin {
@@ -181,3 +259,6 @@ impl Fleet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,7 +4,12 @@
 //! replica-sim --topology conf/tether.yaml            every replica the topology lists
 //! replica-sim --replica eu-1=127.0.0.1:0 --replica …  explicit ids and addresses
 //!             [--admin 127.0.0.1:9300] [--time-scale 0.1] [--cache-tokens 24576] …
+//! replica-sim --replica a=127.0.0.1:0 --replica b=127.0.0.1:0 --region-of a=eu --region-of b=eu \
+//!             --shared-kv-region eu                  a and b share a region-wide KV tier
 //! ```
+//!
+//! With `--topology`, each replica is in its region, and a region with `kv_scope: region`
+//! gets a shared KV tier as if named by `--shared-kv-region`.
 //!
 //! Once every listener is bound it prints `ready <id> <addr>` per replica, `ready admin
 //! <addr>` when there is an admin API, then `ready`, so a test can start it with port 0 and
@@ -12,11 +17,12 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use tether_replica_sim::{Dialect, Fleet, ReplicaConfig, SimConfig};
+use tether_replica_sim::shared::{regions_with_shared_kv, DEFAULT_TRANSFER};
+use tether_replica_sim::{Dialect, Fleet, ReplicaConfig, SharedKvConfig, SimConfig};
 use tether_topology::Topology;
 
 #[derive(Debug, Parser)]
@@ -32,6 +38,19 @@ struct Cli {
     /// A replica as ID=ADDR (port 0 picks a free port); repeat for more.
     #[arg(long = "replica", value_name = "ID=ADDR")]
     replicas: Vec<String>,
+    /// Put a replica in a region, as ID=REGION (overrides its topology region); repeat for more.
+    #[arg(long = "region-of", value_name = "ID=REGION")]
+    region_of: Vec<String>,
+    /// Give a region a shared KV tier that all its replicas read and write through to, like
+    /// `kv_scope: region` in the topology; repeat for more.
+    #[arg(long = "shared-kv-region", value_name = "NAME")]
+    shared_kv_regions: Vec<String>,
+    /// Capacity of each region's shared KV tier, in tokens [default: 8 × --cache-tokens].
+    #[arg(long, value_name = "N")]
+    shared_kv_tokens: Option<usize>,
+    /// Time to fetch blocks from the shared tier, as a fraction of the time to prefill them.
+    #[arg(long, value_name = "F", default_value_t = DEFAULT_TRANSFER)]
+    shared_kv_transfer: f64,
     /// Serve the fleet admin API (faults, flush, ground truth) here.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
@@ -95,6 +114,22 @@ impl Cli {
                 self.block_tokens
             );
         }
+        let shared_kv_tokens = self
+            .shared_kv_tokens
+            .unwrap_or(self.cache_tokens.saturating_mul(8));
+        if shared_kv_tokens < self.block_tokens {
+            bail!(
+                "--shared-kv-tokens must hold at least one block ({} tokens)",
+                self.block_tokens
+            );
+        }
+        // Above 1 an engine would recompute rather than fetch.
+        if !(0.0..=1.0).contains(&self.shared_kv_transfer) {
+            bail!(
+                "--shared-kv-transfer must be between 0 and 1, got {}",
+                self.shared_kv_transfer
+            );
+        }
         Ok(SimConfig {
             block_tokens: self.block_tokens,
             cache_tokens: self.cache_tokens,
@@ -104,26 +139,63 @@ impl Cli {
             time_scale: self.time_scale,
             dialect: self.dialect,
             deterministic: self.deterministic,
+            shared_kv: SharedKvConfig {
+                regions: self.shared_kv_regions.iter().cloned().collect(),
+                capacity_tokens: shared_kv_tokens,
+                transfer: self.shared_kv_transfer,
+            },
         })
     }
+}
+
+/// Every replica of a topology in its region, and the regions with `kv_scope: region`.
+fn read_topology(path: &Path, sim: &mut SimConfig) -> anyhow::Result<Vec<ReplicaConfig>> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {name}"))?;
+    let topology = Topology::from_yaml(&text, &name)?;
+    let shared = regions_with_shared_kv(&text).with_context(|| format!("{name}: kv_scope"))?;
+    sim.shared_kv.regions.extend(shared);
+    Ok(topology
+        .replicas()
+        .map(|(region, r)| {
+            let config = ReplicaConfig::new(r.id.clone(), r.address);
+            match topology.regions.get(region) {
+                Some(region) => config.in_region(region.name.clone()),
+                None => config,
+            }
+        })
+        .collect())
+}
+
+/// Applies `--region-of ID=REGION` to the replicas it names.
+fn place(configs: &mut [ReplicaConfig], spec: &str) -> anyhow::Result<()> {
+    let (id, region) = spec
+        .split_once('=')
+        .with_context(|| format!("--region-of {spec:?}: expected ID=REGION"))?;
+    if region.is_empty() {
+        bail!("--region-of {spec:?}: the region is empty");
+    }
+    let Some(config) = configs.iter_mut().find(|c| c.id == id) else {
+        bail!("--region-of {spec:?}: no replica {id:?}");
+    };
+    config.region = Some(region.to_owned());
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    let sim = cli.sim_config()?;
+    let mut sim = cli.sim_config()?;
     let mut configs = Vec::new();
     if let Some(path) = &cli.topology {
-        let topology = Topology::load(path)?;
-        configs.extend(
-            topology
-                .replicas()
-                .map(|(_, r)| ReplicaConfig::new(r.id.clone(), r.address)),
-        );
+        configs.extend(read_topology(path, &mut sim)?);
     }
     for spec in &cli.replicas {
         configs.push(parse_replica(spec)?);
+    }
+    for spec in &cli.region_of {
+        place(&mut configs, spec)?;
     }
     if configs.is_empty() {
         bail!("nothing to start: pass --topology FILE or --replica ID=ADDR");
@@ -149,4 +221,61 @@ async fn main() -> anyhow::Result<()> {
     }
     fleet.stop();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("replica-sim").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn topology_replicas_are_in_their_regions_and_region_of_moves_them() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conf/tether.yaml");
+        let mut sim = SimConfig::default();
+        let mut configs = read_topology(&path, &mut sim).unwrap();
+        let region = |configs: &[ReplicaConfig], id: &str| {
+            let config = configs.iter().find(|c| c.id == id).unwrap();
+            config.region.clone()
+        };
+        assert_eq!(region(&configs, "eu-2").as_deref(), Some("eu"));
+        assert_eq!(region(&configs, "us-1").as_deref(), Some("us"));
+        assert!(sim.shared_kv.regions.is_empty(), "no kv_scope in the file");
+        place(&mut configs, "us-1=eu").unwrap();
+        assert_eq!(region(&configs, "us-1").as_deref(), Some("eu"));
+        assert!(place(&mut configs, "nobody=eu").is_err());
+        assert!(place(&mut configs, "us-1").is_err());
+        assert!(place(&mut configs, "us-1=").is_err());
+    }
+
+    #[test]
+    fn the_shared_tier_defaults_to_eight_local_caches_and_a_fifth_of_the_prefill() {
+        let sim = cli(&["--cache-tokens", "1000", "--shared-kv-region", "eu"])
+            .sim_config()
+            .unwrap();
+        assert_eq!(sim.shared_kv.capacity_tokens, 8000);
+        assert_eq!(sim.shared_kv.transfer, 0.2);
+        assert_eq!(
+            sim.shared_kv.regions.iter().collect::<Vec<_>>(),
+            ["eu"],
+            "{sim:?}"
+        );
+        let sim = cli(&["--shared-kv-tokens", "64", "--shared-kv-transfer", "0.5"])
+            .sim_config()
+            .unwrap();
+        assert_eq!(
+            (sim.shared_kv.capacity_tokens, sim.shared_kv.transfer),
+            (64, 0.5)
+        );
+        for bad in [
+            &["--shared-kv-transfer", "1.5"][..],
+            &["--shared-kv-transfer=-0.1"],
+            &["--shared-kv-transfer", "NaN"],
+            &["--shared-kv-tokens", "8"],
+        ] {
+            assert!(cli(bad).sim_config().is_err(), "{bad:?}");
+        }
+    }
 }
