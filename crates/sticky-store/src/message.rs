@@ -1,0 +1,152 @@
+//! The formats this store writes to Redis: store keys, stored values (replica ids) and the
+//! pub/sub message announcing a binding. Pure functions, so every rule is unit-tested.
+//!
+//! Everything read back is checked before it reaches the proxy: another program (or an old
+//! version of this one) may have written under the same prefix or channel.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// The longest replica id the store writes or accepts, in bytes. Longer values are treated as
+/// garbage: real ids are short (`eu-2`), and the bound keeps a corrupted value from becoming a
+/// large allocation on every lookup.
+pub const MAX_REPLICA_ID_LEN: usize = 256;
+
+/// Whether `replica` can be stored: 1..=[`MAX_REPLICA_ID_LEN`] bytes. (Whether the proxy knows
+/// the replica is the proxy's business.)
+pub fn is_storable_replica_id(replica: &str) -> bool {
+    !replica.is_empty() && replica.len() <= MAX_REPLICA_ID_LEN
+}
+
+/// `{prefix}{key:016x}`: fixed width, so keys sort and grep well and never alias.
+pub(crate) fn store_key(prefix: &str, key: u64) -> String {
+    let mut out = String::with_capacity(prefix.len() + 16);
+    out.push_str(prefix);
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{key:016x}");
+    out
+}
+
+/// A stored value as a replica id, or `None` if it is not one this store could have written.
+pub(crate) fn replica_from_value(bytes: &[u8]) -> Option<Arc<str>> {
+    if bytes.is_empty() || bytes.len() > MAX_REPLICA_ID_LEN {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok().map(Arc::from)
+}
+
+/// `{origin:016x}:{key:016x}:{replica}`. The replica id goes last, so it may itself contain `:`.
+pub(crate) fn encode_bind(origin: u64, key: u64, replica: &str) -> String {
+    let mut out = String::with_capacity(34 + replica.len());
+    let _ = write!(out, "{origin:016x}:{key:016x}:{replica}");
+    out
+}
+
+/// A binding announced on the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BindMessage<'a> {
+    /// The instance that made the binding.
+    pub origin: u64,
+    pub key: u64,
+    pub replica: &'a str,
+}
+
+/// Parses a message written by [`encode_bind`]; `None` for anything else.
+pub(crate) fn decode_bind(payload: &[u8]) -> Option<BindMessage<'_>> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut fields = text.splitn(3, ':');
+    let origin = parse_hex16(fields.next()?)?;
+    let key = parse_hex16(fields.next()?)?;
+    let replica = fields.next()?;
+    is_storable_replica_id(replica).then_some(BindMessage {
+        origin,
+        key,
+        replica,
+    })
+}
+
+/// Exactly 16 hex digits: `from_str_radix` alone would also take a sign or fewer digits.
+fn parse_hex16(field: &str) -> Option<u64> {
+    if field.len() != 16 || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(field, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn store_keys_are_the_prefix_and_sixteen_hex_digits() {
+        assert_eq!(store_key("tether:s:", 0xab), "tether:s:00000000000000ab");
+        assert_eq!(store_key("", u64::MAX), "ffffffffffffffff");
+    }
+
+    #[test]
+    fn values_that_are_not_replica_ids_are_refused() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (b"eu-2", Some("eu-2")),
+            (b"", None),
+            (b"\xff\xfe", None),
+            (
+                &[b'x'; MAX_REPLICA_ID_LEN],
+                Some(&*"x".repeat(MAX_REPLICA_ID_LEN)),
+            ),
+            (&[b'x'; MAX_REPLICA_ID_LEN + 1], None),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(replica_from_value(value).as_deref(), *expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn bind_messages_round_trip_even_with_colons_in_the_replica_id() {
+        let text = encode_bind(7, 0xdead_beef, "eu:2");
+        assert_eq!(text, "0000000000000007:00000000deadbeef:eu:2");
+        assert_eq!(
+            decode_bind(text.as_bytes()),
+            Some(BindMessage {
+                origin: 7,
+                key: 0xdead_beef,
+                replica: "eu:2"
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_bind_messages_are_refused() {
+        for payload in [
+            &b""[..],
+            b"hello",
+            b"0000000000000007:00000000deadbeef",
+            b"0000000000000007:00000000deadbeef:",
+            b"7:00000000deadbeef:eu-2",
+            b"+000000000000007:00000000deadbeef:eu-2",
+            b"000000000000000g:00000000deadbeef:eu-2",
+            b"0000000000000007:00000000deadbeef:\xff",
+        ] {
+            assert_eq!(decode_bind(payload), None, "{payload:?}");
+        }
+        let too_long = encode_bind(1, 2, &"r".repeat(MAX_REPLICA_ID_LEN + 1));
+        assert_eq!(decode_bind(too_long.as_bytes()), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bind_message_round_trips(origin: u64, key: u64, replica in "[ -~]{1,256}") {
+            let text = encode_bind(origin, key, &replica);
+            prop_assert_eq!(
+                decode_bind(text.as_bytes()),
+                Some(BindMessage { origin, key, replica: &replica })
+            );
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode_bind(&payload);
+            let _ = replica_from_value(&payload);
+        }
+    }
+}
