@@ -13,8 +13,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: ## Install build prerequisites that are missing (cmake for Pingora's zlib-ng)
+deps: ## Install what is missing: cmake (Pingora's zlib-ng), redis-server (the sticky store's tests, run-multi)
 	@command -v cmake >/dev/null || { echo "installing cmake"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake >/dev/null; }
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { echo "installing redis-server"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@command -v cc >/dev/null || { echo "installing a C compiler"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential >/dev/null; }
 
 build: deps ## Build every binary (debug)

@@ -15,3 +15,4 @@ mod reload;
 mod routing;
 mod sim;
 mod streaming;
+mod tier;

@@ -15,6 +15,7 @@ use tether_health::{now_ms, HealthState};
 use crate::meter::Meter;
 use crate::reload::{ReloadError, Reloader};
 use crate::router::Router;
+use crate::tier::Tier;
 
 /// Serves `GET /health` (readiness), `GET /metrics` (Prometheus), `GET /admin/replicas`
 /// (state, health, in-flight and override entries per replica) and
@@ -23,17 +24,33 @@ use crate::router::Router;
 pub struct AdminApp {
     router: Arc<Router>,
     meter: Arc<Meter>,
+    tier: Option<Tier>,
     reloader: Arc<Reloader>,
 }
 
 impl AdminApp {
     /// An admin app over `router`, `meter` and the config `reloader`.
-    pub fn new(router: Arc<Router>, meter: Arc<Meter>, reloader: Arc<Reloader>) -> Self {
+    pub fn new(
+        router: Arc<Router>,
+        meter: Arc<Meter>,
+        tier: Option<Tier>,
+        reloader: Arc<Reloader>,
+    ) -> Self {
         AdminApp {
             router,
             meter,
+            tier,
             reloader,
         }
+    }
+
+    /// Prometheus text: the meter's registry, then the sticky store's counters.
+    fn metrics(&self) -> String {
+        let mut text = self.meter.render(&self.router);
+        if let Some(tier) = &self.tier {
+            tier.render(&mut text);
+        }
+        text
     }
 
     fn replicas(&self) -> serde_json::Value {
@@ -190,11 +207,7 @@ impl ServeHttp for AdminApp {
         match (req.method.as_str(), path.as_str()) {
             ("GET", "/health") => response(200, json!({"status": "ok"}).to_string()),
             ("GET", "/admin/replicas") => response(200, self.replicas().to_string()),
-            ("GET", "/metrics") => with_type(
-                200,
-                self.meter.render(&self.router),
-                "text/plain; version=0.0.4",
-            ),
+            ("GET", "/metrics") => with_type(200, self.metrics(), "text/plain; version=0.0.4"),
             _ => error(404, "not_found", "not found"),
         }
     }

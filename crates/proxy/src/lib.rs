@@ -3,7 +3,7 @@
 //! ([`admission`]), the request-body rewrite ([`body`]), the errors Tether answers
 //! ([`error`]), the routing state swapped on reload ([`router`]), metering ([`meter`]), the
 //! admin listener ([`admin`]), hot reload ([`reload`]), active probes ([`probe`]), and the
-//! server assembly ([`server`]). Routing rules live in `tether-affinity`, usage extraction in
+//! server assembly ([`server`]), and the shared sticky store of a tier ([`tier`]). Routing rules live in `tether-affinity`, usage extraction in
 //! `tether-metering`; nothing here decides what they decide.
 
 pub mod admin;
@@ -17,3 +17,4 @@ pub mod reload;
 pub mod report_cmd;
 pub mod router;
 pub mod server;
+pub mod tier;

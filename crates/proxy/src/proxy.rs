@@ -31,22 +31,31 @@ use crate::body::BodyRewrite;
 use crate::error::EdgeError;
 use crate::meter::Meter;
 use crate::router::{Router, Snapshot, Upstream};
+use crate::tier::Tier;
 
 /// The proxy.
 #[derive(Debug, Clone)]
 pub struct TetherProxy {
     router: Arc<Router>,
     meter: Arc<Meter>,
+    tier: Option<Tier>,
     draining: Arc<AtomicBool>,
 }
 
 impl TetherProxy {
-    /// A proxy routing with `router` and metering with `meter`. While `draining` is set (a
-    /// binary upgrade is handing the listeners over), every response closes its connection.
-    pub fn new(router: Arc<Router>, meter: Arc<Meter>, draining: Arc<AtomicBool>) -> Self {
+    /// A proxy routing with `router` and metering with `meter`, sharing bindings through
+    /// `tier` when it runs in one. While `draining` is set (a binary upgrade is handing the
+    /// listeners over), every response closes its connection.
+    pub fn new(
+        router: Arc<Router>,
+        meter: Arc<Meter>,
+        tier: Option<Tier>,
+        draining: Arc<AtomicBool>,
+    ) -> Self {
         TetherProxy {
             router,
             meter,
+            tier,
             draining,
         }
     }
@@ -232,6 +241,13 @@ impl ProxyHttp for TetherProxy {
         // stays for the record until another replica is chosen.
         if let Some(previous) = &mut ctx.route {
             previous.finished();
+        }
+        // First attempt of a keyed request this instance has no entry for: another instance
+        // may have placed the session (bounded wait; a miss or a failure routes as new).
+        if let (Some(tier), Some(key), 0) = (&self.tier, ctx.attempts.key(), ctx.attempts.total()) {
+            if !snapshot.fleet().knows(key) {
+                tier.recall(snapshot.fleet().state(), key).await;
+            }
         }
         let Some(route) = snapshot.fleet().route(&mut ctx.attempts, now_ms()) else {
             ctx.unavailable = true;

@@ -10,8 +10,8 @@ use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 use sha2::{Digest, Sha256};
 use tether_affinity::{
-    Admission, Fleet, FleetPlan, FleetState, RegionPlan, ReplicaPlan, ReplicaSpec, SelectorOptions,
-    TenantScope, TokenRules,
+    Admission, BindingSink, Fleet, FleetPlan, FleetState, RegionPlan, ReplicaPlan, ReplicaSpec,
+    SelectorOptions, TenantScope, TokenRules,
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
@@ -164,11 +164,16 @@ pub struct Router {
 }
 
 impl Router {
-    /// Builds the state for `topology`.
-    pub fn new(topology: &Topology) -> Result<Router, InstallError> {
-        let state = FleetState::new(
+    /// Builds the state for `topology`; bindings also go to `sink` (the shared store of a
+    /// tier) when there is one.
+    pub fn new(
+        topology: &Topology,
+        sink: Option<Arc<dyn BindingSink>>,
+    ) -> Result<Router, InstallError> {
+        let state = FleetState::shared(
             topology.affinity.override_ttl,
             topology.affinity.override_capacity,
+            sink,
         );
         let snapshot = build_snapshot(topology, &state)?;
         Ok(Router {
@@ -185,6 +190,11 @@ impl Router {
     /// The override table.
     pub fn overrides(&self) -> &tether_affinity::OverrideTable {
         self.state.overrides()
+    }
+
+    /// What outlives generations: override table, tags, live state.
+    pub fn state(&self) -> &Arc<FleetState> {
+        &self.state
     }
 
     /// Replaces the snapshot (hot reload) in one atomic swap. Override entries carry over, and

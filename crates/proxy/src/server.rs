@@ -15,6 +15,7 @@ use pingora::services::listening::Service;
 use tether_topology::Topology;
 
 use crate::router::Router;
+use crate::tier::Tier;
 use crate::{admin, meter, probe, proxy, reload, router};
 
 /// Fails early, with the address in the message, when a listener's port is taken: Pingora
@@ -75,7 +76,11 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
     };
 
     let meter = Arc::new(meter::Meter::new(&topology)?);
-    let router = Arc::new(Router::new(&topology)?);
+    let tier = Tier::start(&topology)?;
+    let router = Arc::new(Router::new(&topology, tier.as_ref().map(Tier::sink))?);
+    if let Some(tier) = &tier {
+        tier.follow(Arc::clone(router.state()));
+    }
     let reloader = Arc::new(reload::Reloader::new(
         config,
         &bytes,
@@ -99,6 +104,7 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
         proxy::TetherProxy::new(
             Arc::clone(&router),
             Arc::clone(&meter),
+            tier.clone(),
             Arc::clone(&draining),
         ),
     );
@@ -111,6 +117,7 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
             admin::AdminApp::new(
                 Arc::clone(&router),
                 Arc::clone(&meter),
+                tier.clone(),
                 Arc::clone(&reloader),
             ),
         );
@@ -151,6 +158,9 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
     // `run` (unlike `run_forever`) returns after a graceful shutdown, when every in-flight
     // request has logged, so the usage log can be flushed before the process exits.
     server.run(RunArgs::default());
+    if let Some(tier) = &tier {
+        tier.shutdown();
+    }
     let (written, dropped) = meter.close();
     log::info!("usage log closed: {written} records written, {dropped} dropped");
     Ok(())

@@ -89,6 +89,9 @@ pub struct StickyStoreSettings {
     pub lookup_timeout: Duration,
     /// Writes queued for the store at most; more are dropped (and counted).
     pub write_queue: usize,
+    /// PEM file of the CA that signed the store's certificate (`rediss://` with a private
+    /// CA); without it the system's roots are used.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// A region and its replicas.

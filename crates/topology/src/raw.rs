@@ -59,6 +59,8 @@ pub(crate) struct RawStickyStore {
     pub lookup_timeout: Duration,
     #[serde(default = "default_write_queue")]
     pub write_queue: usize,
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 fn default_key_prefix() -> String {

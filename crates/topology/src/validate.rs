@@ -475,6 +475,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             channel: s.channel,
             lookup_timeout: s.lookup_timeout,
             write_queue: s.write_queue,
+            tls_ca_file: s.tls_ca_file,
         }
     });
     let placement = match (raw.affinity.placement, &sticky_store) {

@@ -78,10 +78,15 @@ struct Harness {
 
 fn harness() -> Harness {
     let topology = Topology::from_yaml(TOPOLOGY, "test.yaml").unwrap();
-    let router = Arc::new(Router::new(&topology).unwrap());
+    let router = Arc::new(Router::new(&topology, None).unwrap());
     let meter = Arc::new(Meter::new(&topology).unwrap());
     Harness {
-        proxy: TetherProxy::new(Arc::clone(&router), meter, Arc::new(AtomicBool::new(false))),
+        proxy: TetherProxy::new(
+            Arc::clone(&router),
+            meter,
+            None,
+            Arc::new(AtomicBool::new(false)),
+        ),
         router,
     }
 }

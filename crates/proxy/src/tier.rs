@@ -1,0 +1,213 @@
+//! Running as one instance of a tier: the shared sticky store wired into routing.
+//!
+//! The local override table stays the first level. What another instance cannot compute by
+//! itself — a session's replica, when it is new or moved — goes to the store
+//! ([`StoreSink`], told by the fleet); a binding another instance changes comes back over the
+//! store's pub/sub channel and lands in the local table. A request asks the store only when
+//! the local table has no entry for its key, and waits at most `lookup_timeout`; a store
+//! that is down, slow or wrong costs warmth, never a request.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tether_affinity::{BindingSink, FleetState, RoutingKey};
+use tether_sticky_store::{Lookup, StickyStore, StoreSettings, StoreStats};
+use tether_topology::Topology;
+
+/// The fleet's bindings, passed on to the store.
+#[derive(Debug)]
+pub struct StoreSink(pub StickyStore);
+
+impl BindingSink for StoreSink {
+    fn bound(&self, key: RoutingKey, replica: &str) {
+        self.0.bind(key.0, replica);
+    }
+
+    fn still_bound(&self, key: RoutingKey) {
+        self.0.touch(key.0);
+    }
+}
+
+/// The store as routing uses it.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    store: StickyStore,
+    /// Bindings found in the store (or announced) that name a replica this instance does not
+    /// know: garbage, or a replica of a config this instance has not loaded.
+    unknown_replicas: Arc<AtomicU64>,
+}
+
+impl Tier {
+    /// Starts the store of `topology`, if it has one (connecting happens in the background).
+    pub fn start(topology: &Topology) -> anyhow::Result<Option<Tier>> {
+        let Some(s) = &topology.sticky_store else {
+            return Ok(None);
+        };
+        let settings = StoreSettings {
+            url: s.url.clone(),
+            cluster: s.cluster,
+            key_prefix: s.key_prefix.clone(),
+            channel: s.channel.clone(),
+            lookup_timeout: s.lookup_timeout,
+            ttl: topology.affinity.override_ttl,
+            write_queue: s.write_queue,
+            tls_ca_file: s.tls_ca_file.clone(),
+        };
+        let store = StickyStore::start(settings)?;
+        Ok(Some(Tier {
+            store,
+            unknown_replicas: Arc::new(AtomicU64::new(0)),
+        }))
+    }
+
+    /// The sink the fleet tells its bindings to.
+    pub fn sink(&self) -> Arc<dyn BindingSink> {
+        Arc::new(StoreSink(self.store.clone()))
+    }
+
+    /// Takes other instances' binding changes into `state` as they are announced.
+    pub fn follow(&self, state: Arc<FleetState>) {
+        let unknown = Arc::clone(&self.unknown_replicas);
+        self.store.on_remote_bind(move |key, replica| {
+            if !state.learn(RoutingKey(key), replica) {
+                unknown.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Asks the store for `key`'s replica and takes an answer into `state`, so that routing
+    /// finds it like a local entry. Waits at most the lookup timeout; returns whether a
+    /// binding was learnt.
+    pub async fn recall(&self, state: &FleetState, key: RoutingKey) -> bool {
+        match self.store.lookup(key.0).await {
+            Lookup::Found(replica) => {
+                let known = state.learn(key, &replica);
+                if !known {
+                    self.unknown_replicas.fetch_add(1, Ordering::Relaxed);
+                }
+                known
+            }
+            Lookup::Missing | Lookup::Unavailable(_) => false,
+        }
+    }
+
+    /// Flushes queued writes (best effort, bounded) and stops the store's thread.
+    pub fn shutdown(&self) {
+        self.store.shutdown();
+    }
+
+    /// The store's metrics in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        render_stats(
+            &self.store.stats(),
+            self.unknown_replicas.load(Ordering::Relaxed),
+            out,
+        );
+    }
+}
+
+fn render_stats(stats: &StoreStats, unknown_replicas: u64, out: &mut String) {
+    let mut line = |text: std::fmt::Arguments<'_>| {
+        let _ = out.write_fmt(text);
+        out.push('\n');
+    };
+    line(format_args!(
+        "# HELP tether_sticky_store_connected Whether the sticky store's connection is up."
+    ));
+    line(format_args!("# TYPE tether_sticky_store_connected gauge"));
+    line(format_args!(
+        "tether_sticky_store_connected {}",
+        u8::from(stats.connected)
+    ));
+    line(format_args!(
+        "# HELP tether_sticky_store_subscribed Whether binding changes from other instances arrive."
+    ));
+    line(format_args!("# TYPE tether_sticky_store_subscribed gauge"));
+    line(format_args!(
+        "tether_sticky_store_subscribed {}",
+        u8::from(stats.subscribed)
+    ));
+    line(format_args!(
+        "# HELP tether_sticky_store_lookups_total Store lookups by result."
+    ));
+    line(format_args!(
+        "# TYPE tether_sticky_store_lookups_total counter"
+    ));
+    line(format_args!(
+        "tether_sticky_store_lookups_total{{result=\"found\"}} {}",
+        stats.lookups.found
+    ));
+    line(format_args!(
+        "tether_sticky_store_lookups_total{{result=\"missing\"}} {}",
+        stats.lookups.missing
+    ));
+    line(format_args!(
+        "tether_sticky_store_lookups_total{{result=\"unavailable\"}} {}",
+        stats.lookups.unavailable.total()
+    ));
+    line(format_args!(
+        "# HELP tether_sticky_store_errors_total Failed store operations by kind."
+    ));
+    line(format_args!(
+        "# TYPE tether_sticky_store_errors_total counter"
+    ));
+    for (kind, n) in stats.errors.iter() {
+        line(format_args!(
+            "tether_sticky_store_errors_total{{kind=\"{}\"}} {n}",
+            kind.as_str()
+        ));
+    }
+    line(format_args!(
+        "tether_sticky_store_errors_total{{kind=\"unknown_replica\"}} {unknown_replicas}"
+    ));
+    line(format_args!(
+        "# HELP tether_sticky_store_writes_total Store writes (binds and refreshes) by result."
+    ));
+    line(format_args!(
+        "# TYPE tether_sticky_store_writes_total counter"
+    ));
+    line(format_args!(
+        "tether_sticky_store_writes_total{{result=\"done\"}} {}",
+        stats.writes_done
+    ));
+    line(format_args!(
+        "tether_sticky_store_writes_total{{result=\"dropped\"}} {}",
+        stats.writes_dropped
+    ));
+    line(format_args!(
+        "# HELP tether_sticky_store_remote_binds_total Binding changes received from other instances."
+    ));
+    line(format_args!(
+        "# TYPE tether_sticky_store_remote_binds_total counter"
+    ));
+    line(format_args!(
+        "tether_sticky_store_remote_binds_total {}",
+        stats.remote_binds
+    ));
+    let h = &stats.lookup_latency;
+    line(format_args!(
+        "# HELP tether_sticky_store_lookup_seconds Time a request waited for the store."
+    ));
+    line(format_args!(
+        "# TYPE tether_sticky_store_lookup_seconds histogram"
+    ));
+    for b in &h.buckets {
+        line(format_args!(
+            "tether_sticky_store_lookup_seconds_bucket{{le=\"{}\"}} {}",
+            b.le_seconds, b.cumulative_count
+        ));
+    }
+    line(format_args!(
+        "tether_sticky_store_lookup_seconds_bucket{{le=\"+Inf\"}} {}",
+        h.count
+    ));
+    line(format_args!(
+        "tether_sticky_store_lookup_seconds_sum {}",
+        h.sum_seconds
+    ));
+    line(format_args!(
+        "tether_sticky_store_lookup_seconds_count {}",
+        h.count
+    ));
+}
