@@ -24,11 +24,15 @@
 //!   the ring rebuilt with seven nodes);
 //! - remove a replica: the same with one of the six taken out of the topology;
 //! - drain one and bring it back: sessions moved by the drain, and moved again by the undrain
-//!   (nginx's `down` and back is a removal and a re-add: its sessions go back, cold).
+//!   (nginx's `down` and back is a removal and a re-add: its sessions go back, cold);
+//! - shared KV regions ([`shared_kv`]): the hot spot again, the simulator giving each region a
+//!   shared KV tier, through Tether with `kv_scope: region` and with `kv_scope: replica`.
 //!
 //! Writes `docs/img/policies-hit-ratio.svg` and `docs/img/policies-by-turn.svg` (set
 //! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries: `make bench` builds
 //! them first. `BENCH_QUICK=1`: a smaller workload (`make bench-quick`).
+//! `BENCH_SCENARIO=steady,hot_spot,…`: only the scenarios listed (`steady`, `steady_x4`,
+//! `hot_spot`, `events`, `shared_kv`).
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -38,6 +42,9 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use tether_e2e::{api_key_sha256, regions_yaml, SimFleet, Tether, TetherConfig};
 use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
+
+#[path = "policies/shared_kv.rs"]
+mod shared_kv;
 
 const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
@@ -519,113 +526,43 @@ fn plot_by_turn(
     Ok(())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let quick = std::env::var_os("BENCH_QUICK").is_some();
-    let workload = Workload {
-        sessions: if quick { 12 } else { 48 },
-        ..Workload::default()
-    };
-    let mut ids: Vec<&str> = SIX.to_vec();
-    ids.push("eu-4");
-    // The latency model (TTFT = queueing + uncached prefill) shows what misses cost; it runs
-    // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
-    // TTFT is compared as ratios between policies, which the scale does not change.
-    let scale = if quick { "0.25" } else { "0.5" };
-    let extras = Extras {
-        no_locality: !quick,
-        shedding: false,
-        hot_config: false,
-    };
-    let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS, extras);
+/// The scenarios, by the names `BENCH_SCENARIO` takes.
+const SCENARIOS: [&str; 5] = ["steady", "steady_x4", "hot_spot", "events", "shared_kv"];
 
-    eprintln!("steady state:");
-    let all = [
-        ("round-robin", ClientPolicy::RoundRobin),
-        ("least-in-flight", ClientPolicy::LeastInflight),
-        ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
-        ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
-    ];
-    // The smoke run keeps round-robin (the TTFT baseline) and the two hash policies.
-    let policies: Vec<_> = all
-        .into_iter()
-        .filter(|(_, p)| !quick || *p != ClientPolicy::LeastInflight)
+/// The scenarios to run: those `BENCH_SCENARIO` lists (comma-separated), or every one.
+fn selected_scenarios() -> Vec<&'static str> {
+    let Ok(list) = std::env::var("BENCH_SCENARIO") else {
+        return SCENARIOS.to_vec();
+    };
+    let names: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
         .collect();
-    let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS).await;
-    print_table(
-        "steady state, 2,560-token caches (one finished conversation fills a replica)",
-        &rows,
+    let unknown: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !SCENARIOS.contains(n))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "BENCH_SCENARIO: unknown {unknown:?}; the scenarios are {SCENARIOS:?}"
     );
-    let t = &rows.last().unwrap().1.overall;
-    println!(
-        "policies/steady/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
-        t.of_oracle,
-        rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
-    );
-    let plots = std::env::var_os("BENCH_PLOTS_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img"),
-        PathBuf::from,
-    );
-    std::fs::create_dir_all(&plots).unwrap();
-    write_plots(&plots, "policies", "2,560-token caches", &rows);
+    SCENARIOS
+        .into_iter()
+        .filter(|s| names.contains(s))
+        .collect()
+}
 
-    // The same conversations at four times the granularity: caches four times larger, four
-    // times the sessions in flight. Cache per session in flight (the pressure) is unchanged,
-    // but a replica now holds several conversations, as a real replica's KV cache does (tens
-    // of thousands to millions of tokens against conversations of thousands), where above one
-    // finished conversation fills a replica and placement is packing items as large as the bins.
-    let (fine, fine_tethers) = fleet_and_tether(
-        &SIX,
-        scale,
-        CACHE_TOKENS * GRANULARITY,
-        Extras {
-            no_locality: false,
-            shedding: true,
-            hot_config: true,
-        },
-    );
-    let fine_cache = CACHE_TOKENS * GRANULARITY;
-    if !quick {
-        eprintln!("steady state, four times the granularity:");
-        let fine_workload = Workload {
-            sessions: workload.sessions * GRANULARITY,
-            concurrency: workload.concurrency * GRANULARITY,
-            arrival_rate: workload.arrival_rate * GRANULARITY as f64,
-            ..workload.clone()
-        };
-        let fine_rows = run_policies(
-            &fine,
-            &fine_tethers,
-            &fine_workload,
-            &BASELINE_AND_HASHES,
-            fine_cache,
-        )
-        .await;
-        print_table(
-            "steady state, 10,240-token caches and 4x the sessions in flight (the same pressure)",
-            &fine_rows,
-        );
-        let t = &fine_rows.last().unwrap().1.overall;
-        println!(
-            "policies/steady_x4/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
-            t.of_oracle,
-            fine_rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
-        );
-        write_plots(
-            &plots,
-            "policies-x4",
-            "10,240-token caches, 4x the sessions",
-            &fine_rows,
-        );
-    }
-
-    eprintln!("hot spot (tenant 0's sessions 10x longer):");
-    // Short messages, so one hot conversation (60 turns, ~3,100 tokens) fits a replica's cache
-    // three times over: what is measured is how a policy places and keeps many long sessions,
-    // not a cache too small for one. 60 turns make the hot spot last long enough for a reaction
-    // to it to matter (shedding waits 2 s, then moves a session a second; a hot spot that is
-    // over in a few seconds needs no balancing).
-    let hot = Workload {
+/// The hot-spot workload: tenant 0's sessions run 10× the turns of tenant 1's.
+///
+/// Short messages, so one hot conversation (60 turns, ~3,100 tokens) fits a replica's cache
+/// three times over: what is measured is how a policy places and keeps many long sessions, not
+/// a cache too small for one. 60 turns make the hot spot last long enough for a reaction to it
+/// to matter (shedding waits 2 s, then moves a session a second; a hot spot that is over in a
+/// few seconds needs no balancing).
+fn hot_spot_workload(quick: bool) -> Workload {
+    Workload {
         sessions: if quick { 12 } else { 24 * GRANULARITY },
         concurrency: if quick { 16 } else { 16 * GRANULARITY },
         arrival_rate: if quick { 8.0 } else { 8.0 * GRANULARITY as f64 },
@@ -637,41 +574,167 @@ async fn main() {
         think_ms: 50,
         seed: 7,
         ..Workload::default()
-    };
-    // Round-robin's balance is perfect by construction and its hits are not in the race: the
-    // hot spot compares the hash policies with Tether's configurations.
-    let hot_rows = run_policies(
-        &fine,
-        &fine_tethers,
-        &hot,
-        &BASELINE_AND_HASHES[1..],
-        fine_cache,
-    )
-    .await;
-    print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
-    let max_over_mean = |name: &str| {
-        hot_rows
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or("-".to_string(), |(_, r)| {
-                format!("{:.2}", r.replica_max_over_mean)
-            })
-    };
-    println!(
-        "policies/hot_spot/max_over_mean tether {}, with shed_factor 1.25 {}, with locality off and shed_factor 1.25 {} (target <= 1.25)",
-        max_over_mean("tether"),
-        max_over_mean(SHED_ROW),
-        max_over_mean(HOT_CONFIG_ROW),
-    );
-    drop(fine_tethers);
-    drop(fine);
+    }
+}
 
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let scenarios = selected_scenarios();
+    let runs = |name: &str| scenarios.contains(&name);
+    let workload = Workload {
+        sessions: if quick { 12 } else { 48 },
+        ..Workload::default()
+    };
+    let mut ids: Vec<&str> = SIX.to_vec();
+    ids.push("eu-4");
+    // The latency model (TTFT = queueing + uncached prefill) shows what misses cost; it runs
+    // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
+    // TTFT is compared as ratios between policies, which the scale does not change.
+    let scale = if quick { "0.25" } else { "0.5" };
+    let plots = std::env::var_os("BENCH_PLOTS_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img"),
+        PathBuf::from,
+    );
+    // The 2,560-token fleet, for the steady state and the events.
+    let coarse = (runs("steady") || runs("events")).then(|| {
+        let extras = Extras {
+            no_locality: !quick && runs("steady"),
+            shedding: false,
+            hot_config: false,
+        };
+        fleet_and_tether(&ids, scale, CACHE_TOKENS, extras)
+    });
+
+    if let (true, Some((fleet, tethers))) = (runs("steady"), &coarse) {
+        eprintln!("steady state:");
+        let all = [
+            ("round-robin", ClientPolicy::RoundRobin),
+            ("least-in-flight", ClientPolicy::LeastInflight),
+            ("consistent hash (nginx)", ClientPolicy::ConsistentHash),
+            ("bounded-load hash (HAProxy)", ClientPolicy::BoundedHash),
+        ];
+        // The smoke run keeps round-robin (the TTFT baseline) and the two hash policies.
+        let policies: Vec<_> = all
+            .into_iter()
+            .filter(|(_, p)| !quick || *p != ClientPolicy::LeastInflight)
+            .collect();
+        let rows = run_policies(fleet, tethers, &workload, &policies, CACHE_TOKENS).await;
+        print_table(
+            "steady state, 2,560-token caches (one finished conversation fills a replica)",
+            &rows,
+        );
+        let t = &rows.last().unwrap().1.overall;
+        println!(
+            "policies/steady/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
+            t.of_oracle,
+            rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
+        );
+        std::fs::create_dir_all(&plots).unwrap();
+        write_plots(&plots, "policies", "2,560-token caches", &rows);
+    }
+
+    // The same conversations at four times the granularity: caches four times larger, four
+    // times the sessions in flight. Cache per session in flight (the pressure) is unchanged,
+    // but a replica now holds several conversations, as a real replica's KV cache does (tens
+    // of thousands to millions of tokens against conversations of thousands), where above one
+    // finished conversation fills a replica and placement is packing items as large as the bins.
+    let fine_cache = CACHE_TOKENS * GRANULARITY;
+    let steady_x4 = runs("steady_x4") && !quick;
+    if steady_x4 || runs("hot_spot") {
+        let (fine, fine_tethers) = fleet_and_tether(
+            &SIX,
+            scale,
+            fine_cache,
+            Extras {
+                no_locality: false,
+                shedding: true,
+                hot_config: true,
+            },
+        );
+        if steady_x4 {
+            eprintln!("steady state, four times the granularity:");
+            let fine_workload = Workload {
+                sessions: workload.sessions * GRANULARITY,
+                concurrency: workload.concurrency * GRANULARITY,
+                arrival_rate: workload.arrival_rate * GRANULARITY as f64,
+                ..workload.clone()
+            };
+            let fine_rows = run_policies(
+                &fine,
+                &fine_tethers,
+                &fine_workload,
+                &BASELINE_AND_HASHES,
+                fine_cache,
+            )
+            .await;
+            print_table(
+                "steady state, 10,240-token caches and 4x the sessions in flight (the same pressure)",
+                &fine_rows,
+            );
+            let t = &fine_rows.last().unwrap().1.overall;
+            println!(
+                "policies/steady_x4/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
+                t.of_oracle,
+                fine_rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
+            );
+            std::fs::create_dir_all(&plots).unwrap();
+            write_plots(
+                &plots,
+                "policies-x4",
+                "10,240-token caches, 4x the sessions",
+                &fine_rows,
+            );
+        }
+
+        if runs("hot_spot") {
+            eprintln!("hot spot (tenant 0's sessions 10x longer):");
+            // Round-robin's balance is perfect by construction and its hits are not in the
+            // race: the hot spot compares the hash policies with Tether's configurations.
+            let hot_rows = run_policies(
+                &fine,
+                &fine_tethers,
+                &hot_spot_workload(quick),
+                &BASELINE_AND_HASHES[1..],
+                fine_cache,
+            )
+            .await;
+            print_table("hot spot: tenant 0's sessions run 10x the turns", &hot_rows);
+            let max_over_mean = |name: &str| {
+                hot_rows
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or("-".to_string(), |(_, r)| {
+                        format!("{:.2}", r.replica_max_over_mean)
+                    })
+            };
+            println!(
+                "policies/hot_spot/max_over_mean tether {}, with shed_factor 1.25 {}, with locality off and shed_factor 1.25 {} (target <= 1.25)",
+                max_over_mean("tether"),
+                max_over_mean(SHED_ROW),
+                max_over_mean(HOT_CONFIG_ROW),
+            );
+        }
+    }
+
+    if let (true, Some((fleet, tethers))) = (runs("events"), &coarse) {
+        events(fleet, &tethers.default, &ids).await;
+    }
+    drop(coarse);
+
+    if runs("shared_kv") {
+        eprintln!("shared KV regions (the hot spot, with a shared KV tier per region):");
+        shared_kv::run_scenario(&hot_spot_workload(quick), scale, fine_cache).await;
+    }
+}
+
+/// Sessions moved by a drain and undrain, a removal and a scale-out, through Tether with its
+/// defaults (`tether`, in front of `fleet`; `ids` are the six replicas and the one that joins).
+async fn events(fleet: &SimFleet, tether: &Tether, ids: &[&str]) {
     // Placements run one request at a time: 200 sessions keep the moved shares within a few
     // points of exact and `make bench` within its 15-minute budget.
     let n = 200;
     let client = reqwest::Client::new();
-    // The events run through the default Tether.
-    let tether = &tethers.default;
     let url = tether.url("/v1/chat/completions");
 
     // Drain eu-2, then bring it back.
@@ -683,8 +746,8 @@ async fn main() {
     let on_victim = before.iter().filter(|r| *r == "eu-2").count();
     let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-2").collect();
     let (ch_all, ch_five) = (
-        ketama(&fleet, &SIX, "drain", n),
-        ketama(&fleet, &five, "drain", n),
+        ketama(fleet, &SIX, "drain", n),
+        ketama(fleet, &five, "drain", n),
     );
     println!(
         "\ndrain eu-2 and bring it back, {n} sessions ({on_victim} on eu-2):\n  tether: drain moved {} ({:.1} %), undrain moved {} ({:.1} %; target 0)\n  consistent hash (nginx `down` and back): drain moved {} ({:.1} %), undrain moved {} ({:.1} %)",
@@ -702,7 +765,7 @@ async fn main() {
     let before = placements(&client, &url, "remove", n, 1).await;
     let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-3").collect();
     tether
-        .rewrite_config(&tether_config(&fleet, &five, true, None))
+        .rewrite_config(&tether_config(fleet, &five, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-3", false).await;
     let after = placements(&client, &url, "remove", n, 2).await;
@@ -713,8 +776,8 @@ async fn main() {
         .filter(|(a, b)| *a != "eu-3" && a != b)
         .count();
     let (ch_six, ch_five) = (
-        ketama(&fleet, &SIX, "remove", n),
-        ketama(&fleet, &five, "remove", n),
+        ketama(fleet, &SIX, "remove", n),
+        ketama(fleet, &five, "remove", n),
     );
     println!(
         "\nremove eu-3, {n} sessions ({on_removed} on eu-3):\n  tether: {} moved ({:.1} %), of them not on eu-3: {others_moved} (target 0)\n  consistent hash (nginx): {} moved ({:.1} %)",
@@ -724,21 +787,21 @@ async fn main() {
         pct(moved(&ch_six, &ch_five), n),
     );
     tether
-        .rewrite_config(&tether_config(&fleet, &SIX, true, None))
+        .rewrite_config(&tether_config(fleet, &SIX, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-3", true).await;
 
     // Scale-out: 6 → 7 replicas.
     let before = placements(&client, &url, "scale", n, 1).await;
     tether
-        .rewrite_config(&tether_config(&fleet, &ids, true, None))
+        .rewrite_config(&tether_config(fleet, ids, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-4", true).await;
     let after = placements(&client, &url, "scale", n, 2).await;
     let tether_moved = moved(&before, &after);
     let ch_moved = moved(
-        &ketama(&fleet, &SIX, "scale", n),
-        &ketama(&fleet, &ids, "scale", n),
+        &ketama(fleet, &SIX, "scale", n),
+        &ketama(fleet, ids, "scale", n),
     );
     println!(
         "\nscale-out 6 → 7 replicas, {n} sessions with one turn each before:\n  tether: {tether_moved} moved ({:.1} %, target 0 %)\n  consistent hash (nginx): {ch_moved} moved ({:.1} %; 1/(N+1) = {:.1} %)",
