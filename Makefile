@@ -8,7 +8,7 @@ CARGO ?= cargo
 CONFIG ?= conf/tether.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps build run test lint fmt check-conf bench bench-deps bench-quick clean
+.PHONY: help deps build run run-multi test lint fmt check-conf bench bench-deps bench-quick clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -27,6 +27,17 @@ run: build ## Start a simulated 2-region fleet and Tether on 127.0.0.1:8080 (Ctr
 	trap 'exit 0' INT TERM; \
 	echo "replica-sim (pid $$sim) serving the fleet of $(CONFIG); its admin API is on 127.0.0.1:9300"; \
 	./target/debug/tether run -c $(CONFIG)
+
+run-multi: build ## A two-instance tier: Redis, the simulated fleet, Tether for eu on :8080 and for us on :8081 (Ctrl-C stops all)
+	@redis-server --port 6390 --bind 127.0.0.1 --save '' --appendonly no > /dev/null & redis=$$!; \
+	./target/debug/replica-sim --topology conf/tier-eu.yaml --admin 127.0.0.1:9300 > /dev/null & sim=$$!; \
+	./target/debug/tether run -c conf/tier-eu.yaml & eu=$$!; \
+	./target/debug/tether run -c conf/tier-us.yaml & us=$$!; \
+	trap 'kill $$eu $$us $$sim $$redis 2>/dev/null; wait 2>/dev/null' EXIT; \
+	trap 'exit 0' INT TERM; \
+	echo "redis-server (pid $$redis) on 127.0.0.1:6390, replica-sim (pid $$sim) admin on 127.0.0.1:9300,"; \
+	echo "tether eu (pid $$eu) on 127.0.0.1:8080, tether us (pid $$us) on 127.0.0.1:8081; README: 'A tier on one machine'"; \
+	wait
 
 test: deps lint ## Lints, every test, and `tether check` on every shipped config
 	@# The e2e tests run the tether and replica-sim binaries: build them first (cargo test
