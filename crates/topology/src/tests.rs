@@ -711,3 +711,5 @@ fn a_region_can_share_its_kv_cache() {
         parse_error(&VALID.replacen("  - name: eu\n", "  - name: eu\n    kv_scope: rack\n", 1));
     assert!(message.contains("rack"), "{message}");
 }
+
+mod durations;

@@ -14,6 +14,8 @@ use crate::{
     Tenant, Topology, UpstreamSettings, UsageLog,
 };
 
+mod durations;
+
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
 pub const MAX_WEIGHT: u32 = 100;
 /// Largest ring (points over all replicas): 4 Mi points = 32 MiB.
@@ -80,12 +82,6 @@ fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
     }
 }
 
-fn positive(problems: &mut Problems, key: &str, value: Duration) {
-    if value.is_zero() {
-        problems.add(key, "must be longer than zero");
-    }
-}
-
 pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     let mut p = Problems::default();
 
@@ -130,10 +126,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 a.balance_factor
             ),
         );
-    }
-    positive(&mut p, "affinity.override_ttl", a.override_ttl);
-    if let Some(window) = a.tenant_locality {
-        positive(&mut p, "affinity.tenant_locality", window);
     }
     if let Some(factor) = a.shed_factor {
         if !(factor.is_finite() && factor >= 1.0) {
@@ -333,18 +325,9 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         },
     };
 
+    durations::check(&mut p, &raw);
+
     // upstream and server
-    positive(
-        &mut p,
-        "upstream.connect_timeout",
-        raw.upstream.connect_timeout,
-    );
-    if let Some(t) = raw.upstream.read_timeout {
-        positive(&mut p, "upstream.read_timeout", t);
-    }
-    if let Some(t) = raw.upstream.idle_timeout {
-        positive(&mut p, "upstream.idle_timeout", t);
-    }
     if raw.server.threads == 0 || raw.server.threads > 1024 {
         p.add(
             "server.threads",
@@ -379,18 +362,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             format!("{:?} must start with '/'", probe.path),
         );
     }
-    positive(&mut p, "health.probe.interval", probe.interval);
-    positive(&mut p, "health.probe.timeout", probe.timeout);
-    if probe.timeout > probe.interval {
-        p.add(
-            "health.probe.timeout",
-            format!(
-                "{} is longer than health.probe.interval ({}): probes would overlap",
-                humantime::format_duration(probe.timeout),
-                humantime::format_duration(probe.interval)
-            ),
-        );
-    }
     for (key, n) in [
         ("health.probe.rise", probe.rise),
         ("health.probe.fall", probe.fall),
@@ -400,20 +371,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             p.add(key, format!("{n} is out of range 1..=100"));
         }
     }
-    positive(&mut p, "health.eject_cooldown", h.eject_cooldown);
-    if h.eject_max_cooldown < h.eject_cooldown {
-        p.add(
-            "health.eject_max_cooldown",
-            "must not be shorter than health.eject_cooldown",
-        );
-    }
-    positive(&mut p, "health.overload_default", h.overload_default);
-    if h.overload_max < h.overload_default {
-        p.add(
-            "health.overload_max",
-            "must not be shorter than health.overload_default",
-        );
-    }
     let f = &raw.failover;
     if !(1..=10).contains(&f.max_attempts) {
         p.add(
@@ -421,7 +378,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             format!("{} is out of range 1..=10", f.max_attempts),
         );
     }
-    positive(&mut p, "failover.deadline", f.deadline);
     for (i, path) in f.retry_unanswered.iter().enumerate() {
         if !path.starts_with('/') {
             p.add(
@@ -449,11 +405,14 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 "must start with redis:// or rediss:// (TLS); credentials go in the URL",
             );
         }
-        if s.lookup_timeout < Duration::from_millis(1) || s.lookup_timeout > Duration::from_secs(1)
-        {
+        let (min, max) = (Duration::from_millis(1), Duration::from_secs(1));
+        if !(min..=max).contains(&s.lookup_timeout) {
             p.add(
                 "sticky_store.lookup_timeout",
-                "must be from 1ms to 1s: every new session on this edge may wait this long",
+                format!(
+                    "{}: every new session on this edge may wait this long for the store",
+                    durations::out_of_range(s.lookup_timeout, min, max)
+                ),
             );
         }
         if s.write_queue == 0 {
