@@ -15,6 +15,7 @@ use crate::{
 };
 
 mod durations;
+mod network;
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
 pub const MAX_WEIGHT: u32 = 100;
@@ -34,22 +35,6 @@ impl Problems {
             key: key.into(),
             message: message.into(),
         });
-    }
-}
-
-fn socket_addr(problems: &mut Problems, key: &str, value: &str) -> Option<SocketAddr> {
-    match value.trim().parse::<SocketAddr>() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
-            problems.add(
-                key,
-                format!(
-                    "{value:?} is not a socket address; write an IP and a port, e.g. 127.0.0.1:9101 \
-                     (host names are not resolved, so a DNS outage cannot stall routing)"
-                ),
-            );
-            None
-        }
     }
 }
 
@@ -85,11 +70,11 @@ fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
 pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     let mut p = Problems::default();
 
-    let listen = socket_addr(&mut p, "listen", &raw.listen);
+    let listen = network::listener(&mut p, "listen", &raw.listen);
     let admin_listen = raw
         .admin_listen
         .as_deref()
-        .and_then(|a| socket_addr(&mut p, "admin_listen", a));
+        .and_then(|a| network::listener(&mut p, "admin_listen", a));
     if let (Some(l), Some(a)) = (listen, admin_listen) {
         if l == a {
             p.add(
@@ -98,16 +83,13 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             );
         }
     }
+    if let Some(admin) = admin_listen {
+        network::admin_reach(&mut p, admin, raw.admin.token.as_deref());
+    }
 
     // affinity
     let a = &raw.affinity;
-    let header = a.header.trim().to_ascii_lowercase();
-    if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-        p.add(
-            "affinity.header",
-            format!("{:?} is not a valid HTTP header name", a.header),
-        );
-    }
+    let header = network::affinity_header(&mut p, &a.header);
     if a.max_token_len == 0 || a.max_token_len > MAX_TOKEN_LEN_LIMIT {
         p.add(
             "affinity.max_token_len",
@@ -198,7 +180,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             } else {
                 replica_ids.insert(&replica.id, format!("{key}.id"));
             }
-            let address = socket_addr(&mut p, &format!("{key}.address"), &replica.address);
+            let address = network::replica(&mut p, &format!("{key}.address"), &replica.address);
             if let Some(addr) = address {
                 if let Some(first) = addresses.get(&addr) {
                     p.add(
