@@ -730,3 +730,4 @@ fn the_shipped_configs_load() {
 
 mod durations;
 mod network;
+mod numbers;

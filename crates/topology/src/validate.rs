@@ -48,13 +48,32 @@ fn id_is_valid(id: &str) -> bool {
 
 const ID_RULE: &str = "must be 1-64 characters of A-Z a-z 0-9 - _ . :";
 
+/// Whether `value` is finite; if not, records a problem that spells it as the YAML did
+/// (`.nan`, `.inf`), followed by `rule`. YAML reads both as floats, and no setting takes them.
+fn finite(problems: &mut Problems, key: &str, value: f64, rule: &str) -> bool {
+    let words = if value.is_nan() {
+        ".nan is not a number"
+    } else if value == f64::INFINITY {
+        ".inf is not a finite number"
+    } else if value == f64::NEG_INFINITY {
+        "-.inf is not a finite number"
+    } else {
+        return true;
+    };
+    problems.add(key, format!("{words}; {rule}"));
+    false
+}
+
+const PRICE_RULE: &str = "use dollars per million tokens, 0 to 1000000";
+
 fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
     let mut one = |field: &str, dollars: f64| -> u64 {
+        let key = format!("{key}.{field}");
+        if !finite(problems, &key, dollars, PRICE_RULE) {
+            return 0;
+        }
         if !(0.0..=1_000_000.0).contains(&dollars) {
-            problems.add(
-                format!("{key}.{field}"),
-                format!("{dollars} is not a price; use dollars per million tokens, 0 to 1000000"),
-            );
+            problems.add(key, format!("{dollars} is not a price; {PRICE_RULE}"));
             return 0;
         }
         // Micro-dollars per million tokens: exact for any price given to 6 decimals.
@@ -99,24 +118,28 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             ),
         );
     }
-    if !(a.balance_factor.is_finite() && a.balance_factor >= 1.0) {
+    const BALANCE_RULE: &str = "the bound is balance_factor × mean load, so it must be at \
+                                least 1 (1.25 is a good start)";
+    if finite(
+        &mut p,
+        "affinity.balance_factor",
+        a.balance_factor,
+        BALANCE_RULE,
+    ) && a.balance_factor < 1.0
+    {
         p.add(
             "affinity.balance_factor",
-            format!(
-                "{} is below 1; the bound is balance_factor × mean load, so it must be at least 1 \
-                 (1.25 is a good start)",
-                a.balance_factor
-            ),
+            format!("{} is below 1; {BALANCE_RULE}", a.balance_factor),
         );
     }
     if let Some(factor) = a.shed_factor {
-        if !(factor.is_finite() && factor >= 1.0) {
+        const SHED_RULE: &str = "a replica sheds sticky sessions above shed_factor × the \
+                                 fleet's mean load, so it must be at least 1 (1.25 is a good \
+                                 start, null = off)";
+        if finite(&mut p, "affinity.shed_factor", factor, SHED_RULE) && factor < 1.0 {
             p.add(
                 "affinity.shed_factor",
-                format!(
-                    "{factor} is not a number of at least 1; a replica sheds sticky sessions \
-                     above shed_factor × the fleet's mean load (1.25 is a good start, null = off)"
-                ),
+                format!("{factor} is below 1; {SHED_RULE}"),
             );
         }
     }
