@@ -729,5 +729,6 @@ fn the_shipped_configs_load() {
 }
 
 mod durations;
+mod input;
 mod network;
 mod numbers;
