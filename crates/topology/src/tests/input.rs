@@ -22,13 +22,15 @@ fn not_limited(yaml: &str) {
 
 #[test]
 fn a_leading_byte_order_mark_is_skipped() {
-    let t = load(&format!("\u{feff}{VALID}")).unwrap();
-    assert_eq!(t, load(VALID).unwrap());
+    // Right before the first key, where the parser took it for part of the key.
+    let text = VALID.trim_start();
+    let t = load(&format!("\u{feff}{text}")).unwrap();
+    assert_eq!(t, load(text).unwrap());
     let (line, message) = parse_error(&format!(
         "\u{feff}{}",
-        VALID.replace("weight: 3", "wieght: 3")
+        text.replace("weight: 3", "wieght: 3")
     ));
-    assert_eq!(line, Some(18), "lines are counted as without it");
+    assert_eq!(line, Some(17), "lines are counted as without it");
     assert!(message.contains("unknown field `wieght`"), "{message}");
 }
 
