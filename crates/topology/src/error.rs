@@ -31,6 +31,18 @@ pub enum TopologyError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The text is larger or nested deeper than any topology needs; refused before parsing
+    /// (see [`MAX_CONFIG_BYTES`](crate::MAX_CONFIG_BYTES) and
+    /// [`MAX_NESTING_DEPTH`](crate::MAX_NESTING_DEPTH)).
+    #[error("{source_name}: {message}")]
+    Limit {
+        /// File name (or `<string>`).
+        source_name: String,
+        /// 1-based line, when one is to blame.
+        line: Option<usize>,
+        /// What is wrong, with the limit.
+        message: String,
+    },
     /// The YAML is malformed or does not fit the schema (unknown key, wrong type, …).
     #[error("{source_name}: {message}")]
     Parse {

@@ -31,14 +31,17 @@
 
 mod diff;
 mod error;
+mod input;
 mod model;
 mod raw;
 mod validate;
 
+use std::io::Read;
 use std::path::Path;
 
 pub use diff::{diff, TopologyDiff};
 pub use error::{Problem, TopologyError};
+pub use input::{MAX_CONFIG_BYTES, MAX_NESTING_DEPTH};
 pub use model::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
     ProbeSettings, Region, ReloadSettings, Replica, ServerSettings, StickyStoreSettings, Tenant,
@@ -47,8 +50,11 @@ pub use model::{
 pub use validate::{MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT};
 
 impl Topology {
-    /// Parses and validates YAML text; `source_name` names it in errors (a file path).
+    /// Parses and validates YAML text; `source_name` names it in errors (a file path). Text
+    /// over [`MAX_CONFIG_BYTES`] or nested deeper than [`MAX_NESTING_DEPTH`] is refused before
+    /// parsing; a leading byte-order mark is skipped.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<Topology, TopologyError> {
+        let text = input::prepare(text).map_err(|refusal| limit(source_name, refusal))?;
         let raw: raw::RawTopology =
             serde_yaml::from_str(text).map_err(|e| TopologyError::Parse {
                 source_name: source_name.to_owned(),
@@ -62,13 +68,31 @@ impl Topology {
         })
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file. Reading stops past [`MAX_CONFIG_BYTES`], so a wrong
+    /// path to a huge file fails fast.
     pub fn load(path: &Path) -> Result<Topology, TopologyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+        let source_name = path.display().to_string();
+        let read_error = |source| TopologyError::Read {
             path: path.to_owned(),
             source,
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                file.take(MAX_CONFIG_BYTES as u64 + 1)
+                    .read_to_end(&mut bytes)
+            })
+            .map_err(read_error)?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(limit(&source_name, input::too_large()));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                not_utf8(e.as_bytes(), e.utf8_error().valid_up_to()),
+            ))
         })?;
-        Self::from_yaml(&text, &path.display().to_string())
+        Self::from_yaml(&text, &source_name)
     }
 
     /// The local region.
@@ -82,6 +106,23 @@ impl Topology {
             .iter()
             .enumerate()
             .flat_map(|(r, region)| region.replicas.iter().map(move |replica| (r, replica)))
+    }
+}
+
+fn limit(source_name: &str, refusal: input::Refusal) -> TopologyError {
+    TopologyError::Limit {
+        source_name: source_name.to_owned(),
+        line: refusal.line,
+        message: refusal.message,
+    }
+}
+
+/// Why `bytes` are not a topology's text, for the operator.
+fn not_utf8(bytes: &[u8], valid_up_to: usize) -> String {
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        "not UTF-8 but UTF-16 (it starts with a UTF-16 byte-order mark): save it as UTF-8".into()
+    } else {
+        format!("not UTF-8: invalid byte sequence at offset {valid_up_to}")
     }
 }
 

@@ -258,7 +258,7 @@ pub struct FailoverSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AdminSettings {
     /// Bearer token for the admin API's changes (`TETHER_ADMIN_TOKEN` overrides); without
-    /// one, only the read-only endpoints answer.
+    /// one, only the read-only endpoints answer. Required when `admin_listen` is off loopback.
     pub token: Option<String>,
 }
 

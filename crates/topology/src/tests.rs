@@ -711,3 +711,24 @@ fn a_region_can_share_its_kv_cache() {
         parse_error(&VALID.replacen("  - name: eu\n", "  - name: eu\n    kv_scope: rack\n", 1));
     assert!(message.contains("rack"), "{message}");
 }
+
+#[test]
+fn the_shipped_configs_load() {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conf");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&conf).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            if let Err(e) = Topology::load(&path) {
+                panic!("{e}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "{checked} files in {}", conf.display());
+}
+
+mod durations;
+mod input;
+mod network;
+mod numbers;

@@ -14,6 +14,9 @@ use crate::{
     Tenant, Topology, UpstreamSettings, UsageLog,
 };
 
+mod durations;
+mod network;
+
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
 pub const MAX_WEIGHT: u32 = 100;
 /// Largest ring (points over all replicas): 4 Mi points = 32 MiB.
@@ -35,22 +38,6 @@ impl Problems {
     }
 }
 
-fn socket_addr(problems: &mut Problems, key: &str, value: &str) -> Option<SocketAddr> {
-    match value.trim().parse::<SocketAddr>() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
-            problems.add(
-                key,
-                format!(
-                    "{value:?} is not a socket address; write an IP and a port, e.g. 127.0.0.1:9101 \
-                     (host names are not resolved, so a DNS outage cannot stall routing)"
-                ),
-            );
-            None
-        }
-    }
-}
-
 fn id_is_valid(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -61,13 +48,32 @@ fn id_is_valid(id: &str) -> bool {
 
 const ID_RULE: &str = "must be 1-64 characters of A-Z a-z 0-9 - _ . :";
 
+/// Whether `value` is finite; if not, records a problem that spells it as the YAML did
+/// (`.nan`, `.inf`), followed by `rule`. YAML reads both as floats, and no setting takes them.
+fn finite(problems: &mut Problems, key: &str, value: f64, rule: &str) -> bool {
+    let words = if value.is_nan() {
+        ".nan is not a number"
+    } else if value == f64::INFINITY {
+        ".inf is not a finite number"
+    } else if value == f64::NEG_INFINITY {
+        "-.inf is not a finite number"
+    } else {
+        return true;
+    };
+    problems.add(key, format!("{words}; {rule}"));
+    false
+}
+
+const PRICE_RULE: &str = "use dollars per million tokens, 0 to 1000000";
+
 fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
     let mut one = |field: &str, dollars: f64| -> u64 {
+        let key = format!("{key}.{field}");
+        if !finite(problems, &key, dollars, PRICE_RULE) {
+            return 0;
+        }
         if !(0.0..=1_000_000.0).contains(&dollars) {
-            problems.add(
-                format!("{key}.{field}"),
-                format!("{dollars} is not a price; use dollars per million tokens, 0 to 1000000"),
-            );
+            problems.add(key, format!("{dollars} is not a price; {PRICE_RULE}"));
             return 0;
         }
         // Micro-dollars per million tokens: exact for any price given to 6 decimals.
@@ -80,20 +86,14 @@ fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
     }
 }
 
-fn positive(problems: &mut Problems, key: &str, value: Duration) {
-    if value.is_zero() {
-        problems.add(key, "must be longer than zero");
-    }
-}
-
 pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     let mut p = Problems::default();
 
-    let listen = socket_addr(&mut p, "listen", &raw.listen);
+    let listen = network::listener(&mut p, "listen", &raw.listen);
     let admin_listen = raw
         .admin_listen
         .as_deref()
-        .and_then(|a| socket_addr(&mut p, "admin_listen", a));
+        .and_then(|a| network::listener(&mut p, "admin_listen", a));
     if let (Some(l), Some(a)) = (listen, admin_listen) {
         if l == a {
             p.add(
@@ -102,16 +102,13 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             );
         }
     }
+    if let Some(admin) = admin_listen {
+        network::admin_reach(&mut p, admin, raw.admin.token.as_deref());
+    }
 
     // affinity
     let a = &raw.affinity;
-    let header = a.header.trim().to_ascii_lowercase();
-    if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-        p.add(
-            "affinity.header",
-            format!("{:?} is not a valid HTTP header name", a.header),
-        );
-    }
+    let header = network::affinity_header(&mut p, &a.header);
     if a.max_token_len == 0 || a.max_token_len > MAX_TOKEN_LEN_LIMIT {
         p.add(
             "affinity.max_token_len",
@@ -121,28 +118,28 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             ),
         );
     }
-    if !(a.balance_factor.is_finite() && a.balance_factor >= 1.0) {
+    const BALANCE_RULE: &str = "the bound is balance_factor × mean load, so it must be at \
+                                least 1 (1.25 is a good start)";
+    if finite(
+        &mut p,
+        "affinity.balance_factor",
+        a.balance_factor,
+        BALANCE_RULE,
+    ) && a.balance_factor < 1.0
+    {
         p.add(
             "affinity.balance_factor",
-            format!(
-                "{} is below 1; the bound is balance_factor × mean load, so it must be at least 1 \
-                 (1.25 is a good start)",
-                a.balance_factor
-            ),
+            format!("{} is below 1; {BALANCE_RULE}", a.balance_factor),
         );
     }
-    positive(&mut p, "affinity.override_ttl", a.override_ttl);
-    if let Some(window) = a.tenant_locality {
-        positive(&mut p, "affinity.tenant_locality", window);
-    }
     if let Some(factor) = a.shed_factor {
-        if !(factor.is_finite() && factor >= 1.0) {
+        const SHED_RULE: &str = "a replica sheds sticky sessions above shed_factor × the \
+                                 fleet's mean load, so it must be at least 1 (1.25 is a good \
+                                 start, null = off)";
+        if finite(&mut p, "affinity.shed_factor", factor, SHED_RULE) && factor < 1.0 {
             p.add(
                 "affinity.shed_factor",
-                format!(
-                    "{factor} is not a number of at least 1; a replica sheds sticky sessions \
-                     above shed_factor × the fleet's mean load (1.25 is a good start, null = off)"
-                ),
+                format!("{factor} is below 1; {SHED_RULE}"),
             );
         }
     }
@@ -206,7 +203,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             } else {
                 replica_ids.insert(&replica.id, format!("{key}.id"));
             }
-            let address = socket_addr(&mut p, &format!("{key}.address"), &replica.address);
+            let address = network::replica(&mut p, &format!("{key}.address"), &replica.address);
             if let Some(addr) = address {
                 if let Some(first) = addresses.get(&addr) {
                     p.add(
@@ -333,18 +330,9 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         },
     };
 
+    durations::check(&mut p, &raw);
+
     // upstream and server
-    positive(
-        &mut p,
-        "upstream.connect_timeout",
-        raw.upstream.connect_timeout,
-    );
-    if let Some(t) = raw.upstream.read_timeout {
-        positive(&mut p, "upstream.read_timeout", t);
-    }
-    if let Some(t) = raw.upstream.idle_timeout {
-        positive(&mut p, "upstream.idle_timeout", t);
-    }
     if raw.server.threads == 0 || raw.server.threads > 1024 {
         p.add(
             "server.threads",
@@ -379,18 +367,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             format!("{:?} must start with '/'", probe.path),
         );
     }
-    positive(&mut p, "health.probe.interval", probe.interval);
-    positive(&mut p, "health.probe.timeout", probe.timeout);
-    if probe.timeout > probe.interval {
-        p.add(
-            "health.probe.timeout",
-            format!(
-                "{} is longer than health.probe.interval ({}): probes would overlap",
-                humantime::format_duration(probe.timeout),
-                humantime::format_duration(probe.interval)
-            ),
-        );
-    }
     for (key, n) in [
         ("health.probe.rise", probe.rise),
         ("health.probe.fall", probe.fall),
@@ -400,20 +376,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             p.add(key, format!("{n} is out of range 1..=100"));
         }
     }
-    positive(&mut p, "health.eject_cooldown", h.eject_cooldown);
-    if h.eject_max_cooldown < h.eject_cooldown {
-        p.add(
-            "health.eject_max_cooldown",
-            "must not be shorter than health.eject_cooldown",
-        );
-    }
-    positive(&mut p, "health.overload_default", h.overload_default);
-    if h.overload_max < h.overload_default {
-        p.add(
-            "health.overload_max",
-            "must not be shorter than health.overload_default",
-        );
-    }
     let f = &raw.failover;
     if !(1..=10).contains(&f.max_attempts) {
         p.add(
@@ -421,7 +383,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             format!("{} is out of range 1..=10", f.max_attempts),
         );
     }
-    positive(&mut p, "failover.deadline", f.deadline);
     for (i, path) in f.retry_unanswered.iter().enumerate() {
         if !path.starts_with('/') {
             p.add(
@@ -449,11 +410,14 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 "must start with redis:// or rediss:// (TLS); credentials go in the URL",
             );
         }
-        if s.lookup_timeout < Duration::from_millis(1) || s.lookup_timeout > Duration::from_secs(1)
-        {
+        let (min, max) = (Duration::from_millis(1), Duration::from_secs(1));
+        if !(min..=max).contains(&s.lookup_timeout) {
             p.add(
                 "sticky_store.lookup_timeout",
-                "must be from 1ms to 1s: every new session on this edge may wait this long",
+                format!(
+                    "{}: every new session on this edge may wait this long for the store",
+                    durations::out_of_range(s.lookup_timeout, min, max)
+                ),
             );
         }
         if s.write_queue == 0 {
