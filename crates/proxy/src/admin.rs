@@ -114,16 +114,9 @@ impl AdminApp {
                 "admin changes are disabled: set admin.token or TETHER_ADMIN_TOKEN",
             ));
         };
-        let presented = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+        // The same parsing as the proxy's: any case of the scheme, surrounding spaces trimmed.
+        let presented = crate::admission::bearer_token(session.req_header())
+            .map(|t| <[u8; 32]>::from(Sha256::digest(t)));
         // Comparing digests: equal-length values, and no timing hint about the token itself.
         if presented == Some(expected) {
             None
@@ -203,6 +196,11 @@ impl ServeHttp for AdminApp {
                 }
                 _ => error(404, "not_found", "not found"),
             };
+        }
+        if path != "/health" && self.router.snapshot().admin_reads_need_token() {
+            if let Some(refusal) = self.refuse_unauthorized(session) {
+                return refusal;
+            }
         }
         match (req.method.as_str(), path.as_str()) {
             ("GET", "/health") => response(200, json!({"status": "ok"}).to_string()),

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tether::router::Router;
 use tether::{report_cmd, server};
 use tether_topology::Topology;
 
@@ -98,7 +99,16 @@ fn main() -> ExitCode {
 fn check(configs: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for path in configs {
-        match Topology::load(path) {
+        // Valid YAML is not enough: the proxy must also be able to use it (with this
+        // environment's admin token).
+        let checked = Topology::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                Router::new(&t, None)
+                    .map(|_| t)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            });
+        match checked {
             Ok(t) => println!(
                 "{}: ok ({} regions, {} replicas, {} tenants)",
                 path.display(),

@@ -28,6 +28,14 @@ pub enum InstallError {
     /// The admin token from the environment is too short to be a secret.
     #[error("{ADMIN_TOKEN_ENV} must be at least 16 characters")]
     AdminTokenTooShort,
+    /// The admin API would answer other hosts without asking for a token.
+    #[error(
+        "admin_listen {0} is not a loopback address, and without a token (admin.token or \
+         {ADMIN_TOKEN_ENV}) its endpoints (/metrics, /admin/replicas) would answer anyone who \
+         reaches it: set a token (off loopback every admin endpoint but /health then requires \
+         it), or listen on 127.0.0.1 or [::1]"
+    )]
+    OpenAdmin(std::net::SocketAddr),
     /// The affinity header is not a valid HTTP header name.
     #[error("affinity.header {name:?}: {source}")]
     Header {
@@ -94,6 +102,8 @@ pub struct Snapshot {
     probe: Option<ProbeSettings>,
     failover: FailoverSettings,
     admin_token_sha256: Option<[u8; 32]>,
+    /// The admin listener is reachable from other hosts: reads need the token too.
+    admin_reads_need_token: bool,
     pricing: tether_topology::Pricing,
     metering: bool,
     inject_stream_usage: bool,
@@ -123,6 +133,11 @@ impl Snapshot {
     /// SHA-256 of the admin API's bearer token; `None` = changes through the API are off.
     pub fn admin_token_sha256(&self) -> Option<&[u8; 32]> {
         self.admin_token_sha256.as_ref()
+    }
+
+    /// Whether the admin API's read endpoints (all but `/health`) need the token too.
+    pub fn admin_reads_need_token(&self) -> bool {
+        self.admin_reads_need_token
     }
 
     /// Whether responses are metered at all.
@@ -321,6 +336,13 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
         Ok(token) => Some(token),
         Err(_) => topology.admin.token.clone(),
     };
+    let admin_reads_need_token = topology
+        .admin_listen
+        .is_some_and(tether_topology::admin_needs_token);
+    if let (Some(addr), true, None) = (topology.admin_listen, admin_reads_need_token, &admin_token)
+    {
+        return Err(InstallError::OpenAdmin(addr));
+    }
 
     Ok(Snapshot {
         fleet: Arc::new(fleet),
@@ -342,6 +364,7 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
         }),
         failover: topology.failover.clone(),
         admin_token_sha256: admin_token.map(|t| Sha256::digest(t.as_bytes()).into()),
+        admin_reads_need_token,
         pricing: topology.pricing.clone(),
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,

@@ -47,7 +47,9 @@ pub use model::{
     ProbeSettings, Region, ReloadSettings, Replica, ServerSettings, StickyStoreSettings, Tenant,
     Topology, UpstreamSettings, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
-pub use validate::{MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT};
+pub use validate::{
+    admin_needs_token, MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT,
+};
 
 impl Topology {
     /// Parses and validates YAML text; `source_name` names it in errors (a file path). Text

@@ -16,6 +16,7 @@ use crate::{
 
 mod durations;
 mod network;
+pub use network::admin_needs_token;
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
 pub const MAX_WEIGHT: u32 = 100;
@@ -101,9 +102,6 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 format!("{a} is also `listen`; use another port"),
             );
         }
-    }
-    if let Some(admin) = admin_listen {
-        network::admin_reach(&mut p, admin, raw.admin.token.as_deref());
     }
 
     // affinity

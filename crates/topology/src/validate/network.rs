@@ -59,21 +59,11 @@ pub(super) fn replica(p: &mut Problems, key: &str, value: &str) -> Option<Socket
     None
 }
 
-/// Off loopback, `admin.token` must be set: without it the admin API's read endpoints answer
-/// anyone who can reach the listener (with it, the proxy asks for it on every endpoint there).
-pub(super) fn admin_reach(p: &mut Problems, admin: SocketAddr, token: Option<&str>) {
-    if admin.ip().to_canonical().is_loopback() || token.is_some() {
-        return;
-    }
-    p.add(
-        "admin_listen",
-        format!(
-            "{admin} is not a loopback address, and without admin.token the admin API's read \
-             endpoints (/metrics, /admin/replicas) would answer anyone who reaches it: set \
-             admin.token (off loopback every admin endpoint then requires it), or listen on \
-             127.0.0.1 or [::1]"
-        ),
-    );
+/// Whether the admin API at `admin` is reachable from other hosts, so that every endpoint but
+/// `/health` must require the admin token (the proxy refuses to start such a listener without
+/// one: the token may come from the environment, which only the proxy sees).
+pub fn admin_needs_token(admin: SocketAddr) -> bool {
+    !admin.ip().to_canonical().is_loopback()
 }
 
 const CREDENTIALS: &str = "it carries credentials; a session token must not be a secret, and \
