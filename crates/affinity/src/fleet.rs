@@ -150,8 +150,11 @@ impl<U> Replica<U> {
 pub trait BindingSink: Send + Sync + std::fmt::Debug {
     /// `key` is now served by `replica`.
     fn bound(&self, key: RoutingKey, replica: &str);
-    /// `key`'s binding is still in use.
-    fn still_bound(&self, key: RoutingKey);
+    /// `key`'s binding to `replica` is still in use (and should be written back if the
+    /// store lost it, without overwriting a newer one).
+    fn still_bound(&self, key: RoutingKey, replica: &str);
+    /// The idle TTL of bindings changed (a reload): the store's copies should follow it.
+    fn ttl_changed(&self, _ttl: Duration) {}
 }
 
 /// What outlives a topology generation: the override table, replica tags, each replica's live
@@ -184,6 +187,25 @@ impl FleetState {
         })
     }
 
+    /// Whether bindings are shared with other instances (a sink is configured).
+    pub fn shares(&self) -> bool {
+        self.sink.is_some()
+    }
+
+    /// Takes in a binding change another instance announced, for a key this instance
+    /// already has an entry for (a key it has never seen is looked up when it first shows up,
+    /// so inserting every session of the tier would only crowd this table). Returns false
+    /// for a replica id this process does not know.
+    pub fn learn_if_known(&self, key: RoutingKey, replica_id: &str) -> bool {
+        let Some(tag) = self.tags.get(replica_id) else {
+            return false;
+        };
+        if self.overrides.get(key).is_some() {
+            self.overrides.record(key, tag);
+        }
+        true
+    }
+
     /// Takes in a binding learnt from elsewhere (the shared store, another edge's change):
     /// `key` is served by the replica `replica_id`. Returns false, changing nothing, for an id
     /// this process has never seen in a topology (garbage, or a replica of a newer config).
@@ -209,7 +231,7 @@ impl FleetState {
             Recorded::Kept { last_touched, now }
                 if refresh_due(key, last_touched, now, self.overrides.ttl_secs()) =>
             {
-                sink.still_bound(key);
+                sink.still_bound(key, &replica.id);
             }
             Recorded::Kept { .. } => {}
         }
@@ -258,6 +280,9 @@ impl FleetState {
         }
         self.overrides
             .set_limits(plan.override_ttl, plan.override_capacity);
+        if let Some(sink) = &self.sink {
+            sink.ttl_changed(plan.override_ttl);
+        }
         Fleet {
             selector,
             replicas,
@@ -340,7 +365,15 @@ impl<U> Fleet<U> {
     /// its recorded replica counts as a *placement* there; the receipt takes an in-flight slot.
     pub fn route(self: &Arc<Self>, attempts: &mut Attempts, now: u64) -> Option<Route<U>> {
         self.expire_ejections(now);
-        let (replica, outcome) = match attempts.again.take() {
+        let view = FleetView { fleet: self, now };
+        // A retry on a fresh connection goes back to the same replica only while it may still
+        // keep the session; otherwise the request is decided afresh.
+        let again = attempts
+            .again
+            .take()
+            .filter(|(idx, _)| self.selector.sticky_eligible(*idx, None, &view));
+        let retried_here = again.is_some();
+        let (replica, outcome) = match again {
             Some(again) => again,
             None => {
                 let request = RouteRequest {
@@ -349,7 +382,6 @@ impl<U> Fleet<U> {
                     tried: Some(&attempts.tried),
                     tenant: attempts.tenant,
                 };
-                let view = FleetView { fleet: self, now };
                 let decision = self.selector.decide_gated(&request, &view, &view)?;
                 (decision.replica, decision.outcome)
             }
@@ -363,7 +395,7 @@ impl<U> Fleet<U> {
         }
         if let (Some(tenant), Some(window)) = (attempts.tenant, self.locality_ms) {
             live.warmth.record(tenant, now);
-            if keyed && outcome != Outcome::Sticky {
+            if keyed && outcome != Outcome::Sticky && !retried_here {
                 live.warmth.record_placement(now, window);
             }
         }

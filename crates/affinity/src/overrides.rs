@@ -626,6 +626,11 @@ impl<C: Clock> OverrideTable<C> {
                 if slot.tag == tag.0 {
                     let last_touched = slot.touched();
                     slot.touch(now);
+                    // An entry past its TTL (not yet purged) had been forgotten: its return
+                    // is a new binding, which a shared store may have lost meanwhile.
+                    if self.expired(last_touched, now) {
+                        return Recorded::New;
+                    }
                     return Recorded::Kept { last_touched, now };
                 }
             }

@@ -355,7 +355,8 @@ impl Selector {
             let region = self.replicas[idx as usize].region;
             if self.regions[region as usize].kv_scope == KvScope::Region {
                 // The region holds the cache: any of its replicas is warm.
-                if let Some(replica) = self.least_loaded_in(region, Some(idx), req.tried, view) {
+                if let Some(replica) = self.least_loaded_in(region, Some(idx), key, req.tried, view)
+                {
                     let outcome = if replica == idx {
                         Outcome::Sticky
                     } else {
@@ -386,7 +387,7 @@ impl Selector {
             std::iter::once(home).chain(self.regions[home as usize].fallback.iter().copied());
         for (n, region) in regions.enumerate() {
             let found = if self.regions[region as usize].kv_scope == KvScope::Region {
-                self.least_loaded_in(region, None, req.tried, view)
+                self.least_loaded_in(region, None, key, req.tried, view)
                     .map(|replica| (replica, WalkNotes::default()))
             } else {
                 self.walk_region(region, position, req.tried, req.tenant, view)
@@ -451,20 +452,25 @@ impl Selector {
 
     /// The eligible replica of `region` with the fewest requests in flight per unit of weight
     /// (ties: `prefer`, the session's own replica, whose local cache is the warmest; then the
-    /// first in configured order): placement inside a region that shares its KV cache.
+    /// first from a point the key picks, so that an idle region spreads new sessions instead
+    /// of piling them on its first replica): placement inside a region that shares its KV
+    /// cache.
     fn least_loaded_in<V: LoadView + ?Sized>(
         &self,
         region: u16,
         prefer: Option<ReplicaIdx>,
+        key: RoutingKey,
         tried: Option<&ReplicaSet>,
         view: &V,
     ) -> Option<ReplicaIdx> {
         let mut best: Option<(ReplicaIdx, u64, u64)> = None;
         let members = &self.regions.get(region as usize)?.members;
         let preferred = prefer.filter(|p| members.contains(p));
+        let start = key.ring_position() as usize % members.len().max(1);
+        let rotated = members[start..].iter().chain(&members[..start]);
         for &m in preferred
             .iter()
-            .chain(members.iter().filter(|m| Some(**m) != preferred))
+            .chain(rotated.filter(|m| Some(**m) != preferred))
         {
             if !self.sticky_eligible(m, tried, view) {
                 continue;

@@ -10,8 +10,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
 use tether::router::Router;
+use tether::tier::DiscardSink;
 use tether::{report_cmd, server};
+use tether_affinity::BindingSink;
 use tether_topology::Topology;
 
 /// mimalloc instead of glibc malloc: the usage log's writer thread frees records the proxy
@@ -104,7 +108,11 @@ fn check(configs: &[PathBuf]) -> ExitCode {
         let checked = Topology::load(path)
             .map_err(|e| e.to_string())
             .and_then(|t| {
-                Router::new(&t, None)
+                let sink = t
+                    .sticky_store
+                    .as_ref()
+                    .map(|_| Arc::new(DiscardSink) as Arc<dyn BindingSink>);
+                Router::new(&t, sink)
                     .map(|_| t)
                     .map_err(|e| format!("{}: {e}", path.display()))
             });

@@ -28,6 +28,13 @@ pub enum InstallError {
     /// The admin token from the environment is too short to be a secret.
     #[error("{ADMIN_TOKEN_ENV} must be at least 16 characters")]
     AdminTokenTooShort,
+    /// `nearest` placement, but no store is running (the `sticky_store` section takes effect
+    /// only at start).
+    #[error(
+        "affinity.placement is nearest but this instance runs without a sticky store (a \
+         `sticky_store` section takes effect only at start): set placement: hash, or restart"
+    )]
+    NearestWithoutStore,
     /// The admin API would answer other hosts without asking for a token.
     #[error(
         "admin_listen {0} is not a loopback address, and without a token (admin.token or \
@@ -286,6 +293,9 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
                 .collect(),
         })
         .collect();
+    if topology.affinity.placement == tether_affinity::Placement::Nearest && !state.shares() {
+        return Err(InstallError::NearestWithoutStore);
+    }
     let health = &topology.health;
     let fleet = state.build(FleetPlan {
         regions,

@@ -24,9 +24,23 @@ impl BindingSink for StoreSink {
         self.0.bind(key.0, replica);
     }
 
-    fn still_bound(&self, key: RoutingKey) {
-        self.0.touch(key.0);
+    fn still_bound(&self, key: RoutingKey, replica: &str) {
+        self.0.touch(key.0, replica);
     }
+
+    fn ttl_changed(&self, ttl: std::time::Duration) {
+        self.0.set_ttl(ttl);
+    }
+}
+
+/// A sink that drops everything: `tether check` stands it in for a configured store, which it
+/// does not start.
+#[derive(Debug)]
+pub struct DiscardSink;
+
+impl BindingSink for DiscardSink {
+    fn bound(&self, _key: RoutingKey, _replica: &str) {}
+    fn still_bound(&self, _key: RoutingKey, _replica: &str) {}
 }
 
 /// The store as routing uses it.
@@ -66,11 +80,12 @@ impl Tier {
         Arc::new(StoreSink(self.store.clone()))
     }
 
-    /// Takes other instances' binding changes into `state` as they are announced.
+    /// Takes other instances' binding changes into `state` as they are announced (for the
+    /// sessions this instance has an entry for).
     pub fn follow(&self, state: Arc<FleetState>) {
         let unknown = Arc::clone(&self.unknown_replicas);
         self.store.on_remote_bind(move |key, replica| {
-            if !state.learn(RoutingKey(key), replica) {
+            if !state.learn_if_known(RoutingKey(key), replica) {
                 unknown.fetch_add(1, Ordering::Relaxed);
             }
         });

@@ -76,6 +76,7 @@ impl StickyStore {
             counters: Counters::default(),
             remote_bind: Default::default(),
             origin: rand::random(),
+            ttl_seconds: std::sync::atomic::AtomicU64::new(plan.ttl_seconds),
         });
         let lookup_timeout = plan.lookup_timeout;
         let redacted_url = plan.redacted_url.clone();
@@ -166,10 +167,26 @@ impl StickyStore {
         });
     }
 
-    /// Restarts `key`'s idle TTL (`EXPIRE`), without announcing anything: queued, never waits.
-    /// Touching a key that has no binding does nothing.
-    pub fn touch(&self, key: u64) {
-        self.enqueue(WriteOp::Touch { key });
+    /// Restarts `key`'s idle TTL, and writes the binding to `replica` back if the store has
+    /// none (it restarted empty, the key expired, or a bind was dropped while the store was
+    /// down); never overwrites a binding that is there, never announces: queued, never waits.
+    pub fn touch(&self, key: u64, replica: &str) {
+        if !is_storable_replica_id(replica) {
+            self.inner.shared.counters.error(StoreErrorKind::Garbage);
+            self.inner.shared.counters.writes_dropped(1);
+            return;
+        }
+        self.enqueue(WriteOp::Touch {
+            key,
+            replica: replica.into(),
+        });
+    }
+
+    /// Changes a binding's idle lifetime for the writes from now on (a reload changed
+    /// `affinity.override_ttl`); whole seconds, rounded up, at least one.
+    pub fn set_ttl(&self, ttl: Duration) {
+        let seconds = (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1);
+        self.inner.shared.ttl_seconds.store(seconds, Relaxed);
     }
 
     fn enqueue(&self, op: WriteOp) {

@@ -87,6 +87,9 @@ fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
     }
 }
 
+/// Most writes the sticky store may queue (each holds a key and a replica id).
+pub const MAX_WRITE_QUEUE: usize = 1 << 20;
+
 pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     let mut p = Problems::default();
 
@@ -405,7 +408,8 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         if !scheme_ok {
             p.add(
                 "sticky_store.url",
-                "must start with redis:// or rediss:// (TLS); credentials go in the URL",
+                "must start with redis://, rediss:// (TLS), valkey:// or valkeys:// (TLS); \
+                 credentials go in the URL",
             );
         }
         let (min, max) = (Duration::from_millis(1), Duration::from_secs(1));
@@ -418,8 +422,20 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 ),
             );
         }
-        if s.write_queue == 0 {
-            p.add("sticky_store.write_queue", "must be at least 1");
+        if s.write_queue == 0 || s.write_queue > MAX_WRITE_QUEUE {
+            p.add(
+                "sticky_store.write_queue",
+                format!("must be from 1 to {MAX_WRITE_QUEUE}: queued writes are held in memory"),
+            );
+        }
+        if s.tls_ca_file.is_some()
+            && !s.url.starts_with("rediss://")
+            && !s.url.starts_with("valkeys://")
+        {
+            p.add(
+                "sticky_store.tls_ca_file",
+                "is only used with a TLS URL (rediss:// or valkeys://)",
+            );
         }
         if s.key_prefix.is_empty() {
             p.add(

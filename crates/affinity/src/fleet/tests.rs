@@ -440,7 +440,7 @@ impl BindingSink for RecordingSink {
     fn bound(&self, key: RoutingKey, replica: &str) {
         self.bound.lock().unwrap().push((key.0, replica.to_owned()));
     }
-    fn still_bound(&self, key: RoutingKey) {
+    fn still_bound(&self, key: RoutingKey, _replica: &str) {
         self.refreshed.lock().unwrap().push(key.0);
     }
 }

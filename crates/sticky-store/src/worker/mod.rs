@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub remote_bind: ArcSwapOption<RemoteBindFn>,
     /// This instance's id in published messages, so it can skip its own.
     pub origin: u64,
+    /// A binding's idle lifetime in whole seconds; follows the proxy's reloads.
+    pub ttl_seconds: std::sync::atomic::AtomicU64,
 }
 
 /// A lookup on its way to the store's thread; the answer goes back on `reply`.
@@ -44,8 +46,11 @@ pub(crate) struct LookupRequest {
 pub(crate) enum WriteOp {
     /// `SET key replica EX ttl`, then announce it.
     Bind { key: u64, replica: Box<str> },
-    /// `EXPIRE key ttl`.
-    Touch { key: u64 },
+    /// `SET key replica NX EX ttl` then `EXPIRE key ttl`: restarts the idle TTL of the
+    /// stored binding, and writes it back if the store lost it (restarted empty, expired,
+    /// a bind dropped while it was down), without overwriting a newer binding and without
+    /// announcing anything.
+    Touch { key: u64, replica: Box<str> },
 }
 
 /// The command connection as the supervisor last published it.

@@ -98,7 +98,7 @@ async fn pipeline(
 ) -> Result<(), WriteFailure> {
     let mut pipe = redis::pipe();
     for op in ops {
-        for cmd in commands(plan, shared.origin, op) {
+        for cmd in commands(plan, shared, op) {
             pipe.add_command(cmd).ignore();
         }
     }
@@ -131,7 +131,7 @@ async fn one_by_one(
         let mut conn = conn.clone();
         async move {
             // In order: whoever hears the announcement must find the value.
-            for cmd in commands(plan, shared.origin, op) {
+            for cmd in commands(plan, shared, op) {
                 conn.query(&cmd).await?;
             }
             Ok::<(), redis::RedisError>(())
@@ -157,26 +157,39 @@ async fn one_by_one(
 }
 
 /// The Redis commands of one write.
-fn commands(plan: &Plan, origin: u64, op: &WriteOp) -> Vec<redis::Cmd> {
+fn commands(plan: &Plan, shared: &Shared, op: &WriteOp) -> Vec<redis::Cmd> {
+    let (origin, ttl_seconds) = (
+        shared.origin,
+        shared
+            .ttl_seconds
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     match op {
         WriteOp::Bind { key, replica } => {
             let mut set = redis::cmd("SET");
             set.arg(store_key(&plan.key_prefix, *key))
                 .arg(&**replica)
                 .arg("EX")
-                .arg(plan.ttl_seconds);
+                .arg(ttl_seconds);
             let mut publish = redis::cmd("PUBLISH");
             publish
                 .arg(&plan.channel)
                 .arg(encode_bind(origin, *key, replica));
             vec![set, publish]
         }
-        WriteOp::Touch { key } => {
+        WriteOp::Touch { key, replica } => {
+            let mut restore = redis::cmd("SET");
+            restore
+                .arg(store_key(&plan.key_prefix, *key))
+                .arg(&**replica)
+                .arg("NX")
+                .arg("EX")
+                .arg(ttl_seconds);
             let mut expire = redis::cmd("EXPIRE");
             expire
                 .arg(store_key(&plan.key_prefix, *key))
-                .arg(plan.ttl_seconds);
-            vec![expire]
+                .arg(ttl_seconds);
+            vec![restore, expire]
         }
     }
 }
@@ -197,7 +210,7 @@ fn coalesce(ops: impl IntoIterator<Item = WriteOp>) -> Vec<WriteOp> {
     for op in ops.into_iter().rev() {
         let keep = match &op {
             WriteOp::Bind { key, .. } => rebound.insert(*key),
-            WriteOp::Touch { key } => !bound.contains(key) && touched.insert(*key),
+            WriteOp::Touch { key, .. } => !bound.contains(key) && touched.insert(*key),
         };
         if keep {
             kept.push(op);
@@ -219,7 +232,10 @@ mod tests {
     }
 
     fn touch(key: u64) -> WriteOp {
-        WriteOp::Touch { key }
+        WriteOp::Touch {
+            key,
+            replica: "a".into(),
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ async fn lookups_binds_and_announcements_work_on_a_cluster() {
         .collect();
     assert_eq!(keys, HashSet::from([0xa0, 0xa1, 0xa2]));
 
-    a.touch(0xfeed);
+    a.touch(0xfeed, "eu-1");
     b.bind(0xfeed, "eu-2");
     wait_lookup(&a, 0xfeed, found("eu-2")).await;
     assert_eq!(a.stats().errors.total(), 0, "{:?}", a.stats());
