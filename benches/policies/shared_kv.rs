@@ -1,11 +1,12 @@
 //! Shared KV regions: soft affinity inside a region whose replicas share a KV tier.
 //!
 //! Each region of the six-replica fleet gets a shared KV tier in the simulator (LMCache or
-//! Mooncake style: write-through, a hit from the tier costs a fraction of the prefill), and the
-//! hot-spot workload runs twice through Tether: once told `kv_scope: region`, so a session's
-//! later turns go to the least-loaded replica of its region, and once with `kv_scope: replica`
-//! (its defaults: hard affinity, tenant locality on) in front of the same simulator. Hits count
-//! the tier's tokens as cached, as vLLM with an LMCache connector reports them.
+//! Mooncake style: write-through, a hit from the tier costs a fraction of the prefill), each
+//! replica [`MAX_NUM_SEQS`] sequence slots, so the hot spot queues, and the hot-spot workload
+//! runs twice through Tether: once told `kv_scope: region`, so a session's later turns go to
+//! the least-loaded replica of its region, and once with `kv_scope: replica` (its defaults: hard
+//! affinity, tenant locality on) in front of the same simulator. Hits count the tier's tokens as
+//! cached, as vLLM with an LMCache connector reports them.
 
 use std::time::Instant;
 
@@ -16,6 +17,14 @@ use super::{flush, tether_config, SIX, TENANT_KEYS};
 
 /// The fleet's regions: each one gets a shared KV tier.
 const REGIONS: [&str; 2] = ["eu", "us"];
+
+/// Sequence slots per replica, half the simulator's 16. A shared tier is for a hot spot that
+/// overfills its replica's slots; with 16, the hot spot's busiest replica rarely queues. With 8,
+/// the fleet still has room on average (balanced, a replica rarely queues) while a replica at
+/// 1.6 × the mean does; with 4 every replica queues, balanced or not, which is overload, not a
+/// hot spot. Few slots is a real engine's shape: llama.cpp's server decodes `--parallel`
+/// sequences, vLLM admits a sequence only while its KV blocks fit.
+const MAX_NUM_SEQS: usize = 8;
 
 /// The two Tether configurations compared, by row name and `kv_scope`; the one under test last,
 /// as in the other tables.
@@ -66,14 +75,17 @@ pub(crate) async fn run_scenario(workload: &Workload, scale: &str, cache_tokens:
     );
 }
 
-/// The six replicas in their regions, each region with a shared KV tier of the simulator's
-/// default size (8 × `cache_tokens`) and transfer cost (0.2 × the prefill time).
+/// The six replicas in their regions, [`MAX_NUM_SEQS`] slots each, each region with a shared KV
+/// tier of the simulator's default size (8 × `cache_tokens`) and transfer cost (0.2 × the
+/// prefill time).
 fn start_fleet(scale: &str, cache_tokens: usize) -> SimFleet {
     let mut args: Vec<String> = vec![
         "--time-scale".into(),
         scale.into(),
         "--cache-tokens".into(),
         cache_tokens.to_string(),
+        "--max-num-seqs".into(),
+        MAX_NUM_SEQS.to_string(),
     ];
     for id in SIX {
         args.push("--region-of".into());
