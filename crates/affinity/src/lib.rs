@@ -34,8 +34,13 @@
 //!   that has served more than that factor × the fleet's mean for a while gives one sticky
 //!   session at a time to the least-loaded eligible replica.
 //!
+//!   With [`Placement::Nearest`] a new session's home is the edge's own region while it has
+//!   room, and a recorded session fails over inside its region first; in a
+//!   [`KvScope::Region`] region the least-loaded eligible replica serves (soft affinity).
+//!
 //!   Each decision records its branch as an [`Outcome`] (`sticky`, `shed`, `ring`,
-//!   `rebalanced`, `locality`, `failover`, `cross_region`, `none`) for logs and metrics.
+//!   `rebalanced`, `locality`, `failover`, `cross_region`, `shared_kv`, `none`) for logs and
+//!   metrics.
 //! - **Recording**: after a successful response the proxy records `key → replica` in the
 //!   override table. Adding a replica therefore moves no session that has an entry; removing or
 //!   draining one moves only its own sessions. Entries idle out after a TTL, and the table is

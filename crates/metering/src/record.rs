@@ -24,7 +24,7 @@ pub struct UsageRecord {
     /// Replica that served it.
     pub replica: Option<Arc<str>>,
     /// Routing outcome (`sticky`, `shed`, `ring`, `rebalanced`, `locality`, `failover`,
-    /// `cross_region`, `none`); `null` when the request was never routed.
+    /// `cross_region`, `shared_kv`, `none`); `null` when the request was never routed.
     pub outcome: Option<Outcome>,
     /// HTTP status sent to the client (0 if none was).
     pub status: u16,
