@@ -301,22 +301,7 @@ async fn a_store_that_dies_stalls_and_comes_back_empty_fails_no_request() {
         assert!(sample("tether_sticky_store_errors_total{kind=\"connect\"}") > 0.0);
     }
     // Sharing resumes once every instance is connected and subscribed again.
-    for edge in &edges {
-        let deadline = std::time::Instant::now() + tether_e2e::READY_TIMEOUT;
-        loop {
-            let metrics = edge.metrics().await;
-            if metrics.contains("tether_sticky_store_connected 1")
-                && metrics.contains("tether_sticky_store_subscribed 1")
-            {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the store never came back"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    until_rejoined(&edges).await;
     let served = alternate(&mut edges, 10, 3, Nothing, Some(&redis)).await;
     let (warm, counted) = warm_follow(&served, &[]);
     assert_eq!(warm, counted, "{served:?}");
@@ -364,4 +349,53 @@ async fn nearest_placement_keeps_new_sessions_in_the_edges_own_region() {
             "{home} of 60 first turns in {region}"
         );
     }
+}
+
+/// Waits until every instance is connected to the store and subscribed again.
+async fn until_rejoined(edges: &[Tether]) {
+    for edge in edges {
+        let deadline = std::time::Instant::now() + tether_e2e::READY_TIMEOUT;
+        loop {
+            let metrics = edge.metrics().await;
+            if metrics.contains("tether_sticky_store_connected 1")
+                && metrics.contains("tether_sticky_store_subscribed 1")
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_outlive_a_store_restarted_empty_stay_warm_across_instances() {
+    let mut redis = RedisServer::start().expect("redis-server starts");
+    let fleet = SimFleet::start(&FLEET).expect("sim starts");
+    let extra = "affinity: { tenant_locality: 30s }\n";
+    let mut edges = three_edges(&fleet, Some(&redis.url()), extra);
+    let before = alternate(&mut edges, 30, 2, Nothing, Some(&redis)).await;
+    redis.kill().expect("redis stops");
+    redis.restart().expect("redis comes back, empty");
+    until_rejoined(&edges).await;
+    // Each instance writes the bindings it holds back to the store.
+    until_stored(&redis, &before).await;
+
+    let client = reqwest::Client::new();
+    let mut served = before.clone();
+    for t in 3..=5 {
+        for s in 0..30 {
+            let session = format!("tier-session-{s}");
+            let url = edges[(s + t) % edges.len()].url("/v1/chat/completions");
+            let replica = served_turn(&client, &url, &session, t).await;
+            served.entry(session).or_default().push(replica);
+        }
+        tokio::time::sleep(THINK).await;
+        until_stored(&redis, &served).await;
+    }
+    let (warm, counted) = warm_follow(&served, &[]);
+    assert_eq!(warm, counted, "{served:?}");
 }

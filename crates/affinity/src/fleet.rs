@@ -165,6 +165,10 @@ pub struct FleetState {
     tags: TagRegistry,
     live: Mutex<HashMap<ReplicaTag, (SocketAddr, Arc<LiveReplica>)>>,
     sink: Option<Arc<dyn BindingSink>>,
+    /// Entries last touched before this second (on the table's clock) are not trusted to
+    /// match the shared store: it came back after a gap in which announcements may have been
+    /// missed. 0 = every entry is trusted.
+    verified_since: std::sync::atomic::AtomicU32,
 }
 
 impl FleetState {
@@ -184,7 +188,27 @@ impl FleetState {
             tags: TagRegistry::new(),
             live: Mutex::new(HashMap::new()),
             sink,
+            verified_since: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// The shared store came back after a gap: every entry touched until now is to be
+    /// checked against it once (its next turn looks the key up before routing).
+    pub fn reverify(&self) {
+        let now = self.overrides.now_secs().saturating_add(1);
+        self.verified_since
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the local table has an entry for `key` that needs no check against a shared
+    /// store.
+    pub fn knows(&self, key: RoutingKey) -> bool {
+        let since = self
+            .verified_since
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.overrides
+            .get_touched(key)
+            .is_some_and(|(_, touched)| touched >= since)
     }
 
     /// Whether bindings are shared with other instances (a sink is configured).
@@ -351,9 +375,10 @@ impl<U> Fleet<U> {
         &self.state
     }
 
-    /// Whether the local table has an entry for `key` (when it does not, a shared store may).
+    /// Whether the local table has an entry for `key` it trusts (when it does not, a shared
+    /// store may know better).
     pub fn knows(&self, key: RoutingKey) -> bool {
-        self.state.overrides.get(key).is_some()
+        self.state.knows(key)
     }
 
     /// Where the next attempt of `attempts`' request goes at `now` (milliseconds on

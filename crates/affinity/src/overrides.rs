@@ -777,6 +777,33 @@ impl<C: Clock> OverrideTable<C> {
     }
 
     /// Number of live entries per replica tag, in one O(n) scan (for the admin API).
+    /// Every live entry as `(key, replica)`, read one shard (read-locked) at a time: what a
+    /// tier writes back to its shared store after the store lost data.
+    pub fn entries(&self) -> Vec<(RoutingKey, ReplicaTag)> {
+        let now = self.clock.now_secs();
+        let mut entries = Vec::with_capacity(self.len());
+        self.for_each(|e| {
+            if !self.expired(e.touched, now) {
+                entries.push((RoutingKey(e.key), ReplicaTag(e.tag)));
+            }
+        });
+        entries
+    }
+
+    /// The entry of `key` and the second it was last touched, if live.
+    pub fn get_touched(&self, key: RoutingKey) -> Option<(ReplicaTag, u32)> {
+        let now = self.clock.now_secs();
+        let shard = read(self.shard(key.0));
+        let slot = shard.find(key.0)?;
+        let touched = slot.touched();
+        (!self.expired(touched, now)).then_some((ReplicaTag(slot.tag), touched))
+    }
+
+    /// Now, in the table's seconds.
+    pub fn now_secs(&self) -> u32 {
+        self.clock.now_secs()
+    }
+
     pub fn counts_by_tag(&self) -> std::collections::HashMap<ReplicaTag, usize> {
         let now = self.clock.now_secs();
         let mut counts = std::collections::HashMap::new();

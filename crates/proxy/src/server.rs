@@ -133,6 +133,16 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
         },
     ));
 
+    if let Some(tier) = &tier {
+        server.add_service(background_service(
+            "sticky store resync",
+            StoreResync {
+                tier: tier.clone(),
+                router: Arc::clone(&router),
+            },
+        ));
+    }
+
     server.add_service(background_service(
         "health probes",
         probe::Prober::new(router::RouterProbes(Arc::clone(&router))),
@@ -194,6 +204,37 @@ impl BackgroundService for DrainOnUpgrade {
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
+            }
+        }
+    }
+}
+
+/// Brings the local table and the shared store back into agreement whenever the store comes
+/// (back) up: see [`Tier::resync`].
+struct StoreResync {
+    tier: Tier,
+    router: Arc<Router>,
+}
+
+#[async_trait]
+impl BackgroundService for StoreResync {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(OVERRIDE_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    let epoch = self.tier.epoch();
+                    if epoch != seen {
+                        seen = epoch;
+                        let written = self.tier.resync(&self.router).await;
+                        if written > 0 {
+                            log::info!("sticky store: wrote {written} bindings back after it came up");
+                        }
+                    }
+                }
             }
         }
     }

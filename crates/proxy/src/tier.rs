@@ -11,9 +11,13 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tether_affinity::{BindingSink, FleetState, RoutingKey};
+use std::collections::HashMap;
+
+use tether_affinity::{BindingSink, FleetState, ReplicaTag, RoutingKey};
 use tether_sticky_store::{Lookup, StickyStore, StoreSettings, StoreStats};
 use tether_topology::Topology;
+
+use crate::router::Router;
 
 /// The fleet's bindings, passed on to the store.
 #[derive(Debug)]
@@ -105,6 +109,40 @@ impl Tier {
             }
             Lookup::Missing | Lookup::Unavailable(_) => false,
         }
+    }
+
+    /// Changes whenever the store's connection or subscription comes (back) up.
+    pub fn epoch(&self) -> u64 {
+        self.store.epoch()
+    }
+
+    /// After the store came back: every entry of the local table is to be checked against
+    /// it on its next turn (announcements may have been missed), and every binding is
+    /// written back (`SET NX`: a binding the store holds, possibly newer, is never
+    /// overwritten), since the store may have lost them or never received them. Returns how
+    /// many were written.
+    pub async fn resync(&self, router: &Router) -> usize {
+        let state = router.state();
+        state.reverify();
+        let snapshot = router.snapshot();
+        let ids: HashMap<ReplicaTag, Arc<str>> = snapshot
+            .fleet()
+            .replicas()
+            .iter()
+            .map(|r| (r.tag(), Arc::clone(r.id())))
+            .collect();
+        let mut written = 0;
+        for (key, tag) in state.overrides().entries() {
+            // A replica no longer in the topology: its sessions move on their next turn.
+            let Some(id) = ids.get(&tag) else {
+                continue;
+            };
+            if !self.store.touch_waiting(key.0, id).await {
+                break;
+            }
+            written += 1;
+        }
+        written
     }
 
     /// Flushes queued writes (best effort, bounded) and stops the store's thread.

@@ -108,6 +108,8 @@ impl KindCounters {
 pub(crate) struct Counters {
     pub connected: AtomicBool,
     pub subscribed: AtomicBool,
+    /// Connections and subscriptions established so far (see `StickyStore::epoch`).
+    pub established: AtomicU64,
     found: AtomicU64,
     missing: AtomicU64,
     unavailable: KindCounters,

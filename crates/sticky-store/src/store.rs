@@ -182,6 +182,28 @@ impl StickyStore {
         });
     }
 
+    /// Counts the connections and subscriptions established so far: it changes whenever the
+    /// store comes (back) up. Writes made while it was down were dropped and announcements
+    /// missed, so a caller that sees it change should write its bindings back
+    /// ([`touch_waiting`](Self::touch_waiting)) and re-check the ones it holds.
+    pub fn epoch(&self) -> u64 {
+        self.inner.shared.counters.established.load(Relaxed)
+    }
+
+    /// [`touch`](Self::touch), waiting for room in the write queue instead of dropping: for
+    /// writing back a whole table after the store came back. Returns false once the store is
+    /// shut down.
+    pub async fn touch_waiting(&self, key: u64, replica: &str) -> bool {
+        if !is_storable_replica_id(replica) {
+            return true;
+        }
+        let op = WriteOp::Touch {
+            key,
+            replica: replica.into(),
+        };
+        self.inner.writes.send(op).await.is_ok()
+    }
+
     /// Changes a binding's idle lifetime for the writes from now on (a reload changed
     /// `affinity.override_ttl`); whole seconds, rounded up, at least one.
     pub fn set_ttl(&self, ttl: Duration) {

@@ -506,3 +506,17 @@ fn learnt_bindings_route_like_local_ones_and_unknown_ids_are_refused() {
         (other.tag(), Outcome::Sticky)
     );
 }
+
+#[test]
+fn after_reverify_an_entry_is_trusted_again_only_once_its_session_is_served() {
+    let (state, fleet) = fleet(three());
+    let mut first = fleet.route(&mut keyed(51), NOW).unwrap();
+    first.answered(200, None, NOW);
+    assert!(fleet.knows(RoutingKey(51)));
+    state.reverify();
+    assert!(!fleet.knows(RoutingKey(51)), "to be checked against the store");
+    // The entry still routes (a store that answers nothing leaves it as it was).
+    let next = fleet.route(&mut keyed(51), NOW).unwrap();
+    assert_eq!(next.outcome(), Outcome::Sticky);
+    assert_eq!(state.overrides().entries().len(), 1);
+}

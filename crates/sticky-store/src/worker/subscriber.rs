@@ -37,6 +37,7 @@ pub(super) async fn run(plan: Arc<Plan>, link: Arc<Link>, shared: Arc<Shared>) {
         match timeout(CONNECT_TIMEOUT, subscribe(client, &plan.channel)).await {
             Ok(Ok(pubsub)) => {
                 shared.counters.subscribed.store(true, Relaxed);
+                shared.counters.established.fetch_add(1, Relaxed);
                 state.up();
                 backoff.reset();
                 let reason = listen(pubsub, &shared).await;

@@ -28,6 +28,7 @@ pub(super) async fn run(plan: Arc<Plan>, link: Arc<Link>, shared: Arc<Shared>) {
                     conn: conn.clone(),
                 })));
                 shared.counters.connected.store(true, Relaxed);
+                shared.counters.established.fetch_add(1, Relaxed);
                 state.up();
                 backoff.reset();
                 let reason = watch(&plan, conn, generation, &mut broken, &shared).await;
