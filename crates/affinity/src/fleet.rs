@@ -391,6 +391,8 @@ impl<U> Fleet<U> {
     pub fn route(self: &Arc<Self>, attempts: &mut Attempts, now: u64) -> Option<Route<U>> {
         self.expire_ejections(now);
         let view = FleetView { fleet: self, now };
+        let sticky = attempts.key.and_then(|k| self.state.overrides.get(k));
+        attempts.was_bound |= sticky.is_some();
         // A retry on a fresh connection goes back to the same replica only while it may still
         // keep the session; otherwise the request is decided afresh.
         let again = attempts
@@ -403,7 +405,7 @@ impl<U> Fleet<U> {
             None => {
                 let request = RouteRequest {
                     key: attempts.key,
-                    sticky: attempts.key.and_then(|k| self.state.overrides.get(k)),
+                    sticky,
                     tried: Some(&attempts.tried),
                     tenant: attempts.tenant,
                 };
@@ -428,6 +430,7 @@ impl<U> Fleet<U> {
             fleet: Arc::clone(self),
             replica,
             outcome,
+            was_bound: attempts.was_bound,
             key: attempts.key,
             slot: Some(live.status.acquire()),
         })
@@ -633,6 +636,8 @@ pub struct Attempts {
     again: Option<(ReplicaIdx, Outcome)>,
     /// The last attempt was such a retry.
     retrying_here: bool,
+    /// The session had a recorded replica when this request arrived.
+    was_bound: bool,
 }
 
 impl Attempts {
@@ -711,6 +716,33 @@ pub struct RetryLimits {
     pub past_deadline: bool,
 }
 
+/// What happened to a request's session, for its client (the outcome header): the routing
+/// outcome without anything about the fleet's topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionStatus {
+    /// Sent where its last turn ran (its cache is warm there).
+    Warm,
+    /// A session seen for the first time (or forgotten): placed.
+    New,
+    /// Its replica could not take it (drained, down, full, shed): its cache is cold for this
+    /// turn.
+    Moved,
+    /// The request named no session.
+    None,
+}
+
+impl SessionStatus {
+    /// The header value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Warm => "warm",
+            SessionStatus::New => "new",
+            SessionStatus::Moved => "moved",
+            SessionStatus::None => "none",
+        }
+    }
+}
+
 /// The receipt for one attempt: the replica chosen, why, and its in-flight slot until the
 /// replica is done. Tell it what happened; dropping it releases the slot (a cancelled
 /// request).
@@ -719,6 +751,7 @@ pub struct Route<U> {
     fleet: Arc<Fleet<U>>,
     replica: ReplicaIdx,
     outcome: Outcome,
+    was_bound: bool,
     key: Option<RoutingKey>,
     slot: Option<InflightGuard>,
 }
@@ -733,6 +766,23 @@ impl<U> Route<U> {
     /// Why it was chosen.
     pub fn outcome(&self) -> Outcome {
         self.outcome
+    }
+
+    /// What happened to the session, as its client may be told: nothing about topology.
+    pub fn session_status(&self) -> SessionStatus {
+        match self.outcome {
+            Outcome::NoToken => SessionStatus::None,
+            Outcome::Sticky => SessionStatus::Warm,
+            // The region holds the cache: any of its replicas is warm for a known session.
+            Outcome::SharedKv if self.was_bound => SessionStatus::Warm,
+            Outcome::Shed | Outcome::Failover => SessionStatus::Moved,
+            Outcome::CrossRegion if self.was_bound => SessionStatus::Moved,
+            Outcome::SharedKv
+            | Outcome::CrossRegion
+            | Outcome::Ring
+            | Outcome::Rebalanced
+            | Outcome::Locality => SessionStatus::New,
+        }
     }
 
     /// Whether it still holds an in-flight slot.

@@ -112,6 +112,7 @@ pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use fleet::{
     log_transition, refresh_due, retry_policy, AttemptFacts, Attempts, BindingSink, Failure, Fleet,
     FleetPlan, FleetState, RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
+    SessionStatus,
 };
 pub use key::{RoutingKey, TenantScope};
 pub use labels::{Admission, KvScope, Outcome, Placement, UnknownOutcome};

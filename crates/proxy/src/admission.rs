@@ -46,10 +46,18 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&[u8]> {
     (!key.is_empty()).then_some(key)
 }
 
-/// Authenticates the caller and validates its session token.
+/// The API key of an `x-api-key` header (Anthropic's convention).
+pub fn x_api_key(req: &RequestHeader) -> Option<&[u8]> {
+    let key = req.headers.get("x-api-key")?.as_bytes().trim_ascii();
+    (!key.is_empty()).then_some(key)
+}
+
+/// Authenticates the caller and validates its session token. The API key comes from
+/// `Authorization: Bearer` (OpenAI's clients) or `x-api-key` (Anthropic's); with both, the
+/// bearer key is the one checked.
 pub fn admit(access: &Access, req: &RequestHeader) -> Admission {
     let tenant = if access.requires_api_key() {
-        let Some(api_key) = bearer_token(req) else {
+        let Some(api_key) = bearer_token(req).or_else(|| x_api_key(req)) else {
             return Admission::Reject {
                 error: EdgeError::MissingApiKey,
                 tenant: None,

@@ -14,7 +14,7 @@ use tether_affinity::TokenError;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EdgeError {
     /// No `Authorization: Bearer` key where keys are required.
-    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    #[error("missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
     MissingApiKey,
     /// A key no tenant owns.
     #[error("invalid API key")]

@@ -309,9 +309,18 @@ impl ProxyHttp for TetherProxy {
         let Some(snapshot) = ctx.snapshot.as_deref() else {
             return Ok(());
         };
-        // The tenant's API key is a credential for Tether, not for the fleet.
+        // The tenant's API key is a credential for Tether, not for the fleet, in whichever
+        // header it came; a replica that needs its own gets it from the configuration.
         if snapshot.access().requires_api_key() {
             upstream_request.remove_header(&http::header::AUTHORIZATION);
+            upstream_request.remove_header("x-api-key");
+        }
+        if let Some(credential) = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.replica().upstream().credential.as_ref())
+        {
+            upstream_request.insert_header(credential.name.clone(), credential.value.clone())?;
         }
         // Metering reads usage out of response bodies, so ask for them uncompressed: token
         // streams compress poorly and replicas sit on a fast network, so identity costs little
@@ -373,6 +382,9 @@ impl ProxyHttp for TetherProxy {
             ));
         }
         ctx.answered = true;
+        if let Some(name) = ctx.snapshot.as_deref().and_then(Snapshot::outcome_header) {
+            upstream_response.insert_header(name.clone(), route.session_status().as_str())?;
+        }
         if ctx.snapshot.as_deref().is_some_and(Snapshot::metering)
             && upstream_response.status.is_success()
         {

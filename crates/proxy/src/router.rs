@@ -15,7 +15,7 @@ use tether_affinity::{
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
-use tether_topology::{FailoverSettings, Topology};
+use tether_topology::{FailoverSettings, SecretSource, Topology, UpstreamAuth};
 
 use crate::probe::{ProbeRound, ProbeSettings, ProbeSource, ProbeTarget};
 
@@ -35,6 +35,14 @@ pub enum InstallError {
          `sticky_store` section takes effect only at start): set placement: hash, or restart"
     )]
     NearestWithoutStore,
+    /// A replica's credential could not be read.
+    #[error("{key}.upstream_auth: {reason}")]
+    UpstreamAuth {
+        /// The replica's id.
+        key: String,
+        /// Why (never the secret).
+        reason: String,
+    },
     /// The admin API would answer other hosts without asking for a token.
     #[error(
         "admin_listen {0} is not a loopback address, and without a token (admin.token or \
@@ -60,6 +68,48 @@ pub struct Upstream {
     pub peer: HttpPeer,
     /// The replica's usage dialect, when configured (else inferred from the request path).
     pub dialect: Option<Dialect>,
+    /// The replica's own credential, sent on every request to it.
+    pub credential: Option<Credential>,
+}
+
+/// A header carrying a replica's secret. Its value is marked sensitive and never printed.
+#[derive(Clone)]
+pub struct Credential {
+    /// The header.
+    pub name: http::HeaderName,
+    /// Its value (`Bearer <secret>` for `authorization`, else the secret).
+    pub value: http::HeaderValue,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}: <redacted>)", self.name)
+    }
+}
+
+/// Reads the secret of `auth` (environment or file) into the header that carries it.
+fn credential(auth: &UpstreamAuth) -> Result<Credential, String> {
+    let secret = match &auth.source {
+        SecretSource::Env(var) => std::env::var(var)
+            .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?,
+    };
+    let secret = secret.trim();
+    if secret.is_empty() {
+        return Err("the secret is empty".into());
+    }
+    let (name, value) = match &auth.header {
+        None => (http::header::AUTHORIZATION, format!("Bearer {secret}")),
+        Some(h) => (
+            http::HeaderName::from_bytes(h.as_bytes()).map_err(|e| format!("header: {e}"))?,
+            secret.to_owned(),
+        ),
+    };
+    let mut value = http::HeaderValue::from_str(&value)
+        .map_err(|_| "the secret holds characters a header cannot carry".to_owned())?;
+    value.set_sensitive(true);
+    Ok(Credential { name, value })
 }
 
 /// A tenant as the hot path needs it.
@@ -111,6 +161,7 @@ pub struct Snapshot {
     admin_token_sha256: Option<[u8; 32]>,
     /// The admin listener is reachable from other hosts: reads need the token too.
     admin_reads_need_token: bool,
+    outcome_header: Option<http::HeaderName>,
     pricing: tether_topology::Pricing,
     metering: bool,
     inject_stream_usage: bool,
@@ -145,6 +196,11 @@ impl Snapshot {
     /// Whether the admin API's read endpoints (all but `/health`) need the token too.
     pub fn admin_reads_need_token(&self) -> bool {
         self.admin_reads_need_token
+    }
+
+    /// The response header that tells a client what happened to its session, if any.
+    pub fn outcome_header(&self) -> Option<&http::HeaderName> {
+        self.outcome_header.as_ref()
     }
 
     /// Whether responses are metered at all.
@@ -262,37 +318,44 @@ impl ProbeSource for RouterProbes {
 
 fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapshot, InstallError> {
     let upstream = topology.upstream;
-    let regions = topology
-        .regions
-        .iter()
-        .map(|region| RegionPlan {
+    let mut regions = Vec::with_capacity(topology.regions.len());
+    for region in &topology.regions {
+        let mut replicas = Vec::with_capacity(region.replicas.len());
+        for r in &region.replicas {
+            let mut peer = HttpPeer::new(r.address, false, String::new());
+            peer.options.connection_timeout = Some(upstream.connect_timeout);
+            peer.options.read_timeout = upstream.read_timeout;
+            peer.options.idle_timeout = upstream.idle_timeout;
+            let credential = r
+                .upstream_auth
+                .as_ref()
+                .map(credential)
+                .transpose()
+                .map_err(|reason| InstallError::UpstreamAuth {
+                    key: format!("replica {}", r.id),
+                    reason,
+                })?;
+            replicas.push(ReplicaPlan {
+                spec: ReplicaSpec {
+                    id: r.id.clone(),
+                    weight: r.weight,
+                    admission: r.state,
+                    max_inflight: r.max_inflight,
+                },
+                address: r.address,
+                upstream: Upstream {
+                    peer,
+                    dialect: r.dialect,
+                    credential,
+                },
+            });
+        }
+        regions.push(RegionPlan {
             name: region.name.clone(),
             kv_scope: region.kv_scope,
-            replicas: region
-                .replicas
-                .iter()
-                .map(|r| {
-                    let mut peer = HttpPeer::new(r.address, false, String::new());
-                    peer.options.connection_timeout = Some(upstream.connect_timeout);
-                    peer.options.read_timeout = upstream.read_timeout;
-                    peer.options.idle_timeout = upstream.idle_timeout;
-                    ReplicaPlan {
-                        spec: ReplicaSpec {
-                            id: r.id.clone(),
-                            weight: r.weight,
-                            admission: r.state,
-                            max_inflight: r.max_inflight,
-                        },
-                        address: r.address,
-                        upstream: Upstream {
-                            peer,
-                            dialect: r.dialect,
-                        },
-                    }
-                })
-                .collect(),
-        })
-        .collect();
+            replicas,
+        });
+    }
     if topology.affinity.placement == tether_affinity::Placement::Nearest && !state.shares() {
         return Err(InstallError::NearestWithoutStore);
     }
@@ -375,6 +438,11 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
         failover: topology.failover.clone(),
         admin_token_sha256: admin_token.map(|t| Sha256::digest(t.as_bytes()).into()),
         admin_reads_need_token,
+        outcome_header: topology
+            .affinity
+            .outcome_header
+            .as_deref()
+            .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
         pricing: topology.pricing.clone(),
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,

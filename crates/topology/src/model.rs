@@ -71,6 +71,9 @@ pub struct AffinitySettings {
     /// How a new session's home region is chosen (default: `nearest` with a sticky store,
     /// `hash` without).
     pub placement: Placement,
+    /// Response header telling the client what happened to its session (`warm`, `new`,
+    /// `moved`, `none`); `None` = not sent.
+    pub outcome_header: Option<String>,
 }
 
 /// The shared sticky store (Redis protocol) that lets every instance of a tier follow every
@@ -120,6 +123,28 @@ pub struct Replica {
     pub max_inflight: Option<u32>,
     /// How to read its usage; `None` = from the request path.
     pub dialect: Option<Dialect>,
+    /// The replica's own credential (its `upstream_auth`, else its region's).
+    pub upstream_auth: Option<UpstreamAuth>,
+}
+
+/// A replica's own credential (vLLM or llama-server `--api-key`, a hosted endpoint): where to
+/// read it and how to send it. The secret itself is never in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAuth {
+    /// Where the secret is.
+    pub source: SecretSource,
+    /// The header that carries it: `None` = `Authorization: Bearer <secret>`; otherwise the
+    /// secret is sent as this header's value (`x-api-key`, say).
+    pub header: Option<String>,
+}
+
+/// Where a secret is read from when the proxy starts or reloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable.
+    Env(String),
+    /// A file (its content, trailing whitespace trimmed).
+    File(PathBuf),
 }
 
 /// An API tenant.

@@ -93,6 +93,7 @@ pub(crate) struct RawAffinity {
     pub tenant_locality: Option<Duration>,
     pub shed_factor: Option<f64>,
     pub placement: Option<tether_affinity::Placement>,
+    pub outcome_header: Option<String>,
 }
 
 impl Default for RawAffinity {
@@ -107,6 +108,7 @@ impl Default for RawAffinity {
             tenant_locality: Some(Duration::from_secs(30)),
             shed_factor: None,
             placement: None,
+            outcome_header: Some("x-session-affinity-status".into()),
         }
     }
 }
@@ -119,6 +121,20 @@ pub(crate) struct RawRegion {
     pub replicas: Vec<RawReplica>,
     #[serde(default)]
     pub kv_scope: tether_affinity::KvScope,
+    #[serde(default)]
+    pub upstream_auth: Option<RawUpstreamAuth>,
+}
+
+/// Where a replica's own credential comes from: never the YAML itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamAuth {
+    #[serde(default)]
+    pub env: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    #[serde(default)]
+    pub header: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +150,8 @@ pub(crate) struct RawReplica {
     pub max_inflight: Option<u32>,
     #[serde(default)]
     pub dialect: Option<tether_metering::Dialect>,
+    #[serde(default)]
+    pub upstream_auth: Option<RawUpstreamAuth>,
 }
 
 fn one() -> NonZeroU32 {

@@ -732,3 +732,66 @@ mod durations;
 mod input;
 mod network;
 mod numbers;
+
+#[test]
+fn a_replica_credential_comes_from_the_environment_or_a_file_never_the_yaml() {
+    let yaml = VALID.replacen(
+        "  - name: eu\n",
+        "  - name: eu\n    upstream_auth: { env: EU_KEY }\n",
+        1,
+    );
+    let t = load(&yaml).unwrap();
+    for r in &t.regions[0].replicas {
+        assert_eq!(
+            r.upstream_auth,
+            Some(UpstreamAuth {
+                source: SecretSource::Env("EU_KEY".into()),
+                header: None
+            })
+        );
+    }
+    assert!(t.regions[1]
+        .replicas
+        .iter()
+        .all(|r| r.upstream_auth.is_none()));
+    for bad in [
+        "{ env: A, file: /k }",
+        "{}",
+        "{ env: \"\" }",
+        "{ file: /k, header: \"bad header\" }",
+    ] {
+        let yaml = VALID.replacen(
+            "  - name: eu\n",
+            &format!("  - name: eu\n    upstream_auth: {bad}\n"),
+            1,
+        );
+        assert!(
+            problem(&yaml).key.starts_with("regions[0].upstream_auth"),
+            "{bad}"
+        );
+    }
+    let (_, message) = parse_error(&VALID.replacen(
+        "  - name: eu\n",
+        "  - name: eu\n    upstream_auth: { token: sk-plain }\n",
+        1,
+    ));
+    assert!(message.contains("unknown field `token`"), "{message}");
+}
+
+#[test]
+fn the_outcome_header_is_on_by_default_and_can_be_renamed_or_turned_off() {
+    assert_eq!(
+        load(VALID).unwrap().affinity.outcome_header.as_deref(),
+        Some("x-session-affinity-status")
+    );
+    let off = VALID.replace(
+        "override_capacity: 1000000",
+        "override_capacity: 1000000\n  outcome_header: null",
+    );
+    assert_eq!(load(&off).unwrap().affinity.outcome_header, None);
+    let clash = VALID.replace(
+        "override_capacity: 1000000",
+        "override_capacity: 1000000\n  outcome_header: X-Session-Affinity",
+    );
+    assert_eq!(problem(&clash).key, "affinity.outcome_header");
+}

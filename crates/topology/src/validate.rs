@@ -10,8 +10,8 @@ use tether_metering::Price;
 use crate::raw::{RawPrice, RawTopology};
 use crate::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
-    ProbeSettings, Problem, Region, ReloadSettings, Replica, ServerSettings, StickyStoreSettings,
-    Tenant, Topology, UpstreamSettings, UsageLog,
+    ProbeSettings, Problem, Region, ReloadSettings, Replica, SecretSource, ServerSettings,
+    StickyStoreSettings, Tenant, Topology, UpstreamAuth, UpstreamSettings, UsageLog,
 };
 
 mod durations;
@@ -89,6 +89,39 @@ fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
 
 /// Most writes the sticky store may queue (each holds a key and a replica id).
 pub const MAX_WRITE_QUEUE: usize = 1 << 20;
+
+/// A validated `upstream_auth` at `key`: exactly one of `env` and `file`, and a valid header.
+fn upstream_auth(
+    p: &mut Problems,
+    key: &str,
+    raw: &crate::raw::RawUpstreamAuth,
+) -> Option<UpstreamAuth> {
+    let source = match (&raw.env, &raw.file) {
+        (Some(var), None) if !var.is_empty() && !var.contains('=') => {
+            SecretSource::Env(var.clone())
+        }
+        (None, Some(file)) => SecretSource::File(file.clone()),
+        _ => {
+            p.add(
+                key.to_owned(),
+                "needs exactly one of `env: VARIABLE` or `file: PATH`: the secret itself never \
+                 goes in the file",
+            );
+            return None;
+        }
+    };
+    let header = raw.header.as_deref().map(|h| h.trim().to_ascii_lowercase());
+    if let Some(h) = &header {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            p.add(
+                format!("{key}.header"),
+                format!("{h:?} is not a valid header name"),
+            );
+            return None;
+        }
+    }
+    Some(UpstreamAuth { source, header })
+}
 
 pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     let mut p = Problems::default();
@@ -191,6 +224,10 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 ),
             );
         }
+        let region_auth = region
+            .upstream_auth
+            .as_ref()
+            .and_then(|a| upstream_auth(&mut p, &format!("{key}.upstream_auth"), a));
         let mut replicas = Vec::with_capacity(region.replicas.len());
         for (i, replica) in region.replicas.iter().enumerate() {
             let key = format!("{key}.replicas[{i}]");
@@ -229,6 +266,10 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                     "must be at least 1 (omit it for no cap; use `state: disabled` to stop traffic)",
                 );
             }
+            let upstream_auth = match &replica.upstream_auth {
+                Some(own) => upstream_auth(&mut p, &format!("{key}.upstream_auth"), own),
+                None => region_auth.clone(),
+            };
             replicas.push(Replica {
                 id: replica.id.clone(),
                 address: address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
@@ -236,6 +277,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 state: replica.state,
                 max_inflight: replica.max_inflight,
                 dialect: replica.dialect,
+                upstream_auth,
             });
         }
         regions.push(Region {
@@ -470,6 +512,18 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         (None, None) => Placement::Hash,
     };
 
+    let outcome_header = raw.affinity.outcome_header.as_deref().and_then(|name| {
+        let name = name.trim().to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() || name == header {
+            p.add(
+                "affinity.outcome_header",
+                "must be a valid header name other than affinity.header (or null to send none)",
+            );
+            return None;
+        }
+        Some(name)
+    });
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -488,6 +542,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             tenant_locality: a.tenant_locality,
             shed_factor: a.shed_factor,
             placement,
+            outcome_header,
         },
         regions,
         tenants,

@@ -514,9 +514,41 @@ fn after_reverify_an_entry_is_trusted_again_only_once_its_session_is_served() {
     first.answered(200, None, NOW);
     assert!(fleet.knows(RoutingKey(51)));
     state.reverify();
-    assert!(!fleet.knows(RoutingKey(51)), "to be checked against the store");
+    assert!(
+        !fleet.knows(RoutingKey(51)),
+        "to be checked against the store"
+    );
     // The entry still routes (a store that answers nothing leaves it as it was).
     let next = fleet.route(&mut keyed(51), NOW).unwrap();
     assert_eq!(next.outcome(), Outcome::Sticky);
     assert_eq!(state.overrides().entries().len(), 1);
+}
+
+#[test]
+fn the_session_status_says_new_warm_moved_or_none_and_nothing_else() {
+    let (_, fleet) = fleet(three());
+    let mut first = fleet.route(&mut keyed(61), NOW).unwrap();
+    assert_eq!(first.session_status(), SessionStatus::New);
+    first.answered(200, None, NOW);
+    let warm = fleet.route(&mut keyed(61), NOW).unwrap();
+    assert_eq!(warm.session_status(), SessionStatus::Warm);
+    fleet
+        .find(first.replica().id())
+        .unwrap()
+        .status()
+        .set_drained(true);
+    let moved = fleet.route(&mut keyed(61), NOW).unwrap();
+    assert_eq!(moved.session_status(), SessionStatus::Moved);
+    let none = fleet.route(&mut Attempts::new(None, None), NOW).unwrap();
+    assert_eq!(none.session_status(), SessionStatus::None);
+    let labels: Vec<_> = [
+        SessionStatus::Warm,
+        SessionStatus::New,
+        SessionStatus::Moved,
+        SessionStatus::None,
+    ]
+    .iter()
+    .map(|s| s.as_str())
+    .collect();
+    assert_eq!(labels, ["warm", "new", "moved", "none"]);
 }

@@ -77,7 +77,11 @@ struct Harness {
 }
 
 fn harness() -> Harness {
-    let topology = Topology::from_yaml(TOPOLOGY, "test.yaml").unwrap();
+    harness_with(TOPOLOGY)
+}
+
+fn harness_with(yaml: &str) -> Harness {
+    let topology = Topology::from_yaml(yaml, "test.yaml").unwrap();
     let router = Arc::new(Router::new(&topology, None).unwrap());
     let meter = Arc::new(Meter::new(&topology).unwrap());
     Harness {
@@ -407,4 +411,97 @@ fn errors_answered_to_the_client_match_what_failed() {
 fn retry_after_takes_delay_seconds_only() {
     assert_eq!(parse_retry_after(b" 7 "), Some(Duration::from_secs(7)));
     assert_eq!(parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"), None);
+}
+
+#[tokio::test]
+async fn an_anthropic_style_x_api_key_is_accepted_and_never_reaches_the_replica() {
+    let h = harness();
+    let (mut session, _) = session(&chat(&[
+        "x-api-key: sk-tether-other",
+        "X-Session-Affinity: conv-x",
+    ]))
+    .await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    assert_eq!(ctx.caller.as_ref().map(|c| &*c.tenant), Some("other"));
+    h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+    let mut upstream = session.req_header().clone();
+    h.proxy
+        .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
+        .await
+        .unwrap();
+    assert!(upstream.headers.get("x-api-key").is_none());
+    assert!(upstream.headers.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn a_replica_gets_its_own_credential_in_place_of_the_clients() {
+    let dir = std::env::temp_dir().join(format!("tether-cred-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("eu.key");
+    std::fs::write(&secret, "sk-replica-secret\n").unwrap();
+    let yaml = TOPOLOGY.replacen(
+        "  - name: eu\n",
+        &format!(
+            "  - name: eu\n    upstream_auth: {{ file: \"{}\" }}\n",
+            secret.display()
+        ),
+        1,
+    );
+    let h = harness_with(&yaml);
+    let (mut session, _) = session(&chat(&["Authorization: Bearer sk-tether-demo"])).await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+    let mut upstream = session.req_header().clone();
+    h.proxy
+        .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
+        .await
+        .unwrap();
+    let auth = upstream.headers.get("authorization").unwrap();
+    assert_eq!(
+        auth, "Bearer sk-replica-secret",
+        "tokenless goes to the local region eu"
+    );
+    assert!(auth.is_sensitive());
+    let debug = format!("{:?}", ctx.route.as_ref().unwrap().replica().upstream());
+    assert!(!debug.contains("sk-replica-secret"), "{debug}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_client_is_told_new_then_warm_and_nothing_about_topology() {
+    let h = harness();
+    let headers = [
+        "Authorization: Bearer sk-tether-demo",
+        "X-Session-Affinity: conv-status",
+    ];
+    for expected in ["new", "warm"] {
+        let (mut session, _) = session(&chat(&headers)).await;
+        let mut ctx = h.proxy.new_ctx();
+        assert!(!h
+            .proxy
+            .request_filter(&mut session, &mut ctx)
+            .await
+            .unwrap());
+        h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+        let mut answer = ResponseHeader::build(200, None).unwrap();
+        h.proxy
+            .response_filter(&mut session, &mut answer, &mut ctx)
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.headers.get("x-session-affinity-status").unwrap(),
+            expected
+        );
+        h.proxy.logging(&mut session, None, &mut ctx).await;
+    }
 }
