@@ -14,7 +14,7 @@
 //! new replica takes. Ketama's weakness is balance; with enough points it is within a few percent
 //! (measured in `docs/architecture.md`), and the bounded-load rule corrects the rest at runtime.
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// Index of a replica in a [`Selector`](crate::Selector) snapshot.
 pub type ReplicaIdx = u32;
@@ -43,8 +43,13 @@ impl Ring {
         for (idx, id, weight) in members {
             let n = u64::from(points_per_weight.max(1)) * u64::from(weight);
             points.reserve(n as usize);
+            // The point number is hashed with the id's own hash as the seed. Hashing the id
+            // with the point number as the seed would not do: for ids of one to three bytes
+            // xxh3 mixes the seed in too weakly, and ids such as `a-1`, `a-2`, `a-3` got
+            // nearly the same points (one of them owned almost the whole ring).
+            let seed = xxh3_64(id.as_bytes());
             for i in 0..n {
-                let position = (xxh3_64_with_seed(id.as_bytes(), i) >> 32) as u32;
+                let position = (xxh3_64_with_seed(&i.to_le_bytes(), seed) >> 32) as u32;
                 points.push(u64::from(position) << 32 | u64::from(idx));
             }
         }
@@ -258,4 +263,25 @@ mod tests {
             assert_eq!(["a", "b"][o1 as usize], ["b", "a"][o2 as usize]);
         }
     }
+
+    #[test]
+    fn short_ids_that_differ_in_one_character_share_the_ring_fairly() {
+        for ids in [["a-1", "a-2", "a-3"], ["abc", "abd", "abe"], ["a", "b", "c"]] {
+            let ring = Ring::new(
+                ids.iter().enumerate().map(|(i, id)| (i as ReplicaIdx, *id, 1)),
+                DEFAULT_POINTS_PER_WEIGHT,
+            );
+            let mut owned = [0usize; 3];
+            let samples = 30_000u32;
+            for k in 0..samples {
+                let position = k.wrapping_mul(0x9E37_79B9).wrapping_add(k >> 7);
+                owned[ring.owner(position).unwrap() as usize] += 1;
+            }
+            for n in owned {
+                let share = n as f64 / f64::from(samples);
+                assert!((0.25..0.42).contains(&share), "{ids:?}: {owned:?}");
+            }
+        }
+    }
+
 }
