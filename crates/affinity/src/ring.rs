@@ -266,9 +266,15 @@ mod tests {
 
     #[test]
     fn short_ids_that_differ_in_one_character_share_the_ring_fairly() {
-        for ids in [["a-1", "a-2", "a-3"], ["abc", "abd", "abe"], ["a", "b", "c"]] {
+        for ids in [
+            ["a-1", "a-2", "a-3"],
+            ["abc", "abd", "abe"],
+            ["a", "b", "c"],
+        ] {
             let ring = Ring::new(
-                ids.iter().enumerate().map(|(i, id)| (i as ReplicaIdx, *id, 1)),
+                ids.iter()
+                    .enumerate()
+                    .map(|(i, id)| (i as ReplicaIdx, *id, 1)),
                 DEFAULT_POINTS_PER_WEIGHT,
             );
             let mut owned = [0usize; 3];
@@ -283,5 +289,4 @@ mod tests {
             }
         }
     }
-
 }

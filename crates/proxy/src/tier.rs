@@ -160,107 +160,99 @@ impl Tier {
     }
 }
 
+/// Writes one metric family: its HELP and TYPE lines, then `name{labels} value` per sample.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 fn render_stats(stats: &StoreStats, unknown_replicas: u64, out: &mut String) {
-    let mut line = |text: std::fmt::Arguments<'_>| {
-        let _ = out.write_fmt(text);
-        out.push('\n');
+    let plain = |value: String| vec![(String::new(), value)];
+    let by = |label: &str, pairs: Vec<(&str, u64)>| -> Vec<(String, String)> {
+        pairs
+            .into_iter()
+            .map(|(l, v)| (format!("{{{label}=\"{l}\"}}"), v.to_string()))
+            .collect()
     };
-    line(format_args!(
-        "# HELP tether_sticky_store_connected Whether the sticky store's connection is up."
-    ));
-    line(format_args!("# TYPE tether_sticky_store_connected gauge"));
-    line(format_args!(
-        "tether_sticky_store_connected {}",
-        u8::from(stats.connected)
-    ));
-    line(format_args!(
-        "# HELP tether_sticky_store_subscribed Whether binding changes from other instances arrive."
-    ));
-    line(format_args!("# TYPE tether_sticky_store_subscribed gauge"));
-    line(format_args!(
-        "tether_sticky_store_subscribed {}",
-        u8::from(stats.subscribed)
-    ));
-    line(format_args!(
-        "# HELP tether_sticky_store_lookups_total Store lookups by result."
-    ));
-    line(format_args!(
-        "# TYPE tether_sticky_store_lookups_total counter"
-    ));
-    line(format_args!(
-        "tether_sticky_store_lookups_total{{result=\"found\"}} {}",
-        stats.lookups.found
-    ));
-    line(format_args!(
-        "tether_sticky_store_lookups_total{{result=\"missing\"}} {}",
-        stats.lookups.missing
-    ));
-    line(format_args!(
-        "tether_sticky_store_lookups_total{{result=\"unavailable\"}} {}",
-        stats.lookups.unavailable.total()
-    ));
-    line(format_args!(
-        "# HELP tether_sticky_store_errors_total Failed store operations by kind."
-    ));
-    line(format_args!(
-        "# TYPE tether_sticky_store_errors_total counter"
-    ));
-    for (kind, n) in stats.errors.iter() {
-        line(format_args!(
-            "tether_sticky_store_errors_total{{kind=\"{}\"}} {n}",
-            kind.as_str()
-        ));
-    }
-    line(format_args!(
-        "tether_sticky_store_errors_total{{kind=\"unknown_replica\"}} {unknown_replicas}"
-    ));
-    line(format_args!(
-        "# HELP tether_sticky_store_writes_total Store writes (binds and refreshes) by result."
-    ));
-    line(format_args!(
-        "# TYPE tether_sticky_store_writes_total counter"
-    ));
-    line(format_args!(
-        "tether_sticky_store_writes_total{{result=\"done\"}} {}",
-        stats.writes_done
-    ));
-    line(format_args!(
-        "tether_sticky_store_writes_total{{result=\"dropped\"}} {}",
-        stats.writes_dropped
-    ));
-    line(format_args!(
-        "# HELP tether_sticky_store_remote_binds_total Binding changes received from other instances."
-    ));
-    line(format_args!(
-        "# TYPE tether_sticky_store_remote_binds_total counter"
-    ));
-    line(format_args!(
-        "tether_sticky_store_remote_binds_total {}",
-        stats.remote_binds
-    ));
+    family(
+        out,
+        "tether_sticky_store_connected",
+        "gauge",
+        "Whether the sticky store's connection is up.",
+        &plain(u8::from(stats.connected).to_string()),
+    );
+    family(
+        out,
+        "tether_sticky_store_subscribed",
+        "gauge",
+        "Whether binding changes from other instances arrive.",
+        &plain(u8::from(stats.subscribed).to_string()),
+    );
+    family(
+        out,
+        "tether_sticky_store_lookups_total",
+        "counter",
+        "Store lookups by result.",
+        &by(
+            "result",
+            vec![
+                ("found", stats.lookups.found),
+                ("missing", stats.lookups.missing),
+                ("unavailable", stats.lookups.unavailable.total()),
+            ],
+        ),
+    );
+    let mut errors: Vec<(&str, u64)> = stats.errors.iter().map(|(k, n)| (k.as_str(), n)).collect();
+    errors.push(("unknown_replica", unknown_replicas));
+    family(
+        out,
+        "tether_sticky_store_errors_total",
+        "counter",
+        "Failed store operations by kind.",
+        &by("kind", errors),
+    );
+    family(
+        out,
+        "tether_sticky_store_writes_total",
+        "counter",
+        "Store writes (binds and refreshes) by result.",
+        &by(
+            "result",
+            vec![
+                ("done", stats.writes_done),
+                ("dropped", stats.writes_dropped),
+            ],
+        ),
+    );
+    family(
+        out,
+        "tether_sticky_store_remote_binds_total",
+        "counter",
+        "Binding changes received from other instances.",
+        &plain(stats.remote_binds.to_string()),
+    );
     let h = &stats.lookup_latency;
-    line(format_args!(
-        "# HELP tether_sticky_store_lookup_seconds Time a request waited for the store."
-    ));
-    line(format_args!(
-        "# TYPE tether_sticky_store_lookup_seconds histogram"
-    ));
-    for b in &h.buckets {
-        line(format_args!(
-            "tether_sticky_store_lookup_seconds_bucket{{le=\"{}\"}} {}",
-            b.le_seconds, b.cumulative_count
-        ));
-    }
-    line(format_args!(
-        "tether_sticky_store_lookup_seconds_bucket{{le=\"+Inf\"}} {}",
-        h.count
-    ));
-    line(format_args!(
-        "tether_sticky_store_lookup_seconds_sum {}",
-        h.sum_seconds
-    ));
-    line(format_args!(
-        "tether_sticky_store_lookup_seconds_count {}",
-        h.count
-    ));
+    let mut samples: Vec<(String, String)> = h
+        .buckets
+        .iter()
+        .map(|b| {
+            (
+                format!("_bucket{{le=\"{}\"}}", b.le_seconds),
+                b.cumulative_count.to_string(),
+            )
+        })
+        .collect();
+    samples.push(("_bucket{le=\"+Inf\"}".into(), h.count.to_string()));
+    samples.push(("_sum".into(), h.sum_seconds.to_string()));
+    samples.push(("_count".into(), h.count.to_string()));
+    family(
+        out,
+        "tether_sticky_store_lookup_seconds",
+        "histogram",
+        "Time a request waited for the store.",
+        &samples,
+    );
 }

@@ -80,6 +80,31 @@ fn harness() -> Harness {
     harness_with(TOPOLOGY)
 }
 
+impl Harness {
+    /// A chat request with `headers`, which `request_filter` must admit.
+    async fn admitted(&self, headers: &[&str]) -> (Session, RequestCtx) {
+        let (mut session, _) = session(&chat(headers)).await;
+        let mut ctx = self.proxy.new_ctx();
+        let done = self
+            .proxy
+            .request_filter(&mut session, &mut ctx)
+            .await
+            .unwrap();
+        assert!(!done, "admitted");
+        (session, ctx)
+    }
+
+    /// The request header that goes to the replica.
+    async fn upstream_header(&self, session: &mut Session, ctx: &mut RequestCtx) -> RequestHeader {
+        let mut upstream = session.req_header().clone();
+        self.proxy
+            .upstream_request_filter(session, &mut upstream, ctx)
+            .await
+            .unwrap();
+        upstream
+    }
+}
+
 fn harness_with(yaml: &str) -> Harness {
     let topology = Topology::from_yaml(yaml, "test.yaml").unwrap();
     let router = Arc::new(Router::new(&topology, None).unwrap());
@@ -193,13 +218,7 @@ async fn the_same_token_from_two_tenants_gives_two_keys() {
     let mut keys = Vec::new();
     for api_key in ["sk-tether-demo", "sk-tether-other"] {
         let auth = format!("Authorization: Bearer {api_key}");
-        let (mut session, _) = session(&chat(&[&auth, "X-Session-Affinity: conv-1"])).await;
-        let mut ctx = h.proxy.new_ctx();
-        assert!(!h
-            .proxy
-            .request_filter(&mut session, &mut ctx)
-            .await
-            .unwrap());
+        let (_, ctx) = h.admitted(&[&auth, "X-Session-Affinity: conv-1"]).await;
         keys.push(ctx.attempts.key().unwrap());
     }
     assert_ne!(keys[0], keys[1]);
@@ -208,22 +227,13 @@ async fn the_same_token_from_two_tenants_gives_two_keys() {
 #[tokio::test]
 async fn the_api_key_never_reaches_the_replica_and_bodies_come_back_uncompressed() {
     let h = harness();
-    let (mut session, _) = session(&chat(&[
-        "Authorization: Bearer sk-tether-demo",
-        "Accept-Encoding: gzip",
-    ]))
-    .await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
-    let mut upstream = session.req_header().clone();
-    h.proxy
-        .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
-        .await
-        .unwrap();
+    let (mut session, mut ctx) = h
+        .admitted(&[
+            "Authorization: Bearer sk-tether-demo",
+            "Accept-Encoding: gzip",
+        ])
+        .await;
+    let upstream = h.upstream_header(&mut session, &mut ctx).await;
     assert!(upstream.headers.get("authorization").is_none());
     assert_eq!(upstream.headers.get("accept-encoding").unwrap(), "identity");
 }
@@ -280,17 +290,12 @@ async fn a_2xx_answer_pins_the_session_and_the_next_turn_is_sticky() {
 #[tokio::test]
 async fn a_503_from_the_replica_is_retried_elsewhere_before_the_client_sees_it() {
     let h = harness();
-    let (mut session, _) = session(&chat(&[
-        "Authorization: Bearer sk-tether-demo",
-        "X-Session-Affinity: conv-9",
-    ]))
-    .await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
+    let (mut session, mut ctx) = h
+        .admitted(&[
+            "Authorization: Bearer sk-tether-demo",
+            "X-Session-Affinity: conv-9",
+        ])
+        .await;
     let first = h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
     let mut answer = ResponseHeader::build(503, None).unwrap();
     let e = h
@@ -416,24 +421,12 @@ fn retry_after_takes_delay_seconds_only() {
 #[tokio::test]
 async fn an_anthropic_style_x_api_key_is_accepted_and_never_reaches_the_replica() {
     let h = harness();
-    let (mut session, _) = session(&chat(&[
-        "x-api-key: sk-tether-other",
-        "X-Session-Affinity: conv-x",
-    ]))
-    .await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
+    let (mut session, mut ctx) = h
+        .admitted(&["x-api-key: sk-tether-other", "X-Session-Affinity: conv-x"])
+        .await;
     assert_eq!(ctx.caller.as_ref().map(|c| &*c.tenant), Some("other"));
     h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
-    let mut upstream = session.req_header().clone();
-    h.proxy
-        .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
-        .await
-        .unwrap();
+    let upstream = h.upstream_header(&mut session, &mut ctx).await;
     assert!(upstream.headers.get("x-api-key").is_none());
     assert!(upstream.headers.get("authorization").is_none());
 }
@@ -453,19 +446,9 @@ async fn a_replica_gets_its_own_credential_in_place_of_the_clients() {
         1,
     );
     let h = harness_with(&yaml);
-    let (mut session, _) = session(&chat(&["Authorization: Bearer sk-tether-demo"])).await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
+    let (mut session, mut ctx) = h.admitted(&["Authorization: Bearer sk-tether-demo"]).await;
     h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
-    let mut upstream = session.req_header().clone();
-    h.proxy
-        .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
-        .await
-        .unwrap();
+    let upstream = h.upstream_header(&mut session, &mut ctx).await;
     let auth = upstream.headers.get("authorization").unwrap();
     assert_eq!(
         auth, "Bearer sk-replica-secret",
