@@ -40,7 +40,7 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
     let mut tether = Tether::start(&TetherConfig {
         body: format!(
             "local_region: eu\n{}tenants:\n  - {{ id: acme, api_key_sha256: \"{}\" }}\n  - {{ id: globex, api_key_sha256: \"{}\" }}\n\
-             pricing:\n  default: {{ input_per_mtok: 0.5, cached_input_per_mtok: 0.05, output_per_mtok: 1.5 }}\n\
+             pricing:\n  default: {{ input_per_mtok: 0.5, cached_input_per_mtok: 0.05, output_per_mtok: 1.5, cache_write_per_mtok: 0.625 }}\n\
              usage_log: {{ path: \"{}\" }}\nmetering: {{ session_key: \"e2e-session-key-0123456789\" }}\n",
             regions_yaml(&[("eu", region("eu")), ("us", region("us"))]),
             api_key_sha256("sk-acme"),
@@ -109,6 +109,10 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
         metrics.contains("tether_input_tokens_total{cached=\"true\",tenant=\"acme\"}"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("tether_cache_write_tokens_total{tenant=\"acme\"}"),
+        "{metrics}"
+    );
 
     assert!(
         tether.terminate().unwrap(),
@@ -155,6 +159,40 @@ async fn the_usage_log_equals_the_replicas_ground_truth_after_a_graceful_shutdow
     assert_eq!(sum("cached_tokens"), truth_sum("cached_tokens"));
     assert_eq!(sum("completion_tokens"), truth_sum("completion_tokens"));
     assert!(sum("cached_tokens") > 0);
+
+    // Cache writes: reported by the Anthropic replies only (inside their prompt, apart from
+    // their cached tokens), null elsewhere, and priced at the cache-write price.
+    let (anthropic, others): (Vec<&Value>, Vec<&Value>) =
+        records.iter().partition(|r| r["model"] == "claude-sim");
+    assert_eq!(anthropic.len(), 2, "{anthropic:?}");
+    for r in &others {
+        assert!(r["cache_write_tokens"].is_null(), "{r}");
+        assert!(r["cache_write_1h_tokens"].is_null(), "{r}");
+    }
+    let mut written = 0;
+    for r in &anthropic {
+        let count = |field: &str| r[field].as_u64().unwrap();
+        let (prompt, cached, write) = (
+            count("prompt_tokens"),
+            count("cached_tokens"),
+            count("cache_write_tokens"),
+        );
+        assert!(cached + write <= prompt, "{r}");
+        let scaled = (prompt - cached - write) * 500_000
+            + cached * 50_000
+            + write * 625_000
+            + count("completion_tokens") * 1_500_000;
+        assert_eq!(
+            count("cost_micro_usd"),
+            (scaled + 500_000) / 1_000_000,
+            "{r}"
+        );
+        written += write;
+    }
+    assert!(
+        written > 0,
+        "the first Anthropic turn writes its prompt to the cache"
+    );
     assert!(
         sum("uncached_cost_micro_usd") > sum("cost_micro_usd"),
         "the cache saved money"

@@ -939,6 +939,7 @@ mod tests {
                 proptest::sample::select(vec![
                     r#"{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}"#,
                     r#"{"input_tokens":4,"cache_read_input_tokens":6,"output_tokens":2}"#,
+                    r#"{"input_tokens":4,"cache_creation_input_tokens":5,"cache_creation":{"ephemeral_5m_input_tokens":2,"ephemeral_1h_input_tokens":3},"output_tokens":2}"#,
                     r#"{"prompt_n":3,"cache_n":9,"predicted_n":1}"#,
                     r#""m\"odel""#, "7", "-1", "null", "[1,{\"a\":\"}\"}]", r#"{"prompt_tokens":"x"}"#,
                 ]),

@@ -11,8 +11,9 @@
 //! Unknown counts stay `None` — never guessed as 0 — and [`UsageOutcome`] says why; a record's
 //! [`UsageStatus`] adds the responses that broke off or were never metered.
 //!
-//! [`Price::cost`] prices a usage in integer micro-dollars, cached tokens at their discount,
-//! alongside what it would have cost without the cache.
+//! [`Price::cost`] prices a usage in integer micro-dollars, cached tokens at their discount
+//! and tokens written to the prompt cache (Anthropic's `cache_creation_input_tokens`) at their
+//! premium, alongside what it would have cost without the cache.
 //!
 //! Each request becomes one [`UsageRecord`] JSON line in the [`UsageLog`], written by its own
 //! thread from a bounded queue (a full queue drops and counts, never stalls the proxy).
@@ -29,7 +30,7 @@
 //! assert_eq!(found.outcome, UsageOutcome::Found);
 //! assert_eq!(found.usage.cached_tokens, Some(900));
 //!
-//! let price = Price { input: 500_000, cached_input: 50_000, output: 1_500_000 };
+//! let price = Price::new(500_000, 50_000, 1_500_000);
 //! let cost = price.cost(&found.usage).unwrap();
 //! assert_eq!((cost.cost_micro_usd, cost.saved_micro_usd()), (110, 405));
 //! ```

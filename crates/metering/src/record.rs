@@ -47,6 +47,20 @@ pub struct UsageRecord {
     /// Whether usage was found, and if not why (`found`, `missing`, `malformed`,
     /// `too_large`, `incomplete`, `not_metered`).
     pub usage_status: UsageStatus,
+    // Fields added later go last, so every line starts as it always did; they read as
+    // `None` from lines written before them.
+    /// Input tokens written to the prompt cache (part of `prompt_tokens`, not of
+    /// `cached_tokens`); `null` when the response does not report them (all but Anthropic).
+    #[serde(default)]
+    pub cache_write_tokens: Option<u64>,
+    /// Of `cache_write_tokens`, those written with the 5-minute lifetime. Written only when the
+    /// response splits its writes by lifetime (most lines never do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_5m_tokens: Option<u64>,
+    /// Of `cache_write_tokens`, those written with the 1-hour lifetime; written only when
+    /// reported, as the 5-minute part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h_tokens: Option<u64>,
 }
 
 impl UsageRecord {
@@ -92,6 +106,20 @@ impl UsageRecord {
         }
         out.extend_from_slice(b",\"usage_status\":");
         json_str(out, self.usage_status.as_str());
+        out.extend_from_slice(b",\"cache_write_tokens\":");
+        json_uint(out, self.cache_write_tokens);
+        for (key, value) in [
+            (
+                &b",\"cache_write_5m_tokens\":"[..],
+                self.cache_write_5m_tokens,
+            ),
+            (b",\"cache_write_1h_tokens\":", self.cache_write_1h_tokens),
+        ] {
+            if value.is_some() {
+                out.extend_from_slice(key);
+                json_uint(out, value);
+            }
+        }
         out.extend_from_slice(b"}\n");
     }
 }
@@ -290,6 +318,25 @@ mod tests {
             ttft_ms: Some(3),
             attempts: 2,
             usage_status: UsageStatus::FOUND,
+            cache_write_tokens: None,
+            cache_write_5m_tokens: None,
+            cache_write_1h_tokens: None,
+        }
+    }
+
+    /// An Anthropic record: cache writes reported, split by lifetime.
+    fn anthropic(tenant: &str) -> UsageRecord {
+        UsageRecord {
+            model: Some("claude-sonnet-4-5".into()),
+            prompt_tokens: Some(4096),
+            cached_tokens: Some(1800),
+            completion_tokens: Some(503),
+            cost_micro_usd: Some(15_384),
+            uncached_cost_micro_usd: Some(19_833),
+            cache_write_tokens: Some(248),
+            cache_write_5m_tokens: Some(148),
+            cache_write_1h_tokens: Some(100),
+            ..full(tenant)
         }
     }
 
@@ -310,6 +357,16 @@ mod tests {
         let every_control: String = (0u8..0x20).map(char::from).collect();
         let records = [
             full("acme"),
+            anthropic("acme"),
+            UsageRecord {
+                cache_write_tokens: Some(u64::MAX),
+                cache_write_1h_tokens: Some(0),
+                ..nulls.clone()
+            },
+            UsageRecord {
+                cache_write_5m_tokens: Some(7),
+                ..nulls.clone()
+            },
             nulls,
             full("quote \" backslash \\ slash / del \u{7f} é 雪 🙂"),
             full(&every_control),
@@ -327,9 +384,13 @@ mod tests {
         }
     }
 
+    /// How a line ends when the response reported no cache writes.
+    const NO_CACHE_WRITES: &str = r#","cache_write_tokens":null}"#;
+
     /// The usage log's format is a contract with `tether report` and whatever else reads the
-    /// files: these lines are what it has always been, byte for byte, and they read back as
-    /// the records that wrote them.
+    /// files: these lines are what it has always been, byte for byte, up to the fields added
+    /// since (which come last), and they read back as the records that wrote them. Lines
+    /// written before those fields existed read back too, with them `null`.
     #[test]
     fn the_log_line_format_is_unchanged_and_reads_back() {
         let bare = UsageRecord {
@@ -409,11 +470,40 @@ mod tests {
                 ),
             ),
         ];
-        for (record, literal) in cases {
+        for (record, old_literal) in cases {
+            let literal = old_literal.replace("}\n", &format!("{NO_CACHE_WRITES}\n"));
             let mut line = Vec::new();
             record.write_json_line(&mut line);
             assert_eq!(String::from_utf8_lossy(&line), literal);
-            let back: UsageRecord = serde_json::from_str(literal).unwrap();
+            let back: UsageRecord = serde_json::from_str(&literal).unwrap();
+            assert_eq!(back, record);
+            let old: UsageRecord = serde_json::from_str(old_literal).unwrap();
+            assert_eq!(old, record, "a line from before the cache-write fields");
+        }
+        let split = concat!(
+            r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","#,
+            r#""session":"9f86d081884c7d65","model":"claude-sonnet-4-5","region":"eu","#,
+            r#""replica":"eu-1","outcome":"sticky","status":200,"prompt_tokens":4096,"#,
+            r#""cached_tokens":1800,"completion_tokens":503,"#,
+            r#""cost_micro_usd":15384,"uncached_cost_micro_usd":19833,"latency_ms":12,"#,
+            r#""ttft_ms":3,"attempts":2,"usage_status":"found","cache_write_tokens":248,"#,
+            r#""cache_write_5m_tokens":148,"cache_write_1h_tokens":100}"#,
+            "\n"
+        );
+        let unsplit = UsageRecord {
+            cache_write_5m_tokens: None,
+            cache_write_1h_tokens: None,
+            ..anthropic("acme")
+        };
+        let cut = split.find(r#","cache_write_5m_tokens""#).unwrap();
+        for (record, literal) in [
+            (anthropic("acme"), split.to_owned()),
+            (unsplit, format!("{}}}\n", &split[..cut])),
+        ] {
+            let mut line = Vec::new();
+            record.write_json_line(&mut line);
+            assert_eq!(String::from_utf8_lossy(&line), literal);
+            let back: UsageRecord = serde_json::from_str(&literal).unwrap();
             assert_eq!(back, record);
         }
     }
@@ -438,10 +528,18 @@ mod tests {
             ttft_ms: None,
             attempts: 1,
             usage_status: UsageStatus::Extracted(crate::UsageOutcome::Malformed),
+            cache_write_tokens: None,
+            cache_write_5m_tokens: None,
+            cache_write_1h_tokens: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.contains("\"prompt_tokens\":null"), "{line}");
         assert!(line.contains("\"cached_tokens\":0"), "{line}");
+        assert!(line.contains("\"cache_write_tokens\":null"), "{line}");
+        assert!(
+            !line.contains("cache_write_1h"),
+            "no split reported: {line}"
+        );
         assert!(
             line.starts_with("{\"ts\":\"1970-01-01T00:00:00.000Z\""),
             "{line}"

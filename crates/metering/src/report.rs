@@ -40,6 +40,9 @@ pub struct ReportRow {
     pub cost_micro_usd: u64,
     /// Σ what the cache saved, micro-dollars.
     pub saved_micro_usd: u64,
+    /// Σ input tokens written to the prompt cache (records that report them; part of
+    /// `prompt_tokens`, not of `cached_tokens`).
+    pub cache_write_tokens: u64,
     #[serde(skip)]
     prompt_with_cached: u64,
 }
@@ -55,6 +58,7 @@ impl ReportRow {
             self.prompt_with_cached += p;
             self.cached_tokens += c;
         }
+        self.cache_write_tokens += r.cache_write_tokens.unwrap_or(0);
         self.output_tokens += r.completion_tokens.unwrap_or(0);
         if let (Some(cost), Some(uncached)) = (r.cost_micro_usd, r.uncached_cost_micro_usd) {
             self.cost_micro_usd += cost;
@@ -136,6 +140,9 @@ mod tests {
             ttft_ms: None,
             attempts: 1,
             usage_status: crate::UsageStatus::FOUND,
+            cache_write_tokens: None,
+            cache_write_5m_tokens: None,
+            cache_write_1h_tokens: None,
         }
     }
 
@@ -159,5 +166,19 @@ mod tests {
         assert_eq!(r.total.requests, 3);
         let by_replica = aggregate(&records, GroupBy::Replica);
         assert_eq!(by_replica.rows[0].key, "-");
+    }
+
+    #[test]
+    fn cache_writes_sum_where_reported_and_stay_out_of_the_hit_ratio() {
+        let mut written = record("a", Some(100), Some(0), Some((13, 10)));
+        written.cache_write_tokens = Some(60);
+        let mut reads = record("a", Some(100), Some(60), Some((5, 10)));
+        reads.cache_write_tokens = Some(0);
+        let records = [written, reads, record("a", Some(100), Some(50), None)];
+        let a = &aggregate(&records, GroupBy::Tenant).rows[0];
+        assert_eq!(a.cache_write_tokens, 60);
+        assert_eq!((a.cached_tokens, a.prompt_tokens), (110, 300));
+        // What writing cost more than it saved on its own record is not negative saving.
+        assert_eq!(a.saved_micro_usd, 5);
     }
 }

@@ -243,6 +243,9 @@ mod tests {
             ttft_ms: Some(1),
             attempts: 1,
             usage_status: crate::UsageStatus::FOUND,
+            cache_write_tokens: None,
+            cache_write_5m_tokens: None,
+            cache_write_1h_tokens: None,
         }
     }
 

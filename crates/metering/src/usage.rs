@@ -39,6 +39,11 @@ impl Dialect {
 }
 
 /// Token counts of one response. `None` = the response did not say (never guessed as 0).
+///
+/// The input parts: `prompt_tokens` counts every input token once; of those,
+/// `cached_tokens` were read from the prefix cache and `cache_write_tokens` were computed and
+/// written to it (Anthropic's `cache_creation_input_tokens`, billed above plain input). The
+/// two never overlap, and what is left is plain uncached input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Usage {
     /// All input tokens, cached or not.
@@ -47,6 +52,15 @@ pub struct Usage {
     pub cached_tokens: Option<u64>,
     /// Generated tokens.
     pub completion_tokens: Option<u64>,
+    /// Input tokens written to the prompt cache (part of `prompt_tokens`, not of
+    /// `cached_tokens`). Only Anthropic reports them; `None` elsewhere.
+    pub cache_write_tokens: Option<u64>,
+    /// Of `cache_write_tokens`, those written with the 5-minute lifetime, when the response
+    /// splits them (Anthropic's `cache_creation.ephemeral_5m_input_tokens`).
+    pub cache_write_5m_tokens: Option<u64>,
+    /// Of `cache_write_tokens`, those written with the 1-hour lifetime, when the response
+    /// splits them (Anthropic's `cache_creation.ephemeral_1h_input_tokens`).
+    pub cache_write_1h_tokens: Option<u64>,
 }
 
 impl Usage {
@@ -55,6 +69,9 @@ impl Usage {
         self.prompt_tokens.is_none()
             && self.cached_tokens.is_none()
             && self.completion_tokens.is_none()
+            && self.cache_write_tokens.is_none()
+            && self.cache_write_5m_tokens.is_none()
+            && self.cache_write_1h_tokens.is_none()
     }
 
     /// Input tokens that were not cached, when both counts are known.
@@ -262,11 +279,19 @@ pub(crate) struct UsageCounts {
     output_tokens: Count,
     cache_read_input_tokens: Count,
     cache_creation_input_tokens: Count,
+    cache_creation: Obj<CacheCreation>,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct PromptDetails {
     cached_tokens: Count,
+}
+
+/// Anthropic's `usage.cache_creation`: the cache writes split by lifetime.
+#[derive(Debug, Default)]
+pub(crate) struct CacheCreation {
+    ephemeral_5m_input_tokens: Count,
+    ephemeral_1h_input_tokens: Count,
 }
 
 lenient_members!(UsageCounts {
@@ -277,8 +302,13 @@ lenient_members!(UsageCounts {
     output_tokens,
     cache_read_input_tokens,
     cache_creation_input_tokens,
+    cache_creation,
 });
 lenient_members!(PromptDetails { cached_tokens });
+lenient_members!(CacheCreation {
+    ephemeral_5m_input_tokens,
+    ephemeral_1h_input_tokens,
+});
 
 /// llama.cpp's `timings`.
 #[derive(Debug, Default)]
@@ -405,19 +435,29 @@ fn plain_counts(raw: &[u8]) -> Option<UsageCounts> {
             b"cache_creation_input_tokens" => &mut counts.cache_creation_input_tokens,
             b"prompt_tokens_details" => {
                 let mut details = PromptDetails::default();
-                plain = crate::json_walk::top_level_members(value, |name, value| {
-                    match name {
-                        b"cached_tokens" => match plain_count(value) {
-                            Some(n) => details.cached_tokens = Count(Some(n)),
-                            None => return false,
-                        },
-                        _ if name.contains(&b'\\') => return false,
-                        _ => {}
-                    }
-                    true
-                })
-                .is_some();
+                plain = plain_object(
+                    value,
+                    &mut [(&b"cached_tokens"[..], &mut details.cached_tokens)],
+                );
                 counts.prompt_tokens_details = Obj(Some(details));
+                return plain;
+            }
+            b"cache_creation" => {
+                let mut split = CacheCreation::default();
+                plain = plain_object(
+                    value,
+                    &mut [
+                        (
+                            &b"ephemeral_5m_input_tokens"[..],
+                            &mut split.ephemeral_5m_input_tokens,
+                        ),
+                        (
+                            &b"ephemeral_1h_input_tokens"[..],
+                            &mut split.ephemeral_1h_input_tokens,
+                        ),
+                    ],
+                );
+                counts.cache_creation = Obj(Some(split));
                 return plain;
             }
             // Other members (`total_tokens`, vendor extras) are not read; an escaped name might
@@ -434,6 +474,23 @@ fn plain_counts(raw: &[u8]) -> Option<UsageCounts> {
         plain
     })?;
     plain.then_some(counts)
+}
+
+/// A nested object of counts in its everyday shape: the members named in `slots` read as plain
+/// counts, every other member skipped; false (leave it to serde) for any other shape.
+fn plain_object(raw: &[u8], slots: &mut [(&[u8], &mut Count)]) -> bool {
+    crate::json_walk::top_level_members(raw, |name, value| {
+        match slots.iter_mut().find(|(want, _)| *want == name) {
+            Some((_, count)) => match plain_count(value) {
+                Some(n) => **count = Count(Some(n)),
+                None => return false,
+            },
+            None if name.contains(&b'\\') => return false,
+            None => {}
+        }
+        true
+    })
+    .is_some()
 }
 
 /// A JSON number that is a plain unsigned integer (no sign, fraction or exponent) fitting `u64`.
@@ -466,10 +523,12 @@ pub(crate) struct UsageBuilder {
     prompt: Option<u64>,
     cached: Option<u64>,
     completion: Option<u64>,
-    // Anthropic's three input parts.
+    // Anthropic's three input parts, and the cache writes split by lifetime.
     anthropic_input: Option<u64>,
     anthropic_creation: Option<u64>,
     anthropic_read: Option<u64>,
+    anthropic_creation_5m: Option<u64>,
+    anthropic_creation_1h: Option<u64>,
     // llama.cpp's uncached prompt count.
     llama_prompt_n: Option<u64>,
     /// The model that answered, when the response names it.
@@ -493,6 +552,16 @@ impl UsageBuilder {
             .0
             .or(self.anthropic_creation);
         self.anthropic_read = usage.cache_read_input_tokens.0.or(self.anthropic_read);
+        if let Some(split) = &usage.cache_creation.0 {
+            self.anthropic_creation_5m = split
+                .ephemeral_5m_input_tokens
+                .0
+                .or(self.anthropic_creation_5m);
+            self.anthropic_creation_1h = split
+                .ephemeral_1h_input_tokens
+                .0
+                .or(self.anthropic_creation_1h);
+        }
         self.completion = usage.output_tokens.0.or(self.completion);
     }
 
@@ -546,24 +615,40 @@ impl UsageBuilder {
 
     /// The counts read so far.
     pub fn build(&self) -> Usage {
-        let (prompt, cached) = if let Some(input) = self.anthropic_input {
+        let mut usage = Usage {
+            completion_tokens: self.completion,
+            ..Usage::default()
+        };
+        if let Some(input) = self.anthropic_input {
             // Anthropic's input_tokens excludes the cache parts; absent parts mean no caching.
-            let prompt =
-                input + self.anthropic_creation.unwrap_or(0) + self.anthropic_read.unwrap_or(0);
-            (Some(prompt), self.anthropic_read)
+            // The total of the writes is `cache_creation_input_tokens`; a response that only
+            // splits them is taken at the sum of its split.
+            let creation = self.anthropic_creation.or_else(|| {
+                Some(
+                    self.anthropic_creation_5m?
+                        .saturating_add(self.anthropic_creation_1h?),
+                )
+            });
+            usage.prompt_tokens = Some(
+                input
+                    .saturating_add(creation.unwrap_or(0))
+                    .saturating_add(self.anthropic_read.unwrap_or(0)),
+            );
+            usage.cached_tokens = self.anthropic_read;
+            usage.cache_write_tokens = creation;
+            usage.cache_write_5m_tokens = self.anthropic_creation_5m;
+            usage.cache_write_1h_tokens = self.anthropic_creation_1h;
         } else if let (None, Some(uncached), Some(cached)) =
             (self.prompt, self.llama_prompt_n, self.cached)
         {
             // llama.cpp's prompt_n counts only the tokens it had to process.
-            (Some(uncached + cached), Some(cached))
+            usage.prompt_tokens = Some(uncached.saturating_add(cached));
+            usage.cached_tokens = Some(cached);
         } else {
-            (self.prompt, self.cached)
-        };
-        Usage {
-            prompt_tokens: prompt,
-            cached_tokens: cached,
-            completion_tokens: self.completion,
+            usage.prompt_tokens = self.prompt;
+            usage.cached_tokens = self.cached;
         }
+        usage
     }
 }
 
@@ -612,7 +697,7 @@ mod tests {
     }
 
     /// Values a usage member may hold: the everyday ones and every odd one.
-    const VALUES: [&str; 16] = [
+    const VALUES: [&str; 19] = [
         "0",
         "7",
         "1200",
@@ -629,8 +714,11 @@ mod tests {
         r#"{"cached_tokens":32}"#,
         r#"{"cached_tokens":null,"x":[{"y":"}"}]}"#,
         r#"{"cach\u0065d_tokens":5}"#,
+        r#"{"ephemeral_5m_input_tokens":148,"ephemeral_1h_input_tokens":100}"#,
+        r#"{"ephemeral_1h_input_tokens":-1,"ephemeral_5m_input_tokens":"x"}"#,
+        r#"{"ephemeral_5m_input_tokens":3,"eph\u0065meral_1h_input_tokens":4}"#,
     ];
-    const NAMES: [&str; 10] = [
+    const NAMES: [&str; 11] = [
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
@@ -639,6 +727,7 @@ mod tests {
         "output_tokens",
         "cache_read_input_tokens",
         "cache_creation_input_tokens",
+        "cache_creation",
         "extra",
         r"prompt\u005ftokens",
     ];
@@ -784,6 +873,112 @@ mod tests {
             (u.prompt_tokens, u.cached_tokens, u.completion_tokens),
             (Some(100), Some(70), Some(42))
         );
+    }
+
+    #[test]
+    fn anthropic_cache_writes_are_inside_the_prompt_and_not_cached() {
+        // Newer API versions split the writes by lifetime; the total stays the sum.
+        let u = observe(
+            Dialect::Anthropic,
+            &[
+                json!({"usage": {"input_tokens": 2048, "cache_read_input_tokens": 1800, "cache_creation_input_tokens": 248, "cache_creation": {"ephemeral_5m_input_tokens": 148, "ephemeral_1h_input_tokens": 100}, "output_tokens": 503}}),
+            ],
+        );
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens),
+            (Some(4096), Some(1800), Some(248))
+        );
+        assert_eq!(
+            (u.cache_write_5m_tokens, u.cache_write_1h_tokens),
+            (Some(148), Some(100))
+        );
+        // Without the split: the total alone, the split unknown.
+        let u = observe(
+            Dialect::Anthropic,
+            &[
+                json!({"type": "message_start", "message": {"usage": {"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 70, "output_tokens": 1}}}),
+                json!({"type": "message_delta", "usage": {"output_tokens": 42}}),
+            ],
+        );
+        assert_eq!(
+            (u.prompt_tokens, u.cache_write_tokens),
+            (Some(100), Some(20))
+        );
+        assert_eq!(
+            (u.cache_write_5m_tokens, u.cache_write_1h_tokens),
+            (None, None)
+        );
+        // A split without its total counts once, as the sum of its parts.
+        let u = observe(
+            Dialect::Anthropic,
+            &[
+                json!({"usage": {"input_tokens": 1, "cache_creation": {"ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 3}, "output_tokens": 1}}),
+            ],
+        );
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens),
+            (Some(6), None, Some(5))
+        );
+        // No cache members at all: nothing is guessed.
+        let u = observe(
+            Dialect::Anthropic,
+            &[json!({"usage": {"input_tokens": 9, "output_tokens": 1}})],
+        );
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens),
+            (Some(9), None, None)
+        );
+        // Later events (cumulative message_delta) do not erase the split.
+        let u = observe(
+            Dialect::Anthropic,
+            &[
+                json!({"type": "message_start", "message": {"usage": {"input_tokens": 4, "cache_creation_input_tokens": 6, "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 6}, "output_tokens": 1}}}),
+                json!({"type": "message_delta", "usage": {"input_tokens": 4, "cache_creation_input_tokens": 6, "cache_read_input_tokens": 0, "output_tokens": 9}}),
+            ],
+        );
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens
+            ),
+            (Some(10), Some(6), Some(6))
+        );
+    }
+
+    #[test]
+    fn other_dialects_report_no_cache_writes() {
+        // Anthropic's members in an OpenAI-dialect body are not read as cache writes.
+        let u = observe(
+            Dialect::Openai,
+            &[
+                json!({"usage": {"prompt_tokens": 100, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 64}, "cache_creation_input_tokens": 5}}),
+            ],
+        );
+        assert_eq!(u.cache_write_tokens, None);
+        let u = observe(
+            Dialect::Llamacpp,
+            &[json!({"timings": {"prompt_n": 30, "cache_n": 70, "predicted_n": 5}})],
+        );
+        assert_eq!(
+            (
+                u.cache_write_tokens,
+                u.cache_write_5m_tokens,
+                u.cache_write_1h_tokens
+            ),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn absurd_anthropic_parts_saturate_instead_of_overflowing() {
+        let u = observe(
+            Dialect::Anthropic,
+            &[
+                json!({"usage": {"input_tokens": u64::MAX, "cache_creation_input_tokens": u64::MAX, "cache_read_input_tokens": 1}}),
+            ],
+        );
+        assert_eq!(u.prompt_tokens, Some(u64::MAX));
     }
 
     #[test]

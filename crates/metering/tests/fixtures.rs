@@ -12,9 +12,17 @@ struct Case {
     file: &'static str,
     dialect: Dialect,
     framing: Framing,
+    /// Prompt, cached and completion tokens.
     expected: (u64, u64, u64),
+    /// Cache writes: the total, then its 5-minute and 1-hour parts (`None`: not reported).
+    writes: Writes,
     model: &'static str,
 }
+
+type Writes = (Option<u64>, Option<u64>, Option<u64>);
+
+/// What every dialect but Anthropic's reports of cache writes: nothing.
+const NO_WRITES: Writes = (None, None, None);
 
 const CASES: &[Case] = &[
     Case {
@@ -22,6 +30,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Openai,
         framing: Framing::Json,
         expected: (123, 112, 6),
+        writes: NO_WRITES,
         model: "tether-sim",
     },
     Case {
@@ -29,6 +38,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Openai,
         framing: Framing::Sse,
         expected: (123, 112, 6),
+        writes: NO_WRITES,
         model: "tether-sim",
     },
     Case {
@@ -36,6 +46,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Anthropic,
         framing: Framing::Json,
         expected: (121, 112, 6),
+        writes: (Some(0), None, None),
         model: "tether-sim",
     },
     Case {
@@ -43,6 +54,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Anthropic,
         framing: Framing::Sse,
         expected: (121, 112, 6),
+        writes: (Some(0), None, None),
         model: "tether-sim",
     },
     Case {
@@ -50,6 +62,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Llamacpp,
         framing: Framing::Json,
         expected: (123, 112, 6),
+        writes: NO_WRITES,
         model: "tether-sim",
     },
     Case {
@@ -57,6 +70,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Llamacpp,
         framing: Framing::Sse,
         expected: (123, 112, 6),
+        writes: NO_WRITES,
         model: "tether-sim",
     },
     Case {
@@ -64,6 +78,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Openai,
         framing: Framing::Json,
         expected: (1117, 1024, 46),
+        writes: NO_WRITES,
         model: "gpt-4o-2024-08-06",
     },
     Case {
@@ -71,6 +86,7 @@ const CASES: &[Case] = &[
         dialect: Dialect::Openai,
         framing: Framing::Sse,
         expected: (2048, 1984, 2),
+        writes: NO_WRITES,
         model: "meta-llama/Llama-3.1-8B",
     },
     Case {
@@ -78,6 +94,39 @@ const CASES: &[Case] = &[
         dialect: Dialect::Anthropic,
         framing: Framing::Sse,
         expected: (2025, 2000, 15),
+        writes: (Some(0), None, None),
+        model: "claude-sonnet-4-5",
+    },
+    Case {
+        file: "anthropic-cache-write.json",
+        dialect: Dialect::Anthropic,
+        framing: Framing::Json,
+        expected: (188_107, 0, 393),
+        writes: (Some(188_086), None, None),
+        model: "claude-3-5-sonnet-20241022",
+    },
+    Case {
+        file: "anthropic-cache-write.sse",
+        dialect: Dialect::Anthropic,
+        framing: Framing::Sse,
+        expected: (2314, 0, 64),
+        writes: (Some(2310), None, None),
+        model: "claude-3-5-haiku-20241022",
+    },
+    Case {
+        file: "anthropic-cache-write-split.json",
+        dialect: Dialect::Anthropic,
+        framing: Framing::Json,
+        expected: (4096, 1800, 503),
+        writes: (Some(248), Some(148), Some(100)),
+        model: "claude-sonnet-4-5",
+    },
+    Case {
+        file: "anthropic-cache-write-split.sse",
+        dialect: Dialect::Anthropic,
+        framing: Framing::Sse,
+        expected: (1512, 0, 87),
+        writes: (Some(1500), Some(0), Some(1500)),
         model: "claude-sonnet-4-5",
     },
 ];
@@ -97,11 +146,15 @@ fn extract(case: &Case, pieces: &[&[u8]]) -> Extraction {
 
 fn expected(case: &Case) -> Extraction {
     let (p, c, o) = case.expected;
+    let (w, w5, w1) = case.writes;
     Extraction {
         usage: Usage {
             prompt_tokens: Some(p),
             cached_tokens: Some(c),
             completion_tokens: Some(o),
+            cache_write_tokens: w,
+            cache_write_5m_tokens: w5,
+            cache_write_1h_tokens: w1,
         },
         outcome: UsageOutcome::Found,
         model: Some(case.model.to_owned()),
@@ -152,11 +205,14 @@ fn a_truncated_body_is_never_reported_as_zero() {
         for at in 0..body.len() {
             let e = extract(case, &[&body[..at]]);
             for (got, want) in [
-                (e.usage.prompt_tokens, case.expected.0),
-                (e.usage.cached_tokens, case.expected.1),
+                (e.usage.prompt_tokens, Some(case.expected.0)),
+                (e.usage.cached_tokens, Some(case.expected.1)),
+                (e.usage.cache_write_tokens, case.writes.0),
+                (e.usage.cache_write_5m_tokens, case.writes.1),
+                (e.usage.cache_write_1h_tokens, case.writes.2),
             ] {
                 assert!(
-                    got.is_none() || got == Some(want),
+                    got.is_none() || got == want,
                     "{} cut at {at}: {e:?}",
                     case.file
                 );

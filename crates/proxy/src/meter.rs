@@ -26,6 +26,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     input_tokens: IntCounterVec,
     output_tokens: IntCounterVec,
+    cache_write_tokens: IntCounterVec,
     cost: IntCounterVec,
     saved: IntCounterVec,
     usage_unknown: IntCounterVec,
@@ -38,7 +39,7 @@ pub struct Metrics {
     override_entries: IntGauge,
     log_dropped: IntCounter,
     /// Each tenant's token and cost counters, resolved once: `with_label_values` hashes the
-    /// labels and takes a lock on every call, five times per record.
+    /// labels and takes a lock on every call, six times per record.
     tenant_counters: DashMap<String, TenantCounters>,
 }
 
@@ -48,6 +49,7 @@ struct TenantCounters {
     cached: IntCounter,
     uncached: IntCounter,
     output: IntCounter,
+    cache_write: IntCounter,
     cost: IntCounter,
     saved: IntCounter,
 }
@@ -76,9 +78,16 @@ impl Metrics {
             "Generated tokens by tenant.",
             &["tenant"],
         )?;
+        let cache_write_tokens = counter_vec(
+            "tether_cache_write_tokens_total",
+            "Input tokens written to the prompt cache, by tenant (counted in \
+             tether_input_tokens_total as cached=\"false\"); only responses that report them.",
+            &["tenant"],
+        )?;
         let cost = counter_vec(
             "tether_cost_micro_usd_total",
-            "Cost in micro-dollars by tenant, cached tokens at their discount.",
+            "Cost in micro-dollars by tenant, cached tokens at their discount and cache writes \
+             at their premium.",
             &["tenant"],
         )?;
         let saved = counter_vec(
@@ -144,6 +153,7 @@ impl Metrics {
             requests,
             input_tokens,
             output_tokens,
+            cache_write_tokens,
             cost,
             saved,
             usage_unknown,
@@ -167,6 +177,7 @@ impl Metrics {
             cached: self.input_tokens.with_label_values(&[tenant, "true"]),
             uncached: self.input_tokens.with_label_values(&[tenant, "false"]),
             output: self.output_tokens.with_label_values(&[tenant]),
+            cache_write: self.cache_write_tokens.with_label_values(&[tenant]),
             cost: self.cost.with_label_values(&[tenant]),
             saved: self.saved.with_label_values(&[tenant]),
         };
@@ -193,6 +204,9 @@ impl Metrics {
         }
         if let Some(out) = r.completion_tokens {
             tenant.output.inc_by(out);
+        }
+        if let Some(written) = r.cache_write_tokens {
+            tenant.cache_write.inc_by(written);
         }
         if let (Some(cost), Some(uncached)) = (r.cost_micro_usd, r.uncached_cost_micro_usd) {
             tenant.cost.inc_by(cost);
@@ -347,6 +361,58 @@ fn session_hash(mut hasher: SipHasher24, key: RoutingKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_metering::{timestamp, UsageStatus};
+
+    fn record(tenant: &str, prompt: u64, cached: u64, written: Option<u64>) -> UsageRecord {
+        UsageRecord {
+            ts: timestamp(std::time::SystemTime::UNIX_EPOCH),
+            tenant: tenant.into(),
+            session: None,
+            model: None,
+            region: None,
+            replica: None,
+            outcome: Some(Outcome::Sticky),
+            status: 200,
+            prompt_tokens: Some(prompt),
+            cached_tokens: Some(cached),
+            completion_tokens: Some(1),
+            cost_micro_usd: Some(2),
+            uncached_cost_micro_usd: Some(3),
+            latency_ms: 1,
+            ttft_ms: None,
+            attempts: 1,
+            usage_status: UsageStatus::FOUND,
+            cache_write_tokens: written,
+            cache_write_5m_tokens: None,
+            cache_write_1h_tokens: written,
+        }
+    }
+
+    fn exposition(m: &Metrics) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn cache_writes_are_counted_per_tenant_inside_the_uncached_input() {
+        let m = Metrics::new().unwrap();
+        m.observe(&record("acme", 100, 30, Some(50)), Duration::ZERO);
+        m.observe(&record("acme", 10, 0, Some(4)), Duration::ZERO);
+        // Other dialects do not report writes: the tenant counts nothing for them.
+        m.observe(&record("globex", 100, 30, None), Duration::ZERO);
+        let text = exposition(&m);
+        for line in [
+            "tether_cache_write_tokens_total{tenant=\"acme\"} 54",
+            "tether_cache_write_tokens_total{tenant=\"globex\"} 0",
+            "tether_input_tokens_total{cached=\"false\",tenant=\"acme\"} 80",
+            "tether_input_tokens_total{cached=\"true\",tenant=\"acme\"} 30",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
 
     #[test]
     fn session_hashes_are_128_bit_hex_stable_per_key_and_secret() {

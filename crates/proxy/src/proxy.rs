@@ -515,6 +515,9 @@ impl ProxyHttp for TetherProxy {
                 .map(|t| u64::try_from((t - ctx.started).as_millis()).unwrap_or(u64::MAX)),
             attempts: ctx.attempts.total(),
             usage_status,
+            cache_write_tokens: usage.cache_write_tokens,
+            cache_write_5m_tokens: usage.cache_write_5m_tokens,
+            cache_write_1h_tokens: usage.cache_write_1h_tokens,
         };
         debug!(
             "tenant={} outcome={} replica={} status={status} attempts={} usage={usage_status}{}",

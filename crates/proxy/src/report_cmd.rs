@@ -74,11 +74,12 @@ fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
     match format {
         Format::Json => out = serde_json::to_string_pretty(report)? + "\n",
         Format::Csv => {
-            writeln!(out, "{name},requests,unknown_usage,prompt_tokens,cached_tokens,cache_hit_pct,output_tokens,cost_usd,saved_usd")?;
+            // New columns go last: scripts may read the older ones by position.
+            writeln!(out, "{name},requests,unknown_usage,prompt_tokens,cached_tokens,cache_hit_pct,output_tokens,cost_usd,saved_usd,cache_write_tokens")?;
             for r in rows {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{:.2},{},{:.6},{:.6}",
+                    "{},{},{},{},{},{:.2},{},{:.6},{:.6},{}",
                     r.key,
                     r.requests,
                     r.unknown_usage,
@@ -87,18 +88,20 @@ fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
                     r.cache_hit_pct,
                     r.output_tokens,
                     r.cost_micro_usd as f64 / 1e6,
-                    r.saved_micro_usd as f64 / 1e6
+                    r.saved_micro_usd as f64 / 1e6,
+                    r.cache_write_tokens
                 )?;
             }
         }
         Format::Table => {
             writeln!(
                 out,
-                "{name:<16} {:>9} {:>13} {:>13} {:>7} {:>12} {:>12} {:>12}",
+                "{name:<16} {:>9} {:>13} {:>13} {:>7} {:>13} {:>12} {:>12} {:>12}",
                 "requests",
                 "prompt_tok",
                 "cached_tok",
                 "hit",
+                "cache_write",
                 "output_tok",
                 "cost_usd",
                 "saved_usd"
@@ -106,12 +109,13 @@ fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
             for r in rows {
                 writeln!(
                     out,
-                    "{:<16} {:>9} {:>13} {:>13} {:>6.1}% {:>12} {:>12.4} {:>12.4}",
+                    "{:<16} {:>9} {:>13} {:>13} {:>6.1}% {:>13} {:>12} {:>12.4} {:>12.4}",
                     r.key,
                     r.requests,
                     r.prompt_tokens,
                     r.cached_tokens,
                     r.cache_hit_pct,
+                    r.cache_write_tokens,
                     r.output_tokens,
                     r.cost_micro_usd as f64 / 1e6,
                     r.saved_micro_usd as f64 / 1e6
@@ -149,4 +153,52 @@ pub fn run(files: &[PathBuf], by: By, format: Format) -> anyhow::Result<String> 
         By::Model => GroupBy::Model,
     };
     render(&aggregate(&records, group), by, format)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line from before the cache-write fields, and an Anthropic line with them.
+    const LINES: [&str; 2] = [
+        r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","session":null,"model":"m","region":"eu","replica":"eu-1","outcome":"sticky","status":200,"prompt_tokens":1200,"cached_tokens":1024,"completion_tokens":20,"cost_micro_usd":161,"uncached_cost_micro_usd":630,"latency_ms":12,"ttft_ms":3,"attempts":1,"usage_status":"found"}"#,
+        r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","session":null,"model":"claude","region":"eu","replica":"eu-1","outcome":"sticky","status":200,"prompt_tokens":4096,"cached_tokens":1800,"completion_tokens":503,"cost_micro_usd":15384,"uncached_cost_micro_usd":19833,"latency_ms":12,"ttft_ms":3,"attempts":1,"usage_status":"found","cache_write_tokens":248,"cache_write_5m_tokens":148,"cache_write_1h_tokens":100}"#,
+    ];
+
+    fn report() -> Report {
+        let records: Vec<UsageRecord> = LINES
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        aggregate(&records, GroupBy::Tenant)
+    }
+
+    #[test]
+    fn the_table_has_a_cache_write_column() {
+        let table = render(&report(), By::Tenant, Format::Table).unwrap();
+        let mut lines = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>());
+        let (header, acme) = (lines.next().unwrap(), lines.next().unwrap());
+        let at = header.iter().position(|h| *h == "cache_write").unwrap();
+        assert_eq!(acme.len(), header.len(), "{table}");
+        assert_eq!(acme[at], "248", "{table}");
+    }
+
+    #[test]
+    fn csv_adds_cache_writes_as_the_last_column() {
+        let csv = render(&report(), By::Tenant, Format::Csv).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next(),
+            Some(
+                "tenant,requests,unknown_usage,prompt_tokens,cached_tokens,cache_hit_pct,\
+                 output_tokens,cost_usd,saved_usd,cache_write_tokens"
+            )
+        );
+        assert_eq!(
+            lines.next(),
+            Some("acme,2,0,5296,2824,53.32,523,0.015545,0.004918,248")
+        );
+    }
 }

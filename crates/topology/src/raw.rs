@@ -179,6 +179,12 @@ pub(crate) struct RawPrice {
     pub input_per_mtok: f64,
     pub cached_input_per_mtok: f64,
     pub output_per_mtok: f64,
+    /// Absent: cache writes cost what plain input costs.
+    #[serde(default)]
+    pub cache_write_per_mtok: Option<f64>,
+    /// Absent: 1-hour cache writes cost what `cache_write_per_mtok` says.
+    #[serde(default)]
+    pub cache_write_1h_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

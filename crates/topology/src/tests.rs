@@ -503,6 +503,95 @@ fn negative_prices_are_refused() {
 }
 
 #[test]
+fn cache_writes_cost_plain_input_unless_priced() {
+    let t = load(VALID).unwrap();
+    let (default, big) = (t.pricing.default, t.pricing.price(Some("big-model")));
+    assert_eq!(
+        (default.cache_write, default.cache_write_1h),
+        (500_000, 500_000)
+    );
+    assert_eq!(
+        (big.cache_write, big.cache_write_1h),
+        (3_000_000, 3_000_000),
+        "a model's writes default to its own input price, not the default entry's"
+    );
+}
+
+#[test]
+fn cache_write_prices_are_read_and_the_1h_price_defaults_to_the_5m_one() {
+    let priced = |entry: &str| {
+        let yaml = VALID.replace(
+            "output_per_mtok: 15 }",
+            &format!("output_per_mtok: 15, {entry} }}"),
+        );
+        load(&yaml).unwrap().pricing.price(Some("big-model"))
+    };
+    let p = priced("cache_write_per_mtok: 3.75");
+    assert_eq!((p.cache_write, p.cache_write_1h), (3_750_000, 3_750_000));
+    let p = priced("cache_write_per_mtok: 3.75, cache_write_1h_per_mtok: 6");
+    assert_eq!((p.cache_write, p.cache_write_1h), (3_750_000, 6_000_000));
+    let p = priced("cache_write_1h_per_mtok: 6");
+    assert_eq!((p.cache_write, p.cache_write_1h), (3_000_000, 6_000_000));
+    assert_eq!(
+        (p.input, p.cached_input, p.output),
+        (3_000_000, 300_000, 15_000_000),
+        "the other prices are unchanged"
+    );
+}
+
+#[test]
+fn bad_cache_write_prices_name_their_key() {
+    for (entry, key) in [
+        (
+            "cache_write_per_mtok: -1",
+            "pricing.models.big-model.cache_write_per_mtok",
+        ),
+        (
+            "cache_write_1h_per_mtok: 2000000",
+            "pricing.models.big-model.cache_write_1h_per_mtok",
+        ),
+        (
+            "cache_write_per_mtok: 3.75, cache_write_1h_per_mtok: .nan",
+            "pricing.models.big-model.cache_write_1h_per_mtok",
+        ),
+    ] {
+        let yaml = VALID.replace(
+            "output_per_mtok: 15 }",
+            &format!("output_per_mtok: 15, {entry} }}"),
+        );
+        assert_eq!(problem(&yaml).key, key, "{entry}");
+    }
+    let p = problem(&VALID.replace(
+        "output_per_mtok: 1.50 }",
+        "output_per_mtok: 1.50, cache_write_per_mtok: .inf }",
+    ));
+    assert_eq!(p.key, "pricing.default.cache_write_per_mtok");
+    // Both wrong: both reported.
+    match load(&VALID.replace(
+        "output_per_mtok: 1.50 }",
+        "output_per_mtok: 1.50, cache_write_per_mtok: -2, cache_write_1h_per_mtok: -3 }",
+    )) {
+        Err(TopologyError::Invalid { problems, .. }) => {
+            let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                [
+                    "pricing.default.cache_write_per_mtok",
+                    "pricing.default.cache_write_1h_per_mtok"
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A lifetime the pricing does not know is a mistake, not a price silently ignored.
+    let (_, message) = parse_error(&VALID.replace(
+        "output_per_mtok: 1.50 }",
+        "output_per_mtok: 1.50, cache_write_2h_per_mtok: 1 }",
+    ));
+    assert!(message.contains("cache_write_2h_per_mtok"), "{message}");
+}
+
+#[test]
 fn zero_timeouts_and_threads_are_refused() {
     assert_eq!(
         problem(&VALID.replace("connect_timeout: 500ms", "connect_timeout: 0s")).key,

@@ -80,10 +80,23 @@ fn price(problems: &mut Problems, key: &str, raw: &RawPrice) -> Price {
         // Micro-dollars per million tokens: exact for any price given to 6 decimals.
         (dollars * 1_000_000.0).round() as u64
     };
+    let input = one("input_per_mtok", raw.input_per_mtok);
+    let cached_input = one("cached_input_per_mtok", raw.cached_input_per_mtok);
+    let output = one("output_per_mtok", raw.output_per_mtok);
+    // Unsaid cache-write prices fall back along the chain 1h → 5m → plain input, so a price
+    // list without them prices cache writes as the uncached input they were before.
+    let cache_write = raw
+        .cache_write_per_mtok
+        .map_or(input, |dollars| one("cache_write_per_mtok", dollars));
+    let cache_write_1h = raw.cache_write_1h_per_mtok.map_or(cache_write, |dollars| {
+        one("cache_write_1h_per_mtok", dollars)
+    });
     Price {
-        input: one("input_per_mtok", raw.input_per_mtok),
-        cached_input: one("cached_input_per_mtok", raw.cached_input_per_mtok),
-        output: one("output_per_mtok", raw.output_per_mtok),
+        input,
+        cached_input,
+        output,
+        cache_write,
+        cache_write_1h,
     }
 }
 

@@ -23,6 +23,10 @@ fn not_a_number_and_infinity_are_refused_in_words() {
         ),
         (factor("shed_factor", "{}"), "affinity.shed_factor"),
         (price("{}"), "pricing.default.output_per_mtok"),
+        (
+            price("1.50, cache_write_per_mtok: {}"),
+            "pricing.default.cache_write_per_mtok",
+        ),
     ] {
         for (value, words) in [
             (".nan", ".nan is not a number"),
