@@ -7,16 +7,28 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CONFIG ?= conf/tether.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The official Python SDKs the e2e tests drive Tether with (tests/e2e/sdk.rs finds them here),
+# in a virtualenv so that nothing touches the system's Python.
+SDK_VENV := target/sdk-venv
+SDK_REQUIREMENTS := tests/sdk/requirements.txt
 
 .PHONY: help deps build run run-multi test lint fmt check-conf bench bench-deps bench-quick clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: ## Install what is missing: cmake (Pingora's zlib-ng), redis-server (the sticky store's tests, run-multi)
+deps: ## Install what is missing: cmake (Pingora's zlib-ng), redis-server (the sticky store's tests, run-multi), the Python SDKs (e2e)
 	@command -v cmake >/dev/null || { echo "installing cmake"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake >/dev/null; }
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { echo "installing redis-server"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@command -v cc >/dev/null || { echo "installing a C compiler"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential >/dev/null; }
+	@# Debian's python3 makes virtualenvs only with python3-venv (which brings ensurepip).
+	@python3 -c 'import ensurepip' 2>/dev/null || { echo "installing python3-venv"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }
+	@# Reinstalled when the pins change or the venv no longer finds them (its python moved, say).
+	@$(SDK_VENV)/bin/python -c 'import importlib.util as u; assert u.find_spec("openai") and u.find_spec("anthropic")' 2>/dev/null \
+		&& cmp -s $(SDK_REQUIREMENTS) $(SDK_VENV)/requirements.txt || { \
+		echo "installing the openai and anthropic SDKs into $(SDK_VENV)"; \
+		{ $(SDK_VENV)/bin/python -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(SDK_VENV); } && \
+		$(SDK_VENV)/bin/pip install -q -r $(SDK_REQUIREMENTS) && cp $(SDK_REQUIREMENTS) $(SDK_VENV)/requirements.txt; }
 
 build: deps ## Build every binary (debug)
 	$(CARGO) build --workspace --bins

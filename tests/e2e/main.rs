@@ -13,6 +13,7 @@ mod hostile;
 mod metering;
 mod reload;
 mod routing;
+mod sdk;
 mod sim;
 mod streaming;
 mod tier;

@@ -1,0 +1,122 @@
+"""Drives Tether with the official OpenAI Python SDK, the way an application does.
+
+    openai_client.py --base-url http://HOST:PORT/v1 --api-key KEY SCENARIO...
+
+Prints one JSON object on stdout: each scenario's name and what the client saw. The Rust
+test (tests/e2e/sdk.rs) asserts on it; an unexpected exception ends the script non-zero with
+its traceback on stderr.
+"""
+
+import argparse
+import inspect
+import json
+
+import openai
+
+# Long enough to fill several of the replica's cache blocks, so a warm turn shows cached tokens.
+SYSTEM = "You are a careful coding agent working in a large repository. " * 8
+
+
+def conversation(turn):
+    messages = [{"role": "system", "content": SYSTEM}]
+    for step in range(turn + 1):
+        messages.append({"role": "user", "content": f"step {step}, please continue"})
+        if step < turn:
+            messages.append({"role": "assistant", "content": f"done with step {step}"})
+    return messages
+
+
+def turns(client):
+    """Two turns of one conversation under one session token, headers read off the raw
+    response."""
+    seen = []
+    for turn in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="sdk-turns",
+            messages=conversation(turn),
+            max_tokens=8,
+            extra_headers={"x-session-affinity": "sdk-openai-conversation"},
+        )
+        completion = raw.parse()
+        seen.append(
+            {
+                "status": raw.status_code,
+                "affinity": raw.headers.get("x-session-affinity-status"),
+                "replica": raw.headers.get("x-replica-id"),
+                "sent_authorization": "authorization" in raw.http_request.headers,
+                "finish_reason": completion.choices[0].finish_reason,
+                "usage": completion.usage.model_dump(),
+            }
+        )
+    return seen
+
+
+def stream(client):
+    """A stream that did not ask for usage (no `stream_options`): every chunk as the SDK
+    yields it."""
+    seen = {"chunks": 0, "usage_chunks": 0, "empty_chunks": 0, "text": "", "finish_reason": None}
+    with client.chat.completions.create(
+        model="sdk-stream", messages=conversation(0), max_tokens=6, stream=True
+    ) as chunks:
+        for chunk in chunks:
+            seen["chunks"] += 1
+            if chunk.usage is not None:
+                seen["usage_chunks"] += 1
+            if not chunk.choices:
+                seen["empty_chunks"] += 1
+                continue
+            seen["text"] += chunk.choices[0].delta.content or ""
+            seen["finish_reason"] = chunk.choices[0].finish_reason or seen["finish_reason"]
+    return seen
+
+
+def prompt_cache_key(client):
+    """OpenAI's own cache-routing hint, as a parameter where this SDK version has one."""
+    key = "sdk-prompt-cache-key"
+    if "prompt_cache_key" in inspect.signature(client.chat.completions.create).parameters:
+        extra = {"prompt_cache_key": key}
+    else:
+        extra = {"extra_body": {"prompt_cache_key": key}}
+    completion = client.chat.completions.create(
+        model="sdk-cache-key", messages=conversation(0), max_tokens=4, **extra
+    )
+    return {
+        "content": completion.choices[0].message.content,
+        "usage": completion.usage.model_dump(),
+    }
+
+
+def rejected(client):
+    """A request whose key Tether does not know: the SDK's own exception, not a response."""
+    try:
+        client.chat.completions.create(model="sdk-rejected", messages=conversation(0), max_tokens=2)
+    except openai.APIError as e:
+        return {
+            "error": type(e).__name__,
+            "status": getattr(e, "status_code", None),
+            "code": e.code,
+        }
+    return {"error": None}
+
+
+SCENARIOS = {
+    "turns": turns,
+    "stream": stream,
+    "prompt-cache-key": prompt_cache_key,
+    "rejected": rejected,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--api-key", required=True)
+    parser.add_argument("scenarios", nargs="+", choices=SCENARIOS)
+    args = parser.parse_args()
+    # No retries: a failure shows as it happened, at once.
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=20)
+    print(json.dumps({name: SCENARIOS[name](client) for name in args.scenarios}))
+
+
+if __name__ == "__main__":
+    main()
