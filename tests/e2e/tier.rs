@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tether_affinity::{TenantScope, TokenRules};
-use tether_e2e::{regions_yaml, SimFleet, Tether, TetherConfig};
+use tether_e2e::{SimFleet, Tether, TetherConfig};
 use tether_sticky_store::testing::{RedisCluster, RedisServer};
 
 use crate::client::{chat, conversation, served_turn};
@@ -19,16 +19,9 @@ const ADMIN_TOKEN: &str = "tier-admin-token-0123456789";
 const THINK: Duration = Duration::from_millis(30);
 
 fn config(fleet: &SimFleet, local_region: &str, store: Option<&str>, extra: &str) -> TetherConfig {
-    let region = |prefix: &str| {
-        FLEET
-            .iter()
-            .filter(|id| id.starts_with(prefix))
-            .map(|id| (id.to_string(), fleet.addr(id), ""))
-            .collect::<Vec<_>>()
-    };
     let mut body = format!(
         "local_region: {local_region}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\n{}{extra}",
-        regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
+        fleet.regions_by_prefix(&["eu", "us"])
     );
     if let Some(url) = store {
         body.push_str(&format!(
@@ -82,6 +75,12 @@ async fn until_stored(store: &RedisServer, served: &BTreeMap<String, Vec<String>
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// Every turn after a session's first reached the replica of its previous turn.
+fn assert_all_warm(served: &BTreeMap<String, Vec<String>>) {
+    let (warm, counted) = warm_follow(served, &[]);
+    assert_eq!(warm, counted, "{served:?}");
 }
 
 /// Runs `turns` turns of each session, turn `t` of session `s` on instance `(s + t) % n`;
@@ -193,8 +192,7 @@ async fn a_restarted_instance_serves_its_next_turns_warm() {
         }
     }
     let served = alternate(&mut edges, 30, 5, Restart(&fleet, url), Some(&redis)).await;
-    let (warm, counted) = warm_follow(&served, &[]);
-    assert_eq!(warm, counted, "{served:?}");
+    assert_all_warm(&served);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,8 +301,7 @@ async fn a_store_that_dies_stalls_and_comes_back_empty_fails_no_request() {
     // Sharing resumes once every instance is connected and subscribed again.
     until_rejoined(&edges).await;
     let served = alternate(&mut edges, 10, 3, Nothing, Some(&redis)).await;
-    let (warm, counted) = warm_follow(&served, &[]);
-    assert_eq!(warm, counted, "{served:?}");
+    assert_all_warm(&served);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,6 +393,5 @@ async fn sessions_that_outlive_a_store_restarted_empty_stay_warm_across_instance
         tokio::time::sleep(THINK).await;
         until_stored(&redis, &served).await;
     }
-    let (warm, counted) = warm_follow(&served, &[]);
-    assert_eq!(warm, counted, "{served:?}");
+    assert_all_warm(&served);
 }

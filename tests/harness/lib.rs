@@ -165,6 +165,24 @@ impl SimFleet {
         self.replicas[id]
     }
 
+    /// YAML for `regions:`: one region per prefix, holding this fleet's replicas whose ids
+    /// start with it (`eu` → `eu-1`, `eu-2`…), in id order.
+    pub fn regions_by_prefix(&self, prefixes: &[&str]) -> String {
+        let regions: Vec<(&str, Vec<ReplicaLine<'_>>)> = prefixes
+            .iter()
+            .map(|prefix| {
+                let replicas = self
+                    .replicas
+                    .iter()
+                    .filter(|(id, _)| id.starts_with(prefix))
+                    .map(|(id, addr)| (id.clone(), *addr, ""))
+                    .collect();
+                (*prefix, replicas)
+            })
+            .collect();
+        regions_yaml(&regions)
+    }
+
     /// `http://<admin addr><path>`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
