@@ -24,11 +24,15 @@
 //!   the ring rebuilt with seven nodes);
 //! - remove a replica: the same with one of the six taken out of the topology;
 //! - drain one and bring it back: sessions moved by the drain, and moved again by the undrain
-//!   (nginx's `down` and back is a removal and a re-add: its sessions go back, cold).
+//!   (nginx's `down` and back is a removal and a re-add: its sessions go back, cold);
+//! - an edge tier ([`tier`]): three Tether instances, each turn to a random one, with and
+//!   without a shared sticky store, through a replica failure and an instance restart.
 //!
 //! Writes `docs/img/policies-hit-ratio.svg` and `docs/img/policies-by-turn.svg` (set
-//! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries: `make bench` builds
-//! them first. `BENCH_QUICK=1`: a smaller workload (`make bench-quick`).
+//! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries (`make bench` builds
+//! them first), and nginx and redis-server for the edge tier. `BENCH_QUICK=1`: a smaller
+//! workload (`make bench-quick`). `BENCH_SCENARIO=tier` (or `steady`, `x4`, `hot`, `events`,
+//! several separated by commas): only those scenarios.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -38,6 +42,9 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use tether_e2e::{api_key_sha256, regions_yaml, SimFleet, Tether, TetherConfig};
 use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
+
+#[path = "policies/tier.rs"]
+mod tier;
 
 const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
@@ -375,6 +382,10 @@ fn pct(part: usize, n: usize) -> f64 {
 /// Writes `{stem}-hit-ratio.svg` and `{stem}-by-turn.svg` into `dir`; `fleet` names the
 /// scenario in their captions.
 fn write_plots(dir: &Path, stem: &str, fleet: &str, rows: &[(&str, Report)]) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("plots {}: {e}", dir.display());
+        return;
+    }
     for (suffix, plot) in [
         (
             "hit-ratio",
@@ -519,26 +530,107 @@ fn plot_by_turn(
     Ok(())
 }
 
+/// The scenarios, by the names `BENCH_SCENARIO` takes.
+const SCENARIOS: [&str; 5] = ["steady", "x4", "hot", "events", "tier"];
+
+/// The scenarios to run: those `BENCH_SCENARIO` names (comma-separated), or all of them.
+fn scenarios() -> Vec<&'static str> {
+    let Ok(wanted) = std::env::var("BENCH_SCENARIO") else {
+        return SCENARIOS.to_vec();
+    };
+    wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            SCENARIOS
+                .iter()
+                .copied()
+                .find(|s| *s == w)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "BENCH_SCENARIO: no scenario {w:?}; there are {}",
+                        SCENARIOS.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let scenarios = scenarios();
+    let wants = |name: &str| scenarios.contains(&name);
     let workload = Workload {
         sessions: if quick { 12 } else { 48 },
         ..Workload::default()
     };
-    let mut ids: Vec<&str> = SIX.to_vec();
-    ids.push("eu-4");
     // The latency model (TTFT = queueing + uncached prefill) shows what misses cost; it runs
     // at half speed (a quarter in quick mode) so the whole benchmark fits its time budget.
     // TTFT is compared as ratios between policies, which the scale does not change.
     let scale = if quick { "0.25" } else { "0.5" };
-    let extras = Extras {
-        no_locality: !quick,
-        shedding: false,
-        hot_config: false,
-    };
-    let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS, extras);
+    let plots = std::env::var_os("BENCH_PLOTS_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img"),
+        PathBuf::from,
+    );
 
+    if wants("steady") || wants("events") {
+        let mut ids: Vec<&str> = SIX.to_vec();
+        ids.push("eu-4");
+        let extras = Extras {
+            no_locality: !quick,
+            shedding: false,
+            hot_config: false,
+        };
+        let (fleet, tethers) = fleet_and_tether(&ids, scale, CACHE_TOKENS, extras);
+        if wants("steady") {
+            steady_state(&fleet, &tethers, &workload, quick, &plots).await;
+        }
+        if wants("events") {
+            events(&fleet, &tethers, &ids).await;
+        }
+    }
+
+    // The x4 fleet's steady state is left out of the smoke run.
+    let x4 = wants("x4") && !quick;
+    // The same conversations at four times the granularity: caches four times larger, four
+    // times the sessions in flight. Cache per session in flight (the pressure) is unchanged,
+    // but a replica now holds several conversations, as a real replica's KV cache does (tens
+    // of thousands to millions of tokens against conversations of thousands), where above one
+    // finished conversation fills a replica and placement is packing items as large as the bins.
+    if x4 || wants("hot") {
+        let (fine, fine_tethers) = fleet_and_tether(
+            &SIX,
+            scale,
+            CACHE_TOKENS * GRANULARITY,
+            Extras {
+                no_locality: false,
+                shedding: true,
+                hot_config: true,
+            },
+        );
+        if x4 {
+            steady_x4(&fine, &fine_tethers, &workload, &plots).await;
+        }
+        if wants("hot") {
+            hot_spot(&fine, &fine_tethers, quick).await;
+        }
+    }
+
+    if wants("tier") {
+        tier::run(&workload, scale).await;
+    }
+}
+
+/// Steady state on the 2,560-token fleet, every policy; writes its plots into `plots`.
+async fn steady_state(
+    fleet: &SimFleet,
+    tethers: &Tethers,
+    workload: &Workload,
+    quick: bool,
+    plots: &Path,
+) {
     eprintln!("steady state:");
     let all = [
         ("round-robin", ClientPolicy::RoundRobin),
@@ -551,7 +643,7 @@ async fn main() {
         .into_iter()
         .filter(|(_, p)| !quick || *p != ClientPolicy::LeastInflight)
         .collect();
-    let rows = run_policies(&fleet, &tethers, &workload, &policies, CACHE_TOKENS).await;
+    let rows = run_policies(fleet, tethers, workload, &policies, CACHE_TOKENS).await;
     print_table(
         "steady state, 2,560-token caches (one finished conversation fills a replica)",
         &rows,
@@ -562,63 +654,49 @@ async fn main() {
         t.of_oracle,
         rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
     );
-    let plots = std::env::var_os("BENCH_PLOTS_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img"),
-        PathBuf::from,
-    );
-    std::fs::create_dir_all(&plots).unwrap();
-    write_plots(&plots, "policies", "2,560-token caches", &rows);
+    write_plots(plots, "policies", "2,560-token caches", &rows);
+}
 
-    // The same conversations at four times the granularity: caches four times larger, four
-    // times the sessions in flight. Cache per session in flight (the pressure) is unchanged,
-    // but a replica now holds several conversations, as a real replica's KV cache does (tens
-    // of thousands to millions of tokens against conversations of thousands), where above one
-    // finished conversation fills a replica and placement is packing items as large as the bins.
-    let (fine, fine_tethers) = fleet_and_tether(
-        &SIX,
-        scale,
-        CACHE_TOKENS * GRANULARITY,
-        Extras {
-            no_locality: false,
-            shedding: true,
-            hot_config: true,
-        },
-    );
+/// Steady state on the x4 fleet (`fine`): round-robin, the hash policies, Tether's
+/// configurations; writes its plots into `plots`.
+async fn steady_x4(fine: &SimFleet, fine_tethers: &Tethers, workload: &Workload, plots: &Path) {
     let fine_cache = CACHE_TOKENS * GRANULARITY;
-    if !quick {
-        eprintln!("steady state, four times the granularity:");
-        let fine_workload = Workload {
-            sessions: workload.sessions * GRANULARITY,
-            concurrency: workload.concurrency * GRANULARITY,
-            arrival_rate: workload.arrival_rate * GRANULARITY as f64,
-            ..workload.clone()
-        };
-        let fine_rows = run_policies(
-            &fine,
-            &fine_tethers,
-            &fine_workload,
-            &BASELINE_AND_HASHES,
-            fine_cache,
-        )
-        .await;
-        print_table(
-            "steady state, 10,240-token caches and 4x the sessions in flight (the same pressure)",
-            &fine_rows,
-        );
-        let t = &fine_rows.last().unwrap().1.overall;
-        println!(
-            "policies/steady_x4/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
-            t.of_oracle,
-            fine_rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
-        );
-        write_plots(
-            &plots,
-            "policies-x4",
-            "10,240-token caches, 4x the sessions",
-            &fine_rows,
-        );
-    }
+    eprintln!("steady state, four times the granularity:");
+    let fine_workload = Workload {
+        sessions: workload.sessions * GRANULARITY,
+        concurrency: workload.concurrency * GRANULARITY,
+        arrival_rate: workload.arrival_rate * GRANULARITY as f64,
+        ..workload.clone()
+    };
+    let fine_rows = run_policies(
+        fine,
+        fine_tethers,
+        &fine_workload,
+        &BASELINE_AND_HASHES,
+        fine_cache,
+    )
+    .await;
+    print_table(
+        "steady state, 10,240-token caches and 4x the sessions in flight (the same pressure)",
+        &fine_rows,
+    );
+    let t = &fine_rows.last().unwrap().1.overall;
+    println!(
+        "policies/steady_x4/tether_of_oracle {:.3} (target >= 0.97); TTFT p50 round-robin / tether {:.1}x (target >= 3)",
+        t.of_oracle,
+        fine_rows[0].1.overall.ttft_p50_ms / t.ttft_p50_ms.max(f64::MIN_POSITIVE)
+    );
+    write_plots(
+        plots,
+        "policies-x4",
+        "10,240-token caches, 4x the sessions",
+        &fine_rows,
+    );
+}
 
+/// The hot spot on the x4 fleet (`fine`).
+async fn hot_spot(fine: &SimFleet, fine_tethers: &Tethers, quick: bool) {
+    let fine_cache = CACHE_TOKENS * GRANULARITY;
     eprintln!("hot spot (tenant 0's sessions 10x longer):");
     // Short messages, so one hot conversation (60 turns, ~3,100 tokens) fits a replica's cache
     // three times over: what is measured is how a policy places and keeps many long sessions,
@@ -641,8 +719,8 @@ async fn main() {
     // Round-robin's balance is perfect by construction and its hits are not in the race: the
     // hot spot compares the hash policies with Tether's configurations.
     let hot_rows = run_policies(
-        &fine,
-        &fine_tethers,
+        fine,
+        fine_tethers,
         &hot,
         &BASELINE_AND_HASHES[1..],
         fine_cache,
@@ -663,9 +741,11 @@ async fn main() {
         max_over_mean(SHED_ROW),
         max_over_mean(HOT_CONFIG_ROW),
     );
-    drop(fine_tethers);
-    drop(fine);
+}
 
+/// Drain and undrain, removal, scale-out to `ids` (the six and a seventh replica), through
+/// Tether as configured by default.
+async fn events(fleet: &SimFleet, tethers: &Tethers, ids: &[&str]) {
     // Placements run one request at a time: 200 sessions keep the moved shares within a few
     // points of exact and `make bench` within its 15-minute budget.
     let n = 200;
@@ -683,8 +763,8 @@ async fn main() {
     let on_victim = before.iter().filter(|r| *r == "eu-2").count();
     let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-2").collect();
     let (ch_all, ch_five) = (
-        ketama(&fleet, &SIX, "drain", n),
-        ketama(&fleet, &five, "drain", n),
+        ketama(fleet, &SIX, "drain", n),
+        ketama(fleet, &five, "drain", n),
     );
     println!(
         "\ndrain eu-2 and bring it back, {n} sessions ({on_victim} on eu-2):\n  tether: drain moved {} ({:.1} %), undrain moved {} ({:.1} %; target 0)\n  consistent hash (nginx `down` and back): drain moved {} ({:.1} %), undrain moved {} ({:.1} %)",
@@ -702,7 +782,7 @@ async fn main() {
     let before = placements(&client, &url, "remove", n, 1).await;
     let five: Vec<&str> = SIX.iter().copied().filter(|id| *id != "eu-3").collect();
     tether
-        .rewrite_config(&tether_config(&fleet, &five, true, None))
+        .rewrite_config(&tether_config(fleet, &five, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-3", false).await;
     let after = placements(&client, &url, "remove", n, 2).await;
@@ -713,8 +793,8 @@ async fn main() {
         .filter(|(a, b)| *a != "eu-3" && a != b)
         .count();
     let (ch_six, ch_five) = (
-        ketama(&fleet, &SIX, "remove", n),
-        ketama(&fleet, &five, "remove", n),
+        ketama(fleet, &SIX, "remove", n),
+        ketama(fleet, &five, "remove", n),
     );
     println!(
         "\nremove eu-3, {n} sessions ({on_removed} on eu-3):\n  tether: {} moved ({:.1} %), of them not on eu-3: {others_moved} (target 0)\n  consistent hash (nginx): {} moved ({:.1} %)",
@@ -724,21 +804,21 @@ async fn main() {
         pct(moved(&ch_six, &ch_five), n),
     );
     tether
-        .rewrite_config(&tether_config(&fleet, &SIX, true, None))
+        .rewrite_config(&tether_config(fleet, &SIX, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-3", true).await;
 
     // Scale-out: 6 → 7 replicas.
     let before = placements(&client, &url, "scale", n, 1).await;
     tether
-        .rewrite_config(&tether_config(&fleet, &ids, true, None))
+        .rewrite_config(&tether_config(fleet, ids, true, None))
         .unwrap();
     wait_for_replica(&client, tether, "eu-4", true).await;
     let after = placements(&client, &url, "scale", n, 2).await;
     let tether_moved = moved(&before, &after);
     let ch_moved = moved(
-        &ketama(&fleet, &SIX, "scale", n),
-        &ketama(&fleet, &ids, "scale", n),
+        &ketama(fleet, &SIX, "scale", n),
+        &ketama(fleet, ids, "scale", n),
     );
     println!(
         "\nscale-out 6 → 7 replicas, {n} sessions with one turn each before:\n  tether: {tether_moved} moved ({:.1} %, target 0 %)\n  consistent hash (nginx): {ch_moved} moved ({:.1} %; 1/(N+1) = {:.1} %)",
