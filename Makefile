@@ -68,16 +68,16 @@ fmt: ## Format the code
 check-conf: ## Validate every config in conf/
 	$(CARGO) run -q -p tether -- check $(addprefix -c ,$(wildcard conf/*.yaml))
 
-bench-deps: deps ## Install what the benchmarks compare against or use: nginx, haproxy, wrk, valgrind
+bench-deps: deps ## Install what the benchmarks compare against or use: nginx, haproxy, wrk, valgrind (redis-server: deps)
 	@missing=""; for p in nginx:nginx haproxy:haproxy wrk:wrk valgrind:valgrind; do \
 		command -v $${p%%:*} >/dev/null || [ -x /usr/sbin/$${p%%:*} ] || missing="$$missing $${p##*:}"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 
-bench: bench-deps ## Every benchmark (release, ~15 min): policies vs cache hits, proxy cost, routing, memory, metering
+bench: bench-deps ## Every benchmark (release, ~17 min): policies vs cache hits and an edge tier, proxy cost, routing, memory, metering
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p tether-benches
 
-bench-quick: bench-deps ## A smoke run of the scenario benchmarks (~2 min): smaller workloads, one round
+bench-quick: bench-deps ## A smoke run of the scenario benchmarks (~2.5 min): smaller workloads, one round
 	$(CARGO) build --release --workspace --bins
 	BENCH_QUICK=1 BENCH_NO_CALLGRIND=1 BENCH_PLOTS_DIR=$(CURDIR)/target/bench-plots $(CARGO) bench -p tether-benches --bench policies --bench proxy_cost
 

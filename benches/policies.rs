@@ -26,13 +26,15 @@
 //! - drain one and bring it back: sessions moved by the drain, and moved again by the undrain
 //!   (nginx's `down` and back is a removal and a re-add: its sessions go back, cold);
 //! - shared KV regions ([`shared_kv`]): the hot spot again, the simulator giving each region a
-//!   shared KV tier, through Tether with `kv_scope: region` and with `kv_scope: replica`.
+//!   shared KV tier, through Tether with `kv_scope: region` and with `kv_scope: replica`;
+//! - an edge tier ([`tier`]): three Tether instances, each turn to a random one, with and
+//!   without a shared sticky store, through a replica failure and an instance restart.
 //!
 //! Writes `docs/img/policies-hit-ratio.svg` and `docs/img/policies-by-turn.svg` (set
 //! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries: `make bench` builds
-//! them first. `BENCH_QUICK=1`: a smaller workload (`make bench-quick`).
-//! `BENCH_SCENARIO=steady,hot_spot,…`: only the scenarios listed (`steady`, `steady_x4`,
-//! `hot_spot`, `events`, `shared_kv`).
+//! them first; the edge tier also needs nginx and redis-server. `BENCH_QUICK=1`: a smaller
+//! workload (`make bench-quick`). `BENCH_SCENARIO=steady,hot_spot,…`: only the scenarios
+//! listed (`steady`, `steady_x4`, `hot_spot`, `events`, `shared_kv`, `tier`).
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -45,6 +47,8 @@ use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
 
 #[path = "policies/shared_kv.rs"]
 mod shared_kv;
+#[path = "policies/tier.rs"]
+mod tier;
 
 const SIX: [&str; 6] = ["eu-1", "eu-2", "eu-3", "us-1", "us-2", "us-3"];
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
@@ -527,7 +531,14 @@ fn plot_by_turn(
 }
 
 /// The scenarios, by the names `BENCH_SCENARIO` takes.
-const SCENARIOS: [&str; 5] = ["steady", "steady_x4", "hot_spot", "events", "shared_kv"];
+const SCENARIOS: [&str; 6] = [
+    "steady",
+    "steady_x4",
+    "hot_spot",
+    "events",
+    "shared_kv",
+    "tier",
+];
 
 /// The scenarios to run: those `BENCH_SCENARIO` lists (comma-separated), or every one.
 fn selected_scenarios() -> Vec<&'static str> {
@@ -725,6 +736,10 @@ async fn main() {
     if runs("shared_kv") {
         eprintln!("shared KV regions (the hot spot, with a shared KV tier per region):");
         shared_kv::run_scenario(&hot_spot_workload(quick), scale, fine_cache).await;
+    }
+
+    if runs("tier") {
+        tier::run(&workload, scale).await;
     }
 }
 

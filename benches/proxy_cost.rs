@@ -11,6 +11,12 @@
 //!   - bare Pingora: `bare-pingora` (benches/bare_pingora.rs), ketama on the header, keepalive;
 //!   - Tether: tenants with API keys, the override table, health probes, metering with a usage
 //!     log, metrics;
+//!   - Tether with a sticky store: the same, with a `sticky_store` (a real redis-server the
+//!     bench starts, on the load's CPU), as one instance of a tier runs. The traffic is warm:
+//!     every token's binding is in the local table before a run is measured (warm-ups repeat
+//!     until one needs no store lookup), so what this row adds is the store's cost on the
+//!     path every sticky request takes. The lookups made while measured are printed;
+//!   - nginx: `hash $http_x_session_affinity consistent`, upstream keepalive;
 //!   - nginx: `hash $http_x_session_affinity consistent`, upstream keepalive;
 //!   - HAProxy: `balance hdr(x-session-affinity)`, `hash-type consistent`,
 //!     `hash-balance-factor 125`, `http-reuse always`.
@@ -20,9 +26,10 @@
 //!
 //! Rows run back to back inside each scenario, in alternating order across rounds (3, or
 //! `BENCH_ROUNDS`); each figure is the median round. Bare Pingora and Tether run next to each
-//! other in every round, so Tether ÷ bare is also taken per round (a pair shares whatever the
-//! machine was doing) and reported as the median and range of those paired ratios (use an odd
-//! number of rounds: with an even one the median is the upper middle value).
+//! other in every round, and so do Tether without and with the store, so Tether ÷ bare and
+//! store ÷ no store are also taken per round (a pair shares whatever the machine was doing)
+//! and reported as the median and range of those paired ratios (use an odd number of rounds:
+//! with an even one the median is the upper middle value).
 //! `BENCH_ROUNDS=0` runs no rounds, only the instruction counts.
 //! `BENCH_QUICK=1`: one short round at 64 connections.
 //! `BENCH_NO_WORK_STEALING=1`: bare Pingora and Tether both without work stealing (each worker
@@ -30,7 +37,8 @@
 //! With two CPUs or more, every proxy (all its threads) runs on CPU 1 and wrk and the upstream
 //! nginx on CPU 0, so the proxy under test has a core to itself; `BENCH_NO_PIN=1` turns that
 //! off.
-//! Needs nginx, haproxy and wrk (`make bench-deps` installs them) and release binaries.
+//! Needs nginx, haproxy, wrk and redis-server (`make bench-deps` installs them) and release
+//! binaries.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -38,15 +46,16 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether_benches::{
-    callgrind_control, callgrind_total, median, median_and_range, valgrind_present,
+    callgrind_control, callgrind_total, median, median_and_range, nginx_common,
+    nginx_hash_proxy_conf, spawn, start_nginx, valgrind_present, wait_listening, which,
 };
 use tether_e2e::{
-    api_key_sha256, binary, free_port, free_ports, ChildGuard, ServerOpts, TempDir, Tether,
-    TetherConfig,
+    api_key_sha256, binary, free_port, free_ports, ServerOpts, TempDir, Tether, TetherConfig,
 };
+use tether_sticky_store::testing::RedisServer;
 
 const API_KEY: &str = "sk-bench-proxy-cost";
 
@@ -97,13 +106,6 @@ fn nginx_return_long(text: &str) -> String {
     out
 }
 
-fn nginx_common(dir: &Path) -> String {
-    format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 1000000;\n  keepalive_timeout 300s;\n",
-        d = dir.display()
-    )
-}
-
 fn upstream_nginx_conf(dir: &Path, ports: &[u16]) -> String {
     let mut conf = nginx_common(dir);
     for port in ports {
@@ -117,16 +119,87 @@ fn upstream_nginx_conf(dir: &Path, ports: &[u16]) -> String {
     conf
 }
 
-fn proxy_nginx_conf(dir: &Path, listen: u16, upstreams: &[u16]) -> String {
-    let mut conf = nginx_common(dir);
-    conf.push_str("  upstream fleet {\n    hash $http_x_session_affinity consistent;\n");
-    for port in upstreams {
-        conf.push_str(&format!("    server 127.0.0.1:{port};\n"));
+/// `body` with a sticky store at `url`, its keys under `key_prefix` (defaults otherwise).
+fn with_store(body: &str, url: &str, key_prefix: &str) -> String {
+    format!("{body}sticky_store: {{ url: \"{url}\", key_prefix: \"{key_prefix}\" }}\n")
+}
+
+/// Tether's `tether_sticky_store_lookups_total`, every result together, from its `/metrics`.
+fn store_lookup_total(admin: SocketAddr) -> f64 {
+    metric_total(&metrics_text(admin), "tether_sticky_store_lookups_total")
+}
+
+/// The sum of every sample of the counter `name` in a Prometheus text.
+fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Warms the Tether with the sticky store (admin listener `admin`, process `pid`) until its
+/// traffic is the steady state the row measures: `warm_up` runs again until a run needed the
+/// store for no token (every binding in the local table), then the process is left until it
+/// is idle, so that the background work of those first sightings (writes to the store, its
+/// own announcements coming back) is not measured; under valgrind it takes seconds.
+fn warm_store(admin: SocketAddr, pid: u32, tries: usize, warm_up: impl Fn()) {
+    for _ in 0..tries {
+        let before = store_lookup_total(admin);
+        warm_up();
+        if store_lookup_total(admin) == before {
+            break;
+        }
     }
-    conf.push_str(&format!(
-        "    keepalive 256;\n    keepalive_requests 1000000;\n  }}\n  server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n      proxy_pass http://fleet;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
-    ));
-    conf
+    let busy = || {
+        let (user, sys) = cpu_seconds(pid);
+        user + sys
+    };
+    let mut last = busy();
+    for _ in 0..120 {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = busy();
+        // At most one 10 ms tick in half a second.
+        if now - last < 0.015 {
+            return;
+        }
+        last = now;
+    }
+    eprintln!("Tether with the sticky store (pid {pid}) never went idle after its warm-up");
+}
+
+/// The body of `GET /metrics` on Tether's admin listener, read up to its `Content-Length`.
+fn metrics_text(admin: SocketAddr) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut stream = TcpStream::connect(admin).expect("Tether's admin listener accepts");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    let mut body = vec![0; length.expect("/metrics answers with a Content-Length")];
+    reader.read_exact(&mut body).unwrap();
+    String::from_utf8(body).expect("metrics are text")
 }
 
 fn haproxy_conf(listen: u16, upstreams: &[u16]) -> String {
@@ -150,72 +223,6 @@ fn tether_body(upstreams: &[u16], log: &Path) -> String {
         api_key_sha256(API_KEY),
         log.display()
     )
-}
-
-fn wait_listening(addr: SocketAddr, what: &str, process: &mut ChildGuard) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).is_err() {
-        assert!(!process.has_exited(), "{what} exited during start-up");
-        assert!(Instant::now() < deadline, "{what} not listening on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn spawn(program: &Path, args: &[&str], what: &str) -> ChildGuard {
-    let child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {what} ({}): {e}", program.display()));
-    ChildGuard::new(child, what)
-}
-
-fn which(program: &str) -> std::path::PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
-        let path = Path::new(dir).join(program);
-        if path.exists() {
-            return path;
-        }
-    }
-    panic!("{program} is missing: `make bench-deps` installs nginx, haproxy and wrk");
-}
-
-/// An nginx master process. Killing the master outright (what [`ChildGuard`] does) leaves its
-/// workers running, orphaned, with the listening sockets; so the master gets SIGTERM, which
-/// stops the workers too, and the guard's kill only follows if it has not exited in 5 s.
-struct NginxGuard(ChildGuard);
-
-impl NginxGuard {
-    fn pid(&self) -> u32 {
-        self.0.pid()
-    }
-}
-
-impl Drop for NginxGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.0.has_exited() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn start_nginx(dir: &Path, conf: &str, name: &str, listen: &[u16]) -> NginxGuard {
-    let path = dir.join(format!("{name}.conf"));
-    std::fs::write(&path, conf).unwrap();
-    let mut guard = spawn(
-        &which("nginx"),
-        &["-c", path.to_str().unwrap(), "-p", dir.to_str().unwrap()],
-        name,
-    );
-    for port in listen {
-        wait_listening(SocketAddr::from(([127, 0, 0, 1], *port)), name, &mut guard);
-    }
-    NginxGuard(guard)
 }
 
 /// CPU seconds (user, system) of `pid` and every descendant (nginx's work is in its worker).
@@ -367,30 +374,57 @@ enum Row {
     Direct,
     BarePingora,
     Tether,
+    /// Tether configured with a `sticky_store` (a real redis-server), its traffic warm: every
+    /// token's binding already in the local table, so the store is never asked.
+    TetherStore,
     Nginx,
     Haproxy,
 }
 
 impl Row {
-    const ALL: [Row; 5] = [
+    /// Tether with and without the store next to each other, so that their ratio is taken
+    /// between runs that follow each other in either order.
+    const ALL: [Row; 6] = [
         Row::Direct,
         Row::BarePingora,
         Row::Tether,
+        Row::TetherStore,
         Row::Nginx,
         Row::Haproxy,
     ];
+
+    fn index(self) -> usize {
+        Row::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("every row is in Row::ALL")
+    }
+
     fn name(self) -> &'static str {
         match self {
             Row::Direct => "direct to upstream",
             Row::BarePingora => "bare Pingora",
             Row::Tether => "Tether (metering, overrides)",
+            Row::TetherStore => "Tether + sticky store (Redis)",
             Row::Nginx => "nginx (hash consistent)",
             Row::Haproxy => "HAProxy (bounded hash)",
         }
     }
+
+    /// The row's name in `BENCH_PERF_ROW` and in profile file names.
+    fn slug(self) -> &'static str {
+        match self {
+            Row::Direct => "direct",
+            Row::BarePingora => "bare",
+            Row::Tether => "tether",
+            Row::TetherStore => "tether-store",
+            Row::Nginx => "nginx",
+            Row::Haproxy => "haproxy",
+        }
+    }
 }
 
-/// With `BENCH_PERF_DIR` (and optionally `BENCH_PERF_ROW=tether|bare|nginx|haproxy`), a
+/// With `BENCH_PERF_DIR` (and optionally `BENCH_PERF_ROW=tether|tether-store|bare|nginx|haproxy`), a
 /// `perf record -g` of the proxy process during each measured run, for profiling.
 /// With `BENCH_STRACE_DIR` instead, `strace -c -f` of it (syscalls per request: divide by
 /// the run's requests; strace slows the process, so its CPU figures are off for that run).
@@ -400,15 +434,10 @@ fn perf_record(pid: u32, row: Row, kind: &str, connections: usize) -> Option<std
         None => (std::env::var_os("BENCH_PERF_DIR")?, false),
     };
     let wanted = std::env::var("BENCH_PERF_ROW").unwrap_or_default();
-    if !wanted.is_empty() && !row.name().to_lowercase().starts_with(&wanted) {
+    if !wanted.is_empty() && row.slug() != wanted {
         return None;
     }
-    let slug = row
-        .name()
-        .split_whitespace()
-        .next()
-        .unwrap_or("proxy")
-        .to_lowercase();
+    let slug = row.slug();
     let out = Path::new(&dir).join(format!(
         "{kind}-c{connections}-{slug}.{}",
         if strace { "strace" } else { "data" }
@@ -479,9 +508,6 @@ fn main() {
     // A verdict takes more rounds (`BENCH_ROUNDS=7`), not longer ones.
     let seconds = if quick { 2.0 } else { 3.0 };
     let dir = TempDir::new("tether-proxy-cost").unwrap();
-    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-    }
 
     let upstreams: [u16; 3] = free_ports();
     let upstream = start_nginx(
@@ -517,15 +543,30 @@ fn main() {
         one_thread(),
     )
     .unwrap();
+    let redis = RedisServer::start()
+        .expect("redis-server starts (`make deps` installs it) for the sticky-store row");
+    let tether_store = Tether::start_with_server(
+        &TetherConfig {
+            body: with_store(
+                &tether_body(&upstreams, &dir.path().join("usage-store.jsonl")),
+                &redis.url(),
+                "tether:bench:",
+            ),
+        },
+        &[],
+        one_thread(),
+    )
+    .unwrap();
 
     let nginx_port = free_port();
     let nginx_dir = dir.path().join("proxy-nginx");
-    for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(nginx_dir.join(sub)).unwrap();
-    }
     let nginx = start_nginx(
         &nginx_dir,
-        &proxy_nginx_conf(&nginx_dir, nginx_port, &upstreams),
+        &nginx_hash_proxy_conf(
+            &nginx_dir,
+            nginx_port,
+            &upstreams.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        ),
         "proxy-nginx",
         &[nginx_port],
     );
@@ -547,7 +588,15 @@ fn main() {
     if let Some((proxy_cpu, load_cpu)) = pinning() {
         eprintln!("proxies pinned to CPU {proxy_cpu}; wrk and the upstream to CPU {load_cpu}");
         pin(upstream.pid(), load_cpu);
-        for pid in [bare.pid(), tether.process.pid(), nginx.pid(), haproxy.pid()] {
+        // The store answers only first sightings and rare refreshes; it sits with the load.
+        pin(redis.pid().expect("redis-server runs"), load_cpu);
+        for pid in [
+            bare.pid(),
+            tether.process.pid(),
+            tether_store.process.pid(),
+            nginx.pid(),
+            haproxy.pid(),
+        ] {
             pin(pid, proxy_cpu);
         }
     }
@@ -557,6 +606,7 @@ fn main() {
             Row::Direct => (upstreams[0], None),
             Row::BarePingora => (bare_port, Some(bare.pid())),
             Row::Tether => (tether.addr.port(), Some(tether.process.pid())),
+            Row::TetherStore => (tether_store.addr.port(), Some(tether_store.process.pid())),
             Row::Nginx => (nginx_port, Some(nginx.pid())),
             Row::Haproxy => (haproxy_port, Some(haproxy.pid())),
         }
@@ -597,6 +647,9 @@ fn main() {
             continue;
         }
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Row::ALL.len()];
+        // Store lookups while the store row was measured: 0 when every token's binding was in
+        // the local table, as intended.
+        let mut store_lookups = 0.0;
         for round in 0..rounds {
             let mut order: Vec<usize> = (0..Row::ALL.len()).collect();
             if round % 2 == 1 {
@@ -608,6 +661,13 @@ fn main() {
                 let (port, pid) = target(row);
                 let url = format!("http://127.0.0.1:{port}/v1/chat/completions{query}");
                 wrk(&script, &url, connections, 1.0); // warm-up: connections, pools, caches
+                let lookups = || store_lookup_total(tether_store.admin);
+                if row == Row::TetherStore {
+                    warm_store(tether_store.admin, tether_store.process.pid(), 5, || {
+                        wrk(&script, &url, connections, 1.0);
+                    });
+                }
+                let lookups_before = (row == Row::TetherStore).then(lookups);
                 let cpu_before = pid.map(cpu_seconds);
                 let perf = pid.and_then(|p| perf_record(p, row, kind, connections));
                 let result = wrk(&script, &url, connections, seconds);
@@ -623,6 +683,9 @@ fn main() {
                     let (u0, s0) = cpu_before.unwrap_or_default();
                     (u - u0, s - s0)
                 });
+                if let Some(before) = lookups_before {
+                    store_lookups += lookups() - before;
+                }
                 samples[i].push(Sample {
                     wrk: result,
                     cpu_us_per_req: (user + sys) * 1e6 / result.requests,
@@ -631,22 +694,27 @@ fn main() {
                 progress.inc(1);
             }
         }
-        // Tether ÷ bare per round: the two ran back to back, under the same conditions.
-        let (bare_i, tether_i) = (1, 2);
-        debug_assert!(matches!(Row::ALL[bare_i], Row::BarePingora));
-        debug_assert!(matches!(Row::ALL[tether_i], Row::Tether));
-        let paired = |f: fn(&Sample) -> f64| -> Vec<f64> {
-            samples[bare_i]
+        // Tether ÷ bare and store ÷ no store per round: each pair ran back to back, under the
+        // same conditions.
+        let paired = |over: Row, under: Row, f: fn(&Sample) -> f64| -> Vec<f64> {
+            samples[under.index()]
                 .iter()
-                .zip(&samples[tether_i])
-                .map(|(b, t)| f(t) / f(b))
+                .zip(&samples[over.index()])
+                .map(|(u, o)| f(o) / f(u))
                 .collect()
         };
         pairs.push(Paired {
             kind,
             connections,
-            cpu: paired(|s| s.cpu_us_per_req),
-            p99: paired(|s| s.wrk.p99_us),
+            cpu: paired(Row::Tether, Row::BarePingora, |s| s.cpu_us_per_req),
+            p99: paired(Row::Tether, Row::BarePingora, |s| s.wrk.p99_us),
+            store_cpu: paired(Row::TetherStore, Row::Tether, |s| s.cpu_us_per_req),
+            store_p99: paired(Row::TetherStore, Row::Tether, |s| s.wrk.p99_us),
+            store_lookups,
+            store_requests: samples[Row::TetherStore.index()]
+                .iter()
+                .map(|s| s.wrk.requests)
+                .sum(),
         });
         for (i, row) in Row::ALL.iter().enumerate() {
             let s = &samples[i];
@@ -671,7 +739,13 @@ fn main() {
         .flat_map(|a| ["--upstream".to_owned(), a.clone()])
         .collect();
     if results.is_empty() {
-        instruction_counts(dir.path(), &upstreams, &upstream_args, &scripts);
+        instruction_counts(
+            dir.path(),
+            &upstreams,
+            &upstream_args,
+            &scripts,
+            &redis.url(),
+        );
         return;
     }
     println!(
@@ -689,7 +763,7 @@ fn main() {
         "errors"
     );
     for (chunk, pair) in results.chunks(Row::ALL.len()).zip(&pairs) {
-        let (bare, nginx) = (&chunk[1], &chunk[3]);
+        let (bare, nginx) = (&chunk[Row::BarePingora.index()], &chunk[Row::Nginx.index()]);
         for l in chunk {
             let shown = |v: f64, digits: usize| {
                 if v.is_nan() {
@@ -725,8 +799,23 @@ fn main() {
             spread(&pair.p99),
             pair.cpu.len(),
         );
+        println!(
+            "proxy_cost/{}/c{}/store_over_no_store cpu {} (target <= 1.05) p99 {}; paired per round; store lookups while measured: {:.0} of {:.0} requests\n",
+            pair.kind,
+            pair.connections,
+            spread(&pair.store_cpu),
+            spread(&pair.store_p99),
+            pair.store_lookups,
+            pair.store_requests,
+        );
     }
-    instruction_counts(dir.path(), &upstreams, &upstream_args, &scripts);
+    instruction_counts(
+        dir.path(),
+        &upstreams,
+        &upstream_args,
+        &scripts,
+        &redis.url(),
+    );
 }
 
 /// User-space instructions per request of bare Pingora and Tether, counted by callgrind: exact
@@ -737,6 +826,7 @@ fn instruction_counts(
     upstreams: &[u16],
     upstream_args: &[String],
     scripts: &[(&str, std::path::PathBuf, &str)],
+    store_url: &str,
 ) {
     if std::env::var_os("BENCH_NO_CALLGRIND").is_some() || !valgrind_present() {
         eprintln!("instruction counts skipped (BENCH_NO_CALLGRIND set, or no valgrind)");
@@ -783,15 +873,42 @@ fn instruction_counts(
         one_thread(),
     )
     .unwrap();
+    // Its own key prefix: the bindings the measured rows left in the store stay out of it.
+    let tether_store = Tether::start_with_server(
+        &TetherConfig {
+            body: with_store(
+                &tether_body(upstreams, &dir.join("usage-callgrind-store.jsonl")),
+                store_url,
+                "tether:callgrind:",
+            ),
+        },
+        &wrapper("tether-store"),
+        one_thread(),
+    )
+    .unwrap();
     let rows = [
-        ("bare", bare_port, bare.pid()),
-        ("tether", tether.addr.port(), tether.process.pid()),
+        ("bare", bare_port, bare.pid(), None),
+        ("tether", tether.addr.port(), tether.process.pid(), None),
+        (
+            "tether-store",
+            tether_store.addr.port(),
+            tether_store.process.pid(),
+            Some(tether_store.admin),
+        ),
     ];
     let mut per_request = std::collections::BTreeMap::new();
-    for (name, port, pid) in rows {
+    for (name, port, pid, store_admin) in rows {
         for (dump, (kind, script, query)) in scripts.iter().enumerate() {
             let url = format!("http://127.0.0.1:{port}/v1/chat/completions{query}");
-            wrk(script, &url, 16, 2.0); // warm-up
+            // Warm-up. Each wrk run starts again from the pool's first token, so it lasts
+            // long enough, at valgrind's speed, to reach every token: Tether's rows are then
+            // measured on sessions it knows, as the rounds above are.
+            wrk(script, &url, 16, 6.0);
+            if let Some(admin) = store_admin {
+                warm_store(admin, pid, 5, || {
+                    wrk(script, &url, 16, 6.0);
+                });
+            }
             callgrind_control("-z", pid);
             let result = wrk(script, &url, 16, 3.0);
             callgrind_control("-d", pid);
@@ -801,23 +918,30 @@ fn instruction_counts(
         }
     }
     for (kind, _, _) in scripts {
-        let (bare, tether) = (
+        let (bare, tether, store) = (
             per_request[&(*kind, "bare")],
             per_request[&(*kind, "tether")],
+            per_request[&(*kind, "tether-store")],
         );
         println!(
-            "proxy_cost/{kind}/instructions_per_request bare {bare:.0} tether {tether:.0} ratio {:.3}",
-            tether / bare
+            "proxy_cost/{kind}/instructions_per_request bare {bare:.0} tether {tether:.0} ratio {:.3}; with the sticky store {store:.0}, {:.3} x without",
+            tether / bare,
+            store / tether
         );
     }
 }
 
-/// Tether ÷ bare Pingora, one value per round.
+/// Tether ÷ bare Pingora and Tether with the sticky store ÷ without, one value per round.
 struct Paired {
     kind: &'static str,
     connections: usize,
     cpu: Vec<f64>,
     p99: Vec<f64>,
+    store_cpu: Vec<f64>,
+    store_p99: Vec<f64>,
+    /// Store lookups during the store row's measured runs, and the requests of those runs.
+    store_lookups: f64,
+    store_requests: f64,
 }
 
 /// One row of the results table: medians over the rounds.
