@@ -383,7 +383,8 @@ impl ProxyHttp for TetherProxy {
         }
         ctx.answered = true;
         if let Some(name) = ctx.snapshot.as_deref().and_then(Snapshot::outcome_header) {
-            upstream_response.insert_header(name.clone(), route.session_status().as_str())?;
+            let status = http::HeaderValue::from_static(route.session_status().as_str());
+            upstream_response.insert_header(name.clone(), status)?;
         }
         if ctx.snapshot.as_deref().is_some_and(Snapshot::metering)
             && upstream_response.status.is_success()

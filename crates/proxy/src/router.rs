@@ -161,7 +161,9 @@ pub struct Snapshot {
     admin_token_sha256: Option<[u8; 32]>,
     /// The admin listener is reachable from other hosts: reads need the token too.
     admin_reads_need_token: bool,
-    outcome_header: Option<http::HeaderName>,
+    /// Kept as shared bytes, built once: Pingora takes them as the header's name as they are,
+    /// where a `HeaderName` would be title-cased and copied on every response.
+    outcome_header: Option<bytes::Bytes>,
     pricing: tether_topology::Pricing,
     metering: bool,
     inject_stream_usage: bool,
@@ -199,7 +201,7 @@ impl Snapshot {
     }
 
     /// The response header that tells a client what happened to its session, if any.
-    pub fn outcome_header(&self) -> Option<&http::HeaderName> {
+    pub fn outcome_header(&self) -> Option<&bytes::Bytes> {
         self.outcome_header.as_ref()
     }
 
@@ -441,8 +443,8 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
         outcome_header: topology
             .affinity
             .outcome_header
-            .as_deref()
-            .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            .as_ref()
+            .map(|h| bytes::Bytes::from(h.clone())),
         pricing: topology.pricing.clone(),
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,
