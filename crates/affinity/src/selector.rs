@@ -380,7 +380,7 @@ impl Selector {
             // Nearest: a session keeps the region it was recorded in; a new one starts in the
             // first region, from this edge's own, that has room.
             (Placement::Nearest, Some(region)) => (region, 0),
-            (Placement::Nearest, None) => self.nearest_home(req.tried, req.tenant, view)?,
+            (Placement::Nearest, None) => self.nearest_home(req.tried, view)?,
         };
         let position = key.ring_position();
         let regions =
@@ -414,33 +414,26 @@ impl Selector {
 
     /// With nearest placement, the home of a new session and its distance (0: this edge's
     /// own region): the first region, in this edge's order, with an available replica under
-    /// the bounded-load limits taken over the whole fleet — on requests in flight and, when
-    /// tenant locality counts them, on sessions placed recently — so that a region spills new
-    /// sessions only when it is busier than the fleet, not on every local imbalance. Requests
-    /// in flight alone are not enough: an agent's session keeps its KV cache between turns
-    /// while it has nothing in flight, so a region can fill its caches with sessions and
-    /// still look idle. `None` when no replica is available anywhere; when every region is
-    /// over the limits, the local region (its own walk still balances inside it).
+    /// the bounded-load limit taken over the whole fleet, so that a region spills new sessions
+    /// only when it is busier than the fleet, not on every local imbalance. `None` when no
+    /// replica is available anywhere; when every region is over the limit, the local region
+    /// (its own walk still balances inside it).
     fn nearest_home<V: LoadView + ?Sized>(
         &self,
         tried: Option<&ReplicaSet>,
-        tenant: Option<TenantScope>,
         view: &V,
     ) -> Option<(u16, usize)> {
-        let placed = |m: ReplicaIdx| tenant.and_then(|t| view.tenant_warmth(m, t));
-        let (mut total_inflight, mut total_weight, mut total_placed) = (0u64, 0u64, 0f64);
+        let (mut total_inflight, mut total_weight) = (0u64, 0u64);
         for (m, replica) in self.replicas.iter().enumerate() {
             if self.available(m as ReplicaIdx, tried, view) {
                 total_inflight += u64::from(view.inflight(m as ReplicaIdx));
                 total_weight += u64::from(replica.weight);
-                total_placed += placed(m as ReplicaIdx).map_or(0.0, |w| w.recent_placements);
             }
         }
         if total_weight == 0 {
             return None;
         }
         let scale = self.balance_factor * (total_inflight + 1) as f64 / total_weight as f64;
-        let placed_scale = self.balance_factor * (total_placed + 1.0) / total_weight as f64;
         let local = self.local_region;
         let order =
             std::iter::once(local).chain(self.regions[local as usize].fallback.iter().copied());
@@ -451,9 +444,6 @@ impl Selector {
                 self.available(m, tried, view)
                     && inflight < replica.max_inflight
                     && f64::from(inflight) < (scale * f64::from(replica.weight)).ceil()
-                    && placed(m).is_none_or(|w| {
-                        w.recent_placements < placed_scale * f64::from(replica.weight)
-                    })
             })
         };
         let chosen = order.enumerate().find(|(_, region)| has_room(*region));
@@ -1474,33 +1464,5 @@ mod tests {
         // Its recorded replica drained: still in the region, least-loaded.
         let d = s.decide(&sticky_on(&s, 0, 42), &vec![0, 1, 2]).unwrap();
         assert_eq!((d.replica, d.outcome), (1, Outcome::SharedKv));
-    }
-
-    #[test]
-    fn nearest_placement_spills_a_region_that_took_more_than_its_share_of_new_sessions() {
-        let regions = fleet(&[("eu", &["eu-1", "eu-2"]), ("us", &["us-1", "us-2"])]);
-        let s = placed(&regions, Placement::Nearest, 1);
-        // Nothing in flight anywhere, but us placed 10 sessions per replica lately and eu none:
-        // their caches are full of sessions between turns.
-        let view = WarmView::new(4);
-        for replica in [2, 3] {
-            for _ in 0..10 {
-                view.warmth[replica].record_placement(NOW_MS, WINDOW_MS);
-            }
-        }
-        for k in keys().take(100) {
-            let d = s.decide(&of_tenant(k, "acme"), &view).unwrap();
-            assert!(d.replica < 2, "key {k:#x}");
-            assert_eq!(d.outcome, Outcome::CrossRegion);
-        }
-        // Placements even across the fleet: new sessions stay home.
-        for replica in [0, 1] {
-            for _ in 0..10 {
-                view.warmth[replica].record_placement(NOW_MS, WINDOW_MS);
-            }
-        }
-        for k in keys().take(100) {
-            assert!(s.decide(&of_tenant(k, "acme"), &view).unwrap().replica >= 2);
-        }
     }
 }
