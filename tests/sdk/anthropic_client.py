@@ -7,10 +7,10 @@ and what the client saw. The Rust test (tests/e2e/sdk.rs) asserts on it; an unex
 exception ends the script non-zero with its traceback on stderr.
 """
 
-import argparse
-import json
 
 import anthropic
+
+import sdk_cli
 
 # Long enough to fill several of the replica's cache blocks.
 SYSTEM = "You are a careful coding agent working in a large repository. " * 8
@@ -101,16 +101,14 @@ SCENARIOS = {
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--api-key", required=True)
-    parser.add_argument("scenarios", nargs="+", choices=SCENARIOS)
-    args = parser.parse_args()
     # No retries: a failure shows as it happened, at once.
-    client = anthropic.Anthropic(
-        base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=20
+    sdk_cli.run(
+        __doc__,
+        SCENARIOS,
+        lambda base_url, api_key: anthropic.Anthropic(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=20
+        ),
     )
-    print(json.dumps({name: SCENARIOS[name](client) for name in args.scenarios}))
 
 
 if __name__ == "__main__":

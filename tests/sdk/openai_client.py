@@ -7,11 +7,11 @@ test (tests/e2e/sdk.rs) asserts on it; an unexpected exception ends the script n
 its traceback on stderr.
 """
 
-import argparse
 import inspect
-import json
 
 import openai
+
+import sdk_cli
 
 # Long enough to fill several of the replica's cache blocks, so a warm turn shows cached tokens.
 SYSTEM = "You are a careful coding agent working in a large repository. " * 8
@@ -108,14 +108,14 @@ SCENARIOS = {
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--api-key", required=True)
-    parser.add_argument("scenarios", nargs="+", choices=SCENARIOS)
-    args = parser.parse_args()
     # No retries: a failure shows as it happened, at once.
-    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=20)
-    print(json.dumps({name: SCENARIOS[name](client) for name in args.scenarios}))
+    sdk_cli.run(
+        __doc__,
+        SCENARIOS,
+        lambda base_url, api_key: openai.OpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=20
+        ),
+    )
 
 
 if __name__ == "__main__":
