@@ -424,10 +424,10 @@ impl ProxyHttp for TetherProxy {
         }
         // Meter first, then hide the usage event the client did not ask for.
         if let Some(filter) = &mut ctx.strip_usage {
-            let chunk = body.as_deref().unwrap_or_default();
-            let kept = filter.filter(chunk, end_of_stream);
-            if body.is_some() || !kept.is_empty() {
-                *body = Some(Bytes::from(kept));
+            let had_body = body.is_some();
+            let kept = filter.filter(body.take().unwrap_or_default(), end_of_stream);
+            if had_body || !kept.is_empty() {
+                *body = Some(kept);
             }
         }
         // The replica is done once its body ends: release the slot before the last bytes
