@@ -401,9 +401,16 @@ impl ProxyHttp for TetherProxy {
             ctx.extractor = Some(UsageExtractor::new(dialect, framing));
             if ctx.injected && framing == Framing::Sse {
                 ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
-                // The body shrinks: it cannot keep a fixed length.
-                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
-                upstream_response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                // The body shrinks: it cannot keep a fixed length. (Streams nearly always
+                // arrive chunked already, with nothing to change.)
+                let headers = &upstream_response.headers;
+                let chunked = headers
+                    .get(http::header::TRANSFER_ENCODING)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+                if !chunked || headers.contains_key(http::header::CONTENT_LENGTH) {
+                    upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+                    upstream_response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                }
             }
         }
         Ok(())
