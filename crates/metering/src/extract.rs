@@ -404,8 +404,9 @@ impl SseReader {
             let event =
                 UsageEvent::from_members(data).unwrap_or_else(|| serde_json::from_slice(data));
             event.map(|event| {
-                builder.observe_event(dialect, &event);
-                event.carries_usage()
+                let carries_usage = event.carries_usage();
+                builder.observe_event(dialect, event);
+                carries_usage
             })
         } else {
             // Valid JSON that is not an object carries no usage, but is not malformed.
@@ -670,7 +671,7 @@ impl UsageExtractor {
                 self.json.feed(chunk, self.limits.window);
                 for (key, value) in std::mem::take(&mut self.json.completed) {
                     match UsageEvent::member(KEYS[key], &value) {
-                        Ok(event) => self.builder.observe_event(self.dialect, &event),
+                        Ok(event) => self.builder.observe_event(self.dialect, event),
                         Err(_) => self.json.malformed = true,
                     }
                 }
@@ -719,7 +720,7 @@ impl UsageExtractor {
                 continue;
             }
             match UsageEvent::member(key, value) {
-                Ok(event) => builder.observe_event(dialect, &event),
+                Ok(event) => builder.observe_event(dialect, event),
                 Err(_) => json.malformed = true,
             }
         }
@@ -776,7 +777,8 @@ impl UsageExtractor {
         false
     }
 
-    /// Ends the body and returns what was found.
+    /// Ends the body and returns what was found (once: the model name is handed over, not
+    /// copied).
     pub fn finish(&mut self) -> Extraction {
         let well_formed = match self.framing {
             Framing::Json => self.json.finish(),
@@ -803,7 +805,7 @@ impl UsageExtractor {
         Extraction {
             usage,
             outcome,
-            model: self.builder.model.clone(),
+            model: self.builder.model.take(),
         }
     }
 }

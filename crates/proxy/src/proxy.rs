@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{Attempts, Failure, Retry, RetryLimits, Route};
 use tether_health::now_ms;
 use tether_metering::{
-    timestamp, Dialect, Framing, UsageChunkFilter, UsageExtractor, UsageRecord, UsageStatus,
+    Dialect, Framing, Timestamp, UsageChunkFilter, UsageExtractor, UsageRecord, UsageStatus,
     DEFAULT_WINDOW,
 };
 
@@ -503,7 +503,7 @@ impl ProxyHttp for TetherProxy {
             .map(|c| &c.tenant)
             .or(ctx.refused_tenant.as_ref());
         let record = UsageRecord {
-            ts: timestamp(SystemTime::now()),
+            ts: Timestamp::now(),
             tenant: tenant.map_or_else(|| Arc::from("-"), Arc::clone),
             session: ctx.attempts.key().map(|k| self.meter.session_hash(k)),
             model,
