@@ -21,6 +21,7 @@
 use std::sync::LazyLock;
 
 use aho_corasick::packed;
+use arrayvec::ArrayVec;
 use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::Serialize;
@@ -700,13 +701,11 @@ impl UsageExtractor {
         let (dialect, window) = (self.dialect, self.limits.window);
         let (builder, json) = (&mut self.builder, &mut self.json);
         // Collected, not observed during the walk: a walk that gives up half-way hands the
-        // chunk to the scanner, which must start from nothing observed.
-        let mut members: Vec<(&[u8], &[u8])> = Vec::new();
+        // chunk to the scanner, which must start from nothing observed. On the stack: a body
+        // names each key once (one naming them more often goes to the scanner).
+        let mut members: ArrayVec<(&[u8], &[u8]), { 2 * KEYS.len() }> = ArrayVec::new();
         let walked = json_walk::top_level_members(chunk, |key, value| {
-            if KEYS.contains(&key) {
-                members.push((key, value));
-            }
-            true
+            !KEYS.contains(&key) || members.try_push((key, value)).is_ok()
         });
         if walked.is_none() {
             return false;

@@ -58,6 +58,8 @@ pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
             out.extend_from_slice(&body[top.close..]);
             Some(out)
         }
+        // What clients that ask send, settled without a parse.
+        Some(b"{\"include_usage\":true}" | b"{\"include_usage\": true}") => None,
         Some(options) => match serde_json::from_slice::<ProbeOptions>(options) {
             Ok(ProbeOptions {
                 include_usage: Some(true),
