@@ -21,6 +21,7 @@
 use std::sync::LazyLock;
 
 use aho_corasick::packed;
+use arrayvec::ArrayVec;
 use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::Serialize;
@@ -404,8 +405,9 @@ impl SseReader {
             let event =
                 UsageEvent::from_members(data).unwrap_or_else(|| serde_json::from_slice(data));
             event.map(|event| {
-                builder.observe_event(dialect, &event);
-                event.carries_usage()
+                let carries_usage = event.carries_usage();
+                builder.observe_event(dialect, event);
+                carries_usage
             })
         } else {
             // Valid JSON that is not an object carries no usage, but is not malformed.
@@ -670,7 +672,7 @@ impl UsageExtractor {
                 self.json.feed(chunk, self.limits.window);
                 for (key, value) in std::mem::take(&mut self.json.completed) {
                     match UsageEvent::member(KEYS[key], &value) {
-                        Ok(event) => self.builder.observe_event(self.dialect, &event),
+                        Ok(event) => self.builder.observe_event(self.dialect, event),
                         Err(_) => self.json.malformed = true,
                     }
                 }
@@ -699,13 +701,11 @@ impl UsageExtractor {
         let (dialect, window) = (self.dialect, self.limits.window);
         let (builder, json) = (&mut self.builder, &mut self.json);
         // Collected, not observed during the walk: a walk that gives up half-way hands the
-        // chunk to the scanner, which must start from nothing observed.
-        let mut members: Vec<(&[u8], &[u8])> = Vec::new();
+        // chunk to the scanner, which must start from nothing observed. On the stack: a body
+        // names each key once (one naming them more often goes to the scanner).
+        let mut members: ArrayVec<(&[u8], &[u8]), { 2 * KEYS.len() }> = ArrayVec::new();
         let walked = json_walk::top_level_members(chunk, |key, value| {
-            if KEYS.contains(&key) {
-                members.push((key, value));
-            }
-            true
+            !KEYS.contains(&key) || members.try_push((key, value)).is_ok()
         });
         if walked.is_none() {
             return false;
@@ -719,7 +719,7 @@ impl UsageExtractor {
                 continue;
             }
             match UsageEvent::member(key, value) {
-                Ok(event) => builder.observe_event(dialect, &event),
+                Ok(event) => builder.observe_event(dialect, event),
                 Err(_) => json.malformed = true,
             }
         }
@@ -776,7 +776,8 @@ impl UsageExtractor {
         false
     }
 
-    /// Ends the body and returns what was found.
+    /// Ends the body and returns what was found (once: the model name is handed over, not
+    /// copied).
     pub fn finish(&mut self) -> Extraction {
         let well_formed = match self.framing {
             Framing::Json => self.json.finish(),
@@ -803,7 +804,7 @@ impl UsageExtractor {
         Extraction {
             usage,
             outcome,
-            model: self.builder.model.clone(),
+            model: self.builder.model.take(),
         }
     }
 }

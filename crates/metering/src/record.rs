@@ -1,9 +1,11 @@
 //! One JSON line per request: the usage log's schema.
 
+use std::fmt;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use arrayvec::ArrayString;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use tether_affinity::Outcome;
 
 use crate::UsageStatus;
@@ -12,11 +14,11 @@ use crate::UsageStatus;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// When the request finished, RFC 3339 UTC with milliseconds.
-    pub ts: String,
+    pub ts: Timestamp,
     /// Tenant id (shared with the proxy's tenant table, not copied per request).
     pub tenant: Arc<str>,
     /// Keyed hash of the session token (never the token itself); `null` without a token.
-    pub session: Option<String>,
+    pub session: Option<SessionHash>,
     /// Model that answered, as the response named it.
     pub model: Option<String>,
     /// Region of the replica that served it.
@@ -69,8 +71,9 @@ impl UsageRecord {
     /// machinery. The usage log writes one of these per request, so it is worth the lines
     /// (the test below holds the two to the same output).
     pub fn write_json_line(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"ts\":");
-        json_str(out, &self.ts);
+        out.extend_from_slice(b"{\"ts\":\"");
+        out.extend_from_slice(&self.ts.text());
+        out.push(b'"');
         out.extend_from_slice(b",\"tenant\":");
         json_str(out, &self.tenant);
         for (key, value) in [
@@ -208,39 +211,99 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// `ts` for a moment.
-pub fn timestamp(at: SystemTime) -> String {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    if year > 9999 {
-        // RFC 3339 has four-digit years (humantime's formatter errors, and `to_string` would
-        // panic): clamp rather than fail a log line.
-        return "9999-12-31T23:59:59.999Z".to_owned();
+/// A session's keyed hash as records hold it: 32 hex digits, inline rather than on the heap.
+pub type SessionHash = ArrayString<32>;
+
+/// A record's `ts`: a moment to the millisecond, written as RFC 3339 UTC
+/// (`2026-12-07T18:59:49.123Z`). Held as a number, so a record costs no string; the text is
+/// made when the line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    millis: u64,
+}
+
+/// The last moment RFC 3339's four-digit years can write: later ones are clamped to it.
+const LAST_MILLIS: u64 = 253_402_300_799_999;
+
+impl Timestamp {
+    /// Now.
+    pub fn now() -> Timestamp {
+        Timestamp::from(SystemTime::now())
     }
-    // Written by hand: one per request, and `humantime`'s `Display` (through a formatter and
-    // a growing `String`) costs three times as much.
-    let time = secs % 86_400;
-    let fields = [
-        (u64::from(year), 4),
-        (u64::from(month), 2),
-        (u64::from(day), 2),
-        (time / 3600, 2),
-        (time / 60 % 60, 2),
-        (time % 60, 2),
-        (u64::from(since.subsec_millis()), 3),
-    ];
-    let mut out = *b"0000-00-00T00:00:00.000Z";
-    let mut at = 0;
-    for (value, width) in fields {
-        let mut v = value;
-        for i in (at..at + width).rev() {
-            out[i] = b'0' + (v % 10) as u8;
-            v /= 10;
+
+    /// Milliseconds since the Unix epoch.
+    pub fn millis(self) -> u64 {
+        self.millis
+    }
+
+    /// The RFC 3339 text, 24 ASCII bytes.
+    pub fn text(self) -> [u8; 24] {
+        let secs = self.millis / 1000;
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        // Written by hand: one per request, and `humantime`'s `Display` (through a formatter
+        // and a growing `String`) costs three times as much.
+        let time = secs % 86_400;
+        let fields = [
+            (u64::from(year), 4),
+            (u64::from(month), 2),
+            (u64::from(day), 2),
+            (time / 3600, 2),
+            (time / 60 % 60, 2),
+            (time % 60, 2),
+            (self.millis % 1000, 3),
+        ];
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut at = 0;
+        for (value, width) in fields {
+            let mut v = value;
+            for i in (at..at + width).rev() {
+                out[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+            at += width + 1;
         }
-        at += width + 1;
+        out
     }
-    String::from_utf8(out.to_vec()).unwrap_or_default()
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(at: SystemTime) -> Timestamp {
+        let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        // RFC 3339 has four-digit years (humantime's formatter errors past them): clamp rather
+        // than fail a log line.
+        let millis = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+        Timestamp {
+            millis: millis.min(LAST_MILLIS),
+        }
+    }
+}
+
+impl From<Timestamp> for SystemTime {
+    fn from(ts: Timestamp) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ts.millis)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Digits, dashes, colons and letters only.
+        f.write_str(std::str::from_utf8(&self.text()).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        humantime::parse_rfc3339(&text)
+            .map(Timestamp::from)
+            .map_err(de::Error::custom)
+    }
 }
 
 /// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01 (Howard
@@ -278,17 +341,15 @@ mod tests {
 
     #[test]
     fn timestamps_match_humantime() {
-        use std::time::Duration;
         let mut secs: u64 = 0;
         // Every day boundary of leap and non-leap years, and a spread of times up to 9999.
         while secs < 253_402_300_799 {
             for millis in [0, 1, 999] {
                 let at = UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis);
-                assert_eq!(
-                    timestamp(at),
-                    humantime::format_rfc3339_millis(at).to_string(),
-                    "{secs}"
-                );
+                let ts = Timestamp::from(at);
+                let text = humantime::format_rfc3339_millis(at).to_string();
+                assert_eq!(ts.to_string(), text, "{secs}");
+                assert_eq!(humantime::parse_rfc3339(&text).map(Timestamp::from), Ok(ts));
             }
             secs += if secs < 4_200_000_000 {
                 86_399
@@ -296,14 +357,23 @@ mod tests {
                 7_777_777
             };
         }
-        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            Timestamp::from(UNIX_EPOCH).to_string(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        let far = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        assert_eq!(
+            Timestamp::from(far).to_string(),
+            "9999-12-31T23:59:59.999Z",
+            "clamped"
+        );
     }
 
     fn full(tenant: &str) -> UsageRecord {
         UsageRecord {
-            ts: timestamp(SystemTime::UNIX_EPOCH),
+            ts: Timestamp::from(SystemTime::UNIX_EPOCH),
             tenant: tenant.into(),
-            session: Some("9f86d081884c7d65".into()),
+            session: Some(SessionHash::from("9f86d081884c7d65").unwrap()),
             model: Some("llama-3.1-8b".into()),
             region: Some("eu".into()),
             replica: Some("eu-1".into()),
@@ -511,7 +581,7 @@ mod tests {
     #[test]
     fn unknown_counts_serialize_as_null() {
         let r = UsageRecord {
-            ts: timestamp(SystemTime::UNIX_EPOCH),
+            ts: Timestamp::from(SystemTime::UNIX_EPOCH),
             tenant: "acme".into(),
             session: None,
             model: None,

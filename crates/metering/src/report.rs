@@ -123,7 +123,7 @@ mod tests {
         cost: Option<(u64, u64)>,
     ) -> UsageRecord {
         UsageRecord {
-            ts: String::new(),
+            ts: crate::Timestamp::from(std::time::UNIX_EPOCH),
             tenant: tenant.into(),
             session: None,
             model: Some("m".into()),

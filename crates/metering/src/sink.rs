@@ -222,13 +222,13 @@ impl Drop for UsageLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::timestamp;
+    use crate::record::{SessionHash, Timestamp};
 
     fn record(tenant: &str) -> UsageRecord {
         UsageRecord {
-            ts: timestamp(std::time::SystemTime::now()),
+            ts: Timestamp::now(),
             tenant: tenant.into(),
-            session: Some("abc".into()),
+            session: SessionHash::from("abc").ok(),
             model: Some("m".into()),
             region: Some("eu".into()),
             replica: Some("eu-1".into()),

@@ -7,8 +7,10 @@
 //! from what goes back to the client, after the metering has read it — clients that never
 //! asked for it may index `choices[0]` and crash on an empty list.
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
+use bytes::{Buf, Bytes};
 use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::Value;
@@ -56,6 +58,8 @@ pub fn ensure_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
             out.extend_from_slice(&body[top.close..]);
             Some(out)
         }
+        // What clients that ask send, settled without a parse.
+        Some(b"{\"include_usage\":true}" | b"{\"include_usage\": true}") => None,
         Some(options) => match serde_json::from_slice::<ProbeOptions>(options) {
             Ok(ProbeOptions {
                 include_usage: Some(true),
@@ -129,14 +133,19 @@ fn top_members(body: &[u8]) -> Option<TopMembers<'_>> {
 /// Holds back at most one unfinished event (bounded by `window`; a longer one is passed
 /// through untouched), so the stream is delayed by nothing more than the bytes of an event
 /// that has not finished arriving.
+///
+/// It runs on every chunk of every stream whose usage Tether asked for, so it works on the
+/// chunks it is handed: a chunk of whole events that cannot hold a usage-only event goes on as
+/// it is, after one search; one that ends mid-event goes on up to its last whole event as a
+/// view of the same buffer. Bytes are copied only to carry an unfinished event over to the
+/// next chunk, and to join what is kept around a removed event inside one chunk.
 #[derive(Debug)]
 pub struct UsageChunkFilter {
+    /// The start of an event still unfinished: never a whole event.
     pending: Vec<u8>,
     window: usize,
 }
 
-static LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static NO_CHOICES: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| {
     [
@@ -144,18 +153,87 @@ static NO_CHOICES: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| {
         Finder::new(b"\"choices\": []"),
     ]
 });
+/// In both spellings of an empty `choices`: a chunk without it holds no usage-only event.
+/// (Content events name `usage` too on some servers, as `"usage":null`; they never hold
+/// `[]` unless some list in them is empty.)
+static EMPTY_LIST: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"[]"));
 
+/// Where the first event of `bytes` ends: just past its first blank line (`\n\n` or
+/// `\r\n\r\n`, whichever ends first).
 fn event_end(bytes: &[u8]) -> Option<usize> {
-    let lf = LF.find(bytes).map(|i| i + 2);
-    let crlf = CRLF.find(bytes).map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    // Every blank line starts with a newline, and the first newline that starts one ends the
+    // earliest: `\n\n` two bytes on, `\r\n\r\n` (begun just before it) three.
+    memchr::memchr_iter(b'\n', bytes).find_map(|i| match bytes.get(i + 1) {
+        Some(b'\n') => Some(i + 2),
+        Some(b'\r') if i > 0 && bytes[i - 1] == b'\r' && bytes.get(i + 2) == Some(&b'\n') => {
+            Some(i + 3)
+        }
+        _ => None,
+    })
+}
+
+/// Whether a chunk that starts an event ends one: it ends in `\n\n` that no other blank line
+/// overlaps, so however its events are cut, the last one ends with the chunk.
+fn ends_an_event(chunk: &[u8]) -> bool {
+    match chunk {
+        [.., before, b'\n', b'\n'] => !matches!(before, b'\n' | b'\r'),
+        [b'\n', b'\n'] => true,
+        _ => false,
     }
 }
 
 fn is_usage_only(event: &[u8]) -> bool {
     USAGE.find(event).is_some() && NO_CHOICES.iter().any(|f| f.find(event).is_some())
+}
+
+/// What one call sends on: one run of the chunk, viewed in place, unless the kept bytes are not
+/// one run of it (then they are copied, once, in order).
+#[derive(Debug, Default)]
+struct Kept {
+    copied: Option<Vec<u8>>,
+    run: Option<Range<usize>>,
+}
+
+impl Kept {
+    /// Keeps `range` of the chunk.
+    fn run(&mut self, chunk: &[u8], range: Range<usize>) {
+        match &mut self.run {
+            Some(run) if run.end == range.start => run.end = range.end,
+            Some(run) => {
+                let earlier = std::mem::replace(run, range);
+                self.copied
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(&chunk[earlier]);
+            }
+            None => self.run = Some(range),
+        }
+    }
+
+    /// Keeps bytes from outside the chunk.
+    fn copy(&mut self, chunk: &[u8], bytes: &[u8]) {
+        let copied = self.copied.get_or_insert_with(Vec::new);
+        if let Some(run) = self.run.take() {
+            copied.extend_from_slice(&chunk[run]);
+        }
+        copied.extend_from_slice(bytes);
+    }
+
+    fn into_bytes(self, mut chunk: Bytes) -> Bytes {
+        match (self.copied, self.run) {
+            (None, None) => Bytes::new(),
+            (None, Some(run)) => {
+                chunk.truncate(run.end);
+                chunk.advance(run.start);
+                chunk
+            }
+            (Some(mut copied), run) => {
+                if let Some(run) = run {
+                    copied.extend_from_slice(&chunk[run]);
+                }
+                Bytes::from(copied)
+            }
+        }
+    }
 }
 
 impl UsageChunkFilter {
@@ -167,20 +245,65 @@ impl UsageChunkFilter {
         }
     }
 
-    /// Filters one chunk; `end` flushes whatever is held back.
-    pub fn filter(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
-        self.pending.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.pending.len());
-        while let Some(len) = event_end(&self.pending) {
-            let event: Vec<u8> = self.pending.drain(..len).collect();
-            if !is_usage_only(&event) {
-                out.extend_from_slice(&event);
+    /// Filters one chunk; `end` flushes whatever is held back. What comes back is `chunk`
+    /// itself, or a part of it, whenever the bytes to send are one run of it.
+    pub fn filter(&mut self, chunk: Bytes, end: bool) -> Bytes {
+        // Nearly every chunk: whole content events.
+        if self.pending.is_empty() && ends_an_event(&chunk) && EMPTY_LIST.find(&chunk).is_none() {
+            return chunk;
+        }
+        self.filter_events(chunk, end)
+    }
+
+    fn filter_events(&mut self, chunk: Bytes, end: bool) -> Bytes {
+        let mut kept = Kept::default();
+        let mut at = 0;
+        if !self.pending.is_empty() {
+            match self.carried_over_end(&chunk) {
+                Some(len) => {
+                    self.pending.extend_from_slice(&chunk[..len]);
+                    if !is_usage_only(&self.pending) {
+                        kept.copy(&chunk, &self.pending);
+                    }
+                    self.pending.clear();
+                    at = len;
+                }
+                None => {
+                    self.pending.extend_from_slice(&chunk);
+                    at = chunk.len();
+                }
             }
         }
-        if end || self.pending.len() > self.window {
-            out.append(&mut self.pending);
+        if self.pending.is_empty() {
+            while let Some(len) = event_end(&chunk[at..]) {
+                if !is_usage_only(&chunk[at..at + len]) {
+                    kept.run(&chunk, at..at + len);
+                }
+                at += len;
+            }
+            self.pending.extend_from_slice(&chunk[at..]);
         }
-        out
+        if end || self.pending.len() > self.window {
+            kept.copy(&chunk, &self.pending);
+            self.pending.clear();
+        }
+        kept.into_bytes(chunk)
+    }
+
+    /// Where in `chunk` the event carried over in `pending` ends, if it does. Its blank line
+    /// may begin in the last three bytes of `pending` (`pending` itself holds none).
+    fn carried_over_end(&self, chunk: &[u8]) -> Option<usize> {
+        let carried = &self.pending[self.pending.len().saturating_sub(3)..];
+        let mut seam = [0u8; 6];
+        let head = &chunk[..chunk.len().min(3)];
+        seam[..carried.len()].copy_from_slice(carried);
+        seam[carried.len()..carried.len() + head.len()].copy_from_slice(head);
+        let across = event_end(&seam[..carried.len() + head.len()])
+            .and_then(|end| end.checked_sub(carried.len()));
+        match (across, event_end(chunk)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -342,13 +465,17 @@ mod tests {
     const WITHOUT: &[u8] =
         b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n";
 
+    fn filter(f: &mut UsageChunkFilter, chunk: &[u8], end: bool) -> Vec<u8> {
+        f.filter(Bytes::copy_from_slice(chunk), end).to_vec()
+    }
+
     #[test]
     fn the_usage_only_event_is_removed_however_the_stream_is_split() {
         for at in 0..=STREAM.len() {
             let mut f = UsageChunkFilter::new(1 << 16);
-            let mut out = f.filter(&STREAM[..at], false);
-            out.extend(f.filter(&STREAM[at..], false));
-            out.extend(f.filter(b"", true));
+            let mut out = filter(&mut f, &STREAM[..at], false);
+            out.extend(filter(&mut f, &STREAM[at..], false));
+            out.extend(filter(&mut f, b"", true));
             assert_eq!(out, WITHOUT, "split at {at}");
         }
     }
@@ -357,12 +484,112 @@ mod tests {
     fn content_that_mentions_usage_is_kept() {
         let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\"\"}}]}\n\n";
         let mut f = UsageChunkFilter::new(1 << 16);
-        assert_eq!(f.filter(event, true), event);
+        assert_eq!(filter(&mut f, event, true), event);
     }
 
     #[test]
     fn an_oversized_unfinished_event_is_passed_through() {
         let mut f = UsageChunkFilter::new(8);
-        assert_eq!(f.filter(b"data: 0123456789", false), b"data: 0123456789");
+        assert_eq!(
+            filter(&mut f, b"data: 0123456789", false),
+            b"data: 0123456789"
+        );
+    }
+
+    #[test]
+    fn whole_events_pass_as_the_same_buffer() {
+        let mut f = UsageChunkFilter::new(1 << 16);
+        let chunk = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{}}]}\n\n");
+        let out = f.filter(chunk.clone(), false);
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        assert_eq!(out.len(), chunk.len());
+        // Up to the last whole event: a view of the chunk, the rest held back.
+        let chunk =
+            Bytes::from_static(b"data: 1\n\ndata: {\"choices\":[],\"usage\":{}}\n\ndata: 2");
+        let out = f.filter(chunk.clone(), false);
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        assert_eq!(&out[..], b"data: 1\n\n");
+        assert_eq!(
+            &f.filter(Bytes::from_static(b"\n\n"), true)[..],
+            b"data: 2\n\n"
+        );
+    }
+
+    /// The filter as it was first written (a buffer of everything unsent, events cut off its
+    /// front one at a time): what the in-place filter must send, call for call.
+    struct Reference {
+        pending: Vec<u8>,
+        window: usize,
+    }
+
+    impl Reference {
+        fn filter(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
+            fn first_end(bytes: &[u8]) -> Option<usize> {
+                let lf = memchr::memmem::find(bytes, b"\n\n").map(|i| i + 2);
+                let crlf = memchr::memmem::find(bytes, b"\r\n\r\n").map(|i| i + 4);
+                match (lf, crlf) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            self.pending.extend_from_slice(chunk);
+            let mut out = Vec::new();
+            while let Some(len) = first_end(&self.pending) {
+                let event: Vec<u8> = self.pending.drain(..len).collect();
+                if !is_usage_only(&event) {
+                    out.extend_from_slice(&event);
+                }
+            }
+            if end || self.pending.len() > self.window {
+                out.append(&mut self.pending);
+            }
+            out
+        }
+    }
+
+    /// Streams built from the pieces that matter: line ends of both kinds (runs of them too),
+    /// usage-only events in both spellings, content that names `usage` or holds `[]`.
+    fn streams() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(&b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}"[..]),
+            Just(&b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}"[..]),
+            Just(&b"data: {\"choices\": [],\"usage\":null}"[..]),
+            Just(&b"data: {\"usage\":null,\"choices\":[{\"x\":[]}]}"[..]),
+            Just(&b"data: [DONE]"[..]),
+            Just(&b"event: e"[..]),
+            Just(&b"\n"[..]),
+            Just(&b"\r\n"[..]),
+            Just(&b"\r"[..]),
+            Just(&b"\n\n"[..]),
+            Just(&b"\r\n\r\n"[..]),
+            Just(&b"x"[..]),
+        ];
+        prop::collection::vec(piece, 0..24).prop_map(|pieces| pieces.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+        /// Whatever the stream and wherever it is cut, the filter sends what the buffering
+        /// filter sent, call for call.
+        #[test]
+        fn the_in_place_filter_sends_what_the_buffering_one_did(
+            stream in streams(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            window in prop_oneof![Just(4usize), Just(16), Just(1 << 16)],
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut reference = Reference { pending: Vec::new(), window };
+            let mut filter = UsageChunkFilter::new(window);
+            let mut from = 0;
+            for (i, &to) in cuts.iter().enumerate() {
+                let end = i + 1 == cuts.len();
+                let want = reference.filter(&stream[from..to], end);
+                let got = filter.filter(Bytes::copy_from_slice(&stream[from..to]), end);
+                prop_assert_eq!(&got[..], &want[..], "chunk {}..{}", from, to);
+                from = to;
+            }
+        }
     }
 }

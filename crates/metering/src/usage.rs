@@ -569,22 +569,22 @@ impl UsageBuilder {
     #[cfg(test)]
     pub fn observe(&mut self, dialect: Dialect, v: &serde_json::Value) {
         let event: UsageEvent = serde_json::from_value(v.clone()).unwrap_or_default();
-        self.observe_event(dialect, &event);
+        self.observe_event(dialect, event);
     }
 
     /// One response object or SSE event, read into just the members that matter.
-    pub fn observe_event(&mut self, dialect: Dialect, e: &UsageEvent) {
-        let message = e.message.0.as_ref();
-        let model = e
-            .model
-            .0
-            .as_ref()
-            .or_else(|| message.and_then(|m| m.model.0.as_ref()));
-        if let Some(model) = model {
-            if self.model.as_ref() != Some(model) {
-                self.model = Some(model.clone());
-            }
+    pub fn observe_event(&mut self, dialect: Dialect, mut e: UsageEvent) {
+        // Moved, not copied: the event is done with once read.
+        let model = e.model.0.take().or_else(|| {
+            e.message
+                .0
+                .as_mut()
+                .and_then(|m| std::mem::take(&mut m.model.0))
+        });
+        if model.is_some() {
+            self.model = model;
         }
+        let message = e.message.0.as_ref();
         match dialect {
             Dialect::Anthropic => {
                 if let Some(u) = message.and_then(|m| m.usage.0.as_ref()) {
@@ -680,7 +680,7 @@ mod tests {
             "an object, whatever its members hold"
         );
         let mut b = UsageBuilder::default();
-        b.observe_event(Dialect::Openai, &event);
+        b.observe_event(Dialect::Openai, event);
         assert!(b.build().is_unknown(), "{:?}", b.build());
         for odd in [r#"{"usage": "x"}"#, r#"{"usage": null}"#, r#"{"usage": 3}"#] {
             let event: UsageEvent = serde_json::from_str(odd).unwrap();
@@ -831,7 +831,7 @@ mod tests {
         )
         .unwrap();
         let mut b = UsageBuilder::default();
-        b.observe_event(Dialect::Openai, &event);
+        b.observe_event(Dialect::Openai, event);
         let u = b.build();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(7), Some(2)));
         // Not an object where one is needed: an error (the caller counts it malformed).

@@ -1,9 +1,11 @@
 //! Metering glue: per-request usage records, the usage log, and the Prometheus metrics.
 
+use std::collections::HashMap;
 use std::hash::Hasher;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use dashmap::DashMap;
+use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -11,7 +13,7 @@ use prometheus::{
 use sha2::{Digest, Sha256};
 use siphasher::sip128::{Hasher128, SipHasher24};
 use tether_affinity::{Outcome, RoutingKey};
-use tether_metering::{UsageLog, UsageRecord};
+use tether_metering::{SessionHash, UsageLog, UsageRecord, UsageStatus};
 use tether_topology::Topology;
 
 use crate::router::Router;
@@ -38,14 +40,22 @@ pub struct Metrics {
     reloads: IntCounterVec,
     override_entries: IntGauge,
     log_dropped: IntCounter,
-    /// Each tenant's token and cost counters, resolved once: `with_label_values` hashes the
-    /// labels and takes a lock on every call, six times per record.
-    tenant_counters: DashMap<String, TenantCounters>,
+    /// The counters a record adds to, resolved once per tenant (and outcome and status):
+    /// `with_label_values` hashes the labels and takes the family's lock on every call. An
+    /// immutable map read without a lock; the first record of a new combination replaces it
+    /// with a copy that has it (under `handles_write`, so no addition is lost).
+    handles: ArcSwap<HashMap<Arc<str>, Arc<TenantCounters>>>,
+    handles_write: Mutex<()>,
+    /// `tether_usage_unknown_total` by status, in [`UsageStatus::ALL`]'s order, each made on
+    /// first use (as `with_label_values` would).
+    usage_unknown_by_status: [OnceLock<IntCounter>; UsageStatus::ALL.len()],
 }
 
-/// One tenant's children of the token and cost counter families.
-#[derive(Debug)]
+/// One tenant's children of the request, token and cost counter families.
+#[derive(Debug, Clone)]
 struct TenantCounters {
+    /// `tether_requests_total` by outcome and status: a handful per tenant, so a list.
+    requests: Vec<(Option<Outcome>, u16, IntCounter)>,
     cached: IntCounter,
     uncached: IntCounter,
     output: IntCounter,
@@ -165,39 +175,62 @@ impl Metrics {
             reloads,
             override_entries,
             log_dropped,
-            tenant_counters: DashMap::new(),
+            handles: ArcSwap::default(),
+            handles_write: Mutex::new(()),
+            usage_unknown_by_status: Default::default(),
         })
     }
 
-    fn tenant(&self, tenant: &str) -> dashmap::mapref::one::Ref<'_, String, TenantCounters> {
-        if let Some(counters) = self.tenant_counters.get(tenant) {
-            return counters;
-        }
-        let counters = TenantCounters {
-            cached: self.input_tokens.with_label_values(&[tenant, "true"]),
-            uncached: self.input_tokens.with_label_values(&[tenant, "false"]),
-            output: self.output_tokens.with_label_values(&[tenant]),
-            cache_write: self.cache_write_tokens.with_label_values(&[tenant]),
-            cost: self.cost.with_label_values(&[tenant]),
-            saved: self.saved.with_label_values(&[tenant]),
+    /// The counters of a record: from the map as it is, or added to a copy of it.
+    fn counters(&self, r: &UsageRecord) -> (Arc<TenantCounters>, IntCounter) {
+        let find = |map: &HashMap<Arc<str>, Arc<TenantCounters>>| {
+            let tenant = map.get(&*r.tenant)?;
+            let (_, _, requests) = tenant
+                .requests
+                .iter()
+                .find(|(outcome, status, _)| (*outcome, *status) == (r.outcome, r.status))?;
+            Some((Arc::clone(tenant), requests.clone()))
         };
-        self.tenant_counters
-            .entry(tenant.to_owned())
-            .or_insert(counters)
-            .downgrade()
+        if let Some(found) = find(&self.handles.load()) {
+            return found;
+        }
+        let _writing = self.handles_write.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.handles.load_full();
+        if let Some(found) = find(&current) {
+            return found;
+        }
+        let tenant = &*r.tenant;
+        let mut counters = current.get(tenant).map_or_else(
+            || TenantCounters {
+                requests: Vec::new(),
+                cached: self.input_tokens.with_label_values(&[tenant, "true"]),
+                uncached: self.input_tokens.with_label_values(&[tenant, "false"]),
+                output: self.output_tokens.with_label_values(&[tenant]),
+                cache_write: self.cache_write_tokens.with_label_values(&[tenant]),
+                cost: self.cost.with_label_values(&[tenant]),
+                saved: self.saved.with_label_values(&[tenant]),
+            },
+            |c| TenantCounters::clone(c),
+        );
+        let requests = self.requests.with_label_values(&[
+            tenant,
+            r.outcome.map_or("-", Outcome::as_str),
+            &r.status.to_string(),
+        ]);
+        counters
+            .requests
+            .push((r.outcome, r.status, requests.clone()));
+        let counters = Arc::new(counters);
+        let mut next = HashMap::clone(&current);
+        next.insert(Arc::clone(&r.tenant), Arc::clone(&counters));
+        self.handles.store(Arc::new(next));
+        (counters, requests)
     }
 
     fn observe(&self, r: &UsageRecord, latency: Duration) {
-        let status = r.status.to_string();
-        self.requests
-            .with_label_values(&[
-                &*r.tenant,
-                r.outcome.map_or("-", Outcome::as_str),
-                status.as_str(),
-            ])
-            .inc();
+        let (tenant, requests) = self.counters(r);
+        requests.inc();
         self.duration.observe(latency.as_secs_f64());
-        let tenant = self.tenant(&r.tenant);
         if let (Some(prompt), Some(cached)) = (r.prompt_tokens, r.cached_tokens) {
             tenant.cached.inc_by(cached);
             tenant.uncached.inc_by(prompt.saturating_sub(cached));
@@ -213,8 +246,15 @@ impl Metrics {
             tenant.saved.inc_by(uncached.saturating_sub(cost));
         }
         if !r.usage_status.is_found() {
-            self.usage_unknown
-                .with_label_values(&[r.usage_status.as_str()])
+            let at = UsageStatus::ALL
+                .iter()
+                .position(|s| *s == r.usage_status)
+                .unwrap_or_default();
+            self.usage_unknown_by_status[at]
+                .get_or_init(|| {
+                    self.usage_unknown
+                        .with_label_values(&[r.usage_status.as_str()])
+                })
                 .inc();
         }
     }
@@ -263,7 +303,7 @@ impl Meter {
 
     /// The keyed hash that stands for a session in records: SipHash-2-4 of its routing key,
     /// 128 bits in hex. Without the key it reveals nothing about the token.
-    pub fn session_hash(&self, key: RoutingKey) -> String {
+    pub fn session_hash(&self, key: RoutingKey) -> SessionHash {
         session_hash(self.session_hasher, key)
     }
 
@@ -346,12 +386,13 @@ fn session_hasher(secret: &[u8]) -> SipHasher24 {
     SipHasher24::new_with_key(&key)
 }
 
-fn session_hash(mut hasher: SipHasher24, key: RoutingKey) -> String {
+fn session_hash(mut hasher: SipHasher24, key: RoutingKey) -> SessionHash {
     hasher.write(&key.0.to_be_bytes());
     // Hex by table: `hex::encode` goes through a char iterator, five times the instructions.
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(32);
+    let mut out = SessionHash::new();
     for b in hasher.finish128().as_bytes() {
+        // 16 bytes, two digits each: exactly the 32 the hash holds.
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
@@ -361,11 +402,11 @@ fn session_hash(mut hasher: SipHasher24, key: RoutingKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_metering::{timestamp, UsageStatus};
+    use tether_metering::Timestamp;
 
     fn record(tenant: &str, prompt: u64, cached: u64, written: Option<u64>) -> UsageRecord {
         UsageRecord {
-            ts: timestamp(std::time::SystemTime::UNIX_EPOCH),
+            ts: Timestamp::now(),
             tenant: tenant.into(),
             session: None,
             model: None,
@@ -388,14 +429,6 @@ mod tests {
         }
     }
 
-    fn exposition(m: &Metrics) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&m.registry.gather(), &mut out)
-            .unwrap();
-        String::from_utf8(out).unwrap()
-    }
-
     #[test]
     fn cache_writes_are_counted_per_tenant_inside_the_uncached_input() {
         let m = Metrics::new().unwrap();
@@ -403,7 +436,11 @@ mod tests {
         m.observe(&record("acme", 10, 0, Some(4)), Duration::ZERO);
         // Other dialects do not report writes: the tenant counts nothing for them.
         m.observe(&record("globex", 100, 30, None), Duration::ZERO);
-        let text = exposition(&m);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
         for line in [
             "tether_cache_write_tokens_total{tenant=\"acme\"} 54",
             "tether_cache_write_tokens_total{tenant=\"globex\"} 0",
@@ -429,7 +466,11 @@ mod tests {
         let mut reference = a;
         reference.write(&42u64.to_be_bytes());
         let reference = u128::from_be_bytes(reference.finish128().as_bytes());
-        assert_eq!(h, format!("{reference:032x}"), "the 128 bits, in order");
+        assert_eq!(
+            h.as_str(),
+            format!("{reference:032x}"),
+            "the 128 bits, in order"
+        );
         assert_ne!(h, session_hash(a, RoutingKey(43)), "another session");
         assert_ne!(h, session_hash(b, RoutingKey(42)), "another secret");
     }

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{Attempts, Failure, Retry, RetryLimits, Route};
 use tether_health::now_ms;
 use tether_metering::{
-    timestamp, Dialect, Framing, UsageChunkFilter, UsageExtractor, UsageRecord, UsageStatus,
+    Dialect, Framing, Timestamp, UsageChunkFilter, UsageExtractor, UsageRecord, UsageStatus,
     DEFAULT_WINDOW,
 };
 
@@ -402,9 +402,16 @@ impl ProxyHttp for TetherProxy {
             ctx.extractor = Some(UsageExtractor::new(dialect, framing));
             if ctx.injected && framing == Framing::Sse {
                 ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
-                // The body shrinks: it cannot keep a fixed length.
-                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
-                upstream_response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                // The body shrinks: it cannot keep a fixed length. (Streams nearly always
+                // arrive chunked already, with nothing to change.)
+                let headers = &upstream_response.headers;
+                let chunked = headers
+                    .get(http::header::TRANSFER_ENCODING)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+                if !chunked || headers.contains_key(http::header::CONTENT_LENGTH) {
+                    upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+                    upstream_response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                }
             }
         }
         Ok(())
@@ -425,10 +432,10 @@ impl ProxyHttp for TetherProxy {
         }
         // Meter first, then hide the usage event the client did not ask for.
         if let Some(filter) = &mut ctx.strip_usage {
-            let chunk = body.as_deref().unwrap_or_default();
-            let kept = filter.filter(chunk, end_of_stream);
-            if body.is_some() || !kept.is_empty() {
-                *body = Some(Bytes::from(kept));
+            let had_body = body.is_some();
+            let kept = filter.filter(body.take().unwrap_or_default(), end_of_stream);
+            if had_body || !kept.is_empty() {
+                *body = Some(kept);
             }
         }
         // The replica is done once its body ends: release the slot before the last bytes
@@ -497,7 +504,7 @@ impl ProxyHttp for TetherProxy {
             .map(|c| &c.tenant)
             .or(ctx.refused_tenant.as_ref());
         let record = UsageRecord {
-            ts: timestamp(SystemTime::now()),
+            ts: Timestamp::now(),
             tenant: tenant.map_or_else(|| Arc::from("-"), Arc::clone),
             session: ctx.attempts.key().map(|k| self.meter.session_hash(k)),
             model,
