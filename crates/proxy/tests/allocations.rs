@@ -128,6 +128,9 @@ fn meter_one(
         ttft_ms: Some(1),
         attempts: 1,
         usage_status: UsageStatus::of(Some(&extraction), false),
+        cache_write_tokens: usage.cache_write_tokens,
+        cache_write_5m_tokens: usage.cache_write_5m_tokens,
+        cache_write_1h_tokens: usage.cache_write_1h_tokens,
     };
     meter.finish(record, Duration::from_millis(3));
 }
