@@ -46,8 +46,13 @@ impl Listening {
     /// Applies a fault: `refuse` stops the listener; anything else makes sure it runs.
     pub async fn set_fault(&self, fault: Fault) -> std::io::Result<()> {
         if fault == Fault::Refuse {
-            if let Some(task) = self.accept_task().take() {
+            let task = self.accept_task().take();
+            if let Some(task) = task {
                 task.abort();
+                // Aborting only schedules the drop: wait for it, so that the listener is closed
+                // when this returns. Until then the kernel would still complete handshakes and
+                // reset them later, which looks like a broken answer rather than a refusal.
+                let _ = task.await;
             }
         } else if self.accept_task().is_none() {
             let listener = TcpListener::bind(self.addr).await?;
