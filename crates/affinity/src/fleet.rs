@@ -148,8 +148,8 @@ impl<U> Replica<U> {
 /// rarely, that a binding is still in use (so the store's copy does not idle out while this
 /// edge's local table keeps answering).
 pub trait BindingSink: Send + Sync + std::fmt::Debug {
-    /// `key` is now served by `replica`.
-    fn bound(&self, key: RoutingKey, replica: &str);
+    /// `key`, of `tenant`'s sessions, is now served by `replica`.
+    fn bound(&self, key: RoutingKey, replica: &str, tenant: Option<TenantScope>);
     /// `key`'s binding to `replica` is still in use (and should be written back if the
     /// store lost it, without overwriting a newer one).
     fn still_bound(&self, key: RoutingKey, replica: &str);
@@ -245,13 +245,13 @@ impl FleetState {
     }
 
     /// Records that `replica` served `key`, and tells the sink what other edges need to know.
-    fn bind(&self, key: RoutingKey, replica: &ReplicaInfo) {
+    fn bind(&self, key: RoutingKey, tenant: Option<TenantScope>, replica: &ReplicaInfo) {
         let recorded = self.overrides.record(key, replica.tag);
         let Some(sink) = &self.sink else {
             return;
         };
         match recorded {
-            Recorded::New | Recorded::Moved => sink.bound(key, &replica.id),
+            Recorded::New | Recorded::Moved => sink.bound(key, &replica.id, tenant),
             Recorded::Kept { last_touched, now }
                 if refresh_due(key, last_touched, now, self.overrides.ttl_secs()) =>
             {
@@ -381,6 +381,25 @@ impl<U> Fleet<U> {
         self.state.knows(key)
     }
 
+    /// Takes in a placement another instance of the tier announced: it put a session of the
+    /// tenant with `tenant_tag` ([`TenantScope::locality_tag`]) on `replica_id` at about `now`.
+    /// Tenant locality then counts it as if this instance had placed it, so that the
+    /// instances of a tier gather each tenant on the same replicas and spread new sessions
+    /// by the tier's placements, not each by its own third. Returns false for a replica this
+    /// generation does not have; does nothing without tenant locality.
+    pub fn note_placed_elsewhere(&self, replica_id: &str, tenant_tag: u32, now: u64) -> bool {
+        let Some(replica) = self.replicas.iter().find(|r| *r.info.id == *replica_id) else {
+            return false;
+        };
+        if let Some(window) = self.locality_ms {
+            let live = &replica.live;
+            live.warmth
+                .record(TenantScope::from_locality_tag(tenant_tag), now);
+            live.warmth.record_placement(now, window);
+        }
+        true
+    }
+
     /// Where the next attempt of `attempts`' request goes at `now` (milliseconds on
     /// [`tether_health::now_ms`]), or `None` when no replica anywhere can take it.
     ///
@@ -432,6 +451,7 @@ impl<U> Fleet<U> {
             outcome,
             was_bound: attempts.was_bound,
             key: attempts.key,
+            tenant: attempts.tenant,
             slot: Some(live.status.acquire()),
         })
     }
@@ -753,6 +773,7 @@ pub struct Route<U> {
     outcome: Outcome,
     was_bound: bool,
     key: Option<RoutingKey>,
+    tenant: Option<TenantScope>,
     slot: Option<InflightGuard>,
 }
 
@@ -812,7 +833,7 @@ impl<U> Route<U> {
         }
         if (200..300).contains(&status) {
             if let Some(key) = self.key {
-                self.fleet.state.bind(key, &replica.info);
+                self.fleet.state.bind(key, self.tenant, &replica.info);
             }
         }
     }

@@ -24,6 +24,19 @@ impl TenantScope {
         self.0
     }
 
+    /// The 32 bits of the scope that tenant locality tells tenants apart by: what instances
+    /// of a tier announce with a placement, so that each learns where the others put the
+    /// tenant's new sessions. Not the routing keys' seed (that is all 64 bits).
+    pub fn locality_tag(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    /// A scope that tenant locality cannot tell from the one `tag` was taken from
+    /// ([`locality_tag`](Self::locality_tag)); only for recording warmth, never for keys.
+    pub fn from_locality_tag(tag: u32) -> Self {
+        TenantScope(u64::from(tag) << 32)
+    }
+
     /// The routing key of `token` within this tenant.
     pub fn key(&self, token: SessionToken<'_>) -> RoutingKey {
         RoutingKey(xxh3_64_with_seed(token.as_bytes(), self.0))

@@ -79,7 +79,7 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
     let tier = Tier::start(&topology)?;
     let router = Arc::new(Router::new(&topology, tier.as_ref().map(Tier::sink))?);
     if let Some(tier) = &tier {
-        tier.follow(Arc::clone(router.state()));
+        tier.follow(Arc::clone(&router));
     }
     let reloader = Arc::new(reload::Reloader::new(
         config,

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use tether_affinity::{BindingSink, FleetState, ReplicaTag, RoutingKey};
+use tether_affinity::{BindingSink, FleetState, ReplicaTag, RoutingKey, TenantScope};
+use tether_health::now_ms;
 use tether_sticky_store::{Lookup, StickyStore, StoreSettings, StoreStats};
 use tether_topology::Topology;
 
@@ -24,8 +25,9 @@ use crate::router::Router;
 pub struct StoreSink(pub StickyStore);
 
 impl BindingSink for StoreSink {
-    fn bound(&self, key: RoutingKey, replica: &str) {
-        self.0.bind(key.0, replica);
+    fn bound(&self, key: RoutingKey, replica: &str, tenant: Option<TenantScope>) {
+        self.0
+            .bind(key.0, replica, tenant.map(TenantScope::locality_tag));
     }
 
     fn still_bound(&self, key: RoutingKey, replica: &str) {
@@ -43,7 +45,7 @@ impl BindingSink for StoreSink {
 pub struct DiscardSink;
 
 impl BindingSink for DiscardSink {
-    fn bound(&self, _key: RoutingKey, _replica: &str) {}
+    fn bound(&self, _key: RoutingKey, _replica: &str, _tenant: Option<TenantScope>) {}
     fn still_bound(&self, _key: RoutingKey, _replica: &str) {}
 }
 
@@ -84,13 +86,22 @@ impl Tier {
         Arc::new(StoreSink(self.store.clone()))
     }
 
-    /// Takes other instances' binding changes into `state` as they are announced (for the
-    /// sessions this instance has an entry for).
-    pub fn follow(&self, state: Arc<FleetState>) {
+    /// Takes other instances' binding changes into the router's state as they are announced
+    /// (for the sessions this instance has an entry for), and their placements into tenant
+    /// locality's record (for every session: where the tier puts a tenant's new sessions is
+    /// what gathers the tenant, and one instance sees only its own share of them).
+    pub fn follow(&self, router: Arc<Router>) {
         let unknown = Arc::clone(&self.unknown_replicas);
-        self.store.on_remote_bind(move |key, replica| {
-            if !state.learn_if_known(RoutingKey(key), replica) {
+        self.store.on_remote_bind(move |key, replica, tenant_tag| {
+            if !router.state().learn_if_known(RoutingKey(key), replica) {
                 unknown.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if let Some(tag) = tenant_tag {
+                router
+                    .snapshot()
+                    .fleet()
+                    .note_placed_elsewhere(replica, tag, now_ms());
             }
         });
     }

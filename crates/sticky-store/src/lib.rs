@@ -18,10 +18,11 @@
 //!   enqueue on a bounded queue; a background writer pipelines them. A full queue drops the
 //!   write and counts it.
 //! - **Coherence**: a bind is announced on [`StoreSettings::channel`] as
-//!   `{origin}:{key:016x}:{replica}`; every other instance's
-//!   [`on_remote_bind`](StickyStore::on_remote_bind) callback hears it (the origin lets an
-//!   instance skip its own). Announcements are a hint that keeps local tables fresh; the stored
-//!   value is the authority.
+//!   `{origin:016x}:{key:016x}:{replica}`, or `{origin:016x}:{key:016x}/{group:08x}:{replica}`
+//!   with the caller's group tag (the proxy's: the session's tenant, for tenant locality);
+//!   every other instance's [`on_remote_bind`](StickyStore::on_remote_bind) callback hears it
+//!   (the origin lets an instance skip its own). Announcements are a hint that keeps local
+//!   tables fresh; the stored value is the authority, and the group tag is never stored.
 //! - **Garbage in Redis** (a value that is not UTF-8, empty, too long, or of the wrong type) is
 //!   `Unavailable(Garbage)` and counted, never a panic.
 //! - **Own runtime**: the store runs a current-thread tokio runtime on a dedicated thread that
@@ -47,14 +48,14 @@
 //!     ttl: Duration::from_secs(3600),
 //!     ..StoreSettings::new("redis://127.0.0.1:6379")
 //! })?;
-//! store.on_remote_bind(|key, replica| println!("{key:016x} moved to {replica}"));
+//! store.on_remote_bind(|key, replica, _group| println!("{key:016x} moved to {replica}"));
 //!
 //! let key = 0x9f3a_5c1e_77d0_2b48;
 //! match store.lookup(key).await {
 //!     Lookup::Found(replica) => println!("sticky to {replica}"),
 //!     Lookup::Missing | Lookup::Unavailable(_) => {
 //!         // Pick a replica by the ring; once it has served the turn:
-//!         store.bind(key, "eu-2");
+//!         store.bind(key, "eu-2", None);
 //!     }
 //! }
 //! store.shutdown();

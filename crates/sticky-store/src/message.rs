@@ -35,10 +35,19 @@ pub(crate) fn replica_from_value(bytes: &[u8]) -> Option<Arc<str>> {
     std::str::from_utf8(bytes).ok().map(Arc::from)
 }
 
-/// `{origin:016x}:{key:016x}:{replica}`. The replica id goes last, so it may itself contain `:`.
-pub(crate) fn encode_bind(origin: u64, key: u64, replica: &str) -> String {
-    let mut out = String::with_capacity(34 + replica.len());
-    let _ = write!(out, "{origin:016x}:{key:016x}:{replica}");
+/// `{origin:016x}:{key:016x}:{replica}`, or with a group tag
+/// `{origin:016x}:{key:016x}/{group:08x}:{replica}`. The replica id goes last, so it may itself
+/// contain `:`. An instance that predates group tags reads a tagged key field as malformed and
+/// ignores the message (it counts it as garbage), so in a tier being upgraded the older
+/// instances stop hearing the newer ones' changes until they are upgraded too.
+pub(crate) fn encode_bind(origin: u64, key: u64, group: Option<u32>, replica: &str) -> String {
+    let mut out = String::with_capacity(43 + replica.len());
+    let _ = write!(out, "{origin:016x}:{key:016x}");
+    if let Some(group) = group {
+        let _ = write!(out, "/{group:08x}");
+    }
+    out.push(':');
+    out.push_str(replica);
     out
 }
 
@@ -48,6 +57,8 @@ pub(crate) struct BindMessage<'a> {
     /// The instance that made the binding.
     pub origin: u64,
     pub key: u64,
+    /// The caller's group tag, if it gave one (the proxy: the session's tenant).
+    pub group: Option<u32>,
     pub replica: &'a str,
 }
 
@@ -56,13 +67,26 @@ pub(crate) fn decode_bind(payload: &[u8]) -> Option<BindMessage<'_>> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut fields = text.splitn(3, ':');
     let origin = parse_hex16(fields.next()?)?;
-    let key = parse_hex16(fields.next()?)?;
+    let key_field = fields.next()?;
+    let (key, group) = match key_field.split_once('/') {
+        None => (parse_hex16(key_field)?, None),
+        Some((key, group)) => (parse_hex16(key)?, Some(parse_hex8(group)?)),
+    };
     let replica = fields.next()?;
     is_storable_replica_id(replica).then_some(BindMessage {
         origin,
         key,
+        group,
         replica,
     })
+}
+
+/// Exactly 8 hex digits.
+fn parse_hex8(field: &str) -> Option<u32> {
+    if field.len() != 8 || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(field, 16).ok()
 }
 
 /// Exactly 16 hex digits: `from_str_radix` alone would also take a sign or fewer digits.
@@ -103,13 +127,25 @@ mod tests {
 
     #[test]
     fn bind_messages_round_trip_even_with_colons_in_the_replica_id() {
-        let text = encode_bind(7, 0xdead_beef, "eu:2");
+        let text = encode_bind(7, 0xdead_beef, None, "eu:2");
         assert_eq!(text, "0000000000000007:00000000deadbeef:eu:2");
         assert_eq!(
             decode_bind(text.as_bytes()),
             Some(BindMessage {
                 origin: 7,
                 key: 0xdead_beef,
+                group: None,
+                replica: "eu:2"
+            })
+        );
+        let tagged = encode_bind(7, 0xdead_beef, Some(0xab), "eu:2");
+        assert_eq!(tagged, "0000000000000007:00000000deadbeef/000000ab:eu:2");
+        assert_eq!(
+            decode_bind(tagged.as_bytes()),
+            Some(BindMessage {
+                origin: 7,
+                key: 0xdead_beef,
+                group: Some(0xab),
                 replica: "eu:2"
             })
         );
@@ -126,20 +162,30 @@ mod tests {
             b"+000000000000007:00000000deadbeef:eu-2",
             b"000000000000000g:00000000deadbeef:eu-2",
             b"0000000000000007:00000000deadbeef:\xff",
+            b"0000000000000007:00000000deadbeef/:eu-2",
+            b"0000000000000007:00000000deadbeef/ab:eu-2",
+            b"0000000000000007:00000000deadbeef/0000000g:eu-2",
+            b"0000000000000007:00000000deadbeef/+000000a:eu-2",
+            b"0000000000000007:deadbeef/000000ab:eu-2",
         ] {
             assert_eq!(decode_bind(payload), None, "{payload:?}");
         }
-        let too_long = encode_bind(1, 2, &"r".repeat(MAX_REPLICA_ID_LEN + 1));
+        let too_long = encode_bind(1, 2, None, &"r".repeat(MAX_REPLICA_ID_LEN + 1));
         assert_eq!(decode_bind(too_long.as_bytes()), None);
     }
 
     proptest! {
         #[test]
-        fn any_bind_message_round_trips(origin: u64, key: u64, replica in "[ -~]{1,256}") {
-            let text = encode_bind(origin, key, &replica);
+        fn any_bind_message_round_trips(
+            origin: u64,
+            key: u64,
+            group: Option<u32>,
+            replica in "[ -~]{1,256}",
+        ) {
+            let text = encode_bind(origin, key, group, &replica);
             prop_assert_eq!(
                 decode_bind(text.as_bytes()),
-                Some(BindMessage { origin, key, replica: &replica })
+                Some(BindMessage { origin, key, group, replica: &replica })
             );
         }
 

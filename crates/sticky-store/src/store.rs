@@ -19,8 +19,9 @@ use crate::worker::{LookupRequest, Shared, Worker, WriteOp};
 /// many are only queued when the thread is badly behind; past it lookups fail at once.
 const LOOKUP_QUEUE: usize = 4096;
 
-/// The proxy's callback for bindings made by other instances: `(routing key, replica id)`.
-pub(crate) type RemoteBindFn = Box<dyn Fn(u64, &str) + Send + Sync>;
+/// The proxy's callback for bindings made by other instances: `(routing key, replica id,
+/// group tag)`.
+pub(crate) type RemoteBindFn = Box<dyn Fn(u64, &str, Option<u32>) + Send + Sync>;
 
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +156,11 @@ impl StickyStore {
     /// queue drops the write (counted). A replica id that is empty or longer than
     /// [`MAX_REPLICA_ID_LEN`](crate::MAX_REPLICA_ID_LEN) bytes is dropped and counted as
     /// garbage: no instance would accept it back.
-    pub fn bind(&self, key: u64, replica: &str) {
+    ///
+    /// `group` is an opaque tag announced with the binding and never stored (the proxy sends
+    /// a tag of the session's tenant, so that other instances learn where each tenant's new
+    /// sessions go).
+    pub fn bind(&self, key: u64, replica: &str, group: Option<u32>) {
         if !is_storable_replica_id(replica) {
             self.inner.shared.counters.error(StoreErrorKind::Garbage);
             self.inner.shared.counters.writes_dropped(1);
@@ -164,6 +169,7 @@ impl StickyStore {
         self.enqueue(WriteOp::Bind {
             key,
             replica: replica.into(),
+            group,
         });
     }
 
@@ -227,7 +233,10 @@ impl StickyStore {
     /// time: keep it short and non-blocking (update a local table, no I/O). A panic in it is
     /// caught and logged. A callback that holds a clone of this store keeps the store alive
     /// until [`shutdown`](Self::shutdown) is called.
-    pub fn on_remote_bind(&self, callback: impl Fn(u64, &str) + Send + Sync + 'static) {
+    pub fn on_remote_bind(
+        &self,
+        callback: impl Fn(u64, &str, Option<u32>) + Send + Sync + 'static,
+    ) {
         let callback: RemoteBindFn = Box::new(callback);
         self.inner
             .shared

@@ -433,12 +433,14 @@ proptest! {
 #[derive(Debug, Default)]
 struct RecordingSink {
     bound: Mutex<Vec<(u64, String)>>,
+    tenants: Mutex<Vec<Option<TenantScope>>>,
     refreshed: Mutex<Vec<u64>>,
 }
 
 impl BindingSink for RecordingSink {
-    fn bound(&self, key: RoutingKey, replica: &str) {
+    fn bound(&self, key: RoutingKey, replica: &str, tenant: Option<TenantScope>) {
         self.bound.lock().unwrap().push((key.0, replica.to_owned()));
+        self.tenants.lock().unwrap().push(tenant);
     }
     fn still_bound(&self, key: RoutingKey, _replica: &str) {
         self.refreshed.lock().unwrap().push(key.0);
@@ -476,6 +478,34 @@ fn the_sink_hears_of_new_and_moved_bindings_only() {
     assert_eq!(bound.len(), 2);
     assert_eq!(bound[1], (31, moved.replica().id().to_string()));
     assert!(sink.refreshed.lock().unwrap().is_empty());
+    // Each with the session's tenant, which other instances' tenant locality counts.
+    assert_eq!(
+        sink.tenants.lock().unwrap().clone(),
+        vec![Some(TenantScope::new("acme")); 2]
+    );
+}
+
+#[test]
+fn placements_announced_by_other_instances_count_towards_tenant_locality() {
+    let mut with_locality = plan(&[("eu", &[("a", 9001), ("b", 9002), ("c", 9003), ("d", 9004)])]);
+    with_locality.tenant_locality = Some(Duration::from_secs(30));
+    let acme = TenantScope::new("acme");
+    let (_, alone) = fleet(with_locality.clone());
+    let (_, told) = fleet(with_locality);
+    let owner = Arc::clone(alone.route(&mut keyed(7), NOW).unwrap().replica().id());
+    // Other instances placed three of acme's sessions on the key's ring owner: it is then
+    // over locality's bound on recent placements, ceil-free 1.25 × (3 + 1) / 4 = 1.25, so
+    // this instance places the session elsewhere, as one instance that had placed all
+    // four itself would.
+    for _ in 0..3 {
+        assert!(told.note_placed_elsewhere(&owner, acme.locality_tag(), NOW));
+    }
+    let placed = told.route(&mut keyed(7), NOW).unwrap();
+    assert_ne!(*placed.replica().id(), owner);
+    assert!(!told.note_placed_elsewhere("no-such-replica", acme.locality_tag(), NOW));
+    // Without tenant locality the note is taken and changes nothing.
+    let (_, plain) = fleet(three());
+    assert!(plain.note_placed_elsewhere("a", acme.locality_tag(), NOW));
 }
 
 #[test]

@@ -45,7 +45,12 @@ pub(crate) struct LookupRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum WriteOp {
     /// `SET key replica EX ttl`, then announce it.
-    Bind { key: u64, replica: Box<str> },
+    Bind {
+        key: u64,
+        replica: Box<str>,
+        /// Announced with the binding (see [`StickyStore::bind`](crate::StickyStore::bind)).
+        group: Option<u32>,
+    },
     /// `SET key replica NX EX ttl` then `EXPIRE key ttl`: restarts the idle TTL of the
     /// stored binding, and writes it back if the store lost it (restarted empty, expired,
     /// a bind dropped while it was down), without overwriting a newer binding and without

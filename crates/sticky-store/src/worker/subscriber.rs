@@ -117,7 +117,11 @@ fn deliver(shared: &Shared, payload: &[u8]) {
     let callback = shared.remote_bind.load();
     if let Some(callback) = callback.as_ref() {
         // A panicking callback must not end the subscription for the rest of the process.
-        if catch_unwind(AssertUnwindSafe(|| callback(message.key, message.replica))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| {
+            callback(message.key, message.replica, message.group)
+        }))
+        .is_err()
+        {
             log::error!("sticky store: the remote-bind callback panicked; the message is dropped");
         }
     }

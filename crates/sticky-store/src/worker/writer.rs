@@ -165,7 +165,11 @@ fn commands(plan: &Plan, shared: &Shared, op: &WriteOp) -> Vec<redis::Cmd> {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     match op {
-        WriteOp::Bind { key, replica } => {
+        WriteOp::Bind {
+            key,
+            replica,
+            group,
+        } => {
             let mut set = redis::cmd("SET");
             set.arg(store_key(&plan.key_prefix, *key))
                 .arg(&**replica)
@@ -174,7 +178,7 @@ fn commands(plan: &Plan, shared: &Shared, op: &WriteOp) -> Vec<redis::Cmd> {
             let mut publish = redis::cmd("PUBLISH");
             publish
                 .arg(&plan.channel)
-                .arg(encode_bind(origin, *key, replica));
+                .arg(encode_bind(origin, *key, *group, replica));
             vec![set, publish]
         }
         WriteOp::Touch { key, replica } => {
@@ -228,6 +232,7 @@ mod tests {
         WriteOp::Bind {
             key,
             replica: replica.into(),
+            group: None,
         }
     }
 

@@ -40,7 +40,7 @@ async fn lookups_binds_and_announcements_work_on_a_cluster() {
 
     // A publish on any node reaches the subscriber, whichever node it listens on.
     let (heard, hearing) = mpsc::channel();
-    b.on_remote_bind(move |key, _| {
+    b.on_remote_bind(move |key, _, _| {
         let _ = heard.send(key);
     });
     for (i, node) in cluster.nodes().iter().enumerate() {
@@ -59,7 +59,7 @@ async fn lookups_binds_and_announcements_work_on_a_cluster() {
     assert_eq!(keys, HashSet::from([0xa0, 0xa1, 0xa2]));
 
     a.touch(0xfeed, "eu-1");
-    b.bind(0xfeed, "eu-2");
+    b.bind(0xfeed, "eu-2", None);
     wait_lookup(&a, 0xfeed, found("eu-2")).await;
     assert_eq!(a.stats().errors.total(), 0, "{:?}", a.stats());
     assert_eq!(b.stats().errors.total(), 0, "{:?}", b.stats());
@@ -71,7 +71,7 @@ async fn the_subscription_moves_to_another_node_when_its_node_dies() {
     let store = start(cluster_settings(&cluster));
     wait_ready(&store).await;
     let (heard, hearing) = mpsc::channel();
-    store.on_remote_bind(move |key, _| {
+    store.on_remote_bind(move |key, _, _| {
         let _ = heard.send(key);
     });
 

@@ -10,15 +10,16 @@ use tether_sticky_store::{Lookup, StickyStore, StoreErrorKind, StoreSettings};
 use crate::common::*;
 
 /// Binds `count` keys on `a` one at a time and returns how long each took to reach `b`'s
-/// callback; also checks that `b` then finds the binding and that `a` never hears itself.
+/// callback; also checks that `b` then finds the binding, hears the group tag of the binds
+/// that carry one, and that `a` never hears itself.
 pub async fn measure_coherence(a: &StickyStore, b: &StickyStore, count: u64) -> Vec<Duration> {
     let (heard, hearing) = mpsc::channel();
-    b.on_remote_bind(move |key, replica| {
-        let _ = heard.send((key, replica.to_owned(), Instant::now()));
+    b.on_remote_bind(move |key, replica, group| {
+        let _ = heard.send((key, replica.to_owned(), group, Instant::now()));
     });
     let heard_itself = Arc::new(AtomicUsize::new(0));
     let counter = heard_itself.clone();
-    a.on_remote_bind(move |_, _| {
+    a.on_remote_bind(move |_, _, _| {
         counter.fetch_add(1, Relaxed);
     });
 
@@ -26,12 +27,16 @@ pub async fn measure_coherence(a: &StickyStore, b: &StickyStore, count: u64) -> 
     for i in 0..count {
         let key = 0x5eed_0000_0000_0000 | i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16;
         let replica = format!("eu-{}", i % 3);
+        let group = (i % 2 == 1).then_some(i as u32);
         let sent = Instant::now();
-        a.bind(key, &replica);
-        let (heard_key, heard_replica, at) = hearing
+        a.bind(key, &replica, group);
+        let (heard_key, heard_replica, heard_group, at) = hearing
             .recv_timeout(Duration::from_secs(5))
             .expect("the announcement reached the other instance");
-        assert_eq!((heard_key, heard_replica.as_str()), (key, replica.as_str()));
+        assert_eq!(
+            (heard_key, heard_replica.as_str(), heard_group),
+            (key, replica.as_str(), group)
+        );
         delays.push(at - sent);
         // Stored before it is announced, so whoever hears it finds it.
         assert_eq!(b.lookup(key).await, found(&replica));
@@ -70,7 +75,7 @@ async fn lookup_latency_on_loopback() {
     let server = RedisServer::start().unwrap();
     let store = start(settings(&server.url()));
     wait_ready(&store).await;
-    store.bind(42, "eu-1");
+    store.bind(42, "eu-1", None);
     wait_lookup(&store, 42, found("eu-1")).await;
 
     let mut latencies = Vec::new();
@@ -104,7 +109,7 @@ async fn malformed_announcements_are_counted_and_a_panicking_callback_is_survive
     let store = start(settings(&server.url()));
     wait_ready(&store).await;
     let (heard, hearing) = mpsc::channel();
-    store.on_remote_bind(move |key, replica| {
+    store.on_remote_bind(move |key, replica, _| {
         if replica == "boom" {
             panic!("a callback bug");
         }
@@ -143,7 +148,7 @@ async fn different_channels_and_prefixes_keep_tiers_apart() {
     wait_ready(&blue).await;
     wait_ready(&green).await;
 
-    blue.bind(1, "eu-1");
+    blue.bind(1, "eu-1", None);
     wait_lookup(&blue, 1, found("eu-1")).await;
     assert_eq!(green.lookup(1).await, Lookup::Missing);
     assert_eq!(green.stats().remote_binds, 0);

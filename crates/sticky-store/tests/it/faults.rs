@@ -22,11 +22,11 @@ async fn redis_down_at_start_answers_connect_at_once_then_recovers_when_it_comes
         // Answered from the connected flag, without waiting for Redis.
         assert!(started.elapsed() < Duration::from_millis(50));
     }
-    store.bind(1, "eu-1");
+    store.bind(1, "eu-1", None);
 
     let _server = RedisServer::start_on(port).unwrap();
     wait_ready(&store).await;
-    store.bind(1, "eu-1");
+    store.bind(1, "eu-1", None);
     wait_lookup(&store, 1, found("eu-1")).await;
 
     let stats = store.stats();
@@ -46,7 +46,7 @@ async fn a_stalled_redis_times_each_lookup_out_within_the_bound_then_works_again
         ..settings(&server.url())
     });
     wait_ready(&store).await;
-    store.bind(1, "eu-1");
+    store.bind(1, "eu-1", None);
     wait_lookup(&store, 1, found("eu-1")).await;
 
     server.pause().unwrap();
@@ -88,7 +88,7 @@ async fn a_redis_restarted_empty_gives_missing_without_errors_and_takes_binds_ag
     let mut server = RedisServer::start().unwrap();
     let store = start(settings(&server.url()));
     wait_ready(&store).await;
-    store.bind(1, "eu-1");
+    store.bind(1, "eu-1", None);
     wait_lookup(&store, 1, found("eu-1")).await;
 
     server.restart().unwrap();
@@ -99,7 +99,7 @@ async fn a_redis_restarted_empty_gives_missing_without_errors_and_takes_binds_ag
     for _ in 0..50 {
         assert_eq!(store.lookup(1).await, Lookup::Missing);
     }
-    store.bind(1, "eu-3");
+    store.bind(1, "eu-3", None);
     wait_lookup(&store, 1, found("eu-3")).await;
     assert_eq!(store.stats().errors.total(), errors_before);
 }
@@ -132,8 +132,8 @@ async fn garbage_in_redis_is_unavailable_and_counted_never_a_panic() {
         );
     }
     // Nor does the store write what it would refuse to read.
-    store.bind(5, &long);
-    store.bind(6, "");
+    store.bind(5, &long, None);
+    store.bind(6, "", None);
 
     let stats = store.stats();
     assert_eq!(stats.lookups.unavailable.get(StoreErrorKind::Garbage), 4);
@@ -144,7 +144,7 @@ async fn garbage_in_redis_is_unavailable_and_counted_never_a_panic() {
         .unwrap();
     assert_eq!(exists, 0);
     // Still healthy afterwards.
-    store.bind(7, "eu-1");
+    store.bind(7, "eu-1", None);
     wait_lookup(&store, 7, found("eu-1")).await;
 }
 
@@ -162,7 +162,7 @@ async fn a_full_write_queue_drops_and_counts_without_blocking_the_caller() {
     let mut slowest = Duration::ZERO;
     for key in 0..1000 {
         let started = Instant::now();
-        store.bind(key, "eu-1");
+        store.bind(key, "eu-1", None);
         slowest = slowest.max(started.elapsed());
     }
     let stats = store.stats();

@@ -20,7 +20,7 @@ async fn a_bind_is_stored_under_the_prefixed_key_with_the_ttl() {
     wait_ready(&store).await;
 
     assert_eq!(store.lookup(0xabc).await, Lookup::Missing);
-    store.bind(0xabc, "eu-2");
+    store.bind(0xabc, "eu-2", None);
     wait_lookup(&store, 0xabc, found("eu-2")).await;
 
     let value: String = server
@@ -50,7 +50,7 @@ async fn a_touch_restarts_the_ttl_and_announces_nothing() {
     wait_ready(&store).await;
     wait_ready(&other).await;
 
-    store.bind(7, "eu-1");
+    store.bind(7, "eu-1", None);
     wait_lookup(&store, 7, found("eu-1")).await;
     wait_until("the bind is announced", RECOVERY, || async {
         other.stats().remote_binds == 1
@@ -81,7 +81,7 @@ async fn shutdown_flushes_queued_writes_then_answers_stopped() {
     wait_ready(&store).await;
 
     for key in 0..200 {
-        store.bind(key, "eu-1");
+        store.bind(key, "eu-1", None);
     }
     store.shutdown();
 
@@ -92,7 +92,7 @@ async fn shutdown_flushes_queued_writes_then_answers_stopped() {
         store.lookup(1).await,
         Lookup::Unavailable(StoreErrorKind::Stopped)
     );
-    store.bind(1, "eu-2");
+    store.bind(1, "eu-2", None);
     let stats = store.stats();
     assert_eq!(stats.writes_dropped, 1);
     assert!(!stats.connected);
@@ -110,7 +110,7 @@ fn lookups_work_from_any_runtime_and_never_panic_outside_one() {
         .unwrap();
     current_thread.block_on(async {
         wait_ready(&store).await;
-        store.bind(1, "eu-1");
+        store.bind(1, "eu-1", None);
         wait_lookup(&store, 1, found("eu-1")).await;
     });
 

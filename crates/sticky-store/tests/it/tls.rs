@@ -28,7 +28,7 @@ async fn rediss_with_a_private_ca_works_and_an_untrusted_certificate_is_refused(
     });
     wait_ready(&trusting).await;
     wait_ready(&other).await;
-    trusting.bind(9, "eu-1");
+    trusting.bind(9, "eu-1", None);
     wait_lookup(&other, 9, found("eu-1")).await;
     wait_until("the announcement arrives over TLS", RECOVERY, || async {
         other.stats().remote_binds == 1
