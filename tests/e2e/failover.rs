@@ -273,9 +273,15 @@ async fn a_hung_replica_costs_its_clients_one_bounded_delay_and_no_error() {
 
     assert_only_victims_moved(&placed, victim);
     assert_ne!(replica_field(&tether, victim, "health").await, "healthy");
+    let metrics = tether.metrics().await;
+    // A request waiting on the replica is retried at its read timeout, or when probes take
+    // the replica out first, whichever comes first.
     let timeouts = counter(
-        &tether.metrics().await,
+        &metrics,
         "tether_upstream_retries_total{reason=\"timeout\"}",
+    ) + counter(
+        &metrics,
+        "tether_upstream_retries_total{reason=\"departed\"}",
     );
     assert!(tether.terminate().unwrap());
     let records: Vec<Value> = std::fs::read_to_string(&log_path)
@@ -303,7 +309,7 @@ async fn a_hung_replica_costs_its_clients_one_bounded_delay_and_no_error() {
     assert_eq!(
         timeouts,
         delayed.len() as u64,
-        "each second attempt followed a read timeout"
+        "each second attempt followed a read timeout or the replica's departure"
     );
     assert!(
         delayed.iter().all(|r| r["replica"] != victim),
@@ -315,6 +321,54 @@ async fn a_hung_replica_costs_its_clients_one_bounded_delay_and_no_error() {
         delayed.len() <= 2 * workers,
         "{} requests waited for the hung replica",
         delayed.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_waiting_on_a_replica_that_hangs_move_when_probes_take_it_out() {
+    // The shipped `read_timeout` (5 minutes): only the departure can end their wait early.
+    let fleet = Arc::new(SimFleet::start(&SIX).unwrap());
+    let tether = Tether::start(&config(&fleet, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let session = "hung-session";
+    let victim = served_turn(&client, &url, session, 1).await;
+    fleet.set_fault(&victim, json!({"kind": "hang"})).await;
+    let hung_at = Instant::now();
+    let mut waiting = tokio::task::JoinSet::new();
+    for n in 2..6 {
+        let (client, url) = (client.clone(), url.clone());
+        waiting.spawn(async move {
+            let reply = chat(
+                &client,
+                &url,
+                None,
+                &[session.as_bytes()],
+                &conversation(session, n),
+            )
+            .await;
+            (reply, hung_at.elapsed())
+        });
+    }
+    let mut waited = Vec::new();
+    while let Some(done) = waiting.join_next().await {
+        let (reply, after) = done.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_ne!(reply.replica.as_deref(), Some(victim.as_str()));
+        waited.push(after);
+    }
+    let longest = waited.iter().max().copied().unwrap_or_default();
+    // Detection: `fall` (2) probes of 200 ms interval with a 150 ms timeout, well under a
+    // second; the bound leaves room for a loaded machine and stays far from the 5 minutes.
+    eprintln!("hung {victim}: the waiting requests were answered after at most {longest:?}");
+    assert!(longest < Duration::from_secs(5), "{waited:?}");
+    let metrics = tether.metrics().await;
+    assert!(
+        counter(
+            &metrics,
+            "tether_upstream_retries_total{reason=\"departed\"}"
+        ) >= 1,
+        "no request was moved off the departed replica: {metrics}"
     );
 }
 

@@ -524,6 +524,13 @@ pub enum Failure {
     Timeout,
     /// Accepted, then reset or broken before answering.
     Broken,
+    /// The replica left rotation (probes, ejection, an immediate drain) while the request
+    /// waited for its answer: Tether broke the wait off. Already counted by whatever took
+    /// the replica out.
+    Departed,
+    /// Tether cut the request at the end of a shutdown's drain: not the replica's doing,
+    /// and nowhere left to send it.
+    Shutdown,
     /// Answered this status (429, 502, 503, 504), which another replica may answer instead;
     /// [`Route::answered`] has already counted it.
     Status(u16),
@@ -558,8 +565,9 @@ impl Failure {
             Failure::Refused | Failure::ConnectFailed => "connect",
             Failure::StaleConnection => "stale_connection",
             Failure::Timeout => "timeout",
+            Failure::Departed => "departed",
             Failure::Status(_) => "status",
-            Failure::Broken | Failure::AfterAnswer | Failure::Client => "error",
+            Failure::Broken | Failure::AfterAnswer | Failure::Client | Failure::Shutdown => "error",
         }
     }
 }
@@ -604,10 +612,13 @@ pub struct AttemptFacts {
 /// | attempts or deadline used up | never |
 /// | connect refused or failed | next replica, always: nothing reached the replica |
 /// | stale pooled connection | same replica once on a fresh connection, then the next, if the request is replayable |
-/// | timed out or broken before answering; answered 429/502/503/504 | next replica, if the request is safe to resend and its body is replayable |
+/// | timed out or broken before answering; its replica left rotation while it waited; answered 429/502/503/504 | next replica, if the request is safe to resend and its body is replayable |
+/// | cut by a shutdown | never |
 pub fn retry_policy(facts: &AttemptFacts) -> Retry {
-    if matches!(facts.failure, Failure::Client | Failure::AfterAnswer)
-        || facts.counted_attempts >= facts.max_attempts
+    if matches!(
+        facts.failure,
+        Failure::Client | Failure::AfterAnswer | Failure::Shutdown
+    ) || facts.counted_attempts >= facts.max_attempts
         || facts.past_deadline
     {
         return Retry::GiveUp;
@@ -618,7 +629,11 @@ pub fn retry_policy(facts: &AttemptFacts) -> Retry {
         Failure::StaleConnection if !replayable => Retry::GiveUp,
         Failure::StaleConnection if facts.was_retry_here => Retry::NextReplica,
         Failure::StaleConnection => Retry::Here,
-        Failure::Timeout | Failure::Broken | Failure::Status(_) if replayable => Retry::NextReplica,
+        Failure::Timeout | Failure::Broken | Failure::Departed | Failure::Status(_)
+            if replayable =>
+        {
+            Retry::NextReplica
+        }
         _ => Retry::GiveUp,
     }
 }

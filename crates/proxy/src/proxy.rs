@@ -32,6 +32,7 @@ use crate::error::EdgeError;
 use crate::meter::Meter;
 use crate::router::{Router, Snapshot, Upstream};
 use crate::tier::Tier;
+use crate::upstream_io::Aborted;
 
 /// The proxy.
 #[derive(Debug, Clone)]
@@ -133,6 +134,11 @@ impl RequestCtx {
 
 /// Which [`Failure`] a Pingora error during proxying is.
 fn classify(e: &Error, answered: bool, retried_status: Option<u16>, reused: bool) -> Failure {
+    match Aborted::of(e) {
+        Some(Aborted::Cut) => return Failure::Shutdown,
+        Some(Aborted::Departed) if !answered => return Failure::Departed,
+        _ => {}
+    }
     let upstream = e.esource() != &ErrorSource::Downstream;
     match (answered, retried_status) {
         (true, _) if e.esource() == &ErrorSource::Upstream => Failure::AfterAnswer,

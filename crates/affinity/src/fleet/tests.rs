@@ -308,6 +308,16 @@ fn retry_policy_table() {
             truncated(Broken),
             GiveUp,
         ),
+        // Its replica left rotation while it waited: same rule.
+        ("departed", facts(Departed), NextReplica),
+        ("departed, not resend-safe", not_safe(Departed), GiveUp),
+        (
+            "departed, body over the retry buffer",
+            truncated(Departed),
+            GiveUp,
+        ),
+        // Cut by a shutdown: never.
+        ("shutdown", facts(Shutdown), GiveUp),
         // Answered 429/502/503/504 before the header went on: same rule.
         ("429", facts(Status(429)), NextReplica),
         ("503", facts(Status(503)), NextReplica),
@@ -357,7 +367,7 @@ fn step() -> impl Strategy<Value = Step> {
         (0u8..8).prop_map(|key| Step::Route { key }),
         prop::sample::select(vec![200u16, 201, 400, 429, 500, 502, 503])
             .prop_map(|status| Step::Answer { status }),
-        (0u8..8).prop_map(|failure| Step::Fail { failure }),
+        (0u8..10).prop_map(|failure| Step::Fail { failure }),
         Just(Step::Finish),
         Just(Step::Drop),
     ]
@@ -373,7 +383,9 @@ fn failure(n: u8) -> Failure {
         Failure::Status(503),
         Failure::AfterAnswer,
         Failure::Client,
-    ][n as usize % 8]
+        Failure::Departed,
+        Failure::Shutdown,
+    ][n as usize % 10]
 }
 
 proptest! {

@@ -344,6 +344,14 @@ async fn a_refused_connection_is_retried_and_nothing_anywhere_answers_503() {
     assert!(String::from_utf8_lossy(&written.lock().unwrap()).contains("retry-after"));
 }
 
+/// A read error as Pingora reports one that Tether caused.
+fn aborted(why: Aborted) -> Box<Error> {
+    let io = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why);
+    let read = Error::because(ErrorType::ReadError, "while reading response headers", io);
+    // Passed on from the upstream half of the proxy to the downstream half.
+    Error::because(ErrorType::ReadError, "Peer: 127.0.0.1:9", read).into_up()
+}
+
 #[test]
 fn failures_are_classified_by_stage_and_source() {
     let upstream = Error::new_up;
@@ -385,6 +393,15 @@ fn failures_are_classified_by_stage_and_source() {
         (upstream(ReadError), true, None, false, Failure::AfterAnswer),
         (downstream(ReadError), true, None, false, Failure::Client),
         (downstream(ReadError), false, None, false, Failure::Client),
+        (
+            aborted(Aborted::Departed),
+            false,
+            None,
+            true,
+            Failure::Departed,
+        ),
+        (aborted(Aborted::Cut), false, None, false, Failure::Shutdown),
+        (aborted(Aborted::Cut), true, None, false, Failure::Shutdown),
     ];
     for (e, answered, status, reused, expected) in rows {
         assert_eq!(classify(&e, answered, status, reused), expected, "{e:?}");
