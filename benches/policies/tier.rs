@@ -24,7 +24,7 @@
 //! from that moment); after two thirds, one instance of a three-instance row is terminated
 //! (SIGTERM) and started again on the same config and listeners, with an empty local table.
 //! Both events fail requests: those in flight at the replica, and those in flight at the
-//! instance (the harness runs instances with `grace_period: 0s`, so SIGTERM cuts them) or sent
+//! instance (the harness runs instances with `drain_timeout: 0s`, so SIGTERM cuts them) or sent
 //! to it before it listens again. Loadgen does not retry, and a failed turn ends its
 //! conversation: the errors column counts them, and the restart gap is printed.
 
@@ -221,7 +221,7 @@ async fn at_share(progress: &indicatif::ProgressBar, turns: f64, share: f64) {
 }
 
 /// Terminates `tether` (SIGTERM: it stops accepting and exits, and with the harness's
-/// `grace_period: 0s` what it had in flight is cut) and starts it again on the same config
+/// `drain_timeout: 0s` what it had in flight is cut) and starts it again on the same config
 /// file, so on the same listeners; returns the time from SIGTERM until it accepts connections
 /// again.
 fn restart(tether: &mut Tether) -> Duration {

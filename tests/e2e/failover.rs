@@ -373,6 +373,59 @@ async fn requests_waiting_on_a_replica_that_hangs_move_when_probes_take_it_out()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_immediate_drain_moves_the_requests_waiting_on_a_stuck_replica() {
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let region = |prefix: &str| {
+        SIX.iter()
+            .filter(|id| id.starts_with(prefix))
+            .map(|id| (id.to_string(), fleet.addr(id), ""))
+            .collect::<Vec<_>>()
+    };
+    // Probes too rare to notice anything: only the operator's drain can.
+    let tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: eu\n{}health:\n  probe: {{ interval: 1h, timeout: 1s }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\n",
+            regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
+        ),
+    })
+    .unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let session = "stuck-session";
+    let victim = served_turn(&client, &url, session, 1).await;
+    fleet.set_fault(&victim, json!({"kind": "hang"})).await;
+    let waiting = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { served_turn(&client, &url, session, 2).await })
+    };
+    let started = Instant::now();
+    while crate::client::inflight(&client, &tether.admin_url("/admin/replicas"))
+        .await
+        .into_iter()
+        .all(|(id, n)| id != victim || n == 0)
+    {
+        assert!(
+            started.elapsed() < READY_TIMEOUT,
+            "the request never reached {victim}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained_at = Instant::now();
+    let path = format!("/admin/replicas/{victim}/drain?now=true");
+    let (status, _) = post_admin(&tether, &path, Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200);
+    let served_by = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting request moved at the drain")
+        .unwrap();
+    assert_ne!(served_by, victim);
+    eprintln!(
+        "moved off {victim} {:?} after the drain",
+        drained_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drain_through_the_admin_api_moves_existing_sessions_and_takes_no_new_ones() {
     let fleet = SimFleet::start(&SIX).unwrap();
     let tether = Tether::start(&config(&fleet, "")).unwrap();

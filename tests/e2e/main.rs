@@ -14,6 +14,7 @@ mod metering;
 mod reload;
 mod routing;
 mod sdk;
+mod shutdown;
 mod sim;
 mod streaming;
 mod tier;

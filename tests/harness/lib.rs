@@ -248,6 +248,18 @@ pub struct ServerOpts {
     pub threads: usize,
     /// `server.work_stealing`.
     pub work_stealing: bool,
+    /// `server.drain_timeout`: none by default, so that SIGTERM cuts what is in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOpts {
+    fn default() -> Self {
+        ServerOpts {
+            threads: 2,
+            work_stealing: true,
+            drain_timeout: Duration::ZERO,
+        }
+    }
 }
 
 /// The parts of a config a test varies; `Tether::start` adds listeners and server settings.
@@ -282,7 +294,7 @@ impl Tether {
             wrapper,
             ServerOpts {
                 threads,
-                work_stealing: true,
+                ..ServerOpts::default()
             },
         )
     }
@@ -480,9 +492,11 @@ fn render_config(
     let ServerOpts {
         threads,
         work_stealing,
+        drain_timeout,
     } = server;
     format!(
-        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: {threads}\n  work_stealing: {work_stealing}\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: {threads}\n  work_stealing: {work_stealing}\n  drain_timeout: {}ms\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+        drain_timeout.as_millis(),
         dir.join("tether.pid").display(),
         dir.join("upgrade.sock").display(),
     )

@@ -28,6 +28,7 @@ use tether_metering::{
 
 use crate::admission::{admit, Admission, Caller};
 use crate::body::BodyRewrite;
+use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
 use crate::meter::Meter;
 use crate::router::{Router, Snapshot, Upstream};
@@ -41,6 +42,7 @@ pub struct TetherProxy {
     meter: Arc<Meter>,
     tier: Option<Tier>,
     draining: Arc<AtomicBool>,
+    in_flight: Arc<InFlight>,
 }
 
 impl TetherProxy {
@@ -58,7 +60,13 @@ impl TetherProxy {
             meter,
             tier,
             draining,
+            in_flight: InFlight::new(),
         }
+    }
+
+    /// Its requests in flight (what a shutdown drains).
+    pub fn in_flight(&self) -> &Arc<InFlight> {
+        &self.in_flight
     }
 }
 
@@ -87,10 +95,12 @@ pub struct RequestCtx {
     extractor: Option<UsageExtractor>,
     /// Hides the injected usage event from the client.
     strip_usage: Option<UsageChunkFilter>,
+    /// Counts the request in flight until the context drops, after `logging`.
+    _in_flight: InFlightGuard,
 }
 
 impl RequestCtx {
-    fn new() -> Self {
+    fn new(in_flight: InFlightGuard) -> Self {
         RequestCtx {
             started: Instant::now(),
             first_byte: None,
@@ -106,6 +116,7 @@ impl RequestCtx {
             injected: false,
             extractor: None,
             strip_usage: None,
+            _in_flight: in_flight,
         }
     }
 
@@ -197,7 +208,7 @@ impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.in_flight.enter())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {

@@ -1,0 +1,184 @@
+//! Shutdown: a SIGTERM closes the listeners at once, lets the streams in flight finish up to
+//! `server.drain_timeout`, cuts the rest, and every request gets its usage record.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tether_e2e::{regions_yaml, ServerOpts, SimFleet, TempDir, Tether, TetherConfig};
+
+/// The drain limit of the test instance: longer than the short stream, shorter than the long.
+const DRAIN: Duration = Duration::from_millis(1500);
+
+/// A stream of `tokens` tokens; the sim decodes 20 tokens a second.
+fn stream_body(tokens: u32) -> Value {
+    json!({
+        "model": "tether-sim",
+        "stream": true,
+        "max_tokens": tokens,
+        "messages": [{"role": "user", "content": "count slowly"}],
+    })
+}
+
+/// Reads a streamed response to its end; returns the bytes and whether it ended cleanly.
+async fn read_to_end(res: reqwest::Response) -> (String, bool) {
+    let mut bytes = Vec::new();
+    let mut stream = res.bytes_stream();
+    let mut clean = true;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => bytes.extend_from_slice(&c),
+            Err(_) => {
+                clean = false;
+                break;
+            }
+        }
+    }
+    (String::from_utf8_lossy(&bytes).into_owned(), clean)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_streams_finish_cuts_those_past_the_drain_limit_and_logs_both() {
+    let fleet =
+        SimFleet::start_with(&["s-1"], &["--time-scale", "1", "--decode-rate", "20"]).unwrap();
+    let logs = TempDir::new("tether-drain").unwrap();
+    let log_path = logs.path().join("usage.jsonl");
+    let mut tether = Tether::start_with_server(
+        &TetherConfig {
+            body: format!(
+                "local_region: eu\n{}usage_log: {{ path: \"{}\" }}\nmetering: {{ session_key: \"e2e-session-key-0123456789\" }}\n",
+                regions_yaml(&[("eu", vec![("s-1".into(), fleet.addr("s-1"), "")])]),
+                log_path.display(),
+            ),
+        },
+        &[],
+        ServerOpts {
+            drain_timeout: DRAIN,
+            ..ServerOpts::default()
+        },
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    // About 1 s and 10 s of tokens.
+    let short = client
+        .post(&url)
+        .header("x-session-affinity", "short-stream")
+        .json(&stream_body(20))
+        .send()
+        .await
+        .unwrap();
+    let long = client
+        .post(&url)
+        .header("x-session-affinity", "long-stream")
+        .json(&stream_body(200))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (short.status().as_u16(), long.status().as_u16()),
+        (200, 200)
+    );
+    let short = tokio::spawn(read_to_end(short));
+    let long = tokio::spawn(read_to_end(long));
+
+    let addr = tether.addr;
+    let terminated_at = Instant::now();
+    let mut process = tokio::task::spawn_blocking(move || {
+        let clean = tether.terminate().unwrap();
+        (tether, clean)
+    });
+    // The listener closes at once: new connections are refused while the streams drain.
+    let refused_after = loop {
+        if TcpStream::connect(addr).is_err() {
+            break terminated_at.elapsed();
+        }
+        assert!(
+            terminated_at.elapsed() < Duration::from_secs(1),
+            "still accepting connections after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), &mut process)
+            .await
+            .is_err(),
+        "tether exited before its streams were done"
+    );
+
+    let (short, short_clean) = short.await.unwrap();
+    assert!(short_clean, "the short stream ended with an error: {short}");
+    assert!(short.trim_end().ends_with("data: [DONE]"), "{short}");
+    let (long, long_clean) = long.await.unwrap();
+    assert!(
+        !long_clean || !long.contains("[DONE]"),
+        "the long stream was not cut: {long}"
+    );
+    let (_tether, exited_cleanly) = process.await.unwrap();
+    let took = terminated_at.elapsed();
+    assert!(exited_cleanly, "tether exited with an error");
+    eprintln!("refused new connections after {refused_after:?}; exited {took:?} after SIGTERM");
+    // The drain limit, the cut requests' logging, and start-up noise; far below the long
+    // stream's 10 s.
+    assert!(took >= DRAIN, "exited before the drain limit: {took:?}");
+    assert!(took < DRAIN + Duration::from_secs(3), "{took:?}");
+
+    let records: Vec<Value> = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    let by_completion = |tokens: u64| {
+        records
+            .iter()
+            .find(|r| r["completion_tokens"] == tokens)
+            .cloned()
+    };
+    let finished = by_completion(20).expect("the finished stream's record");
+    assert_eq!(finished["usage_status"], "found", "{finished}");
+    assert_eq!(finished["status"], 200, "{finished}");
+    let cut = records
+        .iter()
+        .find(|r| r["usage_status"] == "incomplete")
+        .unwrap_or_else(|| panic!("no incomplete record: {records:?}"));
+    assert_eq!(cut["status"], 200, "{cut}");
+    assert_eq!(cut["replica"], "s-1", "{cut}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_nothing_in_flight_exits_at_once_however_long_the_drain_limit() {
+    let fleet = SimFleet::start(&["s-1"]).unwrap();
+    let mut tether = Tether::start_with_server(
+        &TetherConfig {
+            body: format!(
+                "local_region: eu\n{}",
+                regions_yaml(&[("eu", vec![("s-1".into(), fleet.addr("s-1"), "")])])
+            ),
+        },
+        &[],
+        ServerOpts {
+            drain_timeout: Duration::from_secs(600),
+            ..ServerOpts::default()
+        },
+    )
+    .unwrap();
+    let reply = reqwest::Client::new()
+        .post(tether.url("/v1/chat/completions"))
+        .json(&json!({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let started = Instant::now();
+    let clean = tokio::task::spawn_blocking(move || tether.terminate().unwrap())
+        .await
+        .unwrap();
+    assert!(clean);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
