@@ -373,6 +373,37 @@ async fn requests_waiting_on_a_replica_that_hangs_move_when_probes_take_it_out()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_answering_200_with_garbage_is_ejected_and_loses_its_sessions() {
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let tether = Tether::start(&config(&fleet, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let session = "garbage-session";
+    let victim = served_turn(&client, &url, session, 1).await;
+    fleet.set_fault(&victim, json!({"kind": "garbage"})).await;
+    // `eject_after` (2) answers that are 200 but not JSON.
+    for turn in 2..4 {
+        let res = client
+            .post(&url)
+            .header("x-session-affinity", session)
+            .json(&conversation(session, turn))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-replica-id"], victim.as_str());
+        let body = res.bytes().await.unwrap();
+        assert!(serde_json::from_slice::<Value>(&body).is_err());
+    }
+    assert_eq!(replica_field(&tether, &victim, "health").await, "ejected");
+    let moved_to = served_turn(&client, &url, session, 4).await;
+    assert_ne!(moved_to, victim);
+    // The session stays where it moved, even once the replica answers well again.
+    fleet.set_fault(&victim, json!({"kind": "none"})).await;
+    assert_eq!(served_turn(&client, &url, session, 5).await, moved_to);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_immediate_drain_moves_the_requests_waiting_on_a_stuck_replica() {
     let fleet = SimFleet::start(&SIX).unwrap();
     let region = |prefix: &str| {

@@ -433,6 +433,7 @@ impl<U> Fleet<U> {
             was_bound: attempts.was_bound,
             key: attempts.key,
             slot: Some(live.status.acquire()),
+            body_to_judge: false,
         })
     }
 
@@ -769,6 +770,8 @@ pub struct Route<U> {
     was_bound: bool,
     key: Option<RoutingKey>,
     slot: Option<InflightGuard>,
+    /// A 2xx whose success waits for its body's verdict ([`Route::body_ended`]).
+    body_to_judge: bool,
 }
 
 impl<U> Route<U> {
@@ -812,6 +815,36 @@ impl<U> Route<U> {
     /// warm even if the body later fails, and the next turn, possibly already on its way,
     /// must find the entry.
     pub fn answered(&mut self, status: u16, retry_after: Option<Duration>, now: u64) {
+        self.answer(status, retry_after, now, false);
+    }
+
+    /// As [`Route::answered`], for an answer whose body is read to its end (metering parses
+    /// it): a 2xx only counts as the replica's success once [`Route::body_ended`] says the
+    /// body was sound, so a replica that answers 200 with garbage is ejected like one that
+    /// answers 500. The session is still recorded at once (see [`Route::answered`]).
+    pub fn answered_body_to_judge(&mut self, status: u16, retry_after: Option<Duration>, now: u64) {
+        self.answer(status, retry_after, now, true);
+    }
+
+    /// The body of a 2xx given to [`Route::answered_body_to_judge`] ended at `now`: `sound`
+    /// if it could be parsed (usage found or not), otherwise it counts towards ejection. A
+    /// body that never ends (the client left, the stream broke) records nothing here.
+    pub fn body_ended(&mut self, sound: bool, now: u64) {
+        if !std::mem::take(&mut self.body_to_judge) {
+            return;
+        }
+        let replica = self.replica();
+        let live = replica.status();
+        if sound {
+            live.record_success();
+        } else if let Some(t) = live.record_failure(now, &self.fleet.health) {
+            log_transition(replica.id(), t);
+        }
+    }
+
+    fn answer(&mut self, status: u16, retry_after: Option<Duration>, now: u64, judge_body: bool) {
+        let success_waits = judge_body && (200..300).contains(&status);
+        self.body_to_judge = success_waits;
         let replica = self.replica();
         let health = &self.fleet.health;
         let live = replica.status();
@@ -822,7 +855,7 @@ impl<U> Route<U> {
             if let Some(t) = live.record_failure(now, health) {
                 log_transition(replica.id(), t);
             }
-        } else if status != 429 {
+        } else if status != 429 && !success_waits {
             live.record_success();
         }
         if (200..300).contains(&status) {

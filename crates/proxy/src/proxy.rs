@@ -22,8 +22,8 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{Attempts, Failure, Retry, RetryLimits, Route};
 use tether_health::now_ms;
 use tether_metering::{
-    Dialect, Framing, Timestamp, UsageChunkFilter, UsageExtractor, UsageRecord, UsageStatus,
-    DEFAULT_WINDOW,
+    Dialect, Extraction, Framing, Timestamp, UsageChunkFilter, UsageExtractor, UsageOutcome,
+    UsageRecord, UsageStatus, DEFAULT_WINDOW,
 };
 
 use crate::admission::{admit, Admission, Caller};
@@ -93,6 +93,11 @@ pub struct RequestCtx {
     /// Usage was injected into the request body.
     injected: bool,
     extractor: Option<UsageExtractor>,
+    /// What the extractor found, once the body ended.
+    extraction: Option<Extraction>,
+    /// The answer says it is JSON or SSE: a body that does not parse as such is the
+    /// replica's failure.
+    claims_structured: bool,
     /// Hides the injected usage event from the client.
     strip_usage: Option<UsageChunkFilter>,
     /// Counts the request in flight until the context drops, after `logging`.
@@ -115,6 +120,8 @@ impl RequestCtx {
             rewrite: None,
             injected: false,
             extractor: None,
+            extraction: None,
+            claims_structured: false,
             strip_usage: None,
             _in_flight: in_flight,
         }
@@ -194,6 +201,19 @@ fn edge_error(e: &Error, unavailable: bool, retry_after_secs: u32) -> Option<Edg
         (etype, ErrorSource::Downstream) => EdgeError::BadRequest(etype.as_str()),
         _ => EdgeError::Internal,
     })
+}
+
+/// Whether a `Content-Type` promises JSON or an event stream (what the usage extractor
+/// parses), so that a body failing to parse is malformed rather than another kind of answer.
+fn claims_structured(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let suffix = essence
+        .len()
+        .checked_sub(5)
+        .and_then(|at| essence.get(at..));
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("text/event-stream")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json"))
 }
 
 /// `Retry-After` as delay-seconds (RFC 9110 §10.2.3). The HTTP-date form is rare from
@@ -386,7 +406,13 @@ impl ProxyHttp for TetherProxy {
         let Some(route) = ctx.route.as_mut() else {
             return Ok(());
         };
-        route.answered(code, retry_after, now_ms());
+        // A metered 2xx is parsed to its end: whether the replica did well waits for that.
+        let metering = ctx.snapshot.as_deref().is_some_and(Snapshot::metering);
+        if metering {
+            route.answered_body_to_judge(code, retry_after, now_ms());
+        } else {
+            route.answered(code, retry_after, now_ms());
+        }
         // Overloaded or a gateway failure: nothing has reached the client yet, so another
         // replica may answer instead (when the policy allows).
         if matches!(code, 429 | 502 | 503 | 504)
@@ -403,19 +429,18 @@ impl ProxyHttp for TetherProxy {
             let status = http::HeaderValue::from_static(route.session_status().as_str());
             upstream_response.insert_header(name.clone(), status)?;
         }
-        if ctx.snapshot.as_deref().is_some_and(Snapshot::metering)
-            && upstream_response.status.is_success()
-        {
+        if metering && upstream_response.status.is_success() {
             let dialect = route
                 .replica()
                 .upstream()
                 .dialect
                 .unwrap_or_else(|| Dialect::from_path(session.req_header().uri.path()));
-            let framing = upstream_response
+            let content_type = upstream_response
                 .headers
                 .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map_or(Framing::Json, Framing::from_content_type);
+                .and_then(|v| v.to_str().ok());
+            ctx.claims_structured = content_type.is_some_and(claims_structured);
+            let framing = content_type.map_or(Framing::Json, Framing::from_content_type);
             ctx.extractor = Some(UsageExtractor::new(dialect, framing));
             if ctx.injected && framing == Framing::Sse {
                 ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
@@ -458,7 +483,15 @@ impl ProxyHttp for TetherProxy {
         // The replica is done once its body ends: release the slot before the last bytes
         // reach the client (`logging` runs later).
         if end_of_stream {
+            ctx.extraction = ctx.extractor.take().map(|mut x| x.finish());
             if let Some(route) = &mut ctx.route {
+                // A 200 whose body is not the JSON or SSE it claims counts as a failure.
+                let sound = !ctx.claims_structured
+                    || ctx
+                        .extraction
+                        .as_ref()
+                        .is_none_or(|x| x.outcome != UsageOutcome::Malformed);
+                route.body_ended(sound, now_ms());
                 route.finished();
             }
         }
@@ -509,7 +542,11 @@ impl ProxyHttp for TetherProxy {
         };
         let latency = ctx.started.elapsed();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let mut extraction = ctx.extractor.as_mut().map(UsageExtractor::finish);
+        // Finished at the body's end; a body that broke off is finished here.
+        let mut extraction = ctx
+            .extraction
+            .take()
+            .or_else(|| ctx.extractor.as_mut().map(UsageExtractor::finish));
         let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
         let model = extraction.as_mut().and_then(|x| x.model.take());
         let cost = snapshot.price(model.as_deref()).cost(&usage);

@@ -126,6 +126,49 @@ fn failures_that_are_the_replicas_doing_eject_it_and_routing_avoids_it() {
 }
 
 #[test]
+fn malformed_answers_eject_the_replica_and_move_its_sessions() {
+    let (_, fleet) = fleet(three());
+    let victim = fleet.route(&mut keyed(5), NOW).unwrap().replica().tag();
+    for _ in 0..fleet.health_policy().eject_after {
+        let mut route = fleet.route(&mut keyed(5), NOW).unwrap();
+        assert_eq!(route.replica().tag(), victim);
+        route.answered_body_to_judge(200, None, NOW);
+        route.body_ended(false, NOW);
+    }
+    let next = fleet.route(&mut keyed(5), NOW).unwrap();
+    assert_ne!(next.replica().tag(), victim);
+    assert_eq!(next.outcome(), Outcome::Failover);
+}
+
+#[test]
+fn a_sound_body_ends_the_failure_streak_and_an_unfinished_one_counts_nothing() {
+    let (_, fleet) = fleet(three());
+    let victim = fleet.route(&mut keyed(5), NOW).unwrap().replica().tag();
+    let eject_after = fleet.health_policy().eject_after;
+    for round in 0..3 {
+        for _ in 1..eject_after {
+            let mut route = fleet.route(&mut keyed(5), NOW).unwrap();
+            route.answered_body_to_judge(200, None, NOW);
+            route.body_ended(false, NOW);
+        }
+        // A 2xx whose body never ended: neither success nor failure.
+        let mut cut = fleet.route(&mut keyed(5), NOW).unwrap();
+        cut.answered_body_to_judge(200, None, NOW);
+        drop(cut);
+        let mut sound = fleet.route(&mut keyed(5), NOW).unwrap();
+        assert_eq!(sound.replica().tag(), victim, "round {round}");
+        sound.answered_body_to_judge(200, None, NOW);
+        sound.body_ended(true, NOW);
+        // Judged once: a second verdict changes nothing.
+        sound.body_ended(false, NOW);
+    }
+    assert_eq!(
+        fleet.route(&mut keyed(5), NOW).unwrap().replica().tag(),
+        victim
+    );
+}
+
+#[test]
 fn failures_that_are_not_the_replicas_doing_never_eject_it() {
     let (_, fleet) = fleet(three());
     let first = fleet.route(&mut keyed(9), NOW).unwrap().replica().tag();

@@ -353,6 +353,22 @@ fn aborted(why: Aborted) -> Box<Error> {
 }
 
 #[test]
+fn only_answers_that_claim_json_or_sse_are_judged_by_whether_they_parse() {
+    for (content_type, judged) in [
+        ("application/json", true),
+        ("Application/JSON; charset=utf-8", true),
+        ("application/problem+json", true),
+        ("text/event-stream", true),
+        ("text/event-stream;charset=UTF-8", true),
+        ("text/plain", false),
+        ("application/octet-stream", false),
+        ("", false),
+    ] {
+        assert_eq!(claims_structured(content_type), judged, "{content_type:?}");
+    }
+}
+
+#[test]
 fn failures_are_classified_by_stage_and_source() {
     let upstream = Error::new_up;
     let downstream = Error::new_down;
