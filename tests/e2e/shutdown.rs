@@ -182,3 +182,62 @@ async fn sigterm_with_nothing_in_flight_exits_at_once_however_long_the_drain_lim
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_running_through_a_binary_upgrade_finishes_on_the_old_process_and_is_logged() {
+    let fleet =
+        SimFleet::start_with(&["s-1"], &["--time-scale", "1", "--decode-rate", "20"]).unwrap();
+    let logs = TempDir::new("tether-upgrade-drain").unwrap();
+    let log_path = logs.path().join("usage.jsonl");
+    let mut tether = Tether::start_with_server(
+        &TetherConfig {
+            body: format!(
+                "local_region: eu\n{}usage_log: {{ path: \"{}\" }}\nmetering: {{ session_key: \"e2e-session-key-0123456789\" }}\n",
+                regions_yaml(&[("eu", vec![("s-1".into(), fleet.addr("s-1"), "")])]),
+                log_path.display(),
+            ),
+        },
+        &[],
+        ServerOpts {
+            drain_timeout: Duration::from_secs(20),
+            ..ServerOpts::default()
+        },
+    )
+    .unwrap();
+    // Longer than the hand-over (Pingora keeps the old listeners 5 s), so it is still running
+    // when the old process starts draining: about 6.5 s of tokens.
+    let res = reqwest::Client::new()
+        .post(tether.url("/v1/chat/completions"))
+        .header("x-session-affinity", "upgrade-stream")
+        .json(&stream_body(130))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let stream = tokio::spawn(read_to_end(res));
+    let tether = tokio::task::spawn_blocking(move || {
+        tether.upgrade().expect("the upgrade completes");
+        tether
+    })
+    .await
+    .unwrap();
+    let (body, clean) = stream.await.unwrap();
+    assert!(clean, "the stream broke during the upgrade: {body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    // The old process wrote its record before exiting; the new one answers.
+    let records: Vec<Value> = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["usage_status"], "found", "{}", records[0]);
+    assert_eq!(records[0]["completion_tokens"], 130, "{}", records[0]);
+    let reply = reqwest::Client::new()
+        .post(tether.url("/v1/chat/completions"))
+        .json(&json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+}
