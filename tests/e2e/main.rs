@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod failover;
 mod hostile;
+mod logs;
 mod metering;
 mod reload;
 mod routing;

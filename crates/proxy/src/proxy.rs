@@ -216,6 +216,16 @@ fn claims_structured(content_type: &str) -> bool {
         || suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json"))
 }
 
+/// Whether the request failed because its client went away (closed or reset the connection
+/// while the request or its response was under way): something clients do, not a fault.
+fn client_left(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        )
+}
+
 /// `Retry-After` as delay-seconds (RFC 9110 §10.2.3). The HTTP-date form is rare from
 /// inference servers and would need the clocks to agree; it falls back to the default.
 fn parse_retry_after(value: &[u8]) -> Option<Duration> {
@@ -351,6 +361,14 @@ impl ProxyHttp for TetherProxy {
         if snapshot.access().requires_api_key() {
             upstream_request.remove_header(&http::header::AUTHORIZATION);
             upstream_request.remove_header("x-api-key");
+        }
+        // Pingora prints the request it sends at debug level: a sensitive value prints as
+        // `Sensitive`, so the session token reaches no log. (Repeats of the header all carry
+        // the same value, or admission refused the request: one is kept.)
+        let header = &snapshot.access().header;
+        if let Some(mut token) = upstream_request.remove_header(header) {
+            token.set_sensitive(true);
+            upstream_request.insert_header(header.clone(), token)?;
         }
         if let Some(credential) = ctx
             .route
@@ -533,9 +551,22 @@ impl ProxyHttp for TetherProxy {
         }
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Clients leaving mid-stream and the shutdown's cut are counted (metrics, the drain's
+        // summary) rather than logged one by one at error level.
+        let expected = client_left(e) || Aborted::of(e) == Some(Aborted::Cut);
+        if expected {
+            debug!("request ended early: {e}");
+        }
+        expected
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if let Some(route) = &mut ctx.route {
             route.finished();
+        }
+        if e.is_some_and(client_left) {
+            self.meter.count_client_disconnect();
         }
         let Some(snapshot) = ctx.snapshot.as_deref().filter(|s| s.metering()) else {
             return;
