@@ -198,6 +198,7 @@ fn edge_error(e: &Error, unavailable: bool, retry_after_secs: u32) -> Option<Edg
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
             ErrorSource::Downstream,
         ) => return None,
+        (ErrorType::ReadTimedout, ErrorSource::Downstream) => EdgeError::RequestTimeout,
         (etype, ErrorSource::Downstream) => EdgeError::BadRequest(etype.as_str()),
         _ => EdgeError::Internal,
     })
@@ -349,7 +350,7 @@ impl ProxyHttp for TetherProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -361,6 +362,11 @@ impl ProxyHttp for TetherProxy {
         if snapshot.access().requires_api_key() {
             upstream_request.remove_header(&http::header::AUTHORIZATION);
             upstream_request.remove_header("x-api-key");
+        }
+        // Tether answered the client's `Expect: 100-continue` and has read the body: the
+        // replica has nothing to wait for.
+        if session.response_written().is_some_and(|r| r.status == 100) {
+            upstream_request.remove_header(&http::header::EXPECT);
         }
         // Pingora prints the request it sends at debug level: a sensitive value prints as
         // `Sensitive`, so the session token reaches no log. (Repeats of the header all carry
@@ -572,7 +578,12 @@ impl ProxyHttp for TetherProxy {
             return;
         };
         let latency = ctx.started.elapsed();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        // A `100 Continue` alone is no answer: the request ended before one.
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .filter(|s| *s >= 200)
+            .unwrap_or(0);
         // Finished at the body's end; a body that broke off is finished here.
         let mut extraction = ctx
             .extraction

@@ -437,6 +437,13 @@ fn errors_answered_to_the_client_match_what_failed() {
     );
     let gone = Error::new_down(ErrorType::WriteError);
     assert_eq!(edge_error(&gone, false, 1), None, "the client left");
+    let stalled = Error::new_down(ErrorType::ReadTimedout);
+    assert_eq!(
+        edge_error(&stalled, false, 1),
+        Some(EdgeError::RequestTimeout),
+        "a request body that stopped arriving"
+    );
+    assert_eq!(EdgeError::RequestTimeout.status(), 408);
     assert_eq!(
         edge_error(&gone, true, 3),
         Some(EdgeError::NoReplicaAvailable {
