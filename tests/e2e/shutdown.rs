@@ -80,8 +80,21 @@ async fn sigterm_lets_streams_finish_cuts_those_past_the_drain_limit_and_logs_bo
         (short.status().as_u16(), long.status().as_u16()),
         (200, 200)
     );
+    // An Anthropic stream reports its input tokens in its first event.
+    let messages = client
+        .post(tether.url("/v1/messages"))
+        .header("x-session-affinity", "long-messages")
+        .json(
+            &json!({"model": "claude-sim", "max_tokens": 200, "stream": true,
+            "messages": [{"role": "user", "content": "count slowly, at length"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(messages.status().as_u16(), 200);
     let short = tokio::spawn(read_to_end(short));
     let long = tokio::spawn(read_to_end(long));
+    let messages = tokio::spawn(read_to_end(messages));
 
     let addr = tether.addr;
     let terminated_at = Instant::now();
@@ -115,6 +128,8 @@ async fn sigterm_lets_streams_finish_cuts_those_past_the_drain_limit_and_logs_bo
         !long_clean || !long.contains("[DONE]"),
         "the long stream was not cut: {long}"
     );
+    let (messages, _) = messages.await.unwrap();
+    assert!(!messages.contains("message_stop"), "not cut: {messages}");
     let (_tether, exited_cleanly) = process.await.unwrap();
     let took = terminated_at.elapsed();
     assert!(exited_cleanly, "tether exited with an error");
@@ -129,7 +144,7 @@ async fn sigterm_lets_streams_finish_cuts_those_past_the_drain_limit_and_logs_bo
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records.len(), 3, "{records:?}");
     let by_completion = |tokens: u64| {
         records
             .iter()
@@ -139,12 +154,21 @@ async fn sigterm_lets_streams_finish_cuts_those_past_the_drain_limit_and_logs_bo
     let finished = by_completion(20).expect("the finished stream's record");
     assert_eq!(finished["usage_status"], "found", "{finished}");
     assert_eq!(finished["status"], 200, "{finished}");
-    let cut = records
+    let cut: Vec<&Value> = records
         .iter()
-        .find(|r| r["usage_status"] == "incomplete")
-        .unwrap_or_else(|| panic!("no incomplete record: {records:?}"));
-    assert_eq!(cut["status"], 200, "{cut}");
-    assert_eq!(cut["replica"], "s-1", "{cut}");
+        .filter(|r| r["usage_status"] == "incomplete")
+        .collect();
+    assert_eq!(cut.len(), 2, "both long streams were cut: {records:?}");
+    for r in &cut {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["replica"], "s-1", "{r}");
+    }
+    // With the tokens seen so far: the Anthropic stream's input, from its first event.
+    assert!(
+        cut.iter()
+            .any(|r| r["prompt_tokens"].as_u64().is_some_and(|n| n > 0)),
+        "{cut:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -592,7 +592,15 @@ impl ProxyHttp for TetherProxy {
         let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
         let model = extraction.as_mut().and_then(|x| x.model.take());
         let cost = snapshot.price(model.as_deref()).cost(&usage);
-        let usage_status = UsageStatus::of(extraction.as_ref(), e.is_some());
+        // Cut at the end of a shutdown's drain: whatever usage was read so far (an Anthropic
+        // stream's input tokens, a vLLM stream's running counts) is kept, and said to be
+        // incomplete, since the replica never finished.
+        let cut = e.and_then(Aborted::of) == Some(Aborted::Cut) && extraction.is_some();
+        let usage_status = if cut {
+            UsageStatus::Incomplete
+        } else {
+            UsageStatus::of(extraction.as_ref(), e.is_some())
+        };
         let route = ctx.route.as_ref();
         let tenant = ctx
             .caller
