@@ -485,6 +485,7 @@ fn one_thread() -> ServerOpts {
     ServerOpts {
         threads: 1,
         work_stealing: work_stealing(),
+        ..ServerOpts::default()
     }
 }
 

@@ -138,3 +138,45 @@ async fn no_replica_anywhere_gets_503_json_with_retry_after() {
     // One probe interval (2 s by default): when the next verdict on any replica can come.
     assert_eq!(reply.retry_after.as_deref(), Some("2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_at_once() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    let fleet = SimFleet::start(&["r-1"]).unwrap();
+    let tether = Tether::start(&config(&fleet, 64)).unwrap();
+    let body = serde_json::json!({"model": "m", "stream": true, "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let mut conn = std::net::TcpStream::connect(tether.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-acme\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let sent = Instant::now();
+    conn.write_all(head.as_bytes()).unwrap();
+    let mut interim = [0u8; 25];
+    conn.read_exact(&mut interim).unwrap();
+    let waited = sent.elapsed();
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&interim)
+    );
+    // Clients stop waiting after about a second and send anyway: well before that.
+    assert!(waited < Duration::from_millis(500), "{waited:?}");
+    conn.write_all(body.as_bytes()).unwrap();
+    let mut rest = String::new();
+    conn.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("HTTP/1.1 200"), "{rest}");
+    assert_eq!(
+        rest.matches("100 Continue").count(),
+        0,
+        "one interim answer: {rest}"
+    );
+    assert!(rest.contains("[DONE]"), "{rest}");
+}

@@ -273,9 +273,15 @@ async fn a_hung_replica_costs_its_clients_one_bounded_delay_and_no_error() {
 
     assert_only_victims_moved(&placed, victim);
     assert_ne!(replica_field(&tether, victim, "health").await, "healthy");
+    let metrics = tether.metrics().await;
+    // A request waiting on the replica is retried at its read timeout, or when probes take
+    // the replica out first, whichever comes first.
     let timeouts = counter(
-        &tether.metrics().await,
+        &metrics,
         "tether_upstream_retries_total{reason=\"timeout\"}",
+    ) + counter(
+        &metrics,
+        "tether_upstream_retries_total{reason=\"departed\"}",
     );
     assert!(tether.terminate().unwrap());
     let records: Vec<Value> = std::fs::read_to_string(&log_path)
@@ -303,7 +309,7 @@ async fn a_hung_replica_costs_its_clients_one_bounded_delay_and_no_error() {
     assert_eq!(
         timeouts,
         delayed.len() as u64,
-        "each second attempt followed a read timeout"
+        "each second attempt followed a read timeout or the replica's departure"
     );
     assert!(
         delayed.iter().all(|r| r["replica"] != victim),
@@ -315,6 +321,138 @@ async fn a_hung_replica_costs_its_clients_one_bounded_delay_and_no_error() {
         delayed.len() <= 2 * workers,
         "{} requests waited for the hung replica",
         delayed.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_waiting_on_a_replica_that_hangs_move_when_probes_take_it_out() {
+    // The shipped `read_timeout` (5 minutes): only the departure can end their wait early.
+    let fleet = Arc::new(SimFleet::start(&SIX).unwrap());
+    let tether = Tether::start(&config(&fleet, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let session = "hung-session";
+    let victim = served_turn(&client, &url, session, 1).await;
+    fleet.set_fault(&victim, json!({"kind": "hang"})).await;
+    let hung_at = Instant::now();
+    let mut waiting = tokio::task::JoinSet::new();
+    for n in 2..6 {
+        let (client, url) = (client.clone(), url.clone());
+        waiting.spawn(async move {
+            let reply = chat(
+                &client,
+                &url,
+                None,
+                &[session.as_bytes()],
+                &conversation(session, n),
+            )
+            .await;
+            (reply, hung_at.elapsed())
+        });
+    }
+    let mut waited = Vec::new();
+    while let Some(done) = waiting.join_next().await {
+        let (reply, after) = done.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_ne!(reply.replica.as_deref(), Some(victim.as_str()));
+        waited.push(after);
+    }
+    let longest = waited.iter().max().copied().unwrap_or_default();
+    // Detection: `fall` (2) probes of 200 ms interval with a 150 ms timeout, well under a
+    // second; the bound leaves room for a loaded machine and stays far from the 5 minutes.
+    eprintln!("hung {victim}: the waiting requests were answered after at most {longest:?}");
+    assert!(longest < Duration::from_secs(5), "{waited:?}");
+    let metrics = tether.metrics().await;
+    assert!(
+        counter(
+            &metrics,
+            "tether_upstream_retries_total{reason=\"departed\"}"
+        ) >= 1,
+        "no request was moved off the departed replica: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_answering_200_with_garbage_is_ejected_and_loses_its_sessions() {
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let tether = Tether::start(&config(&fleet, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let session = "garbage-session";
+    let victim = served_turn(&client, &url, session, 1).await;
+    fleet.set_fault(&victim, json!({"kind": "garbage"})).await;
+    // `eject_after` (2) answers that are 200 but not JSON.
+    for turn in 2..4 {
+        let res = client
+            .post(&url)
+            .header("x-session-affinity", session)
+            .json(&conversation(session, turn))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-replica-id"], victim.as_str());
+        let body = res.bytes().await.unwrap();
+        assert!(serde_json::from_slice::<Value>(&body).is_err());
+    }
+    assert_eq!(replica_field(&tether, &victim, "health").await, "ejected");
+    let moved_to = served_turn(&client, &url, session, 4).await;
+    assert_ne!(moved_to, victim);
+    // The session stays where it moved, even once the replica answers well again.
+    fleet.set_fault(&victim, json!({"kind": "none"})).await;
+    assert_eq!(served_turn(&client, &url, session, 5).await, moved_to);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_immediate_drain_moves_the_requests_waiting_on_a_stuck_replica() {
+    let fleet = SimFleet::start(&SIX).unwrap();
+    let region = |prefix: &str| {
+        SIX.iter()
+            .filter(|id| id.starts_with(prefix))
+            .map(|id| (id.to_string(), fleet.addr(id), ""))
+            .collect::<Vec<_>>()
+    };
+    // Probes too rare to notice anything: only the operator's drain can.
+    let tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: eu\n{}health:\n  probe: {{ interval: 1h, timeout: 1s }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\n",
+            regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
+        ),
+    })
+    .unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let session = "stuck-session";
+    let victim = served_turn(&client, &url, session, 1).await;
+    fleet.set_fault(&victim, json!({"kind": "hang"})).await;
+    let waiting = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { served_turn(&client, &url, session, 2).await })
+    };
+    let started = Instant::now();
+    while crate::client::inflight(&client, &tether.admin_url("/admin/replicas"))
+        .await
+        .into_iter()
+        .all(|(id, n)| id != victim || n == 0)
+    {
+        assert!(
+            started.elapsed() < READY_TIMEOUT,
+            "the request never reached {victim}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained_at = Instant::now();
+    let path = format!("/admin/replicas/{victim}/drain?now=true");
+    let (status, _) = post_admin(&tether, &path, Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200);
+    let served_by = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting request moved at the drain")
+        .unwrap();
+    assert_ne!(served_by, victim);
+    eprintln!(
+        "moved off {victim} {:?} after the drain",
+        drained_at.elapsed()
     );
 }
 

@@ -139,6 +139,7 @@ async fn without_work_stealing_sessions_stay_sticky_on_several_threads() {
         ServerOpts {
             threads: 3,
             work_stealing: false,
+            ..ServerOpts::default()
         },
     )
     .unwrap();

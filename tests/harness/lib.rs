@@ -248,6 +248,22 @@ pub struct ServerOpts {
     pub threads: usize,
     /// `server.work_stealing`.
     pub work_stealing: bool,
+    /// `server.drain_timeout`: none by default, so that SIGTERM cuts what is in flight.
+    pub drain_timeout: Duration,
+    /// `RUST_LOG` for the process, its log then going to [`Tether::log_path`] instead of
+    /// our stderr.
+    pub captured_log: Option<&'static str>,
+}
+
+impl Default for ServerOpts {
+    fn default() -> Self {
+        ServerOpts {
+            threads: 2,
+            work_stealing: true,
+            drain_timeout: Duration::ZERO,
+            captured_log: None,
+        }
+    }
 }
 
 /// The parts of a config a test varies; `Tether::start` adds listeners and server settings.
@@ -282,7 +298,7 @@ impl Tether {
             wrapper,
             ServerOpts {
                 threads,
-                work_stealing: true,
+                ..ServerOpts::default()
             },
         )
     }
@@ -300,7 +316,10 @@ impl Tether {
         let yaml = render_config(addr, admin, dir.path(), &config.body, server);
         let path = dir.path().join("tether.yaml");
         std::fs::write(&path, yaml)?;
-        let mut process = spawn_tether(wrapper, &["run", "-c"], &path, "tether")?;
+        let log = server
+            .captured_log
+            .map(|level| (level, dir.path().join("tether.log")));
+        let mut process = spawn_tether(wrapper, &["run", "-c"], &path, "tether", log)?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if process.has_exited() {
@@ -351,7 +370,13 @@ impl Tether {
     pub fn upgrade(&mut self) -> anyhow::Result<()> {
         let sock = self.dir.path().join("upgrade.sock");
         let _ = std::fs::remove_file(&sock);
-        let mut new = spawn_tether(&[], &["run", "-u", "-c"], &self.config, "tether (upgraded)")?;
+        let mut new = spawn_tether(
+            &[],
+            &["run", "-u", "-c"],
+            &self.config,
+            "tether (upgraded)",
+            None,
+        )?;
         let deadline = Instant::now() + READY_TIMEOUT;
         while !sock.exists() {
             if new.has_exited() || Instant::now() > deadline {
@@ -382,6 +407,11 @@ impl Tether {
         }
         self.process = new;
         Ok(())
+    }
+
+    /// Where its log goes when started with [`ServerOpts::captured_log`].
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tether.log")
     }
 
     /// Sends SIGHUP (reload the config, reopen the usage log).
@@ -441,6 +471,7 @@ fn spawn_tether(
     args: &[&str],
     config: &Path,
     name: &str,
+    log: Option<(&str, PathBuf)>,
 ) -> anyhow::Result<ChildGuard> {
     let tether = binary("tether");
     let mut command = match wrapper.split_first() {
@@ -451,15 +482,19 @@ fn spawn_tether(
         }
         None => Command::new(&tether),
     };
+    let (level, stderr) = match log {
+        Some((level, path)) => (level.to_owned(), Stdio::from(std::fs::File::create(path)?)),
+        None => (
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            Stdio::inherit(),
+        ),
+    };
     let child = command
         .args(args)
         .arg(config)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", level)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("spawning {name}"))?;
     Ok(ChildGuard {
@@ -480,9 +515,12 @@ fn render_config(
     let ServerOpts {
         threads,
         work_stealing,
+        drain_timeout,
+        captured_log: _,
     } = server;
     format!(
-        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: {threads}\n  work_stealing: {work_stealing}\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+        "listen: {addr}\nadmin_listen: {admin}\n{body}\nserver:\n  threads: {threads}\n  work_stealing: {work_stealing}\n  drain_timeout: {}ms\n  graceful_shutdown_timeout: 1s\n  pid_file: {}\n  upgrade_sock: {}\n",
+        drain_timeout.as_millis(),
         dir.join("tether.pid").display(),
         dir.join("upgrade.sock").display(),
     )

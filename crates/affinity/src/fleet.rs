@@ -453,6 +453,7 @@ impl<U> Fleet<U> {
             key: attempts.key,
             tenant: attempts.tenant,
             slot: Some(live.status.acquire()),
+            body_to_judge: false,
         })
     }
 
@@ -544,6 +545,13 @@ pub enum Failure {
     Timeout,
     /// Accepted, then reset or broken before answering.
     Broken,
+    /// The replica left rotation (probes, ejection, an immediate drain) while the request
+    /// waited for its answer: Tether broke the wait off. Already counted by whatever took
+    /// the replica out.
+    Departed,
+    /// Tether cut the request at the end of a shutdown's drain: not the replica's doing,
+    /// and nowhere left to send it.
+    Shutdown,
     /// Answered this status (429, 502, 503, 504), which another replica may answer instead;
     /// [`Route::answered`] has already counted it.
     Status(u16),
@@ -578,8 +586,9 @@ impl Failure {
             Failure::Refused | Failure::ConnectFailed => "connect",
             Failure::StaleConnection => "stale_connection",
             Failure::Timeout => "timeout",
+            Failure::Departed => "departed",
             Failure::Status(_) => "status",
-            Failure::Broken | Failure::AfterAnswer | Failure::Client => "error",
+            Failure::Broken | Failure::AfterAnswer | Failure::Client | Failure::Shutdown => "error",
         }
     }
 }
@@ -624,10 +633,13 @@ pub struct AttemptFacts {
 /// | attempts or deadline used up | never |
 /// | connect refused or failed | next replica, always: nothing reached the replica |
 /// | stale pooled connection | same replica once on a fresh connection, then the next, if the request is replayable |
-/// | timed out or broken before answering; answered 429/502/503/504 | next replica, if the request is safe to resend and its body is replayable |
+/// | timed out or broken before answering; its replica left rotation while it waited; answered 429/502/503/504 | next replica, if the request is safe to resend and its body is replayable |
+/// | cut by a shutdown | never |
 pub fn retry_policy(facts: &AttemptFacts) -> Retry {
-    if matches!(facts.failure, Failure::Client | Failure::AfterAnswer)
-        || facts.counted_attempts >= facts.max_attempts
+    if matches!(
+        facts.failure,
+        Failure::Client | Failure::AfterAnswer | Failure::Shutdown
+    ) || facts.counted_attempts >= facts.max_attempts
         || facts.past_deadline
     {
         return Retry::GiveUp;
@@ -638,7 +650,11 @@ pub fn retry_policy(facts: &AttemptFacts) -> Retry {
         Failure::StaleConnection if !replayable => Retry::GiveUp,
         Failure::StaleConnection if facts.was_retry_here => Retry::NextReplica,
         Failure::StaleConnection => Retry::Here,
-        Failure::Timeout | Failure::Broken | Failure::Status(_) if replayable => Retry::NextReplica,
+        Failure::Timeout | Failure::Broken | Failure::Departed | Failure::Status(_)
+            if replayable =>
+        {
+            Retry::NextReplica
+        }
         _ => Retry::GiveUp,
     }
 }
@@ -775,6 +791,8 @@ pub struct Route<U> {
     key: Option<RoutingKey>,
     tenant: Option<TenantScope>,
     slot: Option<InflightGuard>,
+    /// A 2xx whose success waits for its body's verdict ([`Route::body_ended`]).
+    body_to_judge: bool,
 }
 
 impl<U> Route<U> {
@@ -818,6 +836,36 @@ impl<U> Route<U> {
     /// warm even if the body later fails, and the next turn, possibly already on its way,
     /// must find the entry.
     pub fn answered(&mut self, status: u16, retry_after: Option<Duration>, now: u64) {
+        self.answer(status, retry_after, now, false);
+    }
+
+    /// As [`Route::answered`], for an answer whose body is read to its end (metering parses
+    /// it): a 2xx only counts as the replica's success once [`Route::body_ended`] says the
+    /// body was sound, so a replica that answers 200 with garbage is ejected like one that
+    /// answers 500. The session is still recorded at once (see [`Route::answered`]).
+    pub fn answered_body_to_judge(&mut self, status: u16, retry_after: Option<Duration>, now: u64) {
+        self.answer(status, retry_after, now, true);
+    }
+
+    /// The body of a 2xx given to [`Route::answered_body_to_judge`] ended at `now`: `sound`
+    /// if it could be parsed (usage found or not), otherwise it counts towards ejection. A
+    /// body that never ends (the client left, the stream broke) records nothing here.
+    pub fn body_ended(&mut self, sound: bool, now: u64) {
+        if !std::mem::take(&mut self.body_to_judge) {
+            return;
+        }
+        let replica = self.replica();
+        let live = replica.status();
+        if sound {
+            live.record_success();
+        } else if let Some(t) = live.record_failure(now, &self.fleet.health) {
+            log_transition(replica.id(), t);
+        }
+    }
+
+    fn answer(&mut self, status: u16, retry_after: Option<Duration>, now: u64, judge_body: bool) {
+        let success_waits = judge_body && (200..300).contains(&status);
+        self.body_to_judge = success_waits;
         let replica = self.replica();
         let health = &self.fleet.health;
         let live = replica.status();
@@ -828,7 +876,7 @@ impl<U> Route<U> {
             if let Some(t) = live.record_failure(now, health) {
                 log_transition(replica.id(), t);
             }
-        } else if status != 429 {
+        } else if status != 429 && !success_waits {
             live.record_success();
         }
         if (200..300).contains(&status) {

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// Milliseconds on the process's monotonic clock (0 at first use). Never 0 after the first
@@ -137,6 +139,12 @@ pub struct ReplicaStatus {
     /// End of the current overload; 0 = not overloaded.
     overloaded_until: AtomicU64,
     ejections_total: AtomicU64,
+    /// Times the replica left rotation by its own doing (probe `fall`, ejection) or by an
+    /// immediate admin drain: requests still waiting for its answer compare it with the value
+    /// they started with.
+    departures: AtomicU64,
+    /// Woken on every departure, so those requests need not wait out their read timeout.
+    departed: Arc<Notify>,
 }
 
 impl Default for ReplicaStatus {
@@ -153,6 +161,8 @@ impl Default for ReplicaStatus {
             ejections: AtomicU32::new(0),
             overloaded_until: AtomicU64::new(0),
             ejections_total: AtomicU64::new(0),
+            departures: AtomicU64::new(0),
+            departed: Arc::new(Notify::new()),
         }
     }
 }
@@ -213,6 +223,23 @@ impl ReplicaStatus {
         self.ejections_total.load(Ordering::Relaxed)
     }
 
+    /// Departures so far (see [`ReplicaStatus::departed`]).
+    pub fn departures(&self) -> u64 {
+        self.departures.load(Ordering::Acquire)
+    }
+
+    /// Notified at each departure. A waiter reads [`ReplicaStatus::departures`] when its
+    /// request is sent, enables a `notified()` future, then compares again.
+    pub fn departed(&self) -> &Arc<Notify> {
+        &self.departed
+    }
+
+    /// The replica left rotation: wakes every request still waiting for its answer.
+    pub fn depart(&self) {
+        self.departures.fetch_add(1, Ordering::AcqRel);
+        self.departed.notify_waiters();
+    }
+
     /// A request succeeded: the failure streak and the backoff level reset.
     pub fn record_success(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -238,6 +265,7 @@ impl ReplicaStatus {
         self.ejections.fetch_add(1, Ordering::Relaxed);
         self.ejections_total.fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.depart();
         Some(Transition::Ejected(cooldown))
     }
 
@@ -284,6 +312,8 @@ impl ReplicaStatus {
             self.probe_streak.store(0, Ordering::Relaxed);
             if ok {
                 self.consecutive_failures.store(0, Ordering::Relaxed);
+            } else {
+                self.depart();
             }
             return Some(if ok {
                 Transition::ProbeUp
@@ -340,6 +370,27 @@ mod tests {
             overload_default: Duration::from_secs(1),
             overload_max: Duration::from_secs(30),
         }
+    }
+
+    #[test]
+    fn leaving_rotation_by_probes_or_ejection_is_a_departure_and_drain_or_overload_is_not() {
+        let (s, p) = (ReplicaStatus::default(), policy());
+        s.set_drained(true);
+        s.record_overload(1_000, None, &p);
+        assert_eq!(s.departures(), 0);
+        for _ in 0..p.eject_after {
+            s.record_failure(1_000, &p);
+        }
+        assert_eq!(s.departures(), 1, "ejected");
+        let s = ReplicaStatus::default();
+        for _ in 0..p.fall {
+            s.record_probe(false, 1_000, &p);
+        }
+        assert_eq!(s.departures(), 1, "probes took it out");
+        s.record_probe(false, 2_000, &p);
+        assert_eq!(s.departures(), 1, "already out");
+        s.depart();
+        assert_eq!(s.departures(), 2, "an immediate drain");
     }
 
     #[test]

@@ -87,13 +87,17 @@ impl AdminApp {
         json!({ "replicas": replicas, "override_entries": self.router.overrides().len() })
     }
 
-    /// `POST /admin/replicas/{id}/drain|undrain`.
-    fn set_drained(&self, id: &str, drained: bool) -> http::Response<Vec<u8>> {
+    /// `POST /admin/replicas/{id}/drain|undrain`; `drain?now=true` also moves the requests
+    /// still waiting for the replica's answer to other replicas (a replica known to be stuck).
+    fn set_drained(&self, id: &str, drained: bool, now: bool) -> http::Response<Vec<u8>> {
         let snapshot = self.router.snapshot();
         let Some(replica) = snapshot.fleet().find(id) else {
             return error(404, "not_found", &format!("no replica {id:?}"));
         };
         let changed = replica.status().set_drained(drained);
+        if drained && now {
+            replica.status().depart();
+        }
         log::info!(
             "admin: replica {id} {}{}",
             if drained { "drained" } else { "undrained" },
@@ -192,7 +196,11 @@ impl ServeHttp for AdminApp {
                     if let Some(refusal) = self.refuse_unauthorized(session) {
                         return refusal;
                     }
-                    self.set_drained(id, verb == "drain")
+                    let now = req
+                        .uri
+                        .query()
+                        .is_some_and(|q| q.split('&').any(|p| p == "now=true" || p == "now"));
+                    self.set_drained(id, verb == "drain", now)
                 }
                 _ => error(404, "not_found", "not found"),
             };

@@ -7,7 +7,7 @@
 //! collected on its way through `request_body_filter` and framed chunked.
 
 use bytes::Bytes;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora_proxy::Session;
 use tether_metering::ensure_stream_usage;
@@ -20,6 +20,15 @@ pub const MAX_REWRITE_BODY: usize = 16 << 20;
 
 /// Largest body read ahead in `request_filter` (Pingora's retry buffer, which replays it).
 const READ_AHEAD_LIMIT: usize = 64 << 10;
+
+/// Whether the client waits for `100 Continue` before it sends the body.
+pub fn expects_continue(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
 
 /// A chat request body being rewritten.
 #[derive(Debug, Default)]
@@ -53,8 +62,22 @@ impl BodyRewrite {
             return Ok(Some(BodyRewrite::default()));
         }
         session.enable_retry_buffering();
+        if expects_continue(session.req_header()) {
+            // The client waits for this before sending the body (curl gives up waiting after
+            // a second); Pingora only relays a replica's, and the body is read here first.
+            let go_on = ResponseHeader::build(100, Some(0))?;
+            session
+                .write_response_header(Box::new(go_on), false)
+                .await?;
+        }
         let mut raw = Vec::new();
-        while let Some(chunk) = session.read_request_body().await? {
+        // Errors here are the client's (a body that stalls or breaks off), as they are when
+        // Pingora reads a body on its way upstream.
+        while let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|e| e.into_down())?
+        {
             raw.extend_from_slice(&chunk);
         }
         // Unchanged bodies (the client asked for usage, or is not streaming) need no

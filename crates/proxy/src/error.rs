@@ -40,6 +40,9 @@ pub enum EdgeError {
     /// The request could not be read.
     #[error("could not read the request: {0}")]
     BadRequest(&'static str),
+    /// The client stopped sending its request body before it was complete.
+    #[error("the request body stopped arriving before it was complete")]
+    RequestTimeout,
     /// A bug in Tether.
     #[error("internal proxy error")]
     Internal,
@@ -51,6 +54,7 @@ impl EdgeError {
         match self {
             EdgeError::MissingApiKey | EdgeError::UnknownApiKey => 401,
             EdgeError::InvalidSessionAffinity(_) | EdgeError::BadRequest(_) => 400,
+            EdgeError::RequestTimeout => 408,
             EdgeError::NoReplicaAvailable { .. } => 503,
             EdgeError::UpstreamTimeout => 504,
             EdgeError::UpstreamFailed(_) => 502,
@@ -65,7 +69,8 @@ impl EdgeError {
             EdgeError::MissingApiKey
             | EdgeError::UnknownApiKey
             | EdgeError::InvalidSessionAffinity(_)
-            | EdgeError::BadRequest(_) => "invalid_request_error",
+            | EdgeError::BadRequest(_)
+            | EdgeError::RequestTimeout => "invalid_request_error",
             EdgeError::NoReplicaAvailable { .. }
             | EdgeError::UpstreamTimeout
             | EdgeError::UpstreamFailed(_)
@@ -84,6 +89,7 @@ impl EdgeError {
             | EdgeError::UpstreamFailed(_)
             | EdgeError::UpstreamStatus(_) => "upstream_error",
             EdgeError::BadRequest(_) => "bad_request",
+            EdgeError::RequestTimeout => "request_timeout",
             EdgeError::Internal => "internal_error",
         }
     }
@@ -99,6 +105,7 @@ impl EdgeError {
             | EdgeError::UpstreamTimeout
             | EdgeError::UpstreamFailed(_)
             | EdgeError::UpstreamStatus(_)
+            | EdgeError::RequestTimeout
             | EdgeError::Internal => true,
         }
     }

@@ -3,12 +3,14 @@
 //! ([`admission`]), the request-body rewrite ([`body`]), the errors Tether answers
 //! ([`error`]), the routing state swapped on reload ([`router`]), metering ([`meter`]), the
 //! admin listener ([`admin`]), hot reload ([`reload`]), active probes ([`probe`]), and the
-//! server assembly ([`server`]), and the shared sticky store of a tier ([`tier`]). Routing rules live in `tether-affinity`, usage extraction in
+//! server assembly ([`server`]) with the shutdown's drain ([`drain`]), the shared sticky store of a tier ([`tier`]), and upstream connections Tether
+//! can break off ([`upstream_io`]). Routing rules live in `tether-affinity`, usage extraction in
 //! `tether-metering`; nothing here decides what they decide.
 
 pub mod admin;
 pub mod admission;
 pub mod body;
+pub mod drain;
 pub mod error;
 pub mod meter;
 pub mod probe;
@@ -18,3 +20,4 @@ pub mod report_cmd;
 pub mod router;
 pub mod server;
 pub mod tier;
+pub mod upstream_io;

@@ -71,8 +71,59 @@ enum Command {
     },
 }
 
+/// The process's logger: `RUST_LOG` as usual, except for the log lines that would print the
+/// session token. At trace level Pingora prints each request header as it arrives (a `Debug`
+/// dump) and as it goes upstream (raw bytes), headers and all, before any hook of Tether's
+/// could mark the token sensitive; Tether never logs the token, at any level.
+struct TokenSafeLogger(env_logger::Logger);
+
+/// Those lines: their target and how their message starts.
+const HEADER_DUMPS: [(&str, &str); 2] = [
+    ("pingora_proxy", "Request header:"),
+    (
+        "pingora_core::protocols::http::v1::client",
+        "Writing request header:",
+    ),
+];
+
+impl TokenSafeLogger {
+    fn install(inner: env_logger::Logger) {
+        let max = inner.filter();
+        if log::set_boxed_logger(Box::new(TokenSafeLogger(inner))).is_ok() {
+            log::set_max_level(max);
+        }
+    }
+
+    /// Whether `record` is one of [`HEADER_DUMPS`] (formats the message of trace records
+    /// from those targets only).
+    fn dumps_headers(record: &log::Record<'_>) -> bool {
+        record.level() == log::Level::Trace
+            && HEADER_DUMPS.iter().any(|(target, start)| {
+                record.target() == *target && record.args().to_string().starts_with(start)
+            })
+    }
+}
+
+impl log::Log for TokenSafeLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !Self::dumps_headers(record) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    TokenSafeLogger::install(
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build(),
+    );
     let cli = Cli::parse();
     match cli.command {
         Command::Check { configs } => check(&configs),

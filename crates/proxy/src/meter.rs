@@ -40,6 +40,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     override_entries: IntGauge,
     log_dropped: IntCounter,
+    client_disconnects: IntCounter,
     /// The counters a record adds to, resolved once per tenant (and outcome and status):
     /// `with_label_values` hashes the labels and takes the family's lock on every call. An
     /// immutable map read without a lock; the first record of a new combination replaces it
@@ -142,7 +143,8 @@ impl Metrics {
         let retries = counter_vec(
             "tether_upstream_retries_total",
             "Requests sent to another replica, by why: connect (refused or timed out), timeout \
-             (accepted, never answered), error (reset before answering), status (429/502/503/504).",
+             (accepted, never answered), departed (the replica left rotation while the request \
+             waited), error (reset before answering), status (429/502/503/504).",
             &["reason"],
         )?;
         let reloads = counter_vec(
@@ -158,6 +160,12 @@ impl Metrics {
             "Usage records dropped because the log writer could not keep up.",
         )?;
         registry.register(Box::new(log_dropped.clone()))?;
+        let client_disconnects = IntCounter::new(
+            "tether_client_disconnects_total",
+            "Requests whose client closed the connection before the response was complete \
+             (logged at debug level: an expected thing for clients to do).",
+        )?;
+        registry.register(Box::new(client_disconnects.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -175,6 +183,7 @@ impl Metrics {
             reloads,
             override_entries,
             log_dropped,
+            client_disconnects,
             handles: ArcSwap::default(),
             handles_write: Mutex::new(()),
             usage_unknown_by_status: Default::default(),
@@ -318,6 +327,11 @@ impl Meter {
     /// Counts a request sent to another replica.
     pub fn count_retry(&self, reason: &str) {
         self.metrics.retries.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a request whose client left before its response was complete.
+    pub fn count_client_disconnect(&self) {
+        self.metrics.client_disconnects.inc();
     }
 
     /// Counts a config reload by its result.

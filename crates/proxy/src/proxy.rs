@@ -22,16 +22,18 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{Attempts, Failure, Retry, RetryLimits, Route};
 use tether_health::now_ms;
 use tether_metering::{
-    Dialect, Framing, Timestamp, UsageChunkFilter, UsageExtractor, UsageRecord, UsageStatus,
-    DEFAULT_WINDOW,
+    Dialect, Extraction, Framing, Timestamp, UsageChunkFilter, UsageExtractor, UsageOutcome,
+    UsageRecord, UsageStatus, DEFAULT_WINDOW,
 };
 
 use crate::admission::{admit, Admission, Caller};
 use crate::body::BodyRewrite;
+use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
 use crate::meter::Meter;
 use crate::router::{Router, Snapshot, Upstream};
 use crate::tier::Tier;
+use crate::upstream_io::Aborted;
 
 /// The proxy.
 #[derive(Debug, Clone)]
@@ -40,6 +42,7 @@ pub struct TetherProxy {
     meter: Arc<Meter>,
     tier: Option<Tier>,
     draining: Arc<AtomicBool>,
+    in_flight: Arc<InFlight>,
 }
 
 impl TetherProxy {
@@ -57,7 +60,13 @@ impl TetherProxy {
             meter,
             tier,
             draining,
+            in_flight: InFlight::new(),
         }
+    }
+
+    /// Its requests in flight (what a shutdown drains).
+    pub fn in_flight(&self) -> &Arc<InFlight> {
+        &self.in_flight
     }
 }
 
@@ -84,12 +93,19 @@ pub struct RequestCtx {
     /// Usage was injected into the request body.
     injected: bool,
     extractor: Option<UsageExtractor>,
+    /// What the extractor found, once the body ended.
+    extraction: Option<Extraction>,
+    /// The answer says it is JSON or SSE: a body that does not parse as such is the
+    /// replica's failure.
+    claims_structured: bool,
     /// Hides the injected usage event from the client.
     strip_usage: Option<UsageChunkFilter>,
+    /// Counts the request in flight until the context drops, after `logging`.
+    _in_flight: InFlightGuard,
 }
 
 impl RequestCtx {
-    fn new() -> Self {
+    fn new(in_flight: InFlightGuard) -> Self {
         RequestCtx {
             started: Instant::now(),
             first_byte: None,
@@ -104,7 +120,10 @@ impl RequestCtx {
             rewrite: None,
             injected: false,
             extractor: None,
+            extraction: None,
+            claims_structured: false,
             strip_usage: None,
+            _in_flight: in_flight,
         }
     }
 
@@ -133,6 +152,11 @@ impl RequestCtx {
 
 /// Which [`Failure`] a Pingora error during proxying is.
 fn classify(e: &Error, answered: bool, retried_status: Option<u16>, reused: bool) -> Failure {
+    match Aborted::of(e) {
+        Some(Aborted::Cut) => return Failure::Shutdown,
+        Some(Aborted::Departed) if !answered => return Failure::Departed,
+        _ => {}
+    }
     let upstream = e.esource() != &ErrorSource::Downstream;
     match (answered, retried_status) {
         (true, _) if e.esource() == &ErrorSource::Upstream => Failure::AfterAnswer,
@@ -174,9 +198,33 @@ fn edge_error(e: &Error, unavailable: bool, retry_after_secs: u32) -> Option<Edg
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
             ErrorSource::Downstream,
         ) => return None,
+        (ErrorType::ReadTimedout, ErrorSource::Downstream) => EdgeError::RequestTimeout,
         (etype, ErrorSource::Downstream) => EdgeError::BadRequest(etype.as_str()),
         _ => EdgeError::Internal,
     })
+}
+
+/// Whether a `Content-Type` promises JSON or an event stream (what the usage extractor
+/// parses), so that a body failing to parse is malformed rather than another kind of answer.
+fn claims_structured(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let suffix = essence
+        .len()
+        .checked_sub(5)
+        .and_then(|at| essence.get(at..));
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("text/event-stream")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json"))
+}
+
+/// Whether the request failed because its client went away (closed or reset the connection
+/// while the request or its response was under way): something clients do, not a fault.
+fn client_left(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        )
 }
 
 /// `Retry-After` as delay-seconds (RFC 9110 §10.2.3). The HTTP-date form is rare from
@@ -191,7 +239,7 @@ impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.in_flight.enter())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -302,7 +350,7 @@ impl ProxyHttp for TetherProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -314,6 +362,19 @@ impl ProxyHttp for TetherProxy {
         if snapshot.access().requires_api_key() {
             upstream_request.remove_header(&http::header::AUTHORIZATION);
             upstream_request.remove_header("x-api-key");
+        }
+        // Tether answered the client's `Expect: 100-continue` and has read the body: the
+        // replica has nothing to wait for.
+        if session.response_written().is_some_and(|r| r.status == 100) {
+            upstream_request.remove_header(&http::header::EXPECT);
+        }
+        // Pingora prints the request it sends at debug level: a sensitive value prints as
+        // `Sensitive`, so the session token reaches no log. (Repeats of the header all carry
+        // the same value, or admission refused the request: one is kept.)
+        let header = &snapshot.access().header;
+        if let Some(mut token) = upstream_request.remove_header(header) {
+            token.set_sensitive(true);
+            upstream_request.insert_header(header.clone(), token)?;
         }
         if let Some(credential) = ctx
             .route
@@ -369,7 +430,13 @@ impl ProxyHttp for TetherProxy {
         let Some(route) = ctx.route.as_mut() else {
             return Ok(());
         };
-        route.answered(code, retry_after, now_ms());
+        // A metered 2xx is parsed to its end: whether the replica did well waits for that.
+        let metering = ctx.snapshot.as_deref().is_some_and(Snapshot::metering);
+        if metering {
+            route.answered_body_to_judge(code, retry_after, now_ms());
+        } else {
+            route.answered(code, retry_after, now_ms());
+        }
         // Overloaded or a gateway failure: nothing has reached the client yet, so another
         // replica may answer instead (when the policy allows).
         if matches!(code, 429 | 502 | 503 | 504)
@@ -386,19 +453,18 @@ impl ProxyHttp for TetherProxy {
             let status = http::HeaderValue::from_static(route.session_status().as_str());
             upstream_response.insert_header(name.clone(), status)?;
         }
-        if ctx.snapshot.as_deref().is_some_and(Snapshot::metering)
-            && upstream_response.status.is_success()
-        {
+        if metering && upstream_response.status.is_success() {
             let dialect = route
                 .replica()
                 .upstream()
                 .dialect
                 .unwrap_or_else(|| Dialect::from_path(session.req_header().uri.path()));
-            let framing = upstream_response
+            let content_type = upstream_response
                 .headers
                 .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map_or(Framing::Json, Framing::from_content_type);
+                .and_then(|v| v.to_str().ok());
+            ctx.claims_structured = content_type.is_some_and(claims_structured);
+            let framing = content_type.map_or(Framing::Json, Framing::from_content_type);
             ctx.extractor = Some(UsageExtractor::new(dialect, framing));
             if ctx.injected && framing == Framing::Sse {
                 ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
@@ -441,7 +507,15 @@ impl ProxyHttp for TetherProxy {
         // The replica is done once its body ends: release the slot before the last bytes
         // reach the client (`logging` runs later).
         if end_of_stream {
+            ctx.extraction = ctx.extractor.take().map(|mut x| x.finish());
             if let Some(route) = &mut ctx.route {
+                // A 200 whose body is not the JSON or SSE it claims counts as a failure.
+                let sound = !ctx.claims_structured
+                    || ctx
+                        .extraction
+                        .as_ref()
+                        .is_none_or(|x| x.outcome != UsageOutcome::Malformed);
+                route.body_ended(sound, now_ms());
                 route.finished();
             }
         }
@@ -483,20 +557,50 @@ impl ProxyHttp for TetherProxy {
         }
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Clients leaving mid-stream and the shutdown's cut are counted (metrics, the drain's
+        // summary) rather than logged one by one at error level.
+        let expected = client_left(e) || Aborted::of(e) == Some(Aborted::Cut);
+        if expected {
+            debug!("request ended early: {e}");
+        }
+        expected
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if let Some(route) = &mut ctx.route {
             route.finished();
+        }
+        if e.is_some_and(client_left) {
+            self.meter.count_client_disconnect();
         }
         let Some(snapshot) = ctx.snapshot.as_deref().filter(|s| s.metering()) else {
             return;
         };
         let latency = ctx.started.elapsed();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let mut extraction = ctx.extractor.as_mut().map(UsageExtractor::finish);
+        // A `100 Continue` alone is no answer: the request ended before one.
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .filter(|s| *s >= 200)
+            .unwrap_or(0);
+        // Finished at the body's end; a body that broke off is finished here.
+        let mut extraction = ctx
+            .extraction
+            .take()
+            .or_else(|| ctx.extractor.as_mut().map(UsageExtractor::finish));
         let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
         let model = extraction.as_mut().and_then(|x| x.model.take());
         let cost = snapshot.price(model.as_deref()).cost(&usage);
-        let usage_status = UsageStatus::of(extraction.as_ref(), e.is_some());
+        // Cut at the end of a shutdown's drain: whatever usage was read so far (an Anthropic
+        // stream's input tokens, a vLLM stream's running counts) is kept, and said to be
+        // incomplete, since the replica never finished.
+        let cut = e.and_then(Aborted::of) == Some(Aborted::Cut) && extraction.is_some();
+        let usage_status = if cut {
+            UsageStatus::Incomplete
+        } else {
+            UsageStatus::of(extraction.as_ref(), e.is_some())
+        };
         let route = ctx.route.as_ref();
         let tenant = ctx
             .caller

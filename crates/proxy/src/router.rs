@@ -18,6 +18,7 @@ use tether_metering::{Dialect, Price};
 use tether_topology::{FailoverSettings, SecretSource, Topology, UpstreamAuth};
 
 use crate::probe::{ProbeRound, ProbeSettings, ProbeSource, ProbeTarget};
+use crate::upstream_io::{Cut, ReplicaConnector};
 
 /// Environment variable that overrides `admin.token`.
 pub const ADMIN_TOKEN_ENV: &str = "TETHER_ADMIN_TOKEN";
@@ -64,8 +65,10 @@ pub enum InstallError {
 /// How Tether reaches one replica: what the fleet carries per replica for the proxy.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// The prebuilt Pingora peer (address and timeouts).
+    /// The prebuilt Pingora peer (address, timeouts, and the connector below).
     pub peer: HttpPeer,
+    /// Makes the peer's connections ones Tether can break off (see [`crate::upstream_io`]).
+    pub connector: Arc<ReplicaConnector>,
     /// The replica's usage dialect, when configured (else inferred from the request path).
     pub dialect: Option<Dialect>,
     /// The replica's own credential, sent on every request to it.
@@ -241,6 +244,8 @@ impl Snapshot {
 pub struct Router {
     snapshot: ArcSwap<Snapshot>,
     state: Arc<FleetState>,
+    /// Breaks off every upstream connection of every generation.
+    cut: Arc<Cut>,
 }
 
 impl Router {
@@ -255,10 +260,12 @@ impl Router {
             topology.affinity.override_capacity,
             sink,
         );
-        let snapshot = build_snapshot(topology, &state)?;
+        let cut = Cut::new();
+        let snapshot = build_snapshot(topology, &state, &cut)?;
         Ok(Router {
             snapshot: ArcSwap::from_pointee(snapshot),
             state,
+            cut,
         })
     }
 
@@ -277,11 +284,16 @@ impl Router {
         &self.state
     }
 
+    /// The signal that breaks off every upstream read (the end of a shutdown's drain).
+    pub fn cut(&self) -> &Arc<Cut> {
+        &self.cut
+    }
+
     /// Replaces the snapshot (hot reload) in one atomic swap. Override entries carry over, and
     /// so does the live state of every replica whose address did not change. Requests in
     /// flight finish on the snapshot they started with.
     pub fn install(&self, topology: &Topology) -> Result<(), InstallError> {
-        let snapshot = build_snapshot(topology, &self.state)?;
+        let snapshot = build_snapshot(topology, &self.state, &self.cut)?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
@@ -318,7 +330,11 @@ impl ProbeSource for RouterProbes {
     }
 }
 
-fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapshot, InstallError> {
+fn build_snapshot(
+    topology: &Topology,
+    state: &Arc<FleetState>,
+    cut: &Arc<Cut>,
+) -> Result<Snapshot, InstallError> {
     let upstream = topology.upstream;
     let mut regions = Vec::with_capacity(topology.regions.len());
     for region in &topology.regions {
@@ -328,6 +344,8 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
             peer.options.connection_timeout = Some(upstream.connect_timeout);
             peer.options.read_timeout = upstream.read_timeout;
             peer.options.idle_timeout = upstream.idle_timeout;
+            let connector = ReplicaConnector::new(upstream.connect_timeout, Arc::clone(cut));
+            peer.options.custom_l4 = Some(connector.clone());
             let credential = r
                 .upstream_auth
                 .as_ref()
@@ -347,6 +365,7 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
                 address: r.address,
                 upstream: Upstream {
                     peer,
+                    connector,
                     dialect: r.dialect,
                     credential,
                 },
@@ -385,6 +404,9 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
         override_ttl: topology.affinity.override_ttl,
         override_capacity: topology.affinity.override_capacity,
     });
+    for replica in fleet.replicas() {
+        replica.upstream().connector.bind(replica.status());
+    }
 
     let tenants = topology
         .tenants

@@ -14,6 +14,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use tether_topology::Topology;
 
+use crate::drain::{DrainOnShutdown, Finish, AFTER_CUT};
 use crate::router::Router;
 use crate::tier::Tier;
 use crate::{admin, meter, probe, proxy, reload, router};
@@ -52,7 +53,9 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
     let mut conf = ServerConf {
         threads: settings.threads,
         work_stealing: settings.work_stealing,
-        grace_period_seconds: Some(settings.grace_period.as_secs()),
+        // A backstop only: the drain service ends the process when its drain is over, which
+        // is before this (see `drain`).
+        grace_period_seconds: Some(backstop(settings.drain_timeout).as_secs()),
         graceful_shutdown_timeout_seconds: Some(settings.graceful_shutdown_timeout.as_secs()),
         ..ServerConf::default()
     };
@@ -99,15 +102,32 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
         },
     ));
 
-    let mut proxy = pingora_proxy::http_proxy_service(
-        &server.configuration,
-        proxy::TetherProxy::new(
-            Arc::clone(&router),
-            Arc::clone(&meter),
-            tier.clone(),
-            Arc::clone(&draining),
-        ),
+    let tether = proxy::TetherProxy::new(
+        Arc::clone(&router),
+        Arc::clone(&meter),
+        tier.clone(),
+        Arc::clone(&draining),
     );
+    let finish = {
+        let (meter, tier) = (Arc::clone(&meter), tier.clone());
+        Finish::new(move || {
+            if let Some(tier) = &tier {
+                tier.shutdown();
+            }
+            let (written, dropped) = meter.close();
+            log::info!("usage log closed: {written} records written, {dropped} dropped");
+        })
+    };
+    server.add_service(background_service(
+        "drain on shutdown",
+        DrainOnShutdown {
+            in_flight: Arc::clone(tether.in_flight()),
+            cut: Arc::clone(router.cut()),
+            limit: settings.drain_timeout,
+            finish: Arc::clone(&finish),
+        },
+    ));
+    let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, tether);
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
 
@@ -165,15 +185,18 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
         admin_listen.map_or_else(|| "none".to_owned(), |a| a.to_string()),
         config.display()
     );
-    // `run` (unlike `run_forever`) returns after a graceful shutdown, when every in-flight
-    // request has logged, so the usage log can be flushed before the process exits.
+    // A graceful shutdown ends in the drain service; `run` (unlike `run_forever`) returns
+    // after a fast one (SIGINT), or if the backstop was reached.
     server.run(RunArgs::default());
-    if let Some(tier) = &tier {
-        tier.shutdown();
-    }
-    let (written, dropped) = meter.close();
-    log::info!("usage log closed: {written} records written, {dropped} dropped");
+    finish.run();
     Ok(())
+}
+
+/// Pingora's own wait after the listeners close, which the drain never reaches: the drain
+/// limit, the time cut requests get to log, and a margin.
+fn backstop(drain_timeout: Duration) -> Duration {
+    (drain_timeout + AFTER_CUT + Duration::from_secs(2)).max(Duration::from_secs(1))
+        + Duration::from_millis(999)
 }
 
 /// Sets `draining` once a binary upgrade starts handing the listeners to the new process.

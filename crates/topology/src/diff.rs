@@ -43,8 +43,8 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
             started.server.work_stealing != new.server.work_stealing,
         ),
         (
-            "server.grace_period",
-            started.server.grace_period != new.server.grace_period,
+            "server.drain_timeout",
+            started.server.drain_timeout != new.server.drain_timeout,
         ),
         (
             "server.graceful_shutdown_timeout",

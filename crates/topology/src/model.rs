@@ -217,9 +217,11 @@ pub struct ServerSettings {
     /// Whether idle worker threads steal tasks from busy ones (Pingora's default). Off, each
     /// thread runs its own single-threaded runtime: cheaper per request, no rebalancing.
     pub work_stealing: bool,
-    /// Time between SIGTERM and the final shutdown during which in-flight requests finish.
-    pub grace_period: Duration,
-    /// Hard limit on the final shutdown.
+    /// After SIGTERM (or the hand-over of an upgrade) the listeners close and requests in
+    /// flight get up to this long to finish; the process exits as soon as none is left.
+    /// Those still running then are cut, and logged as incomplete.
+    pub drain_timeout: Duration,
+    /// Hard limit on stopping the runtimes once the drain is over.
     pub graceful_shutdown_timeout: Duration,
     /// PID file (Pingora's, for upgrades).
     pub pid_file: Option<PathBuf>,

@@ -243,8 +243,9 @@ impl Default for RawUpstream {
 pub(crate) struct RawServer {
     pub threads: usize,
     pub work_stealing: bool,
-    #[serde(with = "humantime_serde")]
-    pub grace_period: Duration,
+    /// `grace_period` is its former name (a fixed wait, which became a limit).
+    #[serde(with = "humantime_serde", alias = "grace_period")]
+    pub drain_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub graceful_shutdown_timeout: Duration,
     pub pid_file: Option<PathBuf>,
@@ -256,7 +257,7 @@ impl Default for RawServer {
         RawServer {
             threads: 2,
             work_stealing: true,
-            grace_period: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(600),
             graceful_shutdown_timeout: Duration::from_secs(5),
             pid_file: None,
             upgrade_sock: None,

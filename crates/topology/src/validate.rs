@@ -577,7 +577,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         server: ServerSettings {
             threads: raw.server.threads,
             work_stealing: raw.server.work_stealing,
-            grace_period: raw.server.grace_period,
+            drain_timeout: raw.server.drain_timeout,
             graceful_shutdown_timeout: raw.server.graceful_shutdown_timeout,
             pid_file: raw.server.pid_file,
             upgrade_sock: raw.server.upgrade_sock,

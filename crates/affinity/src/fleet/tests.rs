@@ -126,6 +126,49 @@ fn failures_that_are_the_replicas_doing_eject_it_and_routing_avoids_it() {
 }
 
 #[test]
+fn malformed_answers_eject_the_replica_and_move_its_sessions() {
+    let (_, fleet) = fleet(three());
+    let victim = fleet.route(&mut keyed(5), NOW).unwrap().replica().tag();
+    for _ in 0..fleet.health_policy().eject_after {
+        let mut route = fleet.route(&mut keyed(5), NOW).unwrap();
+        assert_eq!(route.replica().tag(), victim);
+        route.answered_body_to_judge(200, None, NOW);
+        route.body_ended(false, NOW);
+    }
+    let next = fleet.route(&mut keyed(5), NOW).unwrap();
+    assert_ne!(next.replica().tag(), victim);
+    assert_eq!(next.outcome(), Outcome::Failover);
+}
+
+#[test]
+fn a_sound_body_ends_the_failure_streak_and_an_unfinished_one_counts_nothing() {
+    let (_, fleet) = fleet(three());
+    let victim = fleet.route(&mut keyed(5), NOW).unwrap().replica().tag();
+    let eject_after = fleet.health_policy().eject_after;
+    for round in 0..3 {
+        for _ in 1..eject_after {
+            let mut route = fleet.route(&mut keyed(5), NOW).unwrap();
+            route.answered_body_to_judge(200, None, NOW);
+            route.body_ended(false, NOW);
+        }
+        // A 2xx whose body never ended: neither success nor failure.
+        let mut cut = fleet.route(&mut keyed(5), NOW).unwrap();
+        cut.answered_body_to_judge(200, None, NOW);
+        drop(cut);
+        let mut sound = fleet.route(&mut keyed(5), NOW).unwrap();
+        assert_eq!(sound.replica().tag(), victim, "round {round}");
+        sound.answered_body_to_judge(200, None, NOW);
+        sound.body_ended(true, NOW);
+        // Judged once: a second verdict changes nothing.
+        sound.body_ended(false, NOW);
+    }
+    assert_eq!(
+        fleet.route(&mut keyed(5), NOW).unwrap().replica().tag(),
+        victim
+    );
+}
+
+#[test]
 fn failures_that_are_not_the_replicas_doing_never_eject_it() {
     let (_, fleet) = fleet(three());
     let first = fleet.route(&mut keyed(9), NOW).unwrap().replica().tag();
@@ -308,6 +351,16 @@ fn retry_policy_table() {
             truncated(Broken),
             GiveUp,
         ),
+        // Its replica left rotation while it waited: same rule.
+        ("departed", facts(Departed), NextReplica),
+        ("departed, not resend-safe", not_safe(Departed), GiveUp),
+        (
+            "departed, body over the retry buffer",
+            truncated(Departed),
+            GiveUp,
+        ),
+        // Cut by a shutdown: never.
+        ("shutdown", facts(Shutdown), GiveUp),
         // Answered 429/502/503/504 before the header went on: same rule.
         ("429", facts(Status(429)), NextReplica),
         ("503", facts(Status(503)), NextReplica),
@@ -357,7 +410,7 @@ fn step() -> impl Strategy<Value = Step> {
         (0u8..8).prop_map(|key| Step::Route { key }),
         prop::sample::select(vec![200u16, 201, 400, 429, 500, 502, 503])
             .prop_map(|status| Step::Answer { status }),
-        (0u8..8).prop_map(|failure| Step::Fail { failure }),
+        (0u8..10).prop_map(|failure| Step::Fail { failure }),
         Just(Step::Finish),
         Just(Step::Drop),
     ]
@@ -373,7 +426,9 @@ fn failure(n: u8) -> Failure {
         Failure::Status(503),
         Failure::AfterAnswer,
         Failure::Client,
-    ][n as usize % 8]
+        Failure::Departed,
+        Failure::Shutdown,
+    ][n as usize % 10]
 }
 
 proptest! {

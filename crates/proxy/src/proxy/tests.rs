@@ -344,6 +344,30 @@ async fn a_refused_connection_is_retried_and_nothing_anywhere_answers_503() {
     assert!(String::from_utf8_lossy(&written.lock().unwrap()).contains("retry-after"));
 }
 
+/// A read error as Pingora reports one that Tether caused.
+fn aborted(why: Aborted) -> Box<Error> {
+    let io = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why);
+    let read = Error::because(ErrorType::ReadError, "while reading response headers", io);
+    // Passed on from the upstream half of the proxy to the downstream half.
+    Error::because(ErrorType::ReadError, "Peer: 127.0.0.1:9", read).into_up()
+}
+
+#[test]
+fn only_answers_that_claim_json_or_sse_are_judged_by_whether_they_parse() {
+    for (content_type, judged) in [
+        ("application/json", true),
+        ("Application/JSON; charset=utf-8", true),
+        ("application/problem+json", true),
+        ("text/event-stream", true),
+        ("text/event-stream;charset=UTF-8", true),
+        ("text/plain", false),
+        ("application/octet-stream", false),
+        ("", false),
+    ] {
+        assert_eq!(claims_structured(content_type), judged, "{content_type:?}");
+    }
+}
+
 #[test]
 fn failures_are_classified_by_stage_and_source() {
     let upstream = Error::new_up;
@@ -385,6 +409,15 @@ fn failures_are_classified_by_stage_and_source() {
         (upstream(ReadError), true, None, false, Failure::AfterAnswer),
         (downstream(ReadError), true, None, false, Failure::Client),
         (downstream(ReadError), false, None, false, Failure::Client),
+        (
+            aborted(Aborted::Departed),
+            false,
+            None,
+            true,
+            Failure::Departed,
+        ),
+        (aborted(Aborted::Cut), false, None, false, Failure::Shutdown),
+        (aborted(Aborted::Cut), true, None, false, Failure::Shutdown),
     ];
     for (e, answered, status, reused, expected) in rows {
         assert_eq!(classify(&e, answered, status, reused), expected, "{e:?}");
@@ -404,6 +437,13 @@ fn errors_answered_to_the_client_match_what_failed() {
     );
     let gone = Error::new_down(ErrorType::WriteError);
     assert_eq!(edge_error(&gone, false, 1), None, "the client left");
+    let stalled = Error::new_down(ErrorType::ReadTimedout);
+    assert_eq!(
+        edge_error(&stalled, false, 1),
+        Some(EdgeError::RequestTimeout),
+        "a request body that stopped arriving"
+    );
+    assert_eq!(EdgeError::RequestTimeout.status(), 408);
     assert_eq!(
         edge_error(&gone, true, 3),
         Some(EdgeError::NoReplicaAvailable {

@@ -44,7 +44,7 @@ fn every_duration_outside_its_range_is_refused_naming_the_range() {
             "500000000000years",
             "1ms..=1day",
         ),
-        ("server", "grace_period", "2h", "0s..=1h"),
+        ("server", "drain_timeout", "2h", "0s..=1h"),
         ("server", "graceful_shutdown_timeout", "2h", "0s..=1h"),
         ("health", "eject_cooldown", "500us", "1ms..=1day"),
         ("health", "eject_cooldown", "2days", "1ms..=1day"),
@@ -127,7 +127,6 @@ fn probe_interval_and_timeout_are_bounded_and_ordered() {
 fn settings_counted_in_whole_seconds_refuse_fractions() {
     for (section, key, value) in [
         ("affinity", "override_ttl", "1s 500ms"),
-        ("server", "grace_period", "500ms"),
         ("server", "graceful_shutdown_timeout", "2s 500ms"),
     ] {
         let p = problem(&set(section, key, value));
@@ -155,13 +154,13 @@ fn every_duration_at_the_edge_of_its_range_loads() {
             )
             .replace(
                 "server: { threads: 4, grace_period: 10s }",
-                "server: { threads: 4, grace_period: 0s, graceful_shutdown_timeout: 1h }",
+                "server: { threads: 4, drain_timeout: 0s, graceful_shutdown_timeout: 1h }",
             )
             + "health:\n  probe: { interval: 1h, timeout: 1h }\n  eject_cooldown: 1ms\n  eject_max_cooldown: 1day\n  overload_default: 1ms\n  overload_max: 1ms\nfailover: { deadline: 1ms }\n"),
     )
     .unwrap();
     assert_eq!(t.affinity.override_ttl, Duration::from_secs(1));
-    assert_eq!(t.server.grace_period, Duration::ZERO);
+    assert_eq!(t.server.drain_timeout, Duration::ZERO);
     assert_eq!(t.health.overload_max, Duration::from_millis(1));
     assert_eq!(t.failover.deadline, Duration::from_millis(1));
 }
@@ -180,4 +179,14 @@ fn the_sticky_store_lookup_timeout_names_its_range() {
             p.message
         );
     }
+}
+
+#[test]
+fn the_former_grace_period_key_sets_the_drain_timeout() {
+    let t = load(VALID).unwrap();
+    assert_eq!(t.server.drain_timeout, Duration::from_secs(10));
+    let t = load(&set("server", "drain_timeout", "1500ms")).unwrap();
+    assert_eq!(t.server.drain_timeout, Duration::from_millis(1500));
+    let t = load(&VALID.replace("server: { threads: 4, grace_period: 10s }", "")).unwrap();
+    assert_eq!(t.server.drain_timeout, Duration::from_secs(600));
 }

@@ -116,16 +116,22 @@ pub(super) fn check(p: &mut Problems, raw: &RawTopology) {
     }
 
     let s = &raw.server;
-    for (key, wait) in [
-        ("server.grace_period", s.grace_period),
-        (
-            "server.graceful_shutdown_timeout",
-            s.graceful_shutdown_timeout,
-        ),
-    ] {
-        if within(p, key, wait, (Duration::ZERO, HOUR), PINGORA_SECONDS) {
-            whole_seconds(p, key, wait, PINGORA_SECONDS);
-        }
+    within(
+        p,
+        "server.drain_timeout",
+        s.drain_timeout,
+        (Duration::ZERO, HOUR),
+        "",
+    );
+    let key = "server.graceful_shutdown_timeout";
+    if within(
+        p,
+        key,
+        s.graceful_shutdown_timeout,
+        (Duration::ZERO, HOUR),
+        PINGORA_SECONDS,
+    ) {
+        whole_seconds(p, key, s.graceful_shutdown_timeout, PINGORA_SECONDS);
     }
 
     let h = &raw.health;
