@@ -79,6 +79,9 @@ struct LiveReplica {
     status: Arc<ReplicaStatus>,
     warmth: TenantWarmth,
     load: ReplicaLoad,
+    /// Requests in flight to it from the tier's other instances, as they last reported them
+    /// ([`Fleet::set_inflight_elsewhere`]).
+    inflight_elsewhere: std::sync::atomic::AtomicU32,
 }
 
 /// One replica of a generation: its spec, its upstream and its live state.
@@ -400,6 +403,28 @@ impl<U> Fleet<U> {
         true
     }
 
+    /// Takes in the requests the tier's other instances have in flight to each replica, as
+    /// `elsewhere(replica id)`; bounded-load limits balance the sum with this instance's own
+    /// ([`LoadView::tier_inflight`]). The hard cap and sticky eligibility stay on this
+    /// instance's own count: a report is a moment old, and moving a warm session on a stale
+    /// number would cost a full prefill.
+    pub fn set_inflight_elsewhere(&self, elsewhere: impl Fn(&str) -> u32) {
+        for replica in &self.replicas {
+            replica.live.inflight_elsewhere.store(
+                elsewhere(&replica.info.id),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Requests in flight per replica at this instance, for the other instances of a tier.
+    pub fn inflight_report(&self) -> Vec<(&str, u32)> {
+        self.replicas
+            .iter()
+            .map(|r| (&*r.info.id, r.live.status.inflight()))
+            .collect()
+    }
+
     /// Where the next attempt of `attempts`' request goes at `now` (milliseconds on
     /// [`tether_health::now_ms`]), or `None` when no replica anywhere can take it.
     ///
@@ -487,6 +512,15 @@ impl<U> FleetView<'_, U> {
 impl<U> LoadView for FleetView<'_, U> {
     fn inflight(&self, replica: ReplicaIdx) -> u32 {
         self.live(replica).map_or(0, |l| l.status.inflight())
+    }
+
+    fn tier_inflight(&self, replica: ReplicaIdx) -> u32 {
+        self.live(replica).map_or(0, |l| {
+            l.status.inflight().saturating_add(
+                l.inflight_elsewhere
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
     }
 
     fn is_healthy(&self, replica: ReplicaIdx) -> bool {

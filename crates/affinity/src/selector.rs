@@ -16,8 +16,16 @@ use crate::{Admission, Outcome, ReplicaSet, ReplicaTag, RoutingKey, TenantScope,
 /// Live per-replica state the selector reads (the proxy backs it with atomics). Reading it
 /// changes nothing.
 pub trait LoadView {
-    /// Requests currently in flight to the replica.
+    /// Requests this instance has in flight to the replica: what its hard cap and a sticky
+    /// session's eligibility are judged by.
     fn inflight(&self, replica: ReplicaIdx) -> u32;
+    /// Requests in flight to the replica across the tier: this instance's and, as they last
+    /// reported them, the other instances' (the proxy's shared load). What the bounded-load
+    /// limits balance, so that the instances of a tier place new sessions as one instance
+    /// taking every request would. Without a tier, this instance's own.
+    fn tier_inflight(&self, replica: ReplicaIdx) -> u32 {
+        self.inflight(replica)
+    }
     /// Whether health checks consider the replica usable.
     fn is_healthy(&self, _replica: ReplicaIdx) -> bool {
         true
@@ -426,7 +434,7 @@ impl Selector {
         let (mut total_inflight, mut total_weight) = (0u64, 0u64);
         for (m, replica) in self.replicas.iter().enumerate() {
             if self.available(m as ReplicaIdx, tried, view) {
-                total_inflight += u64::from(view.inflight(m as ReplicaIdx));
+                total_inflight += u64::from(view.tier_inflight(m as ReplicaIdx));
                 total_weight += u64::from(replica.weight);
             }
         }
@@ -440,10 +448,9 @@ impl Selector {
         let has_room = |region: u16| {
             self.regions[region as usize].members.iter().any(|&m| {
                 let replica = &self.replicas[m as usize];
-                let inflight = view.inflight(m);
                 self.available(m, tried, view)
-                    && inflight < replica.max_inflight
-                    && f64::from(inflight) < (scale * f64::from(replica.weight)).ceil()
+                    && view.inflight(m) < replica.max_inflight
+                    && f64::from(view.tier_inflight(m)) < (scale * f64::from(replica.weight)).ceil()
             })
         };
         let chosen = order.enumerate().find(|(_, region)| has_room(*region));
@@ -476,7 +483,7 @@ impl Selector {
                 continue;
             }
             let (load, weight) = (
-                u64::from(view.inflight(m)) + 1,
+                u64::from(view.tier_inflight(m)) + 1,
                 u64::from(self.replicas[m as usize].weight),
             );
             if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
@@ -598,7 +605,7 @@ impl Selector {
         let (mut total_inflight, mut total_weight, mut total_placed) = (0u64, 0u64, 0f64);
         for &idx in &info.members {
             if self.available(idx, tried, view) {
-                total_inflight += u64::from(view.inflight(idx));
+                total_inflight += u64::from(view.tier_inflight(idx));
                 total_weight += u64::from(self.replicas[idx as usize].weight);
                 if let Some(w) = tenant.and_then(|t| view.tenant_warmth(idx, t)) {
                     total_placed += w.recent_placements;
@@ -648,9 +655,10 @@ impl Selector {
                 continue;
             }
             let replica = &self.replicas[idx as usize];
-            let inflight = view.inflight(idx);
             let bound = (scale * f64::from(replica.weight)).ceil() as u64;
-            if inflight >= replica.max_inflight || u64::from(inflight) >= bound {
+            if view.inflight(idx) >= replica.max_inflight
+                || u64::from(view.tier_inflight(idx)) >= bound
+            {
                 notes.skipped_for_load |= deciding;
                 continue;
             }
@@ -711,12 +719,14 @@ impl Selector {
             for k in 0..members.len() {
                 let idx = members[(start + k) % members.len()];
                 let replica = &self.replicas[idx as usize];
-                let inflight = view.inflight(idx);
-                if !self.available(idx, tried, view) || inflight >= replica.max_inflight {
+                if !self.available(idx, tried, view) || view.inflight(idx) >= replica.max_inflight {
                     continue;
                 }
                 // Compare (inflight + 1) / weight without division.
-                let (load, weight) = (u64::from(inflight) + 1, u64::from(replica.weight));
+                let (load, weight) = (
+                    u64::from(view.tier_inflight(idx)) + 1,
+                    u64::from(replica.weight),
+                );
                 if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
                     best = Some((idx, load, weight));
                 }

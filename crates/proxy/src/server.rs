@@ -161,6 +161,16 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
                 router: Arc::clone(&router),
             },
         ));
+        if let Some(every) = tier.load_interval() {
+            server.add_service(background_service(
+                "sticky store: share load",
+                ShareLoad {
+                    tier: tier.clone(),
+                    router: Arc::clone(&router),
+                    every,
+                },
+            ));
+        }
     }
 
     server.add_service(background_service(
@@ -258,6 +268,28 @@ impl BackgroundService for StoreResync {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Reports this instance's requests in flight to the tier every `every`, and expires the
+/// others' reports that stopped coming.
+struct ShareLoad {
+    tier: Tier,
+    router: Arc<Router>,
+    every: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for ShareLoad {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => self.tier.share_load(&self.router),
             }
         }
     }

@@ -9,7 +9,8 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
@@ -49,6 +50,66 @@ impl BindingSink for DiscardSink {
     fn still_bound(&self, _key: RoutingKey, _replica: &str) {}
 }
 
+/// The other instances' latest load reports, by origin, until they go stale.
+#[derive(Debug, Default)]
+struct ReportsElsewhere {
+    by_origin: Mutex<HashMap<u64, Report>>,
+}
+
+#[derive(Debug)]
+struct Report {
+    received: Instant,
+    inflight: Vec<(Arc<str>, u32)>,
+}
+
+/// Most instances whose reports are kept: a tier is a few dozen instances; more origins than
+/// this are garbage (or an attack on the channel), and the oldest reports make room.
+const MAX_REPORTING_INSTANCES: usize = 1024;
+
+impl ReportsElsewhere {
+    fn take(&self, origin: u64, entries: &[(&str, u32)], now: Instant) {
+        let mut by_origin = self
+            .by_origin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if by_origin.len() >= MAX_REPORTING_INSTANCES && !by_origin.contains_key(&origin) {
+            if let Some(oldest) = by_origin
+                .iter()
+                .min_by_key(|(_, r)| r.received)
+                .map(|(o, _)| *o)
+            {
+                by_origin.remove(&oldest);
+            }
+        }
+        let inflight = entries.iter().map(|(id, n)| (Arc::from(*id), *n)).collect();
+        by_origin.insert(
+            origin,
+            Report {
+                received: now,
+                inflight,
+            },
+        );
+    }
+
+    /// Requests in flight per replica id over the reports younger than `stale_after` (older
+    /// ones are dropped: an instance that stopped or lost the store).
+    fn sums(&self, now: Instant, stale_after: Duration) -> HashMap<Arc<str>, u32> {
+        let mut by_origin = self
+            .by_origin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        by_origin.retain(|_, r| now.saturating_duration_since(r.received) <= stale_after);
+        let mut sums: HashMap<Arc<str>, u32> = HashMap::new();
+        for report in by_origin.values() {
+            for (id, n) in &report.inflight {
+                let sum = sums.entry(Arc::clone(id)).or_default();
+                *sum = sum.saturating_add(*n);
+            }
+        }
+        sums
+    }
+}
+
 /// The store as routing uses it.
 #[derive(Debug, Clone)]
 pub struct Tier {
@@ -56,6 +117,9 @@ pub struct Tier {
     /// Bindings found in the store (or announced) that name a replica this instance does not
     /// know: garbage, or a replica of a config this instance has not loaded.
     unknown_replicas: Arc<AtomicU64>,
+    /// How often load is reported; `None`: load is not shared.
+    load_interval: Option<Duration>,
+    elsewhere: Arc<ReportsElsewhere>,
 }
 
 impl Tier {
@@ -78,6 +142,8 @@ impl Tier {
         Ok(Some(Tier {
             store,
             unknown_replicas: Arc::new(AtomicU64::new(0)),
+            load_interval: s.load_interval,
+            elsewhere: Arc::default(),
         }))
     }
 
@@ -92,7 +158,9 @@ impl Tier {
     /// what gathers the tenant, and one instance sees only its own share of them).
     pub fn follow(&self, router: Arc<Router>) {
         let unknown = Arc::clone(&self.unknown_replicas);
+        let following = Arc::clone(&router);
         self.store.on_remote_bind(move |key, replica, tenant_tag| {
+            let router = &following;
             if !router.state().learn_if_known(RoutingKey(key), replica) {
                 unknown.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -104,6 +172,34 @@ impl Tier {
                     .note_placed_elsewhere(replica, tag, now_ms());
             }
         });
+        if let Some(every) = self.load_interval {
+            let elsewhere = Arc::clone(&self.elsewhere);
+            self.store.on_remote_load(move |origin, entries| {
+                let now = Instant::now();
+                elsewhere.take(origin, entries, now);
+                apply(&router, &elsewhere.sums(now, stale_after(every)));
+            });
+        }
+    }
+
+    /// How often this instance reports its load, if it shares load at all.
+    pub fn load_interval(&self) -> Option<Duration> {
+        self.load_interval
+    }
+
+    /// Tells the other instances the requests in flight per replica here (while the store
+    /// is connected: a report that cannot be sent is not queued up), and drops their reports
+    /// that went stale, so that an instance that stops reporting stops counting.
+    pub fn share_load(&self, router: &Router) {
+        let Some(every) = self.load_interval else {
+            return;
+        };
+        let snapshot = router.snapshot();
+        if self.store.stats().connected {
+            self.store.publish_load(&snapshot.fleet().inflight_report());
+        }
+        let sums = self.elsewhere.sums(Instant::now(), stale_after(every));
+        apply(router, &sums);
     }
 
     /// Asks the store for `key`'s replica and takes an answer into `state`, so that routing
@@ -169,6 +265,19 @@ impl Tier {
             out,
         );
     }
+}
+
+/// A report older than this many intervals is dropped: a lost message or two is not an
+/// instance gone.
+fn stale_after(every: Duration) -> Duration {
+    every * 5
+}
+
+fn apply(router: &Router, sums: &HashMap<Arc<str>, u32>) {
+    router
+        .snapshot()
+        .fleet()
+        .set_inflight_elsewhere(|id| sums.get(id).copied().unwrap_or(0));
 }
 
 /// Writes one metric family: its HELP and TYPE lines, then `name{labels} value` per sample.
@@ -266,4 +375,48 @@ fn render_stats(stats: &StoreStats, unknown_replicas: u64, out: &mut String) {
         "Time a request waited for the store.",
         &samples,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_from_several_instances_add_up_and_stale_ones_drop_out() {
+        let reports = ReportsElsewhere::default();
+        let start = Instant::now();
+        reports.take(1, &[("eu-1", 3), ("eu-2", 1)], start);
+        reports.take(2, &[("eu-1", 2)], start + Duration::from_millis(300));
+        // A newer report from an instance replaces its older one.
+        reports.take(1, &[("eu-1", 4)], start + Duration::from_millis(400));
+        let sums = reports.sums(
+            start + Duration::from_millis(450),
+            Duration::from_millis(500),
+        );
+        assert_eq!(sums.get("eu-1"), Some(&6));
+        assert_eq!(sums.get("eu-2"), None);
+        // Instance 2 stops reporting: its share drops out once stale.
+        let later = reports.sums(
+            start + Duration::from_millis(850),
+            Duration::from_millis(500),
+        );
+        assert_eq!(later.get("eu-1"), Some(&4));
+        let gone = reports.sums(start + Duration::from_secs(2), Duration::from_millis(500));
+        assert!(gone.is_empty());
+    }
+
+    #[test]
+    fn reports_kept_are_bounded_by_instance_count() {
+        let reports = ReportsElsewhere::default();
+        let start = Instant::now();
+        for origin in 0..(MAX_REPORTING_INSTANCES as u64 + 10) {
+            reports.take(
+                origin,
+                &[("eu-1", 1)],
+                start + Duration::from_micros(origin),
+            );
+        }
+        let sums = reports.sums(start + Duration::from_millis(1), Duration::from_secs(1));
+        assert_eq!(sums.get("eu-1"), Some(&(MAX_REPORTING_INSTANCES as u32)));
+    }
 }

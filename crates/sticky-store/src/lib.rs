@@ -75,7 +75,7 @@ pub mod testing;
 mod worker;
 
 pub use error::{SettingsProblem, StoreError, StoreErrorKind};
-pub use message::{is_storable_replica_id, MAX_REPLICA_ID_LEN};
+pub use message::{is_storable_replica_id, MAX_LOAD_ENTRIES, MAX_REPLICA_ID_LEN};
 pub use settings::{
     StoreSettings, DEFAULT_CHANNEL, DEFAULT_KEY_PREFIX, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_TTL,
     DEFAULT_WRITE_QUEUE,

@@ -89,6 +89,64 @@ fn parse_hex8(field: &str) -> Option<u32> {
     u32::from_str_radix(field, 16).ok()
 }
 
+/// Most replicas a load report names; a longer report is malformed.
+pub const MAX_LOAD_ENTRIES: usize = 4096;
+
+/// `L{origin:016x}` followed by `:{count}:{len}:{replica}` per replica, `len` being the id's
+/// length in bytes (so an id may hold any character). Starts with a letter that is not a hex
+/// digit, so a binding's decoder never takes it for one.
+pub(crate) fn encode_load(origin: u64, entries: &[(&str, u32)]) -> String {
+    let mut out = String::with_capacity(17 + entries.len() * 16);
+    let _ = write!(out, "L{origin:016x}");
+    for (replica, count) in entries {
+        let _ = write!(out, ":{count}:{}:{replica}", replica.len());
+    }
+    out
+}
+
+/// A load report: requests in flight per replica at the reporting instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LoadMessage<'a> {
+    /// The instance that reported.
+    pub origin: u64,
+    pub entries: Vec<(&'a str, u32)>,
+}
+
+/// Parses a message written by [`encode_load`]; `None` for anything else (including a report
+/// naming more than [`MAX_LOAD_ENTRIES`] replicas or a replica id that is not storable).
+pub(crate) fn decode_load(payload: &[u8]) -> Option<LoadMessage<'_>> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = text.strip_prefix('L')?;
+    let origin = parse_hex16(rest.get(..16)?)?;
+    let mut rest = &rest[16..];
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        if entries.len() == MAX_LOAD_ENTRIES {
+            return None;
+        }
+        let body = rest.strip_prefix(':')?;
+        let (count, body) = body.split_once(':')?;
+        let (len, body) = body.split_once(':')?;
+        let count = parse_decimal(count)?;
+        let len = usize::try_from(parse_decimal(len)?).ok()?;
+        let replica = body.get(..len)?;
+        if !is_storable_replica_id(replica) {
+            return None;
+        }
+        entries.push((replica, count));
+        rest = &body[len..];
+    }
+    Some(LoadMessage { origin, entries })
+}
+
+/// 1 to 10 decimal digits that fit a `u32`.
+fn parse_decimal(field: &str) -> Option<u32> {
+    if field.is_empty() || field.len() > 10 || !field.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    field.parse().ok()
+}
+
 /// Exactly 16 hex digits: `from_str_radix` alone would also take a sign or fewer digits.
 fn parse_hex16(field: &str) -> Option<u64> {
     if field.len() != 16 || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -174,7 +232,66 @@ mod tests {
         assert_eq!(decode_bind(too_long.as_bytes()), None);
     }
 
+    #[test]
+    fn load_reports_round_trip_and_are_never_taken_for_bindings() {
+        let text = encode_load(7, &[("eu-1", 3), ("a:b", 0)]);
+        assert_eq!(text, "L0000000000000007:3:4:eu-1:0:3:a:b");
+        assert_eq!(
+            decode_load(text.as_bytes()),
+            Some(LoadMessage {
+                origin: 7,
+                entries: vec![("eu-1", 3), ("a:b", 0)]
+            })
+        );
+        assert_eq!(decode_bind(text.as_bytes()), None);
+        assert_eq!(
+            decode_load(b"L0000000000000007"),
+            Some(LoadMessage {
+                origin: 7,
+                entries: vec![]
+            })
+        );
+        for payload in [
+            &b""[..],
+            b"L",
+            b"L7:3:4:eu-1",
+            b"L0000000000000007:",
+            b"L0000000000000007:3:5:eu-1",
+            b"L0000000000000007:3:0:",
+            b"L0000000000000007:-3:4:eu-1",
+            b"L0000000000000007:99999999999:4:eu-1",
+            b"L0000000000000007:3:4:eu-1:",
+            b"0000000000000007:00000000deadbeef:eu-2",
+        ] {
+            assert_eq!(decode_load(payload), None, "{payload:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn any_load_report_round_trips(
+            origin: u64,
+            entries in proptest::collection::vec(("[ -~]{1,40}", any::<u32>()), 0..20),
+        ) {
+            let borrowed: Vec<(&str, u32)> =
+                entries.iter().map(|(id, n)| (id.as_str(), *n)).collect();
+            let text = encode_load(origin, &borrowed);
+            prop_assert_eq!(
+                decode_load(text.as_bytes()),
+                Some(LoadMessage { origin, entries: borrowed.clone() })
+            );
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_as_a_load_report_never_panics(
+            payload in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            let mut with_prefix = b"L0000000000000001".to_vec();
+            with_prefix.extend(&payload);
+            let _ = decode_load(&payload);
+            let _ = decode_load(&with_prefix);
+        }
+
         #[test]
         fn any_bind_message_round_trips(
             origin: u64,

@@ -23,6 +23,10 @@ const LOOKUP_QUEUE: usize = 4096;
 /// group tag)`.
 pub(crate) type RemoteBindFn = Box<dyn Fn(u64, &str, Option<u32>) + Send + Sync>;
 
+/// The proxy's callback for other instances' load reports: `(origin, [(replica id, requests
+/// in flight)])`.
+pub(crate) type RemoteLoadFn = Box<dyn Fn(u64, &[(&str, u32)]) + Send + Sync>;
+
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -76,6 +80,7 @@ impl StickyStore {
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             remote_bind: Default::default(),
+            remote_load: Default::default(),
             origin: rand::random(),
             ttl_seconds: std::sync::atomic::AtomicU64::new(plan.ttl_seconds),
         });
@@ -244,6 +249,35 @@ impl StickyStore {
             .store(Some(Arc::new(callback)));
     }
 
+    /// Announces this instance's requests in flight per replica to the others (their
+    /// [`on_remote_load`](Self::on_remote_load) callbacks), so that a tier balances by the
+    /// load of the whole tier: queued, never waits, nothing stored. Replica ids that are not
+    /// storable and entries past [`MAX_LOAD_ENTRIES`](crate::MAX_LOAD_ENTRIES) are
+    /// left out.
+    pub fn publish_load(&self, entries: &[(&str, u32)]) {
+        let kept: Vec<(&str, u32)> = entries
+            .iter()
+            .copied()
+            .filter(|(id, _)| is_storable_replica_id(id))
+            .take(crate::message::MAX_LOAD_ENTRIES)
+            .collect();
+        let payload = crate::message::encode_load(self.inner.shared.origin, &kept);
+        self.enqueue(WriteOp::Load {
+            payload: payload.into(),
+        });
+    }
+
+    /// Sets the callback for other instances' load reports (this instance's own are
+    /// skipped), replacing any previous one; the same rules as
+    /// [`on_remote_bind`](Self::on_remote_bind).
+    pub fn on_remote_load(&self, callback: impl Fn(u64, &[(&str, u32)]) + Send + Sync + 'static) {
+        let callback: RemoteLoadFn = Box::new(callback);
+        self.inner
+            .shared
+            .remote_load
+            .store(Some(Arc::new(callback)));
+    }
+
     /// A snapshot of the counters and the connection state, for metrics.
     pub fn stats(&self) -> StoreStats {
         self.inner.shared.counters.snapshot()
@@ -278,6 +312,7 @@ impl Handle {
         self.shared.counters.subscribed.store(false, Relaxed);
         // Breaks the cycle of a callback that holds a clone of the store.
         self.shared.remote_bind.store(None);
+        self.shared.remote_load.store(None);
     }
 }
 

@@ -95,6 +95,9 @@ pub struct StickyStoreSettings {
     /// PEM file of the CA that signed the store's certificate (`rediss://` with a private
     /// CA); without it the system's roots are used.
     pub tls_ca_file: Option<PathBuf>,
+    /// How often each instance tells the others its requests in flight per replica, so that
+    /// bounded loads balance the tier's load; `None`: each balances its own.
+    pub load_interval: Option<Duration>,
 }
 
 /// A region and its replicas.

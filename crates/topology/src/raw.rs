@@ -61,6 +61,12 @@ pub(crate) struct RawStickyStore {
     pub write_queue: usize,
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    #[serde(default = "default_load_interval", with = "humantime_serde")]
+    pub load_interval: Option<Duration>,
+}
+
+fn default_load_interval() -> Option<Duration> {
+    Some(Duration::from_millis(100))
 }
 
 fn default_key_prefix() -> String {

@@ -741,6 +741,7 @@ fn a_sticky_store_gets_defaults_and_makes_placement_nearest() {
     assert_eq!(store.key_prefix, "tether:s:");
     assert_eq!(store.channel, "tether:bindings");
     assert_eq!(store.lookup_timeout, Duration::from_millis(5));
+    assert_eq!(store.load_interval, Some(Duration::from_millis(100)));
     assert_eq!(t.affinity.placement, Placement::Nearest);
     // Without a store the home region comes from the ring.
     assert_eq!(load(VALID).unwrap().affinity.placement, Placement::Hash);
@@ -777,6 +778,10 @@ fn sticky_store_settings_are_checked() {
             "{ url: \"redis://h:1\", key_prefix: \"\" }",
             "sticky_store.key_prefix",
         ),
+        (
+            "{ url: \"redis://h:1\", load_interval: 1ms }",
+            "sticky_store.load_interval",
+        ),
     ] {
         assert_eq!(
             problem(&format!("{VALID}sticky_store: {store}\n")).key,
@@ -784,6 +789,11 @@ fn sticky_store_settings_are_checked() {
             "{store}"
         );
     }
+    let off = load(&format!(
+        "{VALID}sticky_store: {{ url: \"redis://h:1\", load_interval: null }}\n"
+    ))
+    .unwrap();
+    assert_eq!(off.sticky_store.unwrap().load_interval, None);
     let (_, message) = parse_error(&format!(
         "{VALID}sticky_store: {{ uri: \"redis://h:1\" }}\n"
     ));

@@ -492,6 +492,18 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 "is only used with a TLS URL (rediss:// or valkeys://)",
             );
         }
+        if let Some(every) = s.load_interval {
+            let (min, max) = (Duration::from_millis(10), Duration::from_secs(10));
+            if !(min..=max).contains(&every) {
+                p.add(
+                    "sticky_store.load_interval",
+                    format!(
+                        "{}: every instance publishes one report per interval (null turns it off)",
+                        durations::out_of_range(every, min, max)
+                    ),
+                );
+            }
+        }
         if s.key_prefix.is_empty() {
             p.add(
                 "sticky_store.key_prefix",
@@ -509,6 +521,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             lookup_timeout: s.lookup_timeout,
             write_queue: s.write_queue,
             tls_ca_file: s.tls_ca_file,
+            load_interval: s.load_interval,
         }
     });
     let placement = match (raw.affinity.placement, &sticky_store) {

@@ -541,6 +541,59 @@ fn the_sink_hears_of_new_and_moved_bindings_only() {
 }
 
 #[test]
+fn load_reported_by_other_instances_steers_new_sessions_and_keeps_sticky_ones() {
+    let (_, fleet) = fleet(three());
+    let mut first = fleet.route(&mut keyed(11), NOW).unwrap();
+    let owner = Arc::clone(first.replica().id());
+    first.answered(200, None, NOW);
+    drop(first);
+    // Other instances have five requests in flight at the owner: the tier's bound is
+    // ceil(1.25 × (5 + 1) / 3) = 3, so a new session whose ring owner it is goes elsewhere.
+    fleet.set_inflight_elsewhere(|id| if *id == *owner { 5 } else { 0 });
+    let new_key = keys()
+        .find(|&k| {
+            let (_, alone) = fleet_of_three();
+            **alone.route(&mut keyed(k), NOW).unwrap().replica().id() == *owner
+        })
+        .unwrap();
+    assert_ne!(
+        **fleet
+            .route(&mut keyed(new_key), NOW)
+            .unwrap()
+            .replica()
+            .id(),
+        *owner
+    );
+    // The session already there stays: the hard cap is judged on this instance's own count.
+    let sticky = fleet.route(&mut keyed(11), NOW).unwrap();
+    assert_eq!(
+        (sticky.outcome(), &**sticky.replica().id()),
+        (Outcome::Sticky, &*owner)
+    );
+    drop(sticky);
+    // The report goes out as this instance's own counts.
+    let held = fleet.route(&mut keyed(11), NOW).unwrap();
+    let report = fleet.inflight_report();
+    assert_eq!(report.len(), 3);
+    assert!(report.contains(&(&*owner, 1)));
+    drop(held);
+    // Reports that stop (all zero again) stop steering.
+    fleet.set_inflight_elsewhere(|_| 0);
+    assert_eq!(
+        **fleet
+            .route(&mut keyed(new_key), NOW)
+            .unwrap()
+            .replica()
+            .id(),
+        *owner
+    );
+}
+
+fn fleet_of_three() -> (Arc<FleetState>, Arc<Fleet<u16>>) {
+    fleet(three())
+}
+
+#[test]
 fn placements_announced_by_other_instances_count_towards_tenant_locality() {
     let mut with_locality = plan(&[("eu", &[("a", 9001), ("b", 9002), ("c", 9003), ("d", 9004)])]);
     with_locality.tenant_locality = Some(Duration::from_secs(30));

@@ -23,12 +23,13 @@ use crate::connection::RedisConnection;
 use crate::error::StoreErrorKind;
 use crate::settings::Plan;
 use crate::stats::Counters;
-use crate::store::{Lookup, RemoteBindFn};
+use crate::store::{Lookup, RemoteBindFn, RemoteLoadFn};
 
 /// State shared by the handle (any thread) and the store's thread.
 pub(crate) struct Shared {
     pub counters: Counters,
     pub remote_bind: ArcSwapOption<RemoteBindFn>,
+    pub remote_load: ArcSwapOption<RemoteLoadFn>,
     /// This instance's id in published messages, so it can skip its own.
     pub origin: u64,
     /// A binding's idle lifetime in whole seconds; follows the proxy's reloads.
@@ -56,6 +57,9 @@ pub(crate) enum WriteOp {
     /// a bind dropped while it was down), without overwriting a newer binding and without
     /// announcing anything.
     Touch { key: u64, replica: Box<str> },
+    /// `PUBLISH` of a load report ([`encode_load`](crate::message::encode_load)); nothing is
+    /// stored.
+    Load { payload: Box<str> },
 }
 
 /// The command connection as the supervisor last published it.

@@ -21,7 +21,7 @@ use super::{classify, Link, Shared};
 use crate::backoff::Backoff;
 use crate::connection::{RedisConnection, CONNECT_TIMEOUT, HEALTH_INTERVAL, REQUEST_TIMEOUT};
 use crate::error::StoreErrorKind;
-use crate::message::decode_bind;
+use crate::message::{decode_bind, decode_load};
 use crate::settings::Plan;
 
 pub(super) async fn run(plan: Arc<Plan>, link: Arc<Link>, shared: Arc<Shared>) {
@@ -102,6 +102,10 @@ async fn listen(pubsub: PubSub, shared: &Shared) -> String {
 }
 
 fn deliver(shared: &Shared, payload: &[u8]) {
+    if payload.first() == Some(&b'L') {
+        deliver_load(shared, payload);
+        return;
+    }
     let Some(message) = decode_bind(payload) else {
         shared.counters.error(StoreErrorKind::Garbage);
         log::debug!(
@@ -123,6 +127,30 @@ fn deliver(shared: &Shared, payload: &[u8]) {
         .is_err()
         {
             log::error!("sticky store: the remote-bind callback panicked; the message is dropped");
+        }
+    }
+}
+
+fn deliver_load(shared: &Shared, payload: &[u8]) {
+    let Some(message) = decode_load(payload) else {
+        shared.counters.error(StoreErrorKind::Garbage);
+        log::debug!(
+            "sticky store: ignored a malformed load report of {} bytes",
+            payload.len()
+        );
+        return;
+    };
+    if message.origin == shared.origin {
+        return;
+    }
+    let callback = shared.remote_load.load();
+    if let Some(callback) = callback.as_ref() {
+        if catch_unwind(AssertUnwindSafe(|| {
+            callback(message.origin, &message.entries)
+        }))
+        .is_err()
+        {
+            log::error!("sticky store: the remote-load callback panicked; the report is dropped");
         }
     }
 }

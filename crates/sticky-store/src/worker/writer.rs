@@ -195,12 +195,19 @@ fn commands(plan: &Plan, shared: &Shared, op: &WriteOp) -> Vec<redis::Cmd> {
                 .arg(ttl_seconds);
             vec![restore, expire]
         }
+        WriteOp::Load { payload } => {
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(&plan.channel).arg(&**payload);
+            vec![publish]
+        }
     }
 }
 
 /// Drops writes a later one in the same batch makes pointless: an earlier bind of a key bound
-/// again, and any touch of a key that is bound or already touched (a bind sets the expiry).
+/// again, any touch of a key that is bound or already touched (a bind sets the expiry), and
+/// every load report but the last.
 fn coalesce(ops: impl IntoIterator<Item = WriteOp>) -> Vec<WriteOp> {
+    let mut reported = false;
     let mut bound = HashSet::new();
     let mut touched = HashSet::new();
     let mut kept: Vec<WriteOp> = Vec::new();
@@ -215,6 +222,7 @@ fn coalesce(ops: impl IntoIterator<Item = WriteOp>) -> Vec<WriteOp> {
         let keep = match &op {
             WriteOp::Bind { key, .. } => rebound.insert(*key),
             WriteOp::Touch { key, .. } => !bound.contains(key) && touched.insert(*key),
+            WriteOp::Load { .. } => !std::mem::replace(&mut reported, true),
         };
         if keep {
             kept.push(op);

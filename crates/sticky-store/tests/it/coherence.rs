@@ -71,6 +71,51 @@ async fn a_bind_on_one_instance_reaches_the_others_callback_quickly() {
 }
 
 #[tokio::test]
+async fn a_load_report_reaches_the_other_instances_and_not_its_own() {
+    let server = RedisServer::start().unwrap();
+    let a = start(settings(&server.url()));
+    let b = start(settings(&server.url()));
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let (heard, hearing) = mpsc::channel();
+    b.on_remote_load(move |origin, entries| {
+        let owned: Vec<(String, u32)> =
+            entries.iter().map(|(id, n)| (id.to_string(), *n)).collect();
+        let _ = heard.send((origin, owned));
+    });
+    let (a_heard, a_hearing) = mpsc::channel();
+    a.on_remote_load(move |origin, _| {
+        let _ = a_heard.send(origin);
+    });
+    // An unstorable id is left out; the others arrive in order.
+    let too_long = "r".repeat(tether_sticky_store::MAX_REPLICA_ID_LEN + 1);
+    a.publish_load(&[("eu-1", 3), (&too_long, 9), ("us-2", 0)]);
+    let (a_origin, entries) = hearing
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the report reached the other instance");
+    assert_eq!(
+        entries,
+        vec![("eu-1".to_owned(), 3), ("us-2".to_owned(), 0)]
+    );
+    // `a` hears `b`'s report and, before it on the same channel, never its own.
+    b.publish_load(&[("eu-1", 1)]);
+    let first_heard_by_a = a_hearing
+        .recv_timeout(Duration::from_secs(5))
+        .expect("b's report reached a");
+    assert_ne!(
+        first_heard_by_a, a_origin,
+        "an instance heard its own report"
+    );
+    // Binds on the same channel reach the binding callback, not the load one.
+    a.bind(5, "eu-1", None);
+    wait_lookup(&b, 5, found("eu-1")).await;
+    assert!(
+        hearing.try_recv().is_err(),
+        "a bind was taken for a load report"
+    );
+}
+
+#[tokio::test]
 async fn lookup_latency_on_loopback() {
     let server = RedisServer::start().unwrap();
     let store = start(settings(&server.url()));
