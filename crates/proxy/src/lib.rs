@@ -18,3 +18,4 @@ pub mod report_cmd;
 pub mod router;
 pub mod server;
 pub mod tier;
+pub mod tls;

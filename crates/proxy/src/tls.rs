@@ -1,0 +1,385 @@
+//! TLS: the certificates the HTTPS listeners serve, and the TLS settings of each replica's peer.
+//!
+//! **Listeners.** Each `listen_tls` listener gets one [`CertResolver`]: rustls asks it for a
+//! certificate during every handshake, and it answers from the [`ServerCerts`] it holds in an
+//! `ArcSwap`. A reload reads the files again and swaps in new `ServerCerts` in one store: new
+//! handshakes get the new certificate, established connections keep the session they have (a
+//! certificate only matters during the handshake). The certificate chosen is the one whose
+//! subject-alternative names cover the server name the client sent (SNI; exact names before
+//! wildcards), else the listener's first.
+//!
+//! **Replicas.** A replica with `tls` gets an `HttpPeer` with TLS on, its server name, its CA
+//! list and its client certificate, all read and checked here when the topology is installed,
+//! so nothing is parsed (or can fail to parse) on a connection.
+//!
+//! Every problem names the setting and the file, and says what is wrong with it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::upstreams::peer::HttpPeer;
+use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+use tether_topology::{CertificateFiles, TlsListener, Topology, UpstreamTls};
+
+/// Why a certificate, key or CA file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {path}: {reason}")]
+pub struct TlsFileError {
+    /// The setting that names the file (`listen_tls[0].cert`).
+    pub key: String,
+    /// The file.
+    pub path: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn file_error(key: &str, path: &Path, reason: impl Into<String>) -> TlsFileError {
+    TlsFileError {
+        key: key.to_owned(),
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn read(key: &str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))
+}
+
+/// The certificates of a PEM file, leaf first; at least one, each one X.509 that parses.
+fn certificates(key: &str, path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, TlsFileError> {
+    let mut out = Vec::new();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.map_err(|e| file_error(key, path, format!("not PEM: {e}")))?;
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
+            file_error(
+                key,
+                path,
+                format!("certificate {} is not valid X.509: {e}", out.len() + 1),
+            )
+        })?;
+        out.push(cert.as_ref().to_vec());
+    }
+    if out.is_empty() {
+        return Err(file_error(
+            key,
+            path,
+            "holds no certificate (expected PEM `-----BEGIN CERTIFICATE-----` blocks)",
+        ));
+    }
+    Ok(out)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn private_key(key: &str, path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsFileError> {
+    match rustls_pemfile::private_key(&mut &pem[..]) {
+        Ok(Some(k)) => Ok(k),
+        Ok(None) => Err(file_error(
+            key,
+            path,
+            "holds no private key (expected a PEM `PRIVATE KEY` block)",
+        )),
+        Err(e) => Err(file_error(key, path, format!("not PEM: {e}"))),
+    }
+}
+
+/// A certificate chain and its key, loaded and checked against each other.
+#[derive(Debug)]
+struct LoadedCertificate {
+    /// The chain, DER, leaf first.
+    chain: Vec<Vec<u8>>,
+    /// The key, DER.
+    key: PrivateKeyDer<'static>,
+    certified: Arc<CertifiedKey>,
+    /// DNS names of the leaf's subject-alternative-name extension, lower-cased.
+    names: Vec<String>,
+}
+
+/// Reads `files` (whose settings are `cert_setting` and `key_setting`) and checks that the key
+/// is the certificate's. `digest` takes the bytes of both files.
+fn load_certificate(
+    cert_setting: &str,
+    key_setting: &str,
+    files: &CertificateFiles,
+    digest: &mut Sha256,
+) -> Result<LoadedCertificate, TlsFileError> {
+    let cert_pem = read(cert_setting, &files.cert)?;
+    let key_pem = read(key_setting, &files.key)?;
+    digest.update(&cert_pem);
+    digest.update(&key_pem);
+    let chain = certificates(cert_setting, &files.cert, &cert_pem)?;
+    let key = private_key(key_setting, &files.key, &key_pem)?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+        file_error(
+            key_setting,
+            &files.key,
+            format!("unsupported private key: {e}"),
+        )
+    })?;
+    let names = chain
+        .first()
+        .map(|leaf| dns_names(leaf))
+        .unwrap_or_default();
+    let certified = CertifiedKey::new(
+        chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect(),
+        signing,
+    );
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(e) => {
+            return Err(file_error(
+                key_setting,
+                &files.key,
+                format!("is not the key of {}: {e}", files.cert.display()),
+            ))
+        }
+    }
+    Ok(LoadedCertificate {
+        chain,
+        key,
+        certified: Arc::new(certified),
+        names,
+    })
+}
+
+fn dns_names(leaf: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(name) => Some(name.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The certificates one listener serves, by server name.
+#[derive(Debug)]
+pub struct ServerCerts {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` certificates, under `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// SHA-256 of every file's bytes, to tell whether a reload changed anything.
+    digest: [u8; 32],
+}
+
+impl ServerCerts {
+    /// Reads and checks the certificates of `listener` (`listen_tls[index]`).
+    pub fn load(index: usize, listener: &TlsListener) -> Result<ServerCerts, TlsFileError> {
+        let mut digest = Sha256::new();
+        let mut loaded = Vec::with_capacity(listener.certificates.len());
+        for (i, files) in listener.certificates.iter().enumerate() {
+            let key = if i == 0 {
+                format!("listen_tls[{index}]")
+            } else {
+                format!("listen_tls[{index}].sni[{}]", i - 1)
+            };
+            loaded.push(load_certificate(
+                &format!("{key}.cert"),
+                &format!("{key}.key"),
+                files,
+                &mut digest,
+            )?);
+        }
+        let Some(default) = loaded.first().map(|c| Arc::clone(&c.certified)) else {
+            return Err(TlsFileError {
+                key: format!("listen_tls[{index}]"),
+                path: String::new(),
+                reason: "has no certificate".into(),
+            });
+        };
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        // The first certificate naming a server wins, as the first listed is the default.
+        for c in &loaded {
+            for name in &c.names {
+                let entry = match name.strip_prefix("*.") {
+                    Some(parent) => wildcard.entry(parent.to_owned()),
+                    None => exact.entry(name.clone()),
+                };
+                entry.or_insert_with(|| Arc::clone(&c.certified));
+            }
+        }
+        Ok(ServerCerts {
+            default,
+            exact,
+            wildcard,
+            digest: digest.finalize().into(),
+        })
+    }
+
+    /// The certificate for a client that asked for `server_name` (none: the default).
+    pub fn choose(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = server_name else {
+            return &self.default;
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(c) = self.exact.get(&name) {
+            return c;
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// What rustls asks for a certificate on every handshake of one listener.
+#[derive(Debug)]
+pub struct CertResolver {
+    current: ArcSwap<ServerCerts>,
+}
+
+impl CertResolver {
+    fn new(certs: ServerCerts) -> Self {
+        CertResolver {
+            current: ArcSwap::from_pointee(certs),
+        }
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let certs = self.current.load();
+        Some(Arc::clone(certs.choose(client_hello.server_name())))
+    }
+}
+
+/// The certificates of every HTTPS listener, read again on each reload.
+#[derive(Debug)]
+pub struct ListenerCerts {
+    /// One per listener the process started with, in `listen_tls` order.
+    listeners: Vec<(std::net::SocketAddr, Arc<CertResolver>)>,
+}
+
+/// Certificates read for a reload, not yet served.
+#[derive(Debug)]
+pub struct PendingCerts(Vec<Option<ServerCerts>>);
+
+impl PendingCerts {
+    /// The listeners whose files changed, as `listen_tls[i] (address)`.
+    pub fn changed(&self, running: &ListenerCerts) -> Vec<String> {
+        running
+            .listeners
+            .iter()
+            .zip(&self.0)
+            .enumerate()
+            .filter_map(|(i, ((addr, resolver), new))| {
+                let new = new.as_ref()?;
+                (new.digest != resolver.current.load().digest)
+                    .then(|| format!("listen_tls[{i}] ({addr})"))
+            })
+            .collect()
+    }
+}
+
+impl ListenerCerts {
+    /// Reads every listener's certificates.
+    pub fn load(topology: &Topology) -> Result<ListenerCerts, TlsFileError> {
+        let mut listeners = Vec::with_capacity(topology.listen_tls.len());
+        for (i, l) in topology.listen_tls.iter().enumerate() {
+            let certs = ServerCerts::load(i, l)?;
+            listeners.push((l.address, Arc::new(CertResolver::new(certs))));
+        }
+        Ok(ListenerCerts { listeners })
+    }
+
+    /// The listeners: address and the resolver its TLS settings use.
+    pub fn listeners(&self) -> &[(std::net::SocketAddr, Arc<CertResolver>)] {
+        &self.listeners
+    }
+
+    /// Reads the certificates `topology` names for the running listeners (a listener is
+    /// matched by its address; one the process does not have waits for a restart).
+    pub fn prepare(&self, topology: &Topology) -> Result<PendingCerts, TlsFileError> {
+        let mut pending = Vec::with_capacity(self.listeners.len());
+        for (addr, _) in &self.listeners {
+            let found = topology
+                .listen_tls
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.address == *addr);
+            pending.push(match found {
+                Some((i, l)) => Some(ServerCerts::load(i, l)?),
+                None => None,
+            });
+        }
+        Ok(PendingCerts(pending))
+    }
+
+    /// Serves `pending` to new connections.
+    pub fn apply(&self, pending: PendingCerts) {
+        for ((_, resolver), new) in self.listeners.iter().zip(pending.0) {
+            if let Some(new) = new {
+                if new.digest != resolver.current.load().digest {
+                    resolver.current.store(Arc::new(new));
+                }
+            }
+        }
+    }
+}
+
+/// The Pingora TLS settings of a listener: TLS 1.2 and 1.3 (all rustls speaks), ALPN `h2`
+/// then `http/1.1`, certificates from `resolver`.
+pub fn listener_settings(
+    resolver: &Arc<CertResolver>,
+) -> pingora::Result<pingora::listeners::tls::TlsSettings> {
+    let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")?;
+    settings.set_cert_resolver(Arc::clone(resolver) as Arc<dyn ResolvesServerCert>);
+    settings.enable_h2();
+    Ok(settings)
+}
+
+/// A replica's TLS as its peer needs it: checked, parsed, ready to set on the `HttpPeer`.
+pub fn configure_peer(
+    peer: &mut HttpPeer,
+    tls: &UpstreamTls,
+    key: &str,
+) -> Result<(), TlsFileError> {
+    peer.scheme = pingora_core::upstreams::peer::Scheme::HTTPS;
+    peer.sni = tls.sni.clone();
+    peer.options.verify_cert = tls.verify;
+    peer.options.verify_hostname = tls.verify;
+    if let Some(ca_file) = &tls.ca_file {
+        let setting = format!("{key}.tls.ca_file");
+        let pem = read(&setting, ca_file)?;
+        let cas: Vec<WrappedX509> = certificates(&setting, ca_file, &pem)?
+            .into_iter()
+            .map(|der| WrappedX509::new(der, parse_x509))
+            .collect();
+        peer.options.ca = Some(Arc::from(cas.into_boxed_slice()));
+    }
+    if let Some(files) = &tls.client_cert {
+        let loaded = load_certificate(
+            &format!("{key}.tls.client_cert"),
+            &format!("{key}.tls.client_key"),
+            files,
+            &mut Sha256::new(),
+        )?;
+        let der = loaded.key.secret_der().to_vec();
+        // Pingora reads the key back from these bytes on each new connection.
+        if PrivateKeyDer::try_from(der.as_slice()).is_err() {
+            return Err(file_error(
+                &format!("{key}.tls.client_key"),
+                &files.key,
+                "is not a PKCS#8, PKCS#1 or SEC1 key",
+            ));
+        }
+        peer.client_cert_key = Some(Arc::new(CertKey::new(loaded.chain, der)));
+    }
+    Ok(())
+}
