@@ -17,3 +17,4 @@ mod sdk;
 mod sim;
 mod streaming;
 mod tier;
+mod tls;

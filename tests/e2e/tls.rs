@@ -1,0 +1,367 @@
+//! TLS on both sides: clients reach Tether over HTTPS (HTTP/2 or HTTP/1.1, chosen by ALPN),
+//! Tether reaches replicas over HTTPS (checked against a CA, with a client certificate when the
+//! replica asks for one). Every certificate is made at run time by a test CA.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tether_e2e::tls::{client_config, connect, https_client, served_certificate, PemFiles, TestCa};
+use tether_e2e::{free_port, SimFleet, TempDir, Tether, TetherConfig, READY_TIMEOUT};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// Replicas serving HTTPS with certificates of `ca` for 127.0.0.1; `client_ca` makes them ask
+/// for client certificates.
+fn tls_fleet(ids: &[&str], files: &PemFiles, client_ca: Option<&Path>) -> SimFleet {
+    let cert = files.cert.display().to_string();
+    let key = files.key.display().to_string();
+    let mut args = vec![
+        "--deterministic",
+        "--time-scale",
+        "0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    let client_ca = client_ca.map(|p| p.display().to_string());
+    if let Some(ca) = &client_ca {
+        args.extend(["--tls-client-ca", ca]);
+    }
+    SimFleet::start_with(ids, &args).unwrap()
+}
+
+/// `regions:` with one region `r` of `fleet`'s replicas, reached with the `tls` YAML given.
+fn tls_regions(fleet: &SimFleet, tls: &str) -> String {
+    let mut out = format!("regions:\n  - name: r\n    tls: {tls}\n    replicas:\n");
+    for (id, addr) in &fleet.replicas {
+        out.push_str(&format!("      - {{ id: {id}, address: \"{addr}\" }}\n"));
+    }
+    out
+}
+
+/// The config body of a Tether with an HTTPS listener on `https`.
+fn body(
+    https: SocketAddr,
+    cert: &PemFiles,
+    sni: &[&PemFiles],
+    regions: &str,
+    log: &Path,
+) -> String {
+    let mut listener = format!(
+        "listen_tls:\n  - address: \"{https}\"\n    cert: \"{}\"\n    key: \"{}\"\n",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    if !sni.is_empty() {
+        listener.push_str("    sni:\n");
+        for c in sni {
+            listener.push_str(&format!(
+                "      - {{ cert: \"{}\", key: \"{}\" }}\n",
+                c.cert.display(),
+                c.key.display()
+            ));
+        }
+    }
+    format!(
+        "{listener}local_region: r\n{regions}usage_log: {{ path: \"{}\" }}\nhealth: {{ probe: {{ interval: 200ms, timeout: 100ms }} }}\n",
+        log.display()
+    )
+}
+
+fn records(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn record_of<'a>(records: &'a [Value], model: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["model"] == model)
+        .unwrap_or_else(|| panic!("no usage record of {model}: {records:?}"))
+}
+
+/// A streamed chat completion that did not ask for usage; returns the HTTP version and the
+/// body.
+async fn stream(client: &reqwest::Client, url: &str, model: &str) -> (reqwest::Version, String) {
+    let res = client
+        .post(url)
+        .header("x-session-affinity", format!("tls-{model}"))
+        .json(&json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "stream over TLS"}],
+            "max_tokens": 6,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let version = res.version();
+    let mut body = Vec::new();
+    let mut chunks = res.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        body.extend_from_slice(&chunk.unwrap());
+    }
+    (version, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_http1_over_tls_reach_tls_replicas_and_are_metered() {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let ca_file = ca.write(dir.path(), "ca.crt").unwrap();
+    let replica = ca
+        .server(dir.path(), "replica", "replica", &["127.0.0.1"])
+        .unwrap();
+    let edge = ca
+        .server(dir.path(), "edge", "edge", &["localhost", "127.0.0.1"])
+        .unwrap();
+    let fleet = tls_fleet(&["s-1", "s-2"], &replica, None);
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.path().join("usage.jsonl");
+    let regions = tls_regions(&fleet, &format!("{{ ca_file: \"{}\" }}", ca_file.display()));
+    let mut tether = Tether::start(&TetherConfig {
+        body: body(https, &edge, &[], &regions, &log),
+    })
+    .unwrap();
+    let url = format!("https://localhost:{}/v1/chat/completions", https.port());
+
+    let h2 = https_client(&ca, true).unwrap();
+    let (version, sse) = stream(&h2, &url, "tls-h2").await;
+    assert_eq!(version, reqwest::Version::HTTP_2, "ALPN chose h2");
+    assert!(sse.contains("\"content\""), "{sse}");
+    assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
+    assert!(
+        !sse.contains("\"usage\":{"),
+        "the usage event Tether asked for stays hidden: {sse}"
+    );
+
+    let h1 = https_client(&ca, false).unwrap();
+    let (version, sse) = stream(&h1, &url, "tls-h1").await;
+    assert_eq!(version, reqwest::Version::HTTP_11);
+    assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
+
+    // A plain JSON answer over h2 too, and the plain listener still serves.
+    let res = h2
+        .post(&url)
+        .json(&json!({"model": "tls-h2-json", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    let answer: Value = res.json().await.unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
+    let plain = reqwest::get(tether.url("/v1/models")).await.unwrap();
+    assert_eq!(plain.status(), 200);
+
+    assert!(tether.terminate().unwrap(), "tether exits cleanly");
+    let records = records(&log);
+    for (model, completion) in [("tls-h2", 6), ("tls-h1", 6), ("tls-h2-json", 3)] {
+        let r = record_of(&records, model);
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["usage_status"], "found", "{r}");
+        assert_eq!(r["completion_tokens"], completion, "{r}");
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 0, "{r}");
+    }
+}
+
+/// `GET /v1/models` on an open HTTP/1.1 connection; returns the status.
+async fn get_models<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut BufReader<S>,
+) -> u16 {
+    stream
+        .get_mut()
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut status = String::new();
+    stream.read_line(&mut status).await.unwrap();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {status:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_chosen_by_server_name_and_a_renewed_one_is_served_to_new_connections_only(
+) {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let first = ca
+        .server(dir.path(), "edge", "edge-1", &["localhost", "127.0.0.1"])
+        .unwrap();
+    let other = ca
+        .server(dir.path(), "other", "other", &["*.example.test"])
+        .unwrap();
+    let fleet = SimFleet::start(&["s-1"]).unwrap();
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let regions = format!(
+        "regions:\n  - name: r\n    replicas:\n      - {{ id: s-1, address: \"{}\" }}\n",
+        fleet.addr("s-1")
+    );
+    let log = dir.path().join("usage.jsonl");
+    let _tether = Tether::start(&TetherConfig {
+        body: body(https, &first, &[&other], &regions, &log),
+    })
+    .unwrap();
+    let config = client_config(&ca, &[b"http/1.1"]).unwrap();
+
+    // By server name: the wildcard certificate for its names, the first one otherwise.
+    let api = connect(config.clone(), https, "api.example.test")
+        .await
+        .unwrap();
+    assert_eq!(served_certificate(&api).unwrap(), other.der);
+    let mut old = BufReader::new(connect(config.clone(), https, "localhost").await.unwrap());
+    assert_eq!(served_certificate(old.get_ref()).unwrap(), first.der);
+    assert_eq!(get_models(&mut old).await, 200);
+
+    // Renewed under the same paths: the file watch reloads it.
+    let renewed = ca
+        .server(dir.path(), "edge", "edge-2", &["localhost", "127.0.0.1"])
+        .unwrap();
+    assert_ne!(renewed.der, first.der);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let fresh = connect(config.clone(), https, "localhost").await.unwrap();
+        if served_certificate(&fresh).unwrap() == renewed.der {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The connection made before the renewal keeps working, with the session it has.
+    assert_eq!(served_certificate(old.get_ref()).unwrap(), first.der);
+    assert_eq!(get_models(&mut old).await, 200);
+}
+
+const ADMIN_TOKEN: &str = "tls-test-admin-token";
+
+/// `POST /v1/chat/completions` with a small body; returns the status and the JSON answer.
+async fn chat(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let res = client
+        .post(url)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_certificate_from_another_ca_is_a_502_and_mutual_tls_follows_a_reload() {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let stranger = TestCa::new("some other CA").unwrap();
+    let ca_file = ca.write(dir.path(), "ca.crt").unwrap();
+    let client = ca.client(dir.path(), "tether-client", "tether").unwrap();
+    // Signed by a CA Tether does not trust, and asking for client certificates of `ca`.
+    let replica = stranger
+        .server(dir.path(), "replica", "replica", &["127.0.0.1"])
+        .unwrap();
+    let fleet = tls_fleet(&["s-1"], &replica, Some(&ca_file));
+    let log = dir.path().join("usage.jsonl");
+    // No probes (they would take the replica out before the request shows the failure); no
+    // file watch: each reload is the admin API's, applied when it answers.
+    let body = |fleet: &SimFleet, extra: &str| {
+        format!(
+            "local_region: r\n{}usage_log: {{ path: \"{}\" }}\nhealth: {{ probe: {{ enabled: false }} }}\n\
+             admin: {{ token: \"{ADMIN_TOKEN}\" }}\nreload: {{ watch: false }}\n",
+            tls_regions(
+                fleet,
+                &format!("{{ ca_file: \"{}\"{extra} }}", ca_file.display())
+            ),
+            log.display()
+        )
+    };
+    let tether = Tether::start(&TetherConfig {
+        body: body(&fleet, ""),
+    })
+    .unwrap();
+    let http = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+
+    let (status, answer) = chat(&http, &url).await;
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["error"]["code"], "upstream_error", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TLSHandshakeFailure"),
+        "{answer}"
+    );
+    assert!(!tether_exited(&tether), "a failed handshake is no crash");
+
+    // Now a replica `ca` signed, still asking for a client certificate Tether does not have.
+    drop(fleet);
+    let replica = ca
+        .server(dir.path(), "replica", "replica", &["127.0.0.1"])
+        .unwrap();
+    let fleet = tls_fleet(&["s-1"], &replica, Some(&ca_file));
+    let reload = |body: String| {
+        tether.rewrite_config(&body).unwrap();
+        let admin = tether.admin_url("/admin/reload");
+        async move {
+            let res = reqwest::Client::new()
+                .post(admin)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert!(res.status().is_success(), "{}", res.text().await.unwrap());
+        }
+    };
+    reload(body(&fleet, "")).await;
+    // TLS 1.3: the replica refuses the missing certificate after the handshake, as Tether
+    // sends the request (a TLS alert, or a reset if it closed first).
+    let (status, answer) = chat(&http, &url).await;
+    assert!(
+        status == 502 || status == 503,
+        "without a client certificate: {status} {answer}"
+    );
+
+    reload(body(
+        &fleet,
+        &format!(
+            ", client_cert: \"{}\", client_key: \"{}\"",
+            client.cert.display(),
+            client.key.display()
+        ),
+    ))
+    .await;
+    let (status, answer) = chat(&http, &url).await;
+    assert_eq!(status, 200, "with one: {answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 2, "{answer}");
+}
+
+fn tether_exited(tether: &Tether) -> bool {
+    !PathBuf::from(format!("/proc/{}", tether.process.pid())).exists()
+}
