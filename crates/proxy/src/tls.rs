@@ -355,7 +355,7 @@ pub fn configure_peer(
     peer.options.verify_cert = tls.verify;
     peer.options.verify_hostname = tls.verify;
     if let Some(ca_file) = &tls.ca_file {
-        let setting = format!("{key}.tls.ca_file");
+        let setting = format!("{key}: tls.ca_file");
         let pem = read(&setting, ca_file)?;
         let cas: Vec<WrappedX509> = certificates(&setting, ca_file, &pem)?
             .into_iter()
@@ -365,8 +365,8 @@ pub fn configure_peer(
     }
     if let Some(files) = &tls.client_cert {
         let loaded = load_certificate(
-            &format!("{key}.tls.client_cert"),
-            &format!("{key}.tls.client_key"),
+            &format!("{key}: tls.client_cert"),
+            &format!("{key}: tls.client_key"),
             files,
             &mut Sha256::new(),
         )?;
@@ -374,7 +374,7 @@ pub fn configure_peer(
         // Pingora reads the key back from these bytes on each new connection.
         if PrivateKeyDer::try_from(der.as_slice()).is_err() {
             return Err(file_error(
-                &format!("{key}.tls.client_key"),
+                &format!("{key}: tls.client_key"),
                 &files.key,
                 "is not a PKCS#8, PKCS#1 or SEC1 key",
             ));
@@ -382,4 +382,200 @@ pub fn configure_peer(
         peer.client_cert_key = Some(Arc::new(CertKey::new(loaded.chain, der)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::PathBuf;
+
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+
+    /// A self-signed certificate for `names`, written to `dir/<stem>.crt` and `.key`.
+    fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> (CertificateFiles, Vec<u8>) {
+        let params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let files = CertificateFiles {
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        (files, cert.der().to_vec())
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tether-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn listener(certificates: Vec<CertificateFiles>) -> TlsListener {
+        TlsListener {
+            address: "127.0.0.1:8443".parse().unwrap(),
+            certificates,
+        }
+    }
+
+    fn served(certs: &ServerCerts, name: Option<&str>) -> Vec<u8> {
+        certs
+            .choose(name)
+            .end_entity_cert()
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_certificate_follows_the_server_name_exact_then_wildcard_then_the_first() {
+        let dir = temp_dir("choose");
+        let (main, main_der) = write_cert(&dir, "main", &["api.example.com", "127.0.0.1"]);
+        let (wild, wild_der) = write_cert(&dir, "wild", &["*.eu.example.com"]);
+        let (exact, exact_der) = write_cert(&dir, "exact", &["special.eu.example.com"]);
+        let certs = ServerCerts::load(0, &listener(vec![main, wild, exact])).unwrap();
+        assert_eq!(served(&certs, Some("api.example.com")), main_der);
+        assert_eq!(served(&certs, Some("API.Example.COM")), main_der);
+        assert_eq!(served(&certs, Some("x.eu.example.com")), wild_der);
+        assert_eq!(served(&certs, Some("special.eu.example.com")), exact_der);
+        // A wildcard covers one label only; unknown names and no name get the first.
+        assert_eq!(served(&certs, Some("a.b.eu.example.com")), main_der);
+        assert_eq!(served(&certs, Some("unknown.test")), main_der);
+        assert_eq!(served(&certs, None), main_der);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn load_error(files: CertificateFiles) -> String {
+        ServerCerts::load(2, &listener(vec![files]))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn an_unusable_file_is_an_error_naming_its_key_and_path() {
+        let dir = temp_dir("errors");
+        let (a, _) = write_cert(&dir, "a", &["a.test"]);
+        let (b, _) = write_cert(&dir, "b", &["b.test"]);
+
+        let mismatched = load_error(CertificateFiles {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        });
+        assert!(
+            mismatched.starts_with("listen_tls[2].key: ")
+                && mismatched.contains("is not the key of"),
+            "{mismatched}"
+        );
+
+        let missing = load_error(CertificateFiles {
+            cert: dir.join("absent.crt"),
+            key: a.key.clone(),
+        });
+        assert!(
+            missing.starts_with("listen_tls[2].cert: ") && missing.contains("cannot read"),
+            "{missing}"
+        );
+
+        // A key where the certificate belongs, and a certificate where the key belongs.
+        let swapped = load_error(CertificateFiles {
+            cert: a.key.clone(),
+            key: a.cert.clone(),
+        });
+        assert!(swapped.contains("holds no certificate"), "{swapped}");
+        let no_key = load_error(CertificateFiles {
+            cert: a.cert.clone(),
+            key: a.cert.clone(),
+        });
+        assert!(
+            no_key.starts_with("listen_tls[2].key: ") && no_key.contains("holds no private key"),
+            "{no_key}"
+        );
+
+        let garbage = dir.join("garbage.crt");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let invalid = load_error(CertificateFiles {
+            cert: garbage,
+            key: a.key.clone(),
+        });
+        assert!(invalid.contains("not valid X.509"), "{invalid}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_reload_swaps_only_changed_certificates_and_keeps_the_old_ones_on_error() {
+        let dir = temp_dir("reload");
+        let (files, first_der) = write_cert(&dir, "edge", &["edge.test"]);
+        let topology_with = |files: Vec<CertificateFiles>| {
+            let mut t = tether_topology::Topology::from_yaml(
+                "listen: 127.0.0.1:8080\nlocal_region: r\nregions:\n  - name: r\n    replicas:\n      - { id: a, address: \"127.0.0.1:9000\" }\n",
+                "test",
+            )
+            .unwrap();
+            t.listen_tls = vec![listener(files)];
+            t
+        };
+        let topology = topology_with(vec![files.clone()]);
+        let running = ListenerCerts::load(&topology).unwrap();
+        let current = |r: &ListenerCerts| served(&r.listeners()[0].1.current.load(), None);
+
+        let unchanged = running.prepare(&topology).unwrap();
+        assert!(unchanged.changed(&running).is_empty());
+
+        let (_, renewed_der) = write_cert(&dir, "edge", &["edge.test"]);
+        let pending = running.prepare(&topology).unwrap();
+        assert_eq!(
+            pending.changed(&running),
+            ["listen_tls[0] (127.0.0.1:8443)"]
+        );
+        assert_eq!(current(&running), first_der, "nothing served before apply");
+        running.apply(pending);
+        assert_eq!(current(&running), renewed_der);
+
+        std::fs::write(&files.key, "not a key").unwrap();
+        assert!(running.prepare(&topology).is_err());
+        assert_eq!(current(&running), renewed_der, "a bad file changes nothing");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_replica_peer_gets_tls_its_name_its_cas_and_its_client_certificate() {
+        let dir = temp_dir("peer");
+        let (ca, _) = write_cert(&dir, "ca", &["ca.test"]);
+        let (client, _) = write_cert(&dir, "client", &["client.test"]);
+        let mut peer = HttpPeer::new("127.0.0.1:9000", false, String::new());
+        let tls = UpstreamTls {
+            sni: "replica.test".into(),
+            ca_file: Some(ca.cert.clone()),
+            verify: true,
+            client_cert: Some(client.clone()),
+        };
+        configure_peer(&mut peer, &tls, "replica a").unwrap();
+        assert!(peer.is_tls());
+        assert_eq!(peer.sni, "replica.test");
+        assert_eq!(peer.options.ca.as_ref().map(|c| c.len()), Some(1));
+        assert!(peer.client_cert_key.is_some());
+
+        let mut peer = HttpPeer::new("127.0.0.1:9000", false, String::new());
+        let wrong_key = UpstreamTls {
+            client_cert: Some(CertificateFiles {
+                cert: client.cert,
+                key: ca.key,
+            }),
+            ..tls
+        };
+        let e = configure_peer(&mut peer, &wrong_key, "replica a")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("replica a: tls.client_key: "), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
