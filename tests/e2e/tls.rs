@@ -173,6 +173,62 @@ async fn http2_and_http1_over_tls_reach_tls_replicas_and_are_metered() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_streams_over_https_with_http1_and_http2_to_tls_replicas() {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let ca_file = ca.write(dir.path(), "ca.crt").unwrap();
+    let replica = ca
+        .server(dir.path(), "replica", "replica", &["127.0.0.1"])
+        .unwrap();
+    let edge = ca
+        .server(dir.path(), "edge", "edge", &["localhost"])
+        .unwrap();
+    let fleet = tls_fleet(&["s-1", "s-2"], &replica, None);
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.path().join("usage.jsonl");
+    let regions = tls_regions(&fleet, &format!("{{ ca_file: \"{}\" }}", ca_file.display()));
+    let mut tether = Tether::start(&TetherConfig {
+        body: body(https, &edge, &[], &regions, &log),
+    })
+    .unwrap();
+    let base_url = format!("https://localhost:{}/v1", https.port());
+    let ca_arg = ca_file.display().to_string();
+
+    for (transport, version) in [
+        (vec!["--ca-file", &ca_arg], "HTTP/1.1"),
+        (vec!["--ca-file", &ca_arg, "--http2"], "HTTP/2"),
+    ] {
+        let seen = crate::sdk::run_sdk_over(
+            "openai_client.py",
+            base_url.clone(),
+            "sk-unused",
+            &transport,
+            &["protocol"],
+        )
+        .await;
+        let (stream, json) = (&seen["protocol"]["stream"], &seen["protocol"]["json"]);
+        assert_eq!(stream["status"], 200, "{seen}");
+        assert_eq!(stream["http_version"], version, "{seen}");
+        assert!(stream["chunks"].as_u64().unwrap() >= 5, "{seen}");
+        assert!(!stream["text"].as_str().unwrap().is_empty(), "{seen}");
+        assert_eq!(json["status"], 200, "{seen}");
+        assert_eq!(json["http_version"], version, "{seen}");
+        assert_eq!(json["usage"]["completion_tokens"], 3, "{seen}");
+    }
+
+    assert!(tether.terminate().unwrap(), "tether exits cleanly");
+    let records = records(&log);
+    let metered = |model: &str| {
+        records
+            .iter()
+            .filter(|r| r["model"] == model && r["usage_status"] == "found")
+            .count()
+    };
+    assert_eq!(metered("sdk-protocol-stream"), 2, "{records:?}");
+    assert_eq!(metered("sdk-protocol-json"), 2, "{records:?}");
+}
+
 /// `GET /v1/models` on an open HTTP/1.1 connection; returns the status.
 async fn get_models<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream: &mut BufReader<S>,
