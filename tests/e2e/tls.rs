@@ -421,3 +421,60 @@ async fn a_replica_certificate_from_another_ca_is_a_502_and_mutual_tls_follows_a
 fn tether_exited(tether: &Tether) -> bool {
     !PathBuf::from(format!("/proc/{}", tether.process.pid())).exists()
 }
+
+/// Runs `tether <command> -c <yaml>`; returns whether it succeeded and its stderr.
+fn tether_cli(command: &str, dir: &Path, yaml: &str) -> (bool, String) {
+    let path = dir.join(format!("{command}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(tether_e2e::binary("tether"))
+        .args([command, "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_and_run_refuse_an_unusable_certificate_naming_its_key() {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let a = ca.server(dir.path(), "a", "a", &["a.test"]).unwrap();
+    let b = ca.server(dir.path(), "b", "b", &["b.test"]).unwrap();
+    let [port, https] = tether_e2e::free_ports();
+    let base = format!(
+        "listen: 127.0.0.1:{port}\nlocal_region: r\nregions:\n  - name: r\n    replicas:\n      - {{ id: a, address: \"127.0.0.1:1\" }}\n"
+    );
+    let good = format!(
+        "{base}listen_tls:\n  - {{ address: \"127.0.0.1:{https}\", cert: \"{}\", key: \"{}\" }}\n",
+        a.cert.display(),
+        a.key.display()
+    );
+    assert_eq!(
+        tether_cli("check", dir.path(), &good),
+        (true, String::new())
+    );
+
+    let mismatched = good.replace(&a.key.display().to_string(), &b.key.display().to_string());
+    for command in ["check", "run"] {
+        let (ok, stderr) = tether_cli(command, dir.path(), &mismatched);
+        assert!(!ok, "{command}");
+        assert!(
+            stderr.contains("listen_tls[0].key: ") && stderr.contains("is not the key of"),
+            "{command}: {stderr}"
+        );
+    }
+
+    let no_ca = base.replace(
+        "address: \"127.0.0.1:1\"",
+        "address: \"127.0.0.1:1\", tls: { ca_file: /nonexistent/ca.crt }",
+    );
+    let (ok, stderr) = tether_cli("check", dir.path(), &no_ca);
+    assert!(!ok);
+    assert!(
+        stderr.contains("replica a: tls.ca_file: /nonexistent/ca.crt: cannot read"),
+        "{stderr}"
+    );
+}
