@@ -478,3 +478,67 @@ fn check_and_run_refuse_an_unusable_certificate_naming_its_key() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_the_admin_api_reload_a_renewed_certificate_under_an_unchanged_config() {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let first = ca
+        .server(dir.path(), "edge", "edge-1", &["localhost"])
+        .unwrap();
+    let fleet = SimFleet::start(&["s-1"]).unwrap();
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let regions = format!(
+        "regions:\n  - name: r\n    replicas:\n      - {{ id: s-1, address: \"{}\" }}\n",
+        fleet.addr("s-1")
+    );
+    let log = dir.path().join("usage.jsonl");
+    // No file watch: only the triggers under test reload.
+    let tether = Tether::start(&TetherConfig {
+        body: format!(
+            "{}admin: {{ token: \"{ADMIN_TOKEN}\" }}\nreload: {{ watch: false }}\n",
+            body(https, &first, &[], &regions, &log)
+        ),
+    })
+    .unwrap();
+    let config = client_config(&ca, &[b"http/1.1"]).unwrap();
+    let served = || async {
+        let stream = connect(config.clone(), https, "localhost").await.unwrap();
+        served_certificate(&stream).unwrap()
+    };
+    assert_eq!(served().await, first.der);
+
+    let second = ca
+        .server(dir.path(), "edge", "edge-2", &["localhost"])
+        .unwrap();
+    tether.hangup().unwrap();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while served().await != second.der {
+        assert!(Instant::now() < deadline, "SIGHUP never served the renewal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let third = ca
+        .server(dir.path(), "edge", "edge-3", &["localhost"])
+        .unwrap();
+    let answer: Value = reqwest::Client::new()
+        .post(tether.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["result"], "ok", "{answer}");
+    assert_eq!(
+        answer["changes"],
+        json!([format!("certificates of listen_tls[0] ({https}) reloaded")]),
+        "{answer}"
+    );
+    assert_eq!(
+        served().await,
+        third.der,
+        "applied when the admin API answers"
+    );
+}
