@@ -542,3 +542,74 @@ async fn sighup_and_the_admin_api_reload_a_renewed_certificate_under_an_unchange
         "applied when the admin API answers"
     );
 }
+
+/// Replica `id`'s health as the admin API reports it.
+async fn health_of(tether: &Tether, id: &str) -> String {
+    let view: Value = reqwest::get(tether.admin_url("/admin/replicas"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    view["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .map(|r| r["health"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no replica {id}: {view}"))
+}
+
+async fn wait_for_health(tether: &Tether, id: &str, want: &str) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let now = health_of(tether, id).await;
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} stayed {now}, never {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_verify_a_tls_replica_like_requests_and_follow_a_fixed_ca_file() {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let stranger = TestCa::new("some other CA").unwrap();
+    let ca_file = ca.write(dir.path(), "ca.crt").unwrap();
+    let stranger_file = stranger.write(dir.path(), "stranger.crt").unwrap();
+    let replica = ca
+        .server(dir.path(), "replica", "replica", &["127.0.0.1"])
+        .unwrap();
+    let fleet = tls_fleet(&["s-1"], &replica, None);
+    let log = dir.path().join("usage.jsonl");
+    let body = |ca: &Path| {
+        format!(
+            "local_region: r\n{}usage_log: {{ path: \"{}\" }}\n\
+             health: {{ probe: {{ interval: 100ms, timeout: 100ms, rise: 2, fall: 2 }} }}\n\
+             admin: {{ token: \"{ADMIN_TOKEN}\" }}\nreload: {{ watch: false }}\n",
+            tls_regions(&fleet, &format!("{{ ca_file: \"{}\" }}", ca.display())),
+            log.display()
+        )
+    };
+    // Trusting the wrong CA, probes fail the handshake and take the replica out.
+    let tether = Tether::start(&TetherConfig {
+        body: body(&stranger_file),
+    })
+    .unwrap();
+    wait_for_health(&tether, "s-1", "unhealthy").await;
+
+    // The right CA: only a probe that speaks TLS and verifies against it brings it back.
+    tether.rewrite_config(&body(&ca_file)).unwrap();
+    let res = reqwest::Client::new()
+        .post(tether.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.text().await.unwrap());
+    wait_for_health(&tether, "s-1", "healthy").await;
+    let (status, answer) = chat(&reqwest::Client::new(), &tether.url("/v1/chat/completions")).await;
+    assert_eq!(status, 200, "{answer}");
+}

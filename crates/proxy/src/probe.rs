@@ -126,8 +126,8 @@ fn check_backend(target: &ProbeTarget) -> Backend {
 #[derive(Default)]
 pub struct Checkers {
     settings: Option<ProbeSettings>,
-    /// With the peer's reuse hash (its address and TLS settings), to rebuild a checker whose
-    /// replica's TLS settings changed.
+    /// With the peer's reuse hash (its address and TLS settings, the CA list through its group
+    /// key), to rebuild a checker whose replica's TLS settings changed.
     by_address: HashMap<SocketAddr, (u64, Arc<HttpHealthCheck>)>,
 }
 

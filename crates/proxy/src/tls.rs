@@ -14,7 +14,9 @@
 //!
 //! Every problem names the setting and the file, and says what is wrong with it.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -357,7 +359,14 @@ pub fn configure_peer(
     if let Some(ca_file) = &tls.ca_file {
         let setting = format!("{key}: tls.ca_file");
         let pem = read(&setting, ca_file)?;
-        let cas: Vec<WrappedX509> = certificates(&setting, ca_file, &pem)?
+        let ders = certificates(&setting, ca_file, &pem)?;
+        // Pingora's connection pool and our probe checkers key a peer by its reuse hash, which
+        // leaves the CA list out: put it in through the group key, so connections verified
+        // against an old CA list are not reused once it changes.
+        let mut hasher = DefaultHasher::new();
+        ders.hash(&mut hasher);
+        peer.group_key = hasher.finish();
+        let cas: Vec<WrappedX509> = ders
             .into_iter()
             .map(|der| WrappedX509::new(der, parse_x509))
             .collect();
@@ -563,6 +572,17 @@ mod tests {
         assert_eq!(peer.sni, "replica.test");
         assert_eq!(peer.options.ca.as_ref().map(|c| c.len()), Some(1));
         assert!(peer.client_cert_key.is_some());
+
+        // Another CA list is another pool of connections (and another probe checker).
+        use pingora::upstreams::peer::Peer;
+        let (other_ca, _) = write_cert(&dir, "other-ca", &["other.test"]);
+        let mut other = HttpPeer::new("127.0.0.1:9000", false, String::new());
+        let other_tls = UpstreamTls {
+            ca_file: Some(other_ca.cert),
+            ..tls.clone()
+        };
+        configure_peer(&mut other, &other_tls, "replica a").unwrap();
+        assert_ne!(peer.reuse_hash(), other.reuse_hash());
 
         let mut peer = HttpPeer::new("127.0.0.1:9000", false, String::new());
         let wrong_key = UpstreamTls {
