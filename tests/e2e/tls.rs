@@ -382,20 +382,7 @@ async fn a_replica_certificate_from_another_ca_is_a_502_and_mutual_tls_follows_a
         .server(dir.path(), "replica", "replica", &["127.0.0.1"])
         .unwrap();
     let fleet = tls_fleet(&["s-1"], &replica, Some(&ca_file));
-    let reload = |body: String| {
-        tether.rewrite_config(&body).unwrap();
-        let admin = tether.admin_url("/admin/reload");
-        async move {
-            let res = reqwest::Client::new()
-                .post(admin)
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap();
-            assert!(res.status().is_success(), "{}", res.text().await.unwrap());
-        }
-    };
-    reload(body(&fleet, "")).await;
+    admin_reload(&tether, &body(&fleet, "")).await;
     // TLS 1.3: the replica refuses the missing certificate after the handshake, as Tether
     // sends the request (a TLS alert, or a reset if it closed first).
     let (status, answer) = chat(&http, &url).await;
@@ -404,14 +391,17 @@ async fn a_replica_certificate_from_another_ca_is_a_502_and_mutual_tls_follows_a
         "without a client certificate: {status} {answer}"
     );
 
-    reload(body(
-        &fleet,
-        &format!(
-            ", client_cert: \"{}\", client_key: \"{}\"",
-            client.cert.display(),
-            client.key.display()
+    admin_reload(
+        &tether,
+        &body(
+            &fleet,
+            &format!(
+                ", client_cert: \"{}\", client_key: \"{}\"",
+                client.cert.display(),
+                client.key.display()
+            ),
         ),
-    ))
+    )
     .await;
     let (status, answer) = chat(&http, &url).await;
     assert_eq!(status, 200, "with one: {answer}");
@@ -543,6 +533,18 @@ async fn sighup_and_the_admin_api_reload_a_renewed_certificate_under_an_unchange
     );
 }
 
+/// Rewrites `tether`'s config to `body` and reloads it through the admin API.
+async fn admin_reload(tether: &Tether, body: &str) {
+    tether.rewrite_config(body).unwrap();
+    let res = reqwest::Client::new()
+        .post(tether.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.text().await.unwrap());
+}
+
 /// Replica `id`'s health as the admin API reports it.
 async fn health_of(tether: &Tether, id: &str) -> String {
     let view: Value = reqwest::get(tether.admin_url("/admin/replicas"))
@@ -573,7 +575,7 @@ async fn wait_for_health(tether: &Tether, id: &str, want: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probes_verify_a_tls_replica_like_requests_and_follow_a_fixed_ca_file() {
+async fn probes_verify_a_tls_replica_like_requests_and_follow_its_tls_settings() {
     let dir = TempDir::new("tether-tls").unwrap();
     let ca = TestCa::new("tether test CA").unwrap();
     let stranger = TestCa::new("some other CA").unwrap();
@@ -584,31 +586,32 @@ async fn probes_verify_a_tls_replica_like_requests_and_follow_a_fixed_ca_file() 
         .unwrap();
     let fleet = tls_fleet(&["s-1"], &replica, None);
     let log = dir.path().join("usage.jsonl");
-    let body = |ca: &Path| {
+    let body = |tls: &str| {
         format!(
             "local_region: r\n{}usage_log: {{ path: \"{}\" }}\n\
              health: {{ probe: {{ interval: 100ms, timeout: 100ms, rise: 2, fall: 2 }} }}\n\
              admin: {{ token: \"{ADMIN_TOKEN}\" }}\nreload: {{ watch: false }}\n",
-            tls_regions(&fleet, &format!("{{ ca_file: \"{}\" }}", ca.display())),
+            tls_regions(&fleet, tls),
             log.display()
         )
     };
+    let trusting = |ca: &Path| format!("{{ ca_file: \"{}\" }}", ca.display());
     // Trusting the wrong CA, probes fail the handshake and take the replica out.
     let tether = Tether::start(&TetherConfig {
-        body: body(&stranger_file),
+        body: body(&trusting(&stranger_file)),
     })
     .unwrap();
     wait_for_health(&tether, "s-1", "unhealthy").await;
 
-    // The right CA: only a probe that speaks TLS and verifies against it brings it back.
-    tether.rewrite_config(&body(&ca_file)).unwrap();
-    let res = reqwest::Client::new()
-        .post(tether.admin_url("/admin/reload"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success(), "{}", res.text().await.unwrap());
+    // `verify: false` (a test bed's setting) accepts the certificate unchecked.
+    admin_reload(&tether, &body("{ verify: false }")).await;
+    wait_for_health(&tether, "s-1", "healthy").await;
+
+    // Back to the wrong CA: out again; then the right CA: only a probe that speaks TLS and
+    // verifies against it brings the replica back.
+    admin_reload(&tether, &body(&trusting(&stranger_file))).await;
+    wait_for_health(&tether, "s-1", "unhealthy").await;
+    admin_reload(&tether, &body(&trusting(&ca_file))).await;
     wait_for_health(&tether, "s-1", "healthy").await;
     let (status, answer) = chat(&reqwest::Client::new(), &tether.url("/v1/chat/completions")).await;
     assert_eq!(status, 200, "{answer}");
