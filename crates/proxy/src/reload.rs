@@ -305,6 +305,15 @@ impl BackgroundService for ConfigWatcher {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
+            // A reload by any trigger may have named other certificate files: watch those
+            // from their present state on.
+            let current = self.reloader.watched();
+            if current != paths {
+                paths = current;
+                seen = stamps(&paths);
+                pending = None;
+                continue;
+            }
             let now = stamps(&paths);
             if !self.reloader.watching() {
                 // Off (`reload.watch: false`): remember the file as it is, so turning the
@@ -322,12 +331,6 @@ impl BackgroundService for ConfigWatcher {
                         // Reading and parsing are blocking file work: keep them off the runtime.
                         let _ = tokio::task::spawn_blocking(move || reloader.reload("file change"))
                             .await;
-                        // The reload may have named other certificate files.
-                        let now_paths = self.reloader.watched();
-                        if now_paths != paths {
-                            paths = now_paths;
-                            seen = stamps(&paths);
-                        }
                     } else {
                         log::warn!(
                             "config {} disappeared; still serving the last good config",
