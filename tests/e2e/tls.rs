@@ -162,9 +162,33 @@ async fn http2_and_http1_over_tls_reach_tls_replicas_and_are_metered() {
     let plain = reqwest::get(tether.url("/v1/models")).await.unwrap();
     assert_eq!(plain.status(), 200);
 
+    // Tether's own answers (here a 400 for a token over the length limit) go out over h2 too,
+    // and the connection stays usable.
+    let res = h2
+        .post(&url)
+        .header("x-session-affinity", "t".repeat(200))
+        .json(&json!({"model": "tls-refused", "messages": [], "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert_eq!(res.status(), 400);
+    let refused: Value = res.json().await.unwrap();
+    assert_eq!(
+        refused["error"]["code"], "invalid_session_affinity",
+        "{refused}"
+    );
+    let (version, _) = stream(&h2, &url, "tls-h2-after-400").await;
+    assert_eq!(version, reqwest::Version::HTTP_2);
+
     assert!(tether.terminate().unwrap(), "tether exits cleanly");
     let records = records(&log);
-    for (model, completion) in [("tls-h2", 6), ("tls-h1", 6), ("tls-h2-json", 3)] {
+    for (model, completion) in [
+        ("tls-h2", 6),
+        ("tls-h1", 6),
+        ("tls-h2-json", 3),
+        ("tls-h2-after-400", 6),
+    ] {
         let r = record_of(&records, model);
         assert_eq!(r["status"], 200, "{r}");
         assert_eq!(r["usage_status"], "found", "{r}");
@@ -615,4 +639,76 @@ async fn probes_verify_a_tls_replica_like_requests_and_follow_its_tls_settings()
     wait_for_health(&tether, "s-1", "healthy").await;
     let (status, answer) = chat(&reqwest::Client::new(), &tether.url("/v1/chat/completions")).await;
     assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_the_client_cancels_is_still_recorded_and_its_connection_lives_on() {
+    let dir = TempDir::new("tether-tls").unwrap();
+    let ca = TestCa::new("tether test CA").unwrap();
+    let edge = ca
+        .server(dir.path(), "edge", "edge", &["localhost"])
+        .unwrap();
+    // 20 tokens a second: a 200-token stream lasts far longer than the test waits for it.
+    let fleet = SimFleet::start_with(
+        &["s-1"],
+        &[
+            "--deterministic",
+            "--time-scale",
+            "1",
+            "--decode-rate",
+            "20",
+        ],
+    )
+    .unwrap();
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let regions = format!(
+        "regions:\n  - name: r\n    replicas:\n      - {{ id: s-1, address: \"{}\" }}\n",
+        fleet.addr("s-1")
+    );
+    let log = dir.path().join("usage.jsonl");
+    let mut tether = Tether::start(&TetherConfig {
+        body: body(https, &edge, &[], &regions, &log),
+    })
+    .unwrap();
+    let url = format!("https://localhost:{}/v1/chat/completions", https.port());
+    let h2 = https_client(&ca, true).unwrap();
+
+    let res = h2
+        .post(&url)
+        .json(&json!({
+            "model": "tls-h2-cancelled",
+            "messages": [{"role": "user", "content": "a long answer, please"}],
+            "max_tokens": 200,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    let mut chunks = res.bytes_stream();
+    let first = chunks.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    // Dropping the body resets the stream (RST_STREAM), not the connection.
+    drop(chunks);
+
+    let res = h2
+        .post(&url)
+        .json(&json!({"model": "tls-h2-next", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // The cancelled request is recorded once Tether has noticed; stopping Tether flushes it.
+    assert!(tether.terminate().unwrap(), "tether exits cleanly");
+    let records = records(&log);
+    assert_eq!(records.len(), 2, "one record per request: {records:?}");
+    assert_eq!(record_of(&records, "tls-h2-next")["usage_status"], "found");
+    // The cancelled one: answered, its usage never arrived.
+    let cancelled = records
+        .iter()
+        .find(|r| r["model"] != "tls-h2-next")
+        .unwrap();
+    assert_eq!(cancelled["status"], 200, "{cancelled}");
+    assert_eq!(cancelled["usage_status"], "incomplete", "{cancelled}");
 }
