@@ -28,7 +28,7 @@ deps: ## Install what is missing: cmake (Pingora's zlib-ng), redis-server (the s
 		&& cmp -s $(SDK_REQUIREMENTS) $(SDK_VENV)/requirements.txt || { \
 		echo "installing the openai and anthropic SDKs into $(SDK_VENV)"; \
 		{ $(SDK_VENV)/bin/python -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(SDK_VENV); } && \
-		$(SDK_VENV)/bin/pip install -q -r $(SDK_REQUIREMENTS) && cp $(SDK_REQUIREMENTS) $(SDK_VENV)/requirements.txt; }
+		$(SDK_VENV)/bin/python -m pip install -q -r $(SDK_REQUIREMENTS) && cp $(SDK_REQUIREMENTS) $(SDK_VENV)/requirements.txt; }
 
 build: deps ## Build every binary (debug)
 	$(CARGO) build --workspace --bins

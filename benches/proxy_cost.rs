@@ -11,6 +11,9 @@
 //!   - bare Pingora: `bare-pingora` (benches/bare_pingora.rs), ketama on the header, keepalive;
 //!   - Tether: tenants with API keys, the override table, health probes, metering with a usage
 //!     log, metrics;
+//!   - Tether over TLS: the same Tether process through its HTTPS listener (`listen_tls`, a
+//!     certificate the bench makes; wrk keeps its connections, so the handshake is paid once
+//!     per connection and amortised over the run, and what is left is TLS's per-request cost);
 //!   - Tether with a sticky store: the same, with a `sticky_store` (a real redis-server the
 //!     bench starts, on the load's CPU), as one instance of a tier runs. The traffic is warm:
 //!     every token's binding is in the local table before a run is measured (warm-ups repeat
@@ -374,6 +377,7 @@ enum Row {
     Direct,
     BarePingora,
     Tether,
+    TetherTls,
     /// Tether configured with a `sticky_store` (a real redis-server), its traffic warm: every
     /// token's binding already in the local table, so the store is never asked.
     TetherStore,
@@ -382,11 +386,13 @@ enum Row {
 }
 
 impl Row {
-    /// Tether with and without the store next to each other, so that their ratio is taken
-    /// between runs that follow each other in either order.
-    const ALL: [Row; 6] = [
+    /// Tether with and without the store next to each other, and over TLS and plain next to
+    /// each other, so that their ratios are taken between runs that follow each other in either
+    /// order.
+    const ALL: [Row; 7] = [
         Row::Direct,
         Row::BarePingora,
+        Row::TetherTls,
         Row::Tether,
         Row::TetherStore,
         Row::Nginx,
@@ -405,6 +411,7 @@ impl Row {
             Row::Direct => "direct to upstream",
             Row::BarePingora => "bare Pingora",
             Row::Tether => "Tether (metering, overrides)",
+            Row::TetherTls => "Tether over TLS (keep-alive)",
             Row::TetherStore => "Tether + sticky store (Redis)",
             Row::Nginx => "nginx (hash consistent)",
             Row::Haproxy => "HAProxy (bounded hash)",
@@ -417,6 +424,7 @@ impl Row {
             Row::Direct => "direct",
             Row::BarePingora => "bare",
             Row::Tether => "tether",
+            Row::TetherTls => "tether-tls",
             Row::TetherStore => "tether-store",
             Row::Nginx => "nginx",
             Row::Haproxy => "haproxy",
@@ -536,9 +544,21 @@ fn main() {
         &mut bare,
     );
 
+    // The plain and the TLS rows are one process: its HTTPS listener serves a certificate
+    // made here.
+    let tls_port = free_port();
+    let ca = tether_e2e::tls::TestCa::new("bench CA").unwrap();
+    let cert = ca
+        .server(dir.path(), "bench-edge", "bench-edge", &["127.0.0.1"])
+        .unwrap();
     let tether = Tether::start_with_server(
         &TetherConfig {
-            body: tether_body(&upstreams, &dir.path().join("usage.jsonl")),
+            body: format!(
+                "{}listen_tls:\n  - {{ address: \"127.0.0.1:{tls_port}\", cert: \"{}\", key: \"{}\" }}\n",
+                tether_body(&upstreams, &dir.path().join("usage.jsonl")),
+                cert.cert.display(),
+                cert.key.display()
+            ),
         },
         &[],
         one_thread(),
@@ -602,14 +622,22 @@ fn main() {
         }
     }
 
-    let target = |row: Row| -> (u16, Option<u32>) {
+    let target = |row: Row| -> (String, Option<u32>) {
+        let http = |port: u16| format!("http://127.0.0.1:{port}");
         match row {
-            Row::Direct => (upstreams[0], None),
-            Row::BarePingora => (bare_port, Some(bare.pid())),
-            Row::Tether => (tether.addr.port(), Some(tether.process.pid())),
-            Row::TetherStore => (tether_store.addr.port(), Some(tether_store.process.pid())),
-            Row::Nginx => (nginx_port, Some(nginx.pid())),
-            Row::Haproxy => (haproxy_port, Some(haproxy.pid())),
+            Row::Direct => (http(upstreams[0]), None),
+            Row::BarePingora => (http(bare_port), Some(bare.pid())),
+            Row::Tether => (http(tether.addr.port()), Some(tether.process.pid())),
+            Row::TetherTls => (
+                format!("https://127.0.0.1:{tls_port}"),
+                Some(tether.process.pid()),
+            ),
+            Row::TetherStore => (
+                http(tether_store.addr.port()),
+                Some(tether_store.process.pid()),
+            ),
+            Row::Nginx => (http(nginx_port), Some(nginx.pid())),
+            Row::Haproxy => (http(haproxy_port), Some(haproxy.pid())),
         }
     };
 
@@ -659,8 +687,8 @@ fn main() {
             for i in order {
                 let row = Row::ALL[i];
                 progress.set_message(format!("{kind} c={connections} {}", row.name()));
-                let (port, pid) = target(row);
-                let url = format!("http://127.0.0.1:{port}/v1/chat/completions{query}");
+                let (base, pid) = target(row);
+                let url = format!("{base}/v1/chat/completions{query}");
                 wrk(&script, &url, connections, 1.0); // warm-up: connections, pools, caches
                 let lookups = || store_lookup_total(tether_store.admin);
                 if row == Row::TetherStore {
@@ -709,6 +737,8 @@ fn main() {
             connections,
             cpu: paired(Row::Tether, Row::BarePingora, |s| s.cpu_us_per_req),
             p99: paired(Row::Tether, Row::BarePingora, |s| s.wrk.p99_us),
+            tls_cpu: paired(Row::TetherTls, Row::Tether, |s| s.cpu_us_per_req),
+            tls_p99: paired(Row::TetherTls, Row::Tether, |s| s.wrk.p99_us),
             store_cpu: paired(Row::TetherStore, Row::Tether, |s| s.cpu_us_per_req),
             store_p99: paired(Row::TetherStore, Row::Tether, |s| s.wrk.p99_us),
             store_lookups,
@@ -799,6 +829,13 @@ fn main() {
             spread(&pair.cpu),
             spread(&pair.p99),
             pair.cpu.len(),
+        );
+        println!(
+            "proxy_cost/{}/c{}/tls_over_plain cpu {} p99 {}; paired per round (keep-alive: the handshake amortised over the run)",
+            pair.kind,
+            pair.connections,
+            spread(&pair.tls_cpu),
+            spread(&pair.tls_p99),
         );
         println!(
             "proxy_cost/{}/c{}/store_over_no_store cpu {} (target <= 1.05) p99 {}; paired per round; store lookups while measured: {:.0} of {:.0} requests\n",
@@ -938,6 +975,8 @@ struct Paired {
     connections: usize,
     cpu: Vec<f64>,
     p99: Vec<f64>,
+    tls_cpu: Vec<f64>,
+    tls_p99: Vec<f64>,
     store_cpu: Vec<f64>,
     store_p99: Vec<f64>,
     /// Store lookups during the store row's measured runs, and the requests of those runs.

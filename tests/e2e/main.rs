@@ -19,3 +19,4 @@ mod shutdown;
 mod sim;
 mod streaming;
 mod tier;
+mod tls;

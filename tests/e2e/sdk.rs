@@ -41,9 +41,21 @@ fn workspace() -> &'static Path {
 
 /// Runs `tests/sdk/<script>` with the SDKs' python and returns the JSON it printed.
 async fn run_sdk(script: &str, base_url: String, api_key: &str, scenarios: &[&str]) -> Value {
+    run_sdk_over(script, base_url, api_key, &[], scenarios).await
+}
+
+/// [`run_sdk`] with transport options (`--ca-file PEM`, `--http2`).
+pub(crate) async fn run_sdk_over(
+    script: &str,
+    base_url: String,
+    api_key: &str,
+    transport: &[&str],
+    scenarios: &[&str],
+) -> Value {
     let mut cmd = Command::new(sdk_python());
     cmd.arg(workspace().join("tests/sdk").join(script))
         .args(["--base-url", &base_url, "--api-key", api_key])
+        .args(transport)
         .args(scenarios);
     // Only the arguments decide where the client goes and what it sends: not a proxy, nor the
     // SDKs' own OPENAI_* / ANTHROPIC_* variables (ANTHROPIC_AUTH_TOKEN would add a bearer).

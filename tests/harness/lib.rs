@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod tls;
+
 /// How long a process may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 

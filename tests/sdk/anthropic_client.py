@@ -105,8 +105,12 @@ def main():
     sdk_cli.run(
         __doc__,
         SCENARIOS,
-        lambda base_url, api_key: anthropic.Anthropic(
-            base_url=base_url, api_key=api_key, max_retries=0, timeout=20
+        lambda base_url, api_key, http: anthropic.Anthropic(
+            base_url=base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=20,
+            http_client=anthropic.DefaultHttpxClient(**http),
         ),
     )
 

@@ -70,6 +70,36 @@ def stream(client):
     return seen
 
 
+def protocol(client):
+    """A streamed and a plain completion, each with the HTTP version it travelled over."""
+    seen = {}
+    with client.chat.completions.with_streaming_response.create(
+        model="sdk-protocol-stream", messages=conversation(0), max_tokens=5, stream=True
+    ) as raw:
+        text = ""
+        chunks = 0
+        for chunk in raw.parse():
+            chunks += 1
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        seen["stream"] = {
+            "status": raw.status_code,
+            "http_version": raw.http_response.http_version,
+            "chunks": chunks,
+            "text": text,
+        }
+    raw = client.chat.completions.with_raw_response.create(
+        model="sdk-protocol-json", messages=conversation(0), max_tokens=3
+    )
+    completion = raw.parse()
+    seen["json"] = {
+        "status": raw.status_code,
+        "http_version": raw.http_response.http_version,
+        "usage": completion.usage.model_dump(),
+    }
+    return seen
+
+
 def prompt_cache_key(client):
     """OpenAI's own cache-routing hint, as a parameter where this SDK version has one."""
     key = "sdk-prompt-cache-key"
@@ -102,6 +132,7 @@ def rejected(client):
 SCENARIOS = {
     "turns": turns,
     "stream": stream,
+    "protocol": protocol,
     "prompt-cache-key": prompt_cache_key,
     "rejected": rejected,
 }
@@ -112,8 +143,12 @@ def main():
     sdk_cli.run(
         __doc__,
         SCENARIOS,
-        lambda base_url, api_key: openai.OpenAI(
-            base_url=base_url, api_key=api_key, max_retries=0, timeout=20
+        lambda base_url, api_key, http: openai.OpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=20,
+            http_client=openai.DefaultHttpxClient(**http),
         ),
     )
 

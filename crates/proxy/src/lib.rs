@@ -20,4 +20,5 @@ pub mod report_cmd;
 pub mod router;
 pub mod server;
 pub mod tier;
+pub mod tls;
 pub mod upstream_io;

@@ -164,8 +164,12 @@ fn check(configs: &[PathBuf]) -> ExitCode {
                     .as_ref()
                     .map(|_| Arc::new(DiscardSink) as Arc<dyn BindingSink>);
                 Router::new(&t, sink)
-                    .map(|_| t)
                     .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|_| {
+                        tether::tls::ListenerCerts::load(&t)
+                            .map_err(|e| format!("{}: {e}", path.display()))
+                    })
+                    .map(|_| t)
             });
         match checked {
             Ok(t) => println!(

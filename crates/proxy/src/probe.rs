@@ -38,6 +38,9 @@ pub struct ProbeTarget {
     pub id: Arc<str>,
     /// Where it listens.
     pub address: SocketAddr,
+    /// How the proxy connects to it (TLS, server name, CAs, client certificate): probes
+    /// connect the same way.
+    pub peer: pingora::upstreams::peer::HttpPeer,
     /// Its live status, which the result updates.
     pub status: Arc<ReplicaStatus>,
 }
@@ -84,7 +87,7 @@ impl<S: ProbeSource> Prober<S> {
             .by_address
             .retain(|address, _| round.targets.iter().any(|t| t.address == *address));
         let probes = round.targets.iter().map(|target| {
-            let checker = checkers.get(target.address);
+            let checker = checkers.get(target);
             async move {
                 let result = match checker {
                     Some(check) => {
@@ -123,7 +126,9 @@ fn check_backend(target: &ProbeTarget) -> Backend {
 #[derive(Default)]
 pub struct Checkers {
     settings: Option<ProbeSettings>,
-    by_address: HashMap<SocketAddr, Arc<HttpHealthCheck>>,
+    /// With the peer's reuse hash (its address and TLS settings, the CA list through its group
+    /// key), to rebuild a checker whose replica's TLS settings changed.
+    by_address: HashMap<SocketAddr, (u64, Arc<HttpHealthCheck>)>,
 }
 
 impl std::fmt::Debug for Checkers {
@@ -143,12 +148,18 @@ impl Checkers {
         }
     }
 
-    fn get(&mut self, address: SocketAddr) -> Option<Arc<HttpHealthCheck>> {
+    fn get(&mut self, target: &ProbeTarget) -> Option<Arc<HttpHealthCheck>> {
+        use pingora::upstreams::peer::Peer;
         let settings = self.settings.as_ref()?;
-        if let Some(c) = self.by_address.get(&address) {
-            return Some(Arc::clone(c));
+        let address = target.address;
+        let peer_hash = target.peer.reuse_hash();
+        if let Some((hash, c)) = self.by_address.get(&address) {
+            if *hash == peer_hash {
+                return Some(Arc::clone(c));
+            }
         }
         let mut check = HttpHealthCheck::new(&address.to_string(), false);
+        check.peer_template = target.peer.clone();
         // Rise and fall are ours (they also weigh passive signals): one result per probe.
         check.consecutive_success = 1;
         check.consecutive_failure = 1;
@@ -169,7 +180,8 @@ impl Checkers {
             }
         }
         let check = Arc::new(check);
-        self.by_address.insert(address, Arc::clone(&check));
+        self.by_address
+            .insert(address, (peer_hash, Arc::clone(&check)));
         Some(check)
     }
 }

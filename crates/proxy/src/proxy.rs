@@ -85,6 +85,10 @@ pub struct RequestCtx {
     route: Option<Route<Upstream>>,
     /// No replica could take the request.
     unavailable: bool,
+    /// An attempt failed in the TLS handshake with its replica (a certificate the replica's
+    /// `tls.ca_file` does not sign, a client certificate the replica refused): if no replica
+    /// is left, the client is told that rather than "none available".
+    tls_failure: Option<ErrorType>,
     /// The current attempt's response header went on to the client: no retry after this.
     answered: bool,
     /// The current attempt's replica answered this status, which is being retried elsewhere.
@@ -115,6 +119,7 @@ impl RequestCtx {
             attempts: Attempts::default(),
             route: None,
             unavailable: false,
+            tls_failure: None,
             answered: false,
             retried_status: None,
             rewrite: None,
@@ -173,6 +178,46 @@ fn classify(e: &Error, answered: bool, retried_status: Option<u16>, reused: bool
             _ => Failure::Broken,
         },
     }
+}
+
+/// Whether a connect error is the TLS handshake's.
+fn is_tls_failure(etype: &ErrorType) -> bool {
+    matches!(
+        etype,
+        ErrorType::TLSHandshakeFailure
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+            | ErrorType::TLSWantX509Lookup
+    )
+}
+
+/// Whether `e` was caused by TLS (rustls) rather than by the request: with TLS 1.3 a replica
+/// refuses a client certificate only after the handshake, so it shows as a failed read with a
+/// TLS alert as its cause (or, when the replica closed first, as a failed write, which says
+/// nothing about TLS and is not recognised).
+fn caused_by_tls(e: &Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.cause.as_deref().map(|c| c as _);
+    // Bounded: a cause chain is short, and this never loops on a cycle.
+    for _ in 0..8 {
+        let Some(c) = cause else {
+            return false;
+        };
+        if c.is::<rustls::Error>() {
+            return true;
+        }
+        // Pingora keeps a cause as it was given: an `Error` or a boxed one.
+        let pingora = c
+            .downcast_ref::<Error>()
+            .or_else(|| c.downcast_ref::<Box<Error>>().map(|b| &**b));
+        cause = if let Some(p) = pingora {
+            p.cause.as_deref().map(|c| c as _)
+        } else if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            io.get_ref().map(|inner| inner as _)
+        } else {
+            c.source()
+        };
+    }
+    false
 }
 
 /// What the client is told when proxying failed (`None`: the client is gone, say nothing).
@@ -320,6 +365,16 @@ impl ProxyHttp for TetherProxy {
             ErrorType::ConnectRefused => Failure::Refused,
             _ => Failure::ConnectFailed,
         };
+        if is_tls_failure(e.etype()) {
+            // Almost always configuration (CA, server name, client certificate), so an
+            // operator must see it: at warn, with the replica and rustls's reason.
+            let replica = ctx
+                .route
+                .as_ref()
+                .map_or("?", |r| r.replica().id().as_ref());
+            log::warn!("TLS to replica {replica} ({peer}) failed: {e}");
+            ctx.tls_failure = Some(e.etype().clone());
+        }
         let retry = ctx.attempt_failed(session, failure) != Retry::GiveUp;
         if retry {
             debug!("connect to {peer} failed ({e}); trying the next replica");
@@ -339,6 +394,14 @@ impl ProxyHttp for TetherProxy {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let failure = classify(&e, ctx.answered, ctx.retried_status, client_reused);
+        if !ctx.answered && caused_by_tls(&e) {
+            let replica = ctx
+                .route
+                .as_ref()
+                .map_or("?", |r| r.replica().id().as_ref());
+            log::warn!("TLS to replica {replica} failed: {e}");
+            ctx.tls_failure = Some(ErrorType::TLSHandshakeFailure);
+        }
         let retry = ctx.attempt_failed(session, failure);
         if retry != Retry::GiveUp {
             debug!("{e}: trying again ({retry:?})");
@@ -531,7 +594,13 @@ impl ProxyHttp for TetherProxy {
         let retry_after = ctx.snapshot.as_deref().map_or(1, |s| {
             u32::try_from(s.retry_after_hint().as_secs()).unwrap_or(u32::MAX)
         });
-        let Some(error) = edge_error(e, ctx.unavailable, retry_after) else {
+        let error = match &ctx.tls_failure {
+            Some(tls) if ctx.unavailable || e.esource() == &ErrorSource::Upstream => {
+                Some(EdgeError::UpstreamFailed(tls.as_str()))
+            }
+            _ => edge_error(e, ctx.unavailable, retry_after),
+        };
+        let Some(error) = error else {
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,

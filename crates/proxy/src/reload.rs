@@ -1,6 +1,10 @@
 //! Hot reload of the topology file: on a file change (polled), on SIGHUP, or on
 //! `POST /admin/reload`.
 //!
+//! The HTTPS listeners' certificate and key files are read again on every reload, and a
+//! change to them alone (a renewed certificate under the same path) is a reload too: new
+//! connections get the new certificate, established ones keep theirs.
+//!
 //! The new file is read, parsed and fully validated first; only then is the routing snapshot
 //! swapped, in one atomic store. An invalid file changes nothing: the old topology keeps
 //! serving, the error (with its line) is logged and returned, and
@@ -25,6 +29,7 @@ use tether_topology::{diff, Topology, TopologyDiff};
 
 use crate::meter::Meter;
 use crate::router::{InstallError, Router};
+use crate::tls::{ListenerCerts, TlsFileError};
 
 /// How often the watcher looks at the file.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -84,6 +89,14 @@ pub enum ReloadError {
     /// The topology is invalid (every problem, each naming its key).
     #[error("{0}")]
     Invalid(String),
+    /// A listener's certificate or key cannot be used.
+    #[error("{path}: {source}")]
+    Certificates {
+        /// The config file.
+        path: String,
+        /// Which file, and why.
+        source: TlsFileError,
+    },
     /// Valid, but this process cannot use it.
     #[error("{path}: {source}")]
     Install {
@@ -103,6 +116,7 @@ pub struct Reloader {
     path: PathBuf,
     router: Arc<Router>,
     meter: Arc<Meter>,
+    certs: Arc<ListenerCerts>,
     /// Also serialises reloads: two triggers at once apply one after the other.
     running: Mutex<Running>,
 }
@@ -115,11 +129,13 @@ impl Reloader {
         topology: Topology,
         router: Arc<Router>,
         meter: Arc<Meter>,
+        certs: Arc<ListenerCerts>,
     ) -> Self {
         Reloader {
             path: path.to_owned(),
             router,
             meter,
+            certs,
             running: Mutex::new(Running {
                 started: topology.clone(),
                 applied: topology,
@@ -170,9 +186,23 @@ impl Reloader {
             path: path(),
             source,
         })?;
+        let certificates = |source| ReloadError::Certificates {
+            path: path(),
+            source,
+        };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         if digest == running.digest {
-            return Ok(ReloadOutcome::Unchanged);
+            // The same config, but maybe renewed certificates under the same paths.
+            let pending = self.certs.prepare(&running.applied).map_err(certificates)?;
+            let changed = pending.changed(&self.certs);
+            if changed.is_empty() {
+                return Ok(ReloadOutcome::Unchanged);
+            }
+            self.certs.apply(pending);
+            return Ok(ReloadOutcome::Applied(TopologyDiff {
+                changes: vec![format!("certificates of {} reloaded", changed.join(", "))],
+                restart_required: Vec::new(),
+            }));
         }
         let text = std::str::from_utf8(&bytes).map_err(|source| ReloadError::NotUtf8 {
             path: path(),
@@ -180,20 +210,36 @@ impl Reloader {
         })?;
         let topology =
             Topology::from_yaml(text, &path()).map_err(|e| ReloadError::Invalid(e.to_string()))?;
-        let d = diff(&running.started, &running.applied, &topology);
+        let mut d = diff(&running.started, &running.applied, &topology);
+        let pending = self.certs.prepare(&topology).map_err(certificates)?;
+        let changed = pending.changed(&self.certs);
         self.router
             .install(&topology)
             .map_err(|source| ReloadError::Install {
                 path: path(),
                 source,
             })?;
+        self.certs.apply(pending);
+        if !changed.is_empty() {
+            d.changes
+                .push(format!("certificates of {} reloaded", changed.join(", ")));
+        }
         running.applied = topology;
         running.digest = digest;
         Ok(ReloadOutcome::Applied(d))
     }
 
-    fn path(&self) -> &Path {
-        &self.path
+    /// The files a change to which is a reload: the config and the listeners' certificates
+    /// and keys.
+    fn watched(&self) -> Vec<PathBuf> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        std::iter::once(self.path.clone())
+            .chain(running.applied.listen_tls.iter().flat_map(|l| {
+                l.certificates
+                    .iter()
+                    .flat_map(|c| [c.cert.clone(), c.key.clone()])
+            }))
+            .collect()
     }
 
     /// Whether the running config asks for the file to be watched.
@@ -226,7 +272,13 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// Polls the config file and reloads it when it changed and has held still for a tick.
+/// The stamps of every watched file, in order (the config first).
+fn stamps(paths: &[PathBuf]) -> Vec<Option<Stamp>> {
+    paths.iter().map(|p| stamp(p)).collect()
+}
+
+/// Polls the config file (and the certificate files it names) and reloads when one changed and
+/// all have held still for a tick.
 #[derive(Debug)]
 pub struct ConfigWatcher {
     reloader: Arc<Reloader>,
@@ -242,9 +294,10 @@ impl ConfigWatcher {
 #[async_trait]
 impl BackgroundService for ConfigWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let path = self.reloader.path().to_owned();
-        let mut seen = stamp(&path);
-        let mut pending: Option<Option<Stamp>> = None;
+        let path = self.reloader.path.clone();
+        let mut paths = self.reloader.watched();
+        let mut seen = stamps(&paths);
+        let mut pending: Option<Vec<Option<Stamp>>> = None;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -252,7 +305,16 @@ impl BackgroundService for ConfigWatcher {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
-            let now = stamp(&path);
+            // A reload by any trigger may have named other certificate files: watch those
+            // from their present state on.
+            let current = self.reloader.watched();
+            if current != paths {
+                paths = current;
+                seen = stamps(&paths);
+                pending = None;
+                continue;
+            }
+            let now = stamps(&paths);
             if !self.reloader.watching() {
                 // Off (`reload.watch: false`): remember the file as it is, so turning the
                 // watch back on (by SIGHUP or the admin API) does not replay old changes.
@@ -264,7 +326,7 @@ impl BackgroundService for ConfigWatcher {
                 // Changed on the previous tick and the same now: the writer is done.
                 Some(candidate) if candidate == now => {
                     seen = now;
-                    if seen.is_some() {
+                    if seen.first().is_some_and(Option::is_some) {
                         let reloader = Arc::clone(&self.reloader);
                         // Reading and parsing are blocking file work: keep them off the runtime.
                         let _ = tokio::task::spawn_blocking(move || reloader.reload("file change"))

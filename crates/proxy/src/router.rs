@@ -44,6 +44,9 @@ pub enum InstallError {
         /// Why (never the secret).
         reason: String,
     },
+    /// A replica's TLS files cannot be used.
+    #[error(transparent)]
+    UpstreamTls(#[from] crate::tls::TlsFileError),
     /// The admin API would answer other hosts without asking for a token.
     #[error(
         "admin_listen {0} is not a loopback address, and without a token (admin.token or \
@@ -315,6 +318,7 @@ impl ProbeSource for RouterProbes {
             .map(|r| ProbeTarget {
                 id: Arc::clone(r.id()),
                 address: r.address(),
+                peer: r.upstream().peer.clone(),
                 status: Arc::clone(r.status()),
             })
             .collect();
@@ -341,6 +345,9 @@ fn build_snapshot(
         let mut replicas = Vec::with_capacity(region.replicas.len());
         for r in &region.replicas {
             let mut peer = HttpPeer::new(r.address, false, String::new());
+            if let Some(tls) = &r.tls {
+                crate::tls::configure_peer(&mut peer, tls, &format!("replica {}", r.id))?;
+            }
             peer.options.connection_timeout = Some(upstream.connect_timeout);
             peer.options.read_timeout = upstream.read_timeout;
             peer.options.idle_timeout = upstream.idle_timeout;

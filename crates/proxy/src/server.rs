@@ -40,8 +40,13 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
     let text =
         std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8", config.display()))?;
     let topology = Topology::from_yaml(text, &config.display().to_string())?;
+    // Read before anything starts: a missing or wrong file fails the start, naming its key.
+    let certs = Arc::new(crate::tls::ListenerCerts::load(&topology)?);
     if !upgrade {
         ensure_bindable("listen", topology.listen)?;
+        for (i, l) in topology.listen_tls.iter().enumerate() {
+            ensure_bindable(&format!("listen_tls[{i}]"), l.address)?;
+        }
         if let Some(admin) = topology.admin_listen {
             ensure_bindable("admin_listen", admin)?;
         }
@@ -90,6 +95,7 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
         topology,
         Arc::clone(&router),
         Arc::clone(&meter),
+        Arc::clone(&certs),
     ));
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
@@ -129,6 +135,11 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
     ));
     let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, tether);
     proxy.add_tcp(&listen.to_string());
+    for (addr, resolver) in certs.listeners() {
+        let settings = crate::tls::listener_settings(resolver)
+            .map_err(|e| anyhow::anyhow!("listen_tls {addr}: {e}"))?;
+        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
+    }
     server.add_service(proxy);
 
     if let Some(addr) = admin_listen {
@@ -191,7 +202,12 @@ pub fn run(config: &std::path::Path, upgrade: bool, daemon: bool) -> anyhow::Res
     ));
 
     log::info!(
-        "tether listening on {listen}, admin on {}, config {}",
+        "tether listening on {listen}{}, admin on {}, config {}",
+        certs
+            .listeners()
+            .iter()
+            .map(|(a, _)| format!(", https {a}"))
+            .collect::<String>(),
         admin_listen.map_or_else(|| "none".to_owned(), |a| a.to_string()),
         config.display()
     );

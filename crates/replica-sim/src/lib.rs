@@ -46,6 +46,7 @@ pub mod engine;
 mod server;
 pub mod shared;
 pub mod template;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,6 +176,18 @@ impl Fleet {
         sim: SimConfig,
         admin_addr: Option<SocketAddr>,
     ) -> Result<Fleet, SimError> {
+        Fleet::start_with_tls(configs, sim, admin_addr, None).await
+    }
+
+    /// [`Fleet::start`], every replica serving HTTPS with `tls` when given (the admin API
+    /// stays plain HTTP).
+    pub async fn start_with_tls(
+        configs: Vec<ReplicaConfig>,
+        sim: SimConfig,
+        admin_addr: Option<SocketAddr>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Fleet, SimError> {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let regions = group_regions(&configs, &sim)?;
         let sim = Arc::new(sim);
         let mut bound = Vec::with_capacity(configs.len());
@@ -205,7 +218,7 @@ impl Fleet {
                     .route("/health", get(chat::health))
                     .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
                     .with_state(Arc::clone(&replica));
-                server::Listening::new(replica, listener, addr, app)
+                server::Listening::new(replica, listener, addr, app, tls.clone())
             })
             .collect();
         let state = Arc::new(admin::FleetState { replicas, regions });

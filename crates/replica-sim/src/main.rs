@@ -4,6 +4,7 @@
 //! replica-sim --topology conf/tether.yaml            every replica the topology lists
 //! replica-sim --replica eu-1=127.0.0.1:0 --replica …  explicit ids and addresses
 //!             [--admin 127.0.0.1:9300] [--time-scale 0.1] [--cache-tokens 24576] …
+//! replica-sim --replica a=127.0.0.1:0 --tls-cert a.pem --tls-key a.key  HTTPS (HTTP/1.1)
 //! replica-sim --replica a=127.0.0.1:0 --replica b=127.0.0.1:0 --region-of a=eu --region-of b=eu \
 //!             --shared-kv-region eu                  a and b share a region-wide KV tier
 //! ```
@@ -75,6 +76,15 @@ struct Cli {
     /// Usage shape of /v1/chat/completions (/v1/messages always answers Anthropic-style).
     #[arg(long, value_enum, default_value_t = Dialect::Openai)]
     dialect: Dialect,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS; with --tls-cert).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Fixed ids and timestamps: identical requests get byte-identical responses.
     #[arg(long)]
     deterministic: bool,
@@ -201,7 +211,15 @@ async fn main() -> anyhow::Result<()> {
         bail!("nothing to start: pass --topology FILE or --replica ID=ADDR");
     }
 
-    let fleet = Fleet::start(configs, sim, cli.admin).await?;
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(tether_replica_sim::tls::server_config(
+            cert,
+            key,
+            cli.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    let fleet = Fleet::start_with_tls(configs, sim, cli.admin, tls).await?;
     {
         let mut out = std::io::stdout().lock();
         for (id, addr) in fleet.replicas() {

@@ -11,16 +11,27 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 use crate::engine::{Fault, Replica};
 
 /// A replica with its listener.
-#[derive(Debug)]
 pub(crate) struct Listening {
     pub replica: Arc<Replica>,
     pub addr: SocketAddr,
     app: Router,
+    tls: Option<TlsAcceptor>,
     accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Listening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listening")
+            .field("replica", &self.replica.id)
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl Listening {
@@ -29,12 +40,14 @@ impl Listening {
         listener: TcpListener,
         addr: SocketAddr,
         app: Router,
+        tls: Option<TlsAcceptor>,
     ) -> Self {
-        let task = serve(listener, app.clone());
+        let task = serve(listener, app.clone(), tls.clone());
         Listening {
             replica,
             addr,
             app,
+            tls,
             accept: Mutex::new(Some(task)),
         }
     }
@@ -56,7 +69,7 @@ impl Listening {
             }
         } else if self.accept_task().is_none() {
             let listener = TcpListener::bind(self.addr).await?;
-            *self.accept_task() = Some(serve(listener, self.app.clone()));
+            *self.accept_task() = Some(serve(listener, self.app.clone(), self.tls.clone()));
         }
         self.replica.set_fault(fault);
         Ok(())
@@ -70,7 +83,8 @@ impl Listening {
     }
 }
 
-fn serve(listener: TcpListener, app: Router) -> JoinHandle<()> {
+/// Serves HTTP/1.1 on `listener`, inside TLS when `tls` is set.
+fn serve(listener: TcpListener, app: Router, tls: Option<TlsAcceptor>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut connections = JoinSet::new();
         loop {
@@ -79,11 +93,22 @@ fn serve(listener: TcpListener, app: Router) -> JoinHandle<()> {
                     Ok((stream, _)) => {
                         let _ = stream.set_nodelay(true);
                         let service = TowerToHyperService::new(app.clone());
+                        let tls = tls.clone();
                         connections.spawn(async move {
-                            if let Err(e) = http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await
-                            {
+                            let http = http1::Builder::new();
+                            let served = match tls {
+                                None => http.serve_connection(TokioIo::new(stream), service).await,
+                                Some(tls) => match tls.accept(stream).await {
+                                    Ok(stream) => {
+                                        http.serve_connection(TokioIo::new(stream), service).await
+                                    }
+                                    Err(e) => {
+                                        log::info!("TLS handshake failed: {e}");
+                                        return;
+                                    }
+                                },
+                            };
+                            if let Err(e) = served {
                                 log::debug!("connection ended: {e}");
                             }
                         });

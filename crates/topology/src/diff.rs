@@ -31,8 +31,10 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
     // Fixed at start-up: listeners and threads belong to the process, the usage log and the
     // session key to the metering pipeline opened once, the sticky store's connections to the
     // process.
-    let fixed: [(&'static str, bool); 11] = [
+    let addresses = |t: &Topology| t.listen_tls.iter().map(|l| l.address).collect::<Vec<_>>();
+    let fixed: [(&'static str, bool); 12] = [
         ("listen", started.listen != new.listen),
+        ("listen_tls[].address", addresses(started) != addresses(new)),
         ("admin_listen", started.admin_listen != new.admin_listen),
         (
             "server.threads",
@@ -112,6 +114,12 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
                 if o.dialect != r.dialect {
                     what.push(format!("dialect {:?} → {:?}", o.dialect, r.dialect));
                 }
+                if o.tls != r.tls {
+                    what.push(match &r.tls {
+                        Some(t) => format!("tls (sni {}, verify {})", t.sni, t.verify),
+                        None => "tls off".to_owned(),
+                    });
+                }
                 if !what.is_empty() {
                     d.changes.push(format!("replica {id}: {}", what.join(", ")));
                 }
@@ -120,6 +128,15 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
     }
     for id in before.keys().filter(|id| !after.contains_key(*id)) {
         d.changes.push(format!("replica {id} removed"));
+    }
+
+    // Certificates apply to new connections at once; the listeners themselves stay.
+    for (i, l) in new.listen_tls.iter().enumerate() {
+        let before = old.listen_tls.iter().find(|o| o.address == l.address);
+        if before.is_some_and(|o| o.certificates != l.certificates) {
+            d.changes
+                .push(format!("listen_tls[{i}] ({}) certificates", l.address));
+        }
     }
 
     let region_order = |t: &Topology| t.regions.iter().map(|r| r.name.clone()).collect::<Vec<_>>();

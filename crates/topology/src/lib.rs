@@ -43,10 +43,10 @@ pub use diff::{diff, TopologyDiff};
 pub use error::{Problem, TopologyError};
 pub use input::{MAX_CONFIG_BYTES, MAX_NESTING_DEPTH};
 pub use model::{
-    AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
-    ProbeSettings, Region, ReloadSettings, Replica, SecretSource, ServerSettings,
-    StickyStoreSettings, Tenant, Topology, UpstreamAuth, UpstreamSettings, UsageLog,
-    DEFAULT_RETRY_UNANSWERED,
+    AdminSettings, AffinitySettings, CertificateFiles, FailoverSettings, HealthSettings,
+    MeteringSettings, Pricing, ProbeSettings, Region, ReloadSettings, Replica, SecretSource,
+    ServerSettings, StickyStoreSettings, Tenant, TlsListener, Topology, UpstreamAuth,
+    UpstreamSettings, UpstreamTls, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
 pub use validate::{
     admin_needs_token, MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT,

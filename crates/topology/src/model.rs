@@ -13,8 +13,10 @@ use tether_metering::{Dialect, Price};
 /// `docs/configuration.md`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
-    /// Address of the proxy listener.
+    /// Address of the proxy listener (plain HTTP).
     pub listen: SocketAddr,
+    /// HTTPS listeners (`listen_tls`), each with its certificates.
+    pub listen_tls: Vec<TlsListener>,
     /// Address of the admin/metrics listener, if any.
     pub admin_listen: Option<SocketAddr>,
     /// Index into [`regions`](Self::regions) of the region this edge instance runs in.
@@ -128,6 +130,43 @@ pub struct Replica {
     pub dialect: Option<Dialect>,
     /// The replica's own credential (its `upstream_auth`, else its region's).
     pub upstream_auth: Option<UpstreamAuth>,
+    /// TLS to the replica (its `tls`, else its region's); `None` = plain HTTP.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// An HTTPS listener (`listen_tls[i]`). The files are read when the proxy starts and on every
+/// reload, so a renewed certificate is served to new connections without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Its certificates: the first is served when the client names no server (or one that no
+    /// certificate covers); the others are chosen by the server name (SNI) their own
+    /// subject-alternative names cover.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// A PEM certificate chain (leaf first) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// The chain.
+    pub cert: PathBuf,
+    /// The key.
+    pub key: PathBuf,
+}
+
+/// How Tether speaks TLS to a replica (`tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The server name sent (SNI) and checked against the replica's certificate: `tls.sni`,
+    /// else the replica's IP.
+    pub sni: String,
+    /// PEM file of the CAs that may sign the replica's certificate; `None` = the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Check the replica's certificate (chain and name). Off only for a test bed.
+    pub verify: bool,
+    /// A client certificate for mutual TLS.
+    pub client_cert: Option<CertificateFiles>,
 }
 
 /// A replica's own credential (vLLM or llama-server `--api-key`, a hosted endpoint): where to

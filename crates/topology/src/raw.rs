@@ -16,6 +16,8 @@ use serde::Deserialize;
 pub(crate) struct RawTopology {
     pub listen: String,
     #[serde(default)]
+    pub listen_tls: Vec<RawListenTls>,
+    #[serde(default)]
     pub admin_listen: Option<String>,
     pub local_region: String,
     #[serde(default)]
@@ -43,6 +45,44 @@ pub(crate) struct RawTopology {
     pub reload: RawReload,
     #[serde(default)]
     pub sticky_store: Option<RawStickyStore>,
+}
+
+/// An HTTPS listener: its default certificate and, optionally, more chosen by server name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenTls {
+    pub address: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub sni: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS to a replica (or every replica of a region).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "yes")]
+    pub verify: bool,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +169,8 @@ pub(crate) struct RawRegion {
     pub kv_scope: tether_affinity::KvScope,
     #[serde(default)]
     pub upstream_auth: Option<RawUpstreamAuth>,
+    #[serde(default)]
+    pub tls: Option<RawUpstreamTls>,
 }
 
 /// Where a replica's own credential comes from: never the YAML itself.
@@ -158,6 +200,8 @@ pub(crate) struct RawReplica {
     pub dialect: Option<tether_metering::Dialect>,
     #[serde(default)]
     pub upstream_auth: Option<RawUpstreamAuth>,
+    #[serde(default)]
+    pub tls: Option<RawUpstreamTls>,
 }
 
 fn one() -> NonZeroU32 {

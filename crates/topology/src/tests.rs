@@ -831,6 +831,7 @@ mod durations;
 mod input;
 mod network;
 mod numbers;
+mod tls;
 
 #[test]
 fn a_replica_credential_comes_from_the_environment_or_a_file_never_the_yaml() {

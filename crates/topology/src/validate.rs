@@ -16,6 +16,7 @@ use crate::{
 
 mod durations;
 mod network;
+mod tls;
 pub use network::admin_needs_token;
 
 /// Largest replica weight. Weight multiplies ring points; beyond this, split the replica.
@@ -152,6 +153,11 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             );
         }
     }
+    let listen_tls = tls::listeners(
+        &mut p,
+        &raw.listen_tls,
+        &[("listen", listen), ("admin_listen", admin_listen)],
+    );
 
     // affinity
     let a = &raw.affinity;
@@ -241,6 +247,10 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             .upstream_auth
             .as_ref()
             .and_then(|a| upstream_auth(&mut p, &format!("{key}.upstream_auth"), a));
+        let region_tls = region
+            .tls
+            .as_ref()
+            .and_then(|t| tls::upstream(&mut p, &format!("{key}.tls"), t));
         let mut replicas = Vec::with_capacity(region.replicas.len());
         for (i, replica) in region.replicas.iter().enumerate() {
             let key = format!("{key}.replicas[{i}]");
@@ -283,14 +293,20 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 Some(own) => upstream_auth(&mut p, &format!("{key}.upstream_auth"), own),
                 None => region_auth.clone(),
             };
+            let tls = match &replica.tls {
+                Some(own) => tls::upstream(&mut p, &format!("{key}.tls"), own),
+                None => region_tls.clone(),
+            };
+            let address = address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
             replicas.push(Replica {
                 id: replica.id.clone(),
-                address: address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                address,
                 weight,
                 state: replica.state,
                 max_inflight: replica.max_inflight,
                 dialect: replica.dialect,
                 upstream_auth,
+                tls: tls.map(|t| tls::for_replica(&t, address)),
             });
         }
         regions.push(Region {
@@ -556,6 +572,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     Ok(Topology {
         // Both are Some when no problem was recorded.
         listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        listen_tls,
         admin_listen,
         local_region,
         affinity: AffinitySettings {
