@@ -1,6 +1,7 @@
 //! Tether's Pingora glue, as a library so that its hooks are tested and benchmarked from
 //! outside the binary: the `ProxyHttp` implementation ([`proxy`]), admission
-//! ([`admission`]), the request-body rewrite ([`body`]), the errors Tether answers
+//! ([`admission`]), which session a request is ([`session_key`]), the request-body read-ahead
+//! and rewrite ([`body`]), the errors Tether answers
 //! ([`error`]), the routing state swapped on reload ([`router`]), metering ([`meter`]), the
 //! admin listener ([`admin`]), hot reload ([`reload`]), active probes ([`probe`]), and the
 //! server assembly ([`server`]), and the shared sticky store of a tier ([`tier`]). Routing rules live in `tether-affinity`, usage extraction in
@@ -17,4 +18,5 @@ pub mod reload;
 pub mod report_cmd;
 pub mod router;
 pub mod server;
+pub mod session_key;
 pub mod tier;
