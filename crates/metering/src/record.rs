@@ -616,7 +616,10 @@ mod tests {
             record.write_json_line(&mut line);
             let line = String::from_utf8(line).unwrap();
             assert!(
-                line.ends_with(&format!(r#""cache_write_tokens":null,"key_source":"{source}"}}{}"#, "\n")),
+                line.ends_with(&format!(
+                    r#""cache_write_tokens":null,"key_source":"{source}"}}{}"#,
+                    "\n"
+                )),
                 "{line}"
             );
             let back: UsageRecord = serde_json::from_str(&line).unwrap();
