@@ -80,7 +80,7 @@ pub use direct::{ClientPolicy, BALANCE_FACTOR};
 pub use follow::{Excused, FleetFacts, WarmFollow};
 pub use report::{EdgeTotals, Outcome, Report, Totals};
 pub use tier::EdgeChoice;
-pub use workload::{text, ClientProfile, SessionPlan, Workload};
+pub use workload::{text, ClientProfile, SessionPlan, Workload, SHARED_SYSTEM_PROMPT};
 
 /// Where requests go.
 #[derive(Debug, Clone)]
@@ -242,7 +242,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
         .then(|| shared.config.api_keys[plan.tenant % shared.config.api_keys.len()].clone());
     let mut history = vec![ChatMessage {
         role: "system".into(),
-        content: w.system_prompt(plan.tenant),
+        content: w.system_prompt_of(&plan),
     }];
     let turns = plan.user_messages.len();
     for turn in 0..turns {

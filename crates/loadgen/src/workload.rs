@@ -50,6 +50,9 @@ impl std::str::FromStr for ClientProfile {
     }
 }
 
+/// The system prompt of the sessions that share one head.
+pub const SHARED_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
 /// The shape of the traffic.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -73,6 +76,10 @@ pub struct Workload {
     pub max_tokens: u64,
     /// Share of sessions that send no affinity header, 0..=1.
     pub tokenless_fraction: f64,
+    /// Share of sessions, 0..=1, that open with the same head: the system prompt
+    /// [`SHARED_SYSTEM_PROMPT`] and the first message "hi" (what many chat front ends send),
+    /// so their conversation fingerprints collide.
+    pub shared_head_fraction: f64,
     /// How the sessions that do name themselves do it: session `i` uses
     /// `profiles[i % profiles.len()]` (`Nothing` sends no id either). Empty = `[Header]`.
     pub profiles: Vec<ClientProfile>,
@@ -98,6 +105,7 @@ impl Default for Workload {
             max_tokens: 64,
             tokenless_fraction: 0.0,
             profiles: vec![ClientProfile::Header],
+            shared_head_fraction: 0.0,
             seed: 42,
             model: "tether-sim".into(),
             hot_tenant_factor: 1,
@@ -128,6 +136,9 @@ pub struct SessionPlan {
     pub token: Option<String>,
     /// How it sends it (`Nothing` when it sends none).
     pub profile: ClientProfile,
+    /// It opens with the shared head (system prompt [`SHARED_SYSTEM_PROMPT`], first message
+    /// "hi").
+    pub shared_head: bool,
     /// The user message of each turn.
     pub user_messages: Vec<String>,
     /// Think time before each turn after the first, milliseconds.
@@ -142,6 +153,15 @@ impl Workload {
             "You are agent #{tenant}. {}",
             text(&mut rng, self.system_tokens)
         )
+    }
+
+    /// The system prompt `plan`'s session sends.
+    pub fn system_prompt_of(&self, plan: &SessionPlan) -> String {
+        if plan.shared_head {
+            SHARED_SYSTEM_PROMPT.to_owned()
+        } else {
+            self.system_prompt(plan.tenant)
+        }
     }
 
     /// Turns of a session of `tenant`.
@@ -178,11 +198,16 @@ impl Workload {
         let token = (profile != ClientProfile::Nothing).then_some(uuid);
         let tenant = index % self.tenants.max(1);
         let turns = self.turns_of(tenant);
-        SessionPlan {
+        // Drawn from a stream of its own, so the other choices stay what they were.
+        let shared_head = self.shared_head_fraction > 0.0
+            && StdRng::seed_from_u64(self.seed ^ 0x4845_4144_0000 ^ index as u64).gen::<f64>()
+                < self.shared_head_fraction;
+        let mut plan = SessionPlan {
             index,
             tenant,
             token,
             profile,
+            shared_head,
             user_messages: (0..turns)
                 .map(|t| format!("Step {t}: {}", text(&mut rng, self.user_tokens)))
                 .collect(),
@@ -195,7 +220,11 @@ impl Workload {
                     }
                 })
                 .collect(),
+        };
+        if let (true, Some(first)) = (shared_head, plan.user_messages.first_mut()) {
+            *first = "hi".to_owned();
         }
+        plan
     }
 
     /// The request body of a turn, given the conversation so far.
@@ -275,6 +304,28 @@ mod tests {
         assert_eq!(Workload::default().plan(3).profile, ClientProfile::Header);
         for p in ClientProfile::ALL {
             assert_eq!(p.as_str().parse::<ClientProfile>(), Ok(p));
+        }
+    }
+
+    #[test]
+    fn shared_heads_open_alike_and_leave_the_other_choices_alone() {
+        let plain = Workload::default();
+        let shared = Workload {
+            shared_head_fraction: 0.3,
+            ..Workload::default()
+        };
+        let n = (0..1000).filter(|i| shared.plan(*i).shared_head).count();
+        assert!((240..360).contains(&n), "{n}");
+        for i in 0..50 {
+            let (a, b) = (plain.plan(i), shared.plan(i));
+            assert_eq!(a.token, b.token);
+            assert_eq!(a.user_messages[1..], b.user_messages[1..]);
+            if b.shared_head {
+                assert_eq!(b.user_messages[0], "hi");
+                assert_eq!(shared.system_prompt_of(&b), SHARED_SYSTEM_PROMPT);
+            } else {
+                assert_eq!(a.user_messages, b.user_messages);
+            }
         }
     }
 
