@@ -295,13 +295,17 @@ impl ProxyHttp for TetherProxy {
             // answering can be replaced.
             session.enable_retry_buffering();
         }
+        // Kept before the body is read: a request that fails reading it is still logged under
+        // its tenant.
+        let scope = caller.scope;
+        ctx.attempts = Attempts::new(None, Some(scope));
+        let caller = &*ctx.caller.insert(caller);
         let mut read_ahead = ReadAhead::default();
         let (key, source) = self
-            .session_key(&snapshot, &caller, session, &mut read_ahead)
+            .session_key(&snapshot, caller, session, &mut read_ahead)
             .await?;
         ctx.key_source = source;
-        ctx.attempts = Attempts::new(key, Some(caller.scope));
-        ctx.caller = Some(caller);
+        ctx.attempts = Attempts::new(key, Some(scope));
         ctx.rewrite = BodyRewrite::prepare(&snapshot, session, &mut read_ahead).await?;
         ctx.injected = ctx.rewrite.as_ref().is_some_and(BodyRewrite::injected);
         Ok(false)
