@@ -28,13 +28,16 @@
 //! - shared KV regions ([`shared_kv`]): the hot spot again, the simulator giving each region a
 //!   shared KV tier, through Tether with `kv_scope: region` and with `kv_scope: replica`;
 //! - an edge tier ([`tier`]): three Tether instances, each turn to a random one, with and
-//!   without a shared sticky store, through a replica failure and an instance restart.
+//!   without a shared sticky store, through a replica failure and an instance restart;
+//! - key sources ([`key_sources`]): the steady workload through Tether with the fingerprint
+//!   on, the sessions naming themselves by the header, an agent header, `prompt_cache_key` or
+//!   not at all, and with 30 % of them sharing one head.
 //!
 //! Writes `docs/img/policies-hit-ratio.svg` and `docs/img/policies-by-turn.svg` (set
 //! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries: `make bench` builds
 //! them first; the edge tier also needs nginx and redis-server. `BENCH_QUICK=1`: a smaller
 //! workload (`make bench-quick`). `BENCH_SCENARIO=steady,hot_spot,…`: only the scenarios
-//! listed (`steady`, `steady_x4`, `hot_spot`, `events`, `shared_kv`, `tier`).
+//! listed (`steady`, `steady_x4`, `hot_spot`, `events`, `shared_kv`, `tier`, `key_sources`).
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -45,6 +48,8 @@ use plotters::prelude::*;
 use tether_e2e::{api_key_sha256, regions_yaml, SimFleet, Tether, TetherConfig};
 use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
 
+#[path = "policies/key_sources.rs"]
+mod key_sources;
 #[path = "policies/shared_kv.rs"]
 mod shared_kv;
 #[path = "policies/tier.rs"]
@@ -531,13 +536,14 @@ fn plot_by_turn(
 }
 
 /// The scenarios, by the names `BENCH_SCENARIO` takes.
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "steady",
     "steady_x4",
     "hot_spot",
     "events",
     "shared_kv",
     "tier",
+    "key_sources",
 ];
 
 /// The scenarios to run: those `BENCH_SCENARIO` lists (comma-separated), or every one.
@@ -740,6 +746,11 @@ async fn main() {
 
     if runs("tier") {
         tier::run(&workload, scale).await;
+    }
+
+    if runs("key_sources") {
+        eprintln!("key sources (how clients name their sessions):");
+        key_sources::run_scenario(&workload, scale).await;
     }
 }
 

@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod failover;
 mod hostile;
+mod key_sources;
 mod logs;
 mod metering;
 mod reload;

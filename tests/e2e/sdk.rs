@@ -229,6 +229,42 @@ async fn the_openai_sdk_keeps_a_conversation_warm_on_one_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdks_prompt_cache_key_or_an_agent_header_alone_keeps_a_conversation_warm() {
+    let mut stage = Stage::start();
+    let seen = run_sdk(
+        "openai_client.py",
+        stage.openai_url(),
+        OPENAI_KEY,
+        &["session-ids"],
+    )
+    .await;
+    let ways = [
+        ("prompt_cache_key", "sdk-ids-pck"),
+        ("agent_header", "sdk-ids-agent"),
+        ("header", "sdk-ids-header"),
+    ];
+    for (way, _) in ways {
+        let [first, second] = [&seen["session-ids"][way][0], &seen["session-ids"][way][1]];
+        assert_eq!(first["status"], 200, "{way}: {first}");
+        assert_eq!(first["affinity"], "new", "{way}: {first}");
+        assert_eq!(second["affinity"], "warm", "{way}: {second}");
+        assert_eq!(
+            second["replica"], first["replica"],
+            "{way}: the session stayed"
+        );
+    }
+    let records = stage.finish();
+    for (way, model) in ways {
+        let of_model: Vec<&Value> = records.iter().filter(|r| r["model"] == model).collect();
+        assert_eq!(of_model.len(), 2, "{records:?}");
+        for record in of_model {
+            assert_eq!(record["key_source"], way, "{record}");
+            assert!(record["session"].is_string(), "{record}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_sdk_stream_without_stream_options_sees_no_usage_chunk_yet_is_metered() {
     let mut stage = Stage::start();
     let seen = run_sdk(
@@ -436,8 +472,8 @@ async fn a_wrong_key_raises_each_sdks_authentication_error() {
 
 /// A replica that records every request it gets and answers each with the same chat
 /// completion, so a test can see exactly what Tether forwarded.
-struct Recorder {
-    addr: SocketAddr,
+pub(crate) struct Recorder {
+    pub(crate) addr: SocketAddr,
     seen: Requests,
 }
 
@@ -459,7 +495,7 @@ fn recorded_completion() -> String {
 
 impl Recorder {
     /// Listens on a loopback port; the accept loop ends with the test's runtime.
-    async fn start() -> Recorder {
+    pub(crate) async fn start() -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Requests::default();
@@ -470,6 +506,21 @@ impl Recorder {
             }
         });
         Recorder { addr, seen }
+    }
+
+    /// The head (first line) and raw body of every request received, in order.
+    pub(crate) fn requests(&self) -> Vec<(String, Vec<u8>)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(head, body)| {
+                (
+                    head.lines().next().unwrap_or_default().to_owned(),
+                    body.clone(),
+                )
+            })
+            .collect()
     }
 
     /// Head and JSON body of each `POST path` received.
@@ -491,7 +542,18 @@ async fn record_and_answer(mut conn: TcpStream, seen: Requests) {
     let mut chunk = [0u8; 4096];
     let mut head_len = None;
     let mut body_len = 0;
-    while head_len.is_none_or(|h| buf.len() < h + body_len) {
+    let mut chunked = false;
+    // A chunked body ends with its last chunk; a sized one at its length.
+    let complete = |buf: &[u8], head_len: Option<usize>, body_len: usize, chunked: bool| {
+        head_len.is_some_and(|h| {
+            if chunked {
+                buf[h..].ends_with(b"0\r\n\r\n")
+            } else {
+                buf.len() >= h + body_len
+            }
+        })
+    };
+    while !complete(&buf, head_len, body_len, chunked) {
         match conn.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -504,13 +566,21 @@ async fn record_and_answer(mut conn: TcpStream, seen: Requests) {
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(0);
+                chunked = head
+                    .lines()
+                    .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
                 head_len = Some(end + 4);
             }
         }
     }
     let head_len = head_len.expect("the loop ends with a head");
     let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
-    seen.lock().unwrap().push((head, buf[head_len..].to_vec()));
+    let body = if chunked {
+        dechunk(&buf[head_len..])
+    } else {
+        buf[head_len..].to_vec()
+    };
+    seen.lock().unwrap().push((head, body));
     let body = recorded_completion();
     let response = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
@@ -519,4 +589,22 @@ async fn record_and_answer(mut conn: TcpStream, seen: Requests) {
     );
     let _ = conn.write_all(response.as_bytes()).await;
     let _ = conn.shutdown().await;
+}
+
+/// The payload of a complete chunked body.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..line_end])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
+            .expect("a chunk size line");
+        if size == 0 {
+            break;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&raw[start..start + size]);
+        raw = &raw[start + size + 2..];
+    }
+    out
 }

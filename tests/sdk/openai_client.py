@@ -116,6 +116,42 @@ def prompt_cache_key(client):
     }
 
 
+def session_ids(client):
+    """Two turns of a conversation named three ways: `prompt_cache_key` alone, an agent's own
+    session header alone (through `extra_headers`), and the affinity header."""
+    if "prompt_cache_key" in inspect.signature(client.chat.completions.create).parameters:
+        by_cache_key = {"prompt_cache_key": "sdk-ids-conversation-1"}
+    else:
+        by_cache_key = {"extra_body": {"prompt_cache_key": "sdk-ids-conversation-1"}}
+    ways = {
+        "prompt_cache_key": ("sdk-ids-pck", by_cache_key),
+        "agent_header": (
+            "sdk-ids-agent",
+            {"extra_headers": {"X-Claude-Code-Session-Id": "sdk-ids-conversation-2"}},
+        ),
+        "header": (
+            "sdk-ids-header",
+            {"extra_headers": {"x-session-affinity": "sdk-ids-conversation-3"}},
+        ),
+    }
+    seen = {}
+    for way, (model, extra) in ways.items():
+        seen[way] = []
+        for turn in range(2):
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=conversation(turn), max_tokens=4, **extra
+            )
+            raw.parse()
+            seen[way].append(
+                {
+                    "status": raw.status_code,
+                    "affinity": raw.headers.get("x-session-affinity-status"),
+                    "replica": raw.headers.get("x-replica-id"),
+                }
+            )
+    return seen
+
+
 def rejected(client):
     """A request whose key Tether does not know: the SDK's own exception, not a response."""
     try:
@@ -134,6 +170,7 @@ SCENARIOS = {
     "stream": stream,
     "protocol": protocol,
     "prompt-cache-key": prompt_cache_key,
+    "session-ids": session_ids,
     "rejected": rejected,
 }
 

@@ -403,6 +403,30 @@ impl<U> Fleet<U> {
         true
     }
 
+    /// Carry-over: a session `key` that has no binding yet inherits the replica `from` is
+    /// bound to (a conversation known by its fingerprint that now sends a token, or a second
+    /// client naming the same conversation its own way), so its next route is sticky to the
+    /// replica that holds the conversation's cache. Returns whether it did; an existing
+    /// binding of `key` always wins.
+    pub fn carry_over(&self, key: RoutingKey, from: RoutingKey) -> bool {
+        let overrides = &self.state.overrides;
+        if key == from || overrides.get(key).is_some() {
+            return false;
+        }
+        let Some(tag) = overrides.get(from) else {
+            return false;
+        };
+        // A replica of an older generation has no place to carry the session to.
+        let Some(replica) = self.replicas.iter().find(|r| r.tag() == tag) else {
+            return false;
+        };
+        overrides.record(key, tag);
+        if let Some(sink) = &self.state.sink {
+            sink.bound(key, replica.id(), None);
+        }
+        true
+    }
+
     /// Takes in the requests the tier's other instances have in flight to each replica, as
     /// `elsewhere(replica id)`; bounded-load limits balance the sum with this instance's own
     /// ([`LoadView::tier_inflight`]). The hard cap and sticky eligibility stay on this

@@ -140,6 +140,70 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Where a request's session key came from (`affinity.key_sources` lists them in the order
+/// they are tried; the usage log and metrics carry the one that won as `key_source`, `none`
+/// when none did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// The affinity header (`affinity.header`), addressed to Tether.
+    Header,
+    /// A session id an agent harness sends of its own (`affinity.agent_headers`).
+    AgentHeader,
+    /// OpenAI's `prompt_cache_key` body field (Chat Completions and Responses).
+    PromptCacheKey,
+    /// OpenAI's `user` body field, or Anthropic's `metadata.user_id`: often one id for every
+    /// conversation of an end user, so only listed on purpose.
+    User,
+    /// The keyed hash of the conversation's head (tenant, model, system prompt and first user
+    /// message).
+    Fingerprint,
+}
+
+impl KeySource {
+    /// Every source, in the default order of trust.
+    pub const ALL: [KeySource; 5] = [
+        KeySource::Header,
+        KeySource::AgentHeader,
+        KeySource::PromptCacheKey,
+        KeySource::User,
+        KeySource::Fingerprint,
+    ];
+
+    /// The label in the topology file, logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            KeySource::Header => "header",
+            KeySource::AgentHeader => "agent_header",
+            KeySource::PromptCacheKey => "prompt_cache_key",
+            KeySource::User => "user",
+            KeySource::Fingerprint => "fingerprint",
+        }
+    }
+
+    /// Whether the key is found in the request body (which must then be read ahead).
+    pub const fn reads_body(self) -> bool {
+        matches!(
+            self,
+            KeySource::PromptCacheKey | KeySource::User | KeySource::Fingerprint
+        )
+    }
+
+    /// The label of an optional source: `none` for a request that had no key.
+    pub const fn label(source: Option<KeySource>) -> &'static str {
+        match source {
+            Some(s) => s.as_str(),
+            None => "none",
+        }
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A label that names no [`Outcome`].
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{label:?} is not a routing outcome (sticky, shed, ring, rebalanced, locality, failover, cross_region, shared_kv or none)")]
@@ -192,6 +256,23 @@ mod tests {
             assert_eq!(err.label, label);
             assert!(serde_json::from_str::<Outcome>(&format!("{label:?}")).is_err());
         }
+    }
+
+    #[test]
+    fn key_source_labels_serde_and_as_str_agree() {
+        for source in KeySource::ALL {
+            let label = source.as_str();
+            assert_eq!(
+                serde_json::to_string(&source).unwrap(),
+                format!("\"{label}\"")
+            );
+            assert_eq!(
+                serde_json::from_str::<KeySource>(&format!("\"{label}\"")).unwrap(),
+                source
+            );
+        }
+        assert_eq!(KeySource::label(None), "none");
+        assert!(serde_json::from_str::<KeySource>("\"none\"").is_err());
     }
 
     #[test]

@@ -98,6 +98,7 @@
 //! ```
 
 mod clock;
+mod conversation;
 mod fleet;
 mod key;
 mod labels;
@@ -109,13 +110,14 @@ mod token;
 mod warmth;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use conversation::{BodyKeys, Fingerprinter, HEAD_TEXT_CAP};
 pub use fleet::{
     log_transition, refresh_due, retry_policy, AttemptFacts, Attempts, BindingSink, Failure, Fleet,
     FleetPlan, FleetState, RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
     SessionStatus,
 };
 pub use key::{RoutingKey, TenantScope};
-pub use labels::{Admission, KvScope, Outcome, Placement, UnknownOutcome};
+pub use labels::{Admission, KeySource, KvScope, Outcome, Placement, UnknownOutcome};
 pub use overrides::{Maintenance, OverrideTable, Recorded, ReplicaTag};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{

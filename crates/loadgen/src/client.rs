@@ -48,7 +48,7 @@ pub async fn send_turn(
     client: &reqwest::Client,
     url: &str,
     api_key: Option<&str>,
-    token: Option<&str>,
+    session_header: Option<(&str, &str)>,
     body: &Value,
     stream: bool,
 ) -> Result<TurnReply, TurnError> {
@@ -57,8 +57,8 @@ pub async fn send_turn(
     if let Some(key) = api_key {
         req = req.bearer_auth(key);
     }
-    if let Some(token) = token {
-        req = req.header("x-session-affinity", token);
+    if let Some((name, value)) = session_header {
+        req = req.header(name, value);
     }
     let res = req
         .send()

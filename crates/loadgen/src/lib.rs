@@ -80,7 +80,7 @@ pub use direct::{ClientPolicy, BALANCE_FACTOR};
 pub use follow::{Excused, FleetFacts, WarmFollow};
 pub use report::{EdgeTotals, Outcome, Report, Totals};
 pub use tier::EdgeChoice;
-pub use workload::{text, SessionPlan, Workload};
+pub use workload::{text, ClientProfile, SessionPlan, Workload, SHARED_SYSTEM_PROMPT};
 
 /// Where requests go.
 #[derive(Debug, Clone)]
@@ -242,7 +242,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
         .then(|| shared.config.api_keys[plan.tenant % shared.config.api_keys.len()].clone());
     let mut history = vec![ChatMessage {
         role: "system".into(),
-        content: w.system_prompt(plan.tenant),
+        content: w.system_prompt_of(&plan),
     }];
     let turns = plan.user_messages.len();
     for turn in 0..turns {
@@ -257,7 +257,16 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             .iter()
             .map(|m| json!({"role": m.role, "content": m.content}))
             .collect();
-        let body = w.request(&messages, shared.config.stream);
+        let mut body = w.request(&messages, shared.config.stream);
+        let session_header = match (plan.profile, plan.token.as_deref()) {
+            (ClientProfile::Header, Some(token)) => Some(("x-session-affinity", token)),
+            (ClientProfile::AgentHeader, Some(token)) => Some(("x-claude-code-session-id", token)),
+            (ClientProfile::PromptCacheKey, Some(token)) => {
+                body["prompt_cache_key"] = json!(token);
+                None
+            }
+            _ => None,
+        };
         let route = shared.route(plan.token.as_deref(), plan.index, turn);
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
@@ -276,7 +285,7 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             &shared.client,
             &route.url,
             api_key.as_deref(),
-            plan.token.as_deref(),
+            session_header,
             &body,
             shared.config.stream,
         )
@@ -399,6 +408,8 @@ pub async fn run_with(
     let errors = std::mem::take(&mut *shared.errors.lock().unwrap_or_else(|e| e.into_inner()));
     let elapsed = started.elapsed().as_secs_f64();
     let mut report = Report::build_with(&outcomes, &errors, elapsed, &facts);
+    let workload = &shared.config.workload;
+    report.set_profiles(&outcomes, |session| workload.plan(session).profile.as_str());
     report.by_edge = shared
         .edges
         .iter()

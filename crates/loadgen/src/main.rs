@@ -78,6 +78,11 @@ struct Cli {
     /// Share of sessions sending no x-session-affinity header (0..=1).
     #[arg(long, default_value_t = 0.0)]
     tokenless_fraction: f64,
+    /// How the other sessions name themselves, dealt in turn, comma-separated: header,
+    /// agent_header (x-claude-code-session-id), prompt_cache_key, nothing. The report then
+    /// gives a row per profile.
+    #[arg(long, value_delimiter = ',', default_value = "header")]
+    profiles: Vec<tether_loadgen::ClientProfile>,
     /// A hot spot: tenant 0's sessions run this many times --turns.
     #[arg(long, default_value_t = 1)]
     hot_tenant_factor: usize,
@@ -156,6 +161,7 @@ impl Cli {
                 user_tokens: self.user_tokens,
                 max_tokens: self.max_tokens.max(1),
                 tokenless_fraction: self.tokenless_fraction,
+                profiles: self.profiles.clone(),
                 seed: self.seed,
                 hot_tenant_factor: self.hot_tenant_factor.max(1),
                 ..Workload::default()

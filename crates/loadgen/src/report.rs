@@ -112,6 +112,10 @@ pub struct Report {
     pub tenants: BTreeMap<String, Totals>,
     /// Per turn index.
     pub by_turn: Vec<Totals>,
+    /// Per client profile (`header`, `agent_header`, `prompt_cache_key`, `nothing`), when
+    /// the run mixed them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_profile: BTreeMap<String, Totals>,
     /// Requests per replica that answered.
     pub by_replica: BTreeMap<String, u64>,
     /// Max / mean of `by_replica`.
@@ -218,6 +222,26 @@ impl Report {
         r
     }
 
+    /// Totals per client profile, `profile_of(session)` naming each; kept only when more than
+    /// one profile ran.
+    pub fn set_profiles(
+        &mut self,
+        outcomes: &[Outcome],
+        profile_of: impl Fn(usize) -> &'static str,
+    ) {
+        let mut by_profile: BTreeMap<String, Totals> = BTreeMap::new();
+        for o in outcomes {
+            by_profile
+                .entry(profile_of(o.session).to_owned())
+                .or_default()
+                .add(o);
+        }
+        by_profile.values_mut().for_each(Totals::finish);
+        if by_profile.len() > 1 {
+            self.by_profile = by_profile;
+        }
+    }
+
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -251,6 +275,9 @@ impl Report {
             "ttft_p99"
         );
         for (name, t) in &self.tenants {
+            row(&mut out, name, t);
+        }
+        for (name, t) in &self.by_profile {
             row(&mut out, name, t);
         }
         row(&mut out, "overall", &self.overall);
@@ -446,5 +473,20 @@ mod tests {
         assert_eq!(r.by_turn[3].errors, 2);
         assert_eq!(r.replica_max_over_mean, 1.0);
         assert!(r.table().contains("overall"));
+    }
+
+    #[test]
+    fn profiles_get_a_row_each_only_when_more_than_one_ran() {
+        let outcomes = [
+            outcome(0, 1, 100, 80, 90, 1.0),
+            outcome(1, 1, 100, 0, 90, 1.0),
+        ];
+        let mut r = Report::build(&outcomes, &BTreeMap::new(), 1.0);
+        r.set_profiles(&outcomes, |_| "header");
+        assert!(r.by_profile.is_empty());
+        r.set_profiles(&outcomes, |s| if s == 0 { "header" } else { "nothing" });
+        assert_eq!(r.by_profile["header"].hit_ratio, 0.8);
+        assert_eq!(r.by_profile["nothing"].hit_ratio, 0.0);
+        assert!(r.table().contains("nothing"));
     }
 }

@@ -4,6 +4,55 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+/// How a client names its conversation, if at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClientProfile {
+    /// The affinity header (`x-session-affinity`).
+    Header,
+    /// An agent's own session header (`x-claude-code-session-id`).
+    AgentHeader,
+    /// OpenAI's `prompt_cache_key` body field.
+    PromptCacheKey,
+    /// Nothing: only the conversation itself (the proxy's fingerprint, if on).
+    Nothing,
+}
+
+impl ClientProfile {
+    /// Every profile.
+    pub const ALL: [ClientProfile; 4] = [
+        ClientProfile::Header,
+        ClientProfile::AgentHeader,
+        ClientProfile::PromptCacheKey,
+        ClientProfile::Nothing,
+    ];
+
+    /// The name in reports and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ClientProfile::Header => "header",
+            ClientProfile::AgentHeader => "agent_header",
+            ClientProfile::PromptCacheKey => "prompt_cache_key",
+            ClientProfile::Nothing => "nothing",
+        }
+    }
+}
+
+impl std::str::FromStr for ClientProfile {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        ClientProfile::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!("{s:?} is not a client profile (header, agent_header, prompt_cache_key, nothing)")
+            })
+    }
+}
+
+/// The system prompt of the sessions that share one head.
+pub const SHARED_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
 /// The shape of the traffic.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -27,6 +76,13 @@ pub struct Workload {
     pub max_tokens: u64,
     /// Share of sessions that send no affinity header, 0..=1.
     pub tokenless_fraction: f64,
+    /// Share of sessions, 0..=1, that open with the same head: the system prompt
+    /// [`SHARED_SYSTEM_PROMPT`] and the first message "hi" (what many chat front ends send),
+    /// so their conversation fingerprints collide.
+    pub shared_head_fraction: f64,
+    /// How the sessions that do name themselves do it: session `i` uses
+    /// `profiles[i % profiles.len()]` (`Nothing` sends no id either). Empty = `[Header]`.
+    pub profiles: Vec<ClientProfile>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Model name sent.
@@ -48,6 +104,8 @@ impl Default for Workload {
             user_tokens: 128,
             max_tokens: 64,
             tokenless_fraction: 0.0,
+            profiles: vec![ClientProfile::Header],
+            shared_head_fraction: 0.0,
             seed: 42,
             model: "tether-sim".into(),
             hot_tenant_factor: 1,
@@ -76,6 +134,11 @@ pub struct SessionPlan {
     pub tenant: usize,
     /// Its affinity token (a UUIDv4), if it sends one.
     pub token: Option<String>,
+    /// How it sends it (`Nothing` when it sends none).
+    pub profile: ClientProfile,
+    /// It opens with the shared head (system prompt [`SHARED_SYSTEM_PROMPT`], first message
+    /// "hi").
+    pub shared_head: bool,
     /// The user message of each turn.
     pub user_messages: Vec<String>,
     /// Think time before each turn after the first, milliseconds.
@@ -90,6 +153,15 @@ impl Workload {
             "You are agent #{tenant}. {}",
             text(&mut rng, self.system_tokens)
         )
+    }
+
+    /// The system prompt `plan`'s session sends.
+    pub fn system_prompt_of(&self, plan: &SessionPlan) -> String {
+        if plan.shared_head {
+            SHARED_SYSTEM_PROMPT.to_owned()
+        } else {
+            self.system_prompt(plan.tenant)
+        }
     }
 
     /// Turns of a session of `tenant`.
@@ -118,13 +190,24 @@ impl Workload {
         let uuid = uuid::Builder::from_random_bytes(rng.gen())
             .into_uuid()
             .to_string();
-        let token = sends_token.then_some(uuid);
+        let profile = match self.profiles.len() {
+            _ if !sends_token => ClientProfile::Nothing,
+            0 => ClientProfile::Header,
+            n => self.profiles[index % n],
+        };
+        let token = (profile != ClientProfile::Nothing).then_some(uuid);
         let tenant = index % self.tenants.max(1);
         let turns = self.turns_of(tenant);
-        SessionPlan {
+        // Drawn from a stream of its own, so the other choices stay what they were.
+        let shared_head = self.shared_head_fraction > 0.0
+            && StdRng::seed_from_u64(self.seed ^ 0x4845_4144_0000 ^ index as u64).gen::<f64>()
+                < self.shared_head_fraction;
+        let mut plan = SessionPlan {
             index,
             tenant,
             token,
+            profile,
+            shared_head,
             user_messages: (0..turns)
                 .map(|t| format!("Step {t}: {}", text(&mut rng, self.user_tokens)))
                 .collect(),
@@ -137,7 +220,11 @@ impl Workload {
                     }
                 })
                 .collect(),
+        };
+        if let (true, Some(first)) = (shared_head, plan.user_messages.first_mut()) {
+            *first = "hi".to_owned();
         }
+        plan
     }
 
     /// The request body of a turn, given the conversation so far.
@@ -202,6 +289,44 @@ mod tests {
         let token = Workload::default().plan(0).token.unwrap();
         let uuid = uuid::Uuid::parse_str(&token).unwrap();
         assert_eq!(uuid.get_version_num(), 4);
+    }
+
+    #[test]
+    fn profiles_are_dealt_in_turn_and_nothing_sends_no_token() {
+        let w = Workload {
+            profiles: vec![ClientProfile::AgentHeader, ClientProfile::Nothing],
+            ..Workload::default()
+        };
+        assert_eq!(w.plan(0).profile, ClientProfile::AgentHeader);
+        assert!(w.plan(0).token.is_some());
+        assert_eq!(w.plan(1).profile, ClientProfile::Nothing);
+        assert!(w.plan(1).token.is_none());
+        assert_eq!(Workload::default().plan(3).profile, ClientProfile::Header);
+        for p in ClientProfile::ALL {
+            assert_eq!(p.as_str().parse::<ClientProfile>(), Ok(p));
+        }
+    }
+
+    #[test]
+    fn shared_heads_open_alike_and_leave_the_other_choices_alone() {
+        let plain = Workload::default();
+        let shared = Workload {
+            shared_head_fraction: 0.3,
+            ..Workload::default()
+        };
+        let n = (0..1000).filter(|i| shared.plan(*i).shared_head).count();
+        assert!((240..360).contains(&n), "{n}");
+        for i in 0..50 {
+            let (a, b) = (plain.plan(i), shared.plan(i));
+            assert_eq!(a.token, b.token);
+            assert_eq!(a.user_messages[1..], b.user_messages[1..]);
+            if b.shared_head {
+                assert_eq!(b.user_messages[0], "hi");
+                assert_eq!(shared.system_prompt_of(&b), SHARED_SYSTEM_PROMPT);
+            } else {
+                assert_eq!(a.user_messages, b.user_messages);
+            }
+        }
     }
 
     #[test]

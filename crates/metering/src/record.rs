@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrayvec::ArrayString;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
-use tether_affinity::Outcome;
+use tether_affinity::{KeySource, Outcome};
 
 use crate::UsageStatus;
 
@@ -55,6 +55,10 @@ pub struct UsageRecord {
     /// `cached_tokens`); `null` when the response does not report them (all but Anthropic).
     #[serde(default)]
     pub cache_write_tokens: Option<u64>,
+    /// Where the session key came from (`header`, `agent_header`, `prompt_cache_key`,
+    /// `user`, `fingerprint`), `none` without one.
+    #[serde(default, with = "key_source_label")]
+    pub key_source: Option<KeySource>,
     /// Of `cache_write_tokens`, those written with the 5-minute lifetime. Written only when the
     /// response splits its writes by lifetime (most lines never do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,6 +115,8 @@ impl UsageRecord {
         json_str(out, self.usage_status.as_str());
         out.extend_from_slice(b",\"cache_write_tokens\":");
         json_uint(out, self.cache_write_tokens);
+        out.extend_from_slice(b",\"key_source\":");
+        json_str(out, KeySource::label(self.key_source));
         for (key, value) in [
             (
                 &b",\"cache_write_5m_tokens\":"[..],
@@ -124,6 +130,28 @@ impl UsageRecord {
             }
         }
         out.extend_from_slice(b"}\n");
+    }
+}
+
+/// `key_source` as its label, `"none"` for no key (and for lines written before the field).
+mod key_source_label {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tether_affinity::KeySource;
+
+    pub fn serialize<S: Serializer>(source: &Option<KeySource>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(KeySource::label(*source))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<KeySource>, D::Error> {
+        let label = Option::<String>::deserialize(d)?;
+        match label.as_deref() {
+            None | Some("none") => Ok(None),
+            Some(label) => KeySource::ALL
+                .into_iter()
+                .find(|s| s.as_str() == label)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown key_source {label:?}"))),
+        }
     }
 }
 
@@ -389,6 +417,7 @@ mod tests {
             attempts: 2,
             usage_status: UsageStatus::FOUND,
             cache_write_tokens: None,
+            key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
         }
@@ -404,6 +433,7 @@ mod tests {
             cost_micro_usd: Some(15_384),
             uncached_cost_micro_usd: Some(19_833),
             cache_write_tokens: Some(248),
+            key_source: Some(KeySource::Fingerprint),
             cache_write_5m_tokens: Some(148),
             cache_write_1h_tokens: Some(100),
             ..full(tenant)
@@ -430,6 +460,7 @@ mod tests {
             anthropic("acme"),
             UsageRecord {
                 cache_write_tokens: Some(u64::MAX),
+                key_source: None,
                 cache_write_1h_tokens: Some(0),
                 ..nulls.clone()
             },
@@ -455,7 +486,7 @@ mod tests {
     }
 
     /// How a line ends when the response reported no cache writes.
-    const NO_CACHE_WRITES: &str = r#","cache_write_tokens":null}"#;
+    const NO_CACHE_WRITES: &str = r#","cache_write_tokens":null,"key_source":"none"}"#;
 
     /// The usage log's format is a contract with `tether report` and whatever else reads the
     /// files: these lines are what it has always been, byte for byte, up to the fields added
@@ -557,7 +588,7 @@ mod tests {
             r#""cached_tokens":1800,"completion_tokens":503,"#,
             r#""cost_micro_usd":15384,"uncached_cost_micro_usd":19833,"latency_ms":12,"#,
             r#""ttft_ms":3,"attempts":2,"usage_status":"found","cache_write_tokens":248,"#,
-            r#""cache_write_5m_tokens":148,"cache_write_1h_tokens":100}"#,
+            r#""key_source":"fingerprint","cache_write_5m_tokens":148,"cache_write_1h_tokens":100}"#,
             "\n"
         );
         let unsplit = UsageRecord {
@@ -574,6 +605,24 @@ mod tests {
             record.write_json_line(&mut line);
             assert_eq!(String::from_utf8_lossy(&line), literal);
             let back: UsageRecord = serde_json::from_str(&literal).unwrap();
+            assert_eq!(back, record);
+        }
+        for source in tether_affinity::KeySource::ALL {
+            let record = UsageRecord {
+                key_source: Some(source),
+                ..full("acme")
+            };
+            let mut line = Vec::new();
+            record.write_json_line(&mut line);
+            let line = String::from_utf8(line).unwrap();
+            assert!(
+                line.ends_with(&format!(
+                    r#""cache_write_tokens":null,"key_source":"{source}"}}{}"#,
+                    "\n"
+                )),
+                "{line}"
+            );
+            let back: UsageRecord = serde_json::from_str(&line).unwrap();
             assert_eq!(back, record);
         }
     }
@@ -599,6 +648,7 @@ mod tests {
             attempts: 1,
             usage_status: UsageStatus::Extracted(crate::UsageOutcome::Malformed),
             cache_write_tokens: None,
+            key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
         };

@@ -17,6 +17,9 @@ pub enum GroupBy {
     Replica,
     /// Model.
     Model,
+    /// Where the session key came from (`key_source`): what each way of naming a session
+    /// buys in cache hits.
+    KeySource,
 }
 
 /// Totals of one group.
@@ -97,6 +100,7 @@ pub fn aggregate<'a>(records: impl IntoIterator<Item = &'a UsageRecord>, by: Gro
             GroupBy::Region => r.region.as_deref(),
             GroupBy::Replica => r.replica.as_deref(),
             GroupBy::Model => r.model.as_deref(),
+            GroupBy::KeySource => Some(tether_affinity::KeySource::label(r.key_source)),
         }
         .unwrap_or("-");
         let row = groups.entry(key.to_owned()).or_insert_with(|| ReportRow {
@@ -141,6 +145,7 @@ mod tests {
             attempts: 1,
             usage_status: crate::UsageStatus::FOUND,
             cache_write_tokens: None,
+            key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
         }
@@ -166,6 +171,17 @@ mod tests {
         assert_eq!(r.total.requests, 3);
         let by_replica = aggregate(&records, GroupBy::Replica);
         assert_eq!(by_replica.rows[0].key, "-");
+    }
+
+    #[test]
+    fn records_group_by_key_source_with_none_for_keyless_ones() {
+        let mut fingerprinted = record("a", Some(100), Some(90), None);
+        fingerprinted.key_source = Some(tether_affinity::KeySource::Fingerprint);
+        let records = [fingerprinted, record("a", Some(100), Some(0), None)];
+        let r = aggregate(&records, GroupBy::KeySource);
+        let keys: Vec<&str> = r.rows.iter().map(|row| row.key.as_str()).collect();
+        assert_eq!(keys, ["fingerprint", "none"]);
+        assert_eq!(r.rows[0].cache_hit_pct, 90.0);
     }
 
     #[test]

@@ -244,6 +244,7 @@ mod tests {
             attempts: 1,
             usage_status: crate::UsageStatus::FOUND,
             cache_write_tokens: None,
+            key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
         }

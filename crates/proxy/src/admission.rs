@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use pingora::http::RequestHeader;
-use tether_affinity::{RoutingKey, TenantScope};
+use tether_affinity::{KeySource, RoutingKey, TenantScope};
 
 use crate::error::EdgeError;
 use crate::router::Access;
@@ -16,8 +16,9 @@ pub struct Caller {
     pub tenant: Arc<str>,
     /// The tenant's hashing scope (also its identity for tenant locality).
     pub scope: TenantScope,
-    /// The tenant-scoped routing key, when the request carried a token.
-    pub key: Option<RoutingKey>,
+    /// The tenant-scoped routing key of the affinity header, when the request carried one
+    /// (other sources are tried by [`crate::session_key::resolve`]).
+    pub header_key: Option<RoutingKey>,
 }
 
 /// What `request_filter` concluded.
@@ -75,16 +76,23 @@ pub fn admit(access: &Access, req: &RequestHeader) -> Admission {
     } else {
         access.default_tenant()
     };
+    // The header is addressed to Tether: a bad value is refused, not ignored (unless the
+    // header is not a key source at all).
     let values = req
         .headers
         .get_all(&access.header)
         .into_iter()
         .map(|v| v.as_bytes());
-    match access.token_rules.validate_all(values) {
+    let validated = if access.key_sources.contains(&KeySource::Header) {
+        access.token_rules.validate_all(values)
+    } else {
+        Ok(None)
+    };
+    match validated {
         Ok(token) => Admission::Admit(Caller {
             tenant: Arc::clone(&tenant.id),
             scope: tenant.scope,
-            key: token.map(|t| tenant.scope.key(t)),
+            header_key: token.map(|t| tenant.scope.key(t)),
         }),
         Err(e) => Admission::Reject {
             error: EdgeError::InvalidSessionAffinity(e),

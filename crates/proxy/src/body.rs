@@ -1,10 +1,14 @@
-//! Adding `stream_options.include_usage` to streaming chat requests, so that every stream
-//! reports its usage (the client never sees the extra event: see `UsageChunkFilter`).
+//! Reading a small request body ahead ([`ReadAhead`]), and adding
+//! `stream_options.include_usage` to streaming chat requests, so that every stream reports
+//! its usage (the client never sees the extra event: see `UsageChunkFilter`).
 //!
 //! A small body with a `Content-Length` is read whole in `request_filter` (Pingora's retry
-//! buffer keeps it and replays it on every attempt); its final length is known before the
-//! upstream header goes out, so the framing stays `Content-Length`. Any other body is
-//! collected on its way through `request_body_filter` and framed chunked.
+//! buffer keeps it and replays it, byte for byte, on every attempt): session keys in the body
+//! are read from it before a replica is chosen, and a rewrite knows its final length before
+//! the upstream header goes out, so the framing stays `Content-Length`. Nothing else is read
+//! ahead: a chunked body or one over [`READ_AHEAD_LIMIT`] streams on untouched (reading
+//! more than the retry buffer holds would lose what was read), and a rewrite collects it on
+//! its way through `request_body_filter`, framed chunked.
 
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -18,8 +22,68 @@ use crate::router::Snapshot;
 /// one is forwarded untouched (its stream may then report no usage).
 pub const MAX_REWRITE_BODY: usize = 16 << 20;
 
-/// Largest body read ahead in `request_filter` (Pingora's retry buffer, which replays it).
-const READ_AHEAD_LIMIT: usize = 64 << 10;
+/// Largest body read ahead in `request_filter`: Pingora's retry buffer, which replays it,
+/// holds this much and drops everything beyond.
+pub const READ_AHEAD_LIMIT: usize = 64 << 10;
+
+/// The request body, read ahead at most once per request and shared by whoever needs it
+/// before a replica is chosen.
+#[derive(Debug, Default)]
+pub struct ReadAhead {
+    /// `None` until tried; then the body, or `None` when it is not read ahead.
+    body: Option<Option<Bytes>>,
+}
+
+impl ReadAhead {
+    /// The whole body when it has a `Content-Length` of 1..=[`READ_AHEAD_LIMIT`] bytes, read
+    /// on the first call; `None` for any other body, which is left to stream.
+    pub async fn body(&mut self, session: &mut Session) -> Result<Option<Bytes>> {
+        if let Some(body) = &self.body {
+            return Ok(body.clone());
+        }
+        let body = read_small_body(session).await?;
+        self.body = Some(body.clone());
+        Ok(body)
+    }
+
+    /// Whether the body was read ahead (Pingora replays it from its retry buffer).
+    pub fn was_read(&self) -> bool {
+        matches!(self.body, Some(Some(_)))
+    }
+}
+
+async fn read_small_body(session: &mut Session) -> Result<Option<Bytes>> {
+    let req = session.req_header();
+    let length = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let Some(length) = length.filter(|n| !chunked && *n > 0 && *n <= READ_AHEAD_LIMIT) else {
+        return Ok(None);
+    };
+    session.enable_retry_buffering();
+    if expects_continue(session.req_header()) {
+        // The client waits for this before sending the body (curl gives up waiting after a
+        // second); Pingora only relays a replica's, and the body is read here first.
+        let go_on = ResponseHeader::build(100, Some(0))?;
+        session
+            .write_response_header(Box::new(go_on), false)
+            .await?;
+    }
+    let mut raw = Vec::with_capacity(length);
+    // Errors here are the client's (a body that stalls or breaks off), as they are when
+    // Pingora reads a body on its way upstream.
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| e.into_down())?
+    {
+        raw.extend_from_slice(&chunk);
+    }
+    Ok(Some(Bytes::from(raw)))
+}
 
 /// Whether the client waits for `100 Continue` before it sends the body.
 pub fn expects_continue(req: &RequestHeader) -> bool {
@@ -45,7 +109,11 @@ pub struct BodyRewrite {
 impl BodyRewrite {
     /// Decides whether this request's body may need the usage option, and reads a small one
     /// ahead. `None`: the body passes through as it is.
-    pub async fn prepare(snapshot: &Snapshot, session: &mut Session) -> Result<Option<Self>> {
+    pub async fn prepare(
+        snapshot: &Snapshot,
+        session: &mut Session,
+        read_ahead: &mut ReadAhead,
+    ) -> Result<Option<Self>> {
         let req = session.req_header();
         if !(snapshot.inject_stream_usage()
             && req.method == http::Method::POST
@@ -53,33 +121,9 @@ impl BodyRewrite {
         {
             return Ok(None);
         }
-        let length = req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if !length.is_some_and(|n| n > 0 && n <= READ_AHEAD_LIMIT) {
+        let Some(raw) = read_ahead.body(session).await? else {
             return Ok(Some(BodyRewrite::default()));
-        }
-        session.enable_retry_buffering();
-        if expects_continue(session.req_header()) {
-            // The client waits for this before sending the body (curl gives up waiting after
-            // a second); Pingora only relays a replica's, and the body is read here first.
-            let go_on = ResponseHeader::build(100, Some(0))?;
-            session
-                .write_response_header(Box::new(go_on), false)
-                .await?;
-        }
-        let mut raw = Vec::new();
-        // Errors here are the client's (a body that stalls or breaks off), as they are when
-        // Pingora reads a body on its way upstream.
-        while let Some(chunk) = session
-            .read_request_body()
-            .await
-            .map_err(|e| e.into_down())?
-        {
-            raw.extend_from_slice(&chunk);
-        }
+        };
         // Unchanged bodies (the client asked for usage, or is not streaming) need no
         // rewrite: the retry buffer replays them as they came.
         Ok(ensure_stream_usage(&raw).map(|ready| BodyRewrite {

@@ -1,6 +1,7 @@
 //! Tether's Pingora glue, as a library so that its hooks are tested and benchmarked from
 //! outside the binary: the `ProxyHttp` implementation ([`proxy`]), admission
-//! ([`admission`]), the request-body rewrite ([`body`]), the errors Tether answers
+//! ([`admission`]), which session a request is ([`session_key`]), the request-body read-ahead
+//! and rewrite ([`body`]), the errors Tether answers
 //! ([`error`]), the routing state swapped on reload ([`router`]), metering ([`meter`]), the
 //! admin listener ([`admin`]), hot reload ([`reload`]), active probes ([`probe`]), and the
 //! server assembly ([`server`]) with the shutdown's drain ([`drain`]), the shared sticky store of a tier ([`tier`]), and upstream connections Tether
@@ -19,6 +20,7 @@ pub mod reload;
 pub mod report_cmd;
 pub mod router;
 pub mod server;
+pub mod session_key;
 pub mod tier;
 pub mod tls;
 pub mod upstream_io;

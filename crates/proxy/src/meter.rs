@@ -12,7 +12,7 @@ use prometheus::{
 };
 use sha2::{Digest, Sha256};
 use siphasher::sip128::{Hasher128, SipHasher24};
-use tether_affinity::{Outcome, RoutingKey};
+use tether_affinity::{KeySource, Outcome, RoutingKey};
 use tether_metering::{SessionHash, UsageLog, UsageRecord, UsageStatus};
 use tether_topology::Topology;
 
@@ -41,6 +41,10 @@ pub struct Metrics {
     override_entries: IntGauge,
     log_dropped: IntCounter,
     client_disconnects: IntCounter,
+    key_sources: IntCounterVec,
+    keys_ignored: IntCounterVec,
+    /// `tether_session_key_source_total` by source, `none` last, each made on first use.
+    key_source_by_source: [OnceLock<IntCounter>; KeySource::ALL.len() + 1],
     /// The counters a record adds to, resolved once per tenant (and outcome and status):
     /// `with_label_values` hashes the labels and takes the family's lock on every call. An
     /// immutable map read without a lock; the first record of a new combination replaces it
@@ -166,8 +170,23 @@ impl Metrics {
              (logged at debug level: an expected thing for clients to do).",
         )?;
         registry.register(Box::new(client_disconnects.clone()))?;
+        let key_sources = counter_vec(
+            "tether_session_key_source_total",
+            "Metered requests by where their session key came from: header, agent_header, \
+             prompt_cache_key, user, fingerprint, or none.",
+            &["source"],
+        )?;
+        let keys_ignored = counter_vec(
+            "tether_session_keys_ignored_total",
+            "Session ids Tether ignored because they were not valid tokens (an agent's own \
+             header, a body field), by source: the request fell back to the next source.",
+            &["source"],
+        )?;
         Ok(Metrics {
             registry,
+            key_sources,
+            keys_ignored,
+            key_source_by_source: Default::default(),
             requests,
             input_tokens,
             output_tokens,
@@ -239,6 +258,18 @@ impl Metrics {
     fn observe(&self, r: &UsageRecord, latency: Duration) {
         let (tenant, requests) = self.counters(r);
         requests.inc();
+        let at = r.key_source.map_or(KeySource::ALL.len(), |source| {
+            KeySource::ALL
+                .iter()
+                .position(|s| *s == source)
+                .unwrap_or_default()
+        });
+        self.key_source_by_source[at]
+            .get_or_init(|| {
+                self.key_sources
+                    .with_label_values(&[KeySource::label(r.key_source)])
+            })
+            .inc();
         self.duration.observe(latency.as_secs_f64());
         if let (Some(prompt), Some(cached)) = (r.prompt_tokens, r.cached_tokens) {
             tenant.cached.inc_by(cached);
@@ -322,6 +353,15 @@ impl Meter {
         if let Some(log) = &self.log {
             log.record(record);
         }
+    }
+
+    /// Counts a session id that was present but not a valid token (the request fell back to
+    /// the next source).
+    pub fn count_ignored_key(&self, source: KeySource) {
+        self.metrics
+            .keys_ignored
+            .with_label_values(&[source.as_str()])
+            .inc();
     }
 
     /// Counts a request sent to another replica.
@@ -438,6 +478,7 @@ mod tests {
             attempts: 1,
             usage_status: UsageStatus::FOUND,
             cache_write_tokens: written,
+            key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: written,
         }

@@ -19,7 +19,9 @@ use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use tether_affinity::{Attempts, Failure, Retry, RetryLimits, Route};
+use tether_affinity::{
+    Attempts, BodyKeys, Failure, KeySource, Retry, RetryLimits, Route, RoutingKey,
+};
 use tether_health::now_ms;
 use tether_metering::{
     Dialect, Extraction, Framing, Timestamp, UsageChunkFilter, UsageExtractor, UsageOutcome,
@@ -27,11 +29,12 @@ use tether_metering::{
 };
 
 use crate::admission::{admit, Admission, Caller};
-use crate::body::BodyRewrite;
+use crate::body::{BodyRewrite, ReadAhead};
 use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
 use crate::meter::Meter;
 use crate::router::{Router, Snapshot, Upstream};
+use crate::session_key::{resolve, BodyView, Found, Resolution};
 use crate::tier::Tier;
 use crate::upstream_io::Aborted;
 
@@ -93,6 +96,8 @@ pub struct RequestCtx {
     answered: bool,
     /// The current attempt's replica answered this status, which is being retried elsewhere.
     retried_status: Option<u16>,
+    /// Where the session key came from.
+    key_source: Option<KeySource>,
     rewrite: Option<BodyRewrite>,
     /// Usage was injected into the request body.
     injected: bool,
@@ -122,6 +127,7 @@ impl RequestCtx {
             tls_failure: None,
             answered: false,
             retried_status: None,
+            key_source: None,
             rewrite: None,
             injected: false,
             extractor: None,
@@ -279,6 +285,78 @@ fn parse_retry_after(value: &[u8]) -> Option<Duration> {
     Some(Duration::from_secs(seconds))
 }
 
+impl TetherProxy {
+    /// The request's session key and its source (see [`crate::session_key`]). The body is
+    /// read ahead only when a body source is reached, or to carry a new token over to the
+    /// replica its conversation's fingerprint is bound to.
+    async fn session_key(
+        &self,
+        snapshot: &Snapshot,
+        caller: &Caller,
+        session: &mut Session,
+        read_ahead: &mut ReadAhead,
+    ) -> Result<(Option<RoutingKey>, Option<KeySource>)> {
+        let access = snapshot.access();
+        let fingerprints = access.key_sources.contains(&KeySource::Fingerprint);
+        let first = resolve(access, caller, session.req_header(), BodyView::NotRead);
+        let carry_over = |found: Found| match found {
+            Found::Key(key, source) => {
+                fingerprints
+                    && source != KeySource::Fingerprint
+                    && snapshot.fleet().overrides().get(key).is_none()
+            }
+            _ => false,
+        };
+        if first.found != Found::NeedsBody && !carry_over(first.found) {
+            self.count_ignored(&first);
+            return Ok(found_key(first.found));
+        }
+        let body = if json_post(session.req_header()) {
+            read_ahead.body(session).await?
+        } else {
+            None
+        };
+        let keys = body.as_deref().and_then(BodyKeys::parse);
+        let view = keys.as_ref().map_or(BodyView::Unavailable, BodyView::Read);
+        let resolution = match first.found {
+            Found::NeedsBody => resolve(access, caller, session.req_header(), view),
+            _ => first,
+        };
+        self.count_ignored(&resolution);
+        if let (Found::Key(key, _), true, Some(keys)) =
+            (resolution.found, carry_over(resolution.found), &keys)
+        {
+            if let Some(fingerprint) = access.fingerprinter.fingerprint(caller.scope, keys) {
+                snapshot.fleet().carry_over(key, fingerprint);
+            }
+        }
+        Ok(found_key(resolution.found))
+    }
+
+    fn count_ignored(&self, resolution: &Resolution) {
+        for source in resolution.ignored() {
+            self.meter.count_ignored_key(source);
+        }
+    }
+}
+
+/// A POST whose body may be JSON (no content type, or a JSON one).
+fn json_post(req: &RequestHeader) -> bool {
+    req.method == http::Method::POST
+        && req.headers.get(http::header::CONTENT_TYPE).is_none_or(|v| {
+            v.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"json"))
+        })
+}
+
+fn found_key(found: Found) -> (Option<RoutingKey>, Option<KeySource>) {
+    match found {
+        Found::Key(key, source) => (Some(key), Some(source)),
+        Found::NeedsBody | Found::None => (None, None),
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
@@ -304,15 +382,24 @@ impl ProxyHttp for TetherProxy {
                 return Ok(true);
             }
         };
-        ctx.attempts = Attempts::new(caller.key, Some(caller.scope));
-        ctx.caller = Some(caller);
         let req = session.req_header();
         if snapshot.resend_safe(&req.method, req.uri.path()) {
             // Keep the body (up to Pingora's retry buffer) so a replica that fails before
             // answering can be replaced.
             session.enable_retry_buffering();
         }
-        ctx.rewrite = BodyRewrite::prepare(&snapshot, session).await?;
+        // Kept before the body is read: a request that fails reading it is still logged under
+        // its tenant.
+        let scope = caller.scope;
+        ctx.attempts = Attempts::new(None, Some(scope));
+        let caller = &*ctx.caller.insert(caller);
+        let mut read_ahead = ReadAhead::default();
+        let (key, source) = self
+            .session_key(&snapshot, caller, session, &mut read_ahead)
+            .await?;
+        ctx.key_source = source;
+        ctx.attempts = Attempts::new(key, Some(scope));
+        ctx.rewrite = BodyRewrite::prepare(&snapshot, session, &mut read_ahead).await?;
         ctx.injected = ctx.rewrite.as_ref().is_some_and(BodyRewrite::injected);
         Ok(false)
     }
@@ -697,6 +784,7 @@ impl ProxyHttp for TetherProxy {
             attempts: ctx.attempts.total(),
             usage_status,
             cache_write_tokens: usage.cache_write_tokens,
+            key_source: ctx.key_source,
             cache_write_5m_tokens: usage.cache_write_5m_tokens,
             cache_write_1h_tokens: usage.cache_write_1h_tokens,
         };

@@ -22,6 +22,9 @@ pub enum By {
     Replica,
     /// Model.
     Model,
+    /// Where the session key came from (`header`, `agent_header`, `prompt_cache_key`,
+    /// `user`, `fingerprint`, `none`).
+    KeySource,
 }
 
 /// `--format`.
@@ -151,6 +154,7 @@ pub fn run(files: &[PathBuf], by: By, format: Format) -> anyhow::Result<String> 
         By::Region => GroupBy::Region,
         By::Replica => GroupBy::Replica,
         By::Model => GroupBy::Model,
+        By::KeySource => GroupBy::KeySource,
     };
     render(&aggregate(&records, group), by, format)
 }

@@ -10,8 +10,8 @@ use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 use sha2::{Digest, Sha256};
 use tether_affinity::{
-    Admission, BindingSink, Fleet, FleetPlan, FleetState, RegionPlan, ReplicaPlan, ReplicaSpec,
-    SelectorOptions, TenantScope, TokenRules,
+    Admission, BindingSink, Fingerprinter, Fleet, FleetPlan, FleetState, KeySource, RegionPlan,
+    ReplicaPlan, ReplicaSpec, SelectorOptions, TenantScope, TokenRules,
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
@@ -55,6 +55,14 @@ pub enum InstallError {
          it), or listen on 127.0.0.1 or [::1]"
     )]
     OpenAdmin(std::net::SocketAddr),
+    /// An agent session header is not a valid HTTP header name.
+    #[error("affinity.agent_headers {name:?}: {source}")]
+    AgentHeader {
+        /// The configured name.
+        name: String,
+        /// Why it is invalid.
+        source: http::header::InvalidHeaderName,
+    },
     /// The affinity header is not a valid HTTP header name.
     #[error("affinity.header {name:?}: {source}")]
     Header {
@@ -137,6 +145,12 @@ pub struct Access {
     pub token_rules: TokenRules,
     /// Lower-cased name of the token header.
     pub header: http::HeaderName,
+    /// Where a session key is looked for, in order (`affinity.key_sources`).
+    pub key_sources: Vec<KeySource>,
+    /// The agents' own session-id headers, in order (`affinity.agent_headers`).
+    pub agent_headers: Vec<http::HeaderName>,
+    /// Hashes conversation heads (the `fingerprint` source).
+    pub fingerprinter: Fingerprinter,
 }
 
 impl Access {
@@ -154,6 +168,28 @@ impl Access {
     /// The tenant of every request when no API keys are configured.
     pub fn default_tenant(&self) -> &TenantEntry {
         &self.default_tenant
+    }
+}
+
+#[cfg(test)]
+impl Access {
+    /// An access without API keys, with these sources and agent headers.
+    pub(crate) fn for_tests(key_sources: &[KeySource], agent_headers: &[&str]) -> Access {
+        Access {
+            tenants: HashMap::new(),
+            default_tenant: TenantEntry {
+                id: Arc::from("default"),
+                scope: TenantScope::new("default"),
+            },
+            token_rules: TokenRules::default(),
+            header: http::HeaderName::from_static("x-session-affinity"),
+            key_sources: key_sources.to_vec(),
+            agent_headers: agent_headers
+                .iter()
+                .map(|h| http::HeaderName::from_bytes(h.as_bytes()).expect("a valid test header"))
+                .collect(),
+            fingerprinter: Fingerprinter::new([7; 16]),
+        }
     }
 }
 
@@ -435,6 +471,19 @@ fn build_snapshot(
                 source,
             }
         })?;
+    let agent_headers = topology
+        .affinity
+        .agent_headers
+        .iter()
+        .map(|name| {
+            http::HeaderName::from_bytes(name.as_bytes()).map_err(|source| {
+                InstallError::AgentHeader {
+                    name: name.clone(),
+                    source,
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let admin_token = match std::env::var(ADMIN_TOKEN_ENV) {
         Ok(token) if token.len() < 16 => return Err(InstallError::AdminTokenTooShort),
         Ok(token) => Some(token),
@@ -460,6 +509,9 @@ fn build_snapshot(
                 max_len: topology.affinity.max_token_len,
             },
             header,
+            key_sources: topology.affinity.key_sources.clone(),
+            agent_headers,
+            fingerprinter: fingerprinter(topology),
         },
         probe: health.probe.as_ref().map(|p| ProbeSettings {
             path: p.path.clone(),
@@ -478,4 +530,23 @@ fn build_snapshot(
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,
     })
+}
+
+/// The fingerprint's key: derived from the session key (`metering.session_key` or
+/// its environment variable) under a label of its own, so that fingerprints and the usage
+/// log's session hashes never share a key. Every instance of a tier derives the same one.
+/// Without a session key the label alone keys it: fingerprints stay tenant-scoped and stable
+/// across restarts, but anyone who reads this source can compute them.
+fn fingerprinter(topology: &Topology) -> Fingerprinter {
+    let secret = std::env::var(crate::meter::SESSION_KEY_ENV)
+        .ok()
+        .or_else(|| topology.metering.session_key.clone())
+        .unwrap_or_default();
+    let mut hasher = Sha256::new();
+    hasher.update(b"tether conversation fingerprint\0");
+    hasher.update(secret.as_bytes());
+    let digest = hasher.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    Fingerprinter::new(key)
 }

@@ -129,6 +129,7 @@ fn meter_one(
         attempts: 1,
         usage_status: UsageStatus::of(Some(&extraction), false),
         cache_write_tokens: usage.cache_write_tokens,
+        key_source: None,
         cache_write_5m_tokens: usage.cache_write_5m_tokens,
         cache_write_1h_tokens: usage.cache_write_1h_tokens,
     };

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tether_affinity::{Admission, KvScope, Placement};
+use tether_affinity::{Admission, KeySource, KvScope, Placement};
 use tether_metering::{Dialect, Price};
 
 /// A validated topology. Build one with [`Topology::from_yaml`](crate::Topology::from_yaml) or
@@ -76,6 +76,11 @@ pub struct AffinitySettings {
     /// Response header telling the client what happened to its session (`warm`, `new`,
     /// `moved`, `none`); `None` = not sent.
     pub outcome_header: Option<String>,
+    /// Where a request's session key is looked for, in order; the first present wins.
+    pub key_sources: Vec<KeySource>,
+    /// Lower-cased names of the agents' own session-id headers (`agent_header` source), in
+    /// the order they are tried.
+    pub agent_headers: Vec<String>,
 }
 
 /// The shared sticky store (Redis protocol) that lets every instance of a tier follow every

@@ -140,7 +140,19 @@ pub(crate) struct RawAffinity {
     pub shed_factor: Option<f64>,
     pub placement: Option<tether_affinity::Placement>,
     pub outcome_header: Option<String>,
+    pub key_sources: Vec<tether_affinity::KeySource>,
+    pub agent_headers: Vec<String>,
 }
+
+/// The session ids agent harnesses send of their own accord, each found in the client's
+/// source (docs/session-affinity.md cites where).
+pub(crate) const DEFAULT_AGENT_HEADERS: &[&str] = &[
+    "x-session-id",
+    "session_id",
+    "x-claude-code-session-id",
+    "x-opencode-session",
+    "x-litellm-session-id",
+];
 
 impl Default for RawAffinity {
     fn default() -> Self {
@@ -155,6 +167,17 @@ impl Default for RawAffinity {
             shed_factor: None,
             placement: None,
             outcome_header: Some("x-session-affinity-status".into()),
+            // The fingerprint is opt-in: it gives tokenless traffic keys, which changes how
+            // that traffic spreads.
+            key_sources: vec![
+                tether_affinity::KeySource::Header,
+                tether_affinity::KeySource::AgentHeader,
+                tether_affinity::KeySource::PromptCacheKey,
+            ],
+            agent_headers: DEFAULT_AGENT_HEADERS
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
         }
     }
 }

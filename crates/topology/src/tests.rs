@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use tether_affinity::{Admission, KvScope, Placement};
+use tether_affinity::{Admission, KeySource, KvScope, Placement};
 use tether_metering::Dialect;
 
 use super::*;
@@ -894,4 +894,56 @@ fn the_outcome_header_is_on_by_default_and_can_be_renamed_or_turned_off() {
         "override_capacity: 1000000\n  outcome_header: X-Session-Affinity",
     );
     assert_eq!(problem(&clash).key, "affinity.outcome_header");
+}
+
+#[test]
+fn key_sources_default_to_headers_and_prompt_cache_key_with_the_agents_headers() {
+    let t = load(VALID).unwrap();
+    assert_eq!(
+        t.affinity.key_sources,
+        [
+            KeySource::Header,
+            KeySource::AgentHeader,
+            KeySource::PromptCacheKey
+        ]
+    );
+    assert!(t
+        .affinity
+        .agent_headers
+        .contains(&"x-claude-code-session-id".to_string()));
+}
+
+#[test]
+fn key_sources_and_agent_headers_are_read_in_order_and_lower_cased() {
+    let yaml = VALID.replace(
+        "  max_token_len: 128\n",
+        "  max_token_len: 128\n  key_sources: [fingerprint, header]\n  agent_headers: [X-Agent-Session]\n",
+    );
+    let t = load(&yaml).unwrap();
+    assert_eq!(
+        t.affinity.key_sources,
+        [KeySource::Fingerprint, KeySource::Header]
+    );
+    assert_eq!(t.affinity.agent_headers, ["x-agent-session"]);
+}
+
+#[test]
+fn bad_key_sources_and_agent_headers_are_named_by_position() {
+    let with = |extra: &str| {
+        VALID.replace(
+            "  max_token_len: 128\n",
+            &format!("  max_token_len: 128\n{extra}"),
+        )
+    };
+    let p = problem(&with("  key_sources: [header, user, header]\n"));
+    assert_eq!(p.key, "affinity.key_sources[2]");
+    assert!(p.message.contains("twice"), "{}", p.message);
+    let p = problem(&with("  agent_headers: [x-ok, cookie]\n"));
+    assert_eq!(p.key, "affinity.agent_headers[1]");
+    let p = problem(&with("  agent_headers: [\"bad header\"]\n"));
+    assert_eq!(p.key, "affinity.agent_headers[0]");
+    let p = problem(&with("  agent_headers: [X-Session-Affinity]\n"));
+    assert_eq!(p.key, "affinity.agent_headers[0]");
+    let (_, message) = parse_error(&with("  key_sources: [none]\n"));
+    assert!(message.contains("none"), "{message}");
 }

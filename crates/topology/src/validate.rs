@@ -162,6 +162,15 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     // affinity
     let a = &raw.affinity;
     let header = network::affinity_header(&mut p, &a.header);
+    let agent_headers = network::agent_headers(&mut p, &a.agent_headers, &header);
+    for (i, source) in a.key_sources.iter().enumerate() {
+        if a.key_sources[..i].contains(source) {
+            p.add(
+                format!("affinity.key_sources[{i}]"),
+                format!("{source} is listed twice"),
+            );
+        }
+    }
     if a.max_token_len == 0 || a.max_token_len > MAX_TOKEN_LEN_LIMIT {
         p.add(
             "affinity.max_token_len",
@@ -586,6 +595,8 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             shed_factor: a.shed_factor,
             placement,
             outcome_header,
+            key_sources: a.key_sources.clone(),
+            agent_headers,
         },
         regions,
         tenants,

@@ -76,6 +76,39 @@ fn a_2xx_answer_makes_the_next_turn_sticky_to_the_same_replica() {
 }
 
 #[test]
+fn an_unbound_key_carries_over_to_the_replica_of_a_bound_one() {
+    let (_, fleet) = fleet(three());
+    for k in keys() {
+        let (fingerprint, token) = (k, k ^ 1);
+        let mut first = fleet.route(&mut keyed(fingerprint), NOW).unwrap();
+        first.answered(200, None, NOW);
+        assert!(fleet.carry_over(RoutingKey(token), RoutingKey(fingerprint)));
+        let next = fleet.route(&mut keyed(token), NOW).unwrap();
+        assert_eq!(next.outcome(), Outcome::Sticky);
+        assert_eq!(next.replica().id(), first.replica().id());
+    }
+}
+
+#[test]
+fn carry_over_never_moves_a_bound_key_nor_invents_a_binding() {
+    let (_, fleet) = fleet(three());
+    let (a, b, unbound) = (RoutingKey(11), RoutingKey(12), RoutingKey(13));
+    let mut route_a = fleet.route(&mut keyed(a.0), NOW).unwrap();
+    route_a.answered(200, None, NOW);
+    let mut route_b = fleet.route(&mut keyed(b.0), NOW).unwrap();
+    route_b.answered(200, None, NOW);
+    let before = fleet.overrides().get(b);
+    assert!(!fleet.carry_over(b, a), "b is bound already");
+    assert_eq!(fleet.overrides().get(b), before);
+    assert!(
+        !fleet.carry_over(RoutingKey(14), unbound),
+        "nothing to inherit"
+    );
+    assert_eq!(fleet.overrides().get(RoutingKey(14)), None);
+    assert!(!fleet.carry_over(a, a));
+}
+
+#[test]
 fn only_a_2xx_answer_records_the_session() {
     let (state, fleet) = fleet(three());
     for status in [400, 404, 429, 500, 503] {

@@ -127,3 +127,25 @@ pub(super) fn affinity_header(p: &mut Problems, value: &str) -> String {
     }
     header
 }
+
+/// The agents' session-id headers, lower-cased: valid names that mean nothing else, each
+/// listed once.
+pub(super) fn agent_headers(p: &mut Problems, values: &[String], affinity: &str) -> Vec<String> {
+    let mut headers: Vec<String> = Vec::with_capacity(values.len());
+    for (i, value) in values.iter().enumerate() {
+        let key = format!("affinity.agent_headers[{i}]");
+        let header = value.trim().to_ascii_lowercase();
+        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            p.add(key, format!("{value:?} is not a valid HTTP header name"));
+        } else if let Some((_, why)) = RESERVED_HEADERS.iter().find(|(name, _)| *name == header) {
+            p.add(key, format!("{header:?} cannot carry session ids: {why}"));
+        } else if header == affinity {
+            p.add(key, format!("{header:?} is affinity.header already"));
+        } else if headers.contains(&header) {
+            p.add(key, format!("{header:?} is listed twice"));
+        } else {
+            headers.push(header);
+        }
+    }
+    headers
+}
