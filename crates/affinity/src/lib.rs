@@ -98,6 +98,8 @@
 //! ```
 
 mod clock;
+#[cfg(test)]
+mod crafted_keys;
 mod fleet;
 mod key;
 mod labels;
@@ -114,7 +116,7 @@ pub use fleet::{
     FleetPlan, FleetState, RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
     SessionStatus,
 };
-pub use key::{RoutingKey, TenantScope};
+pub use key::{KeySecret, RoutingKey, ShortKeySecret, TenantScope, MIN_KEY_SECRET_LEN};
 pub use labels::{Admission, KvScope, Outcome, Placement, UnknownOutcome};
 pub use overrides::{Maintenance, OverrideTable, Recorded, ReplicaTag};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};

@@ -245,6 +245,16 @@ impl Shard {
         Err(i)
     }
 
+    /// How many slots [`probe`](Self::probe) visits for `key`: 1 when its home slot holds it
+    /// or is empty, one more for each slot of the run before it.
+    fn probe_len(&self, key: u64) -> usize {
+        let start = key as usize & self.mask();
+        let end = match self.probe(key) {
+            Ok(i) | Err(i) => i,
+        };
+        (end.wrapping_sub(start) & self.mask()) + 1
+    }
+
     /// Fills slot `i` with `entry` and its control byte.
     fn put(&mut self, i: usize, entry: Entry) {
         self.slots[i] = Slot::new(entry);
@@ -599,6 +609,13 @@ impl<C: Clock> OverrideTable<C> {
         let shard = read(self.shard(key.0));
         let slot = shard.find(key.0)?;
         (!self.expired(slot.touched(), now)).then_some(ReplicaTag(slot.tag))
+    }
+
+    /// How many slots a lookup of `key` reads: 1 when its home slot holds it or is empty, more
+    /// when it sits further along a probe run. With keys spread by a hash this stays a few
+    /// slots; the measure of what keys crafted to collide cost (see [`KeySecret`](crate::KeySecret)).
+    pub fn probe_len(&self, key: RoutingKey) -> usize {
+        read(self.shard(key.0)).probe_len(key.0)
     }
 
     /// Records that `tag` served `key` now (inserting or refreshing the entry).

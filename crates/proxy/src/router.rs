@@ -10,8 +10,8 @@ use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 use sha2::{Digest, Sha256};
 use tether_affinity::{
-    Admission, BindingSink, Fleet, FleetPlan, FleetState, RegionPlan, ReplicaPlan, ReplicaSpec,
-    SelectorOptions, TenantScope, TokenRules,
+    Admission, BindingSink, Fleet, FleetPlan, FleetState, KeySecret, RegionPlan, ReplicaPlan,
+    ReplicaSpec, SelectorOptions, TenantScope, TokenRules,
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
@@ -52,6 +52,9 @@ pub enum InstallError {
          it), or listen on 127.0.0.1 or [::1]"
     )]
     OpenAdmin(std::net::SocketAddr),
+    /// The routing-key secret could not be read, or is too short.
+    #[error("affinity.key_secret: {0}")]
+    KeySecret(String),
     /// The affinity header is not a valid HTTP header name.
     #[error("affinity.header {name:?}: {source}")]
     Header {
@@ -90,14 +93,42 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// Reads a secret from the environment or a file; the reason for a failure never holds it.
+fn read_secret(source: &SecretSource) -> Result<String, String> {
+    match source {
+        SecretSource::Env(var) => std::env::var(var)
+            .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)")),
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display())),
+    }
+}
+
+/// Reads the deployment's routing-key secret, once per process. Without one, keys are the
+/// unkeyed ones every instance and every restart agrees on (a random secret per process would
+/// split a tier and move every session at each restart), so the absence is only warned of.
+fn key_secret(topology: &Topology) -> Result<Option<KeySecret>, InstallError> {
+    let Some(source) = &topology.affinity.key_secret else {
+        log::warn!(
+            "no affinity.key_secret: routing keys can be computed by anyone who knows a tenant \
+             id, so crafted tokens can pile into one probe run of the override table or one arc \
+             of the ring; set it (env or file{}), see docs/security.md",
+            if topology.sticky_store.is_some() {
+                ", the same on every instance of the tier"
+            } else {
+                ""
+            }
+        );
+        return Ok(None);
+    };
+    let secret = read_secret(source).map_err(InstallError::KeySecret)?;
+    KeySecret::new(secret.trim().as_bytes())
+        .map(Some)
+        .map_err(|e| InstallError::KeySecret(e.to_string()))
+}
+
 /// Reads the secret of `auth` (environment or file) into the header that carries it.
 fn credential(auth: &UpstreamAuth) -> Result<Credential, String> {
-    let secret = match &auth.source {
-        SecretSource::Env(var) => std::env::var(var)
-            .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
-        SecretSource::File(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?,
-    };
+    let secret = read_secret(&auth.source)?;
     let secret = secret.trim();
     if secret.is_empty() {
         return Err("the secret is empty".into());
@@ -246,6 +277,8 @@ pub struct Router {
     state: Arc<FleetState>,
     /// Breaks off every upstream connection of every generation.
     cut: Arc<Cut>,
+    /// The routing-key secret, read once at start (reloads keep it: see the topology diff).
+    key_secret: Option<KeySecret>,
 }
 
 impl Router {
@@ -261,11 +294,13 @@ impl Router {
             sink,
         );
         let cut = Cut::new();
-        let snapshot = build_snapshot(topology, &state, &cut)?;
+        let key_secret = key_secret(topology)?;
+        let snapshot = build_snapshot(topology, &state, &cut, key_secret.as_ref())?;
         Ok(Router {
             snapshot: ArcSwap::from_pointee(snapshot),
             state,
             cut,
+            key_secret,
         })
     }
 
@@ -293,7 +328,7 @@ impl Router {
     /// so does the live state of every replica whose address did not change. Requests in
     /// flight finish on the snapshot they started with.
     pub fn install(&self, topology: &Topology) -> Result<(), InstallError> {
-        let snapshot = build_snapshot(topology, &self.state, &self.cut)?;
+        let snapshot = build_snapshot(topology, &self.state, &self.cut, self.key_secret.as_ref())?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
@@ -334,6 +369,7 @@ fn build_snapshot(
     topology: &Topology,
     state: &Arc<FleetState>,
     cut: &Arc<Cut>,
+    key_secret: Option<&KeySecret>,
 ) -> Result<Snapshot, InstallError> {
     let upstream = topology.upstream;
     let mut regions = Vec::with_capacity(topology.regions.len());
@@ -416,7 +452,7 @@ fn build_snapshot(
                 t.api_key_sha256,
                 TenantEntry {
                     id: Arc::from(t.id.as_str()),
-                    scope: TenantScope::new(&t.id),
+                    scope: TenantScope::with_secret(&t.id, key_secret),
                 },
             )
         })
@@ -447,7 +483,7 @@ fn build_snapshot(
             tenants,
             default_tenant: TenantEntry {
                 id: Arc::from("default"),
-                scope: TenantScope::new("default"),
+                scope: TenantScope::with_secret("default", key_secret),
             },
             token_rules: TokenRules {
                 max_len: topology.affinity.max_token_len,

@@ -31,7 +31,7 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
     // Fixed at start-up: listeners and threads belong to the process, the usage log and the
     // session key to the metering pipeline opened once, the sticky store's connections to the
     // process.
-    let fixed: [(&'static str, bool); 11] = [
+    let fixed: [(&'static str, bool); 12] = [
         ("listen", started.listen != new.listen),
         ("admin_listen", started.admin_listen != new.admin_listen),
         (
@@ -64,6 +64,12 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
             started.metering.session_key != new.metering.session_key,
         ),
         ("sticky_store", started.sticky_store != new.sticky_store),
+        // Routing keys (the ring, the override table, a tier's bindings) all derive from the
+        // secret: it changes only with the process, like the ring of a fresh start.
+        (
+            "affinity.key_secret",
+            started.affinity.key_secret != new.affinity.key_secret,
+        ),
     ];
     d.restart_required = fixed
         .iter()
@@ -267,6 +273,14 @@ tenants:
             ]
         );
         assert!(d.changes.is_empty(), "{:?}", d.changes);
+    }
+
+    #[test]
+    fn a_new_key_secret_needs_a_restart() {
+        let d = changes(&format!(
+            "{BASE}affinity: {{ key_secret: {{ env: TETHER_KEY_SECRET }} }}\n"
+        ));
+        assert_eq!(d.restart_required, ["affinity.key_secret"]);
     }
 
     #[test]

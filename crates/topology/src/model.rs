@@ -74,6 +74,9 @@ pub struct AffinitySettings {
     /// Response header telling the client what happened to its session (`warm`, `new`,
     /// `moved`, `none`); `None` = not sent.
     pub outcome_header: Option<String>,
+    /// Where the deployment's routing-key secret is read at start (the same on every instance
+    /// of a tier). `None` = routing keys anyone can compute (see docs/security.md).
+    pub key_secret: Option<SecretSource>,
 }
 
 /// The shared sticky store (Redis protocol) that lets every instance of a tier follow every

@@ -94,6 +94,17 @@ pub(crate) struct RawAffinity {
     pub shed_factor: Option<f64>,
     pub placement: Option<tether_affinity::Placement>,
     pub outcome_header: Option<String>,
+    pub key_secret: Option<RawSecretSource>,
+}
+
+/// Where a secret comes from: an environment variable or a file, never the YAML itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecretSource {
+    #[serde(default)]
+    pub env: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 impl Default for RawAffinity {
@@ -109,6 +120,7 @@ impl Default for RawAffinity {
             shed_factor: None,
             placement: None,
             outcome_header: Some("x-session-affinity-status".into()),
+            key_secret: None,
         }
     }
 }

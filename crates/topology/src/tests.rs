@@ -884,3 +884,41 @@ fn the_outcome_header_is_on_by_default_and_can_be_renamed_or_turned_off() {
     );
     assert_eq!(problem(&clash).key, "affinity.outcome_header");
 }
+
+#[test]
+fn the_key_secret_comes_from_the_environment_or_a_file_never_the_yaml() {
+    let with = |secret: &str| {
+        VALID.replacen(
+            "  override_capacity: 1000000\n",
+            &format!("  override_capacity: 1000000\n  key_secret: {secret}\n"),
+            1,
+        )
+    };
+    assert_eq!(load(VALID).unwrap().affinity.key_secret, None);
+    assert_eq!(
+        load(&with("{ env: TETHER_KEY_SECRET }"))
+            .unwrap()
+            .affinity
+            .key_secret,
+        Some(SecretSource::Env("TETHER_KEY_SECRET".into()))
+    );
+    assert_eq!(
+        load(&with("{ file: /run/secrets/tether-key }"))
+            .unwrap()
+            .affinity
+            .key_secret,
+        Some(SecretSource::File("/run/secrets/tether-key".into()))
+    );
+    for bad in [
+        "{ env: A, file: /k }",
+        "{}",
+        "{ env: \"\" }",
+        "{ file: \"\" }",
+    ] {
+        assert_eq!(problem(&with(bad)).key, "affinity.key_secret", "{bad}");
+    }
+    let (_, message) = parse_error(&with("0123456789abcdef0123"));
+    assert!(message.contains("key_secret"), "{message}");
+    let (_, message) = parse_error(&with("{ value: plain-text-secret }"));
+    assert!(message.contains("unknown field `value`"), "{message}");
+}

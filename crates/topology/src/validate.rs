@@ -136,6 +136,30 @@ fn upstream_auth(
     Some(UpstreamAuth { source, header })
 }
 
+/// A validated secret source at `key`: exactly one of `env` and `file`.
+fn secret_source(
+    p: &mut Problems,
+    key: &str,
+    raw: &crate::raw::RawSecretSource,
+) -> Option<SecretSource> {
+    match (&raw.env, &raw.file) {
+        (Some(var), None) if !var.is_empty() && !var.contains('=') => {
+            Some(SecretSource::Env(var.clone()))
+        }
+        (None, Some(file)) if !file.as_os_str().is_empty() => {
+            Some(SecretSource::File(file.clone()))
+        }
+        _ => {
+            p.add(
+                key.to_owned(),
+                "needs exactly one of `env: VARIABLE` or `file: PATH`: the secret itself never \
+                 goes in the file",
+            );
+            None
+        }
+    }
+}
+
 pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     let mut p = Problems::default();
 
@@ -537,6 +561,12 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         Some(name)
     });
 
+    let key_secret = raw
+        .affinity
+        .key_secret
+        .as_ref()
+        .and_then(|s| secret_source(&mut p, "affinity.key_secret", s));
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -556,6 +586,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             shed_factor: a.shed_factor,
             placement,
             outcome_header,
+            key_secret,
         },
         regions,
         tenants,

@@ -224,6 +224,51 @@ async fn the_same_token_from_two_tenants_gives_two_keys() {
     assert_ne!(keys[0], keys[1]);
 }
 
+/// A topology whose routing-key secret is in a file holding `secret`.
+fn with_key_secret(name: &str, secret: &str) -> (String, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("tether-key-{}-{name}", std::process::id()));
+    std::fs::write(&path, secret).unwrap();
+    let yaml = format!(
+        "{TOPOLOGY}affinity: {{ key_secret: {{ file: {} }} }}\n",
+        path.display()
+    );
+    (yaml, path)
+}
+
+#[tokio::test]
+async fn a_key_secret_from_a_file_changes_every_key_and_instances_sharing_it_agree() {
+    let (yaml, path) = with_key_secret("agree", "0123456789abcdef-the-tier-secret\n");
+    let key = |h: Harness| async move {
+        let (_, ctx) = h
+            .admitted(&[
+                "Authorization: Bearer sk-tether-demo",
+                "X-Session-Affinity: conv-1",
+            ])
+            .await;
+        ctx.attempts.key().unwrap()
+    };
+    let unkeyed = key(harness()).await;
+    let first = key(harness_with(&yaml)).await;
+    let second = key(harness_with(&yaml)).await;
+    std::fs::remove_file(&path).unwrap();
+    assert_ne!(first, unkeyed);
+    assert_eq!(first, second, "two instances with one secret route alike");
+}
+
+#[test]
+fn an_unreadable_or_short_key_secret_stops_the_start_naming_the_key() {
+    let (short, path) = with_key_secret("short", "too-short\n");
+    let missing =
+        format!("{TOPOLOGY}affinity: {{ key_secret: {{ file: /nonexistent/tether-key }} }}\n");
+    for yaml in [short, missing] {
+        let topology = Topology::from_yaml(&yaml, "test.yaml").unwrap();
+        let error = Router::new(&topology, None).unwrap_err().to_string();
+        assert!(error.starts_with("affinity.key_secret: "), "{error}");
+        assert!(!error.contains("too-short"), "never the secret: {error}");
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
 #[tokio::test]
 async fn the_api_key_never_reaches_the_replica_and_bodies_come_back_uncompressed() {
     let h = harness();
