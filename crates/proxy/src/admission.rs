@@ -6,7 +6,10 @@ use std::sync::Arc;
 use pingora::http::RequestHeader;
 use tether_affinity::{RoutingKey, TenantScope};
 
+use tether_topology::TenantLimits;
+
 use crate::error::EdgeError;
+use crate::limits::TenantUsage;
 use crate::router::Access;
 
 /// An admitted caller.
@@ -18,6 +21,10 @@ pub struct Caller {
     pub scope: TenantScope,
     /// The tenant-scoped routing key, when the request carried a token.
     pub key: Option<RoutingKey>,
+    /// The tenant's limits in this generation.
+    pub limits: TenantLimits,
+    /// What the tenant is using (shared by every generation).
+    pub usage: Arc<TenantUsage>,
 }
 
 /// What `request_filter` concluded.
@@ -85,6 +92,8 @@ pub fn admit(access: &Access, req: &RequestHeader) -> Admission {
             tenant: Arc::clone(&tenant.id),
             scope: tenant.scope,
             key: token.map(|t| tenant.scope.key(t)),
+            limits: tenant.limits,
+            usage: Arc::clone(&tenant.usage),
         }),
         Err(e) => Admission::Reject {
             error: EdgeError::InvalidSessionAffinity(e),

@@ -1,6 +1,6 @@
 //! Tether's Pingora glue, as a library so that its hooks are tested and benchmarked from
 //! outside the binary: the `ProxyHttp` implementation ([`proxy`]), admission
-//! ([`admission`]), the request-body rewrite ([`body`]), the errors Tether answers
+//! ([`admission`]) and per-tenant limits ([`limits`]), the request-body rewrite ([`body`]), the errors Tether answers
 //! ([`error`]), the routing state swapped on reload ([`router`]), metering ([`meter`]), the
 //! admin listener ([`admin`]), hot reload ([`reload`]), active probes ([`probe`]), and the
 //! server assembly ([`server`]) with the shutdown's drain ([`drain`]), the shared sticky store of a tier ([`tier`]), and upstream connections Tether
@@ -12,6 +12,7 @@ pub mod admission;
 pub mod body;
 pub mod drain;
 pub mod error;
+pub mod limits;
 pub mod meter;
 pub mod probe;
 pub mod proxy;

@@ -8,7 +8,7 @@
 //! and the retry policy live in `tether-affinity`; usage extraction in `tether-metering`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -30,6 +30,7 @@ use crate::admission::{admit, Admission, Caller};
 use crate::body::BodyRewrite;
 use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
+use crate::limits::{InFlightPermit, Refused};
 use crate::meter::Meter;
 use crate::router::{Router, Snapshot, Upstream};
 use crate::tier::Tier;
@@ -64,10 +65,27 @@ impl TetherProxy {
         }
     }
 
+    /// Notes that a tenant limit refused the request: for its record and the metrics.
+    fn refuse(&self, tenant: &str, refused: Refused, ctx: &mut RequestCtx) {
+        debug!(
+            "tenant={tenant} over its {} limit; retry after {:?}",
+            refused.limit.as_str(),
+            refused.retry_after
+        );
+        self.meter.count_limited(tenant, refused.limit);
+        ctx.limited = Some(refused);
+    }
+
     /// Its requests in flight (what a shutdown drains).
     pub fn in_flight(&self) -> &Arc<InFlight> {
         &self.in_flight
     }
+}
+
+/// Time on the clock the tenant limits run on (from the first request).
+fn since_start() -> Duration {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
 }
 
 /// Per-request state.
@@ -100,6 +118,10 @@ pub struct RequestCtx {
     claims_structured: bool,
     /// Hides the injected usage event from the client.
     strip_usage: Option<UsageChunkFilter>,
+    /// The tenant limit that refused the request.
+    limited: Option<Refused>,
+    /// Counts the request against its tenant's `max_concurrent` until the context drops.
+    _tenant_permit: Option<InFlightPermit>,
     /// Counts the request in flight until the context drops, after `logging`.
     _in_flight: InFlightGuard,
 }
@@ -123,6 +145,8 @@ impl RequestCtx {
             extraction: None,
             claims_structured: false,
             strip_usage: None,
+            limited: None,
+            _tenant_permit: None,
             _in_flight: in_flight,
         }
     }
@@ -260,7 +284,17 @@ impl ProxyHttp for TetherProxy {
             }
         };
         ctx.attempts = Attempts::new(caller.key, Some(caller.scope));
+        let admitted = caller.usage.admit(&caller.limits, since_start());
+        let tenant = Arc::clone(&caller.tenant);
         ctx.caller = Some(caller);
+        match admitted {
+            Ok(permit) => ctx._tenant_permit = permit,
+            Err(refused) => {
+                self.refuse(&tenant, refused, ctx);
+                EdgeError::from(refused).send(session, true).await?;
+                return Ok(true);
+            }
+        }
         let req = session.req_header();
         if snapshot.resend_safe(&req.method, req.uri.path()) {
             // Keep the body (up to Pingora's retry buffer) so a replica that fails before
@@ -295,6 +329,21 @@ impl ProxyHttp for TetherProxy {
         if let (Some(tier), Some(key), 0) = (&self.tier, ctx.attempts.key(), ctx.attempts.total()) {
             if !snapshot.fleet().knows(key) {
                 tier.recall(snapshot.fleet().state(), key).await;
+            }
+        }
+        // A session no instance knows is a new one: its tenant's new-session rate applies.
+        if let (Some(key), 0, Some(caller)) =
+            (ctx.attempts.key(), ctx.attempts.total(), &ctx.caller)
+        {
+            if !snapshot.fleet().knows(key) {
+                if let Err(refused) = caller.usage.start_session(&caller.limits, since_start()) {
+                    let tenant = Arc::clone(&caller.tenant);
+                    self.refuse(&tenant, refused, ctx);
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(429),
+                        "the tenant's new-session limit",
+                    ));
+                }
             }
         }
         let Some(route) = snapshot.fleet().route(&mut ctx.attempts, now_ms()) else {
@@ -531,7 +580,11 @@ impl ProxyHttp for TetherProxy {
         let retry_after = ctx.snapshot.as_deref().map_or(1, |s| {
             u32::try_from(s.retry_after_hint().as_secs()).unwrap_or(u32::MAX)
         });
-        let Some(error) = edge_error(e, ctx.unavailable, retry_after) else {
+        let error = match ctx.limited {
+            Some(refused) => Some(EdgeError::from(refused)),
+            None => edge_error(e, ctx.unavailable, retry_after),
+        };
+        let Some(error) = error else {
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
@@ -557,10 +610,11 @@ impl ProxyHttp for TetherProxy {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        // Clients leaving mid-stream and the shutdown's cut are counted (metrics, the drain's
-        // summary) rather than logged one by one at error level.
-        let expected = client_left(e) || Aborted::of(e) == Some(Aborted::Cut);
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        // Clients leaving mid-stream, the shutdown's cut and tenants over their limits are
+        // counted (metrics, the drain's summary) rather than logged one by one at error level.
+        let expected =
+            client_left(e) || Aborted::of(e) == Some(Aborted::Cut) || ctx.limited.is_some();
         if expected {
             debug!("request ended early: {e}");
         }
@@ -630,6 +684,7 @@ impl ProxyHttp for TetherProxy {
             cache_write_tokens: usage.cache_write_tokens,
             cache_write_5m_tokens: usage.cache_write_5m_tokens,
             cache_write_1h_tokens: usage.cache_write_1h_tokens,
+            limit: ctx.limited.map(|r| r.limit),
         };
         debug!(
             "tenant={} outcome={} replica={} status={status} attempts={} usage={usage_status}{}",

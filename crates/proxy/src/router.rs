@@ -15,8 +15,9 @@ use tether_affinity::{
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
-use tether_topology::{FailoverSettings, SecretSource, Topology, UpstreamAuth};
+use tether_topology::{FailoverSettings, SecretSource, TenantLimits, Topology, UpstreamAuth};
 
+use crate::limits::{TenantUsage, TenantUsages};
 use crate::probe::{ProbeRound, ProbeSettings, ProbeSource, ProbeTarget};
 use crate::upstream_io::{Cut, ReplicaConnector};
 
@@ -146,6 +147,9 @@ fn credential(auth: &UpstreamAuth) -> Result<Credential, String> {
     Ok(Credential { name, value })
 }
 
+/// The tenant of every request when no tenants are configured.
+const DEFAULT_TENANT: &str = "default";
+
 /// A tenant as the hot path needs it.
 #[derive(Debug, Clone)]
 pub struct TenantEntry {
@@ -153,6 +157,10 @@ pub struct TenantEntry {
     pub id: Arc<str>,
     /// Hashing scope of its routing keys.
     pub scope: TenantScope,
+    /// Its limits in this generation.
+    pub limits: TenantLimits,
+    /// What it is using, shared by every generation.
+    pub usage: Arc<TenantUsage>,
 }
 
 /// Who may call and how a session is named: what `request_filter` checks.
@@ -279,6 +287,8 @@ pub struct Router {
     cut: Arc<Cut>,
     /// The routing-key secret, read once at start (reloads keep it: see the topology diff).
     key_secret: Option<KeySecret>,
+    /// Each tenant's buckets and requests in flight, across generations.
+    usages: TenantUsages,
 }
 
 impl Router {
@@ -295,12 +305,14 @@ impl Router {
         );
         let cut = Cut::new();
         let key_secret = key_secret(topology)?;
-        let snapshot = build_snapshot(topology, &state, &cut, key_secret.as_ref())?;
+        let usages = TenantUsages::default();
+        let snapshot = build_snapshot(topology, &state, &cut, key_secret.as_ref(), &usages)?;
         Ok(Router {
             snapshot: ArcSwap::from_pointee(snapshot),
             state,
             cut,
             key_secret,
+            usages,
         })
     }
 
@@ -328,7 +340,13 @@ impl Router {
     /// so does the live state of every replica whose address did not change. Requests in
     /// flight finish on the snapshot they started with.
     pub fn install(&self, topology: &Topology) -> Result<(), InstallError> {
-        let snapshot = build_snapshot(topology, &self.state, &self.cut, self.key_secret.as_ref())?;
+        let snapshot = build_snapshot(
+            topology,
+            &self.state,
+            &self.cut,
+            self.key_secret.as_ref(),
+            &self.usages,
+        )?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
@@ -370,6 +388,7 @@ fn build_snapshot(
     state: &Arc<FleetState>,
     cut: &Arc<Cut>,
     key_secret: Option<&KeySecret>,
+    usages: &TenantUsages,
 ) -> Result<Snapshot, InstallError> {
     let upstream = topology.upstream;
     let mut regions = Vec::with_capacity(topology.regions.len());
@@ -444,19 +463,33 @@ fn build_snapshot(
         replica.upstream().connector.bind(replica.status());
     }
 
+    // With tenants configured, `default` is never used (every request needs a key).
+    let mut usage = usages
+        .renew(
+            topology
+                .tenants
+                .iter()
+                .map(|t| t.id.as_str())
+                .chain(topology.tenants.is_empty().then_some(DEFAULT_TENANT)),
+        )
+        .into_iter();
     let tenants = topology
         .tenants
         .iter()
-        .map(|t| {
+        .zip(usage.by_ref())
+        .map(|(t, usage)| {
             (
                 t.api_key_sha256,
                 TenantEntry {
                     id: Arc::from(t.id.as_str()),
                     scope: TenantScope::with_secret(&t.id, key_secret),
+                    limits: t.limits,
+                    usage,
                 },
             )
         })
         .collect();
+    let default_usage = usage.next().unwrap_or_default();
     let header =
         http::HeaderName::from_bytes(topology.affinity.header.as_bytes()).map_err(|source| {
             InstallError::Header {
@@ -482,8 +515,10 @@ fn build_snapshot(
         access: Access {
             tenants,
             default_tenant: TenantEntry {
-                id: Arc::from("default"),
-                scope: TenantScope::with_secret("default", key_secret),
+                id: Arc::from(DEFAULT_TENANT),
+                scope: TenantScope::with_secret(DEFAULT_TENANT, key_secret),
+                limits: topology.tenant_limits,
+                usage: default_usage,
             },
             token_rules: TokenRules {
                 max_len: topology.affinity.max_token_len,

@@ -144,26 +144,30 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
         ));
     }
 
-    let tenants = |t: &Topology| {
-        t.tenants
-            .iter()
-            .map(|t| (t.id.clone(), t.api_key_sha256))
-            .collect::<BTreeMap<_, _>>()
-    };
+    fn tenants(t: &Topology) -> BTreeMap<&str, &crate::Tenant> {
+        t.tenants.iter().map(|t| (t.id.as_str(), t)).collect()
+    }
     let (tb, ta) = (tenants(old), tenants(new));
-    for (id, key) in &ta {
+    for (id, t) in &ta {
         match tb.get(id) {
             None => d.changes.push(format!("tenant {id} added")),
-            Some(old_key) if old_key != key => d.changes.push(format!("tenant {id}: new API key")),
-            Some(_) => {}
+            Some(o) => {
+                if o.api_key_sha256 != t.api_key_sha256 {
+                    d.changes.push(format!("tenant {id}: new API key"));
+                }
+                if o.limits != t.limits {
+                    d.changes.push(format!("tenant {id}: new limits"));
+                }
+            }
         }
     }
-    for id in tb.keys().filter(|id| !ta.contains_key(*id)) {
+    for id in tb.keys().filter(|id| !ta.contains_key(**id)) {
         d.changes.push(format!("tenant {id} removed"));
     }
 
     for (section, changed) in [
         ("affinity", old.affinity != new.affinity),
+        ("tenant_limits", old.tenant_limits != new.tenant_limits),
         ("pricing", old.pricing != new.pricing),
         ("metering", {
             let (o, n) = (&old.metering, &new.metering);

@@ -44,8 +44,8 @@ pub use error::{Problem, TopologyError};
 pub use input::{MAX_CONFIG_BYTES, MAX_NESTING_DEPTH};
 pub use model::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
-    ProbeSettings, Region, ReloadSettings, Replica, SecretSource, ServerSettings,
-    StickyStoreSettings, Tenant, Topology, UpstreamAuth, UpstreamSettings, UsageLog,
+    ProbeSettings, Rate, Region, ReloadSettings, Replica, SecretSource, ServerSettings,
+    StickyStoreSettings, Tenant, TenantLimits, Topology, UpstreamAuth, UpstreamSettings, UsageLog,
     DEFAULT_RETRY_UNANSWERED,
 };
 pub use validate::{

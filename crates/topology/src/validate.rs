@@ -15,6 +15,7 @@ use crate::{
 };
 
 mod durations;
+mod limits;
 mod network;
 pub use network::admin_needs_token;
 
@@ -352,6 +353,11 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     };
 
     // tenants
+    let problems_before = p.0.len();
+    let tenant_limits = limits::tenant_limits(&mut p, "tenant_limits", &raw.tenant_limits);
+    // A tenant inherits every field it does not set: judged only once the base is valid, so
+    // that one bad `tenant_limits` field is reported once, not once per tenant.
+    let base_limits_valid = p.0.len() == problems_before;
     let mut tenant_ids: HashMap<&str, usize> = HashMap::new();
     let mut key_hashes: HashMap<[u8; 32], usize> = HashMap::new();
     let mut tenants = Vec::with_capacity(raw.tenants.len());
@@ -389,6 +395,15 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         tenants.push(Tenant {
             id: tenant.id.clone(),
             api_key_sha256: hash,
+            limits: if base_limits_valid {
+                limits::tenant_limits(
+                    &mut p,
+                    &format!("{key}.limits"),
+                    &tenant.limits.over(&raw.tenant_limits),
+                )
+            } else {
+                tenant_limits
+            },
         });
     }
 
@@ -590,6 +605,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         },
         regions,
         tenants,
+        tenant_limits,
         pricing,
         usage_log: raw.usage_log.map(|l| UsageLog {
             path: l.path,
