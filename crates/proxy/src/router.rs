@@ -510,6 +510,13 @@ fn build_snapshot(
         return Err(InstallError::OpenAdmin(addr));
     }
 
+    // Past every check, so a refused reload changes nothing. Only configured tenants hold a
+    // share: without them every session is `default`'s.
+    state.overrides().set_tenant_shares(
+        topology.tenants.iter().map(|t| TenantScope::new(&t.id)),
+        topology.affinity.override_share,
+    );
+
     Ok(Snapshot {
         fleet: Arc::new(fleet),
         access: Access {

@@ -80,6 +80,9 @@ pub struct AffinitySettings {
     /// Where the deployment's routing-key secret is read at start (the same on every instance
     /// of a tier). `None` = routing keys anyone can compute (see docs/security.md).
     pub key_secret: Option<SecretSource>,
+    /// The most of `override_capacity` one tenant of `tenants` may hold, in (0, 1]; 1 = no
+    /// limit.
+    pub override_share: f64,
 }
 
 /// The shared sticky store (Redis protocol) that lets every instance of a tier follow every

@@ -97,6 +97,7 @@ pub(crate) struct RawAffinity {
     pub placement: Option<tether_affinity::Placement>,
     pub outcome_header: Option<String>,
     pub key_secret: Option<RawSecretSource>,
+    pub override_share: f64,
 }
 
 /// Where a secret comes from: an environment variable or a file, never the YAML itself.
@@ -123,6 +124,7 @@ impl Default for RawAffinity {
             placement: None,
             outcome_header: Some("x-session-affinity-status".into()),
             key_secret: None,
+            override_share: 0.5,
         }
     }
 }

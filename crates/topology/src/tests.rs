@@ -994,3 +994,20 @@ fn bad_tenant_limits_are_refused_naming_the_key() {
     let (_, message) = parse_error(&(VALID.to_owned() + "tenant_limits: { rps: 5 }\n"));
     assert!(message.contains("unknown field `rps`"), "{message}");
 }
+
+#[test]
+fn the_override_share_is_a_fraction_of_the_capacity() {
+    assert_eq!(load(VALID).unwrap().affinity.override_share, 0.5);
+    let with = |v: &str| {
+        VALID.replacen(
+            "  override_capacity: 1000000\n",
+            &format!("  override_capacity: 1000000\n  override_share: {v}\n"),
+            1,
+        )
+    };
+    assert_eq!(load(&with("1")).unwrap().affinity.override_share, 1.0);
+    assert_eq!(load(&with("0.1")).unwrap().affinity.override_share, 0.1);
+    for bad in ["0", "-0.5", "1.5", ".nan", ".inf"] {
+        assert_eq!(problem(&with(bad)).key, "affinity.override_share", "{bad}");
+    }
+}

@@ -576,6 +576,16 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         Some(name)
     });
 
+    let override_share = raw.affinity.override_share;
+    if !(override_share > 0.0 && override_share <= 1.0) {
+        p.add(
+            "affinity.override_share",
+            format!(
+                "{override_share} must be above 0 and at most 1 (the fraction of \
+                 override_capacity one tenant may hold; 1 = no limit)"
+            ),
+        );
+    }
     let key_secret = raw
         .affinity
         .key_secret
@@ -602,6 +612,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             placement,
             outcome_header,
             key_secret,
+            override_share,
         },
         regions,
         tenants,

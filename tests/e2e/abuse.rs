@@ -1,0 +1,113 @@
+//! One tenant flooding the override table with unique tokens cannot evict another tenant's
+//! sessions: each tenant holds at most `affinity.override_share` of the table.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use tether_e2e::{api_key_sha256, SimFleet, Tether, TetherConfig};
+
+use crate::client::conversation;
+
+const QUIET_SESSIONS: usize = 40;
+const QUIET_ROUNDS: usize = 6;
+const FLOOD_TOKENS: usize = 1_500;
+const FLOOD_CONCURRENCY: usize = 12;
+
+fn config(fleet: &SimFleet, override_share: &str) -> TetherConfig {
+    TetherConfig {
+        body: format!(
+            "local_region: r\naffinity:\n  override_capacity: 300\n  override_share: {override_share}\n{}tenants:\n  - {{ id: flood, api_key_sha256: \"{}\" }}\n  - {{ id: quiet, api_key_sha256: \"{}\" }}\n",
+            fleet.regions_by_prefix(&["r"]),
+            api_key_sha256("sk-flood"),
+            api_key_sha256("sk-quiet"),
+        ),
+    }
+}
+
+/// One turn; returns the session-affinity outcome Tether reported.
+async fn turn(client: &reqwest::Client, url: &str, key: &str, token: &str, n: usize) -> String {
+    let res = client
+        .post(url)
+        .bearer_auth(key)
+        .header("x-session-affinity", token)
+        .json(&conversation(token, n))
+        .send()
+        .await
+        .expect("tether answers");
+    assert_eq!(res.status(), 200, "{key} {token}");
+    let outcome = res
+        .headers()
+        .get("x-session-affinity-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    res.bytes().await.expect("a complete body");
+    outcome
+}
+
+/// The quiet tenant's later turns that found their session's entry (`warm`), out of all its
+/// later turns, while the flood tenant sends one turn each of many new sessions.
+async fn quiet_stickiness_under_a_flood(override_share: &str) -> (usize, usize) {
+    let fleet = SimFleet::start(&["r-1", "r-2"]).unwrap();
+    let tether = Tether::start(&config(&fleet, override_share)).unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    let quiet: Vec<String> = (0..QUIET_SESSIONS).map(|i| format!("quiet-{i}")).collect();
+    for token in &quiet {
+        assert_eq!(turn(&client, &url, "sk-quiet", token, 1).await, "new");
+    }
+
+    let next_flood = Arc::new(AtomicUsize::new(0));
+    let flood = join_all((0..FLOOD_CONCURRENCY).map(|_| {
+        let (client, url, next) = (client.clone(), url.clone(), Arc::clone(&next_flood));
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= FLOOD_TOKENS {
+                    break;
+                }
+                turn(&client, &url, "sk-flood", &format!("flood-{i}"), 1).await;
+            }
+        }
+    }));
+    let quiet_turns = async {
+        let mut warm = 0;
+        for round in 0..QUIET_ROUNDS {
+            // Spread the rounds over the flood, each once a sixth of it has passed.
+            while next_flood.load(Ordering::Relaxed) < (round + 1) * FLOOD_TOKENS / QUIET_ROUNDS
+                && next_flood.load(Ordering::Relaxed) < FLOOD_TOKENS
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            for token in &quiet {
+                warm +=
+                    usize::from(turn(&client, &url, "sk-quiet", token, round + 2).await == "warm");
+            }
+        }
+        warm
+    };
+    let (_, warm) = tokio::join!(flood, quiet_turns);
+    (warm, QUIET_SESSIONS * QUIET_ROUNDS)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_cannot_evict_a_quiet_tenants_sessions() {
+    let (warm, turns) = quiet_stickiness_under_a_flood("0.5").await;
+    println!("override_share 0.5: {warm} of {turns} quiet turns warm");
+    assert!(
+        warm * 100 >= turns * 99,
+        "{warm} of {turns} quiet turns stayed sticky"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_share_the_same_flood_evicts_quiet_sessions() {
+    // The control for the test above: the flood is large enough to matter.
+    let (warm, turns) = quiet_stickiness_under_a_flood("1").await;
+    println!("override_share 1: {warm} of {turns} quiet turns warm");
+    assert!(
+        warm * 100 < turns * 90,
+        "{warm} of {turns} quiet turns stayed sticky without a share"
+    );
+}
