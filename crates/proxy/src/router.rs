@@ -463,6 +463,28 @@ fn build_snapshot(
         replica.upstream().connector.bind(replica.status());
     }
 
+    let header =
+        http::HeaderName::from_bytes(topology.affinity.header.as_bytes()).map_err(|source| {
+            InstallError::Header {
+                name: topology.affinity.header.clone(),
+                source,
+            }
+        })?;
+    let admin_token = match std::env::var(ADMIN_TOKEN_ENV) {
+        Ok(token) if token.len() < 16 => return Err(InstallError::AdminTokenTooShort),
+        Ok(token) => Some(token),
+        Err(_) => topology.admin.token.clone(),
+    };
+    let admin_reads_need_token = topology
+        .admin_listen
+        .is_some_and(tether_topology::admin_needs_token);
+    if let (Some(addr), true, None) = (topology.admin_listen, admin_reads_need_token, &admin_token)
+    {
+        return Err(InstallError::OpenAdmin(addr));
+    }
+
+    // Past every check, so a refused reload changes neither the tenants' usage nor their
+    // shares.
     // With tenants configured, `default` is never used (every request needs a key).
     let mut usage = usages
         .renew(
@@ -490,28 +512,7 @@ fn build_snapshot(
         })
         .collect();
     let default_usage = usage.next().unwrap_or_default();
-    let header =
-        http::HeaderName::from_bytes(topology.affinity.header.as_bytes()).map_err(|source| {
-            InstallError::Header {
-                name: topology.affinity.header.clone(),
-                source,
-            }
-        })?;
-    let admin_token = match std::env::var(ADMIN_TOKEN_ENV) {
-        Ok(token) if token.len() < 16 => return Err(InstallError::AdminTokenTooShort),
-        Ok(token) => Some(token),
-        Err(_) => topology.admin.token.clone(),
-    };
-    let admin_reads_need_token = topology
-        .admin_listen
-        .is_some_and(tether_topology::admin_needs_token);
-    if let (Some(addr), true, None) = (topology.admin_listen, admin_reads_need_token, &admin_token)
-    {
-        return Err(InstallError::OpenAdmin(addr));
-    }
-
-    // Past every check, so a refused reload changes nothing. Only configured tenants hold a
-    // share: without them every session is `default`'s.
+    // Only configured tenants hold a share: without them every session is `default`'s.
     state.overrides().set_tenant_shares(
         topology.tenants.iter().map(|t| TenantScope::new(&t.id)),
         topology.affinity.override_share,
