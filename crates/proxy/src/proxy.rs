@@ -335,7 +335,8 @@ impl ProxyHttp for TetherProxy {
         if let (Some(key), 0, Some(caller)) =
             (ctx.attempts.key(), ctx.attempts.total(), &ctx.caller)
         {
-            if !snapshot.fleet().knows(key) {
+            // The table lookup only when there is a limit to apply.
+            if caller.limits.new_sessions.is_some() && !snapshot.fleet().knows(key) {
                 if let Err(refused) = caller.usage.start_session(&caller.limits, since_start()) {
                     let tenant = Arc::clone(&caller.tenant);
                     self.refuse(&tenant, refused, ctx);
