@@ -804,7 +804,8 @@ impl<C: Clock> OverrideTable<C> {
     pub fn set_tenant_shares(&self, tenants: impl IntoIterator<Item = TenantScope>, share: f64) {
         // Truncation is intended: millionths of a share in (0, 1].
         let ppm = if share > 0.0 && share < 1.0 {
-            (share * 1e6) as u32
+            // At least one millionth: a share too small to count is still a share.
+            ((share * 1e6) as u32).max(1)
         } else {
             0
         };
