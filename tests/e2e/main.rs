@@ -4,6 +4,7 @@
 // Test code: a panic with a message is how a test fails.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod abuse;
 mod admission;
 mod cache_hits;
 mod cli;

@@ -249,7 +249,7 @@ impl FleetState {
 
     /// Records that `replica` served `key`, and tells the sink what other edges need to know.
     fn bind(&self, key: RoutingKey, tenant: Option<TenantScope>, replica: &ReplicaInfo) {
-        let recorded = self.overrides.record(key, replica.tag);
+        let recorded = self.overrides.record_for(key, replica.tag, tenant);
         let Some(sink) = &self.sink else {
             return;
         };
@@ -260,7 +260,7 @@ impl FleetState {
             {
                 sink.still_bound(key, &replica.id);
             }
-            Recorded::Kept { .. } => {}
+            Recorded::Kept { .. } | Recorded::OverShare => {}
         }
     }
 

@@ -99,6 +99,8 @@
 
 mod clock;
 mod conversation;
+#[cfg(test)]
+mod crafted_keys;
 mod fleet;
 mod key;
 mod labels;
@@ -116,7 +118,7 @@ pub use fleet::{
     FleetPlan, FleetState, RegionPlan, Replica, ReplicaPlan, Retry, RetryLimits, Route,
     SessionStatus,
 };
-pub use key::{RoutingKey, TenantScope};
+pub use key::{KeySecret, RoutingKey, ShortKeySecret, TenantScope, MIN_KEY_SECRET_LEN};
 pub use labels::{Admission, KeySource, KvScope, Outcome, Placement, UnknownOutcome};
 pub use overrides::{Maintenance, OverrideTable, Recorded, ReplicaTag};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};

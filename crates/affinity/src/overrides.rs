@@ -73,15 +73,22 @@
 //!   [`len`](OverrideTable::len) never exceeds the ceiling, with one exception: right after a
 //!   reload lowers the capacity the table may already hold more, and then it does not grow
 //!   (every insert replaces an entry) until the next `maintain` brings it down. Per entry, the
-//!   slots and control bytes take at most about 60 bytes once maintenance has run (see
-//!   [`Shard::retain`]).
+//!   slots, control bytes and share groups take at most 64 bytes once maintenance has run
+//!   (18 bytes a slot at no less than 9/32 load; see [`Shard::retain`]).
+//! - **Tenant shares** ([`set_tenant_shares`](OverrideTable::set_tenant_shares)): a tenant
+//!   holds at most a set fraction of the capacity. Beside the control bytes each shard keeps
+//!   one share-group byte per slot (written under the write lock, never read by a lookup), and
+//!   the table counts entries per group. A new entry of a tenant at its share replaces that
+//!   tenant's own least recently touched entry among the 32 next to its home slot, so a
+//!   tenant minting tokens by the million churns its own share and no one else's; if none of
+//!   its own is there, the entry is not made and the session routes by the ring.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::clock::{Clock, MonotonicClock};
-use crate::RoutingKey;
+use crate::{RoutingKey, TenantScope};
 
 /// A replica's stable identity across topology reloads (see [`TagRegistry`](crate::TagRegistry)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,6 +99,14 @@ const EVICTION_SAMPLE: usize = 4096;
 /// Entries an insert at the ceiling compares to choose the one it replaces (Redis samples 5 for
 /// its approximate LRU; these sit in two or three cache lines next to the insert's own).
 const VICTIM_CANDIDATES: usize = 8;
+
+/// Entries an insert of a tenant over its share looks through for one of that tenant's own to
+/// replace. A tenant at its share holds that fraction of a full table, so 32 neighbours miss
+/// all of its entries with probability (1 − share)^32: 0.1 % at a share of 0.2.
+const SHARE_CANDIDATES: usize = 32;
+/// Share groups: tenants are numbered 1..=255 as they are registered ([`TenantShares`]); 0 is
+/// every entry not counted against a share.
+const GROUPS: usize = 256;
 
 /// log2 of the number of shards.
 const SHARD_BITS: u32 = 6;
@@ -108,6 +123,8 @@ struct Entry {
     key: u64,
     tag: u32,
     touched: u32,
+    /// The tenant's share group (see [`TenantShares`]); 0 = not counted against a share.
+    group: u8,
 }
 
 /// One table entry, or an empty slot when `tag == EMPTY_TAG`.
@@ -131,6 +148,7 @@ impl Slot {
             key: 0,
             tag: EMPTY_TAG,
             touched: 0,
+            group: 0,
         })
     }
 
@@ -150,11 +168,14 @@ impl Slot {
         self.touched.load(Ordering::Relaxed)
     }
 
+    /// The slot's entry, without its share group (kept beside the slots: use
+    /// [`Shard::entry_at`] where the group matters, i.e. wherever the entry moves).
     fn entry(&self) -> Entry {
         Entry {
             key: self.key,
             tag: self.tag,
             touched: self.touched(),
+            group: 0,
         }
     }
 
@@ -183,7 +204,12 @@ struct Shard {
     /// One control byte per slot: 0 when the slot is empty, else [`control`] of its key. The
     /// probe reads these first and a slot only when its byte matches; see [`Shard::probe`].
     ctrl: Box<[u8]>,
+    /// One share group per slot (0 when empty), written only under the write lock and never
+    /// read by a lookup: the sticky path does not touch it.
+    groups: Box<[u8]>,
     len: usize,
+    /// Entries per share group over the whole table, shared by every shard.
+    group_len: Arc<GroupCounts>,
 }
 
 /// A key's control byte: 7 bits the shard and home-slot choice do not use, with the high bit
@@ -204,11 +230,21 @@ fn slots_for(n: usize) -> usize {
 }
 
 impl Shard {
-    fn with_slots(slots: usize) -> Shard {
+    fn with_slots(slots: usize, group_len: Arc<GroupCounts>) -> Shard {
         Shard {
             slots: empty_slots(slots),
             ctrl: vec![0; slots].into_boxed_slice(),
+            groups: vec![0; slots].into_boxed_slice(),
             len: 0,
+            group_len,
+        }
+    }
+
+    /// Slot `i`'s entry with its share group.
+    fn entry_at(&self, i: usize) -> Entry {
+        Entry {
+            group: self.groups[i],
+            ..self.slots[i].entry()
         }
     }
 
@@ -245,16 +281,28 @@ impl Shard {
         Err(i)
     }
 
+    /// How many slots [`probe`](Self::probe) visits for `key`: 1 when its home slot holds it
+    /// or is empty, one more for each slot of the run before it.
+    fn probe_len(&self, key: u64) -> usize {
+        let start = key as usize & self.mask();
+        let end = match self.probe(key) {
+            Ok(i) | Err(i) => i,
+        };
+        (end.wrapping_sub(start) & self.mask()) + 1
+    }
+
     /// Fills slot `i` with `entry` and its control byte.
     fn put(&mut self, i: usize, entry: Entry) {
         self.slots[i] = Slot::new(entry);
         self.ctrl[i] = control(entry.key);
+        self.groups[i] = entry.group;
     }
 
     /// Empties slot `i`.
     fn clear(&mut self, i: usize) {
         self.slots[i] = Slot::empty();
         self.ctrl[i] = 0;
+        self.groups[i] = 0;
     }
 
     /// The slot holding `key`, if any (the lookup hot path).
@@ -272,6 +320,7 @@ impl Shard {
             self.put(at, entry);
         }
         self.len += 1;
+        self.group_len.add(entry.group);
     }
 
     /// Removes the entry in slot `victim` and inserts `entry` (whose key is absent) in its
@@ -281,6 +330,7 @@ impl Shard {
         // The deletion may have shifted the new key's probe run: place it afresh.
         self.place(entry);
         self.len += 1;
+        self.group_len.add(entry.group);
     }
 
     /// Puts `entry` in the first empty slot of its probe run (its key is known to be absent).
@@ -298,9 +348,15 @@ impl Shard {
     fn rebuild(&mut self, slots: usize) {
         debug_assert!(slots.is_power_of_two() && slots >= slots_for(self.len));
         let old = std::mem::replace(&mut self.slots, empty_slots(slots));
+        let old_groups = std::mem::replace(&mut self.groups, vec![0; slots].into_boxed_slice());
         self.ctrl = vec![0; slots].into_boxed_slice();
-        for slot in old.iter().filter(|s| !s.is_empty()) {
-            self.place(slot.entry());
+        for (slot, group) in old.iter().zip(old_groups.iter()) {
+            if !slot.is_empty() {
+                self.place(Entry {
+                    group: *group,
+                    ..slot.entry()
+                });
+            }
         }
     }
 
@@ -308,6 +364,7 @@ impl Shard {
     /// legally sit earlier (its home is not between the hole and itself) moves into the hole,
     /// until the run ends. No tombstones, so probe runs never lengthen with churn.
     fn delete_at(&mut self, mut hole: usize) {
+        let removed_group = self.groups[hole];
         let mask = self.mask();
         let mut j = hole;
         // Bounded by the array size; the load bound guarantees an empty slot well before that.
@@ -316,7 +373,7 @@ impl Shard {
             if self.slots[j].is_empty() {
                 break;
             }
-            let entry = self.slots[j].entry();
+            let entry = self.entry_at(j);
             let home = entry.key as usize & mask;
             // Distances along the probe direction, modulo the array size (wrap-around).
             if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
@@ -326,12 +383,31 @@ impl Shard {
         }
         self.clear(hole);
         self.len -= 1;
+        self.group_len.sub(removed_group);
     }
 
     /// The slot of the least recently touched of the first [`VICTIM_CANDIDATES`] entries met
     /// walking forward from `key`'s home slot: the neighbourhood an insert of `key` is reading
     /// anyway. `None` when the shard is empty.
     fn oldest_near(&self, key: u64) -> Option<usize> {
+        self.oldest_near_where(key, VICTIM_CANDIDATES, |_| true)
+    }
+
+    /// The slot of the least recently touched entry of share group `group` among the first
+    /// [`SHARE_CANDIDATES`] entries met walking forward from `key`'s home slot. `None` when
+    /// none of them is of the group.
+    fn oldest_of_group_near(&self, key: u64, group: u8) -> Option<usize> {
+        self.oldest_near_where(key, SHARE_CANDIDATES, |i| self.groups[i] == group)
+    }
+
+    /// The least recently touched entry that `accept`s, among the first `candidates` entries
+    /// from `key`'s home slot.
+    fn oldest_near_where(
+        &self,
+        key: u64,
+        candidates: usize,
+        accept: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         if self.len == 0 {
             return None;
         }
@@ -339,16 +415,16 @@ impl Shard {
         let mut i = key as usize & mask;
         let mut oldest: Option<(u32, usize)> = None;
         let mut seen = 0;
-        // Bounded by the array size; at most a few times VICTIM_CANDIDATES steps unless the
+        // Bounded by the array size; at most a few times `candidates` steps unless the
         // shard is sparse.
         for _ in 0..self.slots.len() {
             if self.ctrl[i] != 0 {
                 let touched = self.slots[i].touched();
-                if oldest.is_none_or(|(t, _)| touched < t) {
+                if accept(i) && oldest.is_none_or(|(t, _)| touched < t) {
                     oldest = Some((touched, i));
                 }
                 seen += 1;
-                if seen == VICTIM_CANDIDATES {
+                if seen == candidates {
                     break;
                 }
             }
@@ -360,8 +436,8 @@ impl Shard {
     /// Removes every entry `keep` refuses; returns how many. When under 3/8 of its slots stay
     /// in use, shrinks the array to the smallest size that holds a third more than what is left
     /// (so the next inserts do not double it straight back), if that is smaller: in effect
-    /// below 9/32 load, so at most about 60 bytes of slots and control bytes per entry, never
-    /// below [`MIN_SLOTS`].
+    /// below 9/32 load, so at most 64 bytes of slots, control bytes and share groups per
+    /// entry, never below [`MIN_SLOTS`].
     fn retain(&mut self, keep: &mut impl FnMut(Entry) -> bool) -> usize {
         let n = self.slots.len();
         let mask = self.mask();
@@ -376,8 +452,7 @@ impl Shard {
         let mut i = (start + 1) & mask;
         let mut left = n - 1;
         while left > 0 {
-            let slot = &self.slots[i];
-            if !slot.is_empty() && !keep(slot.entry()) {
+            if !self.slots[i].is_empty() && !keep(self.entry_at(i)) {
                 self.delete_at(i);
                 removed += 1;
                 // Slot `i` may now hold an entry shifted back from later in the run.
@@ -417,6 +492,46 @@ impl ShardLock {
     }
 }
 
+/// Entries per share group, over every shard. Changed under a shard's write lock; read
+/// relaxed (an insert judging its tenant's share may be off by the inserts in flight).
+#[derive(Debug)]
+struct GroupCounts([AtomicUsize; GROUPS]);
+
+impl GroupCounts {
+    fn new() -> Self {
+        GroupCounts(std::array::from_fn(|_| AtomicUsize::new(0)))
+    }
+
+    fn add(&self, group: u8) {
+        if group != 0 {
+            self.0[usize::from(group)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn sub(&self, group: u8) {
+        if group != 0 {
+            self.0[usize::from(group)].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, group: u8) -> usize {
+        self.0[usize::from(group)].load(Ordering::Relaxed)
+    }
+}
+
+/// Which tenants hold a share of the table, and how large it is.
+///
+/// Each registered tenant gets its own group number, kept for the life of the table (reloads
+/// add tenants; a removed tenant's entries age out). Past 255 tenants the rest share no
+/// group and are not limited: the share guards against one tenant among a few, and a
+/// deployment of thousands of tenants wants the new-session rate limit instead.
+#[derive(Debug, Default)]
+struct TenantShares {
+    groups: RwLock<std::collections::HashMap<u64, u8>>,
+    /// The share in millionths of the capacity; 0 = no limit.
+    share_ppm: AtomicU32,
+}
+
 /// A poisoned lock only means another thread panicked while holding it. No code path here can
 /// panic between mutations of a shard, so its contents are consistent: keep routing.
 fn read(lock: &ShardLock) -> RwLockReadGuard<'_, Shard> {
@@ -440,6 +555,9 @@ pub struct Maintenance {
     /// previous maintenance (not removed by this one): more than zero means inserts outran
     /// maintenance and the table worked as a per-neighbourhood LRU meanwhile.
     pub evicted_on_insert: usize,
+    /// New entries of tenants holding their whole share, since the previous maintenance:
+    /// each replaced one of its own tenant's entries, or was not made.
+    pub over_share: usize,
 }
 
 impl Maintenance {
@@ -456,6 +574,9 @@ pub enum Recorded {
     New,
     /// The key's entry named another replica (or was removed).
     Moved,
+    /// The key had no entry, and none was made: its tenant holds its whole share of the table
+    /// and no entry of its own was near enough to replace. Routing falls back to the ring.
+    OverShare,
     /// The entry already named this replica: only its idle time was refreshed, from
     /// `last_touched` to `now` (seconds on the table's clock).
     Kept {
@@ -490,6 +611,12 @@ pub struct OverrideTable<C: Clock = MonotonicClock> {
     maintaining: AtomicBool,
     /// Entries replaced by inserts at the ceiling since the last maintenance.
     evicted_on_insert: AtomicUsize,
+    /// Entries per share group (also held by every shard, which keeps them current).
+    group_len: Arc<GroupCounts>,
+    shares: TenantShares,
+    /// New entries that replaced an entry of their own tenant, or were not made, because
+    /// their tenant held its whole share, since the last maintenance.
+    over_share: AtomicUsize,
     clock: C,
 }
 
@@ -516,10 +643,14 @@ impl<C: Clock> OverrideTable<C> {
     /// `ttl` is rounded up to whole seconds (minimum 1); `capacity` is at least 1.
     pub fn with_clock(ttl: Duration, capacity: usize, clock: C) -> Self {
         let (ttl_secs, capacity) = Self::limits(ttl, capacity);
+        let group_len = Arc::new(GroupCounts::new());
         OverrideTable {
             shards: (0..SHARDS)
-                .map(|_| ShardLock::new(Shard::with_slots(MIN_SLOTS)))
+                .map(|_| ShardLock::new(Shard::with_slots(MIN_SLOTS, Arc::clone(&group_len))))
                 .collect(),
+            group_len,
+            shares: TenantShares::default(),
+            over_share: AtomicUsize::new(0),
             ttl_secs: AtomicU32::new(ttl_secs),
             capacity: AtomicUsize::new(capacity),
             len: AtomicUsize::new(0),
@@ -601,6 +732,13 @@ impl<C: Clock> OverrideTable<C> {
         (!self.expired(slot.touched(), now)).then_some(ReplicaTag(slot.tag))
     }
 
+    /// How many slots a lookup of `key` reads: 1 when its home slot holds it or is empty, more
+    /// when it sits further along a probe run. With keys spread by a hash this stays a few
+    /// slots; the measure of what keys crafted to collide cost (see [`KeySecret`](crate::KeySecret)).
+    pub fn probe_len(&self, key: RoutingKey) -> usize {
+        read(self.shard(key.0)).probe_len(key.0)
+    }
+
     /// Records that `tag` served `key` now (inserting or refreshing the entry).
     ///
     /// When the entry already holds `tag` (a sticky turn) this only refreshes its last-touched
@@ -613,6 +751,20 @@ impl<C: Clock> OverrideTable<C> {
     /// debug assertion; release builds treat it as [`remove`](Self::remove) so the table stays
     /// sound.
     pub fn record(&self, key: RoutingKey, tag: ReplicaTag) -> Recorded {
+        self.record_for(key, tag, None)
+    }
+
+    /// [`record`](Self::record) for a session of `tenant`: a new entry counts against the
+    /// tenant's share of the table ([`set_tenant_shares`](Self::set_tenant_shares)). A tenant
+    /// holding its whole share replaces its own least recently touched entry near the new
+    /// key's home slot, never another tenant's; with none of its own there, the new entry is
+    /// not made ([`Recorded::OverShare`]). A sticky turn costs nothing more than in `record`.
+    pub fn record_for(
+        &self,
+        key: RoutingKey,
+        tag: ReplicaTag,
+        tenant: Option<TenantScope>,
+    ) -> Recorded {
         debug_assert_ne!(tag.0, EMPTY_TAG, "ReplicaTag(u32::MAX) is reserved");
         if tag.0 == EMPTY_TAG {
             self.remove(key);
@@ -641,8 +793,66 @@ impl<C: Clock> OverrideTable<C> {
                 key: key.0,
                 tag: tag.0,
                 touched: now,
+                group: tenant.map_or(0, |t| self.group_of(t)),
             },
         )
+    }
+
+    /// Gives each of `tenants` a share of the table: at most `share` × capacity entries
+    /// (`share` in (0, 1]; 1 = no limit). Tenants registered before keep their group;
+    /// sessions of tenants never registered are not counted.
+    pub fn set_tenant_shares(&self, tenants: impl IntoIterator<Item = TenantScope>, share: f64) {
+        // Truncation is intended: millionths of a share in (0, 1].
+        let ppm = if share > 0.0 && share < 1.0 {
+            // At least one millionth: a share too small to count is still a share.
+            ((share * 1e6) as u32).max(1)
+        } else {
+            0
+        };
+        self.shares.share_ppm.store(ppm, Ordering::Relaxed);
+        let mut groups = self
+            .shares
+            .groups
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for tenant in tenants {
+            let next = groups.len() + 1;
+            if next < GROUPS {
+                // Never 0, never past 255: checked just above.
+                groups.entry(tenant.hash()).or_insert(next as u8);
+            }
+        }
+    }
+
+    /// The share group of `tenant`: 0 when it holds no share.
+    fn group_of(&self, tenant: TenantScope) -> u8 {
+        if self.shares.share_ppm.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let groups = self
+            .shares
+            .groups
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        groups.get(&tenant.hash()).copied().unwrap_or(0)
+    }
+
+    /// Whether share group `group` holds all it may.
+    fn over_share(&self, group: u8) -> bool {
+        let ppm = self.shares.share_ppm.load(Ordering::Relaxed);
+        if group == 0 || ppm == 0 {
+            return false;
+        }
+        let cap = (self.capacity() as u128 * u128::from(ppm) / 1_000_000).max(1);
+        self.group_len.get(group) as u128 >= cap
+    }
+
+    /// Entries counted against `tenant`'s share (live or not yet purged).
+    pub fn tenant_len(&self, tenant: TenantScope) -> usize {
+        match self.group_of(tenant) {
+            0 => 0,
+            group => self.group_len.get(group),
+        }
     }
 
     /// The idle TTL in seconds.
@@ -680,6 +890,16 @@ impl<C: Clock> OverrideTable<C> {
                 }
                 Err(at) => at,
             };
+            if !carried && self.over_share(entry.group) {
+                self.over_share.fetch_add(1, Ordering::Relaxed);
+                return match shard.oldest_of_group_near(entry.key, entry.group) {
+                    Some(own) => {
+                        shard.replace(own, entry);
+                        Recorded::New
+                    }
+                    None => Recorded::OverShare,
+                };
+            }
             if carried || self.reserve() {
                 shard.insert_absent(at, entry);
                 return Recorded::New;
@@ -760,6 +980,7 @@ impl<C: Clock> OverrideTable<C> {
             expired,
             evicted,
             evicted_on_insert: self.evicted_on_insert.swap(0, Ordering::Relaxed),
+            over_share: self.over_share.swap(0, Ordering::Relaxed),
         };
         self.maintaining.store(false, Ordering::Release);
         done
@@ -935,6 +1156,7 @@ mod tests {
         /// Asserts every shard's structural invariants; returns the number of entries.
         fn check_invariants(&self) -> usize {
             let mut total = 0;
+            let mut groups = [0usize; GROUPS];
             for (s, lock) in self.shards.iter().enumerate() {
                 let shard = read(lock);
                 let n = shard.slots.len();
@@ -947,6 +1169,14 @@ mod tests {
                 assert_eq!(occupied, shard.len, "shard {s}: len counter");
                 assert!(shard.len * 4 <= n * 3, "shard {s}: load {}/{n}", shard.len);
                 assert_eq!(shard.ctrl.len(), n, "shard {s}: one control byte per slot");
+                assert_eq!(shard.groups.len(), n, "shard {s}: one group per slot");
+                for (i, g) in shard.groups.iter().enumerate() {
+                    assert!(
+                        *g == 0 || !shard.slots[i].is_empty(),
+                        "group on an empty slot"
+                    );
+                    groups[usize::from(*g)] += 1;
+                }
                 for (i, e) in shard.slots.iter().enumerate() {
                     let expected = if e.is_empty() { 0 } else { control(e.key) };
                     assert_eq!(shard.ctrl[i], expected, "shard {s}: control byte {i}");
@@ -974,6 +1204,9 @@ mod tests {
                 total += shard.len;
             }
             assert_eq!(total, self.counted_len());
+            for (g, n) in groups.iter().enumerate().skip(1) {
+                assert_eq!(self.group_len.get(g as u8), *n, "group {g} count");
+            }
             total
         }
     }
@@ -1517,6 +1750,85 @@ mod tests {
         assert_eq!(t.counts_by_tag().get(&ReplicaTag(2)), Some(&1));
         assert_eq!(t.maintain(), Maintenance::default());
         assert_eq!(t.check_invariants(), 1);
+    }
+
+    // ---- Tenant shares. ----
+
+    #[test]
+    fn a_tenant_over_its_share_replaces_its_own_entries_and_never_anothers() {
+        let t = table(3600, 1000);
+        let (flood, quiet) = (TenantScope::new("flood"), TenantScope::new("quiet"));
+        t.set_tenant_shares([flood, quiet], 0.25);
+        let quiet_keys: Vec<_> = (0..100).map(|n| spread(1 << 40 | n)).collect();
+        for k in &quiet_keys {
+            assert_eq!(t.record_for(*k, ReplicaTag(1), Some(quiet)), Recorded::New);
+        }
+        let mut not_made = 0;
+        for n in 0..20_000 {
+            if n % 500 == 0 {
+                t.clock.advance(1);
+            }
+            let r = t.record_for(spread(2 << 40 | n), ReplicaTag(2), Some(flood));
+            not_made += usize::from(r == Recorded::OverShare);
+        }
+        assert!(quiet_keys.iter().all(|k| t.get(*k) == Some(ReplicaTag(1))));
+        assert_eq!(t.tenant_len(flood), 250, "a quarter of the capacity");
+        assert_eq!(t.tenant_len(quiet), 100);
+        assert_eq!(t.len(), 350);
+        assert!(
+            not_made < 200,
+            "{not_made} of 20,000 inserts found none of their own"
+        );
+        assert_eq!(t.check_invariants(), 350);
+        // The flood's newest entries are the ones it keeps.
+        assert_eq!(t.get(spread(2 << 40 | 19_999)), Some(ReplicaTag(2)));
+        assert_eq!(t.maintain().over_share, 20_000 - 250);
+    }
+
+    #[test]
+    fn shares_count_only_registered_tenants_and_a_share_of_one_is_no_limit() {
+        let t = table(3600, 100);
+        let (known, other) = (TenantScope::new("known"), TenantScope::new("other"));
+        t.set_tenant_shares([known], 1.0);
+        for n in 0..100 {
+            t.record_for(spread(n), ReplicaTag(1), Some(known));
+        }
+        assert_eq!(t.len(), 100, "share 1: the whole table");
+        t.set_tenant_shares([known], 0.1);
+        for n in 100..200 {
+            t.record_for(spread(n), ReplicaTag(1), Some(other));
+        }
+        assert_eq!(t.tenant_len(other), 0, "never registered: not counted");
+        // Counted from the moment shares are on: its first 100 entries are not, and of the
+        // next 100 it keeps its share.
+        for n in 200..300 {
+            t.record_for(spread(n), ReplicaTag(1), Some(known));
+        }
+        assert_eq!(t.tenant_len(known), 10);
+        assert_eq!(t.check_invariants(), t.len());
+    }
+
+    #[test]
+    fn group_counts_follow_removals_expiry_and_sweeps() {
+        let t = table(10, 200);
+        let tenants: Vec<_> = ["a", "b", "c"].into_iter().map(TenantScope::new).collect();
+        t.set_tenant_shares(tenants.clone(), 0.5);
+        for n in 0..600u64 {
+            let tenant = tenants[(n % 3) as usize];
+            t.record_for(spread(n), ReplicaTag(n as u32 % 4), Some(tenant));
+            if n % 7 == 0 {
+                t.remove(spread(n / 2));
+            }
+            if n % 50 == 0 {
+                t.clock.advance(3);
+                t.maintain_if_needed();
+            }
+            t.check_invariants();
+        }
+        t.clock.advance(20);
+        t.maintain();
+        assert_eq!(t.check_invariants(), 0);
+        assert!(tenants.iter().all(|s| t.tenant_len(*s) == 0));
     }
 
     // ---- Against a model. ----

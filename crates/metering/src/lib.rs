@@ -49,7 +49,7 @@ pub use extract::{
     Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_SSE_TAIL, DEFAULT_WINDOW,
 };
 pub use pricing::{Cost, Price};
-pub use record::{SessionHash, Timestamp, UsageRecord};
+pub use record::{Limit, SessionHash, Timestamp, UsageRecord};
 pub use report::{aggregate, GroupBy, Report, ReportRow};
 pub use sink::{SinkError, UsageLog, DEFAULT_QUEUE};
 pub use status::{UnknownUsageStatus, UsageStatus};

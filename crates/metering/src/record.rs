@@ -10,6 +10,32 @@ use tether_affinity::{KeySource, Outcome};
 
 use crate::UsageStatus;
 
+/// A per-tenant limit that refused a request (the record's `limit`, a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// `requests_per_second`.
+    Requests,
+    /// `new_sessions_per_second`.
+    NewSessions,
+    /// `max_concurrent`.
+    Concurrency,
+}
+
+impl Limit {
+    /// Every limit.
+    pub const ALL: [Limit; 3] = [Limit::Requests, Limit::NewSessions, Limit::Concurrency];
+
+    /// Label for the usage log and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests",
+            Limit::NewSessions => "new_sessions",
+            Limit::Concurrency => "concurrency",
+        }
+    }
+}
+
 /// What Tether writes about one request. Unknown values are `null`, never `0`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
@@ -67,6 +93,9 @@ pub struct UsageRecord {
     /// reported, as the 5-minute part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_1h_tokens: Option<u64>,
+    /// The tenant limit that refused the request (answered 429 by Tether); written only then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Limit>,
 }
 
 impl UsageRecord {
@@ -128,6 +157,10 @@ impl UsageRecord {
                 out.extend_from_slice(key);
                 json_uint(out, value);
             }
+        }
+        if let Some(limit) = self.limit {
+            out.extend_from_slice(b",\"limit\":");
+            json_str(out, limit.as_str());
         }
         out.extend_from_slice(b"}\n");
     }
@@ -420,6 +453,7 @@ mod tests {
             key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
+            limit: None,
         }
     }
 
@@ -466,6 +500,11 @@ mod tests {
             },
             UsageRecord {
                 cache_write_5m_tokens: Some(7),
+                ..nulls.clone()
+            },
+            UsageRecord {
+                status: 429,
+                limit: Some(Limit::NewSessions),
                 ..nulls.clone()
             },
             nulls,
@@ -600,6 +639,24 @@ mod tests {
         for (record, literal) in [
             (anthropic("acme"), split.to_owned()),
             (unsplit, format!("{}}}\n", &split[..cut])),
+            (
+                UsageRecord {
+                    status: 429,
+                    limit: Some(Limit::Concurrency),
+                    ..full("acme")
+                },
+                concat!(
+                    r#"{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","#,
+                    r#""session":"9f86d081884c7d65","model":"llama-3.1-8b","region":"eu","#,
+                    r#""replica":"eu-1","outcome":"sticky","status":429,"prompt_tokens":1200,"#,
+                    r#""cached_tokens":1024,"completion_tokens":18446744073709551615,"#,
+                    r#""cost_micro_usd":0,"uncached_cost_micro_usd":640,"latency_ms":12,"#,
+                    r#""ttft_ms":3,"attempts":2,"usage_status":"found","#,
+                    r#""cache_write_tokens":null,"limit":"concurrency"}"#,
+                    "\n"
+                )
+                .to_owned(),
+            ),
         ] {
             let mut line = Vec::new();
             record.write_json_line(&mut line);
@@ -651,6 +708,7 @@ mod tests {
             key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
+            limit: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.contains("\"prompt_tokens\":null"), "{line}");

@@ -148,6 +148,7 @@ mod tests {
             key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
+            limit: None,
         }
     }
 

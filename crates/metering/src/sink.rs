@@ -247,6 +247,7 @@ mod tests {
             key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
+            limit: None,
         }
     }
 

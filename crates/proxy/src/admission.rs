@@ -6,7 +6,10 @@ use std::sync::Arc;
 use pingora::http::RequestHeader;
 use tether_affinity::{KeySource, RoutingKey, TenantScope};
 
+use tether_topology::TenantLimits;
+
 use crate::error::EdgeError;
+use crate::limits::TenantUsage;
 use crate::router::Access;
 
 /// An admitted caller.
@@ -19,6 +22,10 @@ pub struct Caller {
     /// The tenant-scoped routing key of the affinity header, when the request carried one
     /// (other sources are tried by [`crate::session_key::resolve`]).
     pub header_key: Option<RoutingKey>,
+    /// The tenant's limits in this generation.
+    pub limits: TenantLimits,
+    /// What the tenant is using (shared by every generation).
+    pub usage: Arc<TenantUsage>,
 }
 
 /// What `request_filter` concluded.
@@ -93,6 +100,8 @@ pub fn admit(access: &Access, req: &RequestHeader) -> Admission {
             tenant: Arc::clone(&tenant.id),
             scope: tenant.scope,
             header_key: token.map(|t| tenant.scope.key(t)),
+            limits: tenant.limits,
+            usage: Arc::clone(&tenant.usage),
         }),
         Err(e) => Admission::Reject {
             error: EdgeError::InvalidSessionAffinity(e),

@@ -9,6 +9,7 @@ use pingora::http::ResponseHeader;
 use pingora_proxy::Session;
 use serde_json::json;
 use tether_affinity::TokenError;
+use tether_metering::Limit;
 
 /// An error answered by Tether (not by a replica).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,9 +44,39 @@ pub enum EdgeError {
     /// The client stopped sending its request body before it was complete.
     #[error("the request body stopped arriving before it was complete")]
     RequestTimeout,
+    /// The tenant is over one of its limits (`tenant_limits`, `tenants[].limits`).
+    #[error("{}", limit_message(*.limit))]
+    LimitExceeded {
+        /// Which limit.
+        limit: Limit,
+        /// Seconds for `Retry-After`.
+        retry_after_secs: u32,
+    },
     /// A bug in Tether.
     #[error("internal proxy error")]
     Internal,
+}
+
+impl From<crate::limits::Refused> for EdgeError {
+    fn from(refused: crate::limits::Refused) -> Self {
+        EdgeError::LimitExceeded {
+            limit: refused.limit,
+            retry_after_secs: refused.retry_after_secs(),
+        }
+    }
+}
+
+fn limit_message(limit: Limit) -> &'static str {
+    match limit {
+        Limit::Requests => "rate limit reached for requests; retry after the time in Retry-After",
+        Limit::NewSessions => {
+            "rate limit reached for new sessions; continue existing sessions, or retry after \
+             the time in Retry-After"
+        }
+        Limit::Concurrency => {
+            "too many requests in flight for this API key; retry when one has finished"
+        }
+    }
 }
 
 impl EdgeError {
@@ -55,6 +86,7 @@ impl EdgeError {
             EdgeError::MissingApiKey | EdgeError::UnknownApiKey => 401,
             EdgeError::InvalidSessionAffinity(_) | EdgeError::BadRequest(_) => 400,
             EdgeError::RequestTimeout => 408,
+            EdgeError::LimitExceeded { .. } => 429,
             EdgeError::NoReplicaAvailable { .. } => 503,
             EdgeError::UpstreamTimeout => 504,
             EdgeError::UpstreamFailed(_) => 502,
@@ -71,6 +103,7 @@ impl EdgeError {
             | EdgeError::InvalidSessionAffinity(_)
             | EdgeError::BadRequest(_)
             | EdgeError::RequestTimeout => "invalid_request_error",
+            EdgeError::LimitExceeded { .. } => "rate_limit_error",
             EdgeError::NoReplicaAvailable { .. }
             | EdgeError::UpstreamTimeout
             | EdgeError::UpstreamFailed(_)
@@ -90,6 +123,11 @@ impl EdgeError {
             | EdgeError::UpstreamStatus(_) => "upstream_error",
             EdgeError::BadRequest(_) => "bad_request",
             EdgeError::RequestTimeout => "request_timeout",
+            EdgeError::LimitExceeded {
+                limit: Limit::Concurrency,
+                ..
+            } => "concurrency_limit_exceeded",
+            EdgeError::LimitExceeded { .. } => "rate_limit_exceeded",
             EdgeError::Internal => "internal_error",
         }
     }
@@ -106,6 +144,7 @@ impl EdgeError {
             | EdgeError::UpstreamFailed(_)
             | EdgeError::UpstreamStatus(_)
             | EdgeError::RequestTimeout
+            | EdgeError::LimitExceeded { .. }
             | EdgeError::Internal => true,
         }
     }
@@ -113,7 +152,10 @@ impl EdgeError {
     /// Seconds for a `Retry-After` header.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            EdgeError::NoReplicaAvailable { retry_after_secs } => Some((*retry_after_secs).max(1)),
+            EdgeError::NoReplicaAvailable { retry_after_secs }
+            | EdgeError::LimitExceeded {
+                retry_after_secs, ..
+            } => Some((*retry_after_secs).max(1)),
             _ => None,
         }
     }
@@ -170,6 +212,14 @@ mod tests {
             EdgeError::UpstreamFailed("ConnectionClosed"),
             EdgeError::UpstreamStatus(503),
             EdgeError::BadRequest("ReadError"),
+            EdgeError::LimitExceeded {
+                limit: Limit::Requests,
+                retry_after_secs: 3,
+            },
+            EdgeError::LimitExceeded {
+                limit: Limit::Concurrency,
+                retry_after_secs: 1,
+            },
             EdgeError::Internal,
         ]
     }
@@ -187,8 +237,13 @@ mod tests {
                 h.headers.get("content-length").unwrap().to_str().unwrap(),
                 e.body().len().to_string()
             );
-            // Client errors are final; server errors may pass.
-            assert_eq!(e.retryable(), e.status() >= 500, "{e:?}");
+            // Client errors are final, except a limit's (it passes later); server errors may
+            // pass.
+            assert_eq!(
+                e.retryable(),
+                e.status() >= 500 || e.status() == 429,
+                "{e:?}"
+            );
         }
     }
 
@@ -200,5 +255,23 @@ mod tests {
         let h = e.header(e.body().len()).unwrap();
         assert_eq!(h.status.as_u16(), 503);
         assert_eq!(h.headers.get("retry-after").unwrap(), "1");
+    }
+
+    #[test]
+    fn a_limit_answers_429_with_retry_after_in_openai_shape() {
+        let e = EdgeError::LimitExceeded {
+            limit: Limit::NewSessions,
+            retry_after_secs: 7,
+        };
+        let h = e.header(e.body().len()).unwrap();
+        assert_eq!(h.status.as_u16(), 429);
+        assert_eq!(h.headers.get("retry-after").unwrap(), "7");
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("new sessions"));
     }
 }

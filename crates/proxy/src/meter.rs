@@ -38,6 +38,7 @@ pub struct Metrics {
     ejections: IntCounterVec,
     retries: IntCounterVec,
     reloads: IntCounterVec,
+    limited: IntCounterVec,
     override_entries: IntGauge,
     log_dropped: IntCounter,
     client_disconnects: IntCounter,
@@ -156,6 +157,12 @@ impl Metrics {
             "Config reloads by result: ok (applied) or error (the previous config kept serving).",
             &["result"],
         )?;
+        let limited = counter_vec(
+            "tether_limited_total",
+            "Requests answered 429 by a tenant limit, by tenant and limit: requests (rate), \
+             new_sessions (rate of sessions no instance knew), concurrency (in flight).",
+            &["tenant", "limit"],
+        )?;
         let override_entries =
             IntGauge::new("tether_override_entries", "Sessions in the override table.")?;
         registry.register(Box::new(override_entries.clone()))?;
@@ -200,6 +207,7 @@ impl Metrics {
             ejections,
             retries,
             reloads,
+            limited,
             override_entries,
             log_dropped,
             client_disconnects,
@@ -374,6 +382,14 @@ impl Meter {
         self.metrics.client_disconnects.inc();
     }
 
+    /// Counts a request refused by a tenant limit.
+    pub fn count_limited(&self, tenant: &str, limit: tether_metering::Limit) {
+        self.metrics
+            .limited
+            .with_label_values(&[tenant, limit.as_str()])
+            .inc();
+    }
+
     /// Counts a config reload by its result.
     pub fn count_reload(&self, result: &str) {
         self.metrics.reloads.with_label_values(&[result]).inc();
@@ -481,6 +497,7 @@ mod tests {
             key_source: None,
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: written,
+            limit: None,
         }
     }
 

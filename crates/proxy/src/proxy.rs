@@ -8,7 +8,7 @@
 //! and the retry policy live in `tether-affinity`; usage extraction in `tether-metering`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -32,6 +32,7 @@ use crate::admission::{admit, Admission, Caller};
 use crate::body::{BodyRewrite, ReadAhead};
 use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
+use crate::limits::{InFlightPermit, Refused};
 use crate::meter::Meter;
 use crate::router::{Router, Snapshot, Upstream};
 use crate::session_key::{resolve, BodyView, Found, Resolution};
@@ -67,10 +68,27 @@ impl TetherProxy {
         }
     }
 
+    /// Notes that a tenant limit refused the request: for its record and the metrics.
+    fn refuse(&self, tenant: &str, refused: Refused, ctx: &mut RequestCtx) {
+        debug!(
+            "tenant={tenant} over its {} limit; retry after {:?}",
+            refused.limit.as_str(),
+            refused.retry_after
+        );
+        self.meter.count_limited(tenant, refused.limit);
+        ctx.limited = Some(refused);
+    }
+
     /// Its requests in flight (what a shutdown drains).
     pub fn in_flight(&self) -> &Arc<InFlight> {
         &self.in_flight
     }
+}
+
+/// Time on the clock the tenant limits run on (from the first request).
+fn since_start() -> Duration {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
 }
 
 /// Per-request state.
@@ -109,6 +127,10 @@ pub struct RequestCtx {
     claims_structured: bool,
     /// Hides the injected usage event from the client.
     strip_usage: Option<UsageChunkFilter>,
+    /// The tenant limit that refused the request.
+    limited: Option<Refused>,
+    /// Counts the request against its tenant's `max_concurrent` until the context drops.
+    _tenant_permit: Option<InFlightPermit>,
     /// Counts the request in flight until the context drops, after `logging`.
     _in_flight: InFlightGuard,
 }
@@ -134,6 +156,8 @@ impl RequestCtx {
             extraction: None,
             claims_structured: false,
             strip_usage: None,
+            limited: None,
+            _tenant_permit: None,
             _in_flight: in_flight,
         }
     }
@@ -382,6 +406,17 @@ impl ProxyHttp for TetherProxy {
                 return Ok(true);
             }
         };
+        match caller.usage.admit(&caller.limits, since_start()) {
+            Ok(permit) => ctx._tenant_permit = permit,
+            Err(refused) => {
+                let tenant = Arc::clone(&caller.tenant);
+                ctx.attempts = Attempts::new(None, Some(caller.scope));
+                ctx.caller = Some(caller);
+                self.refuse(&tenant, refused, ctx);
+                EdgeError::from(refused).send(session, true).await?;
+                return Ok(true);
+            }
+        }
         let req = session.req_header();
         if snapshot.resend_safe(&req.method, req.uri.path()) {
             // Keep the body (up to Pingora's retry buffer) so a replica that fails before
@@ -427,6 +462,22 @@ impl ProxyHttp for TetherProxy {
         if let (Some(tier), Some(key), 0) = (&self.tier, ctx.attempts.key(), ctx.attempts.total()) {
             if !snapshot.fleet().knows(key) {
                 tier.recall(snapshot.fleet().state(), key).await;
+            }
+        }
+        // A session no instance knows is a new one: its tenant's new-session rate applies.
+        if let (Some(key), 0, Some(caller)) =
+            (ctx.attempts.key(), ctx.attempts.total(), &ctx.caller)
+        {
+            // The table lookup only when there is a limit to apply.
+            if caller.limits.new_sessions.is_some() && !snapshot.fleet().knows(key) {
+                if let Err(refused) = caller.usage.start_session(&caller.limits, since_start()) {
+                    let tenant = Arc::clone(&caller.tenant);
+                    self.refuse(&tenant, refused, ctx);
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(429),
+                        "the tenant's new-session limit",
+                    ));
+                }
             }
         }
         let Some(route) = snapshot.fleet().route(&mut ctx.attempts, now_ms()) else {
@@ -681,8 +732,9 @@ impl ProxyHttp for TetherProxy {
         let retry_after = ctx.snapshot.as_deref().map_or(1, |s| {
             u32::try_from(s.retry_after_hint().as_secs()).unwrap_or(u32::MAX)
         });
-        let error = match &ctx.tls_failure {
-            Some(tls) if ctx.unavailable || e.esource() == &ErrorSource::Upstream => {
+        let error = match (ctx.limited, &ctx.tls_failure) {
+            (Some(refused), _) => Some(EdgeError::from(refused)),
+            (None, Some(tls)) if ctx.unavailable || e.esource() == &ErrorSource::Upstream => {
                 Some(EdgeError::UpstreamFailed(tls.as_str()))
             }
             _ => edge_error(e, ctx.unavailable, retry_after),
@@ -713,10 +765,11 @@ impl ProxyHttp for TetherProxy {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        // Clients leaving mid-stream and the shutdown's cut are counted (metrics, the drain's
-        // summary) rather than logged one by one at error level.
-        let expected = client_left(e) || Aborted::of(e) == Some(Aborted::Cut);
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        // Clients leaving mid-stream, the shutdown's cut and tenants over their limits are
+        // counted (metrics, the drain's summary) rather than logged one by one at error level.
+        let expected =
+            client_left(e) || Aborted::of(e) == Some(Aborted::Cut) || ctx.limited.is_some();
         if expected {
             debug!("request ended early: {e}");
         }
@@ -787,6 +840,7 @@ impl ProxyHttp for TetherProxy {
             key_source: ctx.key_source,
             cache_write_5m_tokens: usage.cache_write_5m_tokens,
             cache_write_1h_tokens: usage.cache_write_1h_tokens,
+            limit: ctx.limited.map(|r| r.limit),
         };
         debug!(
             "tenant={} outcome={} replica={} status={status} attempts={} usage={usage_status}{}",

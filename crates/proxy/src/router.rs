@@ -10,13 +10,14 @@ use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 use sha2::{Digest, Sha256};
 use tether_affinity::{
-    Admission, BindingSink, Fingerprinter, Fleet, FleetPlan, FleetState, KeySource, RegionPlan,
-    ReplicaPlan, ReplicaSpec, SelectorOptions, TenantScope, TokenRules,
+    Admission, BindingSink, Fingerprinter, Fleet, FleetPlan, FleetState, KeySecret, KeySource,
+    RegionPlan, ReplicaPlan, ReplicaSpec, SelectorOptions, TenantScope, TokenRules,
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
-use tether_topology::{FailoverSettings, SecretSource, Topology, UpstreamAuth};
+use tether_topology::{FailoverSettings, SecretSource, TenantLimits, Topology, UpstreamAuth};
 
+use crate::limits::{TenantUsage, TenantUsages};
 use crate::probe::{ProbeRound, ProbeSettings, ProbeSource, ProbeTarget};
 use crate::upstream_io::{Cut, ReplicaConnector};
 
@@ -63,6 +64,9 @@ pub enum InstallError {
         /// Why it is invalid.
         source: http::header::InvalidHeaderName,
     },
+    /// The routing-key secret could not be read, or is too short.
+    #[error("affinity.key_secret: {0}")]
+    KeySecret(String),
     /// The affinity header is not a valid HTTP header name.
     #[error("affinity.header {name:?}: {source}")]
     Header {
@@ -101,14 +105,42 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// Reads a secret from the environment or a file; the reason for a failure never holds it.
+fn read_secret(source: &SecretSource) -> Result<String, String> {
+    match source {
+        SecretSource::Env(var) => std::env::var(var)
+            .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)")),
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display())),
+    }
+}
+
+/// Reads the deployment's routing-key secret, once per process. Without one, keys are the
+/// unkeyed ones every instance and every restart agrees on (a random secret per process would
+/// split a tier and move every session at each restart), so the absence is only warned of.
+fn key_secret(topology: &Topology) -> Result<Option<KeySecret>, InstallError> {
+    let Some(source) = &topology.affinity.key_secret else {
+        log::warn!(
+            "no affinity.key_secret: routing keys can be computed by anyone who knows a tenant \
+             id, so crafted tokens can pile into one probe run of the override table or one arc \
+             of the ring; set it (env or file{}), see docs/security.md",
+            if topology.sticky_store.is_some() {
+                ", the same on every instance of the tier"
+            } else {
+                ""
+            }
+        );
+        return Ok(None);
+    };
+    let secret = read_secret(source).map_err(InstallError::KeySecret)?;
+    KeySecret::new(secret.trim().as_bytes())
+        .map(Some)
+        .map_err(|e| InstallError::KeySecret(e.to_string()))
+}
+
 /// Reads the secret of `auth` (environment or file) into the header that carries it.
 fn credential(auth: &UpstreamAuth) -> Result<Credential, String> {
-    let secret = match &auth.source {
-        SecretSource::Env(var) => std::env::var(var)
-            .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
-        SecretSource::File(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?,
-    };
+    let secret = read_secret(&auth.source)?;
     let secret = secret.trim();
     if secret.is_empty() {
         return Err("the secret is empty".into());
@@ -126,6 +158,9 @@ fn credential(auth: &UpstreamAuth) -> Result<Credential, String> {
     Ok(Credential { name, value })
 }
 
+/// The tenant of every request when no tenants are configured.
+const DEFAULT_TENANT: &str = "default";
+
 /// A tenant as the hot path needs it.
 #[derive(Debug, Clone)]
 pub struct TenantEntry {
@@ -133,6 +168,10 @@ pub struct TenantEntry {
     pub id: Arc<str>,
     /// Hashing scope of its routing keys.
     pub scope: TenantScope,
+    /// Its limits in this generation.
+    pub limits: TenantLimits,
+    /// What it is using, shared by every generation.
+    pub usage: Arc<TenantUsage>,
 }
 
 /// Who may call and how a session is named: what `request_filter` checks.
@@ -180,6 +219,8 @@ impl Access {
             default_tenant: TenantEntry {
                 id: Arc::from("default"),
                 scope: TenantScope::new("default"),
+                limits: TenantLimits::default(),
+                usage: Arc::default(),
             },
             token_rules: TokenRules::default(),
             header: http::HeaderName::from_static("x-session-affinity"),
@@ -285,6 +326,10 @@ pub struct Router {
     state: Arc<FleetState>,
     /// Breaks off every upstream connection of every generation.
     cut: Arc<Cut>,
+    /// The routing-key secret, read once at start (reloads keep it: see the topology diff).
+    key_secret: Option<KeySecret>,
+    /// Each tenant's buckets and requests in flight, across generations.
+    usages: TenantUsages,
 }
 
 impl Router {
@@ -300,11 +345,15 @@ impl Router {
             sink,
         );
         let cut = Cut::new();
-        let snapshot = build_snapshot(topology, &state, &cut)?;
+        let key_secret = key_secret(topology)?;
+        let usages = TenantUsages::default();
+        let snapshot = build_snapshot(topology, &state, &cut, key_secret.as_ref(), &usages)?;
         Ok(Router {
             snapshot: ArcSwap::from_pointee(snapshot),
             state,
             cut,
+            key_secret,
+            usages,
         })
     }
 
@@ -332,7 +381,13 @@ impl Router {
     /// so does the live state of every replica whose address did not change. Requests in
     /// flight finish on the snapshot they started with.
     pub fn install(&self, topology: &Topology) -> Result<(), InstallError> {
-        let snapshot = build_snapshot(topology, &self.state, &self.cut)?;
+        let snapshot = build_snapshot(
+            topology,
+            &self.state,
+            &self.cut,
+            self.key_secret.as_ref(),
+            &self.usages,
+        )?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
@@ -374,6 +429,8 @@ fn build_snapshot(
     topology: &Topology,
     state: &Arc<FleetState>,
     cut: &Arc<Cut>,
+    key_secret: Option<&KeySecret>,
+    usages: &TenantUsages,
 ) -> Result<Snapshot, InstallError> {
     let upstream = topology.upstream;
     let mut regions = Vec::with_capacity(topology.regions.len());
@@ -451,19 +508,6 @@ fn build_snapshot(
         replica.upstream().connector.bind(replica.status());
     }
 
-    let tenants = topology
-        .tenants
-        .iter()
-        .map(|t| {
-            (
-                t.api_key_sha256,
-                TenantEntry {
-                    id: Arc::from(t.id.as_str()),
-                    scope: TenantScope::new(&t.id),
-                },
-            )
-        })
-        .collect();
     let header =
         http::HeaderName::from_bytes(topology.affinity.header.as_bytes()).map_err(|source| {
             InstallError::Header {
@@ -497,13 +541,50 @@ fn build_snapshot(
         return Err(InstallError::OpenAdmin(addr));
     }
 
+    // Past every check, so a refused reload changes neither the tenants' usage nor their
+    // shares.
+    // With tenants configured, `default` is never used (every request needs a key).
+    let mut usage = usages
+        .renew(
+            topology
+                .tenants
+                .iter()
+                .map(|t| t.id.as_str())
+                .chain(topology.tenants.is_empty().then_some(DEFAULT_TENANT)),
+        )
+        .into_iter();
+    let tenants = topology
+        .tenants
+        .iter()
+        .zip(usage.by_ref())
+        .map(|(t, usage)| {
+            (
+                t.api_key_sha256,
+                TenantEntry {
+                    id: Arc::from(t.id.as_str()),
+                    scope: TenantScope::with_secret(&t.id, key_secret),
+                    limits: t.limits,
+                    usage,
+                },
+            )
+        })
+        .collect();
+    let default_usage = usage.next().unwrap_or_default();
+    // Only configured tenants hold a share: without them every session is `default`'s.
+    state.overrides().set_tenant_shares(
+        topology.tenants.iter().map(|t| TenantScope::new(&t.id)),
+        topology.affinity.override_share,
+    );
+
     Ok(Snapshot {
         fleet: Arc::new(fleet),
         access: Access {
             tenants,
             default_tenant: TenantEntry {
-                id: Arc::from("default"),
-                scope: TenantScope::new("default"),
+                id: Arc::from(DEFAULT_TENANT),
+                scope: TenantScope::with_secret(DEFAULT_TENANT, key_secret),
+                limits: topology.tenant_limits,
+                usage: default_usage,
             },
             token_rules: TokenRules {
                 max_len: topology.affinity.max_token_len,

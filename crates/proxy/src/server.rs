@@ -337,13 +337,15 @@ impl BackgroundService for OverridePurge {
                     if table.needs_maintenance() || purged.elapsed() >= self.every {
                         purged = tokio::time::Instant::now();
                         let done = table.maintain();
-                        if done.removed() > 0 {
+                        if done.removed() > 0 || done.over_share > 0 {
                             log::debug!(
                                 "override table: {} idle entries purged, {} evicted over capacity, \
-                                 {} replaced by inserts at the ceiling since the last run",
+                                 {} replaced by inserts at the ceiling, {} new entries of tenants \
+                                 at their share since the last run",
                                 done.expired,
                                 done.evicted,
-                                done.evicted_on_insert
+                                done.evicted_on_insert,
+                                done.over_share
                             );
                         }
                     }

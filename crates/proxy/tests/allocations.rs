@@ -132,6 +132,7 @@ fn meter_one(
         key_source: None,
         cache_write_5m_tokens: usage.cache_write_5m_tokens,
         cache_write_1h_tokens: usage.cache_write_1h_tokens,
+        limit: None,
     };
     meter.finish(record, Duration::from_millis(3));
 }

@@ -32,7 +32,7 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
     // session key to the metering pipeline opened once, the sticky store's connections to the
     // process.
     let addresses = |t: &Topology| t.listen_tls.iter().map(|l| l.address).collect::<Vec<_>>();
-    let fixed: [(&'static str, bool); 12] = [
+    let fixed: [(&'static str, bool); 13] = [
         ("listen", started.listen != new.listen),
         ("listen_tls[].address", addresses(started) != addresses(new)),
         ("admin_listen", started.admin_listen != new.admin_listen),
@@ -66,6 +66,12 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
             started.metering.session_key != new.metering.session_key,
         ),
         ("sticky_store", started.sticky_store != new.sticky_store),
+        // Routing keys (the ring, the override table, a tier's bindings) all derive from the
+        // secret: it changes only with the process, like the ring of a fresh start.
+        (
+            "affinity.key_secret",
+            started.affinity.key_secret != new.affinity.key_secret,
+        ),
     ];
     d.restart_required = fixed
         .iter()
@@ -155,26 +161,30 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
         ));
     }
 
-    let tenants = |t: &Topology| {
-        t.tenants
-            .iter()
-            .map(|t| (t.id.clone(), t.api_key_sha256))
-            .collect::<BTreeMap<_, _>>()
-    };
+    fn tenants(t: &Topology) -> BTreeMap<&str, &crate::Tenant> {
+        t.tenants.iter().map(|t| (t.id.as_str(), t)).collect()
+    }
     let (tb, ta) = (tenants(old), tenants(new));
-    for (id, key) in &ta {
+    for (id, t) in &ta {
         match tb.get(id) {
             None => d.changes.push(format!("tenant {id} added")),
-            Some(old_key) if old_key != key => d.changes.push(format!("tenant {id}: new API key")),
-            Some(_) => {}
+            Some(o) => {
+                if o.api_key_sha256 != t.api_key_sha256 {
+                    d.changes.push(format!("tenant {id}: new API key"));
+                }
+                if o.limits != t.limits {
+                    d.changes.push(format!("tenant {id}: new limits"));
+                }
+            }
         }
     }
-    for id in tb.keys().filter(|id| !ta.contains_key(*id)) {
+    for id in tb.keys().filter(|id| !ta.contains_key(**id)) {
         d.changes.push(format!("tenant {id} removed"));
     }
 
     for (section, changed) in [
         ("affinity", old.affinity != new.affinity),
+        ("tenant_limits", old.tenant_limits != new.tenant_limits),
         ("pricing", old.pricing != new.pricing),
         ("metering", {
             let (o, n) = (&old.metering, &new.metering);
@@ -284,6 +294,14 @@ tenants:
             ]
         );
         assert!(d.changes.is_empty(), "{:?}", d.changes);
+    }
+
+    #[test]
+    fn a_new_key_secret_needs_a_restart() {
+        let d = changes(&format!(
+            "{BASE}affinity: {{ key_secret: {{ env: TETHER_KEY_SECRET }} }}\n"
+        ));
+        assert_eq!(d.restart_required, ["affinity.key_secret"]);
     }
 
     #[test]

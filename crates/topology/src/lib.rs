@@ -44,8 +44,8 @@ pub use error::{Problem, TopologyError};
 pub use input::{MAX_CONFIG_BYTES, MAX_NESTING_DEPTH};
 pub use model::{
     AdminSettings, AffinitySettings, CertificateFiles, FailoverSettings, HealthSettings,
-    MeteringSettings, Pricing, ProbeSettings, Region, ReloadSettings, Replica, SecretSource,
-    ServerSettings, StickyStoreSettings, Tenant, TlsListener, Topology, UpstreamAuth,
+    MeteringSettings, Pricing, ProbeSettings, Rate, Region, ReloadSettings, Replica, SecretSource,
+    ServerSettings, StickyStoreSettings, Tenant, TenantLimits, TlsListener, Topology, UpstreamAuth,
     UpstreamSettings, UpstreamTls, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
 pub use validate::{

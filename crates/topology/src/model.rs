@@ -27,6 +27,9 @@ pub struct Topology {
     pub regions: Vec<Region>,
     /// API tenants. Empty = every request is tenant `default`.
     pub tenants: Vec<Tenant>,
+    /// Limits of the `default` tenant (every request when no tenants are configured), and the
+    /// base of every tenant's own.
+    pub tenant_limits: TenantLimits,
     /// Token prices.
     pub pricing: Pricing,
     /// Where to write the per-request usage log, if anywhere.
@@ -81,6 +84,12 @@ pub struct AffinitySettings {
     /// Lower-cased names of the agents' own session-id headers (`agent_header` source), in
     /// the order they are tried.
     pub agent_headers: Vec<String>,
+    /// Where the deployment's routing-key secret is read at start (the same on every instance
+    /// of a tier). `None` = routing keys anyone can compute (see docs/security.md).
+    pub key_secret: Option<SecretSource>,
+    /// The most of `override_capacity` one tenant of `tenants` may hold, in (0, 1]; 1 = no
+    /// limit.
+    pub override_share: f64,
 }
 
 /// The shared sticky store (Redis protocol) that lets every instance of a tier follow every
@@ -195,12 +204,34 @@ pub enum SecretSource {
 }
 
 /// An API tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tenant {
     /// Tenant id (appears in logs and metrics).
     pub id: String,
     /// SHA-256 of the tenant's API key. The key itself is never stored.
     pub api_key_sha256: [u8; 32],
+    /// Its limits (`tenant_limits`, with its own `limits` over them).
+    pub limits: TenantLimits,
+}
+
+/// What one tenant may send (`tenant_limits`, `tenants[].limits`). `None` = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TenantLimits {
+    /// Requests admitted.
+    pub requests: Option<Rate>,
+    /// Requests that start a session: a token no instance has a live binding for.
+    pub new_sessions: Option<Rate>,
+    /// Requests in flight at once (on this instance).
+    pub max_concurrent: Option<std::num::NonZeroU32>,
+}
+
+/// A token-bucket rate: `per_second` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Sustained rate, > 0.
+    pub per_second: f64,
+    /// Bucket size, ≥ 1.
+    pub burst: u32,
 }
 
 /// The `pricing` section, converted from the file's dollars per million tokens to

@@ -26,6 +26,8 @@ pub(crate) struct RawTopology {
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
     #[serde(default)]
+    pub tenant_limits: RawLimits,
+    #[serde(default)]
     pub pricing: Option<RawPricing>,
     #[serde(default)]
     pub usage_log: Option<RawUsageLog>,
@@ -142,6 +144,18 @@ pub(crate) struct RawAffinity {
     pub outcome_header: Option<String>,
     pub key_sources: Vec<tether_affinity::KeySource>,
     pub agent_headers: Vec<String>,
+    pub key_secret: Option<RawSecretSource>,
+    pub override_share: f64,
+}
+
+/// Where a secret comes from: an environment variable or a file, never the YAML itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecretSource {
+    #[serde(default)]
+    pub env: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 /// The session ids agent harnesses send of their own accord, each found in the client's
@@ -178,6 +192,8 @@ impl Default for RawAffinity {
                 .iter()
                 .map(|h| h.to_string())
                 .collect(),
+            key_secret: None,
+            override_share: 0.5,
         }
     }
 }
@@ -236,6 +252,35 @@ fn one() -> NonZeroU32 {
 pub(crate) struct RawTenant {
     pub id: String,
     pub api_key_sha256: String,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// Per-tenant limits: `tenant_limits` for every tenant, `tenants[].limits` field by field over
+/// it. An absent field is no limit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawLimits {
+    pub requests_per_second: Option<f64>,
+    pub request_burst: Option<u32>,
+    pub new_sessions_per_second: Option<f64>,
+    pub new_session_burst: Option<u32>,
+    pub max_concurrent: Option<u32>,
+}
+
+impl RawLimits {
+    /// `self`'s fields, each falling back to `base`'s.
+    pub fn over(&self, base: &RawLimits) -> RawLimits {
+        RawLimits {
+            requests_per_second: self.requests_per_second.or(base.requests_per_second),
+            request_burst: self.request_burst.or(base.request_burst),
+            new_sessions_per_second: self
+                .new_sessions_per_second
+                .or(base.new_sessions_per_second),
+            new_session_burst: self.new_session_burst.or(base.new_session_burst),
+            max_concurrent: self.max_concurrent.or(base.max_concurrent),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -947,3 +947,130 @@ fn bad_key_sources_and_agent_headers_are_named_by_position() {
     let (_, message) = parse_error(&with("  key_sources: [none]\n"));
     assert!(message.contains("none"), "{message}");
 }
+
+#[test]
+fn the_key_secret_comes_from_the_environment_or_a_file_never_the_yaml() {
+    let with = |secret: &str| {
+        VALID.replacen(
+            "  override_capacity: 1000000\n",
+            &format!("  override_capacity: 1000000\n  key_secret: {secret}\n"),
+            1,
+        )
+    };
+    assert_eq!(load(VALID).unwrap().affinity.key_secret, None);
+    assert_eq!(
+        load(&with("{ env: TETHER_KEY_SECRET }"))
+            .unwrap()
+            .affinity
+            .key_secret,
+        Some(SecretSource::Env("TETHER_KEY_SECRET".into()))
+    );
+    assert_eq!(
+        load(&with("{ file: /run/secrets/tether-key }"))
+            .unwrap()
+            .affinity
+            .key_secret,
+        Some(SecretSource::File("/run/secrets/tether-key".into()))
+    );
+    for bad in [
+        "{ env: A, file: /k }",
+        "{}",
+        "{ env: \"\" }",
+        "{ file: \"\" }",
+    ] {
+        assert_eq!(problem(&with(bad)).key, "affinity.key_secret", "{bad}");
+    }
+    let (_, message) = parse_error(&with("0123456789abcdef0123"));
+    assert!(message.contains("key_secret"), "{message}");
+    let (_, message) = parse_error(&with("{ value: plain-text-secret }"));
+    assert!(message.contains("unknown field `value`"), "{message}");
+}
+
+#[test]
+fn tenant_limits_apply_to_every_tenant_and_a_tenant_overrides_them_field_by_field() {
+    let yaml = VALID
+        .replace(
+            r#"api_key_sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae" }"#,
+            r#"api_key_sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae", limits: { requests_per_second: 100, max_concurrent: 8 } }"#,
+        )
+        + "tenant_limits: { requests_per_second: 10, request_burst: 30, new_sessions_per_second: 0.5, max_concurrent: 4 }\n";
+    let t = load(&yaml).unwrap();
+    let rate = |per_second, burst| Some(Rate { per_second, burst });
+    assert_eq!(
+        t.tenant_limits,
+        TenantLimits {
+            requests: rate(10.0, 30),
+            new_sessions: rate(0.5, 1),
+            max_concurrent: std::num::NonZeroU32::new(4),
+        }
+    );
+    assert_eq!(
+        t.tenants[0].limits,
+        TenantLimits {
+            requests: rate(100.0, 30),
+            new_sessions: rate(0.5, 1),
+            max_concurrent: std::num::NonZeroU32::new(8),
+        }
+    );
+    assert_eq!(load(VALID).unwrap().tenant_limits, TenantLimits::default());
+}
+
+#[test]
+fn bad_tenant_limits_are_refused_naming_the_key() {
+    for (limits, key) in [
+        (
+            "{ requests_per_second: 0 }",
+            "tenant_limits.requests_per_second",
+        ),
+        (
+            "{ requests_per_second: -1 }",
+            "tenant_limits.requests_per_second",
+        ),
+        (
+            "{ requests_per_second: .inf }",
+            "tenant_limits.requests_per_second",
+        ),
+        (
+            "{ requests_per_second: 2000000 }",
+            "tenant_limits.requests_per_second",
+        ),
+        (
+            "{ requests_per_second: 5, request_burst: 0 }",
+            "tenant_limits.request_burst",
+        ),
+        ("{ request_burst: 5 }", "tenant_limits.request_burst"),
+        (
+            "{ new_session_burst: 5 }",
+            "tenant_limits.new_session_burst",
+        ),
+        (
+            "{ new_sessions_per_second: .nan }",
+            "tenant_limits.new_sessions_per_second",
+        ),
+        ("{ max_concurrent: 0 }", "tenant_limits.max_concurrent"),
+    ] {
+        let yaml = format!("{VALID}tenant_limits: {limits}\n");
+        assert_eq!(problem(&yaml).key, key, "{limits}");
+    }
+    let tenant = VALID.replace(r#"e7ae" }"#, r#"e7ae", limits: { max_concurrent: 0 } }"#);
+    assert_eq!(problem(&tenant).key, "tenants[0].limits.max_concurrent");
+    let (_, message) = parse_error(&(VALID.to_owned() + "tenant_limits: { rps: 5 }\n"));
+    assert!(message.contains("unknown field `rps`"), "{message}");
+}
+
+#[test]
+fn the_override_share_is_a_fraction_of_the_capacity() {
+    assert_eq!(load(VALID).unwrap().affinity.override_share, 0.5);
+    let with = |v: &str| {
+        VALID.replacen(
+            "  override_capacity: 1000000\n",
+            &format!("  override_capacity: 1000000\n  override_share: {v}\n"),
+            1,
+        )
+    };
+    assert_eq!(load(&with("1")).unwrap().affinity.override_share, 1.0);
+    assert_eq!(load(&with("0.1")).unwrap().affinity.override_share, 0.1);
+    for bad in ["0", "-0.5", "1.5", ".nan", ".inf"] {
+        assert_eq!(problem(&with(bad)).key, "affinity.override_share", "{bad}");
+    }
+}

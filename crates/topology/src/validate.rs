@@ -15,6 +15,7 @@ use crate::{
 };
 
 mod durations;
+mod limits;
 mod network;
 mod tls;
 pub use network::admin_needs_token;
@@ -135,6 +136,30 @@ fn upstream_auth(
         }
     }
     Some(UpstreamAuth { source, header })
+}
+
+/// A validated secret source at `key`: exactly one of `env` and `file`.
+fn secret_source(
+    p: &mut Problems,
+    key: &str,
+    raw: &crate::raw::RawSecretSource,
+) -> Option<SecretSource> {
+    match (&raw.env, &raw.file) {
+        (Some(var), None) if !var.is_empty() && !var.contains('=') => {
+            Some(SecretSource::Env(var.clone()))
+        }
+        (None, Some(file)) if !file.as_os_str().is_empty() => {
+            Some(SecretSource::File(file.clone()))
+        }
+        _ => {
+            p.add(
+                key.to_owned(),
+                "needs exactly one of `env: VARIABLE` or `file: PATH`: the secret itself never \
+                 goes in the file",
+            );
+            None
+        }
+    }
 }
 
 pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
@@ -353,6 +378,11 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
     };
 
     // tenants
+    let problems_before = p.0.len();
+    let tenant_limits = limits::tenant_limits(&mut p, "tenant_limits", &raw.tenant_limits);
+    // A tenant inherits every field it does not set: judged only once the base is valid, so
+    // that one bad `tenant_limits` field is reported once, not once per tenant.
+    let base_limits_valid = p.0.len() == problems_before;
     let mut tenant_ids: HashMap<&str, usize> = HashMap::new();
     let mut key_hashes: HashMap<[u8; 32], usize> = HashMap::new();
     let mut tenants = Vec::with_capacity(raw.tenants.len());
@@ -390,6 +420,15 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         tenants.push(Tenant {
             id: tenant.id.clone(),
             api_key_sha256: hash,
+            limits: if base_limits_valid {
+                limits::tenant_limits(
+                    &mut p,
+                    &format!("{key}.limits"),
+                    &tenant.limits.over(&raw.tenant_limits),
+                )
+            } else {
+                tenant_limits
+            },
         });
     }
 
@@ -575,6 +614,22 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
         Some(name)
     });
 
+    let override_share = raw.affinity.override_share;
+    if !(override_share > 0.0 && override_share <= 1.0) {
+        p.add(
+            "affinity.override_share",
+            format!(
+                "{override_share} must be above 0 and at most 1 (the fraction of \
+                 override_capacity one tenant may hold; 1 = no limit)"
+            ),
+        );
+    }
+    let key_secret = raw
+        .affinity
+        .key_secret
+        .as_ref()
+        .and_then(|s| secret_source(&mut p, "affinity.key_secret", s));
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -597,9 +652,12 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             outcome_header,
             key_sources: a.key_sources.clone(),
             agent_headers,
+            key_secret,
+            override_share,
         },
         regions,
         tenants,
+        tenant_limits,
         pricing,
         usage_log: raw.usage_log.map(|l| UsageLog {
             path: l.path,

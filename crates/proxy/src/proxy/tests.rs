@@ -9,6 +9,7 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
 use pingora::upstreams::peer::Peer;
 use tether_affinity::Outcome;
+use tether_metering::Limit;
 use tether_topology::Topology;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -222,6 +223,51 @@ async fn the_same_token_from_two_tenants_gives_two_keys() {
         keys.push(ctx.attempts.key().unwrap());
     }
     assert_ne!(keys[0], keys[1]);
+}
+
+/// A topology whose routing-key secret is in a file holding `secret`.
+fn with_key_secret(name: &str, secret: &str) -> (String, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("tether-key-{}-{name}", std::process::id()));
+    std::fs::write(&path, secret).unwrap();
+    let yaml = format!(
+        "{TOPOLOGY}affinity: {{ key_secret: {{ file: {} }} }}\n",
+        path.display()
+    );
+    (yaml, path)
+}
+
+#[tokio::test]
+async fn a_key_secret_from_a_file_changes_every_key_and_instances_sharing_it_agree() {
+    let (yaml, path) = with_key_secret("agree", "0123456789abcdef-the-tier-secret\n");
+    let key = |h: Harness| async move {
+        let (_, ctx) = h
+            .admitted(&[
+                "Authorization: Bearer sk-tether-demo",
+                "X-Session-Affinity: conv-1",
+            ])
+            .await;
+        ctx.attempts.key().unwrap()
+    };
+    let unkeyed = key(harness()).await;
+    let first = key(harness_with(&yaml)).await;
+    let second = key(harness_with(&yaml)).await;
+    std::fs::remove_file(&path).unwrap();
+    assert_ne!(first, unkeyed);
+    assert_eq!(first, second, "two instances with one secret route alike");
+}
+
+#[test]
+fn an_unreadable_or_short_key_secret_stops_the_start_naming_the_key() {
+    let (short, path) = with_key_secret("short", "too-short\n");
+    let missing =
+        format!("{TOPOLOGY}affinity: {{ key_secret: {{ file: /nonexistent/tether-key }} }}\n");
+    for yaml in [short, missing] {
+        let topology = Topology::from_yaml(&yaml, "test.yaml").unwrap();
+        let error = Router::new(&topology, None).unwrap_err().to_string();
+        assert!(error.starts_with("affinity.key_secret: "), "{error}");
+        assert!(!error.contains("too-short"), "never the secret: {error}");
+    }
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[tokio::test]
@@ -526,5 +572,114 @@ async fn the_client_is_told_new_then_warm_and_nothing_about_topology() {
             expected
         );
         h.proxy.logging(&mut session, None, &mut ctx).await;
+    }
+}
+
+/// The proxy's answer to a chat request with `headers`: `Some(status line, headers+body)`
+/// when `request_filter` answered it, `None` when it was admitted (its context is returned
+/// either way, holding any permit).
+async fn filtered(h: &Harness, headers: &[&str]) -> (Option<String>, RequestCtx) {
+    let (mut session, written) = session(&chat(headers)).await;
+    let mut ctx = h.proxy.new_ctx();
+    let done = h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&written.lock().unwrap()).into_owned();
+    (done.then_some(text), ctx)
+}
+
+const DEMO: &str = "Authorization: Bearer sk-tether-demo";
+const OTHER: &str = "Authorization: Bearer sk-tether-other";
+
+#[tokio::test]
+async fn a_tenant_over_its_request_rate_gets_429_with_retry_after_and_others_do_not() {
+    let yaml = TOPOLOGY.replace(
+        r#"017e" }"#,
+        r#"017e", limits: { requests_per_second: 0.1, request_burst: 2 } }"#,
+    );
+    let h = harness_with(&yaml);
+    for _ in 0..2 {
+        assert!(filtered(&h, &[DEMO]).await.0.is_none());
+    }
+    let (answer, ctx) = filtered(&h, &[DEMO]).await;
+    let answer = answer.expect("refused");
+    assert!(answer.starts_with("HTTP/1.1 429 "), "{answer}");
+    let retry_after = answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_owned)
+        })
+        .expect("a Retry-After header");
+    // 0.1 per second: the next token is about ten seconds away.
+    let secs: u32 = retry_after.trim().parse().unwrap();
+    assert!((9..=10).contains(&secs), "{secs}");
+    assert!(
+        answer.contains(r#""code":"rate_limit_exceeded""#),
+        "{answer}"
+    );
+    assert_eq!(ctx.limited.map(|r| r.limit), Some(Limit::Requests));
+    assert_eq!(ctx.caller.as_ref().map(|c| &*c.tenant), Some("demo"));
+    // Another tenant has its own bucket (and no limit here).
+    for _ in 0..5 {
+        assert!(filtered(&h, &[OTHER]).await.0.is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_concurrency_limit_gets_429_until_a_request_finishes() {
+    let h = harness_with(&format!(
+        "{TOPOLOGY}tenant_limits: {{ max_concurrent: 2 }}\n"
+    ));
+    let (a, first) = filtered(&h, &[DEMO]).await;
+    let (b, _second) = filtered(&h, &[DEMO]).await;
+    assert!(a.is_none() && b.is_none());
+    let (refused, ctx) = filtered(&h, &[DEMO]).await;
+    assert!(refused
+        .unwrap()
+        .contains(r#""code":"concurrency_limit_exceeded""#));
+    assert_eq!(ctx.limited.map(|r| r.limit), Some(Limit::Concurrency));
+    assert!(filtered(&h, &[OTHER]).await.0.is_none(), "per tenant");
+    drop(first);
+    assert!(
+        filtered(&h, &[DEMO]).await.0.is_none(),
+        "a finished request frees its place"
+    );
+}
+
+#[tokio::test]
+async fn new_sessions_are_limited_and_known_sessions_are_not() {
+    let h = harness_with(&format!(
+        "{TOPOLOGY}tenant_limits: {{ new_sessions_per_second: 0.01, new_session_burst: 1 }}\n"
+    ));
+    // A first session is placed and recorded.
+    let (mut session, mut ctx) = h.admitted(&[DEMO, "X-Session-Affinity: conv-1"]).await;
+    h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
+    let mut answer = ResponseHeader::build(200, None).unwrap();
+    h.proxy
+        .response_filter(&mut session, &mut answer, &mut ctx)
+        .await
+        .unwrap();
+    h.proxy.logging(&mut session, None, &mut ctx).await;
+    // A second new session is over the limit…
+    let (mut session, mut ctx) = h.admitted(&[DEMO, "X-Session-Affinity: conv-2"]).await;
+    let e = h
+        .proxy
+        .upstream_peer(&mut session, &mut ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(ctx.limited.map(|r| r.limit), Some(Limit::NewSessions));
+    assert!(h.proxy.suppress_error_log(&session, &ctx, &e));
+    let (mut session, written) = super::tests::session(&chat(&[DEMO])).await;
+    let failed = h.proxy.fail_to_proxy(&mut session, &e, &mut ctx).await;
+    assert_eq!(failed.error_code, 429);
+    assert!(String::from_utf8_lossy(&written.lock().unwrap()).contains("new sessions"));
+    // …the first one's next turn, and requests without a token, are not.
+    for headers in [&[DEMO, "X-Session-Affinity: conv-1"][..], &[DEMO][..]] {
+        let (mut session, mut ctx) = h.admitted(headers).await;
+        h.proxy.upstream_peer(&mut session, &mut ctx).await.unwrap();
     }
 }
