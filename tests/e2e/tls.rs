@@ -466,9 +466,11 @@ fn check_and_run_refuse_an_unusable_certificate_naming_its_key() {
         a.cert.display(),
         a.key.display()
     );
-    assert_eq!(
-        tether_cli("check", dir.path(), &good),
-        (true, String::new())
+    // Passes, with at most warnings that are not about TLS (no routing-key secret here).
+    let (ok, stderr) = tether_cli("check", dir.path(), &good);
+    assert!(
+        ok && !stderr.contains("ERROR") && !stderr.contains("listen_tls"),
+        "{stderr}"
     );
 
     let mismatched = good.replace(&a.key.display().to_string(), &b.key.display().to_string());
