@@ -19,6 +19,12 @@ impl TenantScope {
         TenantScope(xxh3_64(tenant_id.as_bytes()))
     }
 
+    /// A scope standing for one session, so that a [`crate::TenantWarmth`] record can count
+    /// the distinct sessions a replica served recently.
+    pub(crate) fn of_session(key: RoutingKey) -> Self {
+        TenantScope(key.0)
+    }
+
     /// The scope's 64-bit hash (tenant locality fingerprints tenants by it).
     pub(crate) fn hash(self) -> u64 {
         self.0

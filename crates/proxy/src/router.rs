@@ -381,6 +381,11 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
             eject_max_cooldown: health.eject_max_cooldown,
             overload_default: health.overload_default,
             overload_max: health.overload_max,
+            // Three probe rounds: one missed round does not drop the engine's signals.
+            engine_max_age: health
+                .probe
+                .as_ref()
+                .map_or(Duration::ZERO, |p| p.interval.saturating_mul(3)),
         },
         override_ttl: topology.affinity.override_ttl,
         override_capacity: topology.affinity.override_capacity,

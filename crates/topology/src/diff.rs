@@ -112,6 +112,13 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
                 if o.dialect != r.dialect {
                     what.push(format!("dialect {:?} → {:?}", o.dialect, r.dialect));
                 }
+                if o.engine != r.engine {
+                    what.push(format!(
+                        "engine {} → {}",
+                        o.engine.as_str(),
+                        r.engine.as_str()
+                    ));
+                }
                 if !what.is_empty() {
                     d.changes.push(format!("replica {id}: {}", what.join(", ")));
                 }
