@@ -8,6 +8,7 @@ mod admission;
 mod cache_hits;
 mod cli;
 mod client;
+mod engines;
 mod failover;
 mod hostile;
 mod metering;

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod admission;
 pub mod body;
+pub mod engine_probe;
 pub mod error;
 pub mod meter;
 pub mod probe;

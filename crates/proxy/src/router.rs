@@ -70,6 +70,8 @@ pub struct Upstream {
     pub dialect: Option<Dialect>,
     /// The replica's own credential, sent on every request to it.
     pub credential: Option<Credential>,
+    /// Its engine, whose capacity and load the prober reads.
+    pub engine: tether_topology::EngineKind,
 }
 
 /// A header carrying a replica's secret. Its value is marked sensitive and never printed.
@@ -304,6 +306,12 @@ impl ProbeSource for RouterProbes {
                 id: Arc::clone(r.id()),
                 address: r.address(),
                 status: Arc::clone(r.status()),
+                engine: r.upstream().engine,
+                credential: r
+                    .upstream()
+                    .credential
+                    .as_ref()
+                    .map(|c| (c.name.clone(), c.value.clone())),
             })
             .collect();
         ProbeRound {
@@ -349,6 +357,7 @@ fn build_snapshot(topology: &Topology, state: &Arc<FleetState>) -> Result<Snapsh
                     peer,
                     dialect: r.dialect,
                     credential,
+                    engine: r.engine,
                 },
             });
         }
