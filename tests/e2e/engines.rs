@@ -246,3 +246,70 @@ async fn without_engine_signals_the_same_sessions_can_share_a_replica_three_ways
         blind.hit_share()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_without_its_endpoint_is_probed_on_the_health_path_and_still_serves() {
+    // `engine: vllm` on a replica that serves no /metrics (the sim's basic mode answers 404):
+    // the probe falls back to /health, the replica stays in, and no reading is held.
+    let fleet = SimFleet::start_with(&THREE[..1], &["--time-scale", "0"]).unwrap();
+    let replicas = vec![(THREE[0].to_string(), fleet.addr(THREE[0]), "engine: vllm")];
+    let tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: eu\n{}health:\n  probe: {{ interval: 200ms, timeout: 150ms }}\n",
+            regions_yaml(&[("eu", replicas)])
+        ),
+    })
+    .unwrap();
+    let client = reqwest::Client::new();
+    let url = tether.url("/v1/chat/completions");
+    // Enough rounds for a fall-back probe to have run (rise and fall are 2 by default).
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while probe_requests(&fleet).await[THREE[0]] < 6 {
+        assert!(Instant::now() < deadline, "the prober does not probe");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = chat(&client, &url, None, &[b"s"], &agent_turn(0, 1)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let v: Value = client
+        .get(tether.admin_url("/admin/replicas"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["replicas"][0]["health"], "healthy", "{v}");
+    assert!(v["replicas"][0]["engine"].is_null(), "{v}");
+
+    // An engine endpoint answering 503 (a server loading its model) takes the replica out.
+    let fleet =
+        SimFleet::start_with(&THREE[..1], &["--time-scale", "0", "--engine", "vllm"]).unwrap();
+    let replicas = vec![(THREE[0].to_string(), fleet.addr(THREE[0]), "engine: vllm")];
+    let tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: eu\n{}health:\n  probe: {{ interval: 200ms, timeout: 150ms }}\n",
+            regions_yaml(&[("eu", replicas)])
+        ),
+    })
+    .unwrap();
+    fleet
+        .set_fault(THREE[0], json!({"kind": "unavailable"}))
+        .await;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let v: Value = client
+            .get(tether.admin_url("/admin/replicas"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["replicas"][0]["health"] == "unhealthy" {
+            assert!(v["replicas"][0]["engine"].is_null(), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
