@@ -44,8 +44,8 @@ pub enum EngineMode {
     /// replica whose engine Tether cannot read looks like).
     #[default]
     Basic,
-    /// vLLM: admission limited by KV blocks as well as `max_num_seqs`, and `/metrics` with
-    /// vLLM's metric names.
+    /// vLLM: admission limited by KV blocks as well as `max_num_seqs`, preemption of a request
+    /// whose reply's blocks do not fit, and `/metrics` with vLLM's metric names.
     Vllm,
     /// llama.cpp server: `slots` sequences, each holding one conversation's cache
     /// ([`crate::slots`]), and `/slots`, `/props`, `/metrics` in llama.cpp's shapes.
@@ -231,8 +231,40 @@ pub struct Prefilled {
     // request in.
     lease: Option<SlotLease>,
     _running: Gauge,
-    _kv: Option<OwnedSemaphorePermit>,
+    _kv: Option<KvLease>,
     _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// KV blocks held by one running request, counted in the replica's `kv_held` (the
+/// semaphore's free permits do not say: tokio hands free permits to a queued waiter before
+/// its whole request can be met).
+#[derive(Debug)]
+struct KvLease {
+    permit: OwnedSemaphorePermit,
+    held: Arc<AtomicU64>,
+}
+
+impl KvLease {
+    fn new(permit: OwnedSemaphorePermit, held: &Arc<AtomicU64>) -> KvLease {
+        held.fetch_add(permit.num_permits() as u64, Ordering::Relaxed);
+        KvLease {
+            permit,
+            held: Arc::clone(held),
+        }
+    }
+
+    fn grow(&mut self, more: OwnedSemaphorePermit) {
+        self.held
+            .fetch_add(more.num_permits() as u64, Ordering::Relaxed);
+        self.permit.merge(more);
+    }
+}
+
+impl Drop for KvLease {
+    fn drop(&mut self) {
+        self.held
+            .fetch_sub(self.permit.num_permits() as u64, Ordering::Relaxed);
+    }
 }
 
 /// A counter held up by one request while it lives.
@@ -289,6 +321,8 @@ pub struct EngineSnapshot {
     pub kv_total_blocks: u64,
     /// vLLM mode: KV blocks held by running requests.
     pub kv_used_blocks: u64,
+    /// vLLM mode: requests preempted for lack of KV blocks, ever.
+    pub preemptions: u64,
     /// Requests to the engine endpoints (`/metrics`, `/slots`, `/props`) and `/health`.
     pub probe_requests: u64,
 }
@@ -327,6 +361,8 @@ pub struct Replica {
     slot_table: Option<Arc<Mutex<SlotTable>>>,
     running: Arc<AtomicU64>,
     waiting: Arc<AtomicU64>,
+    preemptions: AtomicU64,
+    kv_held: Arc<AtomicU64>,
     probe_requests: AtomicU64,
     fault: Mutex<Fault>,
     stats: Stats,
@@ -360,6 +396,8 @@ impl Replica {
             slot_table,
             running: Arc::default(),
             waiting: Arc::default(),
+            preemptions: AtomicU64::new(0),
+            kv_held: Arc::default(),
             probe_requests: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
             stats: Stats::default(),
@@ -436,6 +474,7 @@ impl Replica {
         let mut snapshot = EngineSnapshot {
             running: self.running.load(Ordering::Relaxed),
             waiting: self.waiting.load(Ordering::Relaxed),
+            preemptions: self.preemptions.load(Ordering::Relaxed),
             probe_requests: self.probe_requests.load(Ordering::Relaxed),
             ..EngineSnapshot::default()
         };
@@ -444,10 +483,9 @@ impl Replica {
             snapshot.slots_busy = (0..table.len()).map(|i| table.is_busy(i)).collect();
             snapshot.slot_ctx_tokens = table.ctx_blocks() as u64 * block;
         }
-        if let Some(kv) = &self.kv {
-            let total = (self.config.cache_tokens as u64 / block).max(1);
-            snapshot.kv_total_blocks = total;
-            snapshot.kv_used_blocks = total.saturating_sub(kv.available_permits() as u64);
+        if self.kv.is_some() {
+            snapshot.kv_total_blocks = (self.config.cache_tokens as u64 / block).max(1);
+            snapshot.kv_used_blocks = self.kv_held.load(Ordering::Relaxed);
         }
         snapshot
     }
@@ -492,19 +530,25 @@ impl Replica {
         let waiting = Gauge::up(&self.waiting);
         // The semaphores are never closed, so these are always `Some`.
         let slot = Arc::clone(&self.slots).acquire_owned().await.ok();
-        let kv = match &self.kv {
-            // vLLM admits a request once its blocks fit; a request larger than the whole
-            // cache runs alone.
-            Some(kv) => {
-                let total = (self.config.cache_tokens / block.max(1)).max(1);
-                let need = (job.prompt_tokens + job.completion_tokens).div_ceil(block as u64);
-                let need = u32::try_from(need.min(total as u64)).unwrap_or(u32::MAX);
-                Arc::clone(kv).acquire_many_owned(need).await.ok()
+        // vLLM admits a request once its prompt's blocks fit (a request larger than the whole
+        // cache runs alone); its reply's blocks are allocated as it decodes.
+        let kv_blocks = self.kv.as_ref().map(|kv| {
+            let total = (self.config.cache_tokens / block.max(1)).max(1) as u64;
+            let blocks = |tokens: u64| tokens.div_ceil(block as u64).min(total);
+            let prompt = blocks(job.prompt_tokens);
+            let all = blocks(job.prompt_tokens + job.completion_tokens);
+            let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+            (Arc::clone(kv), small(prompt), small(all - prompt))
+        });
+        let mut kv = match &kv_blocks {
+            Some((kv, prompt, _)) => {
+                let permit = Arc::clone(kv).acquire_many_owned(*prompt).await.ok();
+                permit.map(|p| KvLease::new(p, &self.kv_held))
             }
             None => None,
         };
         drop(waiting);
-        let running = Gauge::up(&self.running);
+        let mut running = Gauge::up(&self.running);
         let queued = started.elapsed();
         let (lease, (local, shared)) = match &self.slot_table {
             Some(table) => {
@@ -525,7 +569,7 @@ impl Replica {
         let rate = self.config.prefill_tokens_per_sec.max(1.0);
         let transfer = self.config.shared_kv.transfer.max(0.0);
         let fetch = self.scaled(transfer * shared_cached_tokens as f64 / rate);
-        let prefill = fetch.saturating_add(self.scaled(uncached as f64 / rate));
+        let mut prefill = fetch.saturating_add(self.scaled(uncached as f64 / rate));
         if !prefill.is_zero() {
             tokio::time::sleep(prefill).await;
         }
@@ -534,6 +578,37 @@ impl Replica {
         } else {
             self.cache().admit(&hashes)
         };
+        if let (Some((pool, prompt, reply)), Some(held)) = (&kv_blocks, kv.as_mut()) {
+            match Arc::clone(pool).try_acquire_many_owned(*reply) {
+                Ok(more) => held.grow(more),
+                Err(_) => {
+                    // No room to decode: preempted (vLLM's recompute mode). Its blocks go
+                    // back, it waits for room for the whole sequence, then recomputes what
+                    // the prefix cache no longer holds. Usage still reports the first lookup,
+                    // as vLLM does.
+                    let preempted_at = Instant::now();
+                    self.preemptions.fetch_add(1, Ordering::Relaxed);
+                    drop(kv.take());
+                    drop(running);
+                    let waiting = Gauge::up(&self.waiting);
+                    kv = Arc::clone(pool)
+                        .acquire_many_owned(prompt + reply)
+                        .await
+                        .ok()
+                        .map(|p| KvLease::new(p, &self.kv_held));
+                    drop(waiting);
+                    running = Gauge::up(&self.running);
+                    let (held_now, _) = self.lookup(&hashes, job.prompt_tokens);
+                    let recompute = job.prompt_tokens - (held_now * block) as u64;
+                    let recompute = self.scaled(recompute as f64 / rate);
+                    if !recompute.is_zero() {
+                        tokio::time::sleep(recompute).await;
+                    }
+                    self.cache().admit(&hashes);
+                    prefill = prefill.saturating_add(preempted_at.elapsed());
+                }
+            }
+        }
         if let Some(tier) = &self.shared {
             tier.write(&hashes);
         }
@@ -846,6 +921,43 @@ mod tests {
         assert_eq!(r.engine_snapshot().waiting, 1);
         drop(a);
         assert!(second.await.unwrap() >= Duration::from_secs(1));
+        assert_eq!(r.engine_snapshot().kv_used_blocks, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn vllm_preempts_a_request_that_has_no_blocks_to_decode_into() {
+        // 64 blocks; each request: a 20-block prompt, 20 blocks of reply. Both prompts fit at
+        // once; the first to finish its prefill takes its reply's blocks, the second is
+        // preempted and runs once the first is done.
+        let r = Arc::new(Replica::new(
+            "r",
+            Arc::new(SimConfig {
+                engine: EngineMode::Vllm,
+                cache_tokens: 64 * 16,
+                prefill_tokens_per_sec: 1_000.0,
+                ..SimConfig::default()
+            }),
+        ));
+        let job = |n: u8| Job::new(vec![b'a' + n; 4 * 16 * 20 - 4], 20 * 16);
+        let first = r.prefill(&job(0)).await;
+        let (r2, second_job) = (Arc::clone(&r), job(1));
+        let second = tokio::spawn(async move { r2.prefill(&second_job).await.prefill });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let snapshot = r.engine_snapshot();
+        assert_eq!(snapshot.preemptions, 1);
+        assert_eq!((snapshot.running, snapshot.waiting), (1, 1));
+        assert_eq!(
+            snapshot.kv_used_blocks, 40,
+            "the preempted request's blocks went back"
+        );
+        drop(first);
+        let second_prefill = second.await.unwrap();
+        // Its prefill, the wait, and the recompute of what the cache kept (little: the
+        // prompt's blocks are cached, so mostly the wait).
+        assert!(
+            second_prefill >= Duration::from_secs(1),
+            "{second_prefill:?}"
+        );
         assert_eq!(r.engine_snapshot().kv_used_blocks, 0);
     }
 

@@ -164,7 +164,7 @@ fn vllm_metrics(replica: &Replica) -> String {
         "num_preemptions_total",
         "counter",
         "Cumulative number of preemption from the engine.",
-        "0.0".into(),
+        format!("{:.1}", snapshot.preemptions as f64),
     );
     metric(
         "prefix_cache_queries_total",
