@@ -28,13 +28,16 @@
 //! - shared KV regions ([`shared_kv`]): the hot spot again, the simulator giving each region a
 //!   shared KV tier, through Tether with `kv_scope: region` and with `kv_scope: replica`;
 //! - an edge tier ([`tier`]): three Tether instances, each turn to a random one, with and
-//!   without a shared sticky store, through a replica failure and an instance restart.
+//!   without a shared sticky store, through a replica failure and an instance restart;
+//! - engines ([`engines`]): a slot-limited fleet (llama.cpp mode) and a KV-limited one (vLLM
+//!   mode) at 1.5× and 2× the sessions they can hold, Tether reading the engines against the
+//!   same Tether without engine signals and the client-side policies.
 //!
 //! Writes `docs/img/policies-hit-ratio.svg` and `docs/img/policies-by-turn.svg` (set
 //! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries: `make bench` builds
 //! them first; the edge tier also needs nginx and redis-server. `BENCH_QUICK=1`: a smaller
 //! workload (`make bench-quick`). `BENCH_SCENARIO=steady,hot_spot,…`: only the scenarios
-//! listed (`steady`, `steady_x4`, `hot_spot`, `events`, `shared_kv`, `tier`).
+//! listed (`steady`, `steady_x4`, `hot_spot`, `events`, `shared_kv`, `tier`, `engines`).
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -45,6 +48,8 @@ use plotters::prelude::*;
 use tether_e2e::{api_key_sha256, regions_yaml, SimFleet, Tether, TetherConfig};
 use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
 
+#[path = "policies/engines.rs"]
+mod engines;
 #[path = "policies/shared_kv.rs"]
 mod shared_kv;
 #[path = "policies/tier.rs"]
@@ -64,10 +69,21 @@ fn tether_config(
     locality: bool,
     shed_factor: Option<f64>,
 ) -> String {
+    tether_config_with(fleet, ids, locality, shed_factor, "")
+}
+
+/// [`tether_config`] with `replica_fields` (YAML, `engine: llamacpp` say) on every replica.
+fn tether_config_with(
+    fleet: &SimFleet,
+    ids: &[&str],
+    locality: bool,
+    shed_factor: Option<f64>,
+    replica_fields: &str,
+) -> String {
     let region = |prefix: &str| {
         ids.iter()
             .filter(|id| id.starts_with(prefix))
-            .map(|id| (id.to_string(), fleet.addr(id), ""))
+            .map(|id| (id.to_string(), fleet.addr(id), replica_fields))
             .collect::<Vec<_>>()
     };
     let tenants: String = TENANT_KEYS
@@ -531,13 +547,14 @@ fn plot_by_turn(
 }
 
 /// The scenarios, by the names `BENCH_SCENARIO` takes.
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "steady",
     "steady_x4",
     "hot_spot",
     "events",
     "shared_kv",
     "tier",
+    "engines",
 ];
 
 /// The scenarios to run: those `BENCH_SCENARIO` lists (comma-separated), or every one.
@@ -740,6 +757,10 @@ async fn main() {
 
     if runs("tier") {
         tier::run(&workload, scale).await;
+    }
+
+    if runs("engines") {
+        engines::run_scenario(quick, scale).await;
     }
 }
 
