@@ -561,6 +561,35 @@ impl Selector {
             .map_or(replica.max_inflight, |n| n.min(replica.max_inflight))
     }
 
+    /// Whether the region's read engines can hold one more session: none has requests waiting,
+    /// and their sequence slots (where they have them) outnumber the sessions active on them.
+    /// `false` when no engine of the region is read.
+    fn region_has_room<V: LoadView + ?Sized>(
+        &self,
+        info: &RegionInfo,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> bool {
+        let (mut read, mut slots, mut held) = (false, 0u64, 0u64);
+        for &idx in &info.members {
+            if !self.available(idx, tried, view) {
+                continue;
+            }
+            let Some(reading) = view.engine(idx) else {
+                continue;
+            };
+            read = true;
+            if reading.load.waiting > 0 {
+                return false;
+            }
+            if let Some(n) = reading.capacity.sequences {
+                slots += u64::from(n);
+                held += u64::from(view.active_sessions(idx).max(reading.load.running));
+            }
+        }
+        read && (slots == 0 || held < slots)
+    }
+
     /// Whether the engine says the replica has no room for a new session (unknown: room).
     fn engine_full<V: LoadView + ?Sized>(&self, idx: ReplicaIdx, view: &V) -> bool {
         view.engine(idx)
@@ -677,11 +706,12 @@ impl Selector {
         }
         // Engines that say they are full are passed over while another available replica of
         // the region has room (or does not say): a new session placed on a full llama.cpp
-        // server evicts another session's slot. When all are full, the usual rules decide.
-        let prefer_headroom = info
-            .members
-            .iter()
-            .any(|&idx| view.engine(idx).is_some() && self.available(idx, tried, view))
+        // server evicts another session's slot. Only while the region as a whole can hold one
+        // more session, though: beyond that a session is evicted wherever this one goes, and
+        // the usual rules (tenant locality keeps a tenant's shared prefix in the slots it
+        // reuses; bounded loads) place better than readings a probe interval old, which send
+        // every new session to the replica whose queue happened to be empty.
+        let prefer_headroom = self.region_has_room(info, tried, view)
             && info
                 .members
                 .iter()
@@ -902,6 +932,23 @@ mod tests {
             assert_eq!(d.outcome, Outcome::Rebalanced);
             // With one slot free it stays with the ring.
             view.0[owner as usize].1 = 1;
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
+        }
+    }
+
+    #[test]
+    fn beyond_what_the_region_holds_the_ring_decides_even_if_one_engine_has_room() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(200) {
+            let owner = s.decide(&keyed(k), &vec![0; 3]).unwrap().replica;
+            // Six slots, seven active sessions: one replica shows a free slot.
+            let mut view = EngineView(vec![(0, 3, slots(2, 0, 0)); 3]);
+            view.0[((owner + 1) % 3) as usize].1 = 1;
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
+            // A queue anywhere: the same.
+            let mut view = EngineView(vec![(0, 0, slots(2, 0, 0)); 3]);
+            view.0[owner as usize].1 = 2;
+            view.0[((owner + 1) % 3) as usize].2 = slots(2, 2, 1);
             assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
         }
     }
