@@ -32,7 +32,7 @@ pub fn fleet(tags: &TagRegistry) -> Selector {
                 id: format!("{name}-{i}"),
                 weight: 1,
                 admission: Admission::Active,
-                max_inflight: Some(64),
+                max_inflight: Some(tether_affinity::InflightCap::Fixed(64)),
             })
             .collect(),
         kv_scope: KvScope::Replica,

@@ -32,12 +32,16 @@
 //! - key sources ([`key_sources`]): the steady workload through Tether with the fingerprint
 //!   on, the sessions naming themselves by the header, an agent header, `prompt_cache_key` or
 //!   not at all, and with 30 % of them sharing one head.
+//! - engines ([`engines`]): a slot-limited fleet (llama.cpp mode) and a KV-limited one (vLLM
+//!   mode) at 1.5× and 2× the sessions they can hold, Tether reading the engines against the
+//!   same Tether without engine signals and the client-side policies.
 //!
 //! Writes `docs/img/policies-hit-ratio.svg` and `docs/img/policies-by-turn.svg` (set
 //! `BENCH_PLOTS_DIR` to write them elsewhere). Needs release binaries: `make bench` builds
 //! them first; the edge tier also needs nginx and redis-server. `BENCH_QUICK=1`: a smaller
 //! workload (`make bench-quick`). `BENCH_SCENARIO=steady,hot_spot,…`: only the scenarios
-//! listed (`steady`, `steady_x4`, `hot_spot`, `events`, `shared_kv`, `tier`, `key_sources`).
+//! listed (`steady`, `steady_x4`, `hot_spot`, `events`, `shared_kv`, `tier`, `key_sources`,
+//! `engines`).
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -48,6 +52,8 @@ use plotters::prelude::*;
 use tether_e2e::{api_key_sha256, regions_yaml, SimFleet, Tether, TetherConfig};
 use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
 
+#[path = "policies/engines.rs"]
+mod engines;
 #[path = "policies/key_sources.rs"]
 mod key_sources;
 #[path = "policies/shared_kv.rs"]
@@ -69,10 +75,21 @@ fn tether_config(
     locality: bool,
     shed_factor: Option<f64>,
 ) -> String {
+    tether_config_with(fleet, ids, locality, shed_factor, "")
+}
+
+/// [`tether_config`] with `replica_fields` (YAML, `engine: llamacpp` say) on every replica.
+fn tether_config_with(
+    fleet: &SimFleet,
+    ids: &[&str],
+    locality: bool,
+    shed_factor: Option<f64>,
+    replica_fields: &str,
+) -> String {
     let region = |prefix: &str| {
         ids.iter()
             .filter(|id| id.starts_with(prefix))
-            .map(|id| (id.to_string(), fleet.addr(id), ""))
+            .map(|id| (id.to_string(), fleet.addr(id), replica_fields))
             .collect::<Vec<_>>()
     };
     let tenants: String = TENANT_KEYS
@@ -536,7 +553,7 @@ fn plot_by_turn(
 }
 
 /// The scenarios, by the names `BENCH_SCENARIO` takes.
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "steady",
     "steady_x4",
     "hot_spot",
@@ -544,6 +561,7 @@ const SCENARIOS: [&str; 7] = [
     "shared_kv",
     "tier",
     "key_sources",
+    "engines",
 ];
 
 /// The scenarios to run: those `BENCH_SCENARIO` lists (comma-separated), or every one.
@@ -751,6 +769,10 @@ async fn main() {
     if runs("key_sources") {
         eprintln!("key sources (how clients name their sessions):");
         key_sources::run_scenario(&workload, scale).await;
+    }
+
+    if runs("engines") {
+        engines::run_scenario(quick, scale).await;
     }
 }
 

@@ -9,6 +9,7 @@ mod admission;
 mod cache_hits;
 mod cli;
 mod client;
+mod engines;
 mod failover;
 mod hostile;
 mod key_sources;

@@ -78,6 +78,9 @@ pub struct FleetPlan<U> {
 struct LiveReplica {
     status: Arc<ReplicaStatus>,
     warmth: TenantWarmth,
+    /// The sessions it served recently, one slot per session (the count saturates at
+    /// [`crate::WARMTH_SLOTS`], more than any slot-limited engine holds).
+    sessions: TenantWarmth,
     load: ReplicaLoad,
     /// Requests in flight to it from the tier's other instances, as they last reported them
     /// ([`Fleet::set_inflight_elsewhere`]).
@@ -485,6 +488,9 @@ impl<U> Fleet<U> {
         attempts.tried.insert(replica);
         attempts.total += 1;
         let keyed = attempts.key.is_some();
+        if let Some(key) = attempts.key {
+            live.sessions.record(TenantScope::of_session(key), now);
+        }
         if keyed && self.shedding {
             live.load.record_sent(now);
         }
@@ -562,6 +568,19 @@ impl<U> LoadView for FleetView<'_, U> {
             return None;
         }
         Some(self.live(replica)?.load.recent_sent(self.now))
+    }
+
+    fn engine(&self, replica: ReplicaIdx) -> Option<tether_engine::EngineReading> {
+        self.live(replica)?
+            .status
+            .engine(self.now, self.fleet.health.engine_max_age)
+    }
+
+    fn active_sessions(&self, replica: ReplicaIdx) -> u32 {
+        self.live(replica).map_or(0, |l| {
+            l.sessions
+                .served_within(self.now, crate::selector::ACTIVE_SESSION_WINDOW_MS)
+        })
     }
 }
 

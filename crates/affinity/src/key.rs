@@ -101,6 +101,15 @@ impl TenantScope {
         self.keyed.is_some()
     }
 
+    /// A scope standing for one session, so that a [`crate::TenantWarmth`] record can count
+    /// the distinct sessions a replica served recently.
+    pub(crate) fn of_session(key: RoutingKey) -> Self {
+        TenantScope {
+            id_hash: key.0,
+            keyed: None,
+        }
+    }
+
     /// The scope's 64-bit hash (tenant locality fingerprints tenants by it).
     pub(crate) fn hash(self) -> u64 {
         self.id_hash

@@ -9,6 +9,16 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// A replica's hard cap on requests in flight (`max_inflight` in the topology file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightCap {
+    /// This many requests.
+    Fixed(u32),
+    /// The sequences its engine runs at once (llama.cpp's slots, SGLang's maximum running
+    /// requests), as its latest reading says; no cap while there is none.
+    Auto,
+}
+
 /// Whether a replica takes new work: a replica's `state` in the topology file (`active`,
 /// `draining`, `disabled`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -119,12 +119,13 @@ pub use fleet::{
     SessionStatus,
 };
 pub use key::{KeySecret, RoutingKey, ShortKeySecret, TenantScope, MIN_KEY_SECRET_LEN};
-pub use labels::{Admission, KeySource, KvScope, Outcome, Placement, UnknownOutcome};
+pub use labels::{Admission, InflightCap, KeySource, KvScope, Outcome, Placement, UnknownOutcome};
 pub use overrides::{Maintenance, OverrideTable, Recorded, ReplicaTag};
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{
-    Decision, LoadView, RegionSpec, ReplicaInfo, ReplicaSpec, RouteRequest, Selector,
-    SelectorOptions, ShedGate, ShedWhenOver, TagRegistry,
+    has_headroom, truly_full, Decision, LoadView, RegionSpec, ReplicaInfo, ReplicaSpec,
+    RouteRequest, Selector, SelectorOptions, ShedGate, ShedWhenOver, TagRegistry,
+    ACTIVE_SESSION_WINDOW_MS, KV_HEADROOM_LIMIT,
 };
 pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
 pub use token::{ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_MAX_TOKEN_LEN};

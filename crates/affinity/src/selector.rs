@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::labels::{KvScope, Placement};
+use tether_engine::EngineReading;
+
+use crate::labels::{InflightCap, KvScope, Placement};
 use crate::ring::{ReplicaIdx, Ring};
 use crate::{Admission, Outcome, ReplicaSet, ReplicaTag, RoutingKey, TenantScope, Warmth};
 
@@ -40,6 +42,46 @@ pub trait LoadView {
     fn recent_sent(&self, _replica: ReplicaIdx) -> Option<f64> {
         None
     }
+    /// The replica's engine's latest reading; `None` when it is not read, did not answer or
+    /// the reading is stale, and routing uses Tether's own signals alone.
+    fn engine(&self, _replica: ReplicaIdx) -> Option<EngineReading> {
+        None
+    }
+    /// Distinct sessions routed to the replica recently (see [`ACTIVE_SESSION_WINDOW_MS`]),
+    /// turns between which nothing is in flight included.
+    fn active_sessions(&self, _replica: ReplicaIdx) -> u32 {
+        0
+    }
+}
+
+/// How long a session counts as active on its replica after its last request: an agent's
+/// turn gap is seconds to minutes, and its cache must survive it.
+pub const ACTIVE_SESSION_WINDOW_MS: u64 = 120_000;
+
+/// KV usage at or above which a replica has no headroom for a new session.
+pub const KV_HEADROOM_LIMIT: f64 = 0.9;
+
+/// Whether an engine reading leaves room for one more session, given `active` sessions
+/// recently routed to the replica. A replica with sequence slots (llama.cpp, SGLang) is full
+/// when its active sessions — or its running and waiting requests, if more — fill them: a
+/// further session would evict one of theirs. Any replica is full while requests wait or its
+/// KV cache is nearly all held by running requests (vLLM).
+pub fn has_headroom(reading: &EngineReading, active: u32) -> bool {
+    let load = &reading.load;
+    if load.waiting > 0 || load.kv_usage.is_some_and(|u| u >= KV_HEADROOM_LIMIT) {
+        return false;
+    }
+    reading
+        .capacity
+        .sequences
+        .is_none_or(|slots| active.max(load.running) < slots)
+}
+
+/// Whether a sticky session should leave its replica: the engine's queue holds more than a
+/// full batch (its sequences, or 16 when it does not say). Short of that a warm session stays,
+/// since moving it costs a full prefill.
+pub fn truly_full(reading: &EngineReading) -> bool {
+    reading.load.waiting > reading.capacity.sequences.unwrap_or(16).max(1)
 }
 
 /// Whether an over-limit replica gives up a sticky session now. Unlike [`LoadView`], this is
@@ -84,7 +126,7 @@ pub struct ReplicaSpec {
     pub admission: Admission,
     /// Hard cap on concurrent requests; at the cap the replica is skipped even for its own
     /// sessions. `None` = no cap.
-    pub max_inflight: Option<u32>,
+    pub max_inflight: Option<InflightCap>,
 }
 
 /// One region as the topology describes it.
@@ -142,8 +184,10 @@ pub struct ReplicaInfo {
     pub weight: u32,
     /// Admission state.
     pub admission: Admission,
-    /// Hard in-flight cap (`u32::MAX` when none).
+    /// Hard in-flight cap (`u32::MAX` when none or taken from the engine).
     pub max_inflight: u32,
+    /// The cap is the engine's sequences (`max_inflight: auto`), read live.
+    pub auto_cap: bool,
 }
 
 #[derive(Debug)]
@@ -241,7 +285,11 @@ impl Selector {
                     region: r as u16,
                     weight: spec.weight.max(1),
                     admission: spec.admission,
-                    max_inflight: spec.max_inflight.unwrap_or(u32::MAX),
+                    max_inflight: match spec.max_inflight {
+                        Some(InflightCap::Fixed(n)) => n,
+                        Some(InflightCap::Auto) | None => u32::MAX,
+                    },
+                    auto_cap: spec.max_inflight == Some(InflightCap::Auto),
                 });
             }
             infos.push(RegionInfo {
@@ -449,7 +497,7 @@ impl Selector {
             self.regions[region as usize].members.iter().any(|&m| {
                 let replica = &self.replicas[m as usize];
                 self.available(m, tried, view)
-                    && view.inflight(m) < replica.max_inflight
+                    && view.inflight(m) < self.cap(m, view)
                     && f64::from(view.tier_inflight(m)) < (scale * f64::from(replica.weight)).ceil()
             })
         };
@@ -504,7 +552,55 @@ impl Selector {
         view: &V,
     ) -> bool {
         self.available(idx, tried, view)
-            && view.inflight(idx) < self.replicas[idx as usize].max_inflight
+            && view.inflight(idx) < self.cap(idx, view)
+            && !view.engine(idx).is_some_and(|e| truly_full(&e))
+    }
+
+    /// The replica's hard in-flight cap now: its own, or with `max_inflight: auto` its
+    /// engine's sequences (no cap while the engine has not said).
+    fn cap<V: LoadView + ?Sized>(&self, idx: ReplicaIdx, view: &V) -> u32 {
+        let replica = &self.replicas[idx as usize];
+        if !replica.auto_cap {
+            return replica.max_inflight;
+        }
+        view.engine(idx)
+            .and_then(|e| e.capacity.sequences)
+            .map_or(replica.max_inflight, |n| n.min(replica.max_inflight))
+    }
+
+    /// Whether the region's read engines can hold one more session: none has requests waiting,
+    /// and their sequence slots (where they have them) outnumber the sessions active on them.
+    /// `false` when no engine of the region is read.
+    fn region_has_room<V: LoadView + ?Sized>(
+        &self,
+        info: &RegionInfo,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> bool {
+        let (mut read, mut slots, mut held) = (false, 0u64, 0u64);
+        for &idx in &info.members {
+            if !self.available(idx, tried, view) {
+                continue;
+            }
+            let Some(reading) = view.engine(idx) else {
+                continue;
+            };
+            read = true;
+            if reading.load.waiting > 0 {
+                return false;
+            }
+            if let Some(n) = reading.capacity.sequences {
+                slots += u64::from(n);
+                held += u64::from(view.active_sessions(idx).max(reading.load.running));
+            }
+        }
+        read && (slots == 0 || held < slots)
+    }
+
+    /// Whether the engine says the replica has no room for a new session (unknown: room).
+    fn engine_full<V: LoadView + ?Sized>(&self, idx: ReplicaIdx, view: &V) -> bool {
+        view.engine(idx)
+            .is_some_and(|e| !has_headroom(&e, view.active_sessions(idx)))
     }
 
     /// Where the sticky session `key` on `idx` goes if `idx` sheds it now, or `None` to stay.
@@ -615,6 +711,18 @@ impl Selector {
         if total_weight == 0 {
             return None;
         }
+        // Engines that say they are full are passed over while another available replica of
+        // the region has room (or does not say): a new session placed on a full llama.cpp
+        // server evicts another session's slot. Only while the region as a whole can hold one
+        // more session, though: beyond that a session is evicted wherever this one goes, and
+        // the usual rules (tenant locality keeps a tenant's shared prefix in the slots it
+        // reuses; bounded loads) place better than readings a probe interval old, which send
+        // every new session to the replica whose queue happened to be empty.
+        let prefer_headroom = self.region_has_room(info, tried, view)
+            && info
+                .members
+                .iter()
+                .any(|&idx| self.available(idx, tried, view) && !self.engine_full(idx, view));
         // The incoming request counts towards the mean, so some replica is always under the
         // bound: Σ bound ≥ c·(total+1) > total.
         let scale = self.balance_factor * (total_inflight + 1) as f64 / total_weight as f64;
@@ -656,8 +764,9 @@ impl Selector {
             }
             let replica = &self.replicas[idx as usize];
             let bound = (scale * f64::from(replica.weight)).ceil() as u64;
-            if view.inflight(idx) >= replica.max_inflight
+            if view.inflight(idx) >= self.cap(idx, view)
                 || u64::from(view.tier_inflight(idx)) >= bound
+                || (prefer_headroom && self.engine_full(idx, view))
             {
                 notes.skipped_for_load |= deciding;
                 continue;
@@ -719,7 +828,7 @@ impl Selector {
             for k in 0..members.len() {
                 let idx = members[(start + k) % members.len()];
                 let replica = &self.replicas[idx as usize];
-                if !self.available(idx, tried, view) || view.inflight(idx) >= replica.max_inflight {
+                if !self.available(idx, tried, view) || view.inflight(idx) >= self.cap(idx, view) {
                     continue;
                 }
                 // Compare (inflight + 1) / weight without division.
@@ -789,6 +898,142 @@ mod tests {
         (0..2000u64).map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
+    /// A view with engine readings: `(in flight, active sessions, reading)` per replica.
+    struct EngineView(Vec<(u32, u32, Option<EngineReading>)>);
+
+    impl LoadView for EngineView {
+        fn inflight(&self, replica: ReplicaIdx) -> u32 {
+            self.0[replica as usize].0
+        }
+        fn active_sessions(&self, replica: ReplicaIdx) -> u32 {
+            self.0[replica as usize].1
+        }
+        fn engine(&self, replica: ReplicaIdx) -> Option<EngineReading> {
+            self.0[replica as usize].2
+        }
+    }
+
+    fn slots(slots: u32, running: u32, waiting: u32) -> Option<EngineReading> {
+        Some(EngineReading {
+            capacity: tether_engine::Capacity {
+                sequences: Some(slots),
+                kv_blocks: None,
+            },
+            load: tether_engine::Load {
+                running,
+                waiting,
+                kv_usage: None,
+            },
+        })
+    }
+
+    #[test]
+    fn a_new_session_passes_over_a_replica_whose_slots_hold_active_sessions() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(200) {
+            let owner = s.decide(&keyed(k), &vec![0; 3]).unwrap().replica;
+            // The owner's two slots hold two sessions between their turns: nothing in flight.
+            let mut view = EngineView(vec![(0, 0, slots(2, 0, 0)); 3]);
+            view.0[owner as usize].1 = 2;
+            let d = s.decide(&keyed(k), &view).unwrap();
+            assert_ne!(d.replica, owner);
+            assert_eq!(d.outcome, Outcome::Rebalanced);
+            // With one slot free it stays with the ring.
+            view.0[owner as usize].1 = 1;
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
+        }
+    }
+
+    #[test]
+    fn beyond_what_the_region_holds_the_ring_decides_even_if_one_engine_has_room() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(200) {
+            let owner = s.decide(&keyed(k), &vec![0; 3]).unwrap().replica;
+            // Six slots, seven active sessions: one replica shows a free slot.
+            let mut view = EngineView(vec![(0, 3, slots(2, 0, 0)); 3]);
+            view.0[((owner + 1) % 3) as usize].1 = 1;
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
+            // A queue anywhere: the same.
+            let mut view = EngineView(vec![(0, 0, slots(2, 0, 0)); 3]);
+            view.0[owner as usize].1 = 2;
+            view.0[((owner + 1) % 3) as usize].2 = slots(2, 2, 1);
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
+        }
+    }
+
+    #[test]
+    fn when_every_engine_is_full_or_silent_the_ring_decides_as_before() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        for k in keys().take(200) {
+            let owner = s.decide(&keyed(k), &vec![0; 3]).unwrap().replica;
+            let full = EngineView(vec![(0, 2, slots(2, 2, 0)); 3]);
+            assert_eq!(s.decide(&keyed(k), &full).unwrap().replica, owner);
+            let silent = EngineView(vec![(0, 5, None); 3]);
+            assert_eq!(s.decide(&keyed(k), &silent).unwrap().replica, owner);
+        }
+    }
+
+    #[test]
+    fn a_waiting_queue_or_a_full_kv_cache_leaves_no_headroom() {
+        let mut reading = slots(4, 1, 0).unwrap();
+        assert!(has_headroom(&reading, 2));
+        assert!(!has_headroom(&reading, 4));
+        reading.load.waiting = 1;
+        assert!(!has_headroom(&reading, 0));
+        let vllm = EngineReading {
+            load: tether_engine::Load {
+                running: 40,
+                waiting: 0,
+                kv_usage: Some(0.95),
+            },
+            ..EngineReading::default()
+        };
+        assert!(!has_headroom(&vllm, 0));
+        assert!(has_headroom(
+            &EngineReading {
+                load: tether_engine::Load {
+                    kv_usage: Some(0.5),
+                    ..vllm.load
+                },
+                ..vllm
+            },
+            100
+        ));
+    }
+
+    #[test]
+    fn a_sticky_session_stays_on_a_busy_engine_until_its_queue_is_over_a_batch() {
+        let s = selector(&fleet(&[("eu", &["a", "b"])]));
+        let sticky = RouteRequest {
+            sticky: Some(s.replicas()[0].tag),
+            ..keyed(7)
+        };
+        let busy = EngineView(vec![(2, 6, slots(2, 2, 2)), (0, 0, slots(2, 0, 0))]);
+        assert_eq!(s.decide(&sticky, &busy).unwrap().outcome, Outcome::Sticky);
+        let swamped = EngineView(vec![(2, 6, slots(2, 2, 3)), (0, 0, slots(2, 0, 0))]);
+        let d = s.decide(&sticky, &swamped).unwrap();
+        assert_eq!((d.replica, d.outcome), (1, Outcome::Failover));
+    }
+
+    #[test]
+    fn an_auto_cap_follows_the_engines_sequences() {
+        let mut regions = fleet(&[("eu", &["a", "b"])]);
+        regions[0].replicas[0].max_inflight = Some(InflightCap::Auto);
+        let s = selector(&regions);
+        let sticky = RouteRequest {
+            sticky: Some(s.replicas()[0].tag),
+            ..keyed(7)
+        };
+        let at_cap = EngineView(vec![(2, 2, slots(2, 2, 0)), (0, 0, None)]);
+        assert_eq!(s.decide(&sticky, &at_cap).unwrap().replica, 1);
+        let unread = EngineView(vec![(50, 2, None), (0, 0, None)]);
+        assert_eq!(
+            s.decide(&sticky, &unread).unwrap().replica,
+            0,
+            "no cap unread"
+        );
+    }
+
     #[test]
     fn idle_fleet_routes_a_key_to_its_ring_owner() {
         let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
@@ -824,7 +1069,7 @@ mod tests {
     #[test]
     fn override_ignores_the_soft_bound_but_not_the_hard_cap() {
         let mut regions = fleet(&[("eu", &["a", "b"])]);
-        regions[0].replicas[0].max_inflight = Some(10);
+        regions[0].replicas[0].max_inflight = Some(InflightCap::Fixed(10));
         let s = selector(&regions);
         let sticky = RouteRequest {
             sticky: Some(s.replicas()[0].tag),
@@ -959,7 +1204,7 @@ mod tests {
     fn nothing_eligible_anywhere_is_none() {
         let mut regions = fleet(&[("eu", &["a"]), ("us", &["x"])]);
         regions[0].replicas[0].admission = Admission::Draining;
-        regions[1].replicas[0].max_inflight = Some(1);
+        regions[1].replicas[0].max_inflight = Some(InflightCap::Fixed(1));
         let s = selector(&regions);
         assert_eq!(s.decide(&keyed(1), &vec![0, 1]), None);
         assert_eq!(s.decide(&RouteRequest::default(), &vec![0, 1]), None);

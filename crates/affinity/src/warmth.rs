@@ -149,6 +149,17 @@ impl TenantWarmth {
         read_decayed(&self.placements, now_ms, window_ms)
     }
 
+    /// How many distinct tenants it served within the last `window_ms` (at most
+    /// [`WARMTH_SLOTS`]).
+    pub fn served_within(&self, now_ms: u64, window_ms: u64) -> u32 {
+        let since = tick(now_ms.saturating_sub(window_ms));
+        self.slots
+            .iter()
+            .map(|slot| unpack(slot.load(Ordering::Relaxed)))
+            .filter(|(fp, at)| *fp != 0 && *at >= since)
+            .count() as u32
+    }
+
     /// What the record says about `tenant` at `now_ms`, counting what was served within the
     /// last `window_ms`.
     pub fn warmth(&self, tenant: TenantScope, now_ms: u64, window_ms: u64) -> Warmth {

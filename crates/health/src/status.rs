@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use tether_engine::{Capacity, EngineReading, Load};
 use tokio::sync::Notify;
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -43,6 +44,8 @@ pub struct HealthPolicy {
     pub overload_default: Duration,
     /// Longest honoured `Retry-After`.
     pub overload_max: Duration,
+    /// Age past which an engine reading is ignored (the prober stopped reading it).
+    pub engine_max_age: Duration,
 }
 
 impl Default for HealthPolicy {
@@ -56,6 +59,7 @@ impl Default for HealthPolicy {
             eject_max_cooldown: Duration::from_secs(60),
             overload_default: Duration::from_secs(1),
             overload_max: Duration::from_secs(60),
+            engine_max_age: Duration::from_secs(10),
         }
     }
 }
@@ -145,6 +149,24 @@ pub struct ReplicaStatus {
     departures: AtomicU64,
     /// Woken on every departure, so those requests need not wait out their read timeout.
     departed: Arc<Notify>,
+    engine: EngineGauge,
+}
+
+/// The latest engine reading, as atomics: the prober writes it once per round, routing reads
+/// it on every new placement. Fields are written one by one, so a reader may see a mix of two
+/// consecutive readings: each is a hint, and two rounds differ little.
+#[derive(Debug, Default)]
+struct EngineGauge {
+    /// When it was read, on the [`now_ms`] clock; 0 = no reading.
+    read_at: AtomicU64,
+    /// 0 = unknown.
+    sequences: AtomicU32,
+    /// 0 = unknown.
+    kv_blocks: AtomicU64,
+    running: AtomicU32,
+    waiting: AtomicU32,
+    /// KV usage in millionths; `u32::MAX` = unknown.
+    kv_usage_ppm: AtomicU32,
 }
 
 impl Default for ReplicaStatus {
@@ -163,11 +185,56 @@ impl Default for ReplicaStatus {
             ejections_total: AtomicU64::new(0),
             departures: AtomicU64::new(0),
             departed: Arc::new(Notify::new()),
+            engine: EngineGauge::default(),
         }
     }
 }
 
 impl ReplicaStatus {
+    /// Stores what the replica's engine reported at `now`, or forgets the last reading
+    /// (`None`: the engine did not answer, or is not read).
+    pub fn record_engine(&self, reading: Option<&EngineReading>, now: u64) {
+        let g = &self.engine;
+        let Some(r) = reading else {
+            g.read_at.store(0, Ordering::Relaxed);
+            return;
+        };
+        g.sequences
+            .store(r.capacity.sequences.unwrap_or(0), Ordering::Relaxed);
+        g.kv_blocks
+            .store(r.capacity.kv_blocks.unwrap_or(0), Ordering::Relaxed);
+        g.running.store(r.load.running, Ordering::Relaxed);
+        g.waiting.store(r.load.waiting, Ordering::Relaxed);
+        let ppm = r
+            .load
+            .kv_usage
+            .map_or(u32::MAX, |u| (u.clamp(0.0, 1.0) * 1e6) as u32);
+        g.kv_usage_ppm.store(ppm, Ordering::Relaxed);
+        g.read_at.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// The engine's latest reading if it is at most `max_age` old at `now`.
+    pub fn engine(&self, now: u64, max_age: Duration) -> Option<EngineReading> {
+        let g = &self.engine;
+        let at = g.read_at.load(Ordering::Relaxed);
+        if at == 0 || now.saturating_sub(at) > ms(max_age) {
+            return None;
+        }
+        let known = |v: u32| (v != 0).then_some(v);
+        let ppm = g.kv_usage_ppm.load(Ordering::Relaxed);
+        Some(EngineReading {
+            capacity: Capacity {
+                sequences: known(g.sequences.load(Ordering::Relaxed)),
+                kv_blocks: Some(g.kv_blocks.load(Ordering::Relaxed)).filter(|b| *b != 0),
+            },
+            load: Load {
+                running: g.running.load(Ordering::Relaxed),
+                waiting: g.waiting.load(Ordering::Relaxed),
+                kv_usage: (ppm != u32::MAX).then(|| f64::from(ppm) / 1e6),
+            },
+        })
+    }
+
     /// Requests in flight now.
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
@@ -369,6 +436,7 @@ mod tests {
             eject_max_cooldown: Duration::from_secs(60),
             overload_default: Duration::from_secs(1),
             overload_max: Duration::from_secs(30),
+            engine_max_age: Duration::from_secs(3),
         }
     }
 
@@ -540,5 +608,29 @@ mod tests {
         assert_eq!(p.cooldown(0), Duration::from_secs(5));
         assert_eq!(p.cooldown(1_000), Duration::from_secs(60));
         assert_eq!(p.cooldown(u32::MAX), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_engine_reading_is_kept_until_it_is_stale_or_forgotten() {
+        let s = ReplicaStatus::default();
+        let max_age = Duration::from_secs(3);
+        assert_eq!(s.engine(1_000, max_age), None);
+        let reading = EngineReading {
+            capacity: Capacity {
+                sequences: Some(2),
+                kv_blocks: None,
+            },
+            load: Load {
+                running: 1,
+                waiting: 4,
+                kv_usage: Some(0.25),
+            },
+        };
+        s.record_engine(Some(&reading), 1_000);
+        assert_eq!(s.engine(4_000, max_age), Some(reading));
+        assert_eq!(s.engine(4_001, max_age), None, "stale");
+        s.record_engine(Some(&reading), 5_000);
+        s.record_engine(None, 5_500);
+        assert_eq!(s.engine(5_500, max_age), None, "forgotten");
     }
 }

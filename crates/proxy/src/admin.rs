@@ -81,6 +81,7 @@ impl AdminApp {
                     "inflight": r.inflight(),
                     "ejections": r.status().ejections_total(),
                     "override_entries": held.get(&r.tag()).copied().unwrap_or(0),
+                    "engine": engine_json(r, now, snapshot.fleet().health_policy()),
                 })
             })
             .collect();
@@ -216,5 +217,23 @@ impl ServeHttp for AdminApp {
             ("GET", "/metrics") => with_type(200, self.metrics(), "text/plain; version=0.0.4"),
             _ => error(404, "not_found", "not found"),
         }
+    }
+}
+
+/// The engine's latest reading as the admin API shows it (`null` when none is fresh).
+fn engine_json<U>(
+    replica: &tether_affinity::Replica<U>,
+    now: u64,
+    policy: &tether_health::HealthPolicy,
+) -> serde_json::Value {
+    match replica.status().engine(now, policy.engine_max_age) {
+        None => serde_json::Value::Null,
+        Some(e) => json!({
+            "sequences": e.capacity.sequences,
+            "kv_blocks": e.capacity.kv_blocks,
+            "running": e.load.running,
+            "waiting": e.load.waiting,
+            "kv_usage": e.load.kv_usage,
+        }),
     }
 }

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod admission;
 pub mod body;
 pub mod drain;
+pub mod engine_probe;
 pub mod error;
 pub mod limits;
 pub mod meter;

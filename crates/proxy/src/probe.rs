@@ -18,7 +18,11 @@ use pingora_core::services::background::BackgroundService;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
 use pingora_load_balancing::Backend;
 
+use pingora_core::connectors::http::Connector;
+use tether_engine::EngineKind;
 use tether_health::{now_ms, HealthPolicy, ReplicaStatus, Transition};
+
+use crate::engine_probe::{self, EngineAnswer};
 
 /// How probes are sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +47,10 @@ pub struct ProbeTarget {
     pub peer: pingora::upstreams::peer::HttpPeer,
     /// Its live status, which the result updates.
     pub status: Arc<ReplicaStatus>,
+    /// Its engine, read instead of the health path when it has an endpoint.
+    pub engine: EngineKind,
+    /// The replica's own credential (engine endpoints may need it).
+    pub credential: Option<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// What one probe round needs, read fresh every round so a reloaded topology applies at once.
@@ -86,30 +94,94 @@ impl<S: ProbeSource> Prober<S> {
         checkers
             .by_address
             .retain(|address, _| round.targets.iter().any(|t| t.address == *address));
-        let probes = round.targets.iter().map(|target| {
-            let checker = checkers.get(target);
+        let plans: Vec<_> = round
+            .targets
+            .iter()
+            .map(|target| (target, checkers.get(target), checkers.engine_due(target)))
+            .collect();
+        let engine_connector = &checkers.engine_connector;
+        let probes = plans.into_iter().map(|(target, checker, read_engine)| {
             async move {
-                let result = match checker {
-                    Some(check) => {
-                        tokio::time::timeout(settings.timeout, check.check(&check_backend(target)))
-                            .await
-                            .map_err(|_| "timed out".to_owned())
-                            .and_then(|r| r.map_err(|e| e.to_string()))
+                if read_engine {
+                    let answer = engine_probe::read(
+                        engine_connector,
+                        target.address,
+                        target.engine,
+                        target.credential.as_ref(),
+                        settings.timeout,
+                    )
+                    .await;
+                    match answer {
+                        EngineAnswer::Read(reading) => {
+                            return (target, Ok(()), EngineResult::Read(reading));
+                        }
+                        EngineAnswer::Unavailable(status) => {
+                            let why = format!("engine endpoint answered {status}");
+                            return (target, Err(why), EngineResult::Unread);
+                        }
+                        EngineAnswer::Failed(why) => {
+                            return (target, Err(why), EngineResult::Unread);
+                        }
+                        // Falls through to the health path below.
+                        EngineAnswer::NotServed(why) => {
+                            log::info!(
+                                "replica {}: no {} reading ({why}); routing on Tether's own \
+                                 signals, trying again in {} rounds",
+                                target.id,
+                                target.engine.as_str(),
+                                engine_probe::RETRY_ROUNDS
+                            );
+                            let result = health_check(checker, target, settings).await;
+                            return (target, result, EngineResult::NotServed);
+                        }
                     }
-                    None => Err("no checker".to_owned()),
-                };
-                (target, result)
+                }
+                let result = health_check(checker, target, settings).await;
+                (target, result, EngineResult::Unread)
             }
         });
-        for (target, result) in join_all(probes).await {
+        let results = join_all(probes).await;
+        for (target, result, engine) in results {
+            let now = now_ms();
+            match engine {
+                EngineResult::Read(reading) => target.status.record_engine(Some(&reading), now),
+                EngineResult::NotServed => {
+                    checkers.rest_engine(target.address);
+                    target.status.record_engine(None, now);
+                }
+                EngineResult::Unread => target.status.record_engine(None, now),
+            }
             let ok = result.is_ok();
             if let Err(why) = &result {
                 log::debug!("probe of {} ({}) failed: {why}", target.id, target.address);
             }
-            if let Some(t) = target.status.record_probe(ok, now_ms(), &round.policy) {
+            if let Some(t) = target.status.record_probe(ok, now, &round.policy) {
                 self.source.on_transition(target, t);
             }
         }
+    }
+}
+
+/// What a round learnt of a replica's engine.
+enum EngineResult {
+    Read(tether_engine::EngineReading),
+    /// The engine endpoint is not served: rest it for a while.
+    NotServed,
+    /// Not read this round (no engine, resting, or no answer).
+    Unread,
+}
+
+async fn health_check(
+    checker: Option<Arc<HttpHealthCheck>>,
+    target: &ProbeTarget,
+    settings: &ProbeSettings,
+) -> Result<(), String> {
+    match checker {
+        Some(check) => tokio::time::timeout(settings.timeout, check.check(&check_backend(target)))
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        None => Err("no checker".to_owned()),
     }
 }
 
@@ -122,13 +194,26 @@ fn check_backend(target: &ProbeTarget) -> Backend {
 }
 
 /// One `HttpHealthCheck` per replica address (each sends its own `Host`), rebuilt when the
-/// probe settings change.
-#[derive(Default)]
+/// probe settings change; the connector for engine reads, and the engines resting after their
+/// endpoint was not served (rounds left).
 pub struct Checkers {
     settings: Option<ProbeSettings>,
     /// With the peer's reuse hash (its address and TLS settings, the CA list through its group
     /// key), to rebuild a checker whose replica's TLS settings changed.
     by_address: HashMap<SocketAddr, (u64, Arc<HttpHealthCheck>)>,
+    engine_connector: Connector,
+    engine_resting: HashMap<SocketAddr, u32>,
+}
+
+impl Default for Checkers {
+    fn default() -> Self {
+        Checkers {
+            settings: None,
+            by_address: HashMap::new(),
+            engine_connector: Connector::new(None),
+            engine_resting: HashMap::new(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Checkers {
@@ -141,6 +226,28 @@ impl std::fmt::Debug for Checkers {
 }
 
 impl Checkers {
+    /// Whether this round reads `target`'s engine; counts a resting engine's rounds down.
+    fn engine_due(&mut self, target: &ProbeTarget) -> bool {
+        if target.engine.probe_path().is_none() {
+            return false;
+        }
+        match self.engine_resting.get_mut(&target.address) {
+            Some(0) | None => {
+                self.engine_resting.remove(&target.address);
+                true
+            }
+            Some(left) => {
+                *left -= 1;
+                false
+            }
+        }
+    }
+
+    fn rest_engine(&mut self, address: SocketAddr) {
+        self.engine_resting
+            .insert(address, engine_probe::RETRY_ROUNDS);
+    }
+
     fn configure(&mut self, settings: &ProbeSettings) {
         if self.settings.as_ref() != Some(settings) {
             self.by_address.clear();

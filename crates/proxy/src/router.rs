@@ -88,6 +88,8 @@ pub struct Upstream {
     pub dialect: Option<Dialect>,
     /// The replica's own credential, sent on every request to it.
     pub credential: Option<Credential>,
+    /// Its engine, whose capacity and load the prober reads.
+    pub engine: tether_topology::EngineKind,
 }
 
 /// A header carrying a replica's secret. Its value is marked sensitive and never printed.
@@ -411,6 +413,12 @@ impl ProbeSource for RouterProbes {
                 address: r.address(),
                 peer: r.upstream().peer.clone(),
                 status: Arc::clone(r.status()),
+                engine: r.upstream().engine,
+                credential: r
+                    .upstream()
+                    .credential
+                    .as_ref()
+                    .map(|c| (c.name.clone(), c.value.clone())),
             })
             .collect();
         ProbeRound {
@@ -468,6 +476,7 @@ fn build_snapshot(
                     connector,
                     dialect: r.dialect,
                     credential,
+                    engine: r.engine,
                 },
             });
         }
@@ -500,6 +509,11 @@ fn build_snapshot(
             eject_max_cooldown: health.eject_max_cooldown,
             overload_default: health.overload_default,
             overload_max: health.overload_max,
+            // Three probe rounds: one missed round does not drop the engine's signals.
+            engine_max_age: health
+                .probe
+                .as_ref()
+                .map_or(Duration::ZERO, |p| p.interval.saturating_mul(3)),
         },
         override_ttl: topology.affinity.override_ttl,
         override_capacity: topology.affinity.override_capacity,

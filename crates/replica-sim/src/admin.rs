@@ -76,6 +76,7 @@ async fn list(State(fleet): State<Fleet>) -> Response {
                 "fault": l.replica.fault(),
                 "cache": {"blocks": blocks, "capacity_blocks": capacity},
                 "stats": l.replica.stats(),
+                "engine": l.replica.engine_snapshot(),
             })
         })
         .collect();

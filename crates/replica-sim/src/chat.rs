@@ -372,6 +372,7 @@ pub(crate) async fn models(State(replica): State<Arc<Replica>>) -> Response {
 }
 
 pub(crate) async fn health(State(replica): State<Arc<Replica>>) -> Response {
+    replica.count_probe();
     if let Some(response) = fault_gate(&replica, unavailable).await {
         return named(&replica, response);
     }

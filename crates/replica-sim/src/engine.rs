@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::PrefixCache;
 use crate::shared::{SharedKvConfig, SharedTier};
+use crate::slots::SlotTable;
 use crate::template::{block_hashes, render_reply, reply_text, token_count, DEFAULT_BLOCK_TOKENS};
 
 /// Which usage shape `/v1/chat/completions` reports.
@@ -32,6 +33,22 @@ pub enum Dialect {
     #[default]
     Openai,
     /// llama.cpp server: `timings.prompt_n` / `timings.cache_n` and `tokens_cached`.
+    Llamacpp,
+}
+
+/// Which inference server a replica imitates, beyond the OpenAI API they all serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineMode {
+    /// A vLLM-like prefix cache and `max_num_seqs` slots, and no engine endpoints (what a
+    /// replica whose engine Tether cannot read looks like).
+    #[default]
+    Basic,
+    /// vLLM: admission limited by KV blocks as well as `max_num_seqs`, preemption of a request
+    /// whose reply's blocks do not fit, and `/metrics` with vLLM's metric names.
+    Vllm,
+    /// llama.cpp server: `slots` sequences, each holding one conversation's cache
+    /// ([`crate::slots`]), and `/slots`, `/props`, `/metrics` in llama.cpp's shapes.
     Llamacpp,
 }
 
@@ -56,6 +73,14 @@ pub struct SimConfig {
     pub deterministic: bool,
     /// Region-wide shared KV tiers (none by default).
     pub shared_kv: SharedKvConfig,
+    /// Which engine the replicas imitate.
+    pub engine: EngineMode,
+    /// llama.cpp mode: slots per replica (`--parallel`); `cache_tokens` is split among them.
+    pub slots: usize,
+    /// llama.cpp mode: host-RAM prompt cache per replica, in tokens (0 = none; `--cache-ram`).
+    pub host_cache_tokens: usize,
+    /// llama.cpp mode: `--slot-prompt-similarity`.
+    pub slot_prompt_similarity: f64,
 }
 
 /// Default prefix-cache capacity per replica: 2,560 tokens (160 blocks). Under loadgen's
@@ -76,6 +101,10 @@ impl Default for SimConfig {
             dialect: Dialect::Openai,
             deterministic: false,
             shared_kv: SharedKvConfig::default(),
+            engine: EngineMode::Basic,
+            slots: 4,
+            host_cache_tokens: 0,
+            slot_prompt_similarity: 0.1,
         }
     }
 }
@@ -111,6 +140,12 @@ pub enum Fault {
     },
     /// Answer 200 with an SSE stream that never ends and never reports usage.
     Endless,
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (counters and slot
+/// contents in a simulator).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Ground truth a replica keeps about what it served (for the metering tests).
@@ -192,7 +227,104 @@ pub struct Prefilled {
     pub fetch: Duration,
     /// Delay between generated tokens.
     pub per_token: Duration,
+    // Dropped in this order: the llama.cpp slot is released before its permit lets the next
+    // request in.
+    lease: Option<SlotLease>,
+    _running: Gauge,
+    _kv: Option<KvLease>,
     _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// KV blocks held by one running request, counted in the replica's `kv_held` (the
+/// semaphore's free permits do not say: tokio hands free permits to a queued waiter before
+/// its whole request can be met).
+#[derive(Debug)]
+struct KvLease {
+    permit: OwnedSemaphorePermit,
+    held: Arc<AtomicU64>,
+}
+
+impl KvLease {
+    fn new(permit: OwnedSemaphorePermit, held: &Arc<AtomicU64>) -> KvLease {
+        held.fetch_add(permit.num_permits() as u64, Ordering::Relaxed);
+        KvLease {
+            permit,
+            held: Arc::clone(held),
+        }
+    }
+
+    fn grow(&mut self, more: OwnedSemaphorePermit) {
+        self.held
+            .fetch_add(more.num_permits() as u64, Ordering::Relaxed);
+        self.permit.merge(more);
+    }
+}
+
+impl Drop for KvLease {
+    fn drop(&mut self) {
+        self.held
+            .fetch_sub(self.permit.num_permits() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A counter held up by one request while it lives.
+#[derive(Debug)]
+struct Gauge(Arc<AtomicU64>);
+
+impl Gauge {
+    fn up(counter: &Arc<AtomicU64>) -> Gauge {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Gauge(Arc::clone(counter))
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A llama.cpp slot held by one request; released when the request ends, holding what
+/// [`Replica::finish`] recorded (prompt and reply) or, for a request that ended early, its
+/// prompt.
+#[derive(Debug)]
+struct SlotLease {
+    table: Arc<Mutex<SlotTable>>,
+    slot: usize,
+    blocks: Mutex<Option<Vec<u64>>>,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        let blocks = self
+            .blocks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.release(self.slot, blocks.as_deref());
+    }
+}
+
+/// What the engine endpoints report: requests by state and, per mode, slots or KV blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct EngineSnapshot {
+    /// Requests past admission (decoding or prefilling).
+    pub running: u64,
+    /// Requests waiting for a slot or for KV blocks.
+    pub waiting: u64,
+    /// llama.cpp mode: whether each slot is processing.
+    pub slots_busy: Vec<bool>,
+    /// llama.cpp mode: context tokens per slot.
+    pub slot_ctx_tokens: u64,
+    /// vLLM mode: KV blocks in all.
+    pub kv_total_blocks: u64,
+    /// vLLM mode: KV blocks held by running requests.
+    pub kv_used_blocks: u64,
+    /// vLLM mode: requests preempted for lack of KV blocks, ever.
+    pub preemptions: u64,
+    /// Requests to the engine endpoints (`/metrics`, `/slots`, `/props`) and `/health`.
+    pub probe_requests: u64,
 }
 
 impl Prefilled {
@@ -223,6 +355,15 @@ pub struct Replica {
     shared: Option<Arc<SharedTier>>,
     cache: Mutex<PrefixCache>,
     slots: Arc<Semaphore>,
+    /// vLLM mode: KV blocks, one permit each.
+    kv: Option<Arc<Semaphore>>,
+    /// llama.cpp mode: the slots' contents.
+    slot_table: Option<Arc<Mutex<SlotTable>>>,
+    running: Arc<AtomicU64>,
+    waiting: Arc<AtomicU64>,
+    preemptions: AtomicU64,
+    kv_held: Arc<AtomicU64>,
+    probe_requests: AtomicU64,
     fault: Mutex<Fault>,
     stats: Stats,
 }
@@ -230,12 +371,34 @@ pub struct Replica {
 impl Replica {
     /// A replica with an empty cache, in no region.
     pub fn new(id: impl Into<String>, config: Arc<SimConfig>) -> Replica {
+        let block = config.block_tokens.max(1);
+        let sequences = match config.engine {
+            EngineMode::Llamacpp => config.slots.max(1),
+            EngineMode::Basic | EngineMode::Vllm => config.max_num_seqs.max(1),
+        };
+        let kv = (config.engine == EngineMode::Vllm)
+            .then(|| Arc::new(Semaphore::new((config.cache_tokens / block).max(1))));
+        let slot_table = (config.engine == EngineMode::Llamacpp).then(|| {
+            Arc::new(Mutex::new(SlotTable::new(
+                sequences,
+                config.cache_tokens / block / sequences,
+                config.host_cache_tokens / block,
+                config.slot_prompt_similarity,
+            )))
+        });
         Replica {
             id: id.into(),
             region: None,
             shared: None,
             cache: Mutex::new(PrefixCache::new(config.cache_tokens, config.block_tokens)),
-            slots: Arc::new(Semaphore::new(config.max_num_seqs.max(1))),
+            slots: Arc::new(Semaphore::new(sequences)),
+            kv,
+            slot_table,
+            running: Arc::default(),
+            waiting: Arc::default(),
+            preemptions: AtomicU64::new(0),
+            kv_held: Arc::default(),
+            probe_requests: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
             stats: Stats::default(),
             config,
@@ -285,12 +448,46 @@ impl Replica {
     /// Empties the replica's own prefix cache (not its region's shared tier).
     pub fn flush(&self) {
         self.cache().clear();
+        if let Some(table) = &self.slot_table {
+            lock(table).clear();
+        }
     }
 
     /// `(blocks held, capacity in blocks)`.
     pub fn cache_occupancy(&self) -> (usize, usize) {
+        if let Some(table) = &self.slot_table {
+            let table = lock(table);
+            return (table.held_blocks(), table.len() * table.ctx_blocks());
+        }
         let cache = self.cache();
         (cache.len(), cache.capacity_blocks())
+    }
+
+    /// Counts one request to an engine endpoint or `/health` (what a prober costs).
+    pub fn count_probe(&self) {
+        self.probe_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What the engine endpoints report now.
+    pub fn engine_snapshot(&self) -> EngineSnapshot {
+        let block = self.config.block_tokens.max(1) as u64;
+        let mut snapshot = EngineSnapshot {
+            running: self.running.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            preemptions: self.preemptions.load(Ordering::Relaxed),
+            probe_requests: self.probe_requests.load(Ordering::Relaxed),
+            ..EngineSnapshot::default()
+        };
+        if let Some(table) = &self.slot_table {
+            let table = lock(table);
+            snapshot.slots_busy = (0..table.len()).map(|i| table.is_busy(i)).collect();
+            snapshot.slot_ctx_tokens = table.ctx_blocks() as u64 * block;
+        }
+        if self.kv.is_some() {
+            snapshot.kv_total_blocks = (self.config.cache_tokens as u64 / block).max(1);
+            snapshot.kv_used_blocks = self.kv_held.load(Ordering::Relaxed);
+        }
+        snapshot
     }
 
     /// Ground-truth counters.
@@ -328,23 +525,90 @@ impl Replica {
     /// fetched and computed — to the local cache and writes them through to the shared tier.
     pub async fn prefill(&self, job: &Job) -> Prefilled {
         let started = Instant::now();
-        // The semaphore is never closed, so this is always `Some`.
-        let slot = Arc::clone(&self.slots).acquire_owned().await.ok();
-        let queued = started.elapsed();
         let block = self.config.block_tokens;
         let hashes = block_hashes(&job.prompt, block);
-        let (local, shared) = self.lookup(&hashes, job.prompt_tokens);
+        let waiting = Gauge::up(&self.waiting);
+        // The semaphores are never closed, so these are always `Some`.
+        let slot = Arc::clone(&self.slots).acquire_owned().await.ok();
+        // vLLM admits a request once its prompt's blocks fit (a request larger than the whole
+        // cache runs alone); its reply's blocks are allocated as it decodes.
+        let kv_blocks = self.kv.as_ref().map(|kv| {
+            let total = (self.config.cache_tokens / block.max(1)).max(1) as u64;
+            let blocks = |tokens: u64| tokens.div_ceil(block as u64).min(total);
+            let prompt = blocks(job.prompt_tokens);
+            let all = blocks(job.prompt_tokens + job.completion_tokens);
+            let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+            (Arc::clone(kv), small(prompt), small(all - prompt))
+        });
+        let mut kv = match &kv_blocks {
+            Some((kv, prompt, _)) => {
+                let permit = Arc::clone(kv).acquire_many_owned(*prompt).await.ok();
+                permit.map(|p| KvLease::new(p, &self.kv_held))
+            }
+            None => None,
+        };
+        drop(waiting);
+        let mut running = Gauge::up(&self.running);
+        let queued = started.elapsed();
+        let (lease, (local, shared)) = match &self.slot_table {
+            Some(table) => {
+                let usable = PrefixCache::usable_blocks(job.prompt_tokens, block);
+                let taken = lock(table).take(&hashes, usable);
+                let lease = taken.map(|t| SlotLease {
+                    table: Arc::clone(table),
+                    slot: t.slot,
+                    blocks: Mutex::new(None),
+                });
+                (lease, (taken.map_or(0, |t| t.reused_blocks), 0))
+            }
+            None => (None, self.lookup(&hashes, job.prompt_tokens)),
+        };
         let shared_cached_tokens = (shared * block) as u64;
         let cached_tokens = ((local + shared) * block) as u64;
         let uncached = job.prompt_tokens - cached_tokens;
         let rate = self.config.prefill_tokens_per_sec.max(1.0);
         let transfer = self.config.shared_kv.transfer.max(0.0);
         let fetch = self.scaled(transfer * shared_cached_tokens as f64 / rate);
-        let prefill = fetch.saturating_add(self.scaled(uncached as f64 / rate));
+        let mut prefill = fetch.saturating_add(self.scaled(uncached as f64 / rate));
         if !prefill.is_zero() {
             tokio::time::sleep(prefill).await;
         }
-        let inserted = self.cache().admit(&hashes);
+        let inserted = if self.slot_table.is_some() {
+            hashes.len().saturating_sub(local)
+        } else {
+            self.cache().admit(&hashes)
+        };
+        if let (Some((pool, prompt, reply)), Some(held)) = (&kv_blocks, kv.as_mut()) {
+            match Arc::clone(pool).try_acquire_many_owned(*reply) {
+                Ok(more) => held.grow(more),
+                Err(_) => {
+                    // No room to decode: preempted (vLLM's recompute mode). Its blocks go
+                    // back, it waits for room for the whole sequence, then recomputes what
+                    // the prefix cache no longer holds. Usage still reports the first lookup,
+                    // as vLLM does.
+                    let preempted_at = Instant::now();
+                    self.preemptions.fetch_add(1, Ordering::Relaxed);
+                    drop(kv.take());
+                    drop(running);
+                    let waiting = Gauge::up(&self.waiting);
+                    kv = Arc::clone(pool)
+                        .acquire_many_owned(prompt + reply)
+                        .await
+                        .ok()
+                        .map(|p| KvLease::new(p, &self.kv_held));
+                    drop(waiting);
+                    running = Gauge::up(&self.running);
+                    let (held_now, _) = self.lookup(&hashes, job.prompt_tokens);
+                    let recompute = job.prompt_tokens - (held_now * block) as u64;
+                    let recompute = self.scaled(recompute as f64 / rate);
+                    if !recompute.is_zero() {
+                        tokio::time::sleep(recompute).await;
+                    }
+                    self.cache().admit(&hashes);
+                    prefill = prefill.saturating_add(preempted_at.elapsed());
+                }
+            }
+        }
         if let Some(tier) = &self.shared {
             tier.write(&hashes);
         }
@@ -357,6 +621,9 @@ impl Replica {
             prefill,
             fetch,
             per_token: self.scaled(1.0 / self.config.decode_tokens_per_sec.max(0.001)),
+            lease,
+            _running: running,
+            _kv: kv,
             _slot: slot,
         }
     }
@@ -380,7 +647,12 @@ impl Replica {
         let mut full = job.prompt.clone();
         full.extend(render_reply(reply));
         let hashes = block_hashes(&full, self.config.block_tokens);
-        self.cache().admit(&hashes);
+        match &prefilled.lease {
+            Some(lease) => *lock(&lease.blocks) = Some(hashes.clone()),
+            None => {
+                self.cache().admit(&hashes);
+            }
+        }
         if let Some(tier) = &self.shared {
             tier.write(&hashes);
         }
@@ -550,6 +822,143 @@ mod tests {
         assert!(s.cached_tokens > 0);
         r.flush();
         assert_eq!(r.cache_occupancy().0, 0);
+    }
+
+    fn llamacpp(slots: usize, host_cache_tokens: usize) -> Arc<SimConfig> {
+        Arc::new(SimConfig {
+            engine: EngineMode::Llamacpp,
+            slots,
+            cache_tokens: 16 * 1024,
+            host_cache_tokens,
+            time_scale: 0.0,
+            ..SimConfig::default()
+        })
+    }
+
+    /// A different conversation per `n`: its own system prompt.
+    fn other_conversation(n: usize, turns: usize) -> Vec<ChatMessage> {
+        let mut m = conversation(turns);
+        m[0].content = format!("agent {n} ").repeat(60);
+        m
+    }
+
+    /// Serves turns 1 and 2 of conversation `n` back to back; the cached tokens of turn 2.
+    async fn second_turn(r: &Replica, n: usize) -> u64 {
+        let first = Job::new(render_prompt(&other_conversation(n, 1)), 20);
+        let p = r.prefill(&first).await;
+        r.finish(&first, &reply_text(20), &p);
+        drop(p);
+        let second = Job::new(render_prompt(&other_conversation(n, 2)), 20);
+        let p = r.prefill(&second).await;
+        r.finish(&second, &reply_text(20), &p);
+        p.cached_tokens
+    }
+
+    #[tokio::test]
+    async fn llamacpp_a_conversation_that_keeps_its_slot_keeps_its_cache() {
+        let r = Replica::new("r", llamacpp(2, 0));
+        assert!(second_turn(&r, 1).await > 0);
+        assert_eq!(r.engine_snapshot().slots_busy, [false, false]);
+        assert_eq!(r.engine_snapshot().running, 0);
+    }
+
+    #[tokio::test]
+    async fn llamacpp_a_conversation_whose_slot_was_taken_starts_cold_unless_the_host_caches_it() {
+        for (host, expect_hit) in [(0, false), (64 * 1024, true)] {
+            let r = Replica::new("r", llamacpp(1, host));
+            let first = Job::new(render_prompt(&other_conversation(1, 1)), 20);
+            let p = r.prefill(&first).await;
+            r.finish(&first, &reply_text(20), &p);
+            drop(p);
+            // Another conversation takes the only slot.
+            second_turn(&r, 2).await;
+            let back = Job::new(render_prompt(&other_conversation(1, 2)), 20);
+            let p = r.prefill(&back).await;
+            assert_eq!(p.cached_tokens > 0, expect_hit, "host cache {host}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn llamacpp_a_request_waits_while_every_slot_is_busy_and_counts_as_deferred() {
+        let r = Arc::new(Replica::new("r", llamacpp(2, 0)));
+        let job = Job::new(render_prompt(&other_conversation(1, 1)), 1);
+        let a = r.prefill(&job).await;
+        let b = r.prefill(&job).await;
+        assert_eq!(r.engine_snapshot().slots_busy, [true, true]);
+        let (r2, job2) = (Arc::clone(&r), job.clone());
+        let third = tokio::spawn(async move { r2.prefill(&job2).await.queued });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let snapshot = r.engine_snapshot();
+        assert_eq!((snapshot.running, snapshot.waiting), (2, 1));
+        drop(a);
+        assert!(third.await.unwrap() >= Duration::from_secs(2));
+        drop(b);
+        assert_eq!(r.engine_snapshot().waiting, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn vllm_admits_a_request_once_its_kv_blocks_fit() {
+        // 64 blocks; each request needs 40 (its prompt and reply).
+        let r = Arc::new(Replica::new(
+            "r",
+            Arc::new(SimConfig {
+                engine: EngineMode::Vllm,
+                cache_tokens: 64 * 16,
+                time_scale: 0.0,
+                ..SimConfig::default()
+            }),
+        ));
+        let job = Job::new(vec![b'x'; 4 * 16 * 30], 10 * 16);
+        let a = r.prefill(&job).await;
+        let snapshot = r.engine_snapshot();
+        assert_eq!(
+            (snapshot.kv_total_blocks, snapshot.kv_used_blocks),
+            (64, 40)
+        );
+        let (r2, job2) = (Arc::clone(&r), job.clone());
+        let second = tokio::spawn(async move { r2.prefill(&job2).await.queued });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(r.engine_snapshot().waiting, 1);
+        drop(a);
+        assert!(second.await.unwrap() >= Duration::from_secs(1));
+        assert_eq!(r.engine_snapshot().kv_used_blocks, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn vllm_preempts_a_request_that_has_no_blocks_to_decode_into() {
+        // 64 blocks; each request: a 20-block prompt, 20 blocks of reply. Both prompts fit at
+        // once; the first to finish its prefill takes its reply's blocks, the second is
+        // preempted and runs once the first is done.
+        let r = Arc::new(Replica::new(
+            "r",
+            Arc::new(SimConfig {
+                engine: EngineMode::Vllm,
+                cache_tokens: 64 * 16,
+                prefill_tokens_per_sec: 1_000.0,
+                ..SimConfig::default()
+            }),
+        ));
+        let job = |n: u8| Job::new(vec![b'a' + n; 4 * 16 * 20 - 4], 20 * 16);
+        let first = r.prefill(&job(0)).await;
+        let (r2, second_job) = (Arc::clone(&r), job(1));
+        let second = tokio::spawn(async move { r2.prefill(&second_job).await.prefill });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let snapshot = r.engine_snapshot();
+        assert_eq!(snapshot.preemptions, 1);
+        assert_eq!((snapshot.running, snapshot.waiting), (1, 1));
+        assert_eq!(
+            snapshot.kv_used_blocks, 40,
+            "the preempted request's blocks went back"
+        );
+        drop(first);
+        let second_prefill = second.await.unwrap();
+        // Its prefill, the wait, and the recompute of what the cache kept (little: the
+        // prompt's blocks are cached, so mostly the wait).
+        assert!(
+            second_prefill >= Duration::from_secs(1),
+            "{second_prefill:?}"
+        );
+        assert_eq!(r.engine_snapshot().kv_used_blocks, 0);
     }
 
     #[test]

@@ -43,8 +43,10 @@ mod anthropic;
 pub mod cache;
 mod chat;
 pub mod engine;
+mod engine_api;
 mod server;
 pub mod shared;
+pub mod slots;
 pub mod template;
 pub mod tls;
 
@@ -58,7 +60,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use cache::PrefixCache;
-pub use engine::{Dialect, Fault, Replica, SimConfig, StatsSnapshot, DEFAULT_CACHE_TOKENS};
+pub use engine::{
+    Dialect, EngineMode, EngineSnapshot, Fault, Replica, SimConfig, StatsSnapshot,
+    DEFAULT_CACHE_TOKENS,
+};
 pub use shared::{SharedKvConfig, SharedTier};
 
 /// Largest request body accepted (a 1M-token prompt is about 4 MiB).
@@ -216,6 +221,9 @@ impl Fleet {
                     .route("/v1/messages", post(anthropic::messages))
                     .route("/v1/models", get(chat::models))
                     .route("/health", get(chat::health))
+                    .route("/metrics", get(engine_api::metrics))
+                    .route("/slots", get(engine_api::slots))
+                    .route("/props", get(engine_api::props))
                     .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
                     .with_state(Arc::clone(&replica));
                 server::Listening::new(replica, listener, addr, app, tls.clone())

@@ -5,6 +5,7 @@
 //! replica-sim --replica eu-1=127.0.0.1:0 --replica …  explicit ids and addresses
 //!             [--admin 127.0.0.1:9300] [--time-scale 0.1] [--cache-tokens 24576] …
 //! replica-sim --replica a=127.0.0.1:0 --tls-cert a.pem --tls-key a.key  HTTPS (HTTP/1.1)
+//! replica-sim --replica a=127.0.0.1:0 --engine llamacpp --slots 2   llama.cpp-like slots
 //! replica-sim --replica a=127.0.0.1:0 --replica b=127.0.0.1:0 --region-of a=eu --region-of b=eu \
 //!             --shared-kv-region eu                  a and b share a region-wide KV tier
 //! ```
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Parser;
 use tether_replica_sim::shared::{regions_with_shared_kv, DEFAULT_TRANSFER};
-use tether_replica_sim::{Dialect, Fleet, ReplicaConfig, SharedKvConfig, SimConfig};
+use tether_replica_sim::{Dialect, EngineMode, Fleet, ReplicaConfig, SharedKvConfig, SimConfig};
 use tether_topology::Topology;
 
 #[derive(Debug, Parser)]
@@ -88,6 +89,21 @@ struct Cli {
     /// Fixed ids and timestamps: identical requests get byte-identical responses.
     #[arg(long)]
     deterministic: bool,
+    /// Which engine to imitate: `basic` (no engine endpoints), `vllm` (KV-block admission,
+    /// vLLM's /metrics) or `llamacpp` (slots, /slots, /props, /metrics).
+    #[arg(long, value_enum, default_value_t = EngineMode::Basic)]
+    engine: EngineMode,
+    /// llama.cpp mode: slots per replica (llama-server --parallel); --cache-tokens is split
+    /// among them.
+    #[arg(long, default_value_t = 4)]
+    slots: usize,
+    /// llama.cpp mode: host-RAM prompt cache per replica, in tokens (llama-server --cache-ram);
+    /// 0 = none, so a conversation whose slot is taken loses its cache.
+    #[arg(long, default_value_t = 0)]
+    host_cache_tokens: usize,
+    /// llama.cpp mode: llama-server --slot-prompt-similarity.
+    #[arg(long, default_value_t = 0.1)]
+    slot_prompt_similarity: f64,
 }
 
 fn parse_replica(spec: &str) -> anyhow::Result<ReplicaConfig> {
@@ -115,8 +131,18 @@ impl Cli {
         if !(self.time_scale.is_finite() && self.time_scale >= 0.0) {
             bail!("--time-scale must be 0 or more, got {}", self.time_scale);
         }
-        if self.block_tokens == 0 || self.max_num_seqs == 0 {
-            bail!("--block-tokens and --max-num-seqs must be at least 1");
+        if self.block_tokens == 0 || self.max_num_seqs == 0 || self.slots == 0 {
+            bail!("--block-tokens, --max-num-seqs and --slots must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.slot_prompt_similarity) {
+            bail!(
+                "--slot-prompt-similarity must be between 0 and 1, got {}",
+                self.slot_prompt_similarity
+            );
+        }
+        if self.engine == EngineMode::Llamacpp && self.cache_tokens / self.block_tokens < self.slots
+        {
+            bail!("--cache-tokens must hold at least one block per slot in llamacpp mode");
         }
         if self.cache_tokens < self.block_tokens {
             bail!(
@@ -154,6 +180,10 @@ impl Cli {
                 capacity_tokens: shared_kv_tokens,
                 transfer: self.shared_kv_transfer,
             },
+            engine: self.engine,
+            slots: self.slots,
+            host_cache_tokens: self.host_cache_tokens,
+            slot_prompt_similarity: self.slot_prompt_similarity,
         })
     }
 }

@@ -140,3 +140,82 @@ async fn a_shared_tier_for_a_region_without_replicas_is_an_error() {
         "shared KV tier for regions without replicas: ap, ue"
     );
 }
+
+/// `GET path` on a fresh connection: `(status, body)`.
+async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: sim\r\nconnection: close\r\n\r\n");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn each_mode_serves_its_engine_endpoints_and_counts_them_as_probes() {
+    let start = |engine| async move {
+        let sim = SimConfig {
+            engine,
+            slots: 3,
+            cache_tokens: 3 * 1024,
+            time_scale: 0.0,
+            ..SimConfig::default()
+        };
+        let fleet = Fleet::start(vec![ReplicaConfig::new("r", loopback())], sim, None)
+            .await
+            .unwrap();
+        let addr = fleet.replicas()[0].1;
+        (fleet, addr)
+    };
+
+    let (fleet, addr) = start(EngineMode::Llamacpp).await;
+    let (status, body) = get_text(addr, "/slots").await;
+    assert_eq!(status, 200);
+    let slots: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(slots.as_array().unwrap().len(), 3);
+    assert_eq!(slots[2]["id"], 2);
+    assert_eq!(slots[0]["is_processing"], false);
+    assert_eq!(slots[0]["n_ctx"], 1024);
+    let (_, props) = get_text(addr, "/props").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&props).unwrap()["total_slots"],
+        3
+    );
+    let (status, metrics) = get_text(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("\nllamacpp:requests_processing 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nllamacpp:requests_deferred 0\n"),
+        "{metrics}"
+    );
+    assert_eq!(
+        fleet.replica("r").unwrap().engine_snapshot().probe_requests,
+        3
+    );
+    fleet.stop();
+
+    let (fleet, addr) = start(EngineMode::Vllm).await;
+    assert_eq!(get_text(addr, "/slots").await.0, 404);
+    let (status, metrics) = get_text(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "vllm:num_requests_running{",
+        "vllm:num_requests_waiting{",
+        "vllm:kv_cache_usage_perc{",
+        "num_gpu_blocks=\"192\"",
+    ] {
+        assert!(metrics.contains(name), "{name} in {metrics}");
+    }
+    fleet.stop();
+
+    let (fleet, addr) = start(EngineMode::Basic).await;
+    assert_eq!(get_text(addr, "/metrics").await.0, 404);
+    fleet.stop();
+}

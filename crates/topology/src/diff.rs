@@ -126,6 +126,13 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
                         None => "tls off".to_owned(),
                     });
                 }
+                if o.engine != r.engine {
+                    what.push(format!(
+                        "engine {} → {}",
+                        o.engine.as_str(),
+                        r.engine.as_str()
+                    ));
+                }
                 if !what.is_empty() {
                     d.changes.push(format!("replica {id}: {}", what.join(", ")));
                 }

@@ -48,6 +48,7 @@ pub use model::{
     ServerSettings, StickyStoreSettings, Tenant, TenantLimits, TlsListener, Topology, UpstreamAuth,
     UpstreamSettings, UpstreamTls, UsageLog, DEFAULT_RETRY_UNANSWERED,
 };
+pub use tether_engine::EngineKind;
 pub use validate::{
     admin_needs_token, MAX_POINTS_PER_WEIGHT, MAX_RING_POINTS, MAX_TOKEN_LEN_LIMIT, MAX_WEIGHT,
 };

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tether_affinity::{Admission, KeySource, KvScope, Placement};
+use tether_affinity::{Admission, InflightCap, KeySource, KvScope, Placement};
+pub use tether_engine::EngineKind;
 use tether_metering::{Dialect, Price};
 
 /// A validated topology. Build one with [`Topology::from_yaml`](crate::Topology::from_yaml) or
@@ -139,7 +140,10 @@ pub struct Replica {
     /// Whether it takes work (`state`).
     pub state: Admission,
     /// Hard cap on requests in flight (`None` = no cap).
-    pub max_inflight: Option<u32>,
+    pub max_inflight: Option<InflightCap>,
+    /// Which engine serves it, and so which endpoint the prober reads for its capacity and
+    /// load (`none`: not read).
+    pub engine: EngineKind,
     /// How to read its usage; `None` = from the request path.
     pub dialect: Option<Dialect>,
     /// The replica's own credential (its `upstream_auth`, else its region's).

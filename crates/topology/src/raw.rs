@@ -234,13 +234,47 @@ pub(crate) struct RawReplica {
     #[serde(default)]
     pub state: tether_affinity::Admission,
     #[serde(default)]
-    pub max_inflight: Option<u32>,
+    pub max_inflight: Option<RawInflightCap>,
     #[serde(default)]
     pub dialect: Option<tether_metering::Dialect>,
+    #[serde(default)]
+    pub engine: tether_engine::EngineKind,
     #[serde(default)]
     pub upstream_auth: Option<RawUpstreamAuth>,
     #[serde(default)]
     pub tls: Option<RawUpstreamTls>,
+}
+
+/// `max_inflight`: a number, or `auto` (from the engine's capacity). Deserialized by hand
+/// rather than as an untagged enum, whose error would lose the key's path.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RawInflightCap {
+    Fixed(u32),
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for RawInflightCap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawInflightCap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of requests (1 or more) or `auto`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawInflightCap, E> {
+                u32::try_from(v)
+                    .map(RawInflightCap::Fixed)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawInflightCap, E> {
+                match v {
+                    "auto" => Ok(RawInflightCap::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 fn one() -> NonZeroU32 {

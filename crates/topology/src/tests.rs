@@ -68,7 +68,11 @@ fn the_full_example_loads_with_every_field() {
         "header names are lower-cased"
     );
     assert_eq!(t.affinity.override_ttl, Duration::from_secs(3600));
-    assert_eq!(t.regions[0].replicas[0].max_inflight, Some(64));
+    assert_eq!(
+        t.regions[0].replicas[0].max_inflight,
+        Some(tether_affinity::InflightCap::Fixed(64))
+    );
+    assert_eq!(t.regions[0].replicas[0].engine, EngineKind::None);
     assert_eq!(t.regions[0].replicas[1].state, Admission::Draining);
     assert_eq!(t.regions[0].replicas[1].weight, 1, "weight defaults to 1");
     assert_eq!(t.regions[1].replicas[0].state, Admission::Disabled);
@@ -1073,4 +1077,46 @@ fn the_override_share_is_a_fraction_of_the_capacity() {
     for bad in ["0", "-0.5", "1.5", ".nan", ".inf"] {
         assert_eq!(problem(&with(bad)).key, "affinity.override_share", "{bad}");
     }
+}
+
+#[test]
+fn engine_and_an_auto_cap_load_per_replica() {
+    let t = load(&VALID.replace(
+        "max_inflight: 64 }",
+        "max_inflight: auto, engine: llamacpp }",
+    ))
+    .unwrap();
+    let replica = &t.regions[0].replicas[0];
+    assert_eq!(replica.engine, EngineKind::Llamacpp);
+    assert_eq!(
+        replica.max_inflight,
+        Some(tether_affinity::InflightCap::Auto)
+    );
+    for engine in ["vllm", "sglang", "none"] {
+        let yaml = VALID.replace("max_inflight: 64 }", &format!("engine: {engine} }}"));
+        assert!(load(&yaml).is_ok(), "{engine}");
+    }
+}
+
+#[test]
+fn an_unknown_engine_or_cap_is_refused_naming_the_key() {
+    let (_, message) = parse_error(&VALID.replace("max_inflight: 64 }", "engine: ollama }"));
+    assert!(message.contains("unknown variant `ollama`"), "{message}");
+    assert!(
+        message.contains("regions[0].replicas[0].engine"),
+        "{message}"
+    );
+    let (_, message) = parse_error(&VALID.replace("max_inflight: 64", "max_inflight: lots"));
+    assert!(
+        message.contains("regions[0].replicas[0].max_inflight"),
+        "{message}"
+    );
+    assert!(message.contains("`auto`"), "{message}");
+}
+
+#[test]
+fn an_auto_cap_needs_an_engine_to_read() {
+    let p = problem(&VALID.replace("max_inflight: 64", "max_inflight: auto"));
+    assert_eq!(p.key, "regions[0].replicas[0].max_inflight");
+    assert!(p.message.contains("engine"), "{}", p.message);
 }

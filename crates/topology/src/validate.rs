@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tether_affinity::Placement;
+use tether_affinity::{InflightCap, Placement};
+use tether_engine::EngineKind;
 use tether_metering::Price;
 
-use crate::raw::{RawPrice, RawTopology};
+use crate::raw::{RawInflightCap, RawPrice, RawTopology};
 use crate::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
     ProbeSettings, Problem, Region, ReloadSettings, Replica, SecretSource, ServerSettings,
@@ -317,12 +318,27 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 );
             }
             total_weight += u64::from(weight);
-            if replica.max_inflight == Some(0) {
-                p.add(
-                    format!("{key}.max_inflight"),
-                    "must be at least 1 (omit it for no cap; use `state: disabled` to stop traffic)",
-                );
-            }
+            let max_inflight = match replica.max_inflight {
+                None => None,
+                Some(RawInflightCap::Fixed(0)) => {
+                    p.add(
+                        format!("{key}.max_inflight"),
+                        "must be at least 1 (omit it for no cap; use `state: disabled` to stop traffic)",
+                    );
+                    None
+                }
+                Some(RawInflightCap::Fixed(n)) => Some(InflightCap::Fixed(n)),
+                Some(RawInflightCap::Auto) => {
+                    if replica.engine == EngineKind::None {
+                        p.add(
+                            format!("{key}.max_inflight"),
+                            "`auto` takes the cap from the replica's engine: set its `engine` \
+                             (vllm, sglang or llamacpp)",
+                        );
+                    }
+                    Some(InflightCap::Auto)
+                }
+            };
             let upstream_auth = match &replica.upstream_auth {
                 Some(own) => upstream_auth(&mut p, &format!("{key}.upstream_auth"), own),
                 None => region_auth.clone(),
@@ -337,8 +353,9 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
                 address,
                 weight,
                 state: replica.state,
-                max_inflight: replica.max_inflight,
+                max_inflight,
                 dialect: replica.dialect,
+                engine: replica.engine,
                 upstream_auth,
                 tls: tls.map(|t| tls::for_replica(&t, address)),
             });
