@@ -652,7 +652,7 @@ mod tests {
                     r#""cached_tokens":1024,"completion_tokens":18446744073709551615,"#,
                     r#""cost_micro_usd":0,"uncached_cost_micro_usd":640,"latency_ms":12,"#,
                     r#""ttft_ms":3,"attempts":2,"usage_status":"found","#,
-                    r#""cache_write_tokens":null,"limit":"concurrency"}"#,
+                    r#""cache_write_tokens":null,"key_source":"none","limit":"concurrency"}"#,
                     "\n"
                 )
                 .to_owned(),
