@@ -16,6 +16,9 @@ use pingora::prelude::*;
 use pingora_proxy::Session;
 use tether_metering::ensure_stream_usage;
 
+use tether_topology::RequestBodySettings;
+
+use crate::body_budget::{BodyReservation, OverBudget};
 use crate::router::Snapshot;
 
 /// Largest chat request body Tether buffers to add `stream_options.include_usage`; a larger
@@ -98,12 +101,35 @@ pub fn expects_continue(req: &RequestHeader) -> bool {
 #[derive(Debug, Default)]
 pub struct BodyRewrite {
     buffer: Vec<u8>,
-    /// Gave up (too large): the rest passes through.
+    /// Gave up (too large, or over the memory budget): the rest passes through.
     passthrough: bool,
     /// The final body, when it was read ahead: sent instead of what Pingora replays.
     ready: Option<Bytes>,
     /// The collected body needed the field (set at its end).
     collected_injected: bool,
+    /// The bytes of `buffer`, counted in the memory budget, and its limits (`None`: only
+    /// [`MAX_REWRITE_BODY`] applies).
+    budget: Option<(BodyReservation, RequestBodySettings)>,
+}
+
+/// What one piece of a collected body did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Held (not the end), passed on untouched, or the end of a body that needed nothing.
+    Forwarded,
+    /// The end of the body, with the usage option added.
+    Injected,
+    /// Collecting stopped here: what was held and the rest go on unchanged.
+    GaveUp(GaveUp),
+}
+
+/// Why a body stopped being collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GaveUp {
+    /// Over [`MAX_REWRITE_BODY`].
+    TooLarge,
+    /// Holding more would go over the memory budget.
+    OverBudget(OverBudget),
 }
 
 impl BodyRewrite {
@@ -113,6 +139,7 @@ impl BodyRewrite {
         snapshot: &Snapshot,
         session: &mut Session,
         read_ahead: &mut ReadAhead,
+        reservation: BodyReservation,
     ) -> Result<Option<Self>> {
         let req = session.req_header();
         if !(snapshot.inject_stream_usage()
@@ -122,7 +149,10 @@ impl BodyRewrite {
             return Ok(None);
         }
         let Some(raw) = read_ahead.body(session).await? else {
-            return Ok(Some(BodyRewrite::default()));
+            return Ok(Some(BodyRewrite {
+                budget: Some((reservation, *snapshot.request_bodies())),
+                ..BodyRewrite::default()
+            }));
         };
         // Unchanged bodies (the client asked for usage, or is not streaming) need no
         // rewrite: the retry buffer replays them as they came.
@@ -140,9 +170,17 @@ impl BodyRewrite {
 
     /// A new attempt: Pingora replays the raw body from the start.
     pub fn restart(&mut self) {
-        self.buffer.clear();
+        self.release();
         self.passthrough = false;
         self.collected_injected = false;
+    }
+
+    /// Gives the buffer and its reservation back.
+    fn release(&mut self) {
+        self.buffer = Vec::new();
+        if let Some((reservation, _)) = &mut self.budget {
+            reservation.release();
+        }
     }
 
     /// Sets the upstream request's framing for the body that will be sent.
@@ -161,11 +199,10 @@ impl BodyRewrite {
         Ok(())
     }
 
-    /// Rewrites one piece of the request body in place; returns whether the option was
-    /// injected (at the body's end).
-    pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> bool {
+    /// Rewrites one piece of the request body in place.
+    pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Step {
         if self.passthrough {
-            return false;
+            return Step::Forwarded;
         }
         if let Some(ready) = &self.ready {
             // Pingora replays the read-ahead body here, whole, on every attempt; send the
@@ -175,32 +212,47 @@ impl BodyRewrite {
             } else {
                 Bytes::new()
             });
-            return false;
+            return Step::Forwarded;
         }
         if let Some(chunk) = body.take() {
+            let gave_up = if self.buffer.len() + chunk.len() > MAX_REWRITE_BODY {
+                Some(GaveUp::TooLarge)
+            } else if let Some((reservation, limits)) = &mut self.budget {
+                reservation
+                    .grow(chunk.len(), limits)
+                    .err()
+                    .map(GaveUp::OverBudget)
+            } else {
+                None
+            };
+            if let Some(why) = gave_up {
+                // What was held goes on first, then this piece, unchanged.
+                let mut out = std::mem::take(&mut self.buffer);
+                out.extend_from_slice(&chunk);
+                self.passthrough = true;
+                self.release();
+                *body = Some(Bytes::from(out));
+                return Step::GaveUp(why);
+            }
             self.buffer.extend_from_slice(&chunk);
-        }
-        if self.buffer.len() > MAX_REWRITE_BODY {
-            self.passthrough = true;
-            *body = Some(Bytes::from(std::mem::take(&mut self.buffer)));
-            return false;
         }
         if !end_of_stream {
             // Held back until the whole body is here. `Some(empty)`, not `None`: `None` would
             // end the upstream body.
             *body = Some(Bytes::new());
-            return false;
+            return Step::Forwarded;
         }
         let raw = std::mem::take(&mut self.buffer);
+        self.release();
         match ensure_stream_usage(&raw) {
             Some(rewritten) => {
                 *body = Some(Bytes::from(rewritten));
                 self.collected_injected = true;
-                true
+                Step::Injected
             }
             None => {
                 *body = Some(Bytes::from(raw));
-                false
+                Step::Forwarded
             }
         }
     }
@@ -208,7 +260,12 @@ impl BodyRewrite {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
     use super::*;
+    use crate::body_budget::BodyBudget;
+    use crate::limits::TenantUsage;
 
     const STREAMING: &[u8] = br#"{"model":"m","stream":true,"messages":[]}"#;
 
@@ -260,5 +317,89 @@ mod tests {
         let out = run(&mut rewrite, &[&big, b"tail"]);
         assert_eq!(out.len(), big.len() + 4);
         assert!(!rewrite.injected());
+    }
+
+    fn budgeted(
+        budget: &Arc<BodyBudget>,
+        tenant: &Arc<TenantUsage>,
+        memory_limit: usize,
+    ) -> BodyRewrite {
+        let limits = RequestBodySettings {
+            memory_limit,
+            tenant_limit: memory_limit,
+            deadline: std::time::Duration::from_secs(60),
+        };
+        let reservation = BodyReservation::new(Arc::clone(budget), Arc::clone(tenant));
+        BodyRewrite {
+            budget: Some((reservation, limits)),
+            ..BodyRewrite::default()
+        }
+    }
+
+    #[test]
+    fn a_body_over_the_budget_passes_through_unchanged_and_gives_its_bytes_back() {
+        let budget = Arc::new(BodyBudget::default());
+        let tenant = Arc::new(TenantUsage::default());
+        let mut rewrite = budgeted(&budget, &tenant, 20);
+        let (a, rest) = STREAMING.split_at(15);
+        let (b, c) = rest.split_at(10);
+        let mut first = Some(Bytes::copy_from_slice(a));
+        assert_eq!(rewrite.filter(&mut first, false), Step::Forwarded);
+        assert_eq!(first.as_deref(), Some(&b""[..]), "held");
+        assert_eq!(budget.held(), 15);
+        let mut second = Some(Bytes::copy_from_slice(b));
+        assert_eq!(
+            rewrite.filter(&mut second, false),
+            Step::GaveUp(GaveUp::OverBudget(OverBudget::Total))
+        );
+        assert_eq!(budget.held(), 0, "nothing held once it passes through");
+        let mut third = Some(Bytes::copy_from_slice(c));
+        assert_eq!(rewrite.filter(&mut third, true), Step::Forwarded);
+        let out = [first, second, third].concat_bytes();
+        assert_eq!(out, STREAMING, "every byte, in order, unchanged");
+        assert!(!rewrite.injected());
+    }
+
+    #[test]
+    fn a_rewrite_dropped_mid_body_gives_its_bytes_back() {
+        let budget = Arc::new(BodyBudget::default());
+        let tenant = Arc::new(TenantUsage::default());
+        let mut rewrite = budgeted(&budget, &tenant, 1 << 20);
+        let mut piece = Some(Bytes::from_static(b"{\"stream\":true,"));
+        rewrite.filter(&mut piece, false);
+        assert!(budget.held() > 0);
+        // The client left, or the request failed: the context and its rewrite drop.
+        drop(rewrite);
+        assert_eq!(budget.held(), 0);
+        assert_eq!(tenant.body_bytes().load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_collected_body_releases_its_bytes_at_its_end_and_on_a_new_attempt() {
+        let budget = Arc::new(BodyBudget::default());
+        let tenant = Arc::new(TenantUsage::default());
+        let mut rewrite = budgeted(&budget, &tenant, 1 << 20);
+        let (a, b) = STREAMING.split_at(10);
+        run(&mut rewrite, &[a, b]);
+        assert!(rewrite.injected());
+        assert_eq!(budget.held(), 0);
+        let mut piece = Some(Bytes::copy_from_slice(a));
+        rewrite.filter(&mut piece, false);
+        assert_eq!(budget.held(), a.len());
+        rewrite.restart();
+        assert_eq!(budget.held(), 0);
+    }
+
+    trait ConcatBytes {
+        fn concat_bytes(self) -> Vec<u8>;
+    }
+
+    impl<const N: usize> ConcatBytes for [Option<Bytes>; N] {
+        fn concat_bytes(self) -> Vec<u8> {
+            self.into_iter()
+                .flatten()
+                .flat_map(|b| b.to_vec())
+                .collect()
+        }
     }
 }
