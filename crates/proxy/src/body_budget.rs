@@ -1,11 +1,11 @@
 //! The memory budget for request bodies: how many bytes of them Tether holds at once, over
 //! all requests and per tenant (`request_bodies.memory_mib`, `request_bodies.tenant_share`).
 //!
-//! A body collected for a rewrite reserves its bytes as they are buffered, through a
-//! [`BodyReservation`] that gives them back when the body is sent on, when the request starts
-//! a new attempt, and when it drops for any reason (an error, a client that left), so nothing
-//! stays reserved after its request. A reservation that would go over either limit is
-//! refused and the caller sends the body on as it is instead of holding it.
+//! A body read ahead reserves its bytes before it is read, through a [`BodyReservation`] that
+//! the request keeps while it holds the body and that gives them back when it drops, however
+//! the request ends (an error, a client that left), so nothing stays reserved after its
+//! request. A reservation that would go over either limit is refused and the caller lets the
+//! body stream on instead of holding it.
 //!
 //! Pure bookkeeping on atomics: no Pingora, no lock.
 

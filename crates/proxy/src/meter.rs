@@ -183,14 +183,15 @@ impl Metrics {
         registry.register(Box::new(client_disconnects.clone()))?;
         let body_bytes = IntGauge::new(
             "tether_request_body_bytes",
-            "Bytes of request bodies Tether holds now (collected to add the usage option), \
-             within request_bodies.memory_mib.",
+            "Bytes of request bodies Tether holds now (small bodies read ahead), within \
+             request_bodies.memory_mib.",
         )?;
         registry.register(Box::new(body_bytes.clone()))?;
         let body_over_budget = counter_vec(
             "tether_request_body_over_budget_total",
-            "Request bodies sent on unchanged (without the usage option) because holding them \
-             would go over the memory budget, by tenant and limit: total or tenant (its share).",
+            "Small request bodies not read ahead because holding them would go over the \
+             memory budget (they stream on instead), by tenant and limit: total or tenant \
+             (its share).",
             &["tenant", "limit"],
         )?;
         let body_timeouts = counter_vec(
@@ -407,7 +408,7 @@ impl Meter {
         self.metrics.client_disconnects.inc();
     }
 
-    /// Counts a request body sent on unchanged because the memory budget was spent.
+    /// Counts a request body not read ahead because the memory budget was spent.
     pub fn count_body_over_budget(&self, tenant: &str, limit: OverBudget) {
         self.metrics
             .body_over_budget

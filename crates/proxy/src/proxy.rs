@@ -29,7 +29,7 @@ use tether_metering::{
 };
 
 use crate::admission::{admit, Admission, Caller};
-use crate::body::{BodyRewrite, GaveUp, ReadAhead, Step};
+use crate::body::{BodyRewrite, ReadAhead, Step};
 use crate::body_budget::BodyReservation;
 use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
@@ -123,6 +123,8 @@ pub struct RequestCtx {
     body_deadline: Option<(Instant, Option<Duration>)>,
     /// The body missed its deadline: the client is answered 408.
     body_timed_out: bool,
+    /// Counts the body read ahead in the memory budget until the context drops.
+    body_reservation: Option<BodyReservation>,
     /// Usage was injected into the request body.
     injected: bool,
     extractor: Option<UsageExtractor>,
@@ -159,6 +161,7 @@ impl RequestCtx {
             rewrite: None,
             body_deadline: None,
             body_timed_out: false,
+            body_reservation: None,
             injected: false,
             extractor: None,
             extraction: None,
@@ -445,14 +448,22 @@ impl ProxyHttp for TetherProxy {
             Arc::clone(self.router.body_budget()),
             Arc::clone(&caller.usage),
         );
-        let mut read_ahead = ReadAhead::default();
+        let mut read_ahead = ReadAhead::new(reservation, *snapshot.request_bodies());
         let (key, source) = self
             .session_key(&snapshot, caller, session, &mut read_ahead)
             .await?;
         ctx.key_source = source;
         ctx.attempts = Attempts::new(key, Some(scope));
-        ctx.rewrite =
-            BodyRewrite::prepare(&snapshot, session, &mut read_ahead, reservation).await?;
+        ctx.rewrite = BodyRewrite::prepare(&snapshot, session, &mut read_ahead).await?;
+        if let Some(limit) = read_ahead.refused() {
+            let tenant = ctx.caller.as_ref().map_or("-", |c| &*c.tenant);
+            debug!(
+                "tenant={tenant}: request body over the {} memory budget; not read ahead",
+                limit.as_str()
+            );
+            self.meter.count_body_over_budget(tenant, limit);
+        }
+        ctx.body_reservation = Some(read_ahead.into_reservation());
         ctx.injected = ctx.rewrite.as_ref().is_some_and(BodyRewrite::injected);
         Ok(false)
     }
@@ -649,18 +660,8 @@ impl ProxyHttp for TetherProxy {
         let Some(rewrite) = &mut ctx.rewrite else {
             return Ok(());
         };
-        match rewrite.filter(body, end_of_stream) {
-            Step::Injected => ctx.injected = true,
-            Step::GaveUp(GaveUp::OverBudget(limit)) => {
-                let tenant = ctx.caller.as_ref().map_or("-", |c| &*c.tenant);
-                debug!(
-                    "tenant={tenant}: request body over the {} memory budget; sent on \
-                     without the usage option",
-                    limit.as_str()
-                );
-                self.meter.count_body_over_budget(tenant, limit);
-            }
-            Step::GaveUp(GaveUp::TooLarge) | Step::Forwarded => {}
+        if rewrite.filter(body, end_of_stream) == Step::Injected {
+            ctx.injected = true;
         }
         Ok(())
     }
