@@ -6,6 +6,7 @@
 
 mod abuse;
 mod admission;
+mod bodies;
 mod cache_hits;
 mod cli;
 mod client;

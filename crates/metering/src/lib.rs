@@ -42,6 +42,7 @@ mod record;
 mod report;
 mod sink;
 mod status;
+mod stream_rewrite;
 mod stream_usage;
 mod usage;
 
@@ -53,5 +54,6 @@ pub use record::{Limit, SessionHash, Timestamp, UsageRecord};
 pub use report::{aggregate, GroupBy, Report, ReportRow};
 pub use sink::{SinkError, UsageLog, DEFAULT_QUEUE};
 pub use status::{UnknownUsageStatus, UsageStatus};
+pub use stream_rewrite::{StreamUsageRewrite, USAGE_OPTION};
 pub use stream_usage::{ensure_stream_usage, UsageChunkFilter};
 pub use usage::{Dialect, Usage};

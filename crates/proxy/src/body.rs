@@ -5,22 +5,22 @@
 //! A small body with a `Content-Length` is read whole in `request_filter` (Pingora's retry
 //! buffer keeps it and replays it, byte for byte, on every attempt): session keys in the body
 //! are read from it before a replica is chosen, and a rewrite knows its final length before
-//! the upstream header goes out, so the framing stays `Content-Length`. Nothing else is read
-//! ahead: a chunked body or one over [`READ_AHEAD_LIMIT`] streams on untouched (reading
-//! more than the retry buffer holds would lose what was read), and a rewrite collects it on
-//! its way through `request_body_filter`, framed chunked.
+//! the upstream header goes out, so the framing stays `Content-Length`. Its bytes count in the
+//! memory budget ([`crate::body_budget`]) for as long as the request holds them; when the
+//! budget is spent the body is not read ahead and streams on like a large one. Nothing else
+//! is read ahead: a chunked body or one over [`READ_AHEAD_LIMIT`] streams on (reading more
+//! than the retry buffer holds would lose what was read), and a rewrite adds the option as it
+//! passes ([`StreamUsageRewrite`]), framed chunked, holding none of it.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora_proxy::Session;
-use tether_metering::ensure_stream_usage;
+use tether_metering::{ensure_stream_usage, StreamUsageRewrite, USAGE_OPTION};
+use tether_topology::RequestBodySettings;
 
+use crate::body_budget::{BodyReservation, OverBudget};
 use crate::router::Snapshot;
-
-/// Largest chat request body Tether buffers to add `stream_options.include_usage`; a larger
-/// one is forwarded untouched (its stream may then report no usage).
-pub const MAX_REWRITE_BODY: usize = 16 << 20;
 
 /// Largest body read ahead in `request_filter`: Pingora's retry buffer, which replays it,
 /// holds this much and drops everything beyond.
@@ -28,20 +28,45 @@ pub const READ_AHEAD_LIMIT: usize = 64 << 10;
 
 /// The request body, read ahead at most once per request and shared by whoever needs it
 /// before a replica is chosen.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReadAhead {
     /// `None` until tried; then the body, or `None` when it is not read ahead.
     body: Option<Option<Bytes>>,
+    /// Counts the body read ahead in the memory budget.
+    reservation: BodyReservation,
+    limits: RequestBodySettings,
+    /// The budget refused the body: it was not read ahead.
+    refused: Option<OverBudget>,
 }
 
 impl ReadAhead {
-    /// The whole body when it has a `Content-Length` of 1..=[`READ_AHEAD_LIMIT`] bytes, read
-    /// on the first call; `None` for any other body, which is left to stream.
+    /// Nothing read yet; a body read ahead is counted in `reservation` under `limits`.
+    pub fn new(reservation: BodyReservation, limits: RequestBodySettings) -> Self {
+        ReadAhead {
+            body: None,
+            reservation,
+            limits,
+            refused: None,
+        }
+    }
+
+    /// The whole body when it has a `Content-Length` of 1..=[`READ_AHEAD_LIMIT`] bytes and
+    /// the memory budget has room for it, read on the first call; `None` for any other body,
+    /// which is left to stream.
     pub async fn body(&mut self, session: &mut Session) -> Result<Option<Bytes>> {
         if let Some(body) = &self.body {
             return Ok(body.clone());
         }
-        let body = read_small_body(session).await?;
+        let body = match small_body_length(session.req_header()) {
+            None => None,
+            Some(length) => match self.reservation.grow(length, &self.limits) {
+                Ok(()) => Some(read_small_body(session, length).await?),
+                Err(over) => {
+                    self.refused = Some(over);
+                    None
+                }
+            },
+        };
         self.body = Some(body.clone());
         Ok(body)
     }
@@ -50,19 +75,31 @@ impl ReadAhead {
     pub fn was_read(&self) -> bool {
         matches!(self.body, Some(Some(_)))
     }
+
+    /// Which limit of the memory budget kept the body from being read ahead, if one did.
+    pub fn refused(&self) -> Option<OverBudget> {
+        self.refused
+    }
+
+    /// The reservation holding the body read ahead, to keep for as long as the request holds
+    /// the body.
+    pub fn into_reservation(self) -> BodyReservation {
+        self.reservation
+    }
 }
 
-async fn read_small_body(session: &mut Session) -> Result<Option<Bytes>> {
-    let req = session.req_header();
+/// The `Content-Length` of a body small enough to read ahead.
+fn small_body_length(req: &RequestHeader) -> Option<usize> {
     let length = req
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    let Some(length) = length.filter(|n| !chunked && *n > 0 && *n <= READ_AHEAD_LIMIT) else {
-        return Ok(None);
-    };
+    length.filter(|n| !chunked && *n > 0 && *n <= READ_AHEAD_LIMIT)
+}
+
+async fn read_small_body(session: &mut Session, length: usize) -> Result<Bytes> {
     session.enable_retry_buffering();
     if expects_continue(session.req_header()) {
         // The client waits for this before sending the body (curl gives up waiting after a
@@ -82,7 +119,7 @@ async fn read_small_body(session: &mut Session) -> Result<Option<Bytes>> {
     {
         raw.extend_from_slice(&chunk);
     }
-    Ok(Some(Bytes::from(raw)))
+    Ok(Bytes::from(raw))
 }
 
 /// Whether the client waits for `100 Continue` before it sends the body.
@@ -97,13 +134,19 @@ pub fn expects_continue(req: &RequestHeader) -> bool {
 /// A chat request body being rewritten.
 #[derive(Debug, Default)]
 pub struct BodyRewrite {
-    buffer: Vec<u8>,
-    /// Gave up (too large): the rest passes through.
-    passthrough: bool,
     /// The final body, when it was read ahead: sent instead of what Pingora replays.
     ready: Option<Bytes>,
-    /// The collected body needed the field (set at its end).
-    collected_injected: bool,
+    /// The walk of a body that streams on.
+    walk: StreamUsageRewrite,
+}
+
+/// What one piece of a body did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Went on (or was replaced by the body read ahead).
+    Forwarded,
+    /// Carried the object's end, and the usage option was added before it.
+    Injected,
 }
 
 impl BodyRewrite {
@@ -133,16 +176,14 @@ impl BodyRewrite {
     }
 
     /// Whether the body that goes upstream carries the injected option (known at once for a
-    /// body read ahead, at its end for one collected on the way).
+    /// body read ahead, at the object's end for one that streams).
     pub fn injected(&self) -> bool {
-        self.ready.is_some() || self.collected_injected
+        self.ready.is_some() || self.walk.injected()
     }
 
     /// A new attempt: Pingora replays the raw body from the start.
     pub fn restart(&mut self) {
-        self.buffer.clear();
-        self.passthrough = false;
-        self.collected_injected = false;
+        self.walk = StreamUsageRewrite::default();
     }
 
     /// Sets the upstream request's framing for the body that will be sent.
@@ -153,7 +194,7 @@ impl BodyRewrite {
                 upstream_request
                     .insert_header(http::header::CONTENT_LENGTH, ready.len().to_string())?;
             }
-            // Collected on the way: the body may grow, so Pingora frames it chunked.
+            // Rewritten on the way: the body may grow, so Pingora frames it chunked.
             None => {
                 upstream_request.remove_header(&http::header::CONTENT_LENGTH);
             }
@@ -161,12 +202,8 @@ impl BodyRewrite {
         Ok(())
     }
 
-    /// Rewrites one piece of the request body in place; returns whether the option was
-    /// injected (at the body's end).
-    pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> bool {
-        if self.passthrough {
-            return false;
-        }
+    /// Rewrites one piece of the request body in place.
+    pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Step {
         if let Some(ready) = &self.ready {
             // Pingora replays the read-ahead body here, whole, on every attempt; send the
             // final body instead.
@@ -175,34 +212,20 @@ impl BodyRewrite {
             } else {
                 Bytes::new()
             });
-            return false;
+            return Step::Forwarded;
         }
-        if let Some(chunk) = body.take() {
-            self.buffer.extend_from_slice(&chunk);
-        }
-        if self.buffer.len() > MAX_REWRITE_BODY {
-            self.passthrough = true;
-            *body = Some(Bytes::from(std::mem::take(&mut self.buffer)));
-            return false;
-        }
-        if !end_of_stream {
-            // Held back until the whole body is here. `Some(empty)`, not `None`: `None` would
-            // end the upstream body.
-            *body = Some(Bytes::new());
-            return false;
-        }
-        let raw = std::mem::take(&mut self.buffer);
-        match ensure_stream_usage(&raw) {
-            Some(rewritten) => {
-                *body = Some(Bytes::from(rewritten));
-                self.collected_injected = true;
-                true
-            }
-            None => {
-                *body = Some(Bytes::from(raw));
-                false
-            }
-        }
+        let Some(piece) = body.as_ref() else {
+            return Step::Forwarded;
+        };
+        let Some(at) = self.walk.feed(piece) else {
+            return Step::Forwarded;
+        };
+        let mut out = BytesMut::with_capacity(piece.len() + USAGE_OPTION.len());
+        out.extend_from_slice(&piece[..at]);
+        out.extend_from_slice(USAGE_OPTION);
+        out.extend_from_slice(&piece[at..]);
+        *body = Some(out.freeze());
+        Step::Injected
     }
 }
 
@@ -223,11 +246,16 @@ mod tests {
     }
 
     #[test]
-    fn a_collected_streaming_body_gains_the_usage_option_at_its_end() {
+    fn a_streaming_body_gains_the_usage_option_at_its_end_and_the_rest_goes_on_at_once() {
         let mut rewrite = BodyRewrite::default();
         let (a, b) = STREAMING.split_at(10);
-        let out = run(&mut rewrite, &[a, b]);
+        let mut first = Some(Bytes::copy_from_slice(a));
+        assert_eq!(rewrite.filter(&mut first, false), Step::Forwarded);
+        assert_eq!(first.as_deref(), Some(a), "nothing held back");
+        let mut second = Some(Bytes::copy_from_slice(b));
+        assert_eq!(rewrite.filter(&mut second, true), Step::Injected);
         assert!(rewrite.injected());
+        let out = [a, &second.unwrap()[..]].concat();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
     }
@@ -254,11 +282,12 @@ mod tests {
     }
 
     #[test]
-    fn a_body_over_the_limit_passes_through_whole() {
+    fn a_replayed_body_is_walked_afresh() {
         let mut rewrite = BodyRewrite::default();
-        let big = vec![b' '; MAX_REWRITE_BODY + 1];
-        let out = run(&mut rewrite, &[&big, b"tail"]);
-        assert_eq!(out.len(), big.len() + 4);
-        assert!(!rewrite.injected());
+        let (a, b) = STREAMING.split_at(20);
+        let first = run(&mut rewrite, &[a, b]);
+        rewrite.restart();
+        assert_eq!(run(&mut rewrite, &[a, b]), first);
+        assert!(rewrite.injected());
     }
 }

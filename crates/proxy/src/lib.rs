@@ -1,7 +1,7 @@
 //! Tether's Pingora glue, as a library so that its hooks are tested and benchmarked from
 //! outside the binary: the `ProxyHttp` implementation ([`proxy`]), admission
 //! ([`admission`]) and per-tenant limits ([`limits`]), which session a request is
-//! ([`session_key`]), the request-body read-ahead and rewrite ([`body`]), the errors Tether answers
+//! ([`session_key`]), the request-body read-ahead and rewrite ([`body`]) within a memory budget ([`body_budget`]), the errors Tether answers
 //! ([`error`]), the routing state swapped on reload ([`router`]), metering ([`meter`]), the
 //! admin listener ([`admin`]), hot reload ([`reload`]), active probes ([`probe`]), and the
 //! server assembly ([`server`]) with the shutdown's drain ([`drain`]), the shared sticky store of a tier ([`tier`]), and upstream connections Tether
@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod admission;
 pub mod body;
+pub mod body_budget;
 pub mod drain;
 pub mod engine_probe;
 pub mod error;

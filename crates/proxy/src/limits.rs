@@ -13,7 +13,7 @@
 //! keyed-map machinery for what is here two atomics per tenant.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -67,6 +67,8 @@ pub struct TenantUsage {
     requests: TokenBucket,
     new_sessions: TokenBucket,
     in_flight: AtomicU32,
+    /// Bytes of this tenant's request bodies held (see [`crate::body_budget`]).
+    body_bytes: AtomicUsize,
 }
 
 /// A tenant's request counted in flight until it drops.
@@ -141,6 +143,11 @@ impl TenantUsage {
                 retry_after: wait,
             }),
         }
+    }
+
+    /// Bytes of this tenant's request bodies held now.
+    pub fn body_bytes(&self) -> &AtomicUsize {
+        &self.body_bytes
     }
 
     /// Requests in flight counted against `max_concurrent`.

@@ -16,6 +16,7 @@ use tether_affinity::{KeySource, Outcome, RoutingKey};
 use tether_metering::{SessionHash, UsageLog, UsageRecord, UsageStatus};
 use tether_topology::Topology;
 
+use crate::body_budget::OverBudget;
 use crate::router::Router;
 
 /// Environment variable that overrides `metering.session_key`.
@@ -42,6 +43,9 @@ pub struct Metrics {
     override_entries: IntGauge,
     log_dropped: IntCounter,
     client_disconnects: IntCounter,
+    body_bytes: IntGauge,
+    body_over_budget: IntCounterVec,
+    body_timeouts: IntCounterVec,
     key_sources: IntCounterVec,
     keys_ignored: IntCounterVec,
     /// `tether_session_key_source_total` by source, `none` last, each made on first use.
@@ -177,6 +181,25 @@ impl Metrics {
              (logged at debug level: an expected thing for clients to do).",
         )?;
         registry.register(Box::new(client_disconnects.clone()))?;
+        let body_bytes = IntGauge::new(
+            "tether_request_body_bytes",
+            "Bytes of request bodies Tether holds now (small bodies read ahead), within \
+             request_bodies.memory_mib.",
+        )?;
+        registry.register(Box::new(body_bytes.clone()))?;
+        let body_over_budget = counter_vec(
+            "tether_request_body_over_budget_total",
+            "Small request bodies not read ahead because holding them would go over the \
+             memory budget (they stream on instead), by tenant and limit: total or tenant \
+             (its share).",
+            &["tenant", "limit"],
+        )?;
+        let body_timeouts = counter_vec(
+            "tether_request_body_timeouts_total",
+            "Requests answered 408 because their body had not arrived within \
+             request_bodies.deadline, by tenant.",
+            &["tenant"],
+        )?;
         let key_sources = counter_vec(
             "tether_session_key_source_total",
             "Metered requests by where their session key came from: header, agent_header, \
@@ -211,6 +234,9 @@ impl Metrics {
             override_entries,
             log_dropped,
             client_disconnects,
+            body_bytes,
+            body_over_budget,
+            body_timeouts,
             handles: ArcSwap::default(),
             handles_write: Mutex::new(()),
             usage_unknown_by_status: Default::default(),
@@ -382,6 +408,22 @@ impl Meter {
         self.metrics.client_disconnects.inc();
     }
 
+    /// Counts a request body not read ahead because the memory budget was spent.
+    pub fn count_body_over_budget(&self, tenant: &str, limit: OverBudget) {
+        self.metrics
+            .body_over_budget
+            .with_label_values(&[tenant, limit.as_str()])
+            .inc();
+    }
+
+    /// Counts a request answered 408 because its body did not arrive in time.
+    pub fn count_body_timeout(&self, tenant: &str) {
+        self.metrics
+            .body_timeouts
+            .with_label_values(&[tenant])
+            .inc();
+    }
+
     /// Counts a request refused by a tenant limit.
     pub fn count_limited(&self, tenant: &str, limit: tether_metering::Limit) {
         self.metrics
@@ -432,6 +474,8 @@ impl Meter {
             let ejections = m.ejections.with_label_values(&[id]);
             ejections.inc_by(live.ejections_total().saturating_sub(ejections.get()));
         }
+        m.body_bytes
+            .set(i64::try_from(router.body_budget().held()).unwrap_or(i64::MAX));
         m.override_entries
             .set(i64::try_from(router.overrides().len()).unwrap_or(i64::MAX));
         if let Some(log) = &self.log {

@@ -29,7 +29,8 @@ use tether_metering::{
 };
 
 use crate::admission::{admit, Admission, Caller};
-use crate::body::{BodyRewrite, ReadAhead};
+use crate::body::{BodyRewrite, ReadAhead, Step};
+use crate::body_budget::BodyReservation;
 use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
 use crate::limits::{InFlightPermit, Refused};
@@ -117,6 +118,13 @@ pub struct RequestCtx {
     /// Where the session key came from.
     key_source: Option<KeySource>,
     rewrite: Option<BodyRewrite>,
+    /// When the request body must have arrived by (`request_bodies.deadline`), while it is
+    /// still arriving; and the downstream read timeout it replaced, restored at its end.
+    body_deadline: Option<(Instant, Option<Duration>)>,
+    /// The body missed its deadline: the client is answered 408.
+    body_timed_out: bool,
+    /// Counts the body read ahead in the memory budget until the context drops.
+    body_reservation: Option<BodyReservation>,
     /// Usage was injected into the request body.
     injected: bool,
     extractor: Option<UsageExtractor>,
@@ -151,6 +159,9 @@ impl RequestCtx {
             retried_status: None,
             key_source: None,
             rewrite: None,
+            body_deadline: None,
+            body_timed_out: false,
+            body_reservation: None,
             injected: false,
             extractor: None,
             extraction: None,
@@ -428,13 +439,31 @@ impl ProxyHttp for TetherProxy {
         let scope = caller.scope;
         ctx.attempts = Attempts::new(None, Some(scope));
         let caller = &*ctx.caller.insert(caller);
-        let mut read_ahead = ReadAhead::default();
+        // Every read of the body, the read-ahead's included, ends by the body's deadline.
+        let deadline = snapshot.request_bodies().deadline;
+        let downstream = session.as_downstream_mut();
+        ctx.body_deadline = Some((ctx.started + deadline, downstream.get_read_timeout()));
+        downstream.set_read_timeout(Some(deadline));
+        let reservation = BodyReservation::new(
+            Arc::clone(self.router.body_budget()),
+            Arc::clone(&caller.usage),
+        );
+        let mut read_ahead = ReadAhead::new(reservation, *snapshot.request_bodies());
         let (key, source) = self
             .session_key(&snapshot, caller, session, &mut read_ahead)
             .await?;
         ctx.key_source = source;
         ctx.attempts = Attempts::new(key, Some(scope));
         ctx.rewrite = BodyRewrite::prepare(&snapshot, session, &mut read_ahead).await?;
+        if let Some(limit) = read_ahead.refused() {
+            let tenant = ctx.caller.as_ref().map_or("-", |c| &*c.tenant);
+            debug!(
+                "tenant={tenant}: request body over the {} memory budget; not read ahead",
+                limit.as_str()
+            );
+            self.meter.count_body_over_budget(tenant, limit);
+        }
+        ctx.body_reservation = Some(read_ahead.into_reservation());
         ctx.injected = ctx.rewrite.as_ref().is_some_and(BodyRewrite::injected);
         Ok(false)
     }
@@ -603,15 +632,36 @@ impl ProxyHttp for TetherProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(rewrite) = &mut ctx.rewrite {
-            if rewrite.filter(body, end_of_stream) {
-                ctx.injected = true;
+        if let Some((deadline, before)) = ctx.body_deadline {
+            let downstream = session.as_downstream_mut();
+            if end_of_stream {
+                // The body is in: the connection's next request reads as it did before.
+                downstream.set_read_timeout(before);
+                ctx.body_deadline = None;
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    ctx.body_timed_out = true;
+                    return Error::e_explain(
+                        ErrorType::ReadTimedout,
+                        "the request body did not arrive within request_bodies.deadline",
+                    )
+                    .map_err(|e| e.into_down());
+                }
+                // The next read waits no longer than what is left of the deadline.
+                downstream.set_read_timeout(Some(left));
             }
+        }
+        let Some(rewrite) = &mut ctx.rewrite else {
+            return Ok(());
+        };
+        if rewrite.filter(body, end_of_stream) == Step::Injected {
+            ctx.injected = true;
         }
         Ok(())
     }
@@ -732,8 +782,27 @@ impl ProxyHttp for TetherProxy {
         let retry_after = ctx.snapshot.as_deref().map_or(1, |s| {
             u32::try_from(s.retry_after_hint().as_secs()).unwrap_or(u32::MAX)
         });
+        // A read that timed out while the body was still arriving: the body's deadline passed
+        // (every such read waits at most until it).
+        if ctx.body_deadline.is_some() && e.etype() == &ErrorType::ReadTimedout {
+            ctx.body_timed_out = true;
+        }
+        if ctx.body_timed_out {
+            let tenant = ctx.caller.as_ref().map_or("-", |c| &*c.tenant);
+            let deadline = ctx
+                .snapshot
+                .as_deref()
+                .map(|s| s.request_bodies().deadline)
+                .unwrap_or_default();
+            log::warn!(
+                "tenant={tenant}: request body not complete within {}; answered 408",
+                humantime::format_duration(deadline)
+            );
+            self.meter.count_body_timeout(tenant);
+        }
         let error = match (ctx.limited, &ctx.tls_failure) {
             (Some(refused), _) => Some(EdgeError::from(refused)),
+            _ if ctx.body_timed_out => Some(EdgeError::RequestTimeout),
             (None, Some(tls)) if ctx.unavailable || e.esource() == &ErrorSource::Upstream => {
                 Some(EdgeError::UpstreamFailed(tls.as_str()))
             }
@@ -766,10 +835,15 @@ impl ProxyHttp for TetherProxy {
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
-        // Clients leaving mid-stream, the shutdown's cut and tenants over their limits are
-        // counted (metrics, the drain's summary) rather than logged one by one at error level.
-        let expected =
-            client_left(e) || Aborted::of(e) == Some(Aborted::Cut) || ctx.limited.is_some();
+        // Clients leaving mid-stream, the shutdown's cut, tenants over their limits and bodies
+        // past their deadline (logged at warn with their tenant) are counted (metrics, the
+        // drain's summary) rather than logged one by one at error level.
+        let body_late = ctx.body_timed_out
+            || (ctx.body_deadline.is_some() && e.etype() == &ErrorType::ReadTimedout);
+        let expected = client_left(e)
+            || Aborted::of(e) == Some(Aborted::Cut)
+            || ctx.limited.is_some()
+            || body_late;
         if expected {
             debug!("request ended early: {e}");
         }

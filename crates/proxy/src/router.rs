@@ -15,8 +15,11 @@ use tether_affinity::{
 };
 use tether_health::{HealthPolicy, Transition};
 use tether_metering::{Dialect, Price};
-use tether_topology::{FailoverSettings, SecretSource, TenantLimits, Topology, UpstreamAuth};
+use tether_topology::{
+    FailoverSettings, RequestBodySettings, SecretSource, TenantLimits, Topology, UpstreamAuth,
+};
 
+use crate::body_budget::BodyBudget;
 use crate::limits::{TenantUsage, TenantUsages};
 use crate::probe::{ProbeRound, ProbeSettings, ProbeSource, ProbeTarget};
 use crate::upstream_io::{Cut, ReplicaConnector};
@@ -252,6 +255,7 @@ pub struct Snapshot {
     pricing: tether_topology::Pricing,
     metering: bool,
     inject_stream_usage: bool,
+    request_bodies: RequestBodySettings,
 }
 
 impl Snapshot {
@@ -300,6 +304,11 @@ impl Snapshot {
         self.inject_stream_usage
     }
 
+    /// Bounds on the request bodies Tether holds (`request_bodies`).
+    pub fn request_bodies(&self) -> &RequestBodySettings {
+        &self.request_bodies
+    }
+
     /// The price of `model` (the default price when unknown or unnamed).
     pub fn price(&self, model: Option<&str>) -> Price {
         self.pricing.price(model)
@@ -332,6 +341,8 @@ pub struct Router {
     key_secret: Option<KeySecret>,
     /// Each tenant's buckets and requests in flight, across generations.
     usages: TenantUsages,
+    /// The bytes of request bodies held, across generations.
+    body_budget: Arc<BodyBudget>,
 }
 
 impl Router {
@@ -356,7 +367,13 @@ impl Router {
             cut,
             key_secret,
             usages,
+            body_budget: Arc::default(),
         })
+    }
+
+    /// The bytes of request bodies held over all requests.
+    pub fn body_budget(&self) -> &Arc<BodyBudget> {
+        &self.body_budget
     }
 
     /// The current snapshot (one atomic load; hold it for the whole request).
@@ -624,6 +641,7 @@ fn build_snapshot(
         pricing: topology.pricing.clone(),
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,
+        request_bodies: topology.request_bodies,
     })
 }
 

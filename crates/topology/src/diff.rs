@@ -202,6 +202,7 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
         ("failover", old.failover != new.failover),
         ("admin", old.admin != new.admin),
         ("reload", old.reload != new.reload),
+        ("request_bodies", old.request_bodies != new.request_bodies),
     ] {
         if changed {
             d.changes.push(format!("{section} settings changed"));

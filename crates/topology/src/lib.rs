@@ -44,9 +44,10 @@ pub use error::{Problem, TopologyError};
 pub use input::{MAX_CONFIG_BYTES, MAX_NESTING_DEPTH};
 pub use model::{
     AdminSettings, AffinitySettings, CertificateFiles, FailoverSettings, HealthSettings,
-    MeteringSettings, Pricing, ProbeSettings, Rate, Region, ReloadSettings, Replica, SecretSource,
-    ServerSettings, StickyStoreSettings, Tenant, TenantLimits, TlsListener, Topology, UpstreamAuth,
-    UpstreamSettings, UpstreamTls, UsageLog, DEFAULT_RETRY_UNANSWERED,
+    MeteringSettings, Pricing, ProbeSettings, Rate, Region, ReloadSettings, Replica,
+    RequestBodySettings, SecretSource, ServerSettings, StickyStoreSettings, Tenant, TenantLimits,
+    TlsListener, Topology, UpstreamAuth, UpstreamSettings, UpstreamTls, UsageLog,
+    DEFAULT_RETRY_UNANSWERED,
 };
 pub use tether_engine::EngineKind;
 pub use validate::{

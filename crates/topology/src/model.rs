@@ -51,6 +51,19 @@ pub struct Topology {
     pub reload: ReloadSettings,
     /// The shared sticky store, when the instance runs in a tier.
     pub sticky_store: Option<StickyStoreSettings>,
+    /// Memory and time bounds on request bodies (`request_bodies`).
+    pub request_bodies: RequestBodySettings,
+}
+
+/// The `request_bodies` section: bounds on what Tether holds of request bodies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestBodySettings {
+    /// The most bytes of request bodies held at once, over all requests (`memory_mib`).
+    pub memory_limit: usize,
+    /// The most of [`memory_limit`](Self::memory_limit) one tenant's bodies may hold.
+    pub tenant_limit: usize,
+    /// A request whose body has not fully arrived this long after its header is answered 408.
+    pub deadline: Duration,
 }
 
 /// The `affinity` section.

@@ -47,6 +47,28 @@ pub(crate) struct RawTopology {
     pub reload: RawReload,
     #[serde(default)]
     pub sticky_store: Option<RawStickyStore>,
+    #[serde(default)]
+    pub request_bodies: RawRequestBodies,
+}
+
+/// How much of request bodies Tether holds, and for how long a body may take to arrive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawRequestBodies {
+    pub memory_mib: u64,
+    pub tenant_share: f64,
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for RawRequestBodies {
+    fn default() -> Self {
+        RawRequestBodies {
+            memory_mib: 256,
+            tenant_share: 0.5,
+            deadline: Duration::from_secs(60),
+        }
+    }
 }
 
 /// An HTTPS listener: its default certificate and, optionally, more chosen by server name.

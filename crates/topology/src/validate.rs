@@ -8,11 +8,12 @@ use tether_affinity::{InflightCap, Placement};
 use tether_engine::EngineKind;
 use tether_metering::Price;
 
-use crate::raw::{RawInflightCap, RawPrice, RawTopology};
+use crate::raw::{RawInflightCap, RawPrice, RawRequestBodies, RawTopology};
 use crate::{
     AdminSettings, AffinitySettings, FailoverSettings, HealthSettings, MeteringSettings, Pricing,
-    ProbeSettings, Problem, Region, ReloadSettings, Replica, SecretSource, ServerSettings,
-    StickyStoreSettings, Tenant, Topology, UpstreamAuth, UpstreamSettings, UsageLog,
+    ProbeSettings, Problem, Region, ReloadSettings, Replica, RequestBodySettings, SecretSource,
+    ServerSettings, StickyStoreSettings, Tenant, Topology, UpstreamAuth, UpstreamSettings,
+    UsageLog,
 };
 
 mod durations;
@@ -469,6 +470,8 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
 
     durations::check(&mut p, &raw);
 
+    let request_bodies = request_bodies(&mut p, &raw.request_bodies);
+
     // upstream and server
     if raw.server.threads == 0 || raw.server.threads > 1024 {
         p.add(
@@ -724,5 +727,41 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             watch: raw.reload.watch,
         },
         sticky_store,
+        request_bodies,
     })
+}
+
+/// The most `request_bodies.memory_mib` may be (1 TiB).
+const MAX_BODY_MEMORY_MIB: u64 = 1 << 20;
+
+fn request_bodies(p: &mut Problems, raw: &RawRequestBodies) -> RequestBodySettings {
+    if raw.memory_mib == 0 || raw.memory_mib > MAX_BODY_MEMORY_MIB {
+        p.add(
+            "request_bodies.memory_mib",
+            format!(
+                "{} is out of range 1..={MAX_BODY_MEMORY_MIB}",
+                raw.memory_mib
+            ),
+        );
+    }
+    if !(raw.tenant_share > 0.0 && raw.tenant_share <= 1.0) {
+        p.add(
+            "request_bodies.tenant_share",
+            format!("{} is out of range (0, 1]", raw.tenant_share),
+        );
+    }
+    let memory_limit =
+        usize::try_from(raw.memory_mib.clamp(1, MAX_BODY_MEMORY_MIB) << 20).unwrap_or(usize::MAX);
+    // Rounded down, at least one byte: a share is a fraction of a validated total.
+    let share = if raw.tenant_share > 0.0 && raw.tenant_share <= 1.0 {
+        raw.tenant_share
+    } else {
+        1.0
+    };
+    let tenant_limit = ((memory_limit as f64 * share) as usize).clamp(1, memory_limit);
+    RequestBodySettings {
+        memory_limit,
+        tenant_limit,
+        deadline: raw.deadline,
+    }
 }

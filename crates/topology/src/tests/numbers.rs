@@ -57,3 +57,24 @@ fn finite_numbers_out_of_range_keep_their_own_message() {
         p.message
     );
 }
+
+#[test]
+fn request_body_bounds_are_checked_and_the_tenant_share_is_a_fraction_of_the_total() {
+    let with = |section: &str| format!("{VALID}\nrequest_bodies: {section}\n");
+    for (section, key) in [
+        ("{ memory_mib: 0 }", "request_bodies.memory_mib"),
+        ("{ tenant_share: 0 }", "request_bodies.tenant_share"),
+        ("{ tenant_share: 1.5 }", "request_bodies.tenant_share"),
+        ("{ deadline: 10ms }", "request_bodies.deadline"),
+    ] {
+        assert_eq!(problem(&with(section)).key, key, "{section}");
+    }
+    let t = Topology::from_yaml(
+        &with("{ memory_mib: 64, tenant_share: 0.25, deadline: 5s }"),
+        "t",
+    )
+    .expect("valid");
+    assert_eq!(t.request_bodies.memory_limit, 64 << 20);
+    assert_eq!(t.request_bodies.tenant_limit, 16 << 20);
+    assert_eq!(t.request_bodies.deadline, Duration::from_secs(5));
+}

@@ -202,4 +202,11 @@ pub(super) fn check(p: &mut Problems, raw: &RawTopology) {
         (MILLISECOND, DAY),
         "a request needs time for its first attempt",
     );
+    within(
+        p,
+        "request_bodies.deadline",
+        raw.request_bodies.deadline,
+        (SECOND, DAY),
+        "a body needs time to arrive",
+    );
 }
