@@ -131,6 +131,7 @@ async fn http2_and_http1_over_tls_reach_tls_replicas_and_are_metered() {
         body: body(https, &edge, &[], &regions, &log),
     })
     .unwrap();
+    wait_listening(https).await;
     let url = format!("https://localhost:{}/v1/chat/completions", https.port());
 
     let h2 = https_client(&ca, true).unwrap();
@@ -216,6 +217,7 @@ async fn the_openai_sdk_streams_over_https_with_http1_and_http2_to_tls_replicas(
         body: body(https, &edge, &[], &regions, &log),
     })
     .unwrap();
+    wait_listening(https).await;
     let base_url = format!("https://localhost:{}/v1", https.port());
     let ca_arg = ca_file.display().to_string();
 
@@ -308,6 +310,7 @@ async fn certificates_are_chosen_by_server_name_and_a_renewed_one_is_served_to_n
         body: body(https, &first, &[&other], &regions, &log),
     })
     .unwrap();
+    wait_listening(https).await;
     let config = client_config(&ca, &[b"http/1.1"]).unwrap();
 
     // By server name: the wildcard certificate for its names, the first one otherwise.
@@ -517,6 +520,7 @@ async fn sighup_and_the_admin_api_reload_a_renewed_certificate_under_an_unchange
         ),
     })
     .unwrap();
+    wait_listening(https).await;
     let config = client_config(&ca, &[b"http/1.1"]).unwrap();
     let served = || async {
         let stream = connect(config.clone(), https, "localhost").await.unwrap();
@@ -672,6 +676,7 @@ async fn an_http2_stream_the_client_cancels_is_still_recorded_and_its_connection
         body: body(https, &edge, &[], &regions, &log),
     })
     .unwrap();
+    wait_listening(https).await;
     let url = format!("https://localhost:{}/v1/chat/completions", https.port());
     let h2 = https_client(&ca, true).unwrap();
 
@@ -713,4 +718,17 @@ async fn an_http2_stream_the_client_cancels_is_still_recorded_and_its_connection
         .unwrap();
     assert_eq!(cancelled["status"], 200, "{cancelled}");
     assert_eq!(cancelled["usage_status"], "incomplete", "{cancelled}");
+}
+
+/// Waits until Tether's HTTPS listener accepts connections (the harness's readiness check
+/// covers the plain and admin listeners only).
+async fn wait_listening(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HTTPS listener on {addr} never accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
