@@ -326,9 +326,10 @@ async fn a_hung_replica_costs_its_clients_one_bounded_delay_and_no_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_waiting_on_a_replica_that_hangs_move_when_probes_take_it_out() {
-    // The shipped `read_timeout` (5 minutes): only the departure can end their wait early.
+    // The shipped `read_timeout` (5 minutes): only the departure can end their wait early,
+    // which needs watched connections.
     let fleet = Arc::new(SimFleet::start(&SIX).unwrap());
-    let tether = Tether::start(&config(&fleet, "")).unwrap();
+    let tether = Tether::start(&config(&fleet, "upstream: { watch_connections: true }\n")).unwrap();
     let client = reqwest::Client::new();
     let url = tether.url("/v1/chat/completions");
     let session = "hung-session";
@@ -415,7 +416,7 @@ async fn an_immediate_drain_moves_the_requests_waiting_on_a_stuck_replica() {
     // Probes too rare to notice anything: only the operator's drain can.
     let tether = Tether::start(&TetherConfig {
         body: format!(
-            "local_region: eu\n{}health:\n  probe: {{ interval: 1h, timeout: 1s }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\n",
+            "local_region: eu\n{}health:\n  probe: {{ interval: 1h, timeout: 1s }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\nupstream: {{ watch_connections: true }}\n",
             regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
         ),
     })

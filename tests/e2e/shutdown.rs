@@ -47,7 +47,8 @@ async fn sigterm_lets_streams_finish_cuts_those_past_the_drain_limit_and_logs_bo
     let mut tether = Tether::start_with_server(
         &TetherConfig {
             body: format!(
-                "local_region: eu\n{}usage_log: {{ path: \"{}\" }}\nmetering: {{ session_key: \"e2e-session-key-0123456789\" }}\n",
+                // Cutting the streams past the drain limit needs watched connections.
+                "local_region: eu\n{}usage_log: {{ path: \"{}\" }}\nmetering: {{ session_key: \"e2e-session-key-0123456789\" }}\nupstream: {{ watch_connections: true }}\n",
                 regions_yaml(&[("eu", vec![("s-1".into(), fleet.addr("s-1"), "")])]),
                 log_path.display(),
             ),

@@ -470,7 +470,11 @@ fn build_snapshot(
             peer.options.read_timeout = upstream.read_timeout;
             peer.options.idle_timeout = upstream.idle_timeout;
             let connector = ReplicaConnector::new(upstream.connect_timeout, Arc::clone(cut));
-            peer.options.custom_l4 = Some(connector.clone());
+            // Only when asked for: Pingora does not pool connections made by a custom
+            // connector (see `UpstreamSettings::watch_connections`).
+            if upstream.watch_connections {
+                peer.options.custom_l4 = Some(connector.clone());
+            }
             let credential = r
                 .upstream_auth
                 .as_ref()

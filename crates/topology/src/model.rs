@@ -302,6 +302,12 @@ pub struct UpstreamSettings {
     pub read_timeout: Option<Duration>,
     /// How long a pooled idle connection is kept.
     pub idle_timeout: Option<Duration>,
+    /// Replica connections go through Tether's own connector, whose reads Tether can break
+    /// off: requests waiting on a replica that leaves rotation move at once, and streams
+    /// still running at the end of a shutdown's drain are cut and logged. Pingora 0.9 never
+    /// reuses such a connection (it cannot check a virtual socket's peer), so every request
+    /// opens one: off by default.
+    pub watch_connections: bool,
 }
 
 /// The `server` section.

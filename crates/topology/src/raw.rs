@@ -400,6 +400,7 @@ pub(crate) struct RawUpstream {
     pub read_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    pub watch_connections: bool,
 }
 
 impl Default for RawUpstream {
@@ -408,6 +409,7 @@ impl Default for RawUpstream {
             connect_timeout: Duration::from_secs(2),
             read_timeout: Some(Duration::from_secs(300)),
             idle_timeout: Some(Duration::from_secs(60)),
+            watch_connections: false,
         }
     }
 }

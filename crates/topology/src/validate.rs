@@ -692,6 +692,7 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             connect_timeout: raw.upstream.connect_timeout,
             read_timeout: raw.upstream.read_timeout,
             idle_timeout: raw.upstream.idle_timeout,
+            watch_connections: raw.upstream.watch_connections,
         },
         server: ServerSettings {
             threads: raw.server.threads,
