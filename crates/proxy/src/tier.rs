@@ -172,12 +172,12 @@ impl Tier {
                     .note_placed_elsewhere(replica, tag, now_ms());
             }
         });
-        if let Some(every) = self.load_interval {
+        if self.load_interval.is_some() {
+            // Only kept here: [`share_load`](Self::share_load) sums them once per interval,
+            // so a large tier's reports cost the store's thread a map insert each.
             let elsewhere = Arc::clone(&self.elsewhere);
             self.store.on_remote_load(move |origin, entries| {
-                let now = Instant::now();
-                elsewhere.take(origin, entries, now);
-                apply(&router, &elsewhere.sums(now, stale_after(every)));
+                elsewhere.take(origin, entries, Instant::now());
             });
         }
     }
