@@ -102,7 +102,22 @@ impl TokenSafeLogger {
                 record.target() == *target && record.args().to_string().starts_with(start)
             })
     }
+
+    /// Whether `record` is rustls's warning that a client sent an IP address as its TLS
+    /// server name (load generators and some HTTP clients do, on every connection): expected
+    /// client behaviour, which at warn level would be a line per connection. Kept at debug.
+    fn ip_address_as_server_name(record: &log::Record<'_>) -> bool {
+        record.level() == log::Level::Warn
+            && record.target().starts_with("rustls::")
+            && record
+                .args()
+                .to_string()
+                .starts_with(IP_ADDRESS_AS_SERVER_NAME)
+    }
 }
+
+/// How rustls's warning about an IP address sent as the TLS server name starts.
+const IP_ADDRESS_AS_SERVER_NAME: &str = "Illegal SNI extension: ignoring IP address";
 
 impl log::Log for TokenSafeLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
@@ -110,9 +125,28 @@ impl log::Log for TokenSafeLogger {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        if !Self::dumps_headers(record) {
-            self.0.log(record);
+        if Self::dumps_headers(record) {
+            return;
         }
+        if Self::ip_address_as_server_name(record) {
+            let debug = log::Metadata::builder()
+                .level(log::Level::Debug)
+                .target(record.target())
+                .build();
+            if self.0.enabled(&debug) {
+                self.0.log(
+                    &log::Record::builder()
+                        .metadata(debug)
+                        .args(*record.args())
+                        .module_path(record.module_path())
+                        .file(record.file())
+                        .line(record.line())
+                        .build(),
+                );
+            }
+            return;
+        }
+        self.0.log(record);
     }
 
     fn flush(&self) {
@@ -189,5 +223,46 @@ fn check(configs: &[PathBuf]) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(
+        level: log::Level,
+        target: &'a str,
+        args: std::fmt::Arguments<'a>,
+    ) -> log::Record<'a> {
+        log::Record::builder()
+            .level(level)
+            .target(target)
+            .args(args)
+            .build()
+    }
+
+    #[test]
+    fn only_rustls_warnings_about_an_ip_address_as_server_name_are_lowered() {
+        let ip = format_args!(
+            "Illegal SNI extension: ignoring IP address presented as hostname (3132372e302e302e31)"
+        );
+        assert!(TokenSafeLogger::ip_address_as_server_name(&record(
+            log::Level::Warn,
+            "rustls::msgs::handshake",
+            ip
+        )));
+        let other = format_args!("Sending fatal alert BadCertificate");
+        assert!(!TokenSafeLogger::ip_address_as_server_name(&record(
+            log::Level::Warn,
+            "rustls::conn",
+            other
+        )));
+        let elsewhere = format_args!("Illegal SNI extension: ignoring IP address");
+        assert!(!TokenSafeLogger::ip_address_as_server_name(&record(
+            log::Level::Warn,
+            "tether::tls",
+            elsewhere
+        )));
     }
 }
