@@ -18,17 +18,22 @@ const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// Fast health settings so a test sees verdicts within a second.
 const FAST_HEALTH: &str = "health:\n  probe: { interval: 200ms, timeout: 150ms, rise: 2, fall: 2 }\n  eject_after: 2\n  eject_cooldown: 1s\n";
 
-fn config(fleet: &SimFleet, extra: &str) -> TetherConfig {
+/// The `regions:` YAML of the six replicas of `fleet`, eu and us.
+fn six_regions(fleet: &SimFleet) -> String {
     let region = |prefix: &str| {
         SIX.iter()
             .filter(|id| id.starts_with(prefix))
             .map(|id| (id.to_string(), fleet.addr(id), ""))
             .collect::<Vec<_>>()
     };
+    regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
+}
+
+fn config(fleet: &SimFleet, extra: &str) -> TetherConfig {
     TetherConfig {
         body: format!(
             "local_region: eu\n{}{FAST_HEALTH}admin: {{ token: \"{ADMIN_TOKEN}\" }}\n{extra}",
-            regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
+            six_regions(fleet)
         ),
     }
 }
@@ -407,17 +412,11 @@ async fn a_replica_answering_200_with_garbage_is_ejected_and_loses_its_sessions(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_immediate_drain_moves_the_requests_waiting_on_a_stuck_replica() {
     let fleet = SimFleet::start(&SIX).unwrap();
-    let region = |prefix: &str| {
-        SIX.iter()
-            .filter(|id| id.starts_with(prefix))
-            .map(|id| (id.to_string(), fleet.addr(id), ""))
-            .collect::<Vec<_>>()
-    };
     // Probes too rare to notice anything: only the operator's drain can.
     let tether = Tether::start(&TetherConfig {
         body: format!(
             "local_region: eu\n{}health:\n  probe: {{ interval: 1h, timeout: 1s }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\nupstream: {{ watch_connections: true }}\n",
-            regions_yaml(&[("eu", region("eu")), ("us", region("us"))])
+            six_regions(&fleet)
         ),
     })
     .unwrap();

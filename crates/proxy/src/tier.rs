@@ -199,7 +199,9 @@ impl Tier {
             self.store.publish_load(&snapshot.fleet().inflight_report());
         }
         let sums = self.elsewhere.sums(Instant::now(), stale_after(every));
-        apply(router, &sums);
+        snapshot
+            .fleet()
+            .set_inflight_elsewhere(|id| sums.get(id).copied().unwrap_or(0));
     }
 
     /// Asks the store for `key`'s replica and takes an answer into `state`, so that routing
@@ -271,13 +273,6 @@ impl Tier {
 /// instance gone.
 fn stale_after(every: Duration) -> Duration {
     every * 5
-}
-
-fn apply(router: &Router, sums: &HashMap<Arc<str>, u32>) {
-    router
-        .snapshot()
-        .fleet()
-        .set_inflight_elsewhere(|id| sums.get(id).copied().unwrap_or(0));
 }
 
 /// Writes one metric family: its HELP and TYPE lines, then `name{labels} value` per sample.
