@@ -508,6 +508,7 @@ impl<U> Fleet<U> {
             key: attempts.key,
             tenant: attempts.tenant,
             slot: Some(live.status.acquire()),
+            departures_when_chosen: live.status.departures(),
             body_to_judge: false,
         })
     }
@@ -868,6 +869,8 @@ pub struct Route<U> {
     key: Option<RoutingKey>,
     tenant: Option<TenantScope>,
     slot: Option<InflightGuard>,
+    /// The replica's departure count when it was chosen ([`Route::departed_since_chosen`]).
+    departures_when_chosen: u64,
     /// A 2xx whose success waits for its body's verdict ([`Route::body_ended`]).
     body_to_judge: bool,
 }
@@ -877,6 +880,13 @@ impl<U> Route<U> {
     pub fn replica(&self) -> &Replica<U> {
         // `route` only builds receipts for replicas of this generation.
         &self.fleet.replicas[self.replica as usize]
+    }
+
+    /// Whether the replica left rotation (probe `fall`, ejection, immediate drain) since it
+    /// was chosen: the request, not yet sent, is better moved than sent into a replica that
+    /// is known to be gone.
+    pub fn departed_since_chosen(&self) -> bool {
+        self.replica().status().departures() != self.departures_when_chosen
     }
 
     /// Why it was chosen.

@@ -578,6 +578,26 @@ impl ProxyHttp for TetherProxy {
         e
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The replica left rotation between its choice and now (the connect took a while, or
+        // an operator drained it at once): the request has not gone out, so it moves now
+        // rather than waiting on a replica known to be gone. From here on, a departure is
+        // the watched connection's to notice (`upstream_io`).
+        if ctx.route.as_ref().is_some_and(|r| r.departed_since_chosen()) {
+            return Err(Aborted::Departed.into_error());
+        }
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,

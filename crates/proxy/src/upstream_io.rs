@@ -51,6 +51,18 @@ pub enum Aborted {
 }
 
 impl Aborted {
+    /// A Pingora error that [`Aborted::of`] reads back as `self`, for an attempt Tether breaks
+    /// off before Pingora reads (the replica departed before the request went out).
+    pub fn into_error(self) -> Box<Error> {
+        let mut e = Error::because(
+            ErrorType::ConnectionClosed,
+            "broken off by Tether",
+            io::Error::new(io::ErrorKind::ConnectionAborted, self),
+        );
+        e.as_up();
+        e
+    }
+
     /// The abort behind a Pingora error, if Tether caused it.
     pub fn of(e: &Error) -> Option<Aborted> {
         // Pingora wraps the read's `io::Error` in one of its errors, and that one again as it
@@ -144,6 +156,7 @@ impl L4Connect for ReplicaConnector {
             tcp,
             status: self.status.get().cloned(),
             cut: Arc::clone(&self.cut),
+            connected_at: self.status.get().map(|s| s.departures()),
             sent_at: None,
             departed: None,
             cut_wait: None,
@@ -218,6 +231,10 @@ pub struct WatchedStream {
     tcp: TcpStream,
     status: Option<Arc<ReplicaStatus>>,
     cut: Arc<Cut>,
+    /// The replica's departure count when the connection was made, the baseline of its first
+    /// request: a departure between the connect and the first write (after the proxy's own
+    /// check that the replica is still in rotation) then still ends the wait.
+    connected_at: Option<u64>,
     /// The replica's departure count when the current request went out; `None` once its
     /// answer started (or before any request).
     sent_at: Option<u64>,
@@ -266,7 +283,8 @@ impl WatchedStream {
                 departed.rearm();
             }
             // Read after arming: a departure from here on is both counted and notified.
-            self.sent_at = Some(status.departures());
+            let now = status.departures();
+            self.sent_at = Some(self.connected_at.take().unwrap_or(now));
         }
     }
 }

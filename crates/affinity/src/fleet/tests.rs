@@ -140,6 +140,19 @@ fn the_slot_is_held_until_the_receipt_is_finished_failed_or_dropped() {
 }
 
 #[test]
+fn a_receipt_knows_whether_its_replica_left_rotation_after_it_was_chosen() {
+    let (_, fleet) = fleet(three());
+    fleet.replicas()[0].status().depart();
+    let route = fleet.route(&mut keyed(1), NOW).unwrap();
+    assert!(
+        !route.departed_since_chosen(),
+        "a departure before the choice is not one since"
+    );
+    route.replica().status().depart();
+    assert!(route.departed_since_chosen());
+}
+
+#[test]
 fn failures_that_are_the_replicas_doing_eject_it_and_routing_avoids_it() {
     let (_, fleet) = fleet(three());
     let victim = fleet.route(&mut keyed(5), NOW).unwrap().replica().tag();

@@ -89,6 +89,33 @@ async fn a_departure_before_the_request_went_out_does_not_break_it_off() {
 }
 
 #[tokio::test]
+async fn a_departure_between_the_connect_and_the_first_write_breaks_the_request_off() {
+    let (connector, status, _cut, listener, addr) = replica().await;
+    let mut stream = connector.connect(&addr).await.unwrap();
+    let (_server, _) = listener.accept().await.unwrap();
+    status.depart();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    stream.flush().await.unwrap();
+    let mut buf = [0u8; 16];
+    let e = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("the read ends at once")
+        .unwrap_err();
+    assert_eq!(aborted(&e), Some(Aborted::Departed));
+}
+
+#[test]
+fn an_abort_made_into_a_pingora_error_reads_back_as_itself() {
+    for abort in [Aborted::Departed, Aborted::Cut] {
+        let e = abort.into_error();
+        assert_eq!(Aborted::of(&e), Some(abort));
+        // As Pingora passes it on: wrapped once more.
+        let wrapped = Error::because(ErrorType::ReadError, "passed on", e);
+        assert_eq!(Aborted::of(&wrapped), Some(abort));
+    }
+}
+
+#[tokio::test]
 async fn the_cut_ends_a_stream_mid_answer() {
     let (connector, _status, cut, listener, addr) = replica().await;
     let mut stream = connector.connect(&addr).await.unwrap();
