@@ -69,6 +69,17 @@ fn string_end(body: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// The bytes that open or close a nested value or a string.
+static STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
+
 /// The index just past the value starting at `start`.
 fn value_end(body: &[u8], start: usize) -> Option<usize> {
     match body.get(start)? {
@@ -77,19 +88,24 @@ fn value_end(body: &[u8], start: usize) -> Option<usize> {
             let mut depth = 0u32;
             let mut i = start;
             loop {
-                match body.get(i)? {
+                // Straight to the next byte that matters: most of a nested value (numbers,
+                // spaces, keys' and values' quotes aside) is skipped a table lookup a byte.
+                i += body
+                    .get(i..)?
+                    .iter()
+                    .position(|&b| STRUCTURAL[usize::from(b)])?;
+                match body[i] {
                     b'"' => {
                         i = string_end(body, i)?;
                         continue;
                     }
                     b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
+                    _ => {
                         depth -= 1;
                         if depth == 0 {
                             return Some(i + 1);
                         }
                     }
-                    _ => {}
                 }
                 i += 1;
             }
@@ -134,6 +150,51 @@ mod tests {
             ]
         );
         assert_eq!(members("{}").unwrap(), []);
+    }
+
+    fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[ -~\\\\\"{}\\[\\]é]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z\"{}]{0,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_walk_hands_over_what_serde_parses(
+            members in proptest::collection::btree_map("[a-z_\"]{1,8}", json(), 0..8),
+            pretty: bool,
+        ) {
+            let object = serde_json::Value::Object(members.clone().into_iter().collect());
+            let text = if pretty {
+                serde_json::to_string_pretty(&object).unwrap()
+            } else {
+                serde_json::to_string(&object).unwrap()
+            };
+            let mut walked = Vec::new();
+            let close = top_level_members(text.as_bytes(), |k, v| {
+                walked.push((k.to_vec(), v.to_vec()));
+                true
+            });
+            proptest::prop_assert_eq!(close, Some(text.rfind('}').unwrap()));
+            proptest::prop_assert_eq!(walked.len(), members.len());
+            for ((key, value), (want_key, want_value)) in walked.iter().zip(&members) {
+                let key: String = serde_json::from_slice(&[b"\"", &key[..], b"\""].concat()).unwrap();
+                proptest::prop_assert_eq!(&key, want_key);
+                let value: serde_json::Value = serde_json::from_slice(value).unwrap();
+                proptest::prop_assert_eq!(&value, want_value);
+            }
+        }
     }
 
     #[test]

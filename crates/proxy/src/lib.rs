@@ -27,3 +27,4 @@ pub mod session_key;
 pub mod tier;
 pub mod tls;
 pub mod upstream_io;
+pub mod verified_keys;

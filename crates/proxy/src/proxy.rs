@@ -196,6 +196,10 @@ impl RequestCtx {
     }
 }
 
+/// The log target of the line where Pingora prints each request it sends upstream, headers
+/// and all.
+const PINGORA_REQUEST_DUMP: &str = "pingora_proxy::proxy_h1";
+
 /// Which [`Failure`] a Pingora error during proxying is.
 fn classify(e: &Error, answered: bool, retried_status: Option<u16>, reused: bool) -> Failure {
     match Aborted::of(e) {
@@ -592,7 +596,11 @@ impl ProxyHttp for TetherProxy {
         // an operator drained it at once): the request has not gone out, so it moves now
         // rather than waiting on a replica known to be gone. From here on, a departure is
         // the watched connection's to notice (`upstream_io`).
-        if ctx.route.as_ref().is_some_and(|r| r.departed_since_chosen()) {
+        if ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.departed_since_chosen())
+        {
             return Err(Aborted::Departed.into_error());
         }
         Ok(())
@@ -619,12 +627,17 @@ impl ProxyHttp for TetherProxy {
             upstream_request.remove_header(&http::header::EXPECT);
         }
         // Pingora prints the request it sends at debug level: a sensitive value prints as
-        // `Sensitive`, so the session token reaches no log. (Repeats of the header all carry
-        // the same value, or admission refused the request: one is kept.)
+        // `Sensitive`, so the session token reaches no log. Pingora's header API can only
+        // mark it by taking the header out and putting it back, which costs a header parse
+        // and two map insertions per request, so it is done only when that line would be
+        // written. (Repeats of the header all carry the same value, or admission refused
+        // the request: one is kept.)
         let header = &snapshot.access().header;
-        if let Some(mut token) = upstream_request.remove_header(header) {
-            token.set_sensitive(true);
-            upstream_request.insert_header(header.clone(), token)?;
+        if log::log_enabled!(target: PINGORA_REQUEST_DUMP, log::Level::Debug) {
+            if let Some(mut token) = upstream_request.remove_header(header) {
+                token.set_sensitive(true);
+                upstream_request.insert_header(header.clone(), token)?;
+            }
         }
         if let Some(credential) = ctx
             .route

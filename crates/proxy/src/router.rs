@@ -23,6 +23,7 @@ use crate::body_budget::BodyBudget;
 use crate::limits::{TenantUsage, TenantUsages};
 use crate::probe::{ProbeRound, ProbeSettings, ProbeSource, ProbeTarget};
 use crate::upstream_io::{Cut, ReplicaConnector};
+use crate::verified_keys::VerifiedKeys;
 
 /// Environment variable that overrides `admin.token`.
 pub const ADMIN_TOKEN_ENV: &str = "TETHER_ADMIN_TOKEN";
@@ -184,6 +185,8 @@ pub struct TenantEntry {
 pub struct Access {
     /// SHA-256 of API key → tenant. Empty = no authentication, every request is `default`.
     tenants: HashMap<[u8; 32], TenantEntry>,
+    /// The keys already seen to match one of `tenants`' digests.
+    verified_keys: VerifiedKeys,
     default_tenant: TenantEntry,
     /// Token validation rules.
     pub token_rules: TokenRules,
@@ -205,7 +208,9 @@ impl Access {
 
     /// The tenant owning `api_key`.
     pub fn tenant_for_key(&self, api_key: &[u8]) -> Option<&TenantEntry> {
-        let digest: [u8; 32] = Sha256::digest(api_key).into();
+        let digest = self
+            .verified_keys
+            .digest(api_key, |d| self.tenants.contains_key(d))?;
         self.tenants.get(&digest)
     }
 
@@ -221,6 +226,7 @@ impl Access {
     pub(crate) fn for_tests(key_sources: &[KeySource], agent_headers: &[&str]) -> Access {
         Access {
             tenants: HashMap::new(),
+            verified_keys: VerifiedKeys::new(0),
             default_tenant: TenantEntry {
                 id: Arc::from("default"),
                 scope: TenantScope::new("default"),
@@ -588,7 +594,7 @@ fn build_snapshot(
                 .chain(topology.tenants.is_empty().then_some(DEFAULT_TENANT)),
         )
         .into_iter();
-    let tenants = topology
+    let tenants: HashMap<[u8; 32], TenantEntry> = topology
         .tenants
         .iter()
         .zip(usage.by_ref())
@@ -614,6 +620,7 @@ fn build_snapshot(
     Ok(Snapshot {
         fleet: Arc::new(fleet),
         access: Access {
+            verified_keys: VerifiedKeys::new(tenants.len()),
             tenants,
             default_tenant: TenantEntry {
                 id: Arc::from(DEFAULT_TENANT),
