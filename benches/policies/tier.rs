@@ -31,7 +31,9 @@
 //! decides which caches evict what), more than the 1-point target the tier is held to, so
 //! every row runs `BENCH_TIER_REPEATS` times (default 3) and the comparison is made on the
 //! paired differences, repetition by repetition: a tier against one instance placing the same
-//! way (with `nearest` placement, one instance with the store).
+//! way (with `nearest` placement, one instance with the store). `BENCH_TIER_ROWS` runs a
+//! subset (`store,x1-store`; the keys are in `ROWS`), to look at one comparison with more
+//! repetitions.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -55,6 +57,8 @@ const RESTART_AT: f64 = 2.0 / 3.0;
 #[derive(Clone, Copy)]
 struct Setup {
     name: &'static str,
+    /// Its name in `BENCH_TIER_ROWS`.
+    key: &'static str,
     /// Tether instances (0: nginx).
     edges: usize,
     store: bool,
@@ -64,36 +68,42 @@ struct Setup {
 
 const TIER_STORE: Setup = Setup {
     name: "tether x3, sticky store",
+    key: "store",
     edges: EDGES,
     store: true,
     hash_placement: false,
 };
 const TIER_STORE_HASH: Setup = Setup {
     name: "tether x3, store, hash placement",
+    key: "store-hash",
     edges: EDGES,
     store: true,
     hash_placement: true,
 };
 const TIER_NO_STORE: Setup = Setup {
     name: "tether x3, no store",
+    key: "no-store",
     edges: EDGES,
     store: false,
     hash_placement: false,
 };
 const NGINX: Setup = Setup {
     name: "nginx hash consistent",
+    key: "nginx",
     edges: 0,
     store: false,
     hash_placement: false,
 };
 const SINGLE: Setup = Setup {
     name: "tether x1 (reference)",
+    key: "x1",
     edges: 1,
     store: false,
     hash_placement: false,
 };
 const SINGLE_STORE: Setup = Setup {
     name: "tether x1, sticky store",
+    key: "x1-store",
     edges: 1,
     store: true,
     hash_placement: false,
@@ -144,10 +154,24 @@ pub async fn run(workload: &Workload, scale: &str) {
         "nginx",
         &[nginx_port],
     );
+    // A subset of the rows (`BENCH_TIER_ROWS=store,x1-store`), to look at one comparison
+    // with more repetitions.
+    let chosen: Vec<Setup> = match std::env::var("BENCH_TIER_ROWS") {
+        Ok(keys) => {
+            let keys: Vec<&str> = keys.split(',').map(str::trim).collect();
+            ROWS.into_iter().filter(|s| keys.contains(&s.key)).collect()
+        }
+        Err(_) => ROWS.to_vec(),
+    };
+    assert!(
+        !chosen.is_empty(),
+        "BENCH_TIER_ROWS names no row; rows: {}",
+        ROWS.map(|s| s.key).join(",")
+    );
     let mut repetitions = Vec::new();
     for repetition in 1..=repeats {
         let mut rows = Vec::new();
-        for setup in ROWS {
+        for &setup in &chosen {
             let started = Instant::now();
             let row = run_row(&fleet, nginx_port, setup, workload).await;
             eprintln!(
@@ -285,6 +309,9 @@ fn print_rows(workload: &Workload, repetitions: &[Vec<Row>]) {
     };
     for setup in ROWS {
         let runs = of_row(setup);
+        if runs.is_empty() {
+            continue;
+        }
         let col = |f: &dyn Fn(&Row) -> f64| median(runs.iter().map(|r| f(r)).collect());
         let of_oracle: Vec<f64> = runs.iter().map(|r| r.report.overall.of_oracle).collect();
         let lo = of_oracle.iter().copied().fold(f64::INFINITY, f64::min);
@@ -349,6 +376,9 @@ fn print_rows(workload: &Workload, repetitions: &[Vec<Row>]) {
             .zip(of_row(single))
             .map(|(t, s)| (t.report.overall.of_oracle - s.report.overall.of_oracle) * 100.0)
             .collect();
+        if diffs.is_empty() {
+            return (f64::NAN, "not run".to_owned());
+        }
         let each: Vec<String> = diffs.iter().map(|d| format!("{d:+.1}")).collect();
         (median(diffs), each.join(" "))
     };

@@ -387,6 +387,25 @@ impl<U> Fleet<U> {
         self.state.knows(key)
     }
 
+    /// Counts a placement another instance of the tier announced on `replica_id` as one more
+    /// request in flight there, until the next sum of the tier's load reports
+    /// ([`Fleet::set_inflight_elsewhere`]) replaces the estimate. A placement is announced
+    /// when its answer starts, so its request is nearly always still running; without this,
+    /// a replica the tier has just filled looks as empty as it was at the last report, and
+    /// every instance's bounded-load limit lets new sessions pile onto it for a whole report
+    /// interval. Only for an instance that receives load reports: nothing else would reset
+    /// the count. Returns false for a replica this generation does not have.
+    pub fn note_inflight_elsewhere(&self, replica_id: &str) -> bool {
+        let Some(replica) = self.replicas.iter().find(|r| *r.info.id == *replica_id) else {
+            return false;
+        };
+        replica
+            .live
+            .inflight_elsewhere
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
     /// Takes in a placement another instance of the tier announced: it put a session of the
     /// tenant with `tenant_tag` ([`TenantScope::locality_tag`]) on `replica_id` at about `now`.
     /// Tenant locality then counts it as if this instance had placed it, so that the

@@ -159,15 +159,19 @@ impl Tier {
     pub fn follow(&self, router: Arc<Router>) {
         let unknown = Arc::clone(&self.unknown_replicas);
         let following = Arc::clone(&router);
+        let shares_load = self.load_interval.is_some();
         self.store.on_remote_bind(move |key, replica, tenant_tag| {
             let router = &following;
             if !router.state().learn_if_known(RoutingKey(key), replica) {
                 unknown.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            let snapshot = router.snapshot();
+            if shares_load {
+                snapshot.fleet().note_inflight_elsewhere(replica);
+            }
             if let Some(tag) = tenant_tag {
-                router
-                    .snapshot()
+                snapshot
                     .fleet()
                     .note_placed_elsewhere(replica, tag, now_ms());
             }

@@ -635,6 +635,33 @@ fn load_reported_by_other_instances_steers_new_sessions_and_keeps_sticky_ones() 
     );
 }
 
+#[test]
+fn placements_announced_since_the_last_report_count_as_load_until_the_next() {
+    let (_, fleet) = fleet(three());
+    let owner = {
+        let first = fleet.route(&mut keyed(11), NOW).unwrap();
+        Arc::clone(first.replica().id())
+    };
+    let new_key = keys()
+        .find(|&k| {
+            let (_, alone) = fleet_of_three();
+            **alone.route(&mut keyed(k), NOW).unwrap().replica().id() == *owner
+        })
+        .unwrap();
+    let lands_on_owner =
+        |f: &Arc<Fleet<u16>>| **f.route(&mut keyed(new_key), NOW).unwrap().replica().id() == *owner;
+    assert!(lands_on_owner(&fleet));
+    // Five placements on the owner announced by other instances: over the tier's bound.
+    for _ in 0..5 {
+        assert!(fleet.note_inflight_elsewhere(&owner));
+    }
+    assert!(!fleet.note_inflight_elsewhere("no-such-replica"));
+    assert!(!lands_on_owner(&fleet));
+    // The next sum of reports says those requests have ended: the estimate is replaced.
+    fleet.set_inflight_elsewhere(|_| 0);
+    assert!(lands_on_owner(&fleet));
+}
+
 fn fleet_of_three() -> (Arc<FleetState>, Arc<Fleet<u16>>) {
     fleet(three())
 }
