@@ -1821,7 +1821,11 @@ mod tests {
         let (key, a, b) = (RoutingKey(7), ReplicaTag(1), ReplicaTag(2));
         assert_eq!(t.exchange_prompt_tokens(key, a, Some(10)), None, "no entry");
         t.record(key, a);
-        assert_eq!(t.exchange_prompt_tokens(key, a, Some(1_000)), None, "first turn");
+        assert_eq!(
+            t.exchange_prompt_tokens(key, a, Some(1_000)),
+            None,
+            "first turn"
+        );
         t.record(key, a);
         assert_eq!(t.exchange_prompt_tokens(key, a, Some(1_500)), Some(1_000));
         // Another replica's turn neither reads nor writes this replica's count.
@@ -1857,7 +1861,10 @@ mod tests {
         assert_eq!(t.exchange_prompt_tokens(RoutingKey(3), tag, Some(1)), None);
         // The session returns after its TTL: the count from before is gone.
         assert_eq!(t.record(RoutingKey(3), tag), Recorded::New);
-        assert_eq!(t.exchange_prompt_tokens(RoutingKey(3), tag, Some(500)), None);
+        assert_eq!(
+            t.exchange_prompt_tokens(RoutingKey(3), tag, Some(500)),
+            None
+        );
         t.check_invariants();
     }
 

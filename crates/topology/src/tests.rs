@@ -700,7 +700,12 @@ fn cache_loss_settings_default_and_every_bad_value_is_named() {
     );
     let loss = load(&custom).unwrap().metering.cache_loss;
     assert_eq!(
-        (loss.threshold, loss.min_expected_tokens, loss.window.as_secs(), loss.block_tokens),
+        (
+            loss.threshold,
+            loss.min_expected_tokens,
+            loss.window.as_secs(),
+            loss.block_tokens
+        ),
         (0.3, 500, 30, 32)
     );
     let bad = VALID.replace(
