@@ -299,3 +299,102 @@ async fn an_agent_workload_on_healthy_replicas_raises_no_alarm() {
     let log = std::fs::read_to_string(tether.log_path()).unwrap();
     assert!(!log.contains(FLAGGED), "{log}");
 }
+
+/// In a tier the previous turn's prompt size stays with the instance that served it: a turn
+/// whose previous turn another instance served is sticky but not judged, and the instance
+/// that served an earlier turn judges against that (smaller) one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_tier_only_the_instance_that_served_the_previous_turn_expects_a_hit() {
+    use tether_affinity::{TenantScope, TokenRules};
+    use tether_sticky_store::testing::RedisServer;
+
+    let redis = RedisServer::start().expect("redis-server starts");
+    let fleet = SimFleet::start(&FLEET).unwrap();
+    let logs = TempDir::new("tether-cache-loss-tier").unwrap();
+    let replicas: Vec<_> = FLEET
+        .iter()
+        .map(|id| (id.to_string(), fleet.addr(id), ""))
+        .collect();
+    let edge = |name: &str| {
+        Tether::start(&TetherConfig {
+            body: format!(
+                "local_region: eu\n{}usage_log: {{ path: \"{}\" }}\n\
+                 sticky_store: {{ url: \"{}\", lookup_timeout: 20ms }}\n",
+                regions_yaml(&[("eu", replicas.clone())]),
+                logs.path().join(format!("{name}.jsonl")).display(),
+                redis.url(),
+            ),
+        })
+        .unwrap()
+    };
+    let (a, b) = (edge("a"), edge("b"));
+    let session = "tier-cache-session";
+    let token = TokenRules::default().validate(session.as_bytes()).unwrap();
+    let store_key = format!("tether:s:{:016x}", TenantScope::new("default").key(token).0);
+    let client = reqwest::Client::new();
+    let mut replica = String::new();
+    for (turn, edge) in [(1, &a), (2, &b), (3, &b), (4, &a)] {
+        let reply = chat(
+            &client,
+            &edge.url("/v1/chat/completions"),
+            None,
+            &[session.as_bytes()],
+            &conversation(session, turn),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        replica = reply.replica.unwrap();
+        // The next turn may go to the other instance: wait until the store has the binding.
+        let started = Instant::now();
+        loop {
+            let stored: Option<String> = redis.query(redis::cmd("GET").arg(&store_key)).unwrap();
+            if stored.as_deref() == Some(replica.as_str()) {
+                break;
+            }
+            assert!(started.elapsed() < READY_TIMEOUT, "{stored:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let on_a = records(&logs.path().join("a.jsonl"), 2).await;
+    let on_b = records(&logs.path().join("b.jsonl"), 2).await;
+    let prompt = |r: &Value| r["prompt_tokens"].as_u64().unwrap();
+    let blocks = |previous: u64, current: u64| previous.min(current - 1) / 16 * 16;
+    for r in on_a.iter().chain(&on_b) {
+        assert_eq!(
+            r["replica"],
+            replica.as_str(),
+            "one replica throughout: {r}"
+        );
+    }
+    assert_eq!(
+        on_a[0]["expected_cached_tokens"],
+        Value::Null,
+        "a new session"
+    );
+    assert_eq!(on_b[0]["outcome"], "sticky", "{}", on_b[0]);
+    assert_eq!(
+        on_b[0]["expected_cached_tokens"],
+        Value::Null,
+        "b did not serve turn 1: {}",
+        on_b[0]
+    );
+    assert_eq!(
+        on_b[1]["expected_cached_tokens"].as_u64(),
+        Some(blocks(prompt(&on_b[0]), prompt(&on_b[1]))),
+        "b served turn 2: {}",
+        on_b[1]
+    );
+    assert_eq!(on_a[1]["outcome"], "sticky");
+    assert_eq!(
+        on_a[1]["expected_cached_tokens"].as_u64(),
+        Some(blocks(prompt(&on_a[0]), prompt(&on_a[1]))),
+        "a judges turn 4 against turn 1, the last it served: {}",
+        on_a[1]
+    );
+    for r in [&on_b[1], &on_a[1]] {
+        assert!(
+            r["cached_tokens"].as_u64() >= r["expected_cached_tokens"].as_u64(),
+            "{r}"
+        );
+    }
+}
