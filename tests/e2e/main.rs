@@ -8,6 +8,7 @@ mod abuse;
 mod admission;
 mod bodies;
 mod cache_hits;
+mod cache_loss;
 mod cli;
 mod client;
 mod engines;

@@ -105,6 +105,7 @@ mod fleet;
 mod key;
 mod labels;
 mod overrides;
+mod prompt_count;
 mod ring;
 mod selector;
 mod shed;
@@ -120,7 +121,8 @@ pub use fleet::{
 };
 pub use key::{KeySecret, RoutingKey, ShortKeySecret, TenantScope, MIN_KEY_SECRET_LEN};
 pub use labels::{Admission, InflightCap, KeySource, KvScope, Outcome, Placement, UnknownOutcome};
-pub use overrides::{Maintenance, OverrideTable, Recorded, ReplicaTag};
+pub use overrides::{Maintenance, OverrideTable, Recorded, ReplicaTag, MAX_REPLICA_TAG};
+pub use prompt_count::MAX_PROMPT_COUNT;
 pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT};
 pub use selector::{
     has_headroom, truly_full, Decision, LoadView, RegionSpec, ReplicaInfo, ReplicaSpec,

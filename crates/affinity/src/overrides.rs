@@ -15,8 +15,19 @@
 //! Collisions use linear probing, so a lookup reads the home slot's control byte and slot and,
 //! rarely, their neighbours. A shard doubles when it would pass 3/4 load; deletion shifts the
 //! rest of the probe run back (no tombstones); maintenance may shrink a sparse shard.
-//! The empty-slot marker is the reserved tag `u32::MAX`, which
+//! The empty-slot marker is the reserved tag [`MAX_REPLICA_TAG`]` + 1`, which
 //! [`TagRegistry`](crate::TagRegistry) never assigns.
+//!
+//! # The previous turn's prompt size
+//!
+//! Each entry also keeps how many prompt tokens its replica processed for the session's last
+//! turn ([`exchange_prompt_tokens`](OverrideTable::exchange_prompt_tokens)): a warm replica
+//! should report about that many cached tokens on the next sticky turn, which is what the
+//! cache-loss detector checks. The slot has no spare word (16 bytes, four to a cache line,
+//! and 64 bytes an entry at the lowest load maintenance leaves), so the count shares the
+//! tag's 32 bits: 20 bits of tag and a 12-bit code rounded down to within 0.4 % (see
+//! `prompt_count`). Moving the entry to another replica, or its idling past the TTL,
+//! forgets the count: it belonged to the old replica's cache.
 //!
 //! Why not a general-purpose map: at 1M sessions the slots (32 MiB) are far larger than the
 //! caches, so a lookup costs its trip to DRAM, and what matters is that it makes one trip and
@@ -88,6 +99,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::clock::{Clock, MonotonicClock};
+use crate::prompt_count;
 use crate::{RoutingKey, TenantScope};
 
 /// A replica's stable identity across topology reloads (see [`TagRegistry`](crate::TagRegistry)).
@@ -114,8 +126,17 @@ const SHARD_BITS: u32 = 6;
 const SHARDS: usize = 1 << SHARD_BITS;
 /// Slots in an empty shard, and the floor a shard never shrinks below (a power of two).
 const MIN_SLOTS: usize = 16;
-/// The tag of an empty slot. [`TagRegistry`](crate::TagRegistry) saturates one below it.
-const EMPTY_TAG: u32 = u32::MAX;
+/// Bits of a slot's tag word that hold the tag; the rest hold the previous turn's prompt
+/// size (see `prompt_count`).
+const TAG_BITS: u32 = 32 - prompt_count::BITS;
+const TAG_MASK: u32 = (1 << TAG_BITS) - 1;
+/// The tag of an empty slot.
+const EMPTY_TAG: u32 = TAG_MASK;
+/// The largest tag the table holds (1,048,574): [`TagRegistry`](crate::TagRegistry) saturates
+/// here. A fleet has hundreds of replicas at most, and the registry assigns one tag per replica
+/// id the process has seen; the selector keeps a vector entry per tag, so tags run in the
+/// thousands long before they near this.
+pub const MAX_REPLICA_TAG: u32 = EMPTY_TAG - 1;
 
 /// A slot's contents as a plain value, for moving entries around under the write lock.
 #[derive(Debug, Clone, Copy)]
@@ -123,20 +144,23 @@ struct Entry {
     key: u64,
     tag: u32,
     touched: u32,
+    /// The previous turn's prompt size, as a `prompt_count` code (0: unknown).
+    prompt: u16,
     /// The tenant's share group (see [`TenantShares`]); 0 = not counted against a share.
     group: u8,
 }
 
-/// One table entry, or an empty slot when `tag == EMPTY_TAG`.
+/// One table entry, or an empty slot when its tag is `EMPTY_TAG`.
 ///
 /// 16 bytes aligned to 16, so four slots fill a 64-byte line exactly and none straddles two.
-/// `key` and `tag` change only under the shard's write lock; `touched` is an atomic so that a
-/// sticky turn can refresh it under the read lock.
+/// `key` and the tag change only under the shard's write lock; `touched` and the prompt size
+/// are atomics so that a sticky turn can update them under the read lock.
 #[derive(Debug)]
 #[repr(C, align(16))]
 struct Slot {
     key: u64,
-    tag: u32,
+    /// The tag in the low `TAG_BITS`, the previous turn's prompt-size code above it.
+    tag_prompt: AtomicU32,
     touched: AtomicU32,
 }
 
@@ -148,6 +172,7 @@ impl Slot {
             key: 0,
             tag: EMPTY_TAG,
             touched: 0,
+            prompt: 0,
             group: 0,
         })
     }
@@ -155,13 +180,35 @@ impl Slot {
     fn new(entry: Entry) -> Slot {
         Slot {
             key: entry.key,
-            tag: entry.tag,
+            tag_prompt: AtomicU32::new(
+                (entry.tag & TAG_MASK) | (u32::from(entry.prompt) << TAG_BITS),
+            ),
             touched: AtomicU32::new(entry.touched),
         }
     }
 
+    fn tag(&self) -> u32 {
+        self.tag_prompt.load(Ordering::Relaxed) & TAG_MASK
+    }
+
+    fn prompt(&self) -> u16 {
+        (self.tag_prompt.load(Ordering::Relaxed) >> TAG_BITS) as u16
+    }
+
+    /// Stores `prompt` if the slot still holds `tag`; returns the code it replaced. The tag
+    /// bits only change under the write lock, so under the read lock this races only with
+    /// another turn of the same session, and one of the two counts wins whole.
+    fn exchange_prompt(&self, tag: u32, prompt: u16) -> Option<u16> {
+        self.tag_prompt
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                (word & TAG_MASK == tag).then_some(tag | (u32::from(prompt) << TAG_BITS))
+            })
+            .ok()
+            .map(|word| (word >> TAG_BITS) as u16)
+    }
+
     fn is_empty(&self) -> bool {
-        self.tag == EMPTY_TAG
+        self.tag() == EMPTY_TAG
     }
 
     fn touched(&self) -> u32 {
@@ -173,8 +220,9 @@ impl Slot {
     fn entry(&self) -> Entry {
         Entry {
             key: self.key,
-            tag: self.tag,
+            tag: self.tag(),
             touched: self.touched(),
+            prompt: self.prompt(),
             group: 0,
         }
     }
@@ -729,7 +777,7 @@ impl<C: Clock> OverrideTable<C> {
         let now = self.clock.now_secs();
         let shard = read(self.shard(key.0));
         let slot = shard.find(key.0)?;
-        (!self.expired(slot.touched(), now)).then_some(ReplicaTag(slot.tag))
+        (!self.expired(slot.touched(), now)).then_some(ReplicaTag(slot.tag()))
     }
 
     /// How many slots a lookup of `key` reads: 1 when its home slot holds it or is empty, more
@@ -746,10 +794,10 @@ impl<C: Clock> OverrideTable<C> {
     /// write lock; a new key that would take the table past the [ceiling](Self::ceiling)
     /// replaces the least recently touched of a few entries near its home slot.
     ///
-    /// `ReplicaTag(u32::MAX)` is reserved (it marks empty slots, and
-    /// [`TagRegistry`](crate::TagRegistry) never assigns it): recording it is a bug, caught by a
-    /// debug assertion; release builds treat it as [`remove`](Self::remove) so the table stays
-    /// sound.
+    /// Tags above [`MAX_REPLICA_TAG`] are reserved (one marks empty slots, and
+    /// [`TagRegistry`](crate::TagRegistry) never assigns them): recording one is a bug, caught
+    /// by a debug assertion; release builds treat it as [`remove`](Self::remove) so the table
+    /// stays sound.
     pub fn record(&self, key: RoutingKey, tag: ReplicaTag) -> Recorded {
         self.record_for(key, tag, None)
     }
@@ -765,8 +813,8 @@ impl<C: Clock> OverrideTable<C> {
         tag: ReplicaTag,
         tenant: Option<TenantScope>,
     ) -> Recorded {
-        debug_assert_ne!(tag.0, EMPTY_TAG, "ReplicaTag(u32::MAX) is reserved");
-        if tag.0 == EMPTY_TAG {
+        debug_assert!(tag.0 <= MAX_REPLICA_TAG, "{tag:?} is reserved");
+        if tag.0 > MAX_REPLICA_TAG {
             self.remove(key);
             return Recorded::Moved;
         }
@@ -775,12 +823,14 @@ impl<C: Clock> OverrideTable<C> {
         {
             let shard = read(lock);
             if let Some(slot) = shard.find(key.0) {
-                if slot.tag == tag.0 {
+                if slot.tag() == tag.0 {
                     let last_touched = slot.touched();
                     slot.touch(now);
                     // An entry past its TTL (not yet purged) had been forgotten: its return
-                    // is a new binding, which a shared store may have lost meanwhile.
+                    // is a new binding, which a shared store may have lost meanwhile, and
+                    // the replica may rightly have evicted the prefix of its last turn.
                     if self.expired(last_touched, now) {
+                        slot.exchange_prompt(tag.0, 0);
                         return Recorded::New;
                     }
                     return Recorded::Kept { last_touched, now };
@@ -793,6 +843,7 @@ impl<C: Clock> OverrideTable<C> {
                 key: key.0,
                 tag: tag.0,
                 touched: now,
+                prompt: 0,
                 group: tenant.map_or(0, |t| self.group_of(t)),
             },
         )
@@ -871,8 +922,11 @@ impl<C: Clock> OverrideTable<C> {
                 // Recorded meanwhile by another thread, or a different tag: update in place.
                 Ok(i) => {
                     let slot = &mut shard.slots[i];
-                    let moved = slot.tag != entry.tag;
-                    slot.tag = entry.tag;
+                    let moved = slot.tag() != entry.tag;
+                    if moved {
+                        // The previous turn's size was the old replica's cache.
+                        *slot.tag_prompt.get_mut() = entry.tag;
+                    }
                     let touched = slot.touched.get_mut();
                     let last_touched = *touched;
                     *touched = (*touched).max(entry.touched);
@@ -950,7 +1004,7 @@ impl<C: Clock> OverrideTable<C> {
     pub fn remove(&self, key: RoutingKey) -> Option<ReplicaTag> {
         let mut shard = write(self.shard(key.0));
         let i = shard.probe(key.0).ok()?;
-        let tag = shard.slots[i].tag;
+        let tag = shard.slots[i].tag();
         shard.delete_at(i);
         self.len.fetch_sub(1, Ordering::Relaxed);
         Some(ReplicaTag(tag))
@@ -1017,7 +1071,37 @@ impl<C: Clock> OverrideTable<C> {
         let shard = read(self.shard(key.0));
         let slot = shard.find(key.0)?;
         let touched = slot.touched();
-        (!self.expired(touched, now)).then_some((ReplicaTag(slot.tag), touched))
+        (!self.expired(touched, now)).then_some((ReplicaTag(slot.tag()), touched))
+    }
+
+    /// Stores the prompt size of the turn `tag` just served for `key`, and returns the size
+    /// stored by the session's turn before it on the same replica, if known.
+    ///
+    /// A warm replica should now hold about the returned number of tokens of this session's
+    /// prefix: the cache-loss detector's expectation. Does nothing, and returns `None`, when
+    /// the entry is absent, idle past its TTL or held by another replica (the turn was not
+    /// recorded, or another turn moved the session since). `None` for `tokens` (usage not
+    /// read) stores "unknown". The stored size is rounded down to within 0.4 % and
+    /// saturates at [`MAX_PROMPT_COUNT`](crate::MAX_PROMPT_COUNT).
+    ///
+    /// Takes the shard's read lock only: a sticky turn still takes no write lock.
+    pub fn exchange_prompt_tokens(
+        &self,
+        key: RoutingKey,
+        tag: ReplicaTag,
+        tokens: Option<u64>,
+    ) -> Option<u64> {
+        if tag.0 > MAX_REPLICA_TAG {
+            return None;
+        }
+        let now = self.clock.now_secs();
+        let shard = read(self.shard(key.0));
+        let slot = shard.find(key.0)?;
+        if self.expired(slot.touched(), now) {
+            return None;
+        }
+        let previous = slot.exchange_prompt(tag.0, prompt_count::encode(tokens.unwrap_or(0)))?;
+        (previous != 0).then(|| prompt_count::decode(previous))
     }
 
     /// Now, in the table's seconds.
@@ -1723,12 +1807,65 @@ mod tests {
         let t = table(60, 10);
         t.record(RoutingKey(1), ReplicaTag(5));
         // Debug builds assert; release builds forget the key.
-        t.record(RoutingKey(1), ReplicaTag(u32::MAX));
+        t.record(RoutingKey(1), ReplicaTag(MAX_REPLICA_TAG + 1));
         assert_eq!(t.get(RoutingKey(1)), None);
         t.record(RoutingKey(2), ReplicaTag(u32::MAX));
         assert_eq!(t.get(RoutingKey(2)), None);
         assert_eq!(t.len(), 0);
         assert_eq!(t.check_invariants(), 0);
+    }
+
+    #[test]
+    fn the_previous_turns_prompt_size_is_kept_per_replica_and_forgotten_on_a_move() {
+        let t = table(60, 100);
+        let (key, a, b) = (RoutingKey(7), ReplicaTag(1), ReplicaTag(2));
+        assert_eq!(t.exchange_prompt_tokens(key, a, Some(10)), None, "no entry");
+        t.record(key, a);
+        assert_eq!(
+            t.exchange_prompt_tokens(key, a, Some(1_000)),
+            None,
+            "first turn"
+        );
+        t.record(key, a);
+        assert_eq!(t.exchange_prompt_tokens(key, a, Some(1_500)), Some(1_000));
+        // Another replica's turn neither reads nor writes this replica's count.
+        assert_eq!(t.exchange_prompt_tokens(key, b, Some(9)), None);
+        assert_eq!(t.exchange_prompt_tokens(key, a, Some(2_000)), Some(1_500));
+        // An unread usage stores "unknown".
+        assert_eq!(t.exchange_prompt_tokens(key, a, None), Some(2_000));
+        assert_eq!(t.exchange_prompt_tokens(key, a, Some(2_100)), None);
+        // Moving the session forgets the old replica's count.
+        assert_eq!(t.record(key, b), Recorded::Moved);
+        assert_eq!(t.get(key), Some(b));
+        assert_eq!(t.exchange_prompt_tokens(key, b, Some(3_000)), None);
+        assert_eq!(t.exchange_prompt_tokens(key, b, Some(3_100)), Some(3_000));
+        t.check_invariants();
+    }
+
+    #[test]
+    fn the_prompt_size_survives_growth_and_is_forgotten_past_the_ttl() {
+        let t = table(10, 1_000_000);
+        t.record(RoutingKey(3), ReplicaTag(MAX_REPLICA_TAG));
+        t.exchange_prompt_tokens(RoutingKey(3), ReplicaTag(MAX_REPLICA_TAG), Some(300));
+        // Enough inserts to rebuild every shard a few times.
+        for k in 0..20_000u64 {
+            t.record(spread(k), ReplicaTag(0));
+        }
+        assert_eq!(t.get(RoutingKey(3)), Some(ReplicaTag(MAX_REPLICA_TAG)));
+        let tag = ReplicaTag(MAX_REPLICA_TAG);
+        assert_eq!(
+            t.exchange_prompt_tokens(RoutingKey(3), tag, Some(400)),
+            Some(300)
+        );
+        t.clock.advance(11);
+        assert_eq!(t.exchange_prompt_tokens(RoutingKey(3), tag, Some(1)), None);
+        // The session returns after its TTL: the count from before is gone.
+        assert_eq!(t.record(RoutingKey(3), tag), Recorded::New);
+        assert_eq!(
+            t.exchange_prompt_tokens(RoutingKey(3), tag, Some(500)),
+            None
+        );
+        t.check_invariants();
     }
 
     #[test]

@@ -248,8 +248,9 @@ impl TagRegistry {
         if let Some(tag) = tags.get(id) {
             return *tag;
         }
-        // Saturates below `u32::MAX`: that tag is the override table's empty-slot marker.
-        let tag = ReplicaTag(tags.len().min(u32::MAX as usize - 1) as u32);
+        // Saturates at the override table's largest tag: the next is its empty-slot marker.
+        let max = crate::overrides::MAX_REPLICA_TAG;
+        let tag = ReplicaTag(u32::try_from(tags.len()).map_or(max, |n| n.min(max)));
         tags.insert(id.to_owned(), tag);
         tag
     }

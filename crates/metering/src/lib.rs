@@ -18,6 +18,10 @@
 //! Each request becomes one [`UsageRecord`] JSON line in the [`UsageLog`], written by its own
 //! thread from a bounded queue (a full queue drops and counts, never stalls the proxy).
 //!
+//! For sticky turns, [`expected_cached_tokens`] says how many cached tokens a warm replica
+//! should report, and [`ReplicaCacheLoss`] keeps each replica's ratio of reported to expected
+//! over a recent window: the cache-loss detector.
+//!
 //! Everything but the log writer is pure: no Pingora, no I/O.
 //!
 //! ```
@@ -35,6 +39,7 @@
 //! assert_eq!((cost.cost_micro_usd, cost.saved_micro_usd()), (110, 405));
 //! ```
 
+mod cache_loss;
 mod extract;
 mod json_walk;
 mod pricing;
@@ -46,6 +51,7 @@ mod stream_rewrite;
 mod stream_usage;
 mod usage;
 
+pub use cache_loss::{expected_cached_tokens, CacheLossSettings, Crossing, ReplicaCacheLoss};
 pub use extract::{
     Extraction, Framing, Limits, UsageExtractor, UsageOutcome, DEFAULT_SSE_TAIL, DEFAULT_WINDOW,
 };

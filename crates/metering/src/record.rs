@@ -96,6 +96,12 @@ pub struct UsageRecord {
     /// The tenant limit that refused the request (answered 429 by Tether); written only then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,
+    /// Cached tokens a warm replica should have reported: for a sticky turn, the whole KV
+    /// blocks of what the same replica processed for the session's previous turn (see
+    /// [`expected_cached_tokens`](crate::expected_cached_tokens)). Written only for sticky
+    /// turns whose previous turn this instance served and metered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_cached_tokens: Option<u64>,
 }
 
 impl UsageRecord {
@@ -161,6 +167,10 @@ impl UsageRecord {
         if let Some(limit) = self.limit {
             out.extend_from_slice(b",\"limit\":");
             json_str(out, limit.as_str());
+        }
+        if let Some(expected) = self.expected_cached_tokens {
+            out.extend_from_slice(b",\"expected_cached_tokens\":");
+            json_uint(out, Some(expected));
         }
         out.extend_from_slice(b"}\n");
     }
@@ -454,6 +464,7 @@ mod tests {
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
             limit: None,
+            expected_cached_tokens: None,
         }
     }
 
@@ -506,6 +517,10 @@ mod tests {
                 status: 429,
                 limit: Some(Limit::NewSessions),
                 ..nulls.clone()
+            },
+            UsageRecord {
+                expected_cached_tokens: Some(1_008),
+                ..full("acme")
             },
             nulls,
             full("quote \" backslash \\ slash / del \u{7f} é 雪 🙂"),
@@ -709,6 +724,7 @@ mod tests {
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
             limit: None,
+            expected_cached_tokens: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.contains("\"prompt_tokens\":null"), "{line}");

@@ -46,6 +46,15 @@ pub struct ReportRow {
     /// Σ input tokens written to the prompt cache (records that report them; part of
     /// `prompt_tokens`, not of `cached_tokens`).
     pub cache_write_tokens: u64,
+    /// Σ cached tokens sticky turns should have reported (records with an
+    /// `expected_cached_tokens`: the cache-loss detector's expectation).
+    pub expected_cached_tokens: u64,
+    /// Σ cached tokens those turns reported, each capped at its expectation.
+    pub reported_of_expected_tokens: u64,
+    /// `reported_of_expected / expected` in percent: how much of the prefix a warm replica
+    /// should have held it did hold. `None` without expectations (no sticky turns metered
+    /// twice).
+    pub kept_pct: Option<f64>,
     #[serde(skip)]
     prompt_with_cached: u64,
 }
@@ -62,6 +71,10 @@ impl ReportRow {
             self.cached_tokens += c;
         }
         self.cache_write_tokens += r.cache_write_tokens.unwrap_or(0);
+        if let Some(expected) = r.expected_cached_tokens {
+            self.expected_cached_tokens += expected;
+            self.reported_of_expected_tokens += r.cached_tokens.unwrap_or(0).min(expected);
+        }
         self.output_tokens += r.completion_tokens.unwrap_or(0);
         if let (Some(cost), Some(uncached)) = (r.cost_micro_usd, r.uncached_cost_micro_usd) {
             self.cost_micro_usd += cost;
@@ -75,6 +88,9 @@ impl ReportRow {
         } else {
             100.0 * self.cached_tokens as f64 / self.prompt_with_cached as f64
         };
+        self.kept_pct = (self.expected_cached_tokens > 0).then(|| {
+            100.0 * self.reported_of_expected_tokens as f64 / self.expected_cached_tokens as f64
+        });
     }
 }
 
@@ -149,6 +165,7 @@ mod tests {
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
             limit: None,
+            expected_cached_tokens: None,
         }
     }
 
@@ -172,6 +189,35 @@ mod tests {
         assert_eq!(r.total.requests, 3);
         let by_replica = aggregate(&records, GroupBy::Replica);
         assert_eq!(by_replica.rows[0].key, "-");
+    }
+
+    #[test]
+    fn replicas_show_how_much_of_the_expected_prefix_they_kept() {
+        let sticky = |replica: &str, expected: Option<u64>, cached: u64| UsageRecord {
+            replica: Some(replica.into()),
+            expected_cached_tokens: expected,
+            ..record("a", Some(2_000), Some(cached), None)
+        };
+        let records = [
+            sticky("warm", Some(1_000), 1_500),
+            sticky("warm", Some(1_000), 900),
+            sticky("cold", Some(1_000), 0),
+            sticky("cold", Some(1_000), 100),
+            // A turn without an expectation (a new session) counts in neither.
+            sticky("new", None, 0),
+        ];
+        let r = aggregate(&records, GroupBy::Replica);
+        let row = |key: &str| r.rows.iter().find(|row| row.key == key).unwrap();
+        assert_eq!(row("warm").expected_cached_tokens, 2_000);
+        assert_eq!(
+            row("warm").reported_of_expected_tokens,
+            1_900,
+            "capped at each turn's expectation"
+        );
+        assert_eq!(row("warm").kept_pct, Some(95.0));
+        assert_eq!(row("cold").kept_pct, Some(5.0));
+        assert_eq!(row("new").kept_pct, None);
+        assert_eq!(r.total.kept_pct, Some(50.0));
     }
 
     #[test]

@@ -248,6 +248,7 @@ mod tests {
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: None,
             limit: None,
+            expected_cached_tokens: None,
         }
     }
 

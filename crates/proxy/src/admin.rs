@@ -12,7 +12,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tether_health::{now_ms, HealthState};
 
-use crate::meter::Meter;
+use crate::meter::{CacheLossView, Meter};
 use crate::reload::{ReloadError, Reloader};
 use crate::router::Router;
 use crate::tier::Tier;
@@ -81,6 +81,7 @@ impl AdminApp {
                     "inflight": r.inflight(),
                     "ejections": r.status().ejections_total(),
                     "override_entries": held.get(&r.tag()).copied().unwrap_or(0),
+                    "cache": cache_json(self.meter.cache_loss(r.id(), snapshot.cache_loss())),
                     "engine": engine_json(r, now, snapshot.fleet().health_policy()),
                 })
             })
@@ -133,6 +134,23 @@ impl AdminApp {
             ))
         }
     }
+}
+
+/// The cache-loss detector's view of a replica; zeros and no ratio before its first judged
+/// sticky turn.
+fn cache_json(view: Option<CacheLossView>) -> serde_json::Value {
+    let view = view.unwrap_or(CacheLossView {
+        expected_tokens: 0,
+        reported_tokens: 0,
+        kept_ratio: None,
+        loss: false,
+    });
+    json!({
+        "expected_tokens": view.expected_tokens,
+        "reported_tokens": view.reported_tokens,
+        "kept_ratio": view.kept_ratio,
+        "loss": view.loss,
+    })
 }
 
 fn error(status: u16, code: &str, message: &str) -> http::Response<Vec<u8>> {

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use sha2::{Digest, Sha256};
 use siphasher::sip128::{Hasher128, SipHasher24};
 use tether_affinity::{KeySource, Outcome, RoutingKey};
-use tether_metering::{SessionHash, UsageLog, UsageRecord, UsageStatus};
+use tether_metering::{
+    CacheLossSettings, Crossing, ReplicaCacheLoss, SessionHash, UsageLog, UsageRecord, UsageStatus,
+};
 use tether_topology::Topology;
 
 use crate::body_budget::OverBudget;
@@ -48,6 +50,10 @@ pub struct Metrics {
     body_timeouts: IntCounterVec,
     key_sources: IntCounterVec,
     keys_ignored: IntCounterVec,
+    cache_expected: IntCounterVec,
+    cache_reported: IntCounterVec,
+    cache_kept_ratio: GaugeVec,
+    cache_loss: IntGaugeVec,
     /// `tether_session_key_source_total` by source, `none` last, each made on first use.
     key_source_by_source: [OnceLock<IntCounter>; KeySource::ALL.len() + 1],
     /// The counters a record adds to, resolved once per tenant (and outcome and status):
@@ -212,8 +218,43 @@ impl Metrics {
              header, a body field), by source: the request fell back to the next source.",
             &["source"],
         )?;
+        let cache_expected = counter_vec(
+            "tether_cache_expected_tokens_total",
+            "Cached tokens sticky turns should have reported, by replica: the whole KV blocks \
+             of what the same replica processed for the session's previous turn.",
+            &["replica"],
+        )?;
+        let cache_reported = counter_vec(
+            "tether_cache_reported_tokens_total",
+            "Cached tokens those sticky turns reported, by replica, each turn's capped at its \
+             expectation (so reported / expected is at most 1).",
+            &["replica"],
+        )?;
+        let cache_kept_ratio = GaugeVec::new(
+            Opts::new(
+                "tether_cache_kept_ratio",
+                "Reported / expected cached tokens of the replica's sticky turns over \
+                 metering.cache_loss.window; absent until the window holds \
+                 min_expected_tokens of expectation.",
+            ),
+            &["replica"],
+        )?;
+        registry.register(Box::new(cache_kept_ratio.clone()))?;
+        let cache_loss = IntGaugeVec::new(
+            Opts::new(
+                "tether_cache_loss",
+                "1 while the replica's kept ratio is below metering.cache_loss.threshold \
+                 (its sticky turns miss the prefix they should find), else 0.",
+            ),
+            &["replica"],
+        )?;
+        registry.register(Box::new(cache_loss.clone()))?;
         Ok(Metrics {
             registry,
+            cache_expected,
+            cache_reported,
+            cache_kept_ratio,
+            cache_loss,
             key_sources,
             keys_ignored,
             key_source_by_source: Default::default(),
@@ -343,6 +384,22 @@ pub struct Meter {
     /// for an 8-byte input.
     session_hasher: SipHasher24,
     metrics: Metrics,
+    /// The cache-loss detector's state per replica id. Only sticky turns with an expectation
+    /// take the lock, once, for a few additions; the metrics read it at scrape time.
+    cache_loss: Mutex<HashMap<Arc<str>, ReplicaCacheLoss>>,
+}
+
+/// What the cache-loss detector says about one replica (for `/admin/replicas`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheLossView {
+    /// Every expected cached token counted.
+    pub expected_tokens: u64,
+    /// Every reported cached token counted (capped at each turn's expectation).
+    pub reported_tokens: u64,
+    /// Reported / expected over the window, once it holds enough expectation.
+    pub kept_ratio: Option<f64>,
+    /// Whether the replica is flagged.
+    pub loss: bool,
 }
 
 impl Meter {
@@ -372,6 +429,7 @@ impl Meter {
             log,
             session_hasher: session_hasher(&session_key),
             metrics: Metrics::new()?,
+            cache_loss: Mutex::new(HashMap::new()),
         })
     }
 
@@ -387,6 +445,49 @@ impl Meter {
         if let Some(log) = &self.log {
             log.record(record);
         }
+    }
+
+    /// Counts a sticky turn of `replica` that should have found `expected` cached tokens and
+    /// reported `reported`, and logs the replica's verdict when it changes (once per crossing,
+    /// not per request).
+    pub fn observe_cache(
+        &self,
+        replica: &Arc<str>,
+        expected: u64,
+        reported: u64,
+        settings: &CacheLossSettings,
+    ) {
+        let crossing = {
+            let mut replicas = self.cache_loss.lock().unwrap_or_else(|e| e.into_inner());
+            let state = match replicas.get_mut(replica) {
+                Some(state) => state,
+                None => replicas.entry(Arc::clone(replica)).or_default(),
+            };
+            state.observe(tether_health::now_ms(), expected, reported, settings)
+        };
+        match crossing {
+            Some(Crossing::Lost { ratio, expected }) => log::warn!(
+                "replica {replica}: sticky turns report {:.0} % of the cached tokens they should \
+                 find ({expected} expected over the last {}; threshold {:.0} %): its prefix cache \
+                 is off, flushed or evicting (see operations.md, \"Cache loss\")",
+                ratio * 100.0,
+                humantime::format_duration(settings.window),
+                settings.threshold * 100.0,
+            ),
+            Some(Crossing::Recovered { ratio }) => log::info!(
+                "replica {replica}: sticky turns report {:.0} % of the expected cached tokens \
+                 again; cache loss cleared",
+                ratio * 100.0
+            ),
+            None => {}
+        }
+    }
+
+    /// The cache-loss detector's view of `replica` (`None` before its first judged turn).
+    pub fn cache_loss(&self, replica: &str, settings: &CacheLossSettings) -> Option<CacheLossView> {
+        let replicas = self.cache_loss.lock().unwrap_or_else(|e| e.into_inner());
+        let state = replicas.get(replica)?;
+        Some(view(state, settings))
     }
 
     /// Counts a session id that was present but not a valid token (the request fell back to
@@ -474,6 +575,25 @@ impl Meter {
             let ejections = m.ejections.with_label_values(&[id]);
             ejections.inc_by(live.ejections_total().saturating_sub(ejections.get()));
         }
+        {
+            let settings = snapshot.cache_loss();
+            let replicas = self.cache_loss.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, state) in replicas.iter() {
+                let v = view(state, settings);
+                let expected = m.cache_expected.with_label_values(&[id]);
+                expected.inc_by(v.expected_tokens.saturating_sub(expected.get()));
+                let reported = m.cache_reported.with_label_values(&[id]);
+                reported.inc_by(v.reported_tokens.saturating_sub(reported.get()));
+                match v.kept_ratio {
+                    Some(ratio) => m.cache_kept_ratio.with_label_values(&[id]).set(ratio),
+                    // Not judged (yet, or no longer: the window emptied): no value, not 0.
+                    None => {
+                        let _ = m.cache_kept_ratio.remove_label_values(&[id]);
+                    }
+                }
+                m.cache_loss.with_label_values(&[id]).set(i64::from(v.loss));
+            }
+        }
         m.body_bytes
             .set(i64::try_from(router.body_budget().held()).unwrap_or(i64::MAX));
         m.override_entries
@@ -488,6 +608,15 @@ impl Meter {
             log::error!("encoding metrics: {e}");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+fn view(state: &ReplicaCacheLoss, settings: &CacheLossSettings) -> CacheLossView {
+    CacheLossView {
+        expected_tokens: state.expected_total(),
+        reported_tokens: state.reported_total(),
+        kept_ratio: state.ratio(tether_health::now_ms(), settings),
+        loss: state.flagged(),
     }
 }
 
@@ -542,6 +671,7 @@ mod tests {
             cache_write_5m_tokens: None,
             cache_write_1h_tokens: written,
             limit: None,
+            expected_cached_tokens: None,
         }
     }
 
@@ -565,6 +695,39 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn sticky_turns_that_miss_flag_their_replica_and_no_other() {
+        let meter = Meter {
+            log: None,
+            session_hasher: session_hasher(b"a secret of sixteen+ bytes"),
+            metrics: Metrics::new().unwrap(),
+            cache_loss: Mutex::new(HashMap::new()),
+        };
+        let settings = CacheLossSettings {
+            min_expected_tokens: 3_000,
+            ..CacheLossSettings::default()
+        };
+        let (cold, warm): (Arc<str>, Arc<str>) = ("eu-1".into(), "eu-2".into());
+        assert_eq!(meter.cache_loss(&cold, &settings), None);
+        for _ in 0..3 {
+            meter.observe_cache(&cold, 1_024, 0, &settings);
+            meter.observe_cache(&warm, 1_024, 2_000, &settings);
+        }
+        let cold = meter.cache_loss(&cold, &settings).unwrap();
+        assert_eq!(
+            cold,
+            CacheLossView {
+                expected_tokens: 3_072,
+                reported_tokens: 0,
+                kept_ratio: Some(0.0),
+                loss: true
+            }
+        );
+        let warm = meter.cache_loss(&warm, &settings).unwrap();
+        assert_eq!((warm.reported_tokens, warm.kept_ratio), (3_072, Some(1.0)));
+        assert!(!warm.loss);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tether_affinity::{
-    Attempts, BodyKeys, Failure, KeySource, Retry, RetryLimits, Route, RoutingKey,
+    Attempts, BodyKeys, Failure, KeySource, Outcome, Retry, RetryLimits, Route, RoutingKey,
 };
 use tether_health::now_ms;
 use tether_metering::{
@@ -325,6 +325,43 @@ fn parse_retry_after(value: &[u8]) -> Option<Duration> {
 }
 
 impl TetherProxy {
+    /// The cache-loss detector's part of a finished 2xx: stores this turn's prompt size in
+    /// the session's override entry (for its next turn) and, for a sticky turn, returns how
+    /// many cached tokens the replica should have reported and counts what it did report.
+    /// The previous size is the one this instance stored: in a tier, a turn whose previous
+    /// turn another instance served finds none (or an older one, a lower expectation) and is
+    /// not judged.
+    fn expect_cached(
+        &self,
+        snapshot: &Snapshot,
+        route: &Route<Upstream>,
+        key: Option<RoutingKey>,
+        usage: &tether_metering::Usage,
+    ) -> Option<u64> {
+        let replica = route.replica();
+        let previous = snapshot.fleet().overrides().exchange_prompt_tokens(
+            key?,
+            replica.tag(),
+            usage.prompt_tokens,
+        )?;
+        if route.outcome() != Outcome::Sticky {
+            return None;
+        }
+        let settings = snapshot.cache_loss();
+        let expected = tether_metering::expected_cached_tokens(
+            previous,
+            usage.prompt_tokens?,
+            settings.block_tokens,
+        );
+        let reported = usage.cached_tokens?;
+        if expected == 0 {
+            return None;
+        }
+        self.meter
+            .observe_cache(replica.id(), expected, reported, settings);
+        Some(expected)
+    }
+
     /// The request's session key and its source (see [`crate::session_key`]). The body is
     /// read ahead only when a body source is reached, or to carry a new token over to the
     /// replica its conversation's fingerprint is bound to.
@@ -918,6 +955,9 @@ impl ProxyHttp for TetherProxy {
             UsageStatus::of(extraction.as_ref(), e.is_some())
         };
         let route = ctx.route.as_ref();
+        let expected_cached_tokens = route
+            .filter(|_| (200..300).contains(&status))
+            .and_then(|route| self.expect_cached(snapshot, route, ctx.attempts.key(), &usage));
         let tenant = ctx
             .caller
             .as_ref()
@@ -948,6 +988,7 @@ impl ProxyHttp for TetherProxy {
             cache_write_5m_tokens: usage.cache_write_5m_tokens,
             cache_write_1h_tokens: usage.cache_write_1h_tokens,
             limit: ctx.limited.map(|r| r.limit),
+            expected_cached_tokens,
         };
         debug!(
             "tenant={} outcome={} replica={} status={status} attempts={} usage={usage_status}{}",

@@ -78,11 +78,11 @@ fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
         Format::Json => out = serde_json::to_string_pretty(report)? + "\n",
         Format::Csv => {
             // New columns go last: scripts may read the older ones by position.
-            writeln!(out, "{name},requests,unknown_usage,prompt_tokens,cached_tokens,cache_hit_pct,output_tokens,cost_usd,saved_usd,cache_write_tokens")?;
+            writeln!(out, "{name},requests,unknown_usage,prompt_tokens,cached_tokens,cache_hit_pct,output_tokens,cost_usd,saved_usd,cache_write_tokens,expected_cached_tokens,kept_pct")?;
             for r in rows {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{:.2},{},{:.6},{:.6},{}",
+                    "{},{},{},{},{},{:.2},{},{:.6},{:.6},{},{},{}",
                     r.key,
                     r.requests,
                     r.unknown_usage,
@@ -92,14 +92,16 @@ fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
                     r.output_tokens,
                     r.cost_micro_usd as f64 / 1e6,
                     r.saved_micro_usd as f64 / 1e6,
-                    r.cache_write_tokens
+                    r.cache_write_tokens,
+                    r.expected_cached_tokens,
+                    r.kept_pct.map(|p| format!("{p:.2}")).unwrap_or_default()
                 )?;
             }
         }
         Format::Table => {
             writeln!(
                 out,
-                "{name:<16} {:>9} {:>13} {:>13} {:>7} {:>13} {:>12} {:>12} {:>12}",
+                "{name:<16} {:>9} {:>13} {:>13} {:>7} {:>13} {:>12} {:>12} {:>12} {:>13} {:>7}",
                 "requests",
                 "prompt_tok",
                 "cached_tok",
@@ -107,12 +109,14 @@ fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
                 "cache_write",
                 "output_tok",
                 "cost_usd",
-                "saved_usd"
+                "saved_usd",
+                "expected_tok",
+                "kept"
             )?;
             for r in rows {
                 writeln!(
                     out,
-                    "{:<16} {:>9} {:>13} {:>13} {:>6.1}% {:>13} {:>12} {:>12.4} {:>12.4}",
+                    "{:<16} {:>9} {:>13} {:>13} {:>6.1}% {:>13} {:>12} {:>12.4} {:>12.4} {:>13} {:>7}",
                     r.key,
                     r.requests,
                     r.prompt_tokens,
@@ -121,7 +125,10 @@ fn render(report: &Report, by: By, format: Format) -> anyhow::Result<String> {
                     r.cache_write_tokens,
                     r.output_tokens,
                     r.cost_micro_usd as f64 / 1e6,
-                    r.saved_micro_usd as f64 / 1e6
+                    r.saved_micro_usd as f64 / 1e6,
+                    r.expected_cached_tokens,
+                    r.kept_pct
+                        .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%"))
                 )?;
             }
             if report.total.unknown_usage > 0 {
@@ -197,12 +204,40 @@ mod tests {
             lines.next(),
             Some(
                 "tenant,requests,unknown_usage,prompt_tokens,cached_tokens,cache_hit_pct,\
-                 output_tokens,cost_usd,saved_usd,cache_write_tokens"
+                 output_tokens,cost_usd,saved_usd,cache_write_tokens,expected_cached_tokens,kept_pct"
             )
         );
         assert_eq!(
             lines.next(),
-            Some("acme,2,0,5296,2824,53.32,523,0.015545,0.004918,248")
+            Some("acme,2,0,5296,2824,53.32,523,0.015545,0.004918,248,0,")
+        );
+    }
+
+    #[test]
+    fn by_replica_shows_what_sticky_turns_kept_of_their_expected_prefix() {
+        let line = |replica: &str, cached: u64| {
+            format!(
+                r#"{{"ts":"1970-01-01T00:00:00.000Z","tenant":"acme","session":null,"model":"m","region":"eu","replica":"{replica}","outcome":"sticky","status":200,"prompt_tokens":2000,"cached_tokens":{cached},"completion_tokens":20,"cost_micro_usd":1,"uncached_cost_micro_usd":2,"latency_ms":12,"ttft_ms":3,"attempts":1,"usage_status":"found","cache_write_tokens":null,"key_source":"header","expected_cached_tokens":1600}}"#
+            )
+        };
+        let records: Vec<UsageRecord> = [line("eu-1", 1600), line("eu-2", 400)]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let report = aggregate(&records, GroupBy::Replica);
+        let table = render(&report, By::Replica, Format::Table).unwrap();
+        let mut lines = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>());
+        let header = lines.next().unwrap();
+        let at = header.iter().position(|h| *h == "kept").unwrap();
+        let rows: Vec<_> = lines.collect();
+        assert_eq!((rows[0][0], rows[0][at]), ("eu-1", "100.0%"), "{table}");
+        assert_eq!((rows[1][0], rows[1][at]), ("eu-2", "25.0%"), "{table}");
+        let csv = render(&report, By::Replica, Format::Csv).unwrap();
+        assert!(
+            csv.contains("\neu-2,1,0,2000,400,20.00,20,0.000001,0.000001,0,1600,25.00\n"),
+            "{csv}"
         );
     }
 }

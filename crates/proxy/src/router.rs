@@ -261,6 +261,7 @@ pub struct Snapshot {
     pricing: tether_topology::Pricing,
     metering: bool,
     inject_stream_usage: bool,
+    cache_loss: tether_metering::CacheLossSettings,
     request_bodies: RequestBodySettings,
 }
 
@@ -303,6 +304,11 @@ impl Snapshot {
     /// Whether responses are metered at all.
     pub fn metering(&self) -> bool {
         self.metering
+    }
+
+    /// When a replica's sticky turns count as having lost their prefix cache.
+    pub fn cache_loss(&self) -> &tether_metering::CacheLossSettings {
+        &self.cache_loss
     }
 
     /// Whether to add `stream_options.include_usage` to streaming chat requests.
@@ -652,6 +658,7 @@ fn build_snapshot(
         pricing: topology.pricing.clone(),
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,
+        cache_loss: topology.metering.cache_loss,
         request_bodies: topology.request_bodies,
     })
 }

@@ -133,6 +133,7 @@ fn meter_one(
         cache_write_5m_tokens: usage.cache_write_5m_tokens,
         cache_write_1h_tokens: usage.cache_write_1h_tokens,
         limit: None,
+        expected_cached_tokens: None,
     };
     meter.finish(record, Duration::from_millis(3));
 }

@@ -195,7 +195,9 @@ pub fn diff(started: &Topology, old: &Topology, new: &Topology) -> TopologyDiff 
         ("pricing", old.pricing != new.pricing),
         ("metering", {
             let (o, n) = (&old.metering, &new.metering);
-            o.enabled != n.enabled || o.inject_stream_usage != n.inject_stream_usage
+            o.enabled != n.enabled
+                || o.inject_stream_usage != n.inject_stream_usage
+                || o.cache_loss != n.cache_loss
         }),
         ("upstream", old.upstream != new.upstream),
         ("health", old.health != new.health),

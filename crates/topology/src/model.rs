@@ -282,7 +282,7 @@ pub struct UsageLog {
 }
 
 /// The `metering` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MeteringSettings {
     /// Meter responses at all (off: no usage parsing, records or token metrics).
     pub enabled: bool,
@@ -291,6 +291,8 @@ pub struct MeteringSettings {
     /// Add `stream_options.include_usage` to streaming chat requests that lack it (and hide
     /// the extra usage event from the client), so streamed usage is always known.
     pub inject_stream_usage: bool,
+    /// When a replica's sticky turns count as having lost their prefix cache.
+    pub cache_loss: tether_metering::CacheLossSettings,
 }
 
 /// The `upstream` section.

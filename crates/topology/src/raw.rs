@@ -379,6 +379,7 @@ pub(crate) struct RawMetering {
     pub enabled: bool,
     pub session_key: Option<String>,
     pub inject_stream_usage: bool,
+    pub cache_loss: RawCacheLoss,
 }
 
 impl Default for RawMetering {
@@ -387,6 +388,30 @@ impl Default for RawMetering {
             enabled: true,
             session_key: None,
             inject_stream_usage: true,
+            cache_loss: RawCacheLoss::default(),
+        }
+    }
+}
+
+/// `metering.cache_loss`: when a replica's sticky turns count as having lost their cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawCacheLoss {
+    pub threshold: f64,
+    pub min_expected_tokens: u64,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub block_tokens: u32,
+}
+
+impl Default for RawCacheLoss {
+    fn default() -> Self {
+        let d = tether_metering::CacheLossSettings::default();
+        RawCacheLoss {
+            threshold: d.threshold,
+            min_expected_tokens: d.min_expected_tokens,
+            window: d.window,
+            block_tokens: d.block_tokens,
         }
     }
 }

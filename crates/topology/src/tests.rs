@@ -687,6 +687,52 @@ fn metering_settings_and_replica_dialects_load() {
 }
 
 #[test]
+fn cache_loss_settings_default_and_every_bad_value_is_named() {
+    let t = load(VALID).unwrap();
+    assert_eq!(
+        t.metering.cache_loss,
+        tether_metering::CacheLossSettings::default()
+    );
+    let custom = VALID.replace(
+        "metering: { session_key: \"0123456789abcdef\" }",
+        "metering: { session_key: \"0123456789abcdef\", cache_loss: { threshold: 0.3, \
+         min_expected_tokens: 500, window: 30s, block_tokens: 32 } }",
+    );
+    let loss = load(&custom).unwrap().metering.cache_loss;
+    assert_eq!(
+        (
+            loss.threshold,
+            loss.min_expected_tokens,
+            loss.window.as_secs(),
+            loss.block_tokens
+        ),
+        (0.3, 500, 30, 32)
+    );
+    let bad = VALID.replace(
+        "metering: { session_key: \"0123456789abcdef\" }",
+        "metering: { session_key: \"0123456789abcdef\", cache_loss: { threshold: 1.5, \
+         window: 0s, block_tokens: 0 } }",
+    );
+    let keys: Vec<String> = load(&bad)
+        .unwrap_err()
+        .problems()
+        .iter()
+        .map(|p| p.key.clone())
+        .collect();
+    for key in ["threshold", "window", "block_tokens"] {
+        assert!(
+            keys.contains(&format!("metering.cache_loss.{key}")),
+            "{key} in {keys:?}"
+        );
+    }
+    let unknown = VALID.replace(
+        "metering: { session_key: \"0123456789abcdef\" }",
+        "metering: { cache_loss: { treshold: 0.5 } }",
+    );
+    assert!(load(&unknown).is_err(), "unknown keys are refused");
+}
+
+#[test]
 fn a_short_session_key_and_a_zero_queue_are_refused() {
     assert_eq!(
         problem(&VALID.replace("session_key: \"0123456789abcdef\"", "session_key: short")).key,

@@ -490,6 +490,32 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             );
         }
     }
+    let loss = &raw.metering.cache_loss;
+    if !(loss.threshold > 0.0 && loss.threshold <= 1.0) {
+        p.add(
+            "metering.cache_loss.threshold",
+            format!(
+                "{} is out of range: a ratio of reported to expected cached tokens, above 0 \
+                 and at most 1",
+                loss.threshold
+            ),
+        );
+    }
+    if loss.window < Duration::from_secs(1) || loss.window > Duration::from_secs(24 * 3600) {
+        p.add(
+            "metering.cache_loss.window",
+            format!(
+                "{} is out of range 1s..=24h",
+                humantime::format_duration(loss.window)
+            ),
+        );
+    }
+    if loss.block_tokens == 0 || loss.block_tokens > 4096 {
+        p.add(
+            "metering.cache_loss.block_tokens",
+            format!("{} is out of range 1..=4096", loss.block_tokens),
+        );
+    }
     if let Some(key) = &raw.metering.session_key {
         if key.len() < 16 {
             p.add(
@@ -687,6 +713,12 @@ pub(crate) fn validate(raw: RawTopology) -> Result<Topology, Vec<Problem>> {
             enabled: raw.metering.enabled,
             session_key: raw.metering.session_key,
             inject_stream_usage: raw.metering.inject_stream_usage,
+            cache_loss: tether_metering::CacheLossSettings {
+                threshold: raw.metering.cache_loss.threshold,
+                min_expected_tokens: raw.metering.cache_loss.min_expected_tokens,
+                window: raw.metering.cache_loss.window,
+                block_tokens: raw.metering.cache_loss.block_tokens,
+            },
         },
         upstream: UpstreamSettings {
             connect_timeout: raw.upstream.connect_timeout,
