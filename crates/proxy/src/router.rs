@@ -86,8 +86,9 @@ pub enum InstallError {
 pub struct Upstream {
     /// The prebuilt Pingora peer (address, timeouts, and the connector below).
     pub peer: HttpPeer,
-    /// Makes the peer's connections ones Tether can break off (see [`crate::upstream_io`]).
-    pub connector: Arc<ReplicaConnector>,
+    /// Makes the peer's connections ones Tether can break off (see [`crate::upstream_io`]);
+    /// only with `upstream.watch_connections`.
+    pub connector: Option<Arc<ReplicaConnector>>,
     /// The replica's usage dialect, when configured (else inferred from the request path).
     pub dialect: Option<Dialect>,
     /// The replica's own credential, sent on every request to it.
@@ -481,12 +482,13 @@ fn build_snapshot(
             peer.options.connection_timeout = Some(upstream.connect_timeout);
             peer.options.read_timeout = upstream.read_timeout;
             peer.options.idle_timeout = upstream.idle_timeout;
-            let connector = ReplicaConnector::new(upstream.connect_timeout, Arc::clone(cut));
             // Only when asked for: Pingora does not pool connections made by a custom
             // connector (see `UpstreamSettings::watch_connections`).
-            if upstream.watch_connections {
+            let connector = upstream.watch_connections.then(|| {
+                let connector = ReplicaConnector::new(upstream.connect_timeout, Arc::clone(cut));
                 peer.options.custom_l4 = Some(connector.clone());
-            }
+                connector
+            });
             let credential = r
                 .upstream_auth
                 .as_ref()
@@ -552,7 +554,9 @@ fn build_snapshot(
         override_capacity: topology.affinity.override_capacity,
     });
     for replica in fleet.replicas() {
-        replica.upstream().connector.bind(replica.status());
+        if let Some(connector) = &replica.upstream().connector {
+            connector.bind(replica.status());
+        }
     }
 
     let header =

@@ -3,9 +3,10 @@
 //! way that still logs them.
 //!
 //! Pingora waits for a replica's response header in one `read` with no hook in between, so
-//! the only way to end that wait early is at the socket. Every replica's peer carries a
-//! [`ReplicaConnector`] (Pingora's custom L4 connector) that wraps the TCP stream in a
-//! [`WatchedStream`]. The stream's reads fail with an [`Aborted`] error:
+//! the only way to end that wait early is at the socket. With `upstream.watch_connections`,
+//! every replica's peer carries a [`ReplicaConnector`] (Pingora's custom L4 connector) that
+//! wraps the TCP stream in a [`WatchedStream`] (off by default: Pingora 0.9 pools no
+//! connection a custom connector made). The stream's reads fail with an [`Aborted`] error:
 //!
 //! - [`Aborted::Departed`]: its replica left rotation ([`ReplicaStatus::depart`]: probe
 //!   `fall`, ejection, `drain?now=true`) after the request on this connection was sent and
