@@ -88,6 +88,20 @@ fn conversation(session: &str, turns: usize) -> Value {
     json!({"model": "tether-sim", "messages": messages, "max_tokens": 8})
 }
 
+/// Turn `n` of `session` (this file's conversation), answered 200; the replica that served it.
+async fn served_turn(client: &reqwest::Client, url: &str, session: &str, n: usize) -> String {
+    let reply = chat(
+        client,
+        url,
+        None,
+        &[session.as_bytes()],
+        &conversation(session, n),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "turn {n} of {session}: {}", reply.body);
+    reply.replica.expect("the sim names itself")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_flushed_every_turn_is_flagged_within_a_few_turns_and_the_others_are_not() {
     let fleet = SimFleet::start(&FLEET).unwrap();
@@ -99,16 +113,7 @@ async fn a_replica_flushed_every_turn_is_flagged_within_a_few_turns_and_the_othe
 
     // The replica of the first session's first turn loses its cache before every turn.
     let sessions: Vec<String> = (0..9).map(|i| format!("agent-session-{i}")).collect();
-    let first = chat(
-        &client,
-        &url,
-        None,
-        &[sessions[0].as_bytes()],
-        &conversation(&sessions[0], 1),
-    )
-    .await;
-    assert_eq!(first.status, 200);
-    let cold = first.replica.unwrap();
+    let cold = served_turn(&client, &url, &sessions[0], 1).await;
     let mut sent = 1;
     for turn in 1..=6 {
         for (i, session) in sessions.iter().enumerate() {
@@ -116,15 +121,7 @@ async fn a_replica_flushed_every_turn_is_flagged_within_a_few_turns_and_the_othe
                 continue;
             }
             fleet.flush(&cold).await;
-            let reply = chat(
-                &client,
-                &url,
-                None,
-                &[session.as_bytes()],
-                &conversation(session, turn),
-            )
-            .await;
-            assert_eq!(reply.status, 200, "{}", reply.body);
+            served_turn(&client, &url, session, turn).await;
             sent += 1;
         }
     }
@@ -334,16 +331,7 @@ async fn in_a_tier_only_the_instance_that_served_the_previous_turn_expects_a_hit
     let client = reqwest::Client::new();
     let mut replica = String::new();
     for (turn, edge) in [(1, &a), (2, &b), (3, &b), (4, &a)] {
-        let reply = chat(
-            &client,
-            &edge.url("/v1/chat/completions"),
-            None,
-            &[session.as_bytes()],
-            &conversation(session, turn),
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        replica = reply.replica.unwrap();
+        replica = served_turn(&client, &edge.url("/v1/chat/completions"), session, turn).await;
         // The next turn may go to the other instance: wait until the store has the binding.
         let started = Instant::now();
         loop {
