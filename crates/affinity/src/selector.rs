@@ -79,7 +79,8 @@ pub fn has_headroom(reading: &EngineReading, active: u32) -> bool {
 
 /// Whether a sticky session should leave its replica: the engine's queue holds more than a
 /// full batch (its sequences, or 16 when it does not say). Short of that a warm session stays,
-/// since moving it costs a full prefill.
+/// since moving it costs a full prefill; and even then only for a replica of its region with
+/// room ([`Selector::sticky_eligible`]).
 pub fn truly_full(reading: &EngineReading) -> bool {
     reading.load.waiting > reading.capacity.sequences.unwrap_or(16).max(1)
 }
@@ -554,7 +555,25 @@ impl Selector {
     ) -> bool {
         self.available(idx, tried, view)
             && view.inflight(idx) < self.cap(idx, view)
-            && !view.engine(idx).is_some_and(|e| truly_full(&e))
+            && !(view.engine(idx).is_some_and(|e| truly_full(&e))
+                && self.room_elsewhere_in_region(idx, tried, view))
+    }
+
+    /// Whether another replica of `idx`'s region could take a session now: available, and
+    /// its engine has headroom or is not read. A sticky session leaves a truly full replica
+    /// only for such a one: when the whole region is full, moving it evicts someone else's
+    /// cache to rebuild its own, and staying in the queue of the replica that holds it is the
+    /// cheaper wait.
+    fn room_elsewhere_in_region<V: LoadView + ?Sized>(
+        &self,
+        idx: ReplicaIdx,
+        tried: Option<&ReplicaSet>,
+        view: &V,
+    ) -> bool {
+        let region = self.replicas[idx as usize].region;
+        self.regions[region as usize].members.iter().any(|&other| {
+            other != idx && self.available(other, tried, view) && !self.engine_full(other, view)
+        })
     }
 
     /// The replica's hard in-flight cap now: its own, or with `max_inflight: auto` its
@@ -1003,7 +1022,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sticky_session_stays_on_a_busy_engine_until_its_queue_is_over_a_batch() {
+    fn a_sticky_session_stays_on_a_busy_engine_until_its_queue_is_over_a_batch_and_another_has_room() {
         let s = selector(&fleet(&[("eu", &["a", "b"])]));
         let sticky = RouteRequest {
             sticky: Some(s.replicas()[0].tag),
@@ -1014,6 +1033,13 @@ mod tests {
         let swamped = EngineView(vec![(2, 6, slots(2, 2, 3)), (0, 0, slots(2, 0, 0))]);
         let d = s.decide(&sticky, &swamped).unwrap();
         assert_eq!((d.replica, d.outcome), (1, Outcome::Failover));
+        // The other replica is full too: moving would evict a session there to rebuild this
+        // one's cache, so it waits where its cache is.
+        let all_full = EngineView(vec![(2, 6, slots(2, 2, 3)), (2, 2, slots(2, 2, 0))]);
+        assert_eq!(s.decide(&sticky, &all_full).unwrap().outcome, Outcome::Sticky);
+        // An unread engine elsewhere may have room: it moves.
+        let unread = EngineView(vec![(2, 6, slots(2, 2, 3)), (0, 0, None)]);
+        assert_eq!(s.decide(&sticky, &unread).unwrap().replica, 1);
     }
 
     #[test]
