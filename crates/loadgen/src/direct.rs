@@ -2,9 +2,12 @@
 //! without Tether would use, so runs through Tether have a baseline on the same workload.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use rand::Rng;
+
+use crate::cache_aware::{CacheAwareConfig, CacheAwareRouter};
 
 /// How requests for replicas are spread when Tether is not in the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -20,6 +23,9 @@ pub enum ClientPolicy {
     ConsistentHash,
     /// Consistent hash with bounded loads, `c = 1.25` (HAProxy `hash-balance-factor 125`).
     BoundedHash,
+    /// SGLang router's `cache_aware` policy on the request text, with its launcher's
+    /// defaults ([`crate::cache_aware`]); ignores the token.
+    PrefixAware,
 }
 
 /// The bounded-load factor of [`ClientPolicy::BoundedHash`].
@@ -32,6 +38,10 @@ pub(crate) struct DirectRouter {
     /// Replica index by address on the ring.
     by_addr: BTreeMap<std::net::SocketAddr, usize>,
     pub(crate) inflight: Vec<AtomicU32>,
+    /// [`ClientPolicy::PrefixAware`]'s tree, and the time its decisions took.
+    cache_aware: Mutex<CacheAwareRouter>,
+    decision_nanos: AtomicU64,
+    decisions: AtomicU64,
 }
 
 impl DirectRouter {
@@ -54,23 +64,51 @@ impl DirectRouter {
             ring: pingora_ketama::Continuum::new(&buckets),
             by_addr,
             inflight: urls.iter().map(|_| Default::default()).collect(),
+            cache_aware: Mutex::new(CacheAwareRouter::new(
+                urls.len(),
+                CacheAwareConfig::default(),
+            )),
+            decision_nanos: AtomicU64::new(0),
+            decisions: AtomicU64::new(0),
         })
+    }
+
+    /// Mean time of a [`ClientPolicy::PrefixAware`] decision (tree match, insert, eviction
+    /// when due), nanoseconds; `None` before the first.
+    pub(crate) fn mean_decision_nanos(&self) -> Option<f64> {
+        let n = self.decisions.load(Ordering::Relaxed);
+        (n > 0).then(|| self.decision_nanos.load(Ordering::Relaxed) as f64 / n as f64)
     }
 
     fn load(&self, i: usize) -> u32 {
         self.inflight[i].load(Ordering::Relaxed)
     }
 
-    /// The replica for one request.
+    /// The replica for one request; `text` is its routing text (needed by
+    /// [`ClientPolicy::PrefixAware`] only).
     pub(crate) fn pick(
         &self,
         policy: ClientPolicy,
         token: Option<&str>,
+        text: Option<&str>,
         next: &AtomicUsize,
     ) -> usize {
         let n = self.urls.len().max(1);
         let round_robin = || next.fetch_add(1, Ordering::Relaxed) % n;
         match (policy, token) {
+            (ClientPolicy::PrefixAware, _) => {
+                let loads: Vec<usize> = (0..self.urls.len())
+                    .map(|i| self.load(i) as usize)
+                    .collect();
+                let mut router = self.cache_aware.lock().unwrap_or_else(|e| e.into_inner());
+                let started = std::time::Instant::now();
+                let (i, _) = router.select(text.unwrap_or_default(), &loads);
+                let took = started.elapsed().as_nanos() as u64;
+                drop(router);
+                self.decision_nanos.fetch_add(took, Ordering::Relaxed);
+                self.decisions.fetch_add(1, Ordering::Relaxed);
+                i.min(n - 1)
+            }
             (ClientPolicy::RoundRobin, _)
             | (ClientPolicy::ConsistentHash | ClientPolicy::BoundedHash, None) => round_robin(),
             (ClientPolicy::Random, _) => rand::thread_rng().gen_range(0..n),
@@ -128,8 +166,11 @@ mod tests {
         let mut counts = [0u32; 6];
         for i in 0..6000 {
             let token = format!("session-{i}");
-            let a = r.pick(ClientPolicy::ConsistentHash, Some(&token), &next);
-            assert_eq!(a, r.pick(ClientPolicy::ConsistentHash, Some(&token), &next));
+            let a = r.pick(ClientPolicy::ConsistentHash, Some(&token), None, &next);
+            assert_eq!(
+                a,
+                r.pick(ClientPolicy::ConsistentHash, Some(&token), None, &next)
+            );
             counts[a] += 1;
         }
         assert!(counts.iter().all(|&c| c > 600), "{counts:?}");
@@ -139,12 +180,15 @@ mod tests {
     fn bounded_hash_skips_replicas_over_the_bound() {
         let (r, next) = (router(), AtomicUsize::new(0));
         let token = Some("session-1");
-        let home = r.pick(ClientPolicy::BoundedHash, token, &next);
+        let home = r.pick(ClientPolicy::BoundedHash, token, None, &next);
         // Load the home replica far past c × mean.
         r.inflight[home].store(10, Ordering::Relaxed);
-        let moved = r.pick(ClientPolicy::BoundedHash, token, &next);
+        let moved = r.pick(ClientPolicy::BoundedHash, token, None, &next);
         assert_ne!(moved, home);
-        assert_eq!(r.pick(ClientPolicy::ConsistentHash, token, &next), home);
+        assert_eq!(
+            r.pick(ClientPolicy::ConsistentHash, token, None, &next),
+            home
+        );
     }
 
     #[test]
@@ -153,9 +197,25 @@ mod tests {
         for i in 0..6 {
             r.inflight[i].store(if i == 4 { 0 } else { 3 }, Ordering::Relaxed);
         }
-        assert_eq!(r.pick(ClientPolicy::LeastInflight, None, &next), 4);
-        let a = r.pick(ClientPolicy::ConsistentHash, None, &next);
-        let b = r.pick(ClientPolicy::ConsistentHash, None, &next);
+        assert_eq!(r.pick(ClientPolicy::LeastInflight, None, None, &next), 4);
+        let a = r.pick(ClientPolicy::ConsistentHash, None, None, &next);
+        let b = r.pick(ClientPolicy::ConsistentHash, None, None, &next);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn prefix_aware_keeps_a_conversation_and_times_its_decisions() {
+        let (r, next) = (router(), AtomicUsize::new(0));
+        let first = r.pick(ClientPolicy::PrefixAware, None, Some("head one"), &next);
+        let other = r.pick(ClientPolicy::PrefixAware, None, Some("xyz"), &next);
+        assert_ne!(first, other);
+        let again = r.pick(
+            ClientPolicy::PrefixAware,
+            None,
+            Some("head one reply"),
+            &next,
+        );
+        assert_eq!(again, first);
+        assert!(r.mean_decision_nanos().is_some_and(|ns| ns > 0.0));
     }
 }

@@ -52,6 +52,7 @@
 //! ```
 
 pub mod bound;
+pub mod cache_aware;
 mod client;
 mod direct;
 pub mod follow;
@@ -145,10 +146,11 @@ struct Route {
 
 impl Shared {
     /// Where turn `turn` of session `session` goes.
-    fn route(&self, token: Option<&str>, session: usize, turn: usize) -> Route {
+    /// `text` is the request's routing text, when the policy needs one.
+    fn route(&self, token: Option<&str>, text: Option<&str>, session: usize, turn: usize) -> Route {
         let (base, replica, edge) = match (&self.config.target, &self.direct) {
             (Target::Direct(_, policy), Some(direct)) => {
-                let i = direct.pick(*policy, token, &self.next_replica);
+                let i = direct.pick(*policy, token, text, &self.next_replica);
                 (direct.urls[i].as_str(), Some(i), None)
             }
             (Target::Direct(urls, _), None) => {
@@ -267,7 +269,13 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             }
             _ => None,
         };
-        let route = shared.route(plan.token.as_deref(), plan.index, turn);
+        // Only a prefix-aware router reads the request text (built as SGLang's router does).
+        let text = matches!(
+            shared.config.target,
+            Target::Direct(_, ClientPolicy::PrefixAware)
+        )
+        .then(|| cache_aware::routing_text(history.iter().map(|m| m.content.as_str())));
+        let route = shared.route(plan.token.as_deref(), text.as_deref(), plan.index, turn);
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
         let hashes = block_hashes(&prompt, shared.config.block_tokens.max(1));
@@ -410,6 +418,10 @@ pub async fn run_with(
     let mut report = Report::build_with(&outcomes, &errors, elapsed, &facts);
     let workload = &shared.config.workload;
     report.set_profiles(&outcomes, |session| workload.plan(session).profile.as_str());
+    report.router_decision_ns = shared
+        .direct
+        .as_ref()
+        .and_then(DirectRouter::mean_decision_nanos);
     report.by_edge = shared
         .edges
         .iter()
