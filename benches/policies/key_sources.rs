@@ -4,11 +4,20 @@
 //! `prompt_cache_key`; nothing at all), then with 30 % of the sessions opening with one
 //! shared head ("You are a helpful assistant." and "hi"), which the fingerprint cannot tell
 //! apart: what the fingerprint's weakness costs.
+//!
+//! The server-side alternative for clients that send nothing is prefix-aware routing: the
+//! tokenless sessions also go straight to the replicas through SGLang router's `cache_aware`
+//! policy ([`tether_loadgen::cache_aware`], its launcher's defaults), and both ways of routing
+//! them are timed in-process over the same requests ([`super::request_cost`]).
 
 use tether_e2e::{SimFleet, Tether, TetherConfig};
-use tether_loadgen::{ClientProfile, Report, Target, Workload};
+use tether_loadgen::{ClientPolicy, ClientProfile, Report, Target, Workload};
 
-use super::{flush, print_table, run, tether_config, CACHE_TOKENS, SIX};
+use super::{flush, print_table, request_cost, run, tether_config, CACHE_TOKENS, SIX};
+
+/// The rows the verdict compares.
+const FINGERPRINT_ROW: &str = "nothing (fingerprint)";
+const PREFIX_AWARE_ROW: &str = "prefix-aware (SGLang cache-aware)";
 
 /// Share of sessions opening with the shared head in the last rows.
 const SHARED_HEAD_FRACTION: f64 = 0.3;
@@ -35,7 +44,7 @@ pub async fn run_scenario(workload: &Workload, scale: &str) {
         ("header", ClientProfile::Header),
         ("agent header", ClientProfile::AgentHeader),
         ("prompt_cache_key", ClientProfile::PromptCacheKey),
-        ("nothing (fingerprint)", ClientProfile::Nothing),
+        (FINGERPRINT_ROW, ClientProfile::Nothing),
     ];
     for (name, profile) in profiles {
         eprintln!("  {name}");
@@ -46,6 +55,26 @@ pub async fn run_scenario(workload: &Workload, scale: &str) {
         };
         rows.push((name, run(&w, target(), CACHE_TOKENS).await));
     }
+    // The same tokenless sessions, routed on their text by the client (no Tether).
+    eprintln!("  {PREFIX_AWARE_ROW}");
+    flush(&fleet, &SIX).await;
+    let tokenless = Workload {
+        profiles: vec![ClientProfile::Nothing],
+        ..workload.clone()
+    };
+    let urls: Vec<String> = SIX
+        .iter()
+        .map(|id| format!("http://{}", fleet.addr(id)))
+        .collect();
+    rows.push((
+        PREFIX_AWARE_ROW,
+        run(
+            &tokenless,
+            Target::Direct(urls, ClientPolicy::PrefixAware),
+            CACHE_TOKENS,
+        )
+        .await,
+    ));
     for (name, profile) in [
         ("header, 30 % shared head", ClientProfile::Header),
         ("nothing, 30 % shared head", ClientProfile::Nothing),
@@ -76,10 +105,32 @@ pub async fn run_scenario(workload: &Workload, scale: &str) {
     println!(
         "policies/key_sources/nothing_over_header {:.3} (target >= 0.9); max/mean nothing {:.2} (target <= 1.25); \
          with 30 % shared heads: nothing_over_header {:.3}, max/mean {:.2}",
-        of_oracle("nothing (fingerprint)") / of_oracle("header").max(f64::MIN_POSITIVE),
-        max_over_mean("nothing (fingerprint)"),
+        of_oracle(FINGERPRINT_ROW) / of_oracle("header").max(f64::MIN_POSITIVE),
+        max_over_mean(FINGERPRINT_ROW),
         of_oracle("nothing, 30 % shared head")
             / of_oracle("header, 30 % shared head").max(f64::MIN_POSITIVE),
         max_over_mean("nothing, 30 % shared head"),
+    );
+    let points = (of_oracle(FINGERPRINT_ROW) - of_oracle(PREFIX_AWARE_ROW)) * 100.0;
+    let live_decision = rows
+        .iter()
+        .find(|(n, _)| *n == PREFIX_AWARE_ROW)
+        .and_then(|(_, r)| r.router_decision_ns);
+    println!(
+        "policies/key_sources/fingerprint_vs_prefix_aware: of oracle {:.3} vs {:.3}, {points:+.1} points \
+         (target >= -2); prefix-aware decision in the run {}",
+        of_oracle(FINGERPRINT_ROW),
+        of_oracle(PREFIX_AWARE_ROW),
+        live_decision.map_or("not timed".to_owned(), |ns| format!("{ns:.0} ns")),
+    );
+    let cost = request_cost::measure(&request_cost::replay_requests(&tokenless), SIX.len());
+    request_cost::print("policies/key_sources", &cost);
+    let cpu_ratio = cost.fingerprint_ns / cost.prefix_aware_ns.max(f64::MIN_POSITIVE);
+    println!(
+        "policies/key_sources/verdict: fingerprint {} prefix-aware's share of the oracle (within 2 \
+         points: {}) at {:.3} of its CPU per request",
+        if points >= 0.0 { "at or above" } else { "below" },
+        if points >= -2.0 { "yes" } else { "no" },
+        cpu_ratio,
     );
 }
