@@ -76,7 +76,7 @@ pub fn replay_requests(workload: &Workload) -> Vec<ReplayRequest> {
                     body: serde_json::to_vec(&workload.request(&messages, true))
                         .expect("a JSON body"),
                     tenant: plan.tenant,
-                    text: routing_text(history.iter().map(|(_, c)| c.as_str())),
+                    text: routing_text(history.iter().map(|(r, c)| (*r, c.as_str()))),
                 });
                 history.push(("assistant", reply.clone()));
             }
@@ -126,7 +126,7 @@ pub fn measure(requests: &[ReplayRequest], replicas: usize) -> RequestCost {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter_map(|m| m["content"].as_str()),
+                    .filter_map(|m| Some((m["role"].as_str()?, m["content"].as_str()?))),
             );
             black_box(router.select(&text, &idle));
         }

@@ -25,7 +25,7 @@
 //!   [`CacheAwareConfig::rust_defaults`].
 //! - The request text of a chat completion (`extract_text_for_routing` of
 //!   `ChatCompletionRequest` in `sgl-router/src/protocols/spec.rs`): every message's text
-//!   joined by a space ([`routing_text`]).
+//!   joined by a space, an assistant's trimmed and left out when empty ([`routing_text`]).
 //!
 //! Where it departs, and why: SGLang picks "the first" worker of a node by iterating a
 //! `DashMap` (an arbitrary but per-map fixed order); here a `HashMap` with its own random
@@ -80,14 +80,24 @@ impl CacheAwareConfig {
     }
 }
 
-/// The text SGLang's router matches for a chat completion: the messages' texts joined by a
-/// space.
-pub fn routing_text<'a>(contents: impl IntoIterator<Item = &'a str>) -> String {
+/// The text SGLang's router matches for a chat completion, from its messages (role, text):
+/// the texts joined by a space, an assistant's trimmed and left out when empty.
+pub fn routing_text<'a>(messages: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let mut out = String::new();
-    for (i, text) in contents.into_iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    for (role, text) in messages {
+        let text = if role == "assistant" {
+            text.trim()
+        } else {
+            text
+        };
+        if role == "assistant" && text.is_empty() {
+            continue;
+        }
+        if !first {
             out.push(' ');
         }
+        first = false;
         out.push_str(text);
     }
     out
@@ -446,6 +456,13 @@ mod tests {
         // Imbalanced (70 − 0 > 64 and 70 > 0 × 1.5): the least loaded, whatever the match.
         let (least, branch) = router.select("system prompt. user one reply two", &[70, 5, 0]);
         assert_eq!((least, branch), (2, CacheAwareBranch::Balance));
-        assert_eq!(routing_text(["a", "b", "c"]), "a b c");
+        let messages = [
+            ("system", "sys"),
+            ("user", "hi "),
+            ("assistant", " hello "),
+            ("assistant", ""),
+            ("user", "bye"),
+        ];
+        assert_eq!(routing_text(messages), "sys hi  hello bye");
     }
 }

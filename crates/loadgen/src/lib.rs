@@ -274,7 +274,13 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             shared.config.target,
             Target::Direct(_, ClientPolicy::PrefixAware)
         )
-        .then(|| cache_aware::routing_text(history.iter().map(|m| m.content.as_str())));
+        .then(|| {
+            cache_aware::routing_text(
+                history
+                    .iter()
+                    .map(|m| (m.role.as_str(), m.content.as_str())),
+            )
+        });
         let route = shared.route(plan.token.as_deref(), text.as_deref(), plan.index, turn);
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
