@@ -26,6 +26,34 @@ pub enum ClientPolicy {
     /// SGLang router's `cache_aware` policy on the request text, with its launcher's
     /// defaults ([`crate::cache_aware`]); ignores the token.
     PrefixAware,
+    /// The same with its load rule scaled to a small fleet: `balance_abs_threshold`
+    /// [`SMALL_FLEET_BALANCE_ABS_THRESHOLD`] instead of 64, a gap of requests in flight that a
+    /// fleet running a few requests per replica never reaches.
+    PrefixAwareSmallFleet,
+}
+
+/// The `balance_abs_threshold` of [`ClientPolicy::PrefixAwareSmallFleet`].
+pub const SMALL_FLEET_BALANCE_ABS_THRESHOLD: usize = 4;
+
+impl ClientPolicy {
+    /// Whether the policy routes on the request's text.
+    pub fn reads_text(self) -> bool {
+        matches!(
+            self,
+            ClientPolicy::PrefixAware | ClientPolicy::PrefixAwareSmallFleet
+        )
+    }
+
+    /// The prefix-aware policies' configuration.
+    fn cache_aware_config(self) -> CacheAwareConfig {
+        match self {
+            ClientPolicy::PrefixAwareSmallFleet => CacheAwareConfig {
+                balance_abs_threshold: SMALL_FLEET_BALANCE_ABS_THRESHOLD,
+                ..CacheAwareConfig::default()
+            },
+            _ => CacheAwareConfig::default(),
+        }
+    }
 }
 
 /// The bounded-load factor of [`ClientPolicy::BoundedHash`].
@@ -38,14 +66,15 @@ pub(crate) struct DirectRouter {
     /// Replica index by address on the ring.
     by_addr: BTreeMap<std::net::SocketAddr, usize>,
     pub(crate) inflight: Vec<AtomicU32>,
-    /// [`ClientPolicy::PrefixAware`]'s tree, and the time its decisions took.
+    /// The prefix-aware policies' tree, and the time their decisions took.
     cache_aware: Mutex<CacheAwareRouter>,
     decision_nanos: AtomicU64,
     decisions: AtomicU64,
 }
 
 impl DirectRouter {
-    pub(crate) fn new(urls: &[String]) -> anyhow::Result<Self> {
+    /// Routing state for `urls`, the prefix-aware tree configured for `policy`.
+    pub(crate) fn new(urls: &[String], policy: ClientPolicy) -> anyhow::Result<Self> {
         let mut by_addr = BTreeMap::new();
         let mut buckets = Vec::new();
         for (i, url) in urls.iter().enumerate() {
@@ -66,14 +95,14 @@ impl DirectRouter {
             inflight: urls.iter().map(|_| Default::default()).collect(),
             cache_aware: Mutex::new(CacheAwareRouter::new(
                 urls.len(),
-                CacheAwareConfig::default(),
+                policy.cache_aware_config(),
             )),
             decision_nanos: AtomicU64::new(0),
             decisions: AtomicU64::new(0),
         })
     }
 
-    /// Mean time of a [`ClientPolicy::PrefixAware`] decision (tree match, insert, eviction
+    /// Mean time of a prefix-aware decision (tree match, insert, eviction
     /// when due), nanoseconds; `None` before the first.
     pub(crate) fn mean_decision_nanos(&self) -> Option<f64> {
         let n = self.decisions.load(Ordering::Relaxed);
@@ -85,7 +114,7 @@ impl DirectRouter {
     }
 
     /// The replica for one request; `text` is its routing text (needed by
-    /// [`ClientPolicy::PrefixAware`] only).
+    /// the prefix-aware policies only).
     pub(crate) fn pick(
         &self,
         policy: ClientPolicy,
@@ -96,7 +125,7 @@ impl DirectRouter {
         let n = self.urls.len().max(1);
         let round_robin = || next.fetch_add(1, Ordering::Relaxed) % n;
         match (policy, token) {
-            (ClientPolicy::PrefixAware, _) => {
+            (ClientPolicy::PrefixAware | ClientPolicy::PrefixAwareSmallFleet, _) => {
                 let loads: Vec<usize> = (0..self.urls.len())
                     .map(|i| self.load(i) as usize)
                     .collect();
@@ -157,7 +186,7 @@ mod tests {
         let urls: Vec<String> = (1..=6)
             .map(|i| format!("http://127.0.0.1:{}", 9100 + i))
             .collect();
-        DirectRouter::new(&urls).unwrap()
+        DirectRouter::new(&urls, ClientPolicy::PrefixAware).unwrap()
     }
 
     #[test]
@@ -217,5 +246,24 @@ mod tests {
         );
         assert_eq!(again, first);
         assert!(r.mean_decision_nanos().is_some_and(|ns| ns > 0.0));
+    }
+
+    #[test]
+    fn the_small_fleet_variant_balances_where_the_defaults_do_not() {
+        let urls: Vec<String> = (1..=3)
+            .map(|i| format!("http://127.0.0.1:{}", 9100 + i))
+            .collect();
+        let next = AtomicUsize::new(0);
+        for (policy, balanced) in [
+            (ClientPolicy::PrefixAware, false),
+            (ClientPolicy::PrefixAwareSmallFleet, true),
+        ] {
+            let r = DirectRouter::new(&urls, policy).unwrap();
+            let home = r.pick(policy, None, Some("a conversation"), &next);
+            // Its home replica 6 requests ahead of the others: over 4, under 64.
+            r.inflight[home].store(6, Ordering::Relaxed);
+            let again = r.pick(policy, None, Some("a conversation, turn two"), &next);
+            assert_eq!(again != home, balanced, "{policy:?}");
+        }
     }
 }

@@ -77,7 +77,7 @@ use tokio::time::Instant;
 use bound::TraceStep;
 pub use client::{send_turn, TurnError, TurnReply};
 use direct::DirectRouter;
-pub use direct::{ClientPolicy, BALANCE_FACTOR};
+pub use direct::{ClientPolicy, BALANCE_FACTOR, SMALL_FLEET_BALANCE_ABS_THRESHOLD};
 pub use follow::{Excused, FleetFacts, WarmFollow};
 pub use report::{EdgeTotals, Outcome, Report, Totals};
 pub use tier::EdgeChoice;
@@ -270,17 +270,14 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             _ => None,
         };
         // Only a prefix-aware router reads the request text (built as SGLang's router does).
-        let text = matches!(
-            shared.config.target,
-            Target::Direct(_, ClientPolicy::PrefixAware)
-        )
-        .then(|| {
-            cache_aware::routing_text(
-                history
-                    .iter()
-                    .map(|m| (m.role.as_str(), m.content.as_str())),
-            )
-        });
+        let text =
+            matches!(shared.config.target, Target::Direct(_, p) if p.reads_text()).then(|| {
+                cache_aware::routing_text(
+                    history
+                        .iter()
+                        .map(|m| (m.role.as_str(), m.content.as_str())),
+                )
+            });
         let route = shared.route(plan.token.as_deref(), text.as_deref(), plan.index, turn);
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
@@ -367,7 +364,7 @@ pub async fn run_with(
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let direct = match &config.target {
-        Target::Direct(urls, _) => Some(DirectRouter::new(urls)?),
+        Target::Direct(urls, policy) => Some(DirectRouter::new(urls, *policy)?),
         Target::Proxy(_) | Target::Tier(..) => None,
     };
     let edges = match &config.target {

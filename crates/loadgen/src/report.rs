@@ -138,7 +138,7 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partitioned_bound_ratio: Option<f64>,
     /// Mean time of a client-side router's decision, nanoseconds, for the policies that time
-    /// theirs ([`ClientPolicy::PrefixAware`](crate::ClientPolicy::PrefixAware)).
+    /// theirs (the prefix-aware ones, [`ClientPolicy::reads_text`](crate::ClientPolicy::reads_text)).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub router_decision_ns: Option<f64>,
     /// Wall time, seconds.
