@@ -137,12 +137,27 @@ fn store_lookup_total(admin: SocketAddr) -> f64 {
     metric_total(&metrics_text(admin), "tether_sticky_store_lookups_total")
 }
 
+/// Requests Tether's admin listener `admin` counted as keyed by the fingerprint
+/// (`tether_session_key_source_total{source="fingerprint"}`).
+fn fingerprint_keyed_total(admin: SocketAddr) -> f64 {
+    metric_total_where(
+        &metrics_text(admin),
+        "tether_session_key_source_total",
+        "source=\"fingerprint\"",
+    )
+}
+
 /// The sum of every sample of the counter `name` in a Prometheus text.
 fn metric_total(text: &str, name: &str) -> f64 {
+    metric_total_where(text, name, "")
+}
+
+/// The sum of the samples of the counter `name` whose labels contain `label`.
+fn metric_total_where(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{'))
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -454,7 +469,7 @@ impl Row {
             Row::BarePingora => "bare Pingora",
             Row::Tether => "Tether (metering, overrides)",
             Row::TetherTls => "Tether over TLS (keep-alive)",
-            Row::TetherTokenless => "Tether, tokenless (fingerprint)",
+            Row::TetherTokenless => "Tether tokenless (fingerprint)",
             Row::TetherStore => "Tether + sticky store (Redis)",
             Row::Nginx => "nginx (hash consistent)",
             Row::Haproxy => "HAProxy (bounded hash)",
@@ -742,6 +757,9 @@ fn main() {
         // Store lookups while the store row was measured: 0 when every token's binding was in
         // the local table, as intended.
         let mut store_lookups = 0.0;
+        // Requests of the tokenless row keyed by the fingerprint while measured: all of them,
+        // as intended.
+        let mut fingerprint_keyed = 0.0;
         for round in 0..rounds {
             let mut order: Vec<usize> = (0..Row::ALL.len()).collect();
             if round % 2 == 1 {
@@ -766,6 +784,8 @@ fn main() {
                     });
                 }
                 let lookups_before = (row == Row::TetherStore).then(lookups);
+                let keyed = || fingerprint_keyed_total(tether_tokenless.admin);
+                let keyed_before = (row == Row::TetherTokenless).then(keyed);
                 let cpu_before = pid.map(cpu_seconds);
                 let perf = pid.and_then(|p| perf_record(p, row, kind, connections));
                 let result = wrk(script, &url, connections, seconds);
@@ -783,6 +803,9 @@ fn main() {
                 });
                 if let Some(before) = lookups_before {
                     store_lookups += lookups() - before;
+                }
+                if let Some(before) = keyed_before {
+                    fingerprint_keyed += keyed() - before;
                 }
                 samples[i].push(Sample {
                     wrk: result,
@@ -810,6 +833,11 @@ fn main() {
             tls_p99: paired(Row::TetherTls, Row::Tether, |s| s.wrk.p99_us),
             tokenless_cpu: paired(Row::TetherTokenless, Row::Tether, |s| s.cpu_us_per_req),
             tokenless_p99: paired(Row::TetherTokenless, Row::Tether, |s| s.wrk.p99_us),
+            fingerprint_keyed,
+            tokenless_requests: samples[Row::TetherTokenless.index()]
+                .iter()
+                .map(|s| s.wrk.requests)
+                .sum(),
             store_cpu: paired(Row::TetherStore, Row::Tether, |s| s.cpu_us_per_req),
             store_p99: paired(Row::TetherStore, Row::Tether, |s| s.wrk.p99_us),
             store_lookups,
@@ -909,11 +937,13 @@ fn main() {
             spread(&pair.tls_p99),
         );
         println!(
-            "proxy_cost/{}/c{}/tokenless_over_header cpu {} (target <= 1.05) p99 {}; paired per round (the fingerprint on, no session header, heads from a pool of 4,096)",
+            "proxy_cost/{}/c{}/tokenless_over_header cpu {} (target <= 1.05) p99 {}; paired per round (the fingerprint on, no session header, heads from a pool of 4,096); keyed by the fingerprint while measured: {:.0} of {:.0} requests",
             pair.kind,
             pair.connections,
             spread(&pair.tokenless_cpu),
             spread(&pair.tokenless_p99),
+            pair.fingerprint_keyed,
+            pair.tokenless_requests,
         );
         println!(
             "proxy_cost/{}/c{}/store_over_no_store cpu {} (target <= 1.05) p99 {}; paired per round; store lookups while measured: {:.0} of {:.0} requests\n",
@@ -1059,6 +1089,10 @@ struct Paired {
     /// Tokenless (fingerprint) ÷ the header row.
     tokenless_cpu: Vec<f64>,
     tokenless_p99: Vec<f64>,
+    /// Requests the tokenless row's Tether keyed by the fingerprint while measured, and the
+    /// requests of those runs.
+    fingerprint_keyed: f64,
+    tokenless_requests: f64,
     store_cpu: Vec<f64>,
     store_p99: Vec<f64>,
     /// Store lookups during the store row's measured runs, and the requests of those runs.
