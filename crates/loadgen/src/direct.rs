@@ -24,15 +24,16 @@ pub enum ClientPolicy {
     /// Consistent hash with bounded loads, `c = 1.25` (HAProxy `hash-balance-factor 125`).
     BoundedHash,
     /// SGLang router's `cache_aware` policy on the request text, with its launcher's
-    /// defaults ([`crate::cache_aware`]); ignores the token.
+    /// defaults (see the `cache_aware` module); ignores the token.
     PrefixAware,
-    /// The same with its load rule scaled to a small fleet: `balance_abs_threshold`
-    /// [`SMALL_FLEET_BALANCE_ABS_THRESHOLD`] instead of 64, a gap of requests in flight that a
-    /// fleet running a few requests per replica never reaches.
+    /// The same with its load rule scaled to a small fleet: `balance_abs_threshold` 4 instead
+    /// of 64, a gap of requests in flight that a fleet running a few requests per replica
+    /// never reaches.
     PrefixAwareSmallFleet,
 }
 
-/// The `balance_abs_threshold` of [`ClientPolicy::PrefixAwareSmallFleet`].
+/// The `balance_abs_threshold` of [`ClientPolicy::PrefixAwareSmallFleet`] (its help text
+/// says 4 too).
 pub const SMALL_FLEET_BALANCE_ABS_THRESHOLD: usize = 4;
 
 impl ClientPolicy {

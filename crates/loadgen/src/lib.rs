@@ -21,7 +21,8 @@
 //! round-robin, random, least-in-flight, nginx's `hash $http_x_session_affinity consistent`
 //! (ketama, via `pingora-ketama`, which is nginx-compatible), and HAProxy's `hash-type
 //! consistent` with `hash-balance-factor` (the same ring, skipping replicas over the
-//! bounded-load limit).
+//! bounded-load limit), and SGLang router's prefix-aware `cache_aware` policy on the request
+//! text ([`cache_aware`]).
 //!
 //! The report also gives the [warm-follow](follow) rate: how often a turn is answered by the
 //! replica (or, given a region map, the region) that answered its session's previous turn,
