@@ -7,6 +7,10 @@
 //!
 //! Bodies: `chat_1k` (a system prompt and three turns, ~1 KiB), `agent_48k` (a 4 KiB system
 //! prompt and 20 turns with tool output, ~48 KiB: close to the 64 KiB read-ahead limit).
+//!
+//! Then the fingerprint against prefix-aware routing (SGLang's cache-aware policy) over the
+//! same requests: the tokenless sessions of the policies bench's key-sources scenario
+//! replayed in-process ([`request_cost`]), CPU per request of each printed on one line.
 
 // Benchmark code: a panic with a message is how it reports a broken environment.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -17,6 +21,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 use tether_affinity::{BodyKeys, Fingerprinter, TenantScope, TokenRules};
+use tether_loadgen::{ClientProfile, Workload};
+
+#[path = "policies/request_cost.rs"]
+mod request_cost;
 
 fn chat_body(system_bytes: usize, turns: usize, tool_output_bytes: usize) -> Vec<u8> {
     let mut messages = vec![
@@ -68,9 +76,23 @@ fn fingerprint(c: &mut Criterion) {
     group.finish();
 }
 
+/// The fingerprint against SGLang's cache-aware decision, over the tokenless sessions of the
+/// policies bench's key-sources scenario (its full-size workload, six replicas).
+fn against_prefix_aware(_: &mut Criterion) {
+    let workload = Workload {
+        profiles: vec![ClientProfile::Nothing],
+        ..Workload::default()
+    };
+    let requests = request_cost::replay_requests(&workload);
+    request_cost::print(
+        "fingerprint/vs_prefix_aware",
+        &request_cost::measure(&requests, 6),
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = fingerprint
+    targets = fingerprint, against_prefix_aware
 }
 criterion_main!(benches);

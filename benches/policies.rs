@@ -31,7 +31,9 @@
 //!   without a shared sticky store, through a replica failure and an instance restart;
 //! - key sources ([`key_sources`]): the steady workload through Tether with the fingerprint
 //!   on, the sessions naming themselves by the header, an agent header, `prompt_cache_key` or
-//!   not at all, and with 30 % of them sharing one head.
+//!   not at all, and with 30 % of them sharing one head; the tokenless sessions also straight
+//!   to the replicas through SGLang's cache-aware policy (prefix-aware routing), and the CPU
+//!   per request of both ways of routing them ([`request_cost`]).
 //! - engines ([`engines`]): a slot-limited fleet (llama.cpp mode) and a KV-limited one (vLLM
 //!   mode) at 1.5× and 2× the sessions they can hold, Tether reading the engines against the
 //!   same Tether without engine signals and the client-side policies.
@@ -56,6 +58,8 @@ use tether_loadgen::{ClientPolicy, Report, RunConfig, Target, Workload};
 mod engines;
 #[path = "policies/key_sources.rs"]
 mod key_sources;
+#[path = "policies/request_cost.rs"]
+mod request_cost;
 #[path = "policies/shared_kv.rs"]
 mod shared_kv;
 #[path = "policies/tier.rs"]

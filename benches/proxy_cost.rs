@@ -14,12 +14,16 @@
 //!   - Tether over TLS: the same Tether process through its HTTPS listener (`listen_tls`, a
 //!     certificate the bench makes; wrk keeps its connections, so the handshake is paid once
 //!     per connection and amortised over the run, and what is left is TLS's per-request cost);
-//!   - Tether with a sticky store: the same, with a `sticky_store` (a real redis-server the
+//!   - Tether, tokenless: wrk sends no `x-session-affinity` (and no `prompt_cache_key`): a
+//!     Tether with the conversation fingerprint on (`affinity.key_sources` ending in
+//!     `fingerprint`) reads each body ahead and keys it by its head. The heads come from a pool
+//!     of 4,096 (the user message names one of 4,096 conversations, the body the same size as
+//!     the header rows'), as the tokens do, so the override table is warm;
+//!   - Tether with a sticky store: the same as the header row, with a `sticky_store` (a real redis-server the
 //!     bench starts, on the load's CPU), as one instance of a tier runs. The traffic is warm:
 //!     every token's binding is in the local table before a run is measured (warm-ups repeat
 //!     until one needs no store lookup), so what this row adds is the store's cost on the
 //!     path every sticky request takes. The lookups made while measured are printed;
-//!   - nginx: `hash $http_x_session_affinity consistent`, upstream keepalive;
 //!   - nginx: `hash $http_x_session_affinity consistent`, upstream keepalive;
 //!   - HAProxy: `balance hdr(x-session-affinity)`, `hash-type consistent`,
 //!     `hash-balance-factor 125`, `http-reuse always`.
@@ -29,8 +33,9 @@
 //!
 //! Rows run back to back inside each scenario, in alternating order across rounds (3, or
 //! `BENCH_ROUNDS`); each figure is the median round. Bare Pingora and Tether run next to each
-//! other in every round, and so do Tether without and with the store, so Tether ÷ bare and
-//! store ÷ no store are also taken per round (a pair shares whatever the machine was doing)
+//! other in every round, and so do Tether without and with the store, and with and without
+//! the header, so Tether ÷ bare, store ÷ no store and tokenless ÷ header are also taken per
+//! round (a pair shares whatever the machine was doing)
 //! and reported as the median and range of those paired ratios (use an odd number of rounds:
 //! with an even one the median is the upper middle value).
 //! `BENCH_ROUNDS=0` runs no rounds, only the instruction counts.
@@ -132,12 +137,27 @@ fn store_lookup_total(admin: SocketAddr) -> f64 {
     metric_total(&metrics_text(admin), "tether_sticky_store_lookups_total")
 }
 
+/// Requests Tether's admin listener `admin` counted as keyed by the fingerprint
+/// (`tether_session_key_source_total{source="fingerprint"}`).
+fn fingerprint_keyed_total(admin: SocketAddr) -> f64 {
+    metric_total_where(
+        &metrics_text(admin),
+        "tether_session_key_source_total",
+        "source=\"fingerprint\"",
+    )
+}
+
 /// The sum of every sample of the counter `name` in a Prometheus text.
 fn metric_total(text: &str, name: &str) -> f64 {
+    metric_total_where(text, name, "")
+}
+
+/// The sum of the samples of the counter `name` whose labels contain `label`.
+fn metric_total_where(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{'))
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -302,6 +322,39 @@ request = function()
 end
 "#;
 
+/// The tokenless load: no session header; each body names one of 4,096 conversations in its
+/// first user message (16 hex digits where the header rows' body says "our conversation", so
+/// the bodies are the same size), so Tether keys it by its head's fingerprint.
+const WRK_TOKENLESS_SCRIPT: &str = r#"
+local bodies = {}
+for i = 1, 4096 do
+  bodies[i] = BODY_HEAD .. string.format("%08x%08x", (i * 2654435761) % 4294967296, i) .. BODY_TAIL
+end
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer API_KEY"
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, bodies[n % #bodies + 1])
+end
+"#;
+
+/// The words of the requests' first user message that the tokenless load replaces with a
+/// conversation's name (16 characters, as the name is).
+const CONVERSATION_WORDS: &str = "our conversation";
+
+/// The wrk script of the tokenless row for `body`.
+fn tokenless_script(body: &str) -> String {
+    let (head, tail) = body
+        .split_once(CONVERSATION_WORDS)
+        .expect("the bench's bodies name the conversation");
+    WRK_TOKENLESS_SCRIPT
+        .replace("BODY_HEAD", &format!("{head:?}"))
+        .replace("BODY_TAIL", &format!("{tail:?}"))
+        .replace("API_KEY", API_KEY)
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct WrkResult {
     requests: f64,
@@ -378,6 +431,9 @@ enum Row {
     BarePingora,
     Tether,
     TetherTls,
+    /// Tether with the fingerprint on, the load sending no session header: every request keyed
+    /// by its conversation head.
+    TetherTokenless,
     /// Tether configured with a `sticky_store` (a real redis-server), its traffic warm: every
     /// token's binding already in the local table, so the store is never asked.
     TetherStore,
@@ -386,13 +442,14 @@ enum Row {
 }
 
 impl Row {
-    /// Tether with and without the store next to each other, and over TLS and plain next to
-    /// each other, so that their ratios are taken between runs that follow each other in either
-    /// order.
-    const ALL: [Row; 7] = [
+    /// Tether with and without the store next to each other, and tokenless and with the header,
+    /// so that their ratios are taken between runs that follow each other in either order
+    /// (TLS and bare Pingora one run away).
+    const ALL: [Row; 8] = [
         Row::Direct,
         Row::BarePingora,
         Row::TetherTls,
+        Row::TetherTokenless,
         Row::Tether,
         Row::TetherStore,
         Row::Nginx,
@@ -412,6 +469,7 @@ impl Row {
             Row::BarePingora => "bare Pingora",
             Row::Tether => "Tether (metering, overrides)",
             Row::TetherTls => "Tether over TLS (keep-alive)",
+            Row::TetherTokenless => "Tether tokenless (fingerprint)",
             Row::TetherStore => "Tether + sticky store (Redis)",
             Row::Nginx => "nginx (hash consistent)",
             Row::Haproxy => "HAProxy (bounded hash)",
@@ -425,6 +483,7 @@ impl Row {
             Row::BarePingora => "bare",
             Row::Tether => "tether",
             Row::TetherTls => "tether-tls",
+            Row::TetherTokenless => "tether-tokenless",
             Row::TetherStore => "tether-store",
             Row::Nginx => "nginx",
             Row::Haproxy => "haproxy",
@@ -564,6 +623,18 @@ fn main() {
         one_thread(),
     )
     .unwrap();
+    // The tokenless row's Tether: the fingerprint on, everything else as the header row's.
+    let tether_tokenless = Tether::start_with_server(
+        &TetherConfig {
+            body: format!(
+                "{}affinity: {{ key_sources: [header, agent_header, prompt_cache_key, fingerprint] }}\n",
+                tether_body(&upstreams, &dir.path().join("usage-tokenless.jsonl"))
+            ),
+        },
+        &[],
+        one_thread(),
+    )
+    .unwrap();
     let redis = RedisServer::start()
         .expect("redis-server starts (`make deps` installs it) for the sticky-store row");
     let tether_store = Tether::start_with_server(
@@ -614,6 +685,7 @@ fn main() {
         for pid in [
             bare.pid(),
             tether.process.pid(),
+            tether_tokenless.process.pid(),
             tether_store.process.pid(),
             nginx.pid(),
             haproxy.pid(),
@@ -631,6 +703,10 @@ fn main() {
             Row::TetherTls => (
                 format!("https://127.0.0.1:{tls_port}"),
                 Some(tether.process.pid()),
+            ),
+            Row::TetherTokenless => (
+                http(tether_tokenless.addr.port()),
+                Some(tether_tokenless.process.pid()),
             ),
             Row::TetherStore => (
                 http(tether_store.addr.port()),
@@ -669,6 +745,8 @@ fn main() {
                 .replace("API_KEY", API_KEY),
         )
         .unwrap();
+        let tokenless = dir.path().join(format!("{kind}-tokenless.lua"));
+        std::fs::write(&tokenless, tokenless_script(body)).unwrap();
         if !scripts.iter().any(|(k, _, _)| *k == kind) {
             scripts.push((kind, script.clone(), query));
         }
@@ -679,6 +757,9 @@ fn main() {
         // Store lookups while the store row was measured: 0 when every token's binding was in
         // the local table, as intended.
         let mut store_lookups = 0.0;
+        // Requests of the tokenless row keyed by the fingerprint while measured: all of them,
+        // as intended.
+        let mut fingerprint_keyed = 0.0;
         for round in 0..rounds {
             let mut order: Vec<usize> = (0..Row::ALL.len()).collect();
             if round % 2 == 1 {
@@ -689,17 +770,25 @@ fn main() {
                 progress.set_message(format!("{kind} c={connections} {}", row.name()));
                 let (base, pid) = target(row);
                 let url = format!("{base}/v1/chat/completions{query}");
-                wrk(&script, &url, connections, 1.0); // warm-up: connections, pools, caches
+                let script = if row == Row::TetherTokenless {
+                    &tokenless
+                } else {
+                    &script
+                };
+                // Warm-up: connections, pools, caches, and every token's (or head's) binding.
+                wrk(script, &url, connections, 1.0);
                 let lookups = || store_lookup_total(tether_store.admin);
                 if row == Row::TetherStore {
                     warm_store(tether_store.admin, tether_store.process.pid(), 5, || {
-                        wrk(&script, &url, connections, 1.0);
+                        wrk(script, &url, connections, 1.0);
                     });
                 }
                 let lookups_before = (row == Row::TetherStore).then(lookups);
+                let keyed = || fingerprint_keyed_total(tether_tokenless.admin);
+                let keyed_before = (row == Row::TetherTokenless).then(keyed);
                 let cpu_before = pid.map(cpu_seconds);
                 let perf = pid.and_then(|p| perf_record(p, row, kind, connections));
-                let result = wrk(&script, &url, connections, seconds);
+                let result = wrk(script, &url, connections, seconds);
                 if let Some(mut perf) = perf {
                     // SIGINT makes perf write its data file and exit.
                     let _ = Command::new("kill")
@@ -714,6 +803,9 @@ fn main() {
                 });
                 if let Some(before) = lookups_before {
                     store_lookups += lookups() - before;
+                }
+                if let Some(before) = keyed_before {
+                    fingerprint_keyed += keyed() - before;
                 }
                 samples[i].push(Sample {
                     wrk: result,
@@ -739,6 +831,13 @@ fn main() {
             p99: paired(Row::Tether, Row::BarePingora, |s| s.wrk.p99_us),
             tls_cpu: paired(Row::TetherTls, Row::Tether, |s| s.cpu_us_per_req),
             tls_p99: paired(Row::TetherTls, Row::Tether, |s| s.wrk.p99_us),
+            tokenless_cpu: paired(Row::TetherTokenless, Row::Tether, |s| s.cpu_us_per_req),
+            tokenless_p99: paired(Row::TetherTokenless, Row::Tether, |s| s.wrk.p99_us),
+            fingerprint_keyed,
+            tokenless_requests: samples[Row::TetherTokenless.index()]
+                .iter()
+                .map(|s| s.wrk.requests)
+                .sum(),
             store_cpu: paired(Row::TetherStore, Row::Tether, |s| s.cpu_us_per_req),
             store_p99: paired(Row::TetherStore, Row::Tether, |s| s.wrk.p99_us),
             store_lookups,
@@ -836,6 +935,15 @@ fn main() {
             pair.connections,
             spread(&pair.tls_cpu),
             spread(&pair.tls_p99),
+        );
+        println!(
+            "proxy_cost/{}/c{}/tokenless_over_header cpu {} (target <= 1.05) p99 {}; paired per round (the fingerprint on, no session header, heads from a pool of 4,096); keyed by the fingerprint while measured: {:.0} of {:.0} requests",
+            pair.kind,
+            pair.connections,
+            spread(&pair.tokenless_cpu),
+            spread(&pair.tokenless_p99),
+            pair.fingerprint_keyed,
+            pair.tokenless_requests,
         );
         println!(
             "proxy_cost/{}/c{}/store_over_no_store cpu {} (target <= 1.05) p99 {}; paired per round; store lookups while measured: {:.0} of {:.0} requests\n",
@@ -969,7 +1077,8 @@ fn instruction_counts(
     }
 }
 
-/// Tether ÷ bare Pingora and Tether with the sticky store ÷ without, one value per round.
+/// Tether ÷ bare Pingora, over TLS ÷ plain, tokenless ÷ with the header, and with the sticky
+/// store ÷ without, one value per round.
 struct Paired {
     kind: &'static str,
     connections: usize,
@@ -977,6 +1086,13 @@ struct Paired {
     p99: Vec<f64>,
     tls_cpu: Vec<f64>,
     tls_p99: Vec<f64>,
+    /// Tokenless (fingerprint) ÷ the header row.
+    tokenless_cpu: Vec<f64>,
+    tokenless_p99: Vec<f64>,
+    /// Requests the tokenless row's Tether keyed by the fingerprint while measured, and the
+    /// requests of those runs.
+    fingerprint_keyed: f64,
+    tokenless_requests: f64,
     store_cpu: Vec<f64>,
     store_p99: Vec<f64>,
     /// Store lookups during the store row's measured runs, and the requests of those runs.

@@ -21,7 +21,8 @@
 //! round-robin, random, least-in-flight, nginx's `hash $http_x_session_affinity consistent`
 //! (ketama, via `pingora-ketama`, which is nginx-compatible), and HAProxy's `hash-type
 //! consistent` with `hash-balance-factor` (the same ring, skipping replicas over the
-//! bounded-load limit).
+//! bounded-load limit), and SGLang router's prefix-aware `cache_aware` policy on the request
+//! text ([`cache_aware`]).
 //!
 //! The report also gives the [warm-follow](follow) rate: how often a turn is answered by the
 //! replica (or, given a region map, the region) that answered its session's previous turn,
@@ -52,6 +53,7 @@
 //! ```
 
 pub mod bound;
+pub mod cache_aware;
 mod client;
 mod direct;
 pub mod follow;
@@ -76,7 +78,7 @@ use tokio::time::Instant;
 use bound::TraceStep;
 pub use client::{send_turn, TurnError, TurnReply};
 use direct::DirectRouter;
-pub use direct::{ClientPolicy, BALANCE_FACTOR};
+pub use direct::{ClientPolicy, BALANCE_FACTOR, SMALL_FLEET_BALANCE_ABS_THRESHOLD};
 pub use follow::{Excused, FleetFacts, WarmFollow};
 pub use report::{EdgeTotals, Outcome, Report, Totals};
 pub use tier::EdgeChoice;
@@ -145,10 +147,11 @@ struct Route {
 
 impl Shared {
     /// Where turn `turn` of session `session` goes.
-    fn route(&self, token: Option<&str>, session: usize, turn: usize) -> Route {
+    /// `text` is the request's routing text, when the policy needs one.
+    fn route(&self, token: Option<&str>, text: Option<&str>, session: usize, turn: usize) -> Route {
         let (base, replica, edge) = match (&self.config.target, &self.direct) {
             (Target::Direct(_, policy), Some(direct)) => {
-                let i = direct.pick(*policy, token, &self.next_replica);
+                let i = direct.pick(*policy, token, text, &self.next_replica);
                 (direct.urls[i].as_str(), Some(i), None)
             }
             (Target::Direct(urls, _), None) => {
@@ -267,7 +270,16 @@ async fn run_session(shared: Arc<Shared>, index: usize) {
             }
             _ => None,
         };
-        let route = shared.route(plan.token.as_deref(), plan.index, turn);
+        // Only a prefix-aware router reads the request text (built as SGLang's router does).
+        let text =
+            matches!(shared.config.target, Target::Direct(_, p) if p.reads_text()).then(|| {
+                cache_aware::routing_text(
+                    history
+                        .iter()
+                        .map(|m| (m.role.as_str(), m.content.as_str())),
+                )
+            });
+        let route = shared.route(plan.token.as_deref(), text.as_deref(), plan.index, turn);
         // Rendered and hashed once: traced now, scored against the oracle when answered.
         let prompt = render_prompt(&history);
         let hashes = block_hashes(&prompt, shared.config.block_tokens.max(1));
@@ -353,7 +365,7 @@ pub async fn run_with(
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let direct = match &config.target {
-        Target::Direct(urls, _) => Some(DirectRouter::new(urls)?),
+        Target::Direct(urls, policy) => Some(DirectRouter::new(urls, *policy)?),
         Target::Proxy(_) | Target::Tier(..) => None,
     };
     let edges = match &config.target {
@@ -410,6 +422,10 @@ pub async fn run_with(
     let mut report = Report::build_with(&outcomes, &errors, elapsed, &facts);
     let workload = &shared.config.workload;
     report.set_profiles(&outcomes, |session| workload.plan(session).profile.as_str());
+    report.router_decision_ns = shared
+        .direct
+        .as_ref()
+        .and_then(DirectRouter::mean_decision_nanos);
     report.by_edge = shared
         .edges
         .iter()

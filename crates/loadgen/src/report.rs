@@ -137,6 +137,10 @@ pub struct Report {
     /// ratio, when the run computed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partitioned_bound_ratio: Option<f64>,
+    /// Mean time of a client-side router's decision, nanoseconds, for the policies that time
+    /// theirs (the prefix-aware ones, [`ClientPolicy::reads_text`](crate::ClientPolicy::reads_text)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_decision_ns: Option<f64>,
     /// Wall time, seconds.
     pub elapsed_secs: f64,
     /// The first few errors, for diagnosis.
