@@ -103,21 +103,52 @@ impl TokenSafeLogger {
             })
     }
 
-    /// Whether `record` is rustls's warning that a client sent an IP address as its TLS
-    /// server name (load generators and some HTTP clients do, on every connection): expected
-    /// client behaviour, which at warn level would be a line per connection. Kept at debug.
-    fn ip_address_as_server_name(record: &log::Record<'_>) -> bool {
-        record.level() == log::Level::Warn
-            && record.target().starts_with("rustls::")
-            && record
-                .args()
-                .to_string()
-                .starts_with(IP_ADDRESS_AS_SERVER_NAME)
+    /// Whether `record` reports expected client behaviour ([`CLIENT_BEHAVIOUR`]), which at
+    /// its own level would be a line per connection. Kept at debug.
+    fn client_behaviour(record: &log::Record<'_>) -> bool {
+        CLIENT_BEHAVIOUR.iter().any(|line| {
+            record.level() == line.level
+                && record.target().starts_with(line.target)
+                && line.matches(&record.args().to_string())
+        })
     }
 }
 
-/// How rustls's warning about an IP address sent as the TLS server name starts.
-const IP_ADDRESS_AS_SERVER_NAME: &str = "Illegal SNI extension: ignoring IP address";
+/// A library's log line about something clients routinely do.
+struct ClientBehaviour {
+    level: log::Level,
+    /// The target's start.
+    target: &'static str,
+    /// How the message starts, and what it must contain after that.
+    starts: &'static str,
+    contains: &'static str,
+}
+
+impl ClientBehaviour {
+    fn matches(&self, message: &str) -> bool {
+        message.starts_with(self.starts) && message.contains(self.contains)
+    }
+}
+
+/// Lines lowered to debug:
+/// - rustls's warning that a client sent an IP address as its TLS server name (load
+///   generators and some HTTP clients do, on every connection);
+/// - Pingora's error for a client that closed its connection during the TLS handshake (wrk
+///   and health checkers closing idle connections, port scanners).
+const CLIENT_BEHAVIOUR: [ClientBehaviour; 2] = [
+    ClientBehaviour {
+        level: log::Level::Warn,
+        target: "rustls::",
+        starts: "Illegal SNI extension: ignoring IP address",
+        contains: "",
+    },
+    ClientBehaviour {
+        level: log::Level::Error,
+        target: "pingora_core::services::listening",
+        starts: "Downstream handshake error",
+        contains: "tls handshake eof",
+    },
+];
 
 impl log::Log for TokenSafeLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
@@ -128,7 +159,7 @@ impl log::Log for TokenSafeLogger {
         if Self::dumps_headers(record) {
             return;
         }
-        if Self::ip_address_as_server_name(record) {
+        if Self::client_behaviour(record) {
             let debug = log::Metadata::builder()
                 .level(log::Level::Debug)
                 .target(record.target())
@@ -243,26 +274,41 @@ mod tests {
     }
 
     #[test]
-    fn only_rustls_warnings_about_an_ip_address_as_server_name_are_lowered() {
-        let ip = format_args!(
-            "Illegal SNI extension: ignoring IP address presented as hostname (3132372e302e302e31)"
-        );
-        assert!(TokenSafeLogger::ip_address_as_server_name(&record(
+    fn only_expected_client_behaviour_is_lowered() {
+        let lowered = |level, target, args| TokenSafeLogger::client_behaviour(&record(level, target, args));
+        assert!(lowered(
             log::Level::Warn,
             "rustls::msgs::handshake",
-            ip
-        )));
-        let other = format_args!("Sending fatal alert BadCertificate");
-        assert!(!TokenSafeLogger::ip_address_as_server_name(&record(
+            format_args!(
+                "Illegal SNI extension: ignoring IP address presented as hostname (3132372e302e302e31)"
+            )
+        ));
+        assert!(!lowered(
             log::Level::Warn,
             "rustls::conn",
-            other
-        )));
-        let elsewhere = format_args!("Illegal SNI extension: ignoring IP address");
-        assert!(!TokenSafeLogger::ip_address_as_server_name(&record(
+            format_args!("Sending fatal alert BadCertificate")
+        ));
+        assert!(!lowered(
             log::Level::Warn,
             "tether::tls",
-            elsewhere
-        )));
+            format_args!("Illegal SNI extension: ignoring IP address")
+        ));
+        assert!(lowered(
+            log::Level::Error,
+            "pingora_core::services::listening",
+            format_args!(
+                "Downstream handshake error from 127.0.0.1:39748:  TLSHandshakeFailure context: \
+                 TLS accept() failed:  TLSHandshakeFailure context: tls connect error: tls handshake eof"
+            )
+        ));
+        // A handshake that failed for another reason stays an error.
+        assert!(!lowered(
+            log::Level::Error,
+            "pingora_core::services::listening",
+            format_args!(
+                "Downstream handshake error from 127.0.0.1:1: TLSHandshakeFailure context: \
+                 tls connect error: received corrupt message"
+            )
+        ));
     }
 }
