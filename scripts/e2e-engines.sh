@@ -86,7 +86,15 @@ fi
 phase "building tether and the e2e tests"
 cargo build -q -p tether --bins
 cargo build -q -p tether-e2e --tests
-phase "running tests/e2e/real_engines.rs"
-TETHER_LLAMA_SERVER=$(realpath "$server") TETHER_LLAMA_MODEL=$(realpath "$model") \
-    cargo test -q -p tether-e2e --test e2e real_engines -- --ignored --nocapture
+# Twice: with llama-server's defaults, whose host-memory prompt cache (--cache-ram) keeps a
+# conversation's KV when another takes its slot, and without it, where the slots are all a
+# server holds. One test at a time: each starts three servers.
+export TETHER_LLAMA_SERVER TETHER_LLAMA_MODEL
+TETHER_LLAMA_SERVER=$(realpath "$server")
+TETHER_LLAMA_MODEL=$(realpath "$model")
+for args in "" "--cache-ram 0"; do
+    phase "running tests/e2e/real_engines.rs, llama-server ${args:-defaults}"
+    TETHER_LLAMA_SERVER_ARGS=$args \
+        cargo test -q -p tether-e2e --test e2e real_engines -- --ignored --nocapture --test-threads 1
+done
 phase "done"
