@@ -12,10 +12,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SDK_VENV := target/sdk-venv
 SDK_REQUIREMENTS := tests/sdk/requirements.txt
 
-.PHONY: help deps build run run-multi test lint fmt check-conf bench bench-deps bench-quick clean
+.PHONY: help deps build run run-multi test e2e-engines lint fmt check-conf bench bench-deps bench-quick clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 deps: ## Install what is missing: cmake (Pingora's zlib-ng), redis-server (the sticky store's tests, run-multi), the Python SDKs (e2e)
 	@command -v cmake >/dev/null || { echo "installing cmake"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake >/dev/null; }
@@ -57,6 +57,9 @@ test: deps lint ## Lints, every test, and `tether check` on every shipped config
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory check-conf
+
+e2e-engines: deps ## Opt-in, not in `test`: three real llama.cpp servers behind Tether (builds llama-server once)
+	scripts/e2e-engines.sh
 
 lint: ## rustfmt and clippy (warnings are errors)
 	$(CARGO) fmt --all -- --check

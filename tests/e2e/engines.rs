@@ -104,7 +104,7 @@ async fn run(tether: &Tether, tokens: bool) -> Run {
 }
 
 /// Waits until Tether holds an engine reading of two slots for every replica.
-async fn engines_read(tether: &Tether) {
+pub(crate) async fn engines_read(tether: &Tether) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {

@@ -17,6 +17,7 @@ mod hostile;
 mod key_sources;
 mod logs;
 mod metering;
+mod real_engines;
 mod reload;
 mod routing;
 mod sdk;
