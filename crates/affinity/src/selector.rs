@@ -1022,7 +1022,8 @@ mod tests {
     }
 
     #[test]
-    fn a_sticky_session_stays_on_a_busy_engine_until_its_queue_is_over_a_batch_and_another_has_room() {
+    fn a_sticky_session_stays_on_a_busy_engine_until_its_queue_is_over_a_batch_and_another_has_room(
+    ) {
         let s = selector(&fleet(&[("eu", &["a", "b"])]));
         let sticky = RouteRequest {
             sticky: Some(s.replicas()[0].tag),
@@ -1036,7 +1037,10 @@ mod tests {
         // The other replica is full too: moving would evict a session there to rebuild this
         // one's cache, so it waits where its cache is.
         let all_full = EngineView(vec![(2, 6, slots(2, 2, 3)), (2, 2, slots(2, 2, 0))]);
-        assert_eq!(s.decide(&sticky, &all_full).unwrap().outcome, Outcome::Sticky);
+        assert_eq!(
+            s.decide(&sticky, &all_full).unwrap().outcome,
+            Outcome::Sticky
+        );
         // An unread engine elsewhere may have room: it moves.
         let unread = EngineView(vec![(2, 6, slots(2, 2, 3)), (0, 0, None)]);
         assert_eq!(s.decide(&sticky, &unread).unwrap().replica, 1);
