@@ -275,7 +275,8 @@ mod tests {
 
     #[test]
     fn only_expected_client_behaviour_is_lowered() {
-        let lowered = |level, target, args| TokenSafeLogger::client_behaviour(&record(level, target, args));
+        let lowered =
+            |level, target, args| TokenSafeLogger::client_behaviour(&record(level, target, args));
         assert!(lowered(
             log::Level::Warn,
             "rustls::msgs::handshake",
