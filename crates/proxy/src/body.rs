@@ -135,6 +135,10 @@ impl ReadAhead {
             return Ok(BodyRead::Unread);
         }
         let body = read_ahead(session, plan).await?;
+        // What is held from here on: these bytes (in Pingora's retry buffer, or kept to send).
+        if let BodyRead::Whole(raw) | BodyRead::Prefix(raw) = &body {
+            self.reservation.shrink_to(raw.len());
+        }
         if let BodyRead::Prefix(prefix) = &body {
             if session.as_ref().retry_buffer_truncated() {
                 self.unsent = Some(prefix.clone());
