@@ -427,3 +427,73 @@ async fn a_tokenless_conversation_keeps_its_replica_as_its_body_grows_past_the_r
 async fn a_chunked_tokenless_conversation_keeps_its_replica_as_its_body_grows() {
     a_growing_conversation_sticks_and_arrives_intact(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_read_ahead_in_part_is_sent_whole_to_the_next_replica_after_a_refused_connection(
+) {
+    // A port with no listener: connections to it are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let live = Recorder::start_as("rec-1").await;
+    let logs = TempDir::new("tether-key-sources").unwrap();
+    let mut tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: r\nhealth:\n  probe: {{ enabled: false }}\n{}{WITH_FINGERPRINT}usage_log: {{ path: \"{}\" }}\n",
+            regions_yaml(&[(
+                "r",
+                vec![("dead".into(), dead, ""), ("rec-1".into(), live.addr, "")]
+            )]),
+            logs.path().join("usage.jsonl").display()
+        ),
+    })
+    .unwrap();
+    let client = reqwest::Client::new();
+    // Conversations of their own (other heads), so that some hash to the dead replica first.
+    let mut sent = Vec::new();
+    for n in 0..8 {
+        let head = format!(
+            r#"{{"messages":[{{"role":"user","content":"conversation {n}"}},{{"role":"assistant","content":"{}"}}],"model":"m"}}"#,
+            "z".repeat(200 << 10)
+        );
+        let body = head.into_bytes();
+        let req = client
+            .post(tether.url("/v1/chat/completions"))
+            .header("content-type", "application/json");
+        let req = if n % 2 == 0 {
+            req.body(body.clone())
+        } else {
+            let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(16_000).map(|c| Ok(c.to_vec())).collect();
+            req.body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                pieces,
+            )))
+        };
+        let res = req.send().await.expect("tether answers");
+        assert_eq!(res.status(), 200, "conversation {n}");
+        sent.push(body);
+    }
+    let received: Vec<Vec<u8>> = live
+        .requests()
+        .into_iter()
+        .filter(|(head, _)| head.starts_with("post "))
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(received.len(), sent.len());
+    for (n, (sent, got)) in sent.iter().zip(&received).enumerate() {
+        assert!(
+            sent == got,
+            "conversation {n}: {} bytes sent, {} received",
+            sent.len(),
+            got.len()
+        );
+    }
+    let records = records(&mut tether, &logs);
+    assert_eq!(key_sources_of(&records), ["fingerprint"; 8]);
+    let retried = records
+        .iter()
+        .filter(|r| r["attempts"].as_u64().unwrap_or(1) > 1)
+        .count();
+    assert!(retried > 0, "no request met the dead replica: {records:?}");
+}
