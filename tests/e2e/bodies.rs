@@ -40,12 +40,14 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// Starts a chunked streaming chat upload of `UPLOAD_BYTES` that never ends; returns the
-/// connection, to read the answer from.
+/// connection, to read the answer from. It names its session in the header, so nothing of
+/// it is read ahead (a tokenless one would have a prefix read for `prompt_cache_key`).
 async fn stalled_upload(tether: &Tether, key: &str) -> TcpStream {
     let mut conn = TcpStream::connect(tether.addr).await.expect("connects");
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+         X-Session-Affinity: upload\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n"
     );
     conn.write_all(head.as_bytes()).await.expect("header sent");
     let open = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":""#;
@@ -142,7 +144,7 @@ async fn stalled_uploads_stay_within_the_budget_and_end_at_the_deadline() {
     );
 
     // The quiet tenant's requests go on: a small one, read ahead within what the budget has
-    // left, and a chunked one that streams on.
+    // left, and a small chunked one, read ahead whole within it too.
     let client = reqwest::Client::new();
     let url = tether.url("/v1/chat/completions");
     let chat = serde_json::json!({"model": "m", "stream": true, "max_tokens": 3,

@@ -263,7 +263,7 @@ async fn bodies_that_give_no_key_pass_through_byte_for_byte_and_fall_back() {
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["x-session-affinity-status"], "none");
     }
-    // A chunked client body: never read ahead.
+    // A small chunked client body: read ahead whole, so its prompt_cache_key counts.
     let chunked =
         b"{\"prompt_cache_key\":\"k\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"
             .to_vec();
@@ -279,7 +279,7 @@ async fn bodies_that_give_no_key_pass_through_byte_for_byte_and_fall_back() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["x-session-affinity-status"], "none");
+    assert_eq!(res.headers()["x-session-affinity-status"], "new");
     let mut bodies = bodies.to_vec();
     bodies.push(("application/json", chunked));
     let received = recorder.requests();
@@ -299,5 +299,201 @@ async fn bodies_that_give_no_key_pass_through_byte_for_byte_and_fall_back() {
         );
     }
     let records = records(&mut tether, &logs);
-    assert_eq!(key_sources_of(&records), ["none"; 5]);
+    assert_eq!(
+        key_sources_of(&records),
+        ["none", "none", "none", "none", "prompt_cache_key"]
+    );
+}
+
+/// A tokenless conversation whose turns grow to `sizes` bytes: a short system prompt and
+/// first message, then turns padded to the size. `model` comes after `messages`, as the
+/// OpenAI SDK writes it.
+fn growing_conversation(sizes: &[usize]) -> Vec<Vec<u8>> {
+    let head = r#"{"messages":[{"role":"system","content":"You are a coding agent."},{"role":"user","content":"Refactor the parser, please."}"#;
+    let tail = r#"],"model":"tether-sim","max_tokens":8}"#;
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(n, &size)| {
+            let mut body = head.to_owned();
+            let mut t = 0;
+            while body.len() + tail.len() < size {
+                let room = size - body.len() - tail.len();
+                let role = if t % 2 == 0 { "assistant" } else { "user" };
+                let frame = format!(r#",{{"role":"{role}","content":"turn {n}.{t} "}}"#);
+                let pad = room.saturating_sub(frame.len()).min(30_000);
+                body.push_str(&format!(
+                    r#",{{"role":"{role}","content":"turn {n}.{t} {}"}}"#,
+                    "é".repeat(pad / 2)
+                ));
+                t += 1;
+            }
+            body.push_str(tail);
+            body.into_bytes()
+        })
+        .collect()
+}
+
+/// Sends each of `bodies` as one turn of a tokenless conversation to three recording
+/// replicas, with a `Content-Length` or chunked; asserts every turn after the first was warm
+/// on the first turn's replica, and that each body reached it byte for byte.
+async fn a_growing_conversation_sticks_and_arrives_intact(chunked: bool) {
+    let ids = ["rec-1", "rec-2", "rec-3"];
+    let mut recorders = Vec::new();
+    for id in ids {
+        recorders.push(Recorder::start_as(id).await);
+    }
+    let logs = TempDir::new("tether-key-sources").unwrap();
+    let replicas = ids
+        .iter()
+        .zip(&recorders)
+        .map(|(id, r)| (id.to_string(), r.addr, ""))
+        .collect::<Vec<_>>();
+    let mut tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: r\n{}{WITH_FINGERPRINT}usage_log: {{ path: \"{}\" }}\n",
+            regions_yaml(&[("r", replicas)]),
+            logs.path().join("usage.jsonl").display()
+        ),
+    })
+    .unwrap();
+    let client = reqwest::Client::new();
+    let sizes = [
+        20 << 10,
+        50 << 10,
+        63 << 10,
+        66 << 10,
+        90 << 10,
+        130 << 10,
+        200 << 10,
+    ];
+    let bodies = growing_conversation(&sizes);
+    let mut first: Option<String> = None;
+    for (n, body) in bodies.iter().enumerate() {
+        let req = client
+            .post(tether.url("/v1/chat/completions"))
+            .header("content-type", "application/json");
+        let req = if chunked {
+            let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(7_000).map(|c| Ok(c.to_vec())).collect();
+            req.body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                pieces,
+            )))
+        } else {
+            req.body(body.clone())
+        };
+        let res = req.send().await.expect("tether answers");
+        assert_eq!(res.status(), 200, "turn {n}");
+        let replica = res.headers()["x-replica-id"].to_str().unwrap().to_owned();
+        let status = res.headers()["x-session-affinity-status"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        match &first {
+            None => {
+                assert_eq!(status, "new");
+                first = Some(replica.clone());
+            }
+            Some(first) => {
+                assert_eq!(&replica, first, "turn {n} ({} bytes) moved", body.len());
+                assert_eq!(status, "warm", "turn {n} ({} bytes)", body.len());
+            }
+        }
+        let at = ids.iter().position(|id| *id == replica).unwrap();
+        let received = recorders[at]
+            .requests()
+            .into_iter()
+            .filter(|(head, _)| head.starts_with("post "))
+            .map(|(_, body)| body)
+            .next_back()
+            .expect("the replica received the turn");
+        assert!(
+            received == *body,
+            "turn {n}: a body changed on the way ({} bytes sent, {} received)",
+            body.len(),
+            received.len()
+        );
+    }
+    let records = records(&mut tether, &logs);
+    assert_eq!(key_sources_of(&records), ["fingerprint"; 7]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenless_conversation_keeps_its_replica_as_its_body_grows_past_the_read_ahead_limit() {
+    a_growing_conversation_sticks_and_arrives_intact(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_tokenless_conversation_keeps_its_replica_as_its_body_grows() {
+    a_growing_conversation_sticks_and_arrives_intact(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_read_ahead_in_part_is_sent_whole_to_the_next_replica_after_a_refused_connection(
+) {
+    // A port with no listener: connections to it are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let live = Recorder::start_as("rec-1").await;
+    let logs = TempDir::new("tether-key-sources").unwrap();
+    let mut tether = Tether::start(&TetherConfig {
+        body: format!(
+            "local_region: r\nhealth:\n  probe: {{ enabled: false }}\n{}{WITH_FINGERPRINT}usage_log: {{ path: \"{}\" }}\n",
+            regions_yaml(&[(
+                "r",
+                vec![("dead".into(), dead, ""), ("rec-1".into(), live.addr, "")]
+            )]),
+            logs.path().join("usage.jsonl").display()
+        ),
+    })
+    .unwrap();
+    let client = reqwest::Client::new();
+    // Conversations of their own (other heads), so that some hash to the dead replica first.
+    let mut sent = Vec::new();
+    for n in 0..8 {
+        let head = format!(
+            r#"{{"messages":[{{"role":"user","content":"conversation {n}"}},{{"role":"assistant","content":"{}"}}],"model":"m"}}"#,
+            "z".repeat(200 << 10)
+        );
+        let body = head.into_bytes();
+        let req = client
+            .post(tether.url("/v1/chat/completions"))
+            .header("content-type", "application/json");
+        let req = if n % 2 == 0 {
+            req.body(body.clone())
+        } else {
+            let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(16_000).map(|c| Ok(c.to_vec())).collect();
+            req.body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                pieces,
+            )))
+        };
+        let res = req.send().await.expect("tether answers");
+        assert_eq!(res.status(), 200, "conversation {n}");
+        sent.push(body);
+    }
+    let received: Vec<Vec<u8>> = live
+        .requests()
+        .into_iter()
+        .filter(|(head, _)| head.starts_with("post "))
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(received.len(), sent.len());
+    for (n, (sent, got)) in sent.iter().zip(&received).enumerate() {
+        assert!(
+            sent == got,
+            "conversation {n}: {} bytes sent, {} received",
+            sent.len(),
+            got.len()
+        );
+    }
+    let records = records(&mut tether, &logs);
+    assert_eq!(key_sources_of(&records), ["fingerprint"; 8]);
+    let retried = records
+        .iter()
+        .filter(|r| r["attempts"].as_u64().unwrap_or(1) > 1)
+        .count();
+    assert!(retried > 0, "no request met the dead replica: {records:?}");
 }

@@ -496,13 +496,18 @@ fn recorded_completion() -> String {
 impl Recorder {
     /// Listens on a loopback port; the accept loop ends with the test's runtime.
     pub(crate) async fn start() -> Recorder {
+        Recorder::start_as("rec-1").await
+    }
+
+    /// A recorder that names itself `id` in its answers' `x-replica-id`.
+    pub(crate) async fn start_as(id: &'static str) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Requests::default();
         let log = Arc::clone(&seen);
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(record_and_answer(conn, Arc::clone(&log)));
+                tokio::spawn(record_and_answer(conn, Arc::clone(&log), id));
             }
         });
         Recorder { addr, seen }
@@ -537,7 +542,7 @@ impl Recorder {
 }
 
 /// Reads one request (head and `content-length` body), records it, answers and closes.
-async fn record_and_answer(mut conn: TcpStream, seen: Requests) {
+async fn record_and_answer(mut conn: TcpStream, seen: Requests, id: &str) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let mut head_len = None;
@@ -584,7 +589,7 @@ async fn record_and_answer(mut conn: TcpStream, seen: Requests) {
     let body = recorded_completion();
     let response = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         x-replica-id: rec-1\r\nconnection: close\r\n\r\n{body}",
+         x-replica-id: {id}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = conn.write_all(response.as_bytes()).await;

@@ -146,28 +146,54 @@ async fn a_stream_that_did_not_ask_for_usage_is_metered_and_reaches_the_client_u
     // A small body is read ahead (exact Content-Length upstream); one over 64 KiB is collected
     // on the way (chunked upstream). Both must be invisible to the client.
     for system_prompt_bytes in [200, 100_000] {
-        unrequested_usage_is_metered_and_hidden(system_prompt_bytes).await;
+        unrequested_usage_is_metered_and_hidden(system_prompt_bytes, 0, "").await;
     }
 }
 
-async fn unrequested_usage_is_metered_and_hidden(system_prompt_bytes: usize) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_stream_whose_prefix_was_read_for_its_fingerprint_is_metered_unchanged() {
+    // The fingerprint reads a prefix of a body over 64 KiB ahead; the rest streams on, and the
+    // usage option is still added as the body passes.
+    let fingerprint = "affinity: { key_sources: [header, fingerprint] }\n";
+    for later_turn_bytes in [100_000, 200_000] {
+        unrequested_usage_is_metered_and_hidden(200, later_turn_bytes, fingerprint).await;
+    }
+}
+
+/// A streaming request without `stream_options`, with a system prompt of
+/// `system_prompt_bytes` and, when not 0, a later turn of `later_turn_bytes`, under `extra`
+/// configuration: the client sees exactly what the replica sends to a direct request, and
+/// the usage is metered.
+async fn unrequested_usage_is_metered_and_hidden(
+    system_prompt_bytes: usize,
+    later_turn_bytes: usize,
+    extra: &str,
+) {
     let fleet = SimFleet::start_with(&["s-1"], &["--deterministic", "--time-scale", "0"]).unwrap();
     let logs = tether_e2e::TempDir::new("tether-inject").unwrap();
     let log_path = logs.path().join("usage.jsonl");
     let mut tether = Tether::start(&TetherConfig {
         body: format!(
-            "local_region: r\n{}usage_log: {{ path: \"{}\" }}\n",
+            "local_region: r\n{}{extra}usage_log: {{ path: \"{}\" }}\n",
             regions_yaml(&[("r", vec![("s-1".into(), fleet.addr("s-1"), "")])]),
             log_path.display()
         ),
     })
     .unwrap();
     // No stream_options: an OpenAI server would send no usage on this stream.
+    let mut messages = vec![
+        json!({"role": "system", "content": "s".repeat(system_prompt_bytes)}),
+        json!({"role": "user", "content": "no usage please"}),
+    ];
+    if later_turn_bytes > 0 {
+        messages.push(json!({"role": "assistant", "content": "a".repeat(later_turn_bytes)}));
+        messages.push(json!({"role": "user", "content": "still none"}));
+    }
     let body = json!({
         "model": "tether-sim",
         "stream": true,
         "max_tokens": 5,
-        "messages": [{"role": "system", "content": "s".repeat(system_prompt_bytes)}, {"role": "user", "content": "no usage please"}],
+        "messages": messages,
     });
     let (direct, proxied) = direct_then_proxied(&fleet, &tether, &body, None).await;
 
@@ -182,6 +208,15 @@ async fn unrequested_usage_is_metered_and_hidden(system_prompt_bytes: usize) {
     let log = std::fs::read_to_string(&log_path).unwrap();
     let record: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     assert_eq!(record["usage_status"], "found", "{record}");
+    if !extra.is_empty() {
+        assert_eq!(record["key_source"], "fingerprint", "{record}");
+    }
     assert_eq!(record["completion_tokens"], 5);
     assert!(record["prompt_tokens"].as_u64().unwrap() > 50);
+    // The whole prompt reached the replica (the deterministic completion id, compared above,
+    // also hashes it).
+    assert!(
+        record["prompt_tokens"].as_u64().unwrap() > (later_turn_bytes / 4) as u64,
+        "{record}"
+    );
 }

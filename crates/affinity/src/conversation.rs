@@ -12,11 +12,12 @@
 //!
 //! The fingerprint hashes decoded text, never raw bytes, so what a client library may change
 //! when it re-serialises a conversation does not change it: whitespace between tokens, the
-//! order of keys in an object, and how a character is escaped (`é`, `\u00e9`) all give
-//! the same fingerprint. What it hashes, in this order:
+//! order of keys in a message or content part, and how a character is escaped (`é`,
+//! `\u00e9`) all give the same fingerprint. What it hashes, in this order:
 //!
-//! 1. the tenant's scope and the `model`;
-//! 2. the system prompt: Anthropic's top-level `system`, the Responses API's `instructions`,
+//! 1. the tenant's scope and the `model` (see below for where it must be);
+//! 2. the system prompt: Anthropic's top-level `system`, the Responses API's `instructions`
+//!    (both as `model`, only before the end of the head),
 //!    then every `system`/`developer` message before the first user message;
 //! 3. the first `user` message (`messages[]`, or the Responses API's `input`, a string or a
 //!    list of items).
@@ -28,6 +29,20 @@
 //! long system prompt still differ by the end of their first user message.
 //!
 //! A body without a first user message has no head (and no fingerprint).
+//!
+//! # Only what comes before the end of the head
+//!
+//! `model`, `system` and `instructions` count only when they come before the first user
+//! message ends, that is before `messages`/`input` in the body's key order; later ones are
+//! ignored. A large body is read only as a prefix ([`BodyKeys::parse_prefix`]), and whatever
+//! follows the head may lie beyond that prefix: hashing only what precedes the head's end
+//! gives every turn of a conversation the same fingerprint whether its body was read whole or
+//! as a prefix, so a conversation keeps its key as it grows past the read-ahead limit. The
+//! order of keys inside messages and content parts never matters, and a client library
+//! writes its top-level keys in the same order on every turn.
+//!
+//! A head that does not end within the prefix (a system prompt and first message of about
+//! the read-ahead limit or more) has no fingerprint.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -46,8 +61,10 @@ pub const HEAD_TEXT_CAP: usize = 4096;
 /// was needed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BodyKeys<'a> {
-    /// `model`.
+    /// `model`, wherever it is in the body.
     pub model: Option<Cow<'a, str>>,
+    /// `model` when it comes before the end of the head: the one the fingerprint hashes.
+    head_model: Option<Cow<'a, str>>,
     /// OpenAI's `prompt_cache_key`.
     pub prompt_cache_key: Option<Cow<'a, str>>,
     /// OpenAI's `user`.
@@ -58,8 +75,10 @@ pub struct BodyKeys<'a> {
     top_system: Vec<Cow<'a, str>>,
     /// `system`/`developer` messages before the first user message.
     message_system: Vec<Cow<'a, str>>,
-    /// The first user message's text pieces; `None` until one is seen.
+    /// The first user message's text pieces; `None` until one is seen whole.
     first_user: Option<Vec<Cow<'a, str>>>,
+    /// Parsed from a prefix that ended before the body did.
+    truncated: bool,
 }
 
 impl<'a> BodyKeys<'a> {
@@ -73,12 +92,36 @@ impl<'a> BodyKeys<'a> {
         Some(keys)
     }
 
+    /// Reads the fields out of `prefix`, the first bytes of a body whose rest was not read:
+    /// as far as the prefix goes. A field that lies beyond it is absent here, which says
+    /// nothing about the body (the caller falls back to the next key source); the head is
+    /// there only if it ended within the prefix ([`BodyKeys::has_head`]). `None` when the
+    /// prefix is not the start of a JSON object. A prefix that is the whole body parses as
+    /// [`BodyKeys::parse`] does.
+    pub fn parse_prefix(prefix: &'a [u8]) -> Option<BodyKeys<'a>> {
+        let mut keys = BodyKeys::default();
+        let mut de = serde_json::Deserializer::from_slice(prefix);
+        match de.deserialize_map(TopVisitor { keys: &mut keys }) {
+            Ok(()) => de.end().ok()?,
+            // The visitor keeps every field it finished before the prefix ran out; one cut
+            // off midway was never stored.
+            Err(e) if e.is_eof() => keys.truncated = true,
+            Err(_) => return None,
+        }
+        Some(keys)
+    }
+
+    /// Whether these fields come from a prefix that ended before the body did.
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
     /// The end user named in the body: `user`, else `metadata.user_id`.
     pub fn user_id(&self) -> Option<&str> {
         self.user.as_deref().or(self.metadata_user_id.as_deref())
     }
 
-    /// Whether the body has a conversation head (a first user message).
+    /// Whether the body has a conversation head (a first user message, whole).
     pub fn has_head(&self) -> bool {
         self.first_user.is_some()
     }
@@ -109,7 +152,7 @@ impl Fingerprinter {
         let first_user = body.first_user.as_ref()?;
         let mut h = SipHasher24::new_with_key(&self.key);
         h.write_u64(scope.hash());
-        write_piece(&mut h, body.model.as_deref().unwrap_or(""));
+        write_piece(&mut h, body.head_model.as_deref().unwrap_or(""));
         h.write_u8(b'S');
         for piece in body.top_system.iter().chain(&body.message_system) {
             write_piece(&mut h, piece);
@@ -189,12 +232,20 @@ impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
         let keys = self.keys;
         while let Some(key) = map.next_key::<Text<'de>>()? {
+            // Past the head, `model` and the system prompt no longer count (see the module
+            // documentation).
+            let in_head = keys.first_user.is_none();
             match &*key.0 {
-                "model" => keys.model = map.next_value::<MaybeText<'de>>()?.0,
+                "model" => {
+                    keys.model = map.next_value::<MaybeText<'de>>()?.0;
+                    if in_head {
+                        keys.head_model.clone_from(&keys.model);
+                    }
+                }
                 "prompt_cache_key" => keys.prompt_cache_key = map.next_value::<MaybeText<'de>>()?.0,
                 "user" => keys.user = map.next_value::<MaybeText<'de>>()?.0,
                 "metadata" => map.next_value_seed(MetadataSeed { keys: &mut *keys })?,
-                "system" | "instructions" => {
+                "system" | "instructions" if in_head => {
                     map.next_value_seed(TextsSeed {
                         out: &mut keys.top_system,
                     })?;

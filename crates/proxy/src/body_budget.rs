@@ -90,6 +90,19 @@ impl BodyReservation {
         Ok(())
     }
 
+    /// Gives back what is reserved beyond `bytes` (a body read ahead turned out smaller
+    /// than reserved for).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let excess = self.held.saturating_sub(bytes);
+        if excess > 0 {
+            self.held -= excess;
+            self.budget.held.fetch_sub(excess, Ordering::Relaxed);
+            self.tenant
+                .body_bytes()
+                .fetch_sub(excess, Ordering::Relaxed);
+        }
+    }
+
     /// Gives back everything reserved (the body was sent on or dropped).
     pub fn release(&mut self) {
         let held = std::mem::take(&mut self.held);
@@ -143,6 +156,21 @@ mod tests {
             Ok(()),
             "released bytes are free again"
         );
+    }
+
+    #[test]
+    fn shrinking_gives_back_only_the_excess() {
+        let budget = Arc::new(BodyBudget::default());
+        let tenant = Arc::new(TenantUsage::default());
+        let mut a = BodyReservation::new(Arc::clone(&budget), Arc::clone(&tenant));
+        assert_eq!(a.grow(80, &limits(100, 100)), Ok(()));
+        a.shrink_to(30);
+        assert_eq!((a.held(), budget.held()), (30, 30));
+        assert_eq!(tenant.body_bytes().load(Ordering::Relaxed), 30);
+        a.shrink_to(50);
+        assert_eq!(a.held(), 30, "shrinking never grows");
+        drop(a);
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]

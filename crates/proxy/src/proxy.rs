@@ -29,7 +29,7 @@ use tether_metering::{
 };
 
 use crate::admission::{admit, Admission, Caller};
-use crate::body::{BodyRewrite, ReadAhead, Step};
+use crate::body::{send_unsent_prefix, BodyRead, BodyRewrite, ReadAhead, ReadFor, Step};
 use crate::body_budget::BodyReservation;
 use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
@@ -125,6 +125,9 @@ pub struct RequestCtx {
     body_timed_out: bool,
     /// Counts the body read ahead in the memory budget until the context drops.
     body_reservation: Option<BodyReservation>,
+    /// A prefix of the body read ahead that Pingora does not send (it overflowed the retry
+    /// buffer): it goes upstream ahead of the first piece of the rest.
+    unsent_prefix: Option<Bytes>,
     /// Usage was injected into the request body.
     injected: bool,
     extractor: Option<UsageExtractor>,
@@ -162,6 +165,7 @@ impl RequestCtx {
             body_deadline: None,
             body_timed_out: false,
             body_reservation: None,
+            unsent_prefix: None,
             injected: false,
             extractor: None,
             extraction: None,
@@ -179,7 +183,9 @@ impl RequestCtx {
         let snapshot = self.snapshot.as_deref();
         RetryLimits {
             resend_safe: snapshot.is_some_and(|s| s.resend_safe(&req.method, req.uri.path())),
-            body_replayable: !session.as_ref().retry_buffer_truncated(),
+            // A prefix not sent yet is still whole, in front of the rest still unread.
+            body_replayable: !session.as_ref().retry_buffer_truncated()
+                || self.unsent_prefix.is_some(),
             max_attempts: snapshot.map_or(0, |s| s.failover().max_attempts),
             past_deadline: snapshot.is_none_or(|s| self.started.elapsed() >= s.failover().deadline),
         }
@@ -388,11 +394,15 @@ impl TetherProxy {
             return Ok(found_key(first.found));
         }
         let body = if json_post(session.req_header()) {
-            read_ahead.body(session).await?
+            read_ahead.body(session, ReadFor::Keys).await?
         } else {
-            None
+            BodyRead::Unread
         };
-        let keys = body.as_deref().and_then(BodyKeys::parse);
+        let keys = match &body {
+            BodyRead::Whole(raw) => BodyKeys::parse(raw),
+            BodyRead::Prefix(raw) => BodyKeys::parse_prefix(raw),
+            BodyRead::Unread => None,
+        };
         let view = keys.as_ref().map_or(BodyView::Unavailable, BodyView::Read);
         let resolution = match first.found {
             Found::NeedsBody => resolve(access, caller, session.req_header(), view),
@@ -504,7 +514,9 @@ impl ProxyHttp for TetherProxy {
             );
             self.meter.count_body_over_budget(tenant, limit);
         }
-        ctx.body_reservation = Some(read_ahead.into_reservation());
+        let (reservation, unsent_prefix) = read_ahead.into_parts();
+        ctx.body_reservation = Some(reservation);
+        ctx.unsent_prefix = unsent_prefix;
         ctx.injected = ctx.rewrite.as_ref().is_some_and(BodyRewrite::injected);
         Ok(false)
     }
@@ -727,6 +739,7 @@ impl ProxyHttp for TetherProxy {
                 downstream.set_read_timeout(Some(left));
             }
         }
+        send_unsent_prefix(&mut ctx.unsent_prefix, body);
         let Some(rewrite) = &mut ctx.rewrite else {
             return Ok(());
         };

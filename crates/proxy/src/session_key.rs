@@ -18,10 +18,10 @@ use crate::router::Access;
 pub enum BodyView<'b, 'a> {
     /// Not read yet: a body source asks for it.
     NotRead,
-    /// Read, but it gives no keys (not JSON, too large, chunked, not a POST): body sources
-    /// are skipped.
+    /// Read, but it gives no keys (not JSON, not a POST, refused by the memory budget):
+    /// body sources are skipped.
     Unavailable,
-    /// Read and parsed.
+    /// Read and parsed, whole or as a prefix (a field beyond a prefix reads as absent).
     Read(&'b BodyKeys<'a>),
 }
 

@@ -88,11 +88,13 @@ fn a_different_first_message_system_prompt_model_or_tenant_changes_it() {
     other_user["messages"][1]["content"] = json!("V");
     let mut other_system = base.clone();
     other_system["messages"][0]["content"] = json!("T");
-    let mut other_model = base.clone();
-    other_model["model"] = json!("n");
     assert_ne!(fp(&base), fp(&other_user));
     assert_ne!(fp(&base), fp(&other_system));
-    assert_ne!(fp(&base), fp(&other_model));
+    let head = r#""messages":[{"role":"user","content":"U"}]}"#;
+    assert_ne!(
+        fingerprint(&format!(r#"{{"model":"m",{head}"#)),
+        fingerprint(&format!(r#"{{"model":"n",{head}"#)),
+    );
     let text = base.to_string();
     let keys = BodyKeys::parse(text.as_bytes()).unwrap();
     let f = Fingerprinter::new(KEY);
@@ -112,24 +114,29 @@ fn a_different_first_message_system_prompt_model_or_tenant_changes_it() {
 fn the_three_dialects_share_one_canonical_head() {
     // The same system prompt and first message, as Chat Completions, Anthropic Messages
     // and the Responses API send them.
-    let chat = json!({"model": "m", "messages": [
-        {"role": "developer", "content": [{"type": "text", "text": "S"}]},
-        {"role": "user", "content": [{"type": "text", "text": "U"}]}]});
-    let anthropic = json!({"model": "m", "system": [{"type": "text", "text": "S"}],
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "U"}]}]});
-    let responses = json!({"model": "m", "instructions": "S", "input": [
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "U"}]}]});
-    let fp = fingerprint(&chat.to_string());
+    // (`json!` sorts keys, which would put `model` and `system` after the head.)
+    let chat = r#"{"model":"m","messages":[
+        {"role":"developer","content":[{"type":"text","text":"S"}]},
+        {"role":"user","content":[{"type":"text","text":"U"}]}]}"#;
+    let anthropic = r#"{"model":"m","system":[{"type":"text","text":"S"}],
+        "messages":[{"role":"user","content":[{"type":"text","text":"U"}]}]}"#;
+    let responses = r#"{"model":"m","instructions":"S","input":[
+        {"type":"message","role":"user","content":[{"type":"input_text","text":"U"}]}]}"#;
+    let fp = fingerprint(chat);
     assert!(fp.is_some());
-    assert_eq!(fp, fingerprint(&anthropic.to_string()));
-    assert_eq!(fp, fingerprint(&responses.to_string()));
+    assert_eq!(fp, fingerprint(anthropic));
+    assert_eq!(fp, fingerprint(responses));
 }
 
 #[test]
 fn a_responses_input_string_is_the_first_user_message() {
-    let a = json!({"model": "m", "instructions": "S", "input": "U"});
-    let b = json!({"model": "m", "instructions": "S", "input": [{"role": "user", "content": "U"}]});
-    assert_eq!(fingerprint(&a.to_string()), fingerprint(&b.to_string()));
+    let a = r#"{"model":"m","instructions":"S","input":"U"}"#;
+    let b = r#"{"model":"m","instructions":"S","input":[{"role":"user","content":"U"}]}"#;
+    assert_eq!(fingerprint(a), fingerprint(b));
+    assert_ne!(
+        fingerprint(a),
+        fingerprint(r#"{"model":"m","instructions":"T","input":"U"}"#)
+    );
 }
 
 #[test]
@@ -164,20 +171,71 @@ fn a_body_without_a_user_message_has_no_fingerprint() {
     assert_eq!(fingerprint(r#"{"model":"m"}"#), None);
 }
 
-/// Writes `value` as JSON with the object keys in reverse order, extra whitespace, and
-/// every non-alphanumeric character of strings escaped as `\uXXXX`: what another client
-/// library might send for the same request.
+#[test]
+fn model_and_system_count_only_before_the_end_of_the_head() {
+    let head = r#"{"role":"user","content":"U"}"#;
+    let fp = |before: &str, after: &str| {
+        fingerprint(&format!(r#"{{{before}"messages":[{head}]{after}}}"#)).unwrap()
+    };
+    assert_ne!(fp(r#""model":"m","#, ""), fp(r#""model":"n","#, ""));
+    assert_ne!(fp(r#""system":"S","#, ""), fp(r#""system":"T","#, ""));
+    // After the head: ignored, as a prefix that stops at the head could not see them.
+    assert_eq!(fp("", r#","model":"m""#), fp("", r#","model":"n""#));
+    assert_eq!(fp("", r#","system":"S""#), fp("", ""));
+    assert_eq!(fp("", r#","instructions":"S""#), fp("", ""));
+    // Still read as fields.
+    let keys = BodyKeys::parse(br#"{"messages":[],"model":"m"}"#).unwrap();
+    assert_eq!(keys.model.as_deref(), Some("m"));
+}
+
+#[test]
+fn a_prefix_gives_what_ended_within_it() {
+    let body = br#"{"model":"m","prompt_cache_key":"pck","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"},{"role":"assistant","content":"A"}],"user":"late"}"#;
+    let whole = BodyKeys::parse(body).unwrap();
+    assert!(!whole.truncated());
+    let f = Fingerprinter::new(KEY);
+    let scope = TenantScope::new("acme");
+    let cut = body.len() - 40;
+    let prefix = BodyKeys::parse_prefix(&body[..cut]).unwrap();
+    assert!(prefix.truncated());
+    assert_eq!(prefix.prompt_cache_key.as_deref(), Some("pck"));
+    assert_eq!(prefix.user, None, "beyond the prefix: unknown");
+    assert!(prefix.has_head());
+    assert_eq!(f.fingerprint(scope, &prefix), f.fingerprint(scope, &whole));
+    // Cut inside the first user message: no head, no fingerprint.
+    let inside = body.windows(3).position(|w| w == b"\"U\"").unwrap() + 1;
+    let early = BodyKeys::parse_prefix(&body[..inside]).unwrap();
+    assert!(!early.has_head());
+    assert_eq!(f.fingerprint(scope, &early), None);
+    // A prefix that is the whole body, and one that is not JSON.
+    assert_eq!(BodyKeys::parse_prefix(body), Some(whole));
+    assert_eq!(BodyKeys::parse_prefix(b"<html"), None);
+    assert_eq!(BodyKeys::parse_prefix(b"{\"model\":1"), None);
+}
+
+/// Writes `value` as JSON with the keys of nested objects in reverse order (top-level keys in
+/// their order), extra whitespace, and every non-alphanumeric character of strings escaped as
+/// `\uXXXX`: what another client library might send for the same request.
 fn reserialise(value: &serde_json::Value, out: &mut String) {
+    reserialise_at(value, true, out);
+}
+
+fn reserialise_at(value: &serde_json::Value, top: bool, out: &mut String) {
     match value {
         serde_json::Value::Object(map) => {
             out.push_str("{ \n");
-            for (i, (k, v)) in map.iter().rev().enumerate() {
+            let entries: Vec<_> = if top {
+                map.iter().collect()
+            } else {
+                map.iter().rev().collect()
+            };
+            for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
                     out.push_str(" ,\t");
                 }
                 escape(k, out);
                 out.push_str(" : ");
-                reserialise(v, out);
+                reserialise_at(v, false, out);
             }
             out.push_str("\r\n}");
         }
@@ -187,7 +245,7 @@ fn reserialise(value: &serde_json::Value, out: &mut String) {
                 if i > 0 {
                     out.push_str(" , ");
                 }
-                reserialise(v, out);
+                reserialise_at(v, false, out);
             }
             out.push_str(" ]");
         }
@@ -233,6 +291,67 @@ proptest! {
         let fp = fingerprint(&compact);
         prop_assert!(fp.is_some());
         prop_assert_eq!(fp, fingerprint(&other), "{} vs {}", compact, other);
+    }
+
+    /// Every prefix that holds the head gives the whole body's fingerprint: a conversation
+    /// keeps its key when its body grows past what is read ahead.
+    #[test]
+    fn every_prefix_holding_the_head_gives_the_whole_bodys_fingerprint(
+        system in ".{0,30}",
+        user in ".{1,30}",
+        model in "[a-z0-9.-]{1,12}",
+        model_first in any::<bool>(),
+        top_system in proptest::option::of(".{0,20}"),
+        turns in proptest::collection::vec(".{0,30}", 0..4),
+        pck in proptest::option::of("[a-z0-9]{1,8}"),
+    ) {
+        let mut messages = vec![
+            json!({"role": "system", "content": system}),
+            json!({"role": "user", "content": [{"type": "text", "text": user}]}),
+        ];
+        for t in &turns {
+            messages.push(json!({"role": "assistant", "content": t}));
+        }
+        // Top-level keys in a chosen order: `model` (and a top-level system) before or after
+        // the messages.
+        let mut body = String::from("{");
+        let mut fields = Vec::new();
+        if let Some(s) = &top_system {
+            fields.push(format!("\"system\":{}", json!(s)));
+        }
+        fields.push(format!("\"model\":{}", json!(model)));
+        if let Some(p) = &pck {
+            fields.push(format!("\"prompt_cache_key\":{}", json!(p)));
+        }
+        let messages = format!("\"messages\":{}", serde_json::Value::Array(messages));
+        if model_first {
+            fields.push(messages);
+        } else {
+            fields.insert(0, messages);
+        }
+        body.push_str(&fields.join(","));
+        body.push('}');
+        let bytes = body.as_bytes();
+        let f = Fingerprinter::new(KEY);
+        let scope = TenantScope::new("acme");
+        let whole = f.fingerprint(scope, &BodyKeys::parse(bytes).unwrap());
+        prop_assert!(whole.is_some());
+        let mut with_head = 0;
+        for n in 0..=bytes.len() {
+            let Some(keys) = BodyKeys::parse_prefix(&bytes[..n]) else {
+                continue;
+            };
+            if keys.has_head() {
+                with_head += 1;
+                prop_assert_eq!(f.fingerprint(scope, &keys), whole, "prefix {}", n);
+            }
+        }
+        prop_assert!(with_head > 0);
+    }
+
+    #[test]
+    fn parsing_an_arbitrary_prefix_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = BodyKeys::parse_prefix(&body).map(|k| Fingerprinter::new(KEY).fingerprint(TenantScope::new("t"), &k));
     }
 
     #[test]
