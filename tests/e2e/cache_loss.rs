@@ -10,7 +10,7 @@ use tether_e2e::{
 };
 use tether_loadgen::{RunConfig, Target, Workload};
 
-use crate::client::chat;
+use crate::client::served;
 
 const FLEET: [&str; 3] = ["eu-1", "eu-2", "eu-3"];
 /// The words of the warn line that flags a replica.
@@ -90,16 +90,7 @@ fn conversation(session: &str, turns: usize) -> Value {
 
 /// Turn `n` of `session` (this file's conversation), answered 200; the replica that served it.
 async fn served_turn(client: &reqwest::Client, url: &str, session: &str, n: usize) -> String {
-    let reply = chat(
-        client,
-        url,
-        None,
-        &[session.as_bytes()],
-        &conversation(session, n),
-    )
-    .await;
-    assert_eq!(reply.status, 200, "turn {n} of {session}: {}", reply.body);
-    reply.replica.expect("the sim names itself")
+    served(client, url, session, &conversation(session, n)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,15 +71,14 @@ pub async fn chat(
 
 /// Turn `n` of `session` (no API key), which must succeed; returns the replica that served it.
 pub async fn served_turn(client: &reqwest::Client, url: &str, session: &str, n: usize) -> String {
-    let reply = chat(
-        client,
-        url,
-        None,
-        &[session.as_bytes()],
-        &conversation(session, n),
-    )
-    .await;
-    assert_eq!(reply.status, 200, "turn {n} of {session}: {}", reply.body);
+    served(client, url, session, &conversation(session, n)).await
+}
+
+/// `body` sent with `session` as its affinity token and answered 200; the replica that
+/// served it.
+pub async fn served(client: &reqwest::Client, url: &str, session: &str, body: &Value) -> String {
+    let reply = chat(client, url, None, &[session.as_bytes()], body).await;
+    assert_eq!(reply.status, 200, "{session}: {}", reply.body);
     reply.replica.expect("the sim names itself")
 }
 
