@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -386,7 +387,7 @@ pub struct Meter {
     metrics: Metrics,
     /// The cache-loss detector's state per replica id. Only sticky turns with an expectation
     /// take the lock, once, for a few additions; the metrics read it at scrape time.
-    cache_loss: Mutex<HashMap<Arc<str>, ReplicaCacheLoss>>,
+    cache_loss: DashMap<Arc<str>, ReplicaCacheLoss>,
 }
 
 /// What the cache-loss detector says about one replica (for `/admin/replicas`).
@@ -429,7 +430,7 @@ impl Meter {
             log,
             session_hasher: session_hasher(&session_key),
             metrics: Metrics::new()?,
-            cache_loss: Mutex::new(HashMap::new()),
+            cache_loss: DashMap::new(),
         })
     }
 
@@ -457,11 +458,12 @@ impl Meter {
         reported: u64,
         settings: &CacheLossSettings,
     ) {
+        // A shard's lock, held for one replica's update: threads judging turns of different
+        // replicas rarely meet.
         let crossing = {
-            let mut replicas = self.cache_loss.lock().unwrap_or_else(|e| e.into_inner());
-            let state = match replicas.get_mut(replica) {
+            let mut state = match self.cache_loss.get_mut(replica) {
                 Some(state) => state,
-                None => replicas.entry(Arc::clone(replica)).or_default(),
+                None => self.cache_loss.entry(Arc::clone(replica)).or_default(),
             };
             state.observe(tether_health::now_ms(), expected, reported, settings)
         };
@@ -485,9 +487,8 @@ impl Meter {
 
     /// The cache-loss detector's view of `replica` (`None` before its first judged turn).
     pub fn cache_loss(&self, replica: &str, settings: &CacheLossSettings) -> Option<CacheLossView> {
-        let replicas = self.cache_loss.lock().unwrap_or_else(|e| e.into_inner());
-        let state = replicas.get(replica)?;
-        Some(view(state, settings))
+        let state = self.cache_loss.get(replica)?;
+        Some(view(&state, settings))
     }
 
     /// Counts a session id that was present but not a valid token (the request fell back to
@@ -577,8 +578,8 @@ impl Meter {
         }
         {
             let settings = snapshot.cache_loss();
-            let replicas = self.cache_loss.lock().unwrap_or_else(|e| e.into_inner());
-            for (id, state) in replicas.iter() {
+            for entry in self.cache_loss.iter() {
+                let (id, state) = entry.pair();
                 let v = view(state, settings);
                 let expected = m.cache_expected.with_label_values(&[id]);
                 expected.inc_by(v.expected_tokens.saturating_sub(expected.get()));
@@ -703,7 +704,7 @@ mod tests {
             log: None,
             session_hasher: session_hasher(b"a secret of sixteen+ bytes"),
             metrics: Metrics::new().unwrap(),
-            cache_loss: Mutex::new(HashMap::new()),
+            cache_loss: DashMap::new(),
         };
         let settings = CacheLossSettings {
             min_expected_tokens: 3_000,
