@@ -260,17 +260,25 @@ impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
     }
 }
 
+/// A seed that is its own visitor over whatever JSON value comes (`deserialize_any`): the
+/// visitors below read only the shapes they name and refuse the rest.
+macro_rules! seed_visits_any {
+    ($($seed:ident),+) => {$(
+        impl<'de> DeserializeSeed<'de> for $seed<'_, 'de> {
+            type Value = ();
+
+            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+    )+};
+}
+
+seed_visits_any!(MetadataSeed, TextsSeed, PartSeed, MessagesSeed);
+
 /// Anthropic's `metadata` object (or `null`): only `user_id` is read.
 struct MetadataSeed<'k, 'a> {
     keys: &'k mut BodyKeys<'a>,
-}
-
-impl<'de> DeserializeSeed<'de> for MetadataSeed<'_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
 }
 
 impl<'de> Visitor<'de> for MetadataSeed<'_, 'de> {
@@ -299,14 +307,6 @@ impl<'de> Visitor<'de> for MetadataSeed<'_, 'de> {
 /// A content: a string, `null`, or a list of parts whose `text` fields are appended to `out`.
 struct TextsSeed<'k, 'a> {
     out: &'k mut Vec<Cow<'a, str>>,
-}
-
-impl<'de> DeserializeSeed<'de> for TextsSeed<'_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
 }
 
 impl<'de> Visitor<'de> for TextsSeed<'_, 'de> {
@@ -352,14 +352,6 @@ struct PartSeed<'k, 'a> {
     out: &'k mut Vec<Cow<'a, str>>,
 }
 
-impl<'de> DeserializeSeed<'de> for PartSeed<'_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
 impl<'de> Visitor<'de> for PartSeed<'_, 'de> {
     type Value = ();
 
@@ -400,14 +392,6 @@ impl<'de> Visitor<'de> for PartSeed<'_, 'de> {
 /// first user message itself.
 struct MessagesSeed<'k, 'a> {
     keys: &'k mut BodyKeys<'a>,
-}
-
-impl<'de> DeserializeSeed<'de> for MessagesSeed<'_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
 }
 
 impl<'de> Visitor<'de> for MessagesSeed<'_, 'de> {

@@ -28,6 +28,22 @@ fn aborted(e: &io::Error) -> Option<Aborted> {
     e.get_ref()?.downcast_ref::<Aborted>().copied()
 }
 
+/// Reads `stream` in a task of its own, runs `signal` while the read waits, and returns the
+/// error that ended it (within 5 s).
+async fn read_ended_by(mut stream: Stream, signal: impl FnOnce(), why: &str) -> io::Error {
+    let read = tokio::spawn(async move {
+        let mut buf = [0u8; 16];
+        stream.read(&mut buf).await
+    });
+    tokio::task::yield_now().await;
+    signal();
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect(why)
+        .unwrap()
+        .unwrap_err()
+}
+
 #[tokio::test]
 async fn a_departure_breaks_off_a_request_waiting_for_its_first_byte() {
     let (connector, status, _cut, listener, addr) = replica().await;
@@ -35,17 +51,7 @@ async fn a_departure_breaks_off_a_request_waiting_for_its_first_byte() {
     let (_server, _) = listener.accept().await.unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     stream.flush().await.unwrap();
-    let read = tokio::spawn(async move {
-        let mut buf = [0u8; 16];
-        stream.read(&mut buf).await
-    });
-    tokio::task::yield_now().await;
-    status.depart();
-    let e = tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("the read ends at the departure")
-        .unwrap()
-        .unwrap_err();
+    let e = read_ended_by(stream, || status.depart(), "the read ends at the departure").await;
     assert_eq!(aborted(&e), Some(Aborted::Departed));
 }
 
@@ -125,17 +131,7 @@ async fn the_cut_ends_a_stream_mid_answer() {
     server.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
     let mut buf = [0u8; 64];
     assert!(stream.read(&mut buf).await.unwrap() > 0);
-    let read = tokio::spawn(async move {
-        let mut buf = [0u8; 16];
-        stream.read(&mut buf).await
-    });
-    tokio::task::yield_now().await;
-    cut.fire();
-    let e = tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("the read ends at the cut")
-        .unwrap()
-        .unwrap_err();
+    let e = read_ended_by(stream, || cut.fire(), "the read ends at the cut").await;
     assert_eq!(aborted(&e), Some(Aborted::Cut));
 }
 
