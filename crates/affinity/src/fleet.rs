@@ -396,7 +396,7 @@ impl<U> Fleet<U> {
     /// interval. Only for an instance that receives load reports: nothing else would reset
     /// the count. Returns false for a replica this generation does not have.
     pub fn note_inflight_elsewhere(&self, replica_id: &str) -> bool {
-        let Some(replica) = self.replicas.iter().find(|r| *r.info.id == *replica_id) else {
+        let Some(replica) = self.find(replica_id) else {
             return false;
         };
         replica
@@ -413,7 +413,7 @@ impl<U> Fleet<U> {
     /// by the tier's placements, not each by its own third. Returns false for a replica this
     /// generation does not have; does nothing without tenant locality.
     pub fn note_placed_elsewhere(&self, replica_id: &str, tenant_tag: u32, now: u64) -> bool {
-        let Some(replica) = self.replicas.iter().find(|r| *r.info.id == *replica_id) else {
+        let Some(replica) = self.find(replica_id) else {
             return false;
         };
         if let Some(window) = self.locality_ms {
