@@ -760,6 +760,13 @@ impl Selector {
         let mut best_warm: Option<(ReplicaIdx, f64)> = None;
         let mut best: Option<(ReplicaIdx, u32)> = None;
         let mut first_eligible = None;
+        // The first replica passed over only for the soft rules (the load bound, a full
+        // engine) while under its hard cap. In-flight counts are read one replica at a time
+        // while other requests take and release slots, so the sum the bound is built from can
+        // be stale by the time a replica is checked: every replica can then read over its
+        // bound although together they are not. Such a race must not refuse the request or
+        // send it to another region.
+        let mut first_over_soft_limit = None;
         // One ring holds every region; a region's own order is the global walk filtered to it,
         // so the home region's first candidate is exactly the key's global owner.
         let mut walk = self.ring.walk(position, self.replicas.len());
@@ -784,11 +791,15 @@ impl Selector {
             }
             let replica = &self.replicas[idx as usize];
             let bound = (scale * f64::from(replica.weight)).ceil() as u64;
-            if view.inflight(idx) >= self.cap(idx, view)
-                || u64::from(view.tier_inflight(idx)) >= bound
+            if view.inflight(idx) >= self.cap(idx, view) {
+                notes.skipped_for_load |= deciding;
+                continue;
+            }
+            if u64::from(view.tier_inflight(idx)) >= bound
                 || (prefer_headroom && self.engine_full(idx, view))
             {
                 notes.skipped_for_load |= deciding;
+                first_over_soft_limit.get_or_insert(idx);
                 continue;
             }
             let Some(warmth) = tenant.and_then(|t| view.tenant_warmth(idx, t)) else {
@@ -820,6 +831,7 @@ impl Selector {
                 notes.passed_for_locality = first_eligible != Some(idx);
                 (idx, notes)
             })
+            .or_else(|| first_over_soft_limit.map(|idx| (idx, notes)))
     }
 
     fn tokenless<V: LoadView + ?Sized>(
@@ -1209,6 +1221,34 @@ mod tests {
             .nth(1)
             .unwrap();
         assert_eq!(d.replica, second);
+    }
+
+    #[test]
+    fn load_that_rises_while_the_walk_reads_it_neither_refuses_nor_leaves_the_region() {
+        // Other requests take slots between the walk's sum and its checks: the sum reads an
+        // idle region, every later read finds four in flight, over the bound of 2.
+        struct Rising(std::cell::Cell<u32>);
+        impl LoadView for Rising {
+            fn inflight(&self, _: ReplicaIdx) -> u32 {
+                let reads = self.0.get();
+                self.0.set(reads + 1);
+                if reads < 3 {
+                    0
+                } else {
+                    4
+                }
+            }
+        }
+        let s = selector(&fleet(&[("eu", &["a", "b", "c"]), ("us", &["x", "y", "z"])]));
+        for k in keys().take(200) {
+            if s.home_region(RoutingKey(k)) != Some(0) {
+                continue;
+            }
+            let owner = s.decide(&keyed(k), &vec![0; 6]).unwrap().replica;
+            let d = s.decide(&keyed(k), &Rising(std::cell::Cell::new(0))).unwrap();
+            assert_eq!(d.replica, owner, "the first replica on the walk takes it");
+            assert_eq!(d.outcome, Outcome::Rebalanced);
+        }
     }
 
     #[test]
