@@ -1239,13 +1239,18 @@ mod tests {
                 }
             }
         }
-        let s = selector(&fleet(&[("eu", &["a", "b", "c"]), ("us", &["x", "y", "z"])]));
+        let s = selector(&fleet(&[
+            ("eu", &["a", "b", "c"]),
+            ("us", &["x", "y", "z"]),
+        ]));
         for k in keys().take(200) {
             if s.home_region(RoutingKey(k)) != Some(0) {
                 continue;
             }
             let owner = s.decide(&keyed(k), &vec![0; 6]).unwrap().replica;
-            let d = s.decide(&keyed(k), &Rising(std::cell::Cell::new(0))).unwrap();
+            let d = s
+                .decide(&keyed(k), &Rising(std::cell::Cell::new(0)))
+                .unwrap();
             assert_eq!(d.replica, owner, "the first replica on the walk takes it");
             assert_eq!(d.outcome, Outcome::Rebalanced);
         }
