@@ -135,6 +135,9 @@ fn summary(name: &str, load: &str, rows: &[(&str, Report)]) {
 
 /// Runs both fleets (`scale`: the simulator's time scale).
 pub(crate) async fn run_scenario(quick: bool, scale: &str) {
+    // BENCH_ENGINES_FLEET=slot-limited (or KV-limited) runs one fleet.
+    let only = std::env::var("BENCH_ENGINES_FLEET").ok();
+    let runs = |fleet: &str| only.as_deref().is_none_or(|o| o == fleet);
     let conversation = conversation_tokens(&base_workload(quick));
     // A slot holds one whole conversation, rounded up to whole blocks.
     let slot_tokens = conversation.div_ceil(16) * 16;
@@ -147,7 +150,9 @@ pub(crate) async fn run_scenario(quick: bool, scale: &str) {
         "--cache-tokens".into(),
         (PER_REPLICA * slot_tokens).to_string(),
     ];
-    run_fleet("slot-limited", "llamacpp", &slots, quick, scale).await;
+    if runs("slot-limited") {
+        run_fleet("slot-limited", "llamacpp", &slots, quick, scale).await;
+    }
     eprintln!(
         "engines: KV-limited fleet (vLLM mode, KV for {PER_REPLICA} conversations per replica):"
     );
@@ -157,5 +162,7 @@ pub(crate) async fn run_scenario(quick: bool, scale: &str) {
         "--cache-tokens".into(),
         (PER_REPLICA * slot_tokens).to_string(),
     ];
-    run_fleet("KV-limited", "vllm", &kv, quick, scale).await;
+    if runs("KV-limited") {
+        run_fleet("KV-limited", "vllm", &kv, quick, scale).await;
+    }
 }

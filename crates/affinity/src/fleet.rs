@@ -78,9 +78,8 @@ pub struct FleetPlan<U> {
 struct LiveReplica {
     status: Arc<ReplicaStatus>,
     warmth: TenantWarmth,
-    /// The sessions it served recently, one slot per session (the count saturates at
-    /// [`crate::WARMTH_SLOTS`], more than any slot-limited engine holds).
-    sessions: TenantWarmth,
+    /// The sessions it is serving.
+    sessions: crate::SessionActivity,
     load: ReplicaLoad,
     /// Requests in flight to it from the tier's other instances, as they last reported them
     /// ([`Fleet::set_inflight_elsewhere`]).
@@ -597,10 +596,8 @@ impl<U> LoadView for FleetView<'_, U> {
     }
 
     fn active_sessions(&self, replica: ReplicaIdx) -> u32 {
-        self.live(replica).map_or(0, |l| {
-            l.sessions
-                .served_within(self.now, crate::selector::ACTIVE_SESSION_WINDOW_MS)
-        })
+        self.live(replica)
+            .map_or(0, |l| l.sessions.active(self.now))
     }
 }
 

@@ -97,6 +97,7 @@
 //! assert_eq!((next.replica, next.outcome), (first.replica, Outcome::Sticky));
 //! ```
 
+mod activity;
 mod clock;
 mod conversation;
 #[cfg(test)]
@@ -112,6 +113,7 @@ mod shed;
 mod token;
 mod warmth;
 
+pub use activity::{SessionActivity, ACTIVE_SESSION_WINDOW_MS, GAP_MULTIPLE, MIN_ACTIVE_WINDOW_MS};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use conversation::{BodyKeys, Fingerprinter, HEAD_TEXT_CAP};
 pub use fleet::{
@@ -127,7 +129,7 @@ pub use ring::{ReplicaIdx, ReplicaSet, Ring, RingWalk, DEFAULT_POINTS_PER_WEIGHT
 pub use selector::{
     has_headroom, truly_full, Decision, LoadView, RegionSpec, ReplicaInfo, ReplicaSpec,
     RouteRequest, Selector, SelectorOptions, ShedGate, ShedWhenOver, TagRegistry,
-    ACTIVE_SESSION_WINDOW_MS, KV_HEADROOM_LIMIT,
+    KV_HEADROOM_LIMIT,
 };
 pub use shed::{ReplicaLoad, COOLDOWN_MS, MIN_SHED_LOAD, PERSIST_MS, SENT_WINDOW_MS};
 pub use token::{ByteKind, SessionToken, TokenError, TokenRules, DEFAULT_MAX_TOKEN_LEN};

@@ -5,6 +5,7 @@
 //! the override table is consulted by the caller, so [`Selector::decide`] is a pure function of
 //! its inputs and is tested without a network.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,16 +48,12 @@ pub trait LoadView {
     fn engine(&self, _replica: ReplicaIdx) -> Option<EngineReading> {
         None
     }
-    /// Distinct sessions routed to the replica recently (see [`ACTIVE_SESSION_WINDOW_MS`]),
-    /// turns between which nothing is in flight included.
+    /// Distinct sessions the replica is serving ([`crate::SessionActivity::active`]), turns
+    /// between which nothing is in flight included.
     fn active_sessions(&self, _replica: ReplicaIdx) -> u32 {
         0
     }
 }
-
-/// How long a session counts as active on its replica after its last request: an agent's
-/// turn gap is seconds to minutes, and its cache must survive it.
-pub const ACTIVE_SESSION_WINDOW_MS: u64 = 120_000;
 
 /// KV usage at or above which a replica has no headroom for a new session.
 pub const KV_HEADROOM_LIMIT: f64 = 0.9;
@@ -588,33 +585,52 @@ impl Selector {
             .map_or(replica.max_inflight, |n| n.min(replica.max_inflight))
     }
 
-    /// Whether the region's read engines can hold one more session: none has requests waiting,
-    /// and their sequence slots (where they have them) outnumber the sessions active on them.
-    /// `false` when no engine of the region is read.
-    fn region_has_room<V: LoadView + ?Sized>(
+    /// How well the replica's engine fits a new session now (see [`EngineFit`]).
+    fn engine_fit<V: LoadView + ?Sized>(&self, idx: ReplicaIdx, view: &V) -> EngineFit {
+        let Some(reading) = view.engine(idx) else {
+            return EngineFit::Room;
+        };
+        let active = view.active_sessions(idx);
+        if has_headroom(&reading, active) {
+            return EngineFit::Room;
+        }
+        match reading.capacity.sequences {
+            Some(slots) if active.max(reading.load.running) > slots => {
+                EngineFit::Overcommitted(Reverse(active.max(reading.load.running) - slots))
+            }
+            _ => EngineFit::Full,
+        }
+    }
+
+    /// The best [`EngineFit`] among the region's replicas a new session may go to (available,
+    /// under the hard cap and the load bound of `scale` per unit of weight); `None` when no
+    /// engine of the region is read, and placement is as without engines.
+    fn best_engine_fit<V: LoadView + ?Sized>(
         &self,
         info: &RegionInfo,
         tried: Option<&ReplicaSet>,
+        scale: f64,
         view: &V,
-    ) -> bool {
-        let (mut read, mut slots, mut held) = (false, 0u64, 0u64);
+    ) -> Option<EngineFit> {
+        let mut read = false;
+        let mut best: Option<EngineFit> = None;
         for &idx in &info.members {
             if !self.available(idx, tried, view) {
                 continue;
             }
-            let Some(reading) = view.engine(idx) else {
+            read |= view.engine(idx).is_some();
+            let bound = (scale * f64::from(self.replicas[idx as usize].weight)).ceil() as u64;
+            if view.inflight(idx) >= self.cap(idx, view)
+                || u64::from(view.tier_inflight(idx)) >= bound
+            {
                 continue;
-            };
-            read = true;
-            if reading.load.waiting > 0 {
-                return false;
             }
-            if let Some(n) = reading.capacity.sequences {
-                slots += u64::from(n);
-                held += u64::from(view.active_sessions(idx).max(reading.load.running));
+            let fit = self.engine_fit(idx, view);
+            if best.is_none_or(|b| fit < b) {
+                best = Some(fit);
             }
         }
-        read && (slots == 0 || held < slots)
+        best.filter(|_| read)
     }
 
     /// Whether the engine says the replica has no room for a new session (unknown: room).
@@ -731,24 +747,15 @@ impl Selector {
         if total_weight == 0 {
             return None;
         }
-        // Engines that say they are full are passed over while another available replica of
-        // the region has room (or does not say): a new session placed on a full llama.cpp
-        // server evicts another session's slot. Only while the region as a whole can hold one
-        // more session, though: beyond that a session is evicted wherever this one goes, and
-        // the usual rules (tenant locality keeps a tenant's shared prefix in the slots it
-        // reuses; bounded loads) place better than readings a probe interval old, which send
-        // every new session to the replica whose queue happened to be empty.
-        let prefer_headroom = self.region_has_room(info, tried, view)
-            && info
-                .members
-                .iter()
-                .any(|&idx| self.available(idx, tried, view) && !self.engine_full(idx, view));
         // The incoming request counts towards the mean, so some replica is always under the
         // bound: Σ bound ≥ c·(total+1) > total.
         let scale = self.balance_factor * (total_inflight + 1) as f64 / total_weight as f64;
         // Locality's own bound, on sessions placed recently rather than requests in flight, so
         // that a tenant cannot gather on one replica while few requests are in flight.
         let placed_scale = self.balance_factor * (total_placed + 1.0) / total_weight as f64;
+        // With engines read, only the replicas whose engines fit a new session best compete
+        // (see `EngineFit`); the ring and locality choose among them.
+        let best_fit = self.best_engine_fit(info, tried, scale, view);
         let mut notes = WalkNotes::default();
         let mut unvisited = info.members.len();
         // Without locality the first eligible replica wins. With it, among eligible replicas
@@ -757,8 +764,8 @@ impl Selector {
         // replicas balances load at the same hit ratio, where taking the first warm one on the
         // walk piles every session it can onto it); failing that, the one with the fewest other tenants (`best`). The
         // earliest on the walk wins among equals.
-        let mut best_warm: Option<(ReplicaIdx, f64)> = None;
-        let mut best: Option<(ReplicaIdx, u32)> = None;
+        let mut best_warm: Option<(ReplicaIdx, Option<EngineFit>, f64)> = None;
+        let mut best: Option<(ReplicaIdx, Option<EngineFit>, u32)> = None;
         let mut first_eligible = None;
         // The first replica passed over only for the soft rules (the load bound, a full
         // engine) while under its hard cap. In-flight counts are read one replica at a time
@@ -795,37 +802,43 @@ impl Selector {
                 notes.skipped_for_load |= deciding;
                 continue;
             }
-            if u64::from(view.tier_inflight(idx)) >= bound
-                || (prefer_headroom && self.engine_full(idx, view))
-            {
+            if u64::from(view.tier_inflight(idx)) >= bound {
                 notes.skipped_for_load |= deciding;
                 first_over_soft_limit.get_or_insert(idx);
                 continue;
             }
+            let fit = best_fit.map(|_| self.engine_fit(idx, view));
             let Some(warmth) = tenant.and_then(|t| view.tenant_warmth(idx, t)) else {
+                if fit != best_fit {
+                    notes.skipped_for_load |= deciding;
+                    first_over_soft_limit.get_or_insert(idx);
+                    continue;
+                }
                 return Some((idx, notes));
             };
             first_eligible.get_or_insert(idx);
             if warmth.recent_placements >= placed_scale * f64::from(replica.weight) {
                 continue;
             }
+            // The engine's fit first, among warm replicas and among the others: the tenant's
+            // shared prefix is worth more than a slot elsewhere.
             if warmth.warm {
                 // Per unit of weight: a replica twice the size takes twice the sessions.
                 let placed = warmth.recent_placements / f64::from(replica.weight);
-                if best_warm.is_none_or(|(_, best)| placed < best) {
-                    best_warm = Some((idx, placed));
+                if best_warm.is_none_or(|(_, f, best)| (fit, placed) < (f, best)) {
+                    best_warm = Some((idx, fit, placed));
                 }
                 continue;
             }
-            if best.is_none_or(|(_, others)| warmth.others < others) {
-                best = Some((idx, warmth.others));
+            if best.is_none_or(|(_, f, others)| (fit, warmth.others) < (f, others)) {
+                best = Some((idx, fit, warmth.others));
             }
         }
         // Σ placement bounds exceed Σ placements, so `best` is empty only through float
         // rounding; the first eligible replica is then as good as any.
         best_warm
-            .map(|(idx, _)| idx)
-            .or(best.map(|(idx, _)| idx))
+            .map(|(idx, _, _)| idx)
+            .or(best.map(|(idx, _, _)| idx))
             .or(first_eligible)
             .map(|idx| {
                 notes.passed_for_locality = first_eligible != Some(idx);
@@ -881,6 +894,27 @@ impl Selector {
         }
         None
     }
+}
+
+/// How well a replica's engine fits a new session, best first. Slot-limited engines evict a
+/// session's cache when a new session takes its slot, and beyond what a region's slots hold
+/// some session is evicted wherever a new one goes; what placement decides is whose. Filling
+/// replicas with free slots first and then the one already most over its slots keeps the
+/// replicas that hold exactly their slots' worth warm: their sessions take turns on their own
+/// slots, where spreading the excess evenly makes every replica's sessions evict each other
+/// on every turn (a few sessions taking turns on fewer slots, least recently used first, all
+/// miss). The load bound still caps how far one replica is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EngineFit {
+    /// A free slot, KV to spare and no queue, or an engine that is not read: no one's cache
+    /// is evicted.
+    Room,
+    /// More active sessions than slots, by this much (more first): its sessions evict each
+    /// other already.
+    Overcommitted(Reverse<u32>),
+    /// Exactly full, or waiting requests or nearly all its KV cache held without slots to
+    /// count.
+    Full,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -977,19 +1011,49 @@ mod tests {
     }
 
     #[test]
-    fn beyond_what_the_region_holds_the_ring_decides_even_if_one_engine_has_room() {
+    fn beyond_what_the_region_holds_a_free_slot_wins_then_the_replica_most_over_its_slots() {
+        let s = selector(&fleet(&[("eu", &["a", "b", "c", "d"])]));
+        for k in keys().take(200) {
+            let owner = s.decide(&keyed(k), &vec![0; 4]).unwrap().replica;
+            let other = |n: u32| (owner + n) % 4;
+            // Eight slots, nine active sessions: one replica still shows a free slot.
+            let mut view = EngineView(vec![(0, 2, slots(2, 0, 0)); 4]);
+            view.0[other(1) as usize].1 = 1;
+            view.0[other(2) as usize].1 = 4;
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, other(1));
+            // No free slot: the replica most over its slots takes it, not one that holds
+            // exactly its slots' worth.
+            view.0[other(1) as usize].1 = 2;
+            view.0[other(3) as usize].1 = 3;
+            let d = s.decide(&keyed(k), &view).unwrap();
+            assert_eq!(d.replica, other(2));
+            assert_eq!(d.outcome, Outcome::Rebalanced);
+            // Unless the load bound says it has enough in flight already.
+            view.0[other(2) as usize].0 = 5;
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, other(3));
+        }
+    }
+
+    #[test]
+    fn on_engines_without_slots_the_ring_decides_among_the_full() {
         let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
+        let kv = |usage: f64, waiting: u32| {
+            Some(EngineReading {
+                capacity: tether_engine::Capacity::default(),
+                load: tether_engine::Load {
+                    running: 4,
+                    waiting,
+                    kv_usage: Some(usage),
+                },
+            })
+        };
         for k in keys().take(200) {
             let owner = s.decide(&keyed(k), &vec![0; 3]).unwrap().replica;
-            // Six slots, seven active sessions: one replica shows a free slot.
-            let mut view = EngineView(vec![(0, 3, slots(2, 0, 0)); 3]);
-            view.0[((owner + 1) % 3) as usize].1 = 1;
+            let mut view = EngineView(vec![(0, 9, kv(0.95, 0)); 3]);
+            view.0[((owner + 1) % 3) as usize].2 = kv(0.99, 3);
             assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
-            // A queue anywhere: the same.
-            let mut view = EngineView(vec![(0, 0, slots(2, 0, 0)); 3]);
-            view.0[owner as usize].1 = 2;
-            view.0[((owner + 1) % 3) as usize].2 = slots(2, 2, 1);
-            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
+            view.0[((owner + 2) % 3) as usize].2 = kv(0.5, 0);
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, (owner + 2) % 3);
         }
     }
 
@@ -1416,6 +1480,42 @@ mod tests {
         let owner = s.decide(&keyed(key), &vec![0u32; 3]).unwrap().replica;
         let mut others = (0..3).filter(|&i| i != owner);
         (owner, [others.next().unwrap(), others.next().unwrap()])
+    }
+
+    #[test]
+    fn with_tenant_locality_a_warm_replica_wins_over_room_and_fit_decides_among_warm_ones() {
+        /// Warmth from `WarmView`, engines from `EngineView`.
+        struct Both(WarmView, EngineView);
+        impl LoadView for Both {
+            fn inflight(&self, replica: ReplicaIdx) -> u32 {
+                self.0.inflight(replica)
+            }
+            fn tenant_warmth(&self, replica: ReplicaIdx, tenant: TenantScope) -> Option<Warmth> {
+                self.0.tenant_warmth(replica, tenant)
+            }
+            fn active_sessions(&self, replica: ReplicaIdx) -> u32 {
+                self.1.active_sessions(replica)
+            }
+            fn engine(&self, replica: ReplicaIdx) -> Option<EngineReading> {
+                self.1.engine(replica)
+            }
+        }
+        let s = selector(&fleet(&[("eu", &["a", "b", "c", "d"])]));
+        for k in keys().take(100) {
+            let owner = s.decide(&keyed(k), &vec![0; 4]).unwrap().replica;
+            let other = |n: u32| (owner + n) % 4;
+            let warm = WarmView::new(4);
+            warm.serve(other(1), "acme").serve(other(2), "acme");
+            warm.serve(owner, "globex").serve(other(3), "globex");
+            // The other tenant's replicas have free slots; acme's are full or over.
+            let mut engines = EngineView(vec![(0, 1, slots(2, 0, 0)); 4]);
+            engines.0[other(1) as usize].1 = 2;
+            engines.0[other(2) as usize].1 = 3;
+            let d = s
+                .decide(&of_tenant(k, "acme"), &Both(warm, engines))
+                .unwrap();
+            assert_eq!(d.replica, other(2), "acme's replica most over its slots");
+        }
     }
 
     #[test]

@@ -109,8 +109,10 @@ impl TenantWarmth {
         Self::default()
     }
 
-    /// Notes that the replica serves `tenant` at `now_ms` (any monotonic milliseconds).
-    pub fn record(&self, tenant: TenantScope, now_ms: u64) {
+    /// Notes that the replica serves `tenant` at `now_ms` (any monotonic milliseconds), and
+    /// returns how long ago, in milliseconds rounded down to [`TICK_MS`], it last did, if the
+    /// record still held it.
+    pub fn record(&self, tenant: TenantScope, now_ms: u64) -> Option<u64> {
         let (fp, now) = (fingerprint(tenant), tick(now_ms));
         let packed = u64::from(fp) << 32 | u64::from(now);
         let mut oldest: Option<(usize, u32)> = None;
@@ -127,7 +129,7 @@ impl TenantWarmth {
                         Ordering::Relaxed,
                     );
                 }
-                return;
+                return Some(u64::from(now.saturating_sub(at)) * TICK_MS);
             }
             if oldest.is_none_or(|(_, t)| at < t) {
                 oldest = Some((i, at));
@@ -136,6 +138,7 @@ impl TenantWarmth {
         if let Some((i, _)) = oldest {
             self.slots[i].store(packed, Ordering::Relaxed);
         }
+        None
     }
 
     /// Notes that a session was placed on the replica at `now_ms`; the count decays with time
