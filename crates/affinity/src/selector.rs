@@ -586,51 +586,79 @@ impl Selector {
     }
 
     /// How well the replica's engine fits a new session now (see [`EngineFit`]).
-    fn engine_fit<V: LoadView + ?Sized>(&self, idx: ReplicaIdx, view: &V) -> EngineFit {
-        let Some(reading) = view.engine(idx) else {
-            return EngineFit::Room;
+    /// `queue_in_region`: some engine of the region has requests waiting. Then only slot
+    /// counts rank replicas: Tether counts a replica's sessions itself, as they come, while a
+    /// queue or KV usage is a probe interval old and changes within it, so steering by them
+    /// while the region is busy sends every new session to whichever replica had an empty
+    /// queue at the last round.
+    fn engine_fit<V: LoadView + ?Sized>(
+        &self,
+        idx: ReplicaIdx,
+        queue_in_region: bool,
+        view: &V,
+    ) -> EngineFit {
+        let reading = view.engine(idx);
+        let slots = reading.and_then(|r| r.capacity.sequences);
+        let Some(reading) = reading.filter(|_| !(queue_in_region && slots.is_none())) else {
+            return if queue_in_region {
+                EngineFit::Full
+            } else {
+                EngineFit::Room
+            };
         };
         let active = view.active_sessions(idx);
         if has_headroom(&reading, active) {
             return EngineFit::Room;
         }
-        match reading.capacity.sequences {
-            Some(slots) if active.max(reading.load.running) > slots => {
-                EngineFit::Overcommitted(Reverse(active.max(reading.load.running) - slots))
-            }
+        let held = active.max(reading.load.running);
+        match slots {
+            Some(slots) if held > slots => EngineFit::Overcommitted(Reverse(held - slots)),
             _ => EngineFit::Full,
         }
     }
 
-    /// The best [`EngineFit`] among the region's replicas a new session may go to (available,
-    /// under the hard cap and the load bound of `scale` per unit of weight); `None` when no
-    /// engine of the region is read, and placement is as without engines.
-    fn best_engine_fit<V: LoadView + ?Sized>(
+    /// How the region's replicas that a new session may go to (available, under the hard cap
+    /// and the load bound of `scale` per unit of weight) are ranked; `None` when no engine of
+    /// the region is read, and placement is as without engines.
+    fn rank_engines<V: LoadView + ?Sized>(
         &self,
         info: &RegionInfo,
         tried: Option<&ReplicaSet>,
         scale: f64,
         view: &V,
-    ) -> Option<EngineFit> {
-        let mut read = false;
+    ) -> Option<EngineRanking> {
+        let (mut read, mut queue_in_region) = (false, false);
+        for &idx in &info.members {
+            if self.available(idx, tried, view) {
+                if let Some(reading) = view.engine(idx) {
+                    read = true;
+                    queue_in_region |= reading.load.waiting > 0;
+                }
+            }
+        }
+        if !read {
+            return None;
+        }
         let mut best: Option<EngineFit> = None;
         for &idx in &info.members {
             if !self.available(idx, tried, view) {
                 continue;
             }
-            read |= view.engine(idx).is_some();
             let bound = (scale * f64::from(self.replicas[idx as usize].weight)).ceil() as u64;
             if view.inflight(idx) >= self.cap(idx, view)
                 || u64::from(view.tier_inflight(idx)) >= bound
             {
                 continue;
             }
-            let fit = self.engine_fit(idx, view);
+            let fit = self.engine_fit(idx, queue_in_region, view);
             if best.is_none_or(|b| fit < b) {
                 best = Some(fit);
             }
         }
-        best.filter(|_| read)
+        best.map(|best| EngineRanking {
+            best,
+            queue_in_region,
+        })
     }
 
     /// Whether the engine says the replica has no room for a new session (unknown: room).
@@ -755,7 +783,7 @@ impl Selector {
         let placed_scale = self.balance_factor * (total_placed + 1.0) / total_weight as f64;
         // With engines read, only the replicas whose engines fit a new session best compete
         // (see `EngineFit`); the ring and locality choose among them.
-        let best_fit = self.best_engine_fit(info, tried, scale, view);
+        let ranking = self.rank_engines(info, tried, scale, view);
         let mut notes = WalkNotes::default();
         let mut unvisited = info.members.len();
         // Without locality the first eligible replica wins. With it, among eligible replicas
@@ -807,9 +835,9 @@ impl Selector {
                 first_over_soft_limit.get_or_insert(idx);
                 continue;
             }
-            let fit = best_fit.map(|_| self.engine_fit(idx, view));
+            let fit = ranking.map(|r| self.engine_fit(idx, r.queue_in_region, view));
             let Some(warmth) = tenant.and_then(|t| view.tenant_warmth(idx, t)) else {
-                if fit != best_fit {
+                if fit != ranking.map(|r| r.best) {
                     notes.skipped_for_load |= deciding;
                     first_over_soft_limit.get_or_insert(idx);
                     continue;
@@ -915,6 +943,15 @@ enum EngineFit {
     /// Exactly full, or waiting requests or nearly all its KV cache held without slots to
     /// count.
     Full,
+}
+
+/// How a region's engines rank for one new session ([`Selector::rank_engines`]).
+#[derive(Debug, Clone, Copy)]
+struct EngineRanking {
+    /// The best fit among the replicas the session may go to.
+    best: EngineFit,
+    /// Some engine of the region has requests waiting.
+    queue_in_region: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -1035,7 +1072,7 @@ mod tests {
     }
 
     #[test]
-    fn on_engines_without_slots_the_ring_decides_among_the_full() {
+    fn on_engines_without_slots_kv_to_spare_steers_only_while_no_engine_of_the_region_queues() {
         let s = selector(&fleet(&[("eu", &["a", "b", "c"])]));
         let kv = |usage: f64, waiting: u32| {
             Some(EngineReading {
@@ -1050,10 +1087,12 @@ mod tests {
         for k in keys().take(200) {
             let owner = s.decide(&keyed(k), &vec![0; 3]).unwrap().replica;
             let mut view = EngineView(vec![(0, 9, kv(0.95, 0)); 3]);
-            view.0[((owner + 1) % 3) as usize].2 = kv(0.99, 3);
             assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
             view.0[((owner + 2) % 3) as usize].2 = kv(0.5, 0);
             assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, (owner + 2) % 3);
+            // A queue anywhere in the region: readings a probe interval old do not steer.
+            view.0[((owner + 1) % 3) as usize].2 = kv(0.99, 3);
+            assert_eq!(s.decide(&keyed(k), &view).unwrap().replica, owner);
         }
     }
 
