@@ -247,6 +247,7 @@ impl UsageChunkFilter {
 
     /// Filters one chunk; `end` flushes whatever is held back. What comes back is `chunk`
     /// itself, or a part of it, whenever the bytes to send are one run of it.
+    #[inline]
     pub fn filter(&mut self, chunk: Bytes, end: bool) -> Bytes {
         // Nearly every chunk: whole content events.
         if self.pending.is_empty() && ends_an_event(&chunk) && EMPTY_LIST.find(&chunk).is_none() {
@@ -255,6 +256,7 @@ impl UsageChunkFilter {
         self.filter_events(chunk, end)
     }
 
+    #[inline(never)]
     fn filter_events(&mut self, chunk: Bytes, end: bool) -> Bytes {
         let mut kept = Kept::default();
         let mut at = 0;
