@@ -388,14 +388,21 @@ fn longest_line(data: &[u8]) -> usize {
 }
 
 impl SseReader {
-    /// Reads one line; true when it was an event that carried usage.
-    fn line(&mut self, line: &[u8], dialect: Dialect, builder: &mut UsageBuilder) -> bool {
+    /// Reads one line; true when it was an event that carried usage. `found` says the line
+    /// was found by a search for a usage key, so it need not be searched again.
+    fn line(
+        &mut self,
+        line: &[u8],
+        dialect: Dialect,
+        builder: &mut UsageBuilder,
+        found: bool,
+    ) -> bool {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else {
             return false;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data == b"[DONE]" || !mentions_usage(dialect, data) {
+        if data == b"[DONE]" || !(found || mentions_usage(dialect, data)) {
             return false;
         }
         let parsed = if data.trim_ascii_start().starts_with(b"{") {
@@ -424,7 +431,7 @@ impl SseReader {
             self.discarding = false;
         } else {
             let line = std::mem::take(&mut self.line);
-            self.line(&line, dialect, builder);
+            self.line(&line, dialect, builder, false);
             self.line = line;
         }
         self.line.clear();
@@ -467,7 +474,7 @@ impl SseReader {
                 let end = memchr::memchr(b'\n', &rest[at..]).map_or(rest.len(), |n| at + n);
                 let line = &rest[start..end];
                 if line.len() <= window {
-                    self.line(line, dialect, builder);
+                    self.line(line, dialect, builder, true);
                 }
                 rest = rest.get(end + 1..).unwrap_or_default();
             }
@@ -647,6 +654,7 @@ impl UsageExtractor {
     }
 
     /// Feeds the next body chunk.
+    #[inline]
     pub fn feed(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
         // Most of a stream: straight into the ring, in a function small enough to inline.
@@ -768,7 +776,7 @@ impl UsageExtractor {
             let line = &lines[start..line_end];
             if line.len() > window {
                 self.sse.too_large = true;
-            } else if self.sse.line(line, self.dialect, &mut self.builder) {
+            } else if self.sse.line(line, self.dialect, &mut self.builder, true) {
                 return true;
             }
             end = start;

@@ -156,7 +156,40 @@ static NO_CHOICES: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| {
 /// In both spellings of an empty `choices`: a chunk without it holds no usage-only event.
 /// (Content events name `usage` too on some servers, as `"usage":null`; they never hold
 /// `[]` unless some list in them is empty.)
-static EMPTY_LIST: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"[]"));
+const EMPTY_LIST: &[u8] = b"[]";
+static EMPTY_LIST_SEARCH: LazyLock<EmptyListSearch> = LazyLock::new(EmptyListSearch::new);
+
+/// The search for [`EMPTY_LIST`] that every chunk of a filtered stream gets. Where AVX2 is
+/// available its pair search is called directly (and inlines into the caller): `memmem`'s
+/// searcher picks that same routine on each call, through a dispatch that on an event of a
+/// few hundred bytes costs more than half as much as the search itself. Chunks too short for
+/// it, and other CPUs, get `memmem`.
+struct EmptyListSearch {
+    #[cfg(target_arch = "x86_64")]
+    avx2: Option<memchr::arch::x86_64::avx2::packedpair::Finder>,
+    any: Finder<'static>,
+}
+
+impl EmptyListSearch {
+    fn new() -> Self {
+        EmptyListSearch {
+            #[cfg(target_arch = "x86_64")]
+            avx2: memchr::arch::x86_64::avx2::packedpair::Finder::new(EMPTY_LIST),
+            any: Finder::new(EMPTY_LIST),
+        }
+    }
+
+    #[inline]
+    fn is_in(&self, bytes: &[u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = &self.avx2 {
+            if bytes.len() >= avx2.min_haystack_len() {
+                return avx2.find(bytes, EMPTY_LIST).is_some();
+            }
+        }
+        self.any.find(bytes).is_some()
+    }
+}
 
 /// Where the first event of `bytes` ends: just past its first blank line (`\n\n` or
 /// `\r\n\r\n`, whichever ends first).
@@ -247,14 +280,16 @@ impl UsageChunkFilter {
 
     /// Filters one chunk; `end` flushes whatever is held back. What comes back is `chunk`
     /// itself, or a part of it, whenever the bytes to send are one run of it.
+    #[inline]
     pub fn filter(&mut self, chunk: Bytes, end: bool) -> Bytes {
         // Nearly every chunk: whole content events.
-        if self.pending.is_empty() && ends_an_event(&chunk) && EMPTY_LIST.find(&chunk).is_none() {
+        if self.pending.is_empty() && ends_an_event(&chunk) && !EMPTY_LIST_SEARCH.is_in(&chunk) {
             return chunk;
         }
         self.filter_events(chunk, end)
     }
 
+    #[inline(never)]
     fn filter_events(&mut self, chunk: Bytes, end: bool) -> Bytes {
         let mut kept = Kept::default();
         let mut at = 0;
@@ -477,6 +512,23 @@ mod tests {
             out.extend(filter(&mut f, &STREAM[at..], false));
             out.extend(filter(&mut f, b"", true));
             assert_eq!(out, WITHOUT, "split at {at}");
+        }
+    }
+
+    proptest! {
+        /// Whichever routine searches, it finds what a substring search finds, at any length
+        /// (short chunks go to `memmem`, longer ones to the vector routine where there is one).
+        #[test]
+        fn the_empty_list_search_agrees_with_a_substring_search(
+            bytes in prop::collection::vec(
+                prop_oneof![1 => Just(b'['), 1 => Just(b']'), 6 => Just(b'x'), 1 => Just(b'{')],
+                0..160,
+            ),
+        ) {
+            prop_assert_eq!(
+                EMPTY_LIST_SEARCH.is_in(&bytes),
+                memchr::memmem::find(&bytes, EMPTY_LIST).is_some()
+            );
         }
     }
 
