@@ -92,6 +92,17 @@ fn since_start() -> Duration {
     EPOCH.get_or_init(Instant::now).elapsed()
 }
 
+/// The usage of an answer: read as its body passes, then what was read. Boxed in the
+/// context: it is about half the context's size, and Pingora keeps the context in each
+/// request's future, which it moves (copies) into place for every request.
+#[derive(Debug)]
+// The enum is only ever boxed as a whole: the extractor's size is what the box is for.
+#[allow(clippy::large_enum_variant)]
+enum Metered {
+    Reading(UsageExtractor),
+    Read(Extraction),
+}
+
 /// Per-request state.
 #[derive(Debug)]
 pub struct RequestCtx {
@@ -130,9 +141,8 @@ pub struct RequestCtx {
     unsent_prefix: Option<Bytes>,
     /// Usage was injected into the request body.
     injected: bool,
-    extractor: Option<UsageExtractor>,
-    /// What the extractor found, once the body ended.
-    extraction: Option<Extraction>,
+    /// The answer's usage, being read or read.
+    metered: Option<Box<Metered>>,
     /// The answer says it is JSON or SSE: a body that does not parse as such is the
     /// replica's failure.
     claims_structured: bool,
@@ -167,8 +177,7 @@ impl RequestCtx {
             body_reservation: None,
             unsent_prefix: None,
             injected: false,
-            extractor: None,
-            extraction: None,
+            metered: None,
             claims_structured: false,
             strip_usage: None,
             limited: None,
@@ -799,7 +808,9 @@ impl ProxyHttp for TetherProxy {
                 .and_then(|v| v.to_str().ok());
             ctx.claims_structured = content_type.is_some_and(claims_structured);
             let framing = content_type.map_or(Framing::Json, Framing::from_content_type);
-            ctx.extractor = Some(UsageExtractor::new(dialect, framing));
+            ctx.metered = Some(Box::new(Metered::Reading(UsageExtractor::new(
+                dialect, framing,
+            ))));
             if ctx.injected && framing == Framing::Sse {
                 ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
                 // The body shrinks: it cannot keep a fixed length. (Streams nearly always
@@ -826,7 +837,7 @@ impl ProxyHttp for TetherProxy {
     ) -> Result<Option<Duration>> {
         if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
             ctx.first_byte.get_or_insert_with(Instant::now);
-            if let Some(x) = &mut ctx.extractor {
+            if let Some(Metered::Reading(x)) = ctx.metered.as_deref_mut() {
                 x.feed(chunk);
             }
         }
@@ -841,14 +852,18 @@ impl ProxyHttp for TetherProxy {
         // The replica is done once its body ends: release the slot before the last bytes
         // reach the client (`logging` runs later).
         if end_of_stream {
-            ctx.extraction = ctx.extractor.take().map(|mut x| x.finish());
+            if let Some(metered) = ctx.metered.as_deref_mut() {
+                if let Metered::Reading(x) = metered {
+                    *metered = Metered::Read(x.finish());
+                }
+            }
             if let Some(route) = &mut ctx.route {
                 // A 200 whose body is not the JSON or SSE it claims counts as a failure.
-                let sound = !ctx.claims_structured
-                    || ctx
-                        .extraction
-                        .as_ref()
-                        .is_none_or(|x| x.outcome != UsageOutcome::Malformed);
+                let malformed = matches!(
+                    ctx.metered.as_deref(),
+                    Some(Metered::Read(x)) if x.outcome == UsageOutcome::Malformed
+                );
+                let sound = !ctx.claims_structured || !malformed;
                 route.body_ended(sound, now_ms());
                 route.finished();
             }
@@ -951,10 +966,11 @@ impl ProxyHttp for TetherProxy {
             .filter(|s| *s >= 200)
             .unwrap_or(0);
         // Finished at the body's end; a body that broke off is finished here.
-        let mut extraction = ctx
-            .extraction
-            .take()
-            .or_else(|| ctx.extractor.as_mut().map(UsageExtractor::finish));
+        let mut extraction = match ctx.metered.take().map(|m| *m) {
+            Some(Metered::Read(x)) => Some(x),
+            Some(Metered::Reading(mut x)) => Some(x.finish()),
+            None => None,
+        };
         let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
         let model = extraction.as_mut().and_then(|x| x.model.take());
         let cost = snapshot.price(model.as_deref()).cost(&usage);

@@ -318,7 +318,7 @@ async fn a_2xx_answer_pins_the_session_and_the_next_turn_is_sticky() {
             .await
             .unwrap();
         assert!(ctx.answered);
-        assert!(ctx.extractor.is_some(), "a 2xx is metered");
+        assert!(ctx.metered.is_some(), "a 2xx is metered");
         h.proxy.logging(&mut session, None, &mut ctx).await;
     }
     assert_eq!(h.router.overrides().len(), 1);
