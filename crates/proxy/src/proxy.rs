@@ -35,6 +35,7 @@ use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
 use crate::limits::{InFlightPermit, Refused};
 use crate::meter::Meter;
+use crate::response_header::insert_uncased;
 use crate::router::{Router, Snapshot, Upstream};
 use crate::session_key::{resolve, BodyView, Found, Resolution};
 use crate::tier::Tier;
@@ -794,7 +795,7 @@ impl ProxyHttp for TetherProxy {
         ctx.answered = true;
         if let Some(name) = ctx.snapshot.as_deref().and_then(Snapshot::outcome_header) {
             let status = http::HeaderValue::from_static(route.session_status().as_str());
-            upstream_response.insert_header(name.clone(), status)?;
+            insert_uncased(upstream_response, name, status);
         }
         if metering && upstream_response.status.is_success() {
             let dialect = route
