@@ -93,11 +93,9 @@ fn since_start() -> Duration {
     EPOCH.get_or_init(Instant::now).elapsed()
 }
 
-/// The usage of an answer: read as its body passes, then what was read. Boxed in the
-/// context: it is about half the context's size, and Pingora keeps the context in each
-/// request's future, which it moves (copies) into place for every request.
+/// The usage of an answer: read as its body passes, then what was read.
 #[derive(Debug)]
-// The enum is only ever boxed as a whole: the extractor's size is what the box is for.
+// Both live in the (boxed) request context, one after the other.
 #[allow(clippy::large_enum_variant)]
 enum Metered {
     Reading(UsageExtractor),
@@ -143,7 +141,7 @@ pub struct RequestCtx {
     /// Usage was injected into the request body.
     injected: bool,
     /// The answer's usage, being read or read.
-    metered: Option<Box<Metered>>,
+    metered: Option<Metered>,
     /// The answer says it is JSON or SSE: a body that does not parse as such is the
     /// replica's failure.
     claims_structured: bool,
@@ -455,13 +453,19 @@ fn found_key(found: Found) -> (Option<RoutingKey>, Option<KeySource>) {
 
 #[async_trait]
 impl ProxyHttp for TetherProxy {
-    type CTX = RequestCtx;
+    /// Boxed: Pingora keeps the context in each request's future, which it moves into place
+    /// for every request; a pointer moves instead of the context.
+    type CTX = Box<RequestCtx>;
 
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.in_flight.enter())
+    fn new_ctx(&self) -> Box<RequestCtx> {
+        Box::new(RequestCtx::new(self.in_flight.enter()))
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Box<RequestCtx>,
+    ) -> Result<bool> {
         if self.draining.load(Ordering::Relaxed) {
             // `Connection: close` on the answer: the client's next request opens a new
             // connection (to the new process) instead of racing this one's close.
@@ -534,7 +538,7 @@ impl ProxyHttp for TetherProxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Box<HttpPeer>> {
         let snapshot = Arc::clone(ctx.snapshot.get_or_insert_with(|| self.router.snapshot()));
         // A retry replays the raw request body through `request_body_filter`.
@@ -588,7 +592,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         peer: &HttpPeer,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
         let failure = match e.etype() {
@@ -619,7 +623,7 @@ impl ProxyHttp for TetherProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
@@ -649,7 +653,7 @@ impl ProxyHttp for TetherProxy {
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora::protocols::Digest>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         // The replica left rotation between its choice and now (the connect took a while, or
         // an operator drained it at once): the request has not gone out, so it moves now
@@ -669,7 +673,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         let Some(snapshot) = ctx.snapshot.as_deref() else {
             return Ok(());
@@ -727,7 +731,7 @@ impl ProxyHttp for TetherProxy {
         session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         if let Some((deadline, before)) = ctx.body_deadline {
             let downstream = session.as_downstream_mut();
@@ -763,7 +767,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         let code = upstream_response.status.as_u16();
         let retry_after = upstream_response
@@ -809,9 +813,7 @@ impl ProxyHttp for TetherProxy {
                 .and_then(|v| v.to_str().ok());
             ctx.claims_structured = content_type.is_some_and(claims_structured);
             let framing = content_type.map_or(Framing::Json, Framing::from_content_type);
-            ctx.metered = Some(Box::new(Metered::Reading(UsageExtractor::new(
-                dialect, framing,
-            ))));
+            ctx.metered = Some(Metered::Reading(UsageExtractor::new(dialect, framing)));
             if ctx.injected && framing == Framing::Sse {
                 ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
                 // The body shrinks: it cannot keep a fixed length. (Streams nearly always
@@ -834,11 +836,11 @@ impl ProxyHttp for TetherProxy {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Option<Duration>> {
         if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
             ctx.first_byte.get_or_insert_with(Instant::now);
-            if let Some(Metered::Reading(x)) = ctx.metered.as_deref_mut() {
+            if let Some(Metered::Reading(x)) = &mut ctx.metered {
                 x.feed(chunk);
             }
         }
@@ -853,7 +855,7 @@ impl ProxyHttp for TetherProxy {
         // The replica is done once its body ends: release the slot before the last bytes
         // reach the client (`logging` runs later).
         if end_of_stream {
-            if let Some(metered) = ctx.metered.as_deref_mut() {
+            if let Some(metered) = &mut ctx.metered {
                 if let Metered::Reading(x) = metered {
                     *metered = Metered::Read(x.finish());
                 }
@@ -861,7 +863,7 @@ impl ProxyHttp for TetherProxy {
             if let Some(route) = &mut ctx.route {
                 // A 200 whose body is not the JSON or SSE it claims counts as a failure.
                 let malformed = matches!(
-                    ctx.metered.as_deref(),
+                    &ctx.metered,
                     Some(Metered::Read(x)) if x.outcome == UsageOutcome::Malformed
                 );
                 let sound = !ctx.claims_structured || !malformed;
@@ -876,7 +878,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         e: &Error,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> FailToProxy {
         let retry_after = ctx.snapshot.as_deref().map_or(1, |s| {
             u32::try_from(s.retry_after_hint().as_secs()).unwrap_or(u32::MAX)
@@ -933,7 +935,7 @@ impl ProxyHttp for TetherProxy {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &Box<RequestCtx>, e: &Error) -> bool {
         // Clients leaving mid-stream, the shutdown's cut, tenants over their limits and bodies
         // past their deadline (logged at warn with their tenant) are counted (metrics, the
         // drain's summary) rather than logged one by one at error level.
@@ -949,7 +951,7 @@ impl ProxyHttp for TetherProxy {
         expected
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<RequestCtx>) {
         if let Some(route) = &mut ctx.route {
             route.finished();
         }
@@ -967,7 +969,7 @@ impl ProxyHttp for TetherProxy {
             .filter(|s| *s >= 200)
             .unwrap_or(0);
         // Finished at the body's end; a body that broke off is finished here.
-        let mut extraction = match ctx.metered.take().map(|m| *m) {
+        let mut extraction = match ctx.metered.take() {
             Some(Metered::Read(x)) => Some(x),
             Some(Metered::Reading(mut x)) => Some(x.finish()),
             None => None,
