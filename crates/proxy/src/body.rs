@@ -214,15 +214,18 @@ async fn read_ahead(session: &mut Session, plan: Plan) -> Result<BodyRead> {
         Plan::Whole(length) => length,
         Plan::Prefix(_) | Plan::Chunked => READ_AHEAD_LIMIT,
     };
-    let mut raw = Vec::with_capacity(capacity);
+    // A small body nearly always arrives in one read: it is kept as Pingora hands it over,
+    // and copied into one buffer only when a second piece follows.
+    let mut first: Option<Bytes> = None;
+    let mut raw = Vec::new();
     loop {
+        let read = first.as_ref().map_or(raw.len(), Bytes::len);
         let enough = match plan {
             Plan::Whole(_) => false,
             Plan::Prefix(length) => {
-                raw.len() >= READ_AHEAD_LIMIT
-                    || length.saturating_sub(raw.len()) <= LARGEST_BODY_READ
+                read >= READ_AHEAD_LIMIT || length.saturating_sub(read) <= LARGEST_BODY_READ
             }
-            Plan::Chunked => raw.len() >= READ_AHEAD_LIMIT,
+            Plan::Chunked => read >= READ_AHEAD_LIMIT,
         };
         if enough {
             break;
@@ -234,8 +237,15 @@ async fn read_ahead(session: &mut Session, plan: Plan) -> Result<BodyRead> {
             .await
             .map_err(|e| e.into_down())?
         {
-            Some(chunk) => raw.extend_from_slice(&chunk),
-            None => return Ok(BodyRead::Whole(Bytes::from(raw))),
+            Some(chunk) if raw.is_empty() && first.is_none() => first = Some(chunk),
+            Some(chunk) => {
+                if let Some(first) = first.take() {
+                    raw.reserve_exact(capacity.max(first.len() + chunk.len()));
+                    raw.extend_from_slice(&first);
+                }
+                raw.extend_from_slice(&chunk);
+            }
+            None => return Ok(BodyRead::Whole(first.unwrap_or_else(|| Bytes::from(raw)))),
         }
     }
     if session.as_mut().is_body_done() && session.as_ref().retry_buffer_truncated() {
@@ -245,7 +255,7 @@ async fn read_ahead(session: &mut Session, plan: Plan) -> Result<BodyRead> {
             "the request body ended while read ahead, past the retry buffer",
         );
     }
-    Ok(BodyRead::Prefix(Bytes::from(raw)))
+    Ok(BodyRead::Prefix(first.unwrap_or_else(|| Bytes::from(raw))))
 }
 
 /// Whether the client waits for `100 Continue` before it sends the body.

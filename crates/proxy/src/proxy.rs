@@ -35,6 +35,7 @@ use crate::drain::{InFlight, InFlightGuard};
 use crate::error::EdgeError;
 use crate::limits::{InFlightPermit, Refused};
 use crate::meter::Meter;
+use crate::response_header::insert_uncased;
 use crate::router::{Router, Snapshot, Upstream};
 use crate::session_key::{resolve, BodyView, Found, Resolution};
 use crate::tier::Tier;
@@ -92,6 +93,15 @@ fn since_start() -> Duration {
     EPOCH.get_or_init(Instant::now).elapsed()
 }
 
+/// The usage of an answer: read as its body passes, then what was read.
+#[derive(Debug)]
+// Both live in the (boxed) request context, one after the other.
+#[allow(clippy::large_enum_variant)]
+enum Metered {
+    Reading(UsageExtractor),
+    Read(Extraction),
+}
+
 /// Per-request state.
 #[derive(Debug)]
 pub struct RequestCtx {
@@ -130,9 +140,8 @@ pub struct RequestCtx {
     unsent_prefix: Option<Bytes>,
     /// Usage was injected into the request body.
     injected: bool,
-    extractor: Option<UsageExtractor>,
-    /// What the extractor found, once the body ended.
-    extraction: Option<Extraction>,
+    /// The answer's usage, being read or read.
+    metered: Option<Metered>,
     /// The answer says it is JSON or SSE: a body that does not parse as such is the
     /// replica's failure.
     claims_structured: bool,
@@ -167,8 +176,7 @@ impl RequestCtx {
             body_reservation: None,
             unsent_prefix: None,
             injected: false,
-            extractor: None,
-            extraction: None,
+            metered: None,
             claims_structured: false,
             strip_usage: None,
             limited: None,
@@ -445,13 +453,19 @@ fn found_key(found: Found) -> (Option<RoutingKey>, Option<KeySource>) {
 
 #[async_trait]
 impl ProxyHttp for TetherProxy {
-    type CTX = RequestCtx;
+    /// Boxed: Pingora keeps the context in each request's future, which it moves into place
+    /// for every request; a pointer moves instead of the context.
+    type CTX = Box<RequestCtx>;
 
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.in_flight.enter())
+    fn new_ctx(&self) -> Box<RequestCtx> {
+        Box::new(RequestCtx::new(self.in_flight.enter()))
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Box<RequestCtx>,
+    ) -> Result<bool> {
         if self.draining.load(Ordering::Relaxed) {
             // `Connection: close` on the answer: the client's next request opens a new
             // connection (to the new process) instead of racing this one's close.
@@ -524,7 +538,7 @@ impl ProxyHttp for TetherProxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Box<HttpPeer>> {
         let snapshot = Arc::clone(ctx.snapshot.get_or_insert_with(|| self.router.snapshot()));
         // A retry replays the raw request body through `request_body_filter`.
@@ -578,7 +592,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         peer: &HttpPeer,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
         let failure = match e.etype() {
@@ -609,7 +623,7 @@ impl ProxyHttp for TetherProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
@@ -639,7 +653,7 @@ impl ProxyHttp for TetherProxy {
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora::protocols::Digest>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         // The replica left rotation between its choice and now (the connect took a while, or
         // an operator drained it at once): the request has not gone out, so it moves now
@@ -659,7 +673,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         let Some(snapshot) = ctx.snapshot.as_deref() else {
             return Ok(());
@@ -717,7 +731,7 @@ impl ProxyHttp for TetherProxy {
         session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         if let Some((deadline, before)) = ctx.body_deadline {
             let downstream = session.as_downstream_mut();
@@ -753,7 +767,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         let code = upstream_response.status.as_u16();
         let retry_after = upstream_response
@@ -785,7 +799,7 @@ impl ProxyHttp for TetherProxy {
         ctx.answered = true;
         if let Some(name) = ctx.snapshot.as_deref().and_then(Snapshot::outcome_header) {
             let status = http::HeaderValue::from_static(route.session_status().as_str());
-            upstream_response.insert_header(name.clone(), status)?;
+            insert_uncased(upstream_response, name, status);
         }
         if metering && upstream_response.status.is_success() {
             let dialect = route
@@ -799,7 +813,7 @@ impl ProxyHttp for TetherProxy {
                 .and_then(|v| v.to_str().ok());
             ctx.claims_structured = content_type.is_some_and(claims_structured);
             let framing = content_type.map_or(Framing::Json, Framing::from_content_type);
-            ctx.extractor = Some(UsageExtractor::new(dialect, framing));
+            ctx.metered = Some(Metered::Reading(UsageExtractor::new(dialect, framing)));
             if ctx.injected && framing == Framing::Sse {
                 ctx.strip_usage = Some(UsageChunkFilter::new(DEFAULT_WINDOW));
                 // The body shrinks: it cannot keep a fixed length. (Streams nearly always
@@ -822,11 +836,11 @@ impl ProxyHttp for TetherProxy {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Option<Duration>> {
         if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
             ctx.first_byte.get_or_insert_with(Instant::now);
-            if let Some(x) = &mut ctx.extractor {
+            if let Some(Metered::Reading(x)) = &mut ctx.metered {
                 x.feed(chunk);
             }
         }
@@ -841,14 +855,18 @@ impl ProxyHttp for TetherProxy {
         // The replica is done once its body ends: release the slot before the last bytes
         // reach the client (`logging` runs later).
         if end_of_stream {
-            ctx.extraction = ctx.extractor.take().map(|mut x| x.finish());
+            if let Some(metered) = &mut ctx.metered {
+                if let Metered::Reading(x) = metered {
+                    *metered = Metered::Read(x.finish());
+                }
+            }
             if let Some(route) = &mut ctx.route {
                 // A 200 whose body is not the JSON or SSE it claims counts as a failure.
-                let sound = !ctx.claims_structured
-                    || ctx
-                        .extraction
-                        .as_ref()
-                        .is_none_or(|x| x.outcome != UsageOutcome::Malformed);
+                let malformed = matches!(
+                    &ctx.metered,
+                    Some(Metered::Read(x)) if x.outcome == UsageOutcome::Malformed
+                );
+                let sound = !ctx.claims_structured || !malformed;
                 route.body_ended(sound, now_ms());
                 route.finished();
             }
@@ -860,7 +878,7 @@ impl ProxyHttp for TetherProxy {
         &self,
         session: &mut Session,
         e: &Error,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> FailToProxy {
         let retry_after = ctx.snapshot.as_deref().map_or(1, |s| {
             u32::try_from(s.retry_after_hint().as_secs()).unwrap_or(u32::MAX)
@@ -917,7 +935,7 @@ impl ProxyHttp for TetherProxy {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &Box<RequestCtx>, e: &Error) -> bool {
         // Clients leaving mid-stream, the shutdown's cut, tenants over their limits and bodies
         // past their deadline (logged at warn with their tenant) are counted (metrics, the
         // drain's summary) rather than logged one by one at error level.
@@ -933,7 +951,7 @@ impl ProxyHttp for TetherProxy {
         expected
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<RequestCtx>) {
         if let Some(route) = &mut ctx.route {
             route.finished();
         }
@@ -951,10 +969,11 @@ impl ProxyHttp for TetherProxy {
             .filter(|s| *s >= 200)
             .unwrap_or(0);
         // Finished at the body's end; a body that broke off is finished here.
-        let mut extraction = ctx
-            .extraction
-            .take()
-            .or_else(|| ctx.extractor.as_mut().map(UsageExtractor::finish));
+        let mut extraction = match ctx.metered.take() {
+            Some(Metered::Read(x)) => Some(x),
+            Some(Metered::Reading(mut x)) => Some(x.finish()),
+            None => None,
+        };
         let usage = extraction.as_ref().map(|x| x.usage).unwrap_or_default();
         let model = extraction.as_mut().and_then(|x| x.model.take());
         let cost = snapshot.price(model.as_deref()).cost(&usage);

@@ -256,9 +256,8 @@ pub struct Snapshot {
     admin_token_sha256: Option<[u8; 32]>,
     /// The admin listener is reachable from other hosts: reads need the token too.
     admin_reads_need_token: bool,
-    /// Kept as shared bytes, built once: Pingora takes them as the header's name as they are,
-    /// where a `HeaderName` would be title-cased and copied on every response.
-    outcome_header: Option<bytes::Bytes>,
+    /// Parsed once: each response gets a clone (a reference count) of it.
+    outcome_header: Option<http::HeaderName>,
     pricing: tether_topology::Pricing,
     metering: bool,
     inject_stream_usage: bool,
@@ -298,7 +297,7 @@ impl Snapshot {
     }
 
     /// The response header that tells a client what happened to its session, if any.
-    pub fn outcome_header(&self) -> Option<&bytes::Bytes> {
+    pub fn outcome_header(&self) -> Option<&http::HeaderName> {
         self.outcome_header.as_ref()
     }
 
@@ -658,7 +657,8 @@ fn build_snapshot(
             .affinity
             .outcome_header
             .as_ref()
-            .map(|h| bytes::Bytes::from(h.clone())),
+            // Validated with the topology; a name that does not parse sends no header.
+            .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
         pricing: topology.pricing.clone(),
         metering: topology.metering.enabled,
         inject_stream_usage: topology.metering.enabled && topology.metering.inject_stream_usage,

@@ -83,7 +83,7 @@ fn harness() -> Harness {
 
 impl Harness {
     /// A chat request with `headers`, which `request_filter` must admit.
-    async fn admitted(&self, headers: &[&str]) -> (Session, RequestCtx) {
+    async fn admitted(&self, headers: &[&str]) -> (Session, Box<RequestCtx>) {
         let (mut session, _) = session(&chat(headers)).await;
         let mut ctx = self.proxy.new_ctx();
         let done = self
@@ -96,7 +96,11 @@ impl Harness {
     }
 
     /// The request header that goes to the replica.
-    async fn upstream_header(&self, session: &mut Session, ctx: &mut RequestCtx) -> RequestHeader {
+    async fn upstream_header(
+        &self,
+        session: &mut Session,
+        ctx: &mut Box<RequestCtx>,
+    ) -> RequestHeader {
         let mut upstream = session.req_header().clone();
         self.proxy
             .upstream_request_filter(session, &mut upstream, ctx)
@@ -160,7 +164,7 @@ fn answer(written: &Mutex<Vec<u8>>) -> (String, String) {
 
 /// Runs `request_filter` on a chat request with `headers`, which must refuse it: the status
 /// line, the error code, everything written to the client, and the context.
-async fn refused(headers: &[&str]) -> (String, String, String, RequestCtx) {
+async fn refused(headers: &[&str]) -> (String, String, String, Box<RequestCtx>) {
     let h = harness();
     let (mut session, written) = session(&chat(headers)).await;
     let mut ctx = h.proxy.new_ctx();
@@ -318,7 +322,7 @@ async fn a_2xx_answer_pins_the_session_and_the_next_turn_is_sticky() {
             .await
             .unwrap();
         assert!(ctx.answered);
-        assert!(ctx.extractor.is_some(), "a 2xx is metered");
+        assert!(ctx.metered.is_some(), "a 2xx is metered");
         h.proxy.logging(&mut session, None, &mut ctx).await;
     }
     assert_eq!(h.router.overrides().len(), 1);
@@ -578,7 +582,7 @@ async fn the_client_is_told_new_then_warm_and_nothing_about_topology() {
 /// The proxy's answer to a chat request with `headers`: `Some(status line, headers+body)`
 /// when `request_filter` answered it, `None` when it was admitted (its context is returned
 /// either way, holding any permit).
-async fn filtered(h: &Harness, headers: &[&str]) -> (Option<String>, RequestCtx) {
+async fn filtered(h: &Harness, headers: &[&str]) -> (Option<String>, Box<RequestCtx>) {
     let (mut session, written) = session(&chat(headers)).await;
     let mut ctx = h.proxy.new_ctx();
     let done = h
