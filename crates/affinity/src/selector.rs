@@ -836,6 +836,13 @@ impl Selector {
                 continue;
             }
             let fit = ranking.map(|r| self.engine_fit(idx, r.queue_in_region, view));
+            // Room anywhere the session may go: only replicas with room compete, locality or
+            // not (a tenant's warm replicas with full slots would evict one of its sessions).
+            if ranking.is_some_and(|r| r.best == EngineFit::Room) && fit != Some(EngineFit::Room) {
+                notes.skipped_for_load |= deciding;
+                first_over_soft_limit.get_or_insert(idx);
+                continue;
+            }
             let Some(warmth) = tenant.and_then(|t| view.tenant_warmth(idx, t)) else {
                 if fit != ranking.map(|r| r.best) {
                     notes.skipped_for_load |= deciding;
@@ -848,8 +855,9 @@ impl Selector {
             if warmth.recent_placements >= placed_scale * f64::from(replica.weight) {
                 continue;
             }
-            // The engine's fit first, among warm replicas and among the others: the tenant's
-            // shared prefix is worth more than a slot elsewhere.
+            // Without room anywhere, warmth first and then the engine's fit, among warm
+            // replicas and among the others: the tenant's shared prefix is worth more than
+            // packing the excess elsewhere.
             if warmth.warm {
                 // Per unit of weight: a replica twice the size takes twice the sessions.
                 let placed = warmth.recent_placements / f64::from(replica.weight);
@@ -1522,7 +1530,7 @@ mod tests {
     }
 
     #[test]
-    fn with_tenant_locality_a_warm_replica_wins_over_room_and_fit_decides_among_warm_ones() {
+    fn a_free_slot_wins_over_warmth_and_without_one_fit_orders_the_warm_replicas() {
         /// Warmth from `WarmView`, engines from `EngineView`.
         struct Both(WarmView, EngineView);
         impl LoadView for Both {
@@ -1546,10 +1554,18 @@ mod tests {
             let warm = WarmView::new(4);
             warm.serve(other(1), "acme").serve(other(2), "acme");
             warm.serve(owner, "globex").serve(other(3), "globex");
-            // The other tenant's replicas have free slots; acme's are full or over.
-            let mut engines = EngineView(vec![(0, 1, slots(2, 0, 0)); 4]);
-            engines.0[other(1) as usize].1 = 2;
+            // One of the other tenant's replicas has a free slot; acme's are full or over.
+            let mut engines = EngineView(vec![(0, 2, slots(2, 0, 0)); 4]);
+            engines.0[other(3) as usize].1 = 1;
             engines.0[other(2) as usize].1 = 3;
+            let both = Both(warm, engines);
+            let d = s.decide(&of_tenant(k, "acme"), &both).unwrap();
+            assert_eq!(d.replica, other(3), "a free slot evicts no one");
+            // No free slot anywhere: acme's replica most over its slots, not globex's, which
+            // is over by more.
+            let Both(warm, mut engines) = both;
+            engines.0[other(3) as usize].1 = 2;
+            engines.0[owner as usize].1 = 5;
             let d = s
                 .decide(&of_tenant(k, "acme"), &Both(warm, engines))
                 .unwrap();
