@@ -16,19 +16,24 @@ const FLEET: [&str; 3] = ["eu-1", "eu-2", "eu-3"];
 /// The words of the warn line that flags a replica.
 const FLAGGED: &str = "prefix cache is off, flushed or evicting";
 
-fn start(fleet: &SimFleet, usage_log: &std::path::Path) -> Tether {
-    let replicas = FLEET
+/// The config body: the replicas `ids` of `fleet`, a usage log, the detector's settings.
+fn config_body(fleet: &SimFleet, ids: &[&str], usage_log: &std::path::Path) -> String {
+    let replicas = ids
         .iter()
         .map(|id| (id.to_string(), fleet.addr(id), ""))
         .collect();
+    format!(
+        "local_region: eu\n{}usage_log: {{ path: \"{}\" }}\n\
+         metering: {{ cache_loss: {{ threshold: 0.5, min_expected_tokens: 1500, window: 5m }} }}\n",
+        regions_yaml(&[("eu", replicas)]),
+        usage_log.display(),
+    )
+}
+
+fn start(fleet: &SimFleet, usage_log: &std::path::Path) -> Tether {
     Tether::start_with_server(
         &TetherConfig {
-            body: format!(
-                "local_region: eu\n{}usage_log: {{ path: \"{}\" }}\n\
-                 metering: {{ cache_loss: {{ threshold: 0.5, min_expected_tokens: 1500, window: 5m }} }}\n",
-                regions_yaml(&[("eu", replicas)]),
-                usage_log.display(),
-            ),
+            body: config_body(fleet, &FLEET, usage_log),
         },
         &[],
         ServerOpts {
@@ -211,6 +216,29 @@ async fn a_replica_flushed_every_turn_is_flagged_within_a_few_turns_and_the_othe
     );
     for id in FLEET.iter().filter(|id| **id != cold) {
         assert_ne!(line("tether_cache_loss", id).as_deref(), Some("1"), "{id}");
+    }
+
+    // Removed from the topology, the replica is judged no more: its window and its series go.
+    let remaining: Vec<&str> = FLEET.iter().copied().filter(|id| *id != cold).collect();
+    tether
+        .rewrite_config(&config_body(&fleet, &remaining, &usage_log))
+        .unwrap();
+    tether.hangup().unwrap();
+    let started = Instant::now();
+    loop {
+        let metrics = tether.metrics().await;
+        let label = format!("replica=\"{cold}\"");
+        if !metrics
+            .lines()
+            .any(|l| l.starts_with("tether_cache_") && l.contains(&label))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < READY_TIMEOUT,
+            "{cold} still in {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     assert!(tether.terminate().unwrap());

@@ -577,6 +577,19 @@ impl Meter {
             ejections.inc_by(live.ejections_total().saturating_sub(ejections.get()));
         }
         {
+            // A replica removed from the topology is judged no more: its window goes, and
+            // its series with it.
+            self.cache_loss.retain(|id, _| {
+                let kept = snapshot.fleet().find(id).is_some();
+                if !kept {
+                    for family in [&m.cache_expected, &m.cache_reported] {
+                        let _ = family.remove_label_values(&[id]);
+                    }
+                    let _ = m.cache_kept_ratio.remove_label_values(&[id]);
+                    let _ = m.cache_loss.remove_label_values(&[id]);
+                }
+                kept
+            });
             let settings = snapshot.cache_loss();
             for entry in self.cache_loss.iter() {
                 let (id, state) = entry.pair();
