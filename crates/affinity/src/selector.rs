@@ -781,8 +781,10 @@ impl Selector {
         // Locality's own bound, on sessions placed recently rather than requests in flight, so
         // that a tenant cannot gather on one replica while few requests are in flight.
         let placed_scale = self.balance_factor * (total_placed + 1.0) / total_weight as f64;
-        // With engines read, only the replicas whose engines fit a new session best compete
-        // (see `EngineFit`); the ring and locality choose among them.
+        // With engines read, replicas are ranked by how their engines fit a new session (see
+        // `EngineFit`): when some have room only they compete; otherwise the rank orders the
+        // replicas within locality's choice, or, without locality, the best-ranked first on
+        // the walk wins.
         let ranking = self.rank_engines(info, tried, scale, view);
         let mut notes = WalkNotes::default();
         let mut unvisited = info.members.len();
