@@ -576,6 +576,12 @@ impl Meter {
             let ejections = m.ejections.with_label_values(&[id]);
             ejections.inc_by(live.ejections_total().saturating_sub(ejections.get()));
         }
+        // A replica removed from the topology leaves these families too: a stale
+        // `tether_replica_healthy 1` would say it still takes traffic.
+        let in_topology = |id: &str| snapshot.fleet().find(id).is_some();
+        drop_removed_replicas(&m.inflight, in_topology);
+        drop_removed_replicas(&m.healthy, in_topology);
+        drop_removed_replicas(&m.ejections, in_topology);
         {
             // A replica removed from the topology is judged no more: its window goes, and
             // its series with it.
@@ -654,6 +660,23 @@ fn session_hash(mut hasher: SipHasher24, key: RoutingKey) -> SessionHash {
         out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out
+}
+
+/// Removes from the per-replica `family` the series of every replica `in_topology` rejects.
+fn drop_removed_replicas<B: prometheus::core::MetricVecBuilder>(
+    family: &prometheus::core::MetricVec<B>,
+    in_topology: impl Fn(&str) -> bool,
+) {
+    use prometheus::core::Collector;
+    for metrics in family.collect() {
+        for metric in metrics.get_metric() {
+            for label in metric.get_label() {
+                if label.name() == "replica" && !in_topology(label.value()) {
+                    let _ = family.remove_label_values(&[label.value()]);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
