@@ -585,6 +585,12 @@ impl Selector {
             .map_or(replica.max_inflight, |n| n.min(replica.max_inflight))
     }
 
+    /// The bounded-load limit on the replica's requests in flight, for the walk's `scale`
+    /// (`c × (total in flight + 1) / total weight`).
+    fn load_bound(&self, idx: ReplicaIdx, scale: f64) -> u64 {
+        (scale * f64::from(self.replicas[idx as usize].weight)).ceil() as u64
+    }
+
     /// How well the replica's engine fits a new session now (see [`EngineFit`]).
     /// `queue_in_region`: some engine of the region has requests waiting. Then only slot
     /// counts rank replicas: Tether counts a replica's sessions itself, as they come, while a
@@ -644,9 +650,8 @@ impl Selector {
             if !self.available(idx, tried, view) {
                 continue;
             }
-            let bound = (scale * f64::from(self.replicas[idx as usize].weight)).ceil() as u64;
             if view.inflight(idx) >= self.cap(idx, view)
-                || u64::from(view.tier_inflight(idx)) >= bound
+                || u64::from(view.tier_inflight(idx)) >= self.load_bound(idx, scale)
             {
                 continue;
             }
@@ -827,30 +832,30 @@ impl Selector {
                 continue;
             }
             let replica = &self.replicas[idx as usize];
-            let bound = (scale * f64::from(replica.weight)).ceil() as u64;
+            let bound = self.load_bound(idx, scale);
             if view.inflight(idx) >= self.cap(idx, view) {
                 notes.skipped_for_load |= deciding;
                 continue;
             }
-            if u64::from(view.tier_inflight(idx)) >= bound {
+            let over_bound = u64::from(view.tier_inflight(idx)) >= bound;
+            let fit = ranking
+                .filter(|_| !over_bound)
+                .map(|r| self.engine_fit(idx, r.queue_in_region, view));
+            let warmth = (!over_bound)
+                .then(|| tenant.and_then(|t| view.tenant_warmth(idx, t)))
+                .flatten();
+            // Off the best rank, a replica competes only under locality and only while no
+            // replica has room: room, where there is any, wins locality or not (a tenant's
+            // warm replicas with full slots would evict one of its sessions).
+            let off_rank = ranking.is_some_and(|r| {
+                fit != Some(r.best) && (r.best == EngineFit::Room || warmth.is_none())
+            });
+            if over_bound || off_rank {
                 notes.skipped_for_load |= deciding;
                 first_over_soft_limit.get_or_insert(idx);
                 continue;
             }
-            let fit = ranking.map(|r| self.engine_fit(idx, r.queue_in_region, view));
-            // Room anywhere the session may go: only replicas with room compete, locality or
-            // not (a tenant's warm replicas with full slots would evict one of its sessions).
-            if ranking.is_some_and(|r| r.best == EngineFit::Room) && fit != Some(EngineFit::Room) {
-                notes.skipped_for_load |= deciding;
-                first_over_soft_limit.get_or_insert(idx);
-                continue;
-            }
-            let Some(warmth) = tenant.and_then(|t| view.tenant_warmth(idx, t)) else {
-                if fit != ranking.map(|r| r.best) {
-                    notes.skipped_for_load |= deciding;
-                    first_over_soft_limit.get_or_insert(idx);
-                    continue;
-                }
+            let Some(warmth) = warmth else {
                 return Some((idx, notes));
             };
             first_eligible.get_or_insert(idx);
