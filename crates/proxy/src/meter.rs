@@ -576,26 +576,19 @@ impl Meter {
             let ejections = m.ejections.with_label_values(&[id]);
             ejections.inc_by(live.ejections_total().saturating_sub(ejections.get()));
         }
-        // A replica removed from the topology leaves these families too: a stale
-        // `tether_replica_healthy 1` would say it still takes traffic.
+        // A replica removed from the topology leaves every per-replica family (a stale
+        // `tether_replica_healthy 1` would say it still takes traffic), and is judged no more:
+        // its cache-loss window goes too.
         let in_topology = |id: &str| snapshot.fleet().find(id).is_some();
         drop_removed_replicas(&m.inflight, in_topology);
         drop_removed_replicas(&m.healthy, in_topology);
         drop_removed_replicas(&m.ejections, in_topology);
+        drop_removed_replicas(&m.cache_expected, in_topology);
+        drop_removed_replicas(&m.cache_reported, in_topology);
+        drop_removed_replicas(&m.cache_kept_ratio, in_topology);
+        drop_removed_replicas(&m.cache_loss, in_topology);
+        self.cache_loss.retain(|id, _| in_topology(id));
         {
-            // A replica removed from the topology is judged no more: its window goes, and
-            // its series with it.
-            self.cache_loss.retain(|id, _| {
-                let kept = snapshot.fleet().find(id).is_some();
-                if !kept {
-                    for family in [&m.cache_expected, &m.cache_reported] {
-                        let _ = family.remove_label_values(&[id]);
-                    }
-                    let _ = m.cache_kept_ratio.remove_label_values(&[id]);
-                    let _ = m.cache_loss.remove_label_values(&[id]);
-                }
-                kept
-            });
             let settings = snapshot.cache_loss();
             for entry in self.cache_loss.iter() {
                 let (id, state) = entry.pair();
